@@ -1,0 +1,61 @@
+# flowgate: `make up` brings the whole local stack up, `make test` runs every test.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install engine up down ps logs deploy-bpmn test test-fast lint format bench bench-smoke clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e . --group dev
+	touch $(STAMP)
+
+# The Camunda engine jar (deploy/camunda); rebuilt only when its sources change.
+engine: $(STAMP)
+	$(PY) -c "from deploy.local.servers import build_engine; print(build_engine())"
+
+# The whole local stack as native background processes (see deploy/local/stack.py).
+up: $(STAMP)
+	$(PY) -m deploy.local.stack up
+
+down:
+	@if [ -x $(PY) ]; then $(PY) -m deploy.local.stack down; else echo "nothing to stop"; fi
+
+ps: $(STAMP)
+	$(PY) -m deploy.local.stack ps
+
+logs: $(STAMP)
+	$(PY) -m deploy.local.stack logs
+
+# Deploy every bpmn/*.bpmn to CAMUNDA_BASE_URL (duplicates are filtered by the engine).
+deploy-bpmn: $(STAMP)
+	$(PY) -m shared.deployment
+
+# Every test, starting the real servers it needs (Redis, Postgres, the Camunda engine).
+test: $(STAMP) engine
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP) engine
+	$(PY) -m bench
+
+bench-smoke: $(STAMP) engine
+	$(PY) -m bench --smoke
+
+clean:
+	rm -rf $(VENV) deploy/camunda/target .run

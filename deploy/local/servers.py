@@ -1,0 +1,301 @@
+"""Start the real servers as native processes: Redis, PostgreSQL, the Camunda engine.
+
+No Docker engine runs on the machines this project is built on, so the test suite
+(`tests/conftest.py`) and the local stack (`deploy/local/stack.py`) start the same
+Debian/Maven-built servers through this module. Standard library only.
+
+A server that cannot start raises :class:`ServerError` saying what is missing; callers
+let it fail the run (never a skip).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE_DIR = ROOT / "deploy" / "camunda"
+ENGINE_JAR = ENGINE_DIR / "target" / "engine.jar"
+
+
+class ServerError(RuntimeError):
+    """A server could not be started; the message says what is missing."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+@dataclass
+class Server:
+    """One background process, its log file, and how to tell it is ready."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    ready: Callable[[], bool]
+    env: Mapping[str, str] = field(default_factory=dict)
+    user: str | None = None  # run as this user (PostgreSQL refuses to run as root)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 60.0) -> Server:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        argv = self.argv
+        if self.user:
+            argv = ["runuser", "-u", self.user, "--", *argv]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env},
+                start_new_session=True,  # our Ctrl-C is not theirs; we stop them ourselves
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(
+                    f"{self.name} exited with {self.proc.returncode} while starting;"
+                    f" its log ({self.log}) ends with:\n{tail(self.log)}"
+                )
+            if self.ready():
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise ServerError(
+            f"{self.name} was not ready after {timeout_s:.0f} s; log {self.log}:\n{tail(self.log)}"
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        stop_pid(self.proc.pid, timeout_s)
+        self.proc.wait()
+
+
+def stop_pid(pid: int, timeout_s: float = 20.0) -> None:
+    """SIGTERM the process group, then SIGKILL it if it has not gone by the deadline."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not pid_alive(pid):
+                return
+            time.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); treat it as gone.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    return True
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def require(binary: str, hint: str) -> str:
+    found = shutil.which(binary)
+    if not found:
+        raise ServerError(f"`{binary}` is not installed: {hint}")
+    return found
+
+
+# --- Redis -------------------------------------------------------------------------------
+
+
+def redis_server(workdir: Path, port: int) -> Server:
+    binary = require("redis-server", "apt-get install redis-server (or set REDIS_URL)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        binary,
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--dir", str(workdir),
+        # Append-only with fsync every second: what we recommend in production too.
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
+        "--save", "",
+        "--daemonize", "no",
+    ]  # fmt: skip
+    return Server("redis", argv, workdir / "redis.log", lambda: _redis_ping(port))
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+# --- PostgreSQL --------------------------------------------------------------------------
+
+
+def _pg_bin(name: str) -> str:
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)
+    found = candidates[0] if candidates else shutil.which(name)
+    if not found:
+        raise ServerError(f"`{name}` is not installed: apt-get install postgresql (or set DATABASE_URL)")
+    return found
+
+
+def _pg_user() -> str | None:
+    """PostgreSQL refuses to run as root; use the `postgres` system user then."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError as exc:
+        raise ServerError("running as root and there is no `postgres` user to run PostgreSQL") from exc
+    return "postgres"
+
+
+def postgres_server(workdir: Path, port: int, databases: tuple[str, ...] = ("flowgate",)) -> Server:
+    """A throwaway cluster in ``workdir`` (created on first use), trusting local logins.
+
+    The ``postgres`` superuser owns it; each name in ``databases`` gets a database and
+    a login role with that name and password.
+    """
+    user = _pg_user()
+    data = workdir / "data"
+    if not (data / "PG_VERSION").exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        if user:
+            _let_traverse(workdir, user)
+        argv = [_pg_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                "--encoding=UTF8", "--no-sync"]  # fmt: skip
+        if user:
+            argv = ["runuser", "-u", user, "--", *argv]
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise ServerError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
+    argv = [
+        _pg_bin("postgres"), "-D", str(data), "-p", str(port),
+        "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={workdir}",
+        "-c", "max_connections=300", "-c", "fsync=off", "-c", "synchronous_commit=off",
+        "-c", "full_page_writes=off",
+    ]  # fmt: skip
+    server = Server("postgres", argv, workdir / "postgres.log", lambda: _pg_ready(workdir, port),
+                    user=user)
+
+    def ready() -> bool:
+        if not _pg_ready(workdir, port):
+            return False
+        for name in databases:
+            _psql(workdir, port, f"DO $$BEGIN CREATE ROLE {name} LOGIN PASSWORD '{name}';"
+                                 " EXCEPTION WHEN duplicate_object THEN NULL; END$$;")
+            exists = _psql(workdir, port, f"SELECT 1 FROM pg_database WHERE datname='{name}'")
+            if "1" not in exists:
+                _psql(workdir, port, f"CREATE DATABASE {name} OWNER {name}")
+        return True
+
+    server.ready = ready
+    return server
+
+
+def _let_traverse(workdir: Path, user: str) -> None:
+    """Give ``user`` the cluster directory and a way to reach it.
+
+    Parents we own that others cannot enter (e.g. a 0700 temp dir) get o+x: enter,
+    not list.
+    """
+    shutil.chown(workdir, user)
+    for parent in workdir.resolve().parents:
+        mode = parent.stat().st_mode
+        if parent.stat().st_uid == os.geteuid() and not mode & 0o001:
+            parent.chmod(mode | 0o001)
+
+
+def _pg_ready(workdir: Path, port: int) -> bool:
+    result = subprocess.run([_pg_bin("pg_isready"), "-h", str(workdir), "-p", str(port)],
+                            capture_output=True, check=False)  # fmt: skip
+    return result.returncode == 0
+
+
+def _psql(workdir: Path, port: int, sql: str) -> str:
+    argv = [_pg_bin("psql"), "-h", str(workdir), "-p", str(port), "-U", "postgres",
+            "-d", "postgres", "-tAq", "-v", "ON_ERROR_STOP=1", "-c", sql]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise ServerError(f"psql failed: {sql}\n{result.stderr}")
+    return result.stdout
+
+
+# --- the Camunda engine ------------------------------------------------------------------
+
+
+def build_engine() -> Path:
+    """Build the engine jar with Maven unless it is newer than its sources."""
+    sources = [ENGINE_DIR / "pom.xml", *ENGINE_DIR.joinpath("src").rglob("*")]
+    newest = max(path.stat().st_mtime for path in sources if path.is_file())
+    if ENGINE_JAR.exists() and ENGINE_JAR.stat().st_mtime >= newest:
+        return ENGINE_JAR
+    mvn = require("mvn", "install Maven (apt-get install maven) to build the Camunda engine")
+    result = subprocess.run([mvn, "-q", "-B", "-f", str(ENGINE_DIR / "pom.xml"), "package",
+                             "-DskipTests"], capture_output=True, text=True, check=False)  # fmt: skip
+    if result.returncode != 0 or not ENGINE_JAR.exists():
+        raise ServerError(f"building the engine failed:\n{result.stdout[-4000:]}\n{result.stderr}")
+    ENGINE_JAR.touch()
+    return ENGINE_JAR
+
+
+def engine_server(workdir: Path, port: int, datasource: Mapping[str, str] | None = None) -> Server:
+    """The engine on ``port``: in-memory H2 unless ``datasource`` gives SPRING_DATASOURCE_*."""
+    java = require("java", "install a Java 17+ runtime to run the Camunda engine")
+    jar = build_engine()
+    argv = [java, "-Xms256m", "-Xmx1g", "-XX:+UseSerialGC",
+            "-jar", str(jar)]  # fmt: skip
+    env = {"ENGINE_PORT": str(port), **(datasource or {})}
+    url = f"http://127.0.0.1:{port}/engine-rest/engine"
+    return Server("engine", argv, workdir / "engine.log", lambda: _http_ok(url), env=env)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback only
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False

@@ -1,0 +1,50 @@
+"""Every Redis key and channel name, in one place, so producers and consumers agree.
+
+All names start with the configured prefix (``REDIS_PREFIX``, default ``fg``), so
+several environments can share one Redis server.
+
+====================================  =========================================
+``{p}:proc:{correlationId}``          hash: the process state (see shared/store.py)
+``{p}:index``                         sorted set: correlationIds by start time (paging)
+``{p}:done:{correlationId}``          pub/sub channel: "this process just finished"
+``{p}:wb``                            stream: write-behind entries for Postgres
+``{p}:wb:dead``                       stream: entries Postgres refused too often
+====================================  =========================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WRITEBEHIND_GROUP = "flusher"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "fg"
+
+    def process(self, correlation_id: str) -> str:
+        return f"{self.prefix}:proc:{correlation_id}"
+
+    @property
+    def index(self) -> str:
+        return f"{self.prefix}:index"
+
+    def done(self, correlation_id: str) -> str:
+        return f"{self.prefix}:done:{correlation_id}"
+
+    @property
+    def done_pattern(self) -> str:
+        """The one pattern each API replica subscribes to (see services/api/waitroom.py)."""
+        return f"{self.prefix}:done:*"
+
+    def correlation_id_of(self, channel: str) -> str:
+        return channel[len(self.prefix) + len(":done:") :]
+
+    @property
+    def writebehind(self) -> str:
+        return f"{self.prefix}:wb"
+
+    @property
+    def writebehind_dead(self) -> str:
+        return f"{self.prefix}:wb:dead"

@@ -1,0 +1,100 @@
+"""Configuration, read once from the environment at start-up.
+
+Names are the seed's (``CAMUNDA_BASE_URL``, ``SYNC_TIMEOUT_MS``, ...) so an operator
+of the original service can keep their environment. Every setting has a default that
+works for the local stack (`make up`). A bad value stops start-up with a message that
+names the variable (see :func:`load_settings`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PositiveMs = Annotated[int, Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    # --- where the other parts live -------------------------------------------------
+    camunda_base_url: str = "http://127.0.0.1:8080/engine-rest"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "postgresql://flowgate:flowgate@127.0.0.1:5432/flowgate"
+    # Every Redis key and channel starts with this, so environments can share a server.
+    redis_prefix: str = Field(default="fg", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+
+    # --- the API: how long a request waits ---------------------------------------------
+    sync_timeout_ms: Annotated[int, Field(ge=0)] = 25_000
+    # Upper bound for `Prefer: wait=N` and `?wait=N`; keep it under the load balancer's
+    # read timeout (deploy/ sets those to 75 s).
+    max_wait_ms: PositiveMs = 60_000
+    # Retry-After advertised with every 202.
+    retry_after_s: Annotated[int, Field(ge=1)] = 2
+    # Terminal states stay in Redis this long; Postgres keeps them afterwards.
+    result_ttl_s: PositiveMs = 86_400
+    # Pending states expire after this (a run that never finished does not live forever).
+    pending_ttl_s: PositiveMs = 7 * 86_400
+    max_body_bytes: PositiveMs = 1_048_576
+    max_variables_depth: PositiveMs = 32
+    # Shared secret the completion callback must present as a bearer token (off when unset).
+    complete_token: SecretStr | None = None
+    # Comma-separated client API keys for the client endpoints (off when empty).
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    # Seconds uvicorn keeps idle connections: above common load-balancer idle timeouts.
+    keepalive_s: PositiveMs = 75
+    # Hard deadline for draining on SIGTERM (parked requests are answered at once).
+    shutdown_grace_s: PositiveMs = 10
+
+    # --- write-behind to Postgres --------------------------------------------------------
+    writebehind_batch: PositiveMs = 500
+    writebehind_block_ms: PositiveMs = 1_000
+    # Entries a consumer left unacknowledged this long are claimed by another.
+    writebehind_claim_idle_ms: PositiveMs = 30_000
+
+    # --- the worker ----------------------------------------------------------------------
+    camunda_max_tasks: PositiveMs = 10
+    camunda_lock_duration_ms: PositiveMs = 20_000
+    camunda_async_response_timeout_ms: Annotated[int, Field(ge=0, le=1_800_000)] = 30_000
+    worker_concurrency: PositiveMs = 10
+    worker_retries: Annotated[int, Field(ge=0)] = 3
+    worker_retry_timeout_ms: Annotated[int, Field(ge=0)] = 1_000
+    worker_shutdown_grace_s: PositiveMs = 10
+    worker_health_port: Annotated[int, Field(ge=0, le=65_535)] = 8081
+    # Base URL of the onboarding system the example process calls (a local decision if unset).
+    onboarding_api_url: str | None = None
+    log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error)$")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("camunda_base_url", "onboarding_api_url")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+
+class SettingsError(SystemExit):
+    """Start-up stops: a setting has a bad value. The message names the variable.
+
+    A ``SystemExit`` with a text: left uncaught, Python prints it and exits with 1.
+    """
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment; on a bad value raise :class:`SettingsError` naming it."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            f" (got {err.get('input')!r})"
+            for err in exc.errors()
+        ]
+        raise SettingsError("invalid configuration:\n" + "\n".join(lines)) from exc

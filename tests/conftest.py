@@ -1,0 +1,184 @@
+"""Real servers for the test suite.
+
+Redis, PostgreSQL and the Camunda engine come from, in order of preference:
+1. ``REDIS_URL`` / ``DATABASE_URL`` / ``CAMUNDA_BASE_URL`` when set;
+2. testcontainers, where a Docker engine answers;
+3. native processes on free ports (deploy/local/servers.py), started once per session.
+
+A server that cannot start fails the run with a message saying what is missing: a
+missing server is never a skip in this project.
+
+Each test gets its own Redis key prefix and its own Postgres schema, so tests never see
+each other's state while sharing one set of servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import psycopg
+import pytest
+import redis.asyncio as aioredis
+
+from deploy.local import servers
+from shared.settings import Settings
+
+ENGINE_IMAGE = "camunda/camunda-bpm-platform:run-7.24.0"
+
+
+def _docker_answers() -> bool:
+    """True when a Docker engine answers its ping (a `docker` client alone is not enough)."""
+    if os.environ.get("FLOWGATE_NO_DOCKER"):
+        return False
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("tcp://"):
+        try:
+            return httpx.get(f"http://{host.removeprefix('tcp://')}/_ping", timeout=2).text == "OK"
+        except httpx.HTTPError:
+            return False
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(2)
+            sock.connect(host.removeprefix("unix://"))
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return sock.recv(4096).rstrip().endswith(b"OK")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def docker_available() -> bool:
+    return _docker_answers()
+
+
+@pytest.fixture(scope="session")
+def redis_service(
+    server_dir: Path, docker_available: bool
+) -> Iterator[tuple[str, servers.Server | None]]:
+    """(url, native server or None): tests that simulate an outage stop and start it."""
+    if url := os.environ.get("REDIS_URL"):
+        yield url, None
+    elif docker_available:
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer("redis:7") as container:
+            host, port = container.get_container_host_ip(), container.get_exposed_port(6379)
+            yield f"redis://{host}:{port}/0", None
+    else:
+        port = servers.free_port()
+        server = servers.redis_server(server_dir / "redis", port).start()
+        yield f"redis://127.0.0.1:{port}/0", server
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_service: tuple[str, servers.Server | None]) -> str:
+    return redis_service[0]
+
+
+@pytest.fixture(scope="session")
+def postgres_service(server_dir: Path, docker_available: bool) -> Iterator[tuple[str, servers.Server | None]]:
+    """(url, native server or None): tests that simulate an outage stop and start it."""
+    if url := os.environ.get("DATABASE_URL"):
+        yield url, None
+    elif docker_available:
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16", driver=None) as container:
+            yield container.get_connection_url(), None
+    else:
+        port = servers.free_port()
+        server = servers.postgres_server(server_dir / "postgres", port).start()
+        yield f"postgresql://flowgate:flowgate@127.0.0.1:{port}/flowgate", server
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_service: tuple[str, servers.Server | None]) -> str:
+    return postgres_service[0]
+
+
+@pytest.fixture(scope="session")
+def engine_url(server_dir: Path, docker_available: bool) -> Iterator[str]:
+    """Base URL of a real Camunda 7 engine's REST API (…/engine-rest), once per session."""
+    if url := os.environ.get("CAMUNDA_BASE_URL"):
+        yield url.rstrip("/")
+    elif docker_available:
+        from testcontainers.core.container import DockerContainer
+        from testcontainers.core.waiting_utils import wait_for_logs
+
+        with DockerContainer(ENGINE_IMAGE).with_exposed_ports(8080) as container:
+            wait_for_logs(container, "Started CamundaBpmRun", timeout=180)
+            host, port = container.get_container_host_ip(), container.get_exposed_port(8080)
+            yield f"http://{host}:{port}/engine-rest"
+    else:
+        port = servers.free_port()
+        server = servers.engine_server(server_dir / "engine", port).start(timeout_s=180)
+        yield f"http://127.0.0.1:{port}/engine-rest"
+        server.stop()
+
+
+# --- per-test isolation ------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def schema_url(database_url: str) -> Iterator[str]:
+    """A database URL whose search_path is a fresh schema, dropped after the test."""
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    separator = "&" if "?" in database_url else "?"
+    yield f"{database_url}{separator}options={quote(f'-csearch_path={schema}')}"
+    with contextlib.suppress(psycopg.OperationalError), psycopg.connect(
+        database_url, autocommit=True
+    ) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def make_settings(redis_url: str, schema_url: str, redis_prefix: str) -> Callable[..., Settings]:
+    """Settings pointing at the test servers; keyword arguments override any field.
+
+    The engine URL is filled in only by tests that ask for ``engine_url`` (so unit
+    and Redis-only tests never start the engine).
+    """
+
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "redis_url": redis_url,
+            "database_url": schema_url,
+            "redis_prefix": redis_prefix,
+            **overrides,
+        }
+        return Settings(**values)
+
+    return build
+
+
+@pytest.fixture
+async def redis_client(redis_url: str, redis_prefix: str) -> AsyncIterator[aioredis.Redis]:
+    """A client on the test Redis; keys under this test's prefix are deleted afterwards."""
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    keys = [key async for key in client.scan_iter(match=f"{redis_prefix}:*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
