@@ -67,6 +67,16 @@ class Settings(BaseSettings):
     onboarding_api_url: str | None = None
     log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error)$")
 
+    # --- api server ----------------------------------------------------------------------
+    # Where `python -m services.api` listens.
+    api_host: str = "127.0.0.1"
+    api_port: Annotated[int, Field(ge=0, le=65_535)] = 8000
+    # Names this replica's write-behind consumer; hostname-pid when unset.
+    replica_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,64}$")
+    # Requests parked at once per replica; beyond it a start or long-poll answers 202 at
+    # once (OWASP API4: a bounded resource, not a way to exhaust memory).
+    max_parked: PositiveMs = 20_000
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:

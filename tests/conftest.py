@@ -90,7 +90,9 @@ def redis_url(redis_service: tuple[str, servers.Server | None]) -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_service(server_dir: Path, docker_available: bool) -> Iterator[tuple[str, servers.Server | None]]:
+def postgres_service(
+    server_dir: Path, docker_available: bool
+) -> Iterator[tuple[str, servers.Server | None]]:
     """(url, native server or None): tests that simulate an outage stop and start it."""
     if url := os.environ.get("DATABASE_URL"):
         yield url, None
@@ -147,9 +149,10 @@ def schema_url(database_url: str) -> Iterator[str]:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     separator = "&" if "?" in database_url else "?"
     yield f"{database_url}{separator}options={quote(f'-csearch_path={schema}')}"
-    with contextlib.suppress(psycopg.OperationalError), psycopg.connect(
-        database_url, autocommit=True
-    ) as conn:
+    with (
+        contextlib.suppress(psycopg.OperationalError),
+        psycopg.connect(database_url, autocommit=True) as conn,
+    ):
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 

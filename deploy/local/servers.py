@@ -178,7 +178,9 @@ def _pg_bin(name: str) -> str:
     candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)
     found = candidates[0] if candidates else shutil.which(name)
     if not found:
-        raise ServerError(f"`{name}` is not installed: apt-get install postgresql (or set DATABASE_URL)")
+        raise ServerError(
+            f"`{name}` is not installed: apt-get install postgresql (or set DATABASE_URL)"
+        )
     return found
 
 
@@ -189,7 +191,9 @@ def _pg_user() -> str | None:
     try:
         pwd.getpwnam("postgres")
     except KeyError as exc:
-        raise ServerError("running as root and there is no `postgres` user to run PostgreSQL") from exc
+        raise ServerError(
+            "running as root and there is no `postgres` user to run PostgreSQL"
+        ) from exc
     return "postgres"
 
 
@@ -218,15 +222,20 @@ def postgres_server(workdir: Path, port: int, databases: tuple[str, ...] = ("flo
         "-c", "max_connections=300", "-c", "fsync=off", "-c", "synchronous_commit=off",
         "-c", "full_page_writes=off",
     ]  # fmt: skip
-    server = Server("postgres", argv, workdir / "postgres.log", lambda: _pg_ready(workdir, port),
-                    user=user)
+    server = Server(
+        "postgres", argv, workdir / "postgres.log", lambda: _pg_ready(workdir, port), user=user
+    )
 
     def ready() -> bool:
         if not _pg_ready(workdir, port):
             return False
         for name in databases:
-            _psql(workdir, port, f"DO $$BEGIN CREATE ROLE {name} LOGIN PASSWORD '{name}';"
-                                 " EXCEPTION WHEN duplicate_object THEN NULL; END$$;")
+            _psql(
+                workdir,
+                port,
+                f"DO $$BEGIN CREATE ROLE {name} LOGIN PASSWORD '{name}';"
+                " EXCEPTION WHEN duplicate_object THEN NULL; END$$;",
+            )
             exists = _psql(workdir, port, f"SELECT 1 FROM pg_database WHERE datname='{name}'")
             if "1" not in exists:
                 _psql(workdir, port, f"CREATE DATABASE {name} OWNER {name}")
@@ -274,8 +283,8 @@ def build_engine() -> Path:
     if ENGINE_JAR.exists() and ENGINE_JAR.stat().st_mtime >= newest:
         return ENGINE_JAR
     mvn = require("mvn", "install Maven (apt-get install maven) to build the Camunda engine")
-    result = subprocess.run([mvn, "-q", "-B", "-f", str(ENGINE_DIR / "pom.xml"), "package",
-                             "-DskipTests"], capture_output=True, text=True, check=False)  # fmt: skip
+    argv = [mvn, "-q", "-B", "-f", str(ENGINE_DIR / "pom.xml"), "package", "-DskipTests"]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
     if result.returncode != 0 or not ENGINE_JAR.exists():
         raise ServerError(f"building the engine failed:\n{result.stdout[-4000:]}\n{result.stderr}")
     ENGINE_JAR.touch()
@@ -295,7 +304,7 @@ def engine_server(workdir: Path, port: int, datasource: Mapping[str, str] | None
 
 def _http_ok(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(url, timeout=1) as response:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
