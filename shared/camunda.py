@@ -1,0 +1,524 @@
+"""CamundaClient: a typed async client for the Camunda 7 REST API (``…/engine-rest``).
+
+It speaks the engine's vocabulary one to one (``fetch_and_lock``, ``complete``,
+``handle_failure``, ...), puts units in parameter names, and takes and returns plain Python
+values for variables: :mod:`shared.variables` types them on the way out and decodes them on
+the way in. The engine semantics each method relies on are noted where it is defined.
+
+Errors, so callers catch at the level they care about::
+
+    CamundaError                  anything this client raises for a request
+    ├── EngineUnavailable         no engine answer: connect/read failure, timeout, or a
+    │                             502/503/504 without an engine error body (a proxy speaking)
+    └── EngineError               the engine refused: status_code, type, message, code
+        ├── BadRequest            400: bad variable, wrong worker, expired lock, ...
+        └── NotFound              404: no such task or instance (e.g. cancelled, done)
+            └── DefinitionNotFound  404 on start: no process definition with that key
+
+Values that cannot become Camunda variables raise :class:`shared.variables.VariableError`
+(a ``ValueError``) before any request is sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote
+
+import httpx
+import orjson
+
+from shared.variables import from_camunda, parse_date, to_camunda
+
+#: Added to ``asyncResponseTimeout`` for the HTTP read timeout of a long poll, so the
+#: engine's empty answer arrives before our own timeout fires.
+LONG_POLL_MARGIN_S = 5.0
+#: The engine keeps only this many characters of a failure's errorMessage.
+MAX_ERROR_MESSAGE_CHARS = 666
+
+JsonObject = dict[str, Any]
+QueryValue = str | int | bool
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class CamundaError(Exception):
+    """Base class: anything this client raises for a request."""
+
+
+class EngineUnavailable(CamundaError):
+    """The engine did not answer (transport error, timeout, or a proxy's 502/503/504)."""
+
+
+class EngineError(CamundaError):
+    """The engine answered with an error body ``{"type", "message", "code"}``."""
+
+    def __init__(self, status_code: int, type: str, message: str, code: int | None) -> None:
+        super().__init__(f"{status_code} {type}: {message}")
+        self.status_code = status_code
+        self.type = type
+        self.message = message
+        self.code = code
+
+    @property
+    def is_optimistic_locking(self) -> bool:
+        """A concurrent change rolled the transaction back: retrying is safe."""
+        return self.code == 1 or self.type == "OptimisticLockingException"
+
+    @property
+    def is_deadlock(self) -> bool:
+        """The database chose this transaction as a deadlock victim: retrying is safe."""
+        return self.code == 10000
+
+
+class BadRequest(EngineError):
+    """400: the engine rejected the request (variables, worker id, expired lock, ...)."""
+
+
+class NotFound(EngineError):
+    """404: the task, instance or definition does not exist (any more)."""
+
+
+class DefinitionNotFound(NotFound):
+    """404 on start: the engine has no process definition with that key."""
+
+
+# --- what goes over the wire --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRequest:
+    """One topic of a fetchAndLock; ``variables=None`` fetches all of them, ``[]`` none.
+
+    ``business_key`` and ``process_definition_key`` restrict the topic to matching tasks.
+    """
+
+    topic_name: str
+    lock_duration_ms: int
+    variables: Sequence[str] | None = None
+    local_variables: bool = False
+    business_key: str | None = None
+    process_definition_key: str | None = None
+
+    def to_json(self) -> JsonObject:
+        body: JsonObject = {
+            "topicName": self.topic_name,
+            "lockDuration": self.lock_duration_ms,
+            "localVariables": self.local_variables,
+        }
+        if self.variables is not None:
+            body["variables"] = list(self.variables)
+        if self.business_key is not None:
+            body["businessKey"] = self.business_key
+        if self.process_definition_key is not None:
+            body["processDefinitionKey"] = self.process_definition_key
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class LockedTask:
+    """An external task as fetchAndLock (or the task query) returns it.
+
+    ``retries`` is ``None`` until the first failure; ``variables`` are decoded Python values
+    (empty for tasks read from the query, which does not return variables).
+    """
+
+    id: str
+    topic_name: str
+    worker_id: str | None
+    process_instance_id: str
+    process_definition_key: str
+    business_key: str | None
+    activity_id: str
+    retries: int | None
+    priority: int
+    lock_expiration_time: datetime | None
+    variables: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> LockedTask:
+        lock_expiration = body.get("lockExpirationTime")
+        return cls(
+            id=body["id"],
+            topic_name=body["topicName"],
+            worker_id=body.get("workerId"),
+            process_instance_id=body["processInstanceId"],
+            process_definition_key=body["processDefinitionKey"],
+            business_key=body.get("businessKey"),
+            activity_id=body["activityId"],
+            retries=body.get("retries"),
+            priority=body.get("priority") or 0,
+            lock_expiration_time=parse_date(lock_expiration) if lock_expiration else None,
+            variables=from_camunda(body.get("variables") or {}),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInstance:
+    """A started process instance; ``ended`` is true when it finished without waiting."""
+
+    id: str
+    definition_id: str
+    business_key: str | None
+    ended: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DeployedDefinition:
+    id: str
+    key: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """A deployment; ``process_definitions`` holds only the versions it created (none for
+    a duplicate the engine filtered out)."""
+
+    id: str
+    name: str | None
+    process_definitions: tuple[DeployedDefinition, ...]
+
+
+# --- the client ---------------------------------------------------------------------------
+
+
+class CamundaClient:
+    """Async client for one engine; use as ``async with CamundaClient(url) as camunda:``.
+
+    Pass ``http`` to share a connection pool or, in tests, an ``httpx.MockTransport``; an
+    injected client is left open by :meth:`aclose`. ``timeout_s`` bounds every request
+    except a long poll, whose read timeout follows its ``asyncResponseTimeout``.
+    """
+
+    def __init__(
+        self, base_url: str, *, http: httpx.AsyncClient | None = None, timeout_s: float = 10.0
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._http = http if http is not None else httpx.AsyncClient()
+        self._owns_http = http is None
+        self._timeout_s = timeout_s
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    # --- engine and processes -----------------------------------------------------------
+
+    async def engine_ok(self) -> bool:
+        """True when the engine answers its engine list (for readiness probes)."""
+        try:
+            await self._send("GET", "/engine")
+        except CamundaError:
+            return False
+        return True
+
+    async def start_process(
+        self,
+        key: str,
+        *,
+        business_key: str | None = None,
+        variables: Mapping[str, Any] | None = None,
+    ) -> ProcessInstance:
+        """Start the latest version of ``key``; raises :class:`DefinitionNotFound` if none."""
+        body: JsonObject = {"variables": to_camunda(variables or {})}
+        if business_key is not None:
+            body["businessKey"] = business_key
+        try:
+            response = await self._send(
+                "POST", f"/process-definition/key/{_segment(key)}/start", json=body
+            )
+        except NotFound as exc:
+            raise DefinitionNotFound(exc.status_code, exc.type, exc.message, exc.code) from exc
+        instance = _json(response)
+        return ProcessInstance(
+            id=instance["id"],
+            definition_id=instance["definitionId"],
+            business_key=instance.get("businessKey"),
+            ended=bool(instance.get("ended")),
+        )
+
+    async def deploy(
+        self,
+        name: str,
+        files: Mapping[str, bytes],
+        *,
+        duplicate_filtering: bool = True,
+        changed_only: bool = True,
+    ) -> Deployment:
+        """Deploy resources named by their keys (the engine uses the filename as name)."""
+        form = {
+            "deployment-name": name,
+            "enable-duplicate-filtering": _flag(duplicate_filtering),
+            "deploy-changed-only": _flag(changed_only),
+        }
+        parts = [(resource, (resource, content)) for resource, content in files.items()]
+        response = await self._send("POST", "/deployment/create", data=form, files=parts)
+        body = _json(response)
+        definitions = (body.get("deployedProcessDefinitions") or {}).values()
+        return Deployment(
+            id=body["id"],
+            name=body.get("name"),
+            process_definitions=tuple(
+                DeployedDefinition(id=d["id"], key=d["key"], version=d["version"])
+                for d in definitions
+            ),
+        )
+
+    # --- external tasks -----------------------------------------------------------------
+
+    async def fetch_and_lock(
+        self,
+        worker_id: str,
+        topics: Sequence[TopicRequest],
+        *,
+        max_tasks: int,
+        async_response_timeout_ms: int | None,
+        use_priority: bool = True,
+    ) -> list[LockedTask]:
+        """Lock up to ``max_tasks`` tasks across ``topics``; long-polls when a timeout is given.
+
+        With ``async_response_timeout_ms`` the engine holds the request until a task appears
+        or the time is up (then it answers ``[]``); the HTTP read timeout is set above it.
+        """
+        body: JsonObject = {
+            "workerId": worker_id,
+            "maxTasks": max_tasks,
+            "usePriority": use_priority,
+            "topics": [topic.to_json() for topic in topics],
+        }
+        read_s = self._timeout_s
+        if async_response_timeout_ms is not None:
+            body["asyncResponseTimeout"] = async_response_timeout_ms
+            read_s = max(read_s, async_response_timeout_ms / 1000 + LONG_POLL_MARGIN_S)
+        timeout = httpx.Timeout(self._timeout_s, read=read_s)
+        response = await self._send(
+            "POST", "/external-task/fetchAndLock", json=body, http_timeout=timeout
+        )
+        return [LockedTask.from_json(task) for task in _json(response)]
+
+    async def complete(
+        self,
+        task_id: str,
+        *,
+        worker_id: str,
+        variables: Mapping[str, Any] | None = None,
+        local_variables: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Complete a task locked by ``worker_id``; ``local_variables`` stay on its scope."""
+        body: JsonObject = {"workerId": worker_id}
+        if variables:
+            body["variables"] = to_camunda(variables)
+        if local_variables:
+            body["localVariables"] = to_camunda(local_variables)
+        await self._send("POST", f"/external-task/{_segment(task_id)}/complete", json=body)
+
+    async def handle_failure(
+        self,
+        task_id: str,
+        *,
+        worker_id: str,
+        error_message: str,
+        error_details: str | None = None,
+        retries: int,
+        retry_timeout_ms: int,
+    ) -> None:
+        """Report a failure. ``retries`` is what is left: at 0 the engine raises an incident.
+
+        It is always sent, because an omitted ``retries`` means 0 to the engine.
+        """
+        if retries < 0 or retry_timeout_ms < 0:
+            raise ValueError(f"retries ({retries}) and retry_timeout_ms must be >= 0")
+        body: JsonObject = {
+            "workerId": worker_id,
+            "errorMessage": error_message[:MAX_ERROR_MESSAGE_CHARS],
+            "retries": retries,
+            "retryTimeout": retry_timeout_ms,
+        }
+        if error_details is not None:
+            body["errorDetails"] = error_details
+        await self._send("POST", f"/external-task/{_segment(task_id)}/failure", json=body)
+
+    async def handle_bpmn_error(
+        self,
+        task_id: str,
+        *,
+        worker_id: str,
+        error_code: str,
+        error_message: str | None = None,
+        variables: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Throw a BPMN error from the task; a boundary error event catches it."""
+        body: JsonObject = {"workerId": worker_id, "errorCode": error_code}
+        if error_message is not None:
+            body["errorMessage"] = error_message
+        if variables:
+            body["variables"] = to_camunda(variables)
+        await self._send("POST", f"/external-task/{_segment(task_id)}/bpmnError", json=body)
+
+    async def extend_lock(self, task_id: str, *, worker_id: str, new_duration_ms: int) -> None:
+        """Lock until now + ``new_duration_ms``; :class:`BadRequest` once the lock is lost."""
+        body = {"workerId": worker_id, "newDuration": new_duration_ms}
+        await self._send("POST", f"/external-task/{_segment(task_id)}/extendLock", json=body)
+
+    async def unlock(self, task_id: str) -> None:
+        """Release a task (any worker's) so it can be fetched again at once."""
+        await self._send("POST", f"/external-task/{_segment(task_id)}/unlock")
+
+    async def locked_tasks(self, worker_id: str) -> list[LockedTask]:
+        """Tasks still locked by ``worker_id`` (without variables), e.g. to unlock on start."""
+        params: dict[str, QueryValue] = {"workerId": worker_id, "locked": True}
+        response = await self._send("GET", "/external-task", params=params)
+        return [LockedTask.from_json(task) for task in _json(response)]
+
+    async def set_retries(self, task_id: str, retries: int) -> None:
+        """Set a task's retries; above 0 this resolves its incident."""
+        body = {"retries": retries}
+        await self._send("PUT", f"/external-task/{_segment(task_id)}/retries", json=body)
+
+    # --- queries (filters use the engine's query parameter names) ------------------------
+
+    async def process_instance(self, instance_id: str) -> JsonObject | None:
+        """The running instance, or ``None`` once it has ended (or never existed)."""
+        return await self._get_or_none(f"/process-instance/{_segment(instance_id)}")
+
+    async def historic_process_instance(self, instance_id: str) -> JsonObject | None:
+        """The instance's history record (``state``: ACTIVE, COMPLETED, ...) or ``None``."""
+        return await self._get_or_none(f"/history/process-instance/{_segment(instance_id)}")
+
+    async def historic_process_instances(self, **filters: QueryValue) -> list[JsonObject]:
+        """History records, e.g. ``historic_process_instances(processInstanceBusinessKey=…)``."""
+        return _objects(await self._send("GET", "/history/process-instance", params=filters))
+
+    async def process_variables(self, instance_id: str) -> dict[str, Any]:
+        """The running instance's variables, decoded."""
+        path = f"/process-instance/{_segment(instance_id)}/variables"
+        response = await self._send("GET", path, params={"deserializeValues": False})
+        return from_camunda(_json(response))
+
+    async def historic_variables(self, instance_id: str) -> dict[str, Any]:
+        """The instance's variables from history, decoded: works after it has ended."""
+        params: dict[str, QueryValue] = {
+            "processInstanceId": instance_id,
+            "deserializeValues": False,
+        }
+        response = await self._send("GET", "/history/variable-instance", params=params)
+        return from_camunda({variable["name"]: variable for variable in _json(response)})
+
+    async def incidents(self, *, process_instance_id: str | None = None) -> list[JsonObject]:
+        params: dict[str, QueryValue] = {}
+        if process_instance_id is not None:
+            params["processInstanceId"] = process_instance_id
+        return _objects(await self._send("GET", "/incident", params=params))
+
+    async def external_tasks(self, **filters: QueryValue) -> list[JsonObject]:
+        """External tasks, e.g. ``external_tasks(processInstanceId=…, topicName=…)``."""
+        return _objects(await self._send("GET", "/external-task", params=filters))
+
+    async def process_definitions(self, key: str | None = None) -> list[JsonObject]:
+        params: dict[str, QueryValue] = {} if key is None else {"key": key}
+        return _objects(await self._send("GET", "/process-definition", params=params))
+
+    async def delete_process_instance(self, instance_id: str) -> None:
+        await self._send("DELETE", f"/process-instance/{_segment(instance_id)}")
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    async def _get_or_none(self, path: str) -> JsonObject | None:
+        try:
+            response = await self._send("GET", path)
+        except NotFound:
+            return None
+        found: JsonObject = _json(response)
+        return found
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: object = None,
+        params: Mapping[str, QueryValue] | None = None,
+        http_timeout: httpx.Timeout | None = None,
+        data: Mapping[str, str] | None = None,
+        files: list[tuple[str, tuple[str, bytes]]] | None = None,
+    ) -> httpx.Response:
+        """One request; raises the error tree above for anything but a 2xx."""
+        headers = {"accept": "application/json"}
+        content = None
+        if json is not None:
+            content = orjson.dumps(json)
+            headers["content-type"] = "application/json"
+        try:
+            response = await self._http.request(
+                method,
+                self._base_url + path,
+                content=content,
+                params=params,
+                data=data,
+                files=files,
+                headers=headers,
+                timeout=http_timeout or httpx.Timeout(self._timeout_s),
+            )
+        except httpx.TransportError as exc:
+            raise EngineUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        if not response.is_success:
+            raise _error(response, f"{method} {path}")
+        return response
+
+
+def _error(response: httpx.Response, what: str) -> CamundaError:
+    """The exception for an error response (see the tree in the module docstring)."""
+    body = _error_body(response)
+    status = response.status_code
+    if body is None:
+        if status in (502, 503, 504):
+            return EngineUnavailable(f"{what}: HTTP {status} without an engine error body")
+        body = {"type": "", "message": response.text[:500]}
+    error_class = {400: BadRequest, 404: NotFound}.get(status, EngineError)
+    return error_class(
+        status, str(body.get("type") or ""), str(body.get("message")), body.get("code")
+    )
+
+
+def _error_body(response: httpx.Response) -> JsonObject | None:
+    """The engine's ``{"type", "message", "code"}``, or ``None`` when someone else answered."""
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return None
+    return body if isinstance(body, dict) and "message" in body else None
+
+
+def _json(response: httpx.Response) -> Any:
+    return orjson.loads(response.content)
+
+
+def _objects(response: httpx.Response) -> list[JsonObject]:
+    """A query's answer: a JSON array of objects."""
+    objects: list[JsonObject] = _json(response)
+    return objects
+
+
+def _segment(value: str) -> str:
+    """A path segment, escaped: keys and ids come from callers."""
+    return quote(value, safe="")
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
