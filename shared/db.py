@@ -1,0 +1,189 @@
+"""Postgres: the connection pool, versioned migrations, and the read queries.
+
+Postgres is the durable copy. Redis holds live state; shared/writebehind.py copies every
+state change and audit event here, and the API reads here when Redis no longer has a
+process (``get_process``) and for the audit trail (``events_by_*``).
+
+Tables live in the connection's current schema (the first of ``search_path``), so a
+deployment can choose its schema and each test gets its own.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC
+
+from psycopg import sql
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from shared.eventlog import EventRecord
+from shared.store import ProcessState, Status
+
+# Versioned migrations: append, never edit one that has shipped. Index i is version i + 1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE process_store (
+        correlation_id  text PRIMARY KEY,
+        process_key     text NOT NULL,
+        status          text NOT NULL,
+        data            jsonb,
+        error           jsonb,
+        instance_id     text,
+        traceability_id text,
+        batch_id        text,
+        application_id  text,
+        request_hash    text,
+        started_at      timestamptz NOT NULL,
+        updated_at      timestamptz NOT NULL,
+        version         bigint NOT NULL
+    );
+    CREATE INDEX process_store_status_idx ON process_store (status);
+    CREATE INDEX process_store_updated_at_idx ON process_store (updated_at);
+    CREATE INDEX process_store_traceability_id_idx ON process_store (traceability_id);
+
+    CREATE TABLE event_log (
+        id                 bigserial PRIMARY KEY,
+        stream_id          text NOT NULL UNIQUE,
+        correlation_id     text NOT NULL,
+        step               integer,
+        step_name          text,
+        process_name       text,
+        status             text NOT NULL,
+        http_method        text,
+        endpoint           text,
+        request_data       jsonb,
+        response_data      jsonb,
+        error_message      text,
+        http_status_code   integer,
+        batch_id           text,
+        traceability_id    text,
+        application_id     text,
+        target_system      text,
+        originating_system text,
+        identifiers        jsonb,
+        result             jsonb,
+        metadata           jsonb,
+        execution_time     integer,
+        created_at         timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX event_log_correlation_id_idx ON event_log (correlation_id);
+    CREATE INDEX event_log_traceability_id_idx ON event_log (traceability_id);
+    """,
+)
+
+# First key of the two-int advisory lock taken while migrating; the second is the schema.
+_MIGRATION_LOCK = 0x466C6F77  # "Flow"
+
+_EVENT_COLUMNS = """
+    correlation_id, step, step_name, process_name, status, http_method, endpoint,
+    request_data, response_data, error_message, http_status_code, batch_id, traceability_id,
+    application_id, target_system, originating_system, identifiers, result, metadata,
+    execution_time AS execution_time_ms, created_at
+"""
+
+# Step order; events without a step (for example the API's completion) come after the steps.
+_EVENT_ORDER = "ORDER BY step ASC NULLS LAST, created_at, id"
+
+
+async def open_pool(
+    database_url: str, *, min_size: int = 1, max_size: int = 10, timeout_s: float = 10.0
+) -> AsyncConnectionPool:
+    """Create and open a pool without waiting for Postgres (it may be down at start-up:
+    write-behind keeps entries in Redis until it answers; ``/readyz`` reports it).
+
+    Connections are checked before use, so a restarted Postgres costs a reconnect, not an
+    error; they run in autocommit and writers use explicit transactions.
+    """
+    pool = AsyncConnectionPool(
+        database_url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout_s,
+        open=False,
+        kwargs={"autocommit": True},
+        check=AsyncConnectionPool.check_connection,
+        name="flowgate",
+    )
+    await pool.open(wait=False)
+    return pool
+
+
+async def migrate(pool: AsyncConnectionPool) -> int:
+    """Apply the migrations this schema lacks; returns the schema version now in place.
+
+    The advisory lock (per schema) makes concurrent replicas wait for each other instead of
+    racing to create the same tables; it is released with the transaction.
+    """
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))", (_MIGRATION_LOCK,)
+        )
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        cur = await conn.execute("SELECT coalesce(max(version), 0) FROM schema_version")
+        row = await cur.fetchone()
+        current = int(row[0]) if row else 0
+        for version, sql in enumerate(MIGRATIONS[current:], start=current + 1):
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+    return len(MIGRATIONS)
+
+
+async def ping(pool: AsyncConnectionPool) -> None:
+    """Raise unless Postgres answers (readiness)."""
+    async with pool.connection() as conn:
+        await conn.execute("SELECT 1")
+
+
+async def get_process(pool: AsyncConnectionPool, correlation_id: str) -> ProcessState | None:
+    """The last state the write-behind stored, for a process Redis no longer holds."""
+    async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            "SELECT * FROM process_store WHERE correlation_id = %s", (correlation_id,)
+        )
+        row = await cur.fetchone()
+    return None if row is None else _process_state(row)
+
+
+async def events_by_traceability(
+    pool: AsyncConnectionPool, traceability_id: str
+) -> list[EventRecord]:
+    """The audit trail of one run by its traceability id, in step order."""
+    return await _events(pool, "traceability_id", traceability_id)
+
+
+async def events_by_correlation(
+    pool: AsyncConnectionPool, correlation_id: str
+) -> list[EventRecord]:
+    """The audit trail of one run by its correlation id, in step order."""
+    return await _events(pool, "correlation_id", correlation_id)
+
+
+async def _events(pool: AsyncConnectionPool, column: str, value: str) -> list[EventRecord]:
+    query = sql.SQL("SELECT {columns} FROM event_log WHERE {column} = %s {order}").format(
+        columns=sql.SQL(_EVENT_COLUMNS), column=sql.Identifier(column), order=sql.SQL(_EVENT_ORDER)
+    )
+    async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(query, (value,))
+        rows = await cur.fetchall()
+    return [EventRecord(**{**row, "created_at": row["created_at"].astimezone(UTC)}) for row in rows]
+
+
+def _process_state(row: DictRow) -> ProcessState:
+    return ProcessState(
+        correlation_id=row["correlation_id"],
+        status=Status(row["status"]),
+        process_key=row["process_key"],
+        data=row["data"],
+        error=row["error"],
+        started_at=row["started_at"].astimezone(UTC),
+        updated_at=row["updated_at"].astimezone(UTC),
+        version=int(row["version"]),
+        instance_id=row["instance_id"],
+        traceability_id=row["traceability_id"],
+        batch_id=row["batch_id"],
+        application_id=row["application_id"],
+        request_hash=row["request_hash"],
+    )

@@ -1,0 +1,424 @@
+"""Write-behind: copy the ``{p}:wb`` stream into Postgres, at least once, idempotently.
+
+Every state change (shared/store.py) and audit event (shared/eventlog.py) is an entry in
+the stream. A :class:`Flusher` per API replica reads it through the consumer group
+``flusher`` and writes each batch in one transaction:
+
+* ``state``  -> ``process_store`` upsert that only moves forward (``version`` guard), so a
+  replay or a late, out-of-order entry never overwrites a newer row;
+* ``delete`` -> ``DELETE ... WHERE version <= v`` (an abandoned start);
+* ``event``  -> ``event_log`` insert keyed by the stream entry id (``ON CONFLICT DO NOTHING``).
+
+Entries are acknowledged and deleted from the stream only after the commit. While Postgres
+is down the same batch is retried with a bounded exponential back-off and everything else
+waits in the stream. A batch that Postgres rejects for its data is retried row by row; a
+row rejected on its own is retried on later deliveries and, after ``max_deliveries``,
+moved to ``{p}:wb:dead`` (fields ``id kind body reason consumer``) so it cannot block the
+rest. An entry that cannot be decoded goes there at once: no retry can fix its bytes.
+Entries a dead replica left unacknowledged are taken over with XAUTOCLAIM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from shared.eventlog import EventRecord
+from shared.keys import WRITEBEHIND_GROUP, Keys
+from shared.store import ProcessState
+
+log = logging.getLogger(__name__)
+
+_UPSERT_STATE = """
+INSERT INTO process_store (
+    correlation_id, process_key, status, data, error, instance_id, traceability_id,
+    batch_id, application_id, request_hash, started_at, updated_at, version)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (correlation_id) DO UPDATE SET
+    process_key = EXCLUDED.process_key, status = EXCLUDED.status, data = EXCLUDED.data,
+    error = EXCLUDED.error, instance_id = EXCLUDED.instance_id,
+    traceability_id = EXCLUDED.traceability_id, batch_id = EXCLUDED.batch_id,
+    application_id = EXCLUDED.application_id, request_hash = EXCLUDED.request_hash,
+    started_at = EXCLUDED.started_at, updated_at = EXCLUDED.updated_at,
+    version = EXCLUDED.version
+WHERE process_store.version < EXCLUDED.version
+"""
+
+_DELETE_STATE = "DELETE FROM process_store WHERE correlation_id = %s AND version <= %s"
+
+_INSERT_EVENT = """
+INSERT INTO event_log (
+    stream_id, correlation_id, step, step_name, process_name, status, http_method, endpoint,
+    request_data, response_data, error_message, http_status_code, batch_id, traceability_id,
+    application_id, target_system, originating_system, identifiers, result, metadata,
+    execution_time, created_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (stream_id) DO NOTHING
+"""
+
+_SQL = {"state": _UPSERT_STATE, "delete": _DELETE_STATE, "event": _INSERT_EVENT}
+
+# Postgres refused the data itself (bad value, constraint): retrying the batch cannot help,
+# retrying row by row isolates the culprit. Everything else is treated as an outage.
+_DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One stream entry as read (raw body kept for the dead-letter stream)."""
+
+    id: str
+    kind: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    """A decoded entry: which statement, with which parameters."""
+
+    entry: _Entry
+    params: tuple[Any, ...]
+
+
+class _Undecodable(ValueError):
+    pass
+
+
+class Flusher:
+    """Consumer ``consumer`` of the write-behind group; see the module docstring.
+
+    Lifecycle: ``await run(stop)`` until ``stop`` is set (or the task is cancelled: nothing
+    is acknowledged before its commit, so a cancelled batch is simply read again), then
+    optionally ``await drain(timeout_s)`` to write what is left before shutting down.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        pool: AsyncConnectionPool,
+        *,
+        consumer: str,
+        batch: int = 500,
+        block_ms: int = 1_000,
+        claim_idle_ms: int = 30_000,
+        max_deliveries: int = 5,
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._pool = pool
+        self._consumer = consumer
+        self._batch = batch
+        self._block_ms = block_ms
+        self._claim_idle_ms = claim_idle_ms
+        self._max_deliveries = max_deliveries
+        self._max_backoff_s = max_backoff_s
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Flush until ``stop`` is set. Never raises for Redis or Postgres trouble: logs,
+        backs off and carries on (its own unacknowledged entries are read again first)."""
+        stop = stop or asyncio.Event()
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self._ensure_group()
+                await self._claim_idle(stop)
+                await self._read_own_pending(stop)
+                await self._follow(stop)
+            except Exception:
+                failures += 1
+                log.exception("write-behind: flusher loop failed; retrying")
+                await self._sleep(stop, self._backoff(failures))
+            else:
+                failures = 0
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Write everything there is now (own pending, idle entries of others, new ones).
+
+        True when the stream had nothing more to read; False if ``timeout_s`` ran out
+        (for example while Postgres is down), in which case the rest stays in the stream.
+        """
+        stop = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._ensure_group()
+                await self._claim_idle(stop)
+                await self._read_own_pending(stop)
+                while entries := await self._read(">", block_ms=None):
+                    await self._flush(entries, stop)
+        except TimeoutError:
+            return False
+        return True
+
+    async def backlog(self) -> int:
+        """Entries not yet in Postgres: undelivered plus delivered-but-unacknowledged.
+
+        That is the stream's length, since entries are deleted once committed.
+        """
+        return int(await self._redis.xlen(self._keys.writebehind))
+
+    # --- reading ------------------------------------------------------------------------
+
+    async def _ensure_group(self) -> None:
+        """Create the group at the start of the stream (entries added before any flusher
+        existed are delivered too); an existing group is fine."""
+        try:
+            await self._redis.xgroup_create(
+                self._keys.writebehind, WRITEBEHIND_GROUP, id="0", mkstream=True
+            )
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _follow(self, stop: asyncio.Event) -> None:
+        """New entries, blocking between them, until stop or it is time to claim."""
+        claim_at = time.monotonic() + self._claim_idle_ms / 2000
+        while not stop.is_set() and time.monotonic() < claim_at:
+            entries = await self._read(">", block_ms=self._block_ms)
+            await self._flush(entries, stop)
+
+    async def _read_own_pending(self, stop: asyncio.Event) -> None:
+        """Entries delivered to this consumer earlier but never acknowledged (a crash, a
+        cancelled batch, a failed ack); each is visited once per call."""
+        cursor = "0"
+        while not stop.is_set() and (entries := await self._read(cursor, block_ms=None)):
+            await self._flush(entries, stop)
+            cursor = entries[-1].id
+
+    async def _claim_idle(self, stop: asyncio.Event) -> None:
+        """Take over entries idle longer than ``claim_idle_ms`` (their consumer died or is
+        stuck) and write them; one pass over the group's pending list."""
+        start = "0-0"
+        while not stop.is_set():
+            next_start, claimed, *_ = await self._redis.xautoclaim(
+                self._keys.writebehind,
+                WRITEBEHIND_GROUP,
+                self._consumer,
+                min_idle_time=self._claim_idle_ms,
+                start_id=start,
+                count=self._batch,
+            )
+            await self._flush([_entry(item) for item in claimed if item], stop)
+            start = _text(next_start)
+            if start == "0-0":
+                return
+
+    async def _read(self, from_id: str, *, block_ms: int | None) -> list[_Entry]:
+        response = await self._redis.xreadgroup(
+            WRITEBEHIND_GROUP,
+            self._consumer,
+            {self._keys.writebehind: from_id},
+            count=self._batch,
+            block=block_ms,
+        )
+        streams = (
+            response.values() if isinstance(response, dict) else (s[1] for s in response or [])
+        )
+        return [_entry(item) for items in streams for item in items]
+
+    # --- writing ------------------------------------------------------------------------
+
+    async def _flush(self, entries: Sequence[_Entry], stop: asyncio.Event) -> None:
+        """Write ``entries`` and acknowledge them; retries an outage until it is over (or
+        until stop, leaving them pending for the next start)."""
+        ops: list[_Op] = []
+        for entry in entries:
+            try:
+                ops.append(_decode(entry))
+            except _Undecodable as exc:
+                await self._dead_letter(entry, f"undecodable: {exc}")
+        failures = 0
+        while ops:
+            try:
+                await self._write(ops)
+            except _DATA_ERRORS as exc:
+                log.warning("write-behind: batch rejected (%s); retrying row by row", exc)
+                await self._write_isolated(ops)
+                return
+            except psycopg.Error as exc:  # Postgres down or unreachable: an outage
+                failures += 1
+                log.warning(
+                    "write-behind: Postgres unavailable (%s); retrying",
+                    exc,
+                    extra={"entries": len(ops), "failures": failures},
+                )
+                if await self._sleep(stop, self._backoff(failures)):
+                    return
+            except Exception:  # a bug must not stop the copy either; entries stay pending
+                failures += 1
+                log.exception("write-behind: write failed; retrying", extra={"entries": len(ops)})
+                if await self._sleep(stop, self._backoff(failures)):
+                    return
+            else:
+                await self._ack([op.entry for op in ops])
+                return
+
+    async def _write(self, ops: Sequence[_Op]) -> None:
+        """All ops in one transaction, in stream order, pipelined (one round trip)."""
+        async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+            for op in ops:
+                await conn.execute(_SQL[op.entry.kind], op.params)
+
+    async def _write_isolated(self, ops: Sequence[_Op]) -> None:
+        """Each op under its own savepoint: commit the good ones, keep the bad ones pending
+        (or dead-letter them once delivered ``max_deliveries`` times)."""
+        good: list[_Op] = []
+        bad: list[tuple[_Op, psycopg.Error]] = []
+        async with self._pool.connection() as conn, conn.transaction():
+            for op in ops:
+                try:
+                    async with conn.transaction():
+                        await conn.execute(_SQL[op.entry.kind], op.params)
+                    good.append(op)
+                except _DATA_ERRORS as exc:
+                    bad.append((op, exc))
+        await self._ack([op.entry for op in good])
+        for op, error in bad:
+            deliveries = await self._deliveries(op.entry.id)
+            if deliveries >= self._max_deliveries:
+                await self._dead_letter(op.entry, f"rejected {deliveries} times: {error}")
+            else:
+                log.warning(
+                    "write-behind: Postgres rejected an entry; it will be retried",
+                    extra={"streamId": op.entry.id, "deliveries": deliveries, "error": str(error)},
+                )
+
+    async def _ack(self, entries: Iterable[_Entry]) -> None:
+        ids = [entry.id for entry in entries]
+        if not ids:
+            return
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self._keys.writebehind, WRITEBEHIND_GROUP, *ids)
+            pipe.xdel(self._keys.writebehind, *ids)
+            await pipe.execute()
+
+    async def _dead_letter(self, entry: _Entry, reason: str) -> None:
+        log.error(
+            "write-behind: entry moved to the dead-letter stream",
+            extra={"streamId": entry.id, "kind": entry.kind, "reason": reason},
+        )
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(
+                self._keys.writebehind_dead,
+                {
+                    "id": entry.id,
+                    "kind": entry.kind,
+                    "body": entry.body,
+                    "reason": reason,
+                    "consumer": self._consumer,
+                },
+            )
+            pipe.xack(self._keys.writebehind, WRITEBEHIND_GROUP, entry.id)
+            pipe.xdel(self._keys.writebehind, entry.id)
+            await pipe.execute()
+
+    async def _deliveries(self, entry_id: str) -> int:
+        pending = await self._redis.xpending_range(
+            self._keys.writebehind, WRITEBEHIND_GROUP, min=entry_id, max=entry_id, count=1
+        )
+        return int(pending[0]["times_delivered"]) if pending else 0
+
+    # --- pacing -------------------------------------------------------------------------
+
+    def _backoff(self, failures: int) -> float:
+        return float(min(self._max_backoff_s, 0.1 * 2 ** min(failures, 16)))
+
+    @staticmethod
+    async def _sleep(stop: asyncio.Event, delay_s: float) -> bool:
+        """Wait ``delay_s`` unless stop is set first; True if stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay_s)
+        return stop.is_set()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entry(item: Any) -> _Entry:
+    """A (id, fields) pair from XREADGROUP/XAUTOCLAIM, with or without decode_responses."""
+    entry_id, fields = item
+    by_name = {_text(k): v for k, v in (fields or {}).items()}
+    body = by_name.get("body", b"")
+    return _Entry(
+        id=_text(entry_id),
+        kind=_text(by_name.get("kind", b"")),
+        body=body.encode() if isinstance(body, str) else body,
+    )
+
+
+def _json(value: Any) -> Jsonb | None:
+    return None if value is None else Jsonb(value, dumps=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def _decode(entry: _Entry) -> _Op:
+    """Parameters for the entry's statement; :class:`_Undecodable` if it makes no sense."""
+    try:
+        if entry.kind == "state":
+            state = ProcessState.from_json(entry.body)
+            params: tuple[Any, ...] = (
+                state.correlation_id,
+                state.process_key,
+                state.status.value,
+                _json(state.data),
+                _json(state.error),
+                state.instance_id,
+                state.traceability_id,
+                state.batch_id,
+                state.application_id,
+                state.request_hash,
+                state.started_at,
+                state.updated_at,
+                state.version,
+            )
+        elif entry.kind == "delete":
+            body = orjson.loads(entry.body)
+            params = (str(body["correlationId"]), int(body["version"]))
+        elif entry.kind == "event":
+            event = EventRecord.from_json(entry.body)
+            params = (
+                entry.id,
+                event.correlation_id,
+                event.step,
+                event.step_name,
+                event.process_name,
+                event.status,
+                event.http_method,
+                event.endpoint,
+                _json(event.request_data),
+                _json(event.response_data),
+                event.error_message,
+                event.http_status_code,
+                event.batch_id,
+                event.traceability_id,
+                event.application_id,
+                event.target_system,
+                event.originating_system,
+                _json(event.identifiers),
+                _json(event.result),
+                _json(event.metadata),
+                event.execution_time_ms,
+                event.created_at,
+            )
+        else:
+            raise _Undecodable(f"unknown kind {entry.kind!r}")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _Undecodable(str(exc) or type(exc).__name__) from exc
+    return _Op(entry=entry, params=params)

@@ -1,0 +1,262 @@
+"""ProcessStore against a real Redis: transitions, their stream entries, publishes, paging."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from shared.keys import Keys
+from shared.store import (
+    InvalidCursor,
+    ProcessState,
+    ProcessStore,
+    StartFailed,
+    Status,
+    decode_message,
+)
+
+RESULT_TTL_S = 60
+PENDING_TTL_S = 600
+
+
+@pytest.fixture
+def keys(redis_prefix: str) -> Keys:
+    return Keys(redis_prefix)
+
+
+@pytest.fixture
+def store(redis_client: aioredis.Redis, keys: Keys) -> ProcessStore:
+    return ProcessStore(redis_client, keys, result_ttl_s=RESULT_TTL_S, pending_ttl_s=PENDING_TTL_S)
+
+
+@pytest.fixture
+async def subscriber(redis_url: str, keys: Keys) -> AsyncIterator[aioredis.client.PubSub]:
+    """A pub/sub connection on the done pattern, confirmed before the test acts."""
+    client = aioredis.Redis.from_url(redis_url)
+    pubsub = client.pubsub()
+    await pubsub.psubscribe(keys.done_pattern)
+    confirm = await pubsub.get_message(timeout=5)
+    assert confirm is not None
+    assert confirm["type"] == "psubscribe"
+    yield pubsub
+    await pubsub.aclose()
+    await client.aclose()
+
+
+async def claim(
+    store: ProcessStore, cid: str, request_hash: str = "h1"
+) -> tuple[ProcessState, bool]:
+    return await store.claim(
+        cid,
+        "onboard-user",
+        request_hash,
+        traceability_id=f"t-{cid}",
+        batch_id="b",
+        application_id="a",
+    )
+
+
+async def stream_entries(redis: aioredis.Redis, keys: Keys) -> list[tuple[str, dict[str, object]]]:
+    return [
+        (kind_body[b"kind"].decode(), orjson.loads(kind_body[b"body"]))
+        for _, kind_body in await redis.xrange(keys.writebehind)
+    ]
+
+
+async def next_message(pubsub: aioredis.client.PubSub) -> dict[str, object]:
+    async with asyncio.timeout(5):
+        while True:
+            message = await pubsub.get_message(timeout=1)
+            if message is not None and message["type"] == "pmessage":
+                return message
+
+
+async def test_claim_creates_exactly_once_under_concurrency(
+    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    results = await asyncio.gather(*(claim(store, "cid-1") for _ in range(50)))
+
+    assert sum(created for _, created in results) == 1
+    assert len({state for state, _ in results}) == 1
+    state = results[0][0]
+    assert state.status is Status.PENDING
+    assert state.version == 1
+    assert (state.process_key, state.request_hash) == ("onboard-user", "h1")
+    assert state.started_at.tzinfo is not None
+    assert await stream_entries(redis_client, keys) == [("state", state.to_dict())]
+    assert await redis_client.zrange(keys.index, 0, -1) == [b"cid-1"]
+
+
+async def test_claim_sets_pending_ttl_and_joins_with_the_first_hash(
+    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    first, created = await claim(store, "cid-2", "h1")
+    joined, created_again = await claim(store, "cid-2", "other-hash")
+
+    assert created
+    assert not created_again
+    assert joined == first
+    assert joined.request_hash == "h1"  # the caller compares and answers 422
+    assert PENDING_TTL_S - 5 < await redis_client.ttl(keys.process("cid-2")) <= PENDING_TTL_S
+    assert await store.get("cid-2") == first
+
+
+async def test_complete_changes_a_pending_state_once(
+    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    await claim(store, "cid-3")
+    await store.attach_instance("cid-3", "instance-1")
+
+    assert await store.complete("cid-3", Status.OK, data={"n": [], "big": 2**60})
+    assert not await store.complete("cid-3", Status.ERROR, error="late duplicate")
+
+    state = await store.get("cid-3")
+    assert state is not None
+    assert state.status is Status.OK
+    assert state.data == {"n": [], "big": 2**60}
+    assert state.error is None
+    assert state.instance_id == "instance-1"
+    assert state.version == 3
+    assert state.updated_at >= state.started_at
+    assert RESULT_TTL_S - 5 < await redis_client.ttl(keys.process("cid-3")) <= RESULT_TTL_S
+    versions = [body["version"] for _, body in await stream_entries(redis_client, keys)]
+    assert versions == [1, 2, 3]
+
+
+async def test_complete_of_an_unknown_id_is_ignored(
+    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    assert not await store.complete("never-claimed", Status.OK, data=1)
+    assert await store.get("never-claimed") is None
+    assert await redis_client.exists(keys.process("never-claimed")) == 0
+    assert await redis_client.xlen(keys.writebehind) == 0
+
+
+async def test_complete_refuses_pending_as_an_outcome(store: ProcessStore) -> None:
+    await claim(store, "cid-p")
+    with pytest.raises(ValueError, match="terminal"):
+        await store.complete("cid-p", Status.PENDING)
+
+
+async def test_attach_instance_of_an_unknown_id_is_ignored(
+    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    await store.attach_instance("nobody", "instance-1")
+    assert await redis_client.exists(keys.process("nobody")) == 0
+
+
+async def test_completion_is_published_after_the_state_is_readable(
+    store: ProcessStore, subscriber: aioredis.client.PubSub, keys: Keys
+) -> None:
+    await claim(store, "cid-4")
+
+    assert await store.complete("cid-4", Status.ERROR, error={"message": "boom"})
+    message = await next_message(subscriber)
+    state_now = await store.get("cid-4")  # read right on the message
+
+    assert message["channel"] == keys.done("cid-4").encode()
+    assert keys.correlation_id_of(message["channel"].decode()) == "cid-4"
+    published = decode_message(message["data"])
+    assert isinstance(published, ProcessState)
+    assert published == state_now
+    assert published.status is Status.ERROR
+    assert published.error == {"message": "boom"}
+
+
+async def test_abandon_deletes_and_tells_joined_waiters(
+    store: ProcessStore,
+    subscriber: aioredis.client.PubSub,
+    redis_client: aioredis.Redis,
+    keys: Keys,
+) -> None:
+    state, _ = await claim(store, "cid-5")
+
+    assert not await store.abandon("cid-5", state.version + 1, reason="wrong version")
+    assert await store.abandon("cid-5", state.version, reason={"status": 502, "message": "down"})
+
+    message = decode_message((await next_message(subscriber))["data"])
+    assert message == StartFailed("cid-5", {"status": 502, "message": "down"})
+    assert await store.get("cid-5") is None
+    assert await redis_client.zscore(keys.index, "cid-5") is None
+    assert (await stream_entries(redis_client, keys))[-1] == (
+        "delete",
+        {"correlationId": "cid-5", "version": 1},
+    )
+    # The caller may retry with the same id.
+    _, created = await claim(store, "cid-5")
+    assert created
+
+
+async def test_abandon_after_completion_changes_nothing(store: ProcessStore) -> None:
+    state, _ = await claim(store, "cid-6")
+    await store.complete("cid-6", Status.OK, data="done")
+
+    assert not await store.abandon("cid-6", state.version, reason="too late")
+    finished = await store.get("cid-6")
+    assert finished is not None
+    assert finished.status is Status.OK
+
+
+async def page_all(store: ProcessStore, limit: int) -> list[list[str]]:
+    pages: list[list[str]] = []
+    cursor: str | None = None
+    while True:
+        states, cursor = await store.page(cursor=cursor, limit=limit)
+        pages.append([s.correlation_id for s in states])
+        if cursor is None:
+            return pages
+
+
+async def test_page_is_newest_first_and_skips_and_removes_stale_entries(
+    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    ids = [f"p{i:03}" for i in range(23)]
+    for cid in ids:
+        await claim(store, cid)  # same-millisecond ties are ordered by id, newest id first
+    stale = {"p020", "p013", "p012", "p000"}
+    await redis_client.delete(*(keys.process(cid) for cid in stale))
+
+    pages = await page_all(store, limit=5)
+
+    live = [cid for cid in reversed(ids) if cid not in stale]
+    assert [cid for page in pages for cid in page] == live
+    assert all(len(page) == 5 for page in pages[:-1])
+    assert 0 < len(pages[-1]) <= 5
+    assert {m.decode() for m in await redis_client.zrange(keys.index, 0, -1)} == set(live)
+
+
+async def test_page_walks_large_groups_of_equal_start_times(
+    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    ids = [f"q{i:03}" for i in range(250)]
+    for cid in ids:
+        await claim(store, cid)
+    await redis_client.zadd(keys.index, dict.fromkeys(ids, 1_000))  # one millisecond for all
+    stale = {f"q{i:03}" for i in range(0, 250, 7)}
+    await redis_client.delete(*(keys.process(cid) for cid in stale))
+
+    pages = await page_all(store, limit=40)
+
+    assert [cid for page in pages for cid in page] == [
+        cid for cid in reversed(ids) if cid not in stale
+    ]
+
+
+async def test_page_of_an_empty_index_and_bad_input(store: ProcessStore) -> None:
+    assert await store.page(cursor=None, limit=10) == ([], None)
+    with pytest.raises(InvalidCursor):
+        await store.page(cursor="not a cursor!", limit=10)
+    with pytest.raises(ValueError, match="limit"):
+        await store.page(cursor=None, limit=0)
+
+
+async def test_claim_drops_index_entries_older_than_any_state_can_live(
+    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    await redis_client.zadd(keys.index, {"ancient": 1_000})
+    await claim(store, "fresh")
+    assert await redis_client.zrange(keys.index, 0, -1) == [b"fresh"]

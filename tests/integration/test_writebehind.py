@@ -1,0 +1,402 @@
+"""Write-behind against real Redis and Postgres: rows arrive once, in order, through outages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+import redis.asyncio as aioredis
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import AsyncConnectionPool
+
+from deploy.local import servers
+from shared import db
+from shared.eventlog import EventRecord, append_event
+from shared.keys import WRITEBEHIND_GROUP, Keys
+from shared.store import ProcessStore, Status
+from shared.writebehind import Flusher
+
+
+@pytest.fixture
+def keys(redis_prefix: str) -> Keys:
+    return Keys(redis_prefix)
+
+
+@pytest.fixture
+def store(redis_client: aioredis.Redis, keys: Keys) -> ProcessStore:
+    return ProcessStore(redis_client, keys, result_ttl_s=600, pending_ttl_s=600)
+
+
+@pytest.fixture
+async def pool(schema_url: str) -> AsyncIterator[AsyncConnectionPool]:
+    pool = await db.open_pool(schema_url, max_size=4)
+    await db.migrate(pool)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def make_flusher(
+    redis_client: aioredis.Redis, keys: Keys, pool: AsyncConnectionPool
+) -> Callable[..., Flusher]:
+    def build(consumer: str = "c1", **options: Any) -> Flusher:
+        settings: dict[str, Any] = {"batch": 100, "block_ms": 100, "claim_idle_ms": 30_000}
+        return Flusher(redis_client, keys, pool, consumer=consumer, **(settings | options))
+
+    return build
+
+
+async def rows(pool: AsyncConnectionPool, query: str) -> list[tuple[Any, ...]]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(query.encode())
+        return await cur.fetchall()
+
+
+async def claim(store: ProcessStore, cid: str) -> None:
+    await store.claim(
+        cid, "onboard-user", "hash", traceability_id=f"t-{cid}", batch_id="b", application_id="a"
+    )
+
+
+async def run_one_process(store: ProcessStore, redis: aioredis.Redis, keys: Keys, cid: str) -> None:
+    await claim(store, cid)
+    await store.attach_instance(cid, f"instance-{cid}")
+    await append_event(redis, keys, EventRecord(correlation_id=cid, status="ok", step=1))
+    await store.complete(cid, Status.OK, data={"cid": cid})
+
+
+async def test_migrate_is_versioned_and_safe_to_run_concurrently(
+    pool: AsyncConnectionPool,
+) -> None:
+    versions = await asyncio.gather(*(db.migrate(pool) for _ in range(3)))
+
+    assert versions == [len(db.MIGRATIONS)] * 3
+    assert await rows(pool, "SELECT version FROM schema_version") == [(1,)]
+    tables = await rows(
+        pool, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY 1"
+    )
+    assert tables == [("event_log",), ("process_store",), ("schema_version",)]
+
+
+async def test_states_and_events_arrive(
+    store: ProcessStore,
+    redis_client: aioredis.Redis,
+    keys: Keys,
+    pool: AsyncConnectionPool,
+    make_flusher: Callable[..., Flusher],
+) -> None:
+    await run_one_process(store, redis_client, keys, "w-1")
+    await claim(store, "w-2")
+    flusher = make_flusher()
+
+    assert await flusher.drain(timeout_s=10)
+
+    assert await db.get_process(pool, "w-1") == await store.get("w-1")
+    assert await db.get_process(pool, "w-2") == await store.get("w-2")
+    assert await db.get_process(pool, "nobody") is None
+    events = await db.events_by_correlation(pool, "w-1")
+    assert [(e.correlation_id, e.status, e.step) for e in events] == [("w-1", "ok", 1)]
+    assert await db.events_by_traceability(pool, "t-w-1") == []  # the event carried none
+    assert await flusher.backlog() == 0
+    assert await redis_client.xpending(keys.writebehind, WRITEBEHIND_GROUP) == {
+        "pending": 0,
+        "min": None,
+        "max": None,
+        "consumers": [],
+    }
+
+
+async def test_replayed_entries_leave_identical_rows(
+    store: ProcessStore,
+    redis_client: aioredis.Redis,
+    keys: Keys,
+    pool: AsyncConnectionPool,
+    make_flusher: Callable[..., Flusher],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for i in range(20):
+        await run_one_process(store, redis_client, keys, f"r-{i}")
+    crashing = make_flusher("c1")
+
+    async def crash_before_ack(*_: object) -> None:
+        """The replica dies after the commit and before XACK."""
+
+    monkeypatch.setattr(crashing, "_ack", crash_before_ack)
+    assert await crashing.drain(timeout_s=10)
+    first = await rows(pool, "SELECT * FROM process_store ORDER BY correlation_id")
+    first_events = await rows(pool, "SELECT * FROM event_log ORDER BY id")
+    assert await crashing.backlog() == 80  # 3 states + 1 event per process, none acked
+
+    restarted = make_flusher("c1")  # same consumer name: reads its own pending entries
+    assert await restarted.drain(timeout_s=10)
+
+    assert await rows(pool, "SELECT * FROM process_store ORDER BY correlation_id") == first
+    assert await rows(pool, "SELECT * FROM event_log ORDER BY id") == first_events
+    assert len(first) == 20
+    assert len(first_events) == 20
+    assert await restarted.backlog() == 0
+
+
+async def test_a_stale_entry_never_overwrites_a_newer_row(
+    store: ProcessStore,
+    redis_client: aioredis.Redis,
+    keys: Keys,
+    pool: AsyncConnectionPool,
+    make_flusher: Callable[..., Flusher],
+) -> None:
+    await claim(store, "s-1")
+    (_, claimed_entry), *_ = await redis_client.xrange(keys.writebehind)
+    await store.complete("s-1", Status.OK, data="final")
+    flusher = make_flusher()
+    assert await flusher.drain(timeout_s=10)
+
+    # Late, out-of-order deliveries: the version-1 state, and a delete of version 1.
+    await redis_client.xadd(keys.writebehind, claimed_entry)
+    body = orjson.dumps({"correlationId": "s-1", "version": 1})
+    await redis_client.xadd(keys.writebehind, {"kind": "delete", "body": body})
+    assert await flusher.drain(timeout_s=10)
+
+    row = await db.get_process(pool, "s-1")
+    assert row is not None
+    assert (row.status, row.data, row.version) == (Status.OK, "final", 2)
+
+
+async def test_an_abandoned_start_deletes_its_row(
+    store: ProcessStore, pool: AsyncConnectionPool, make_flusher: Callable[..., Flusher]
+) -> None:
+    await claim(store, "a-1")
+    flusher = make_flusher()
+    assert await flusher.drain(timeout_s=10)
+    assert await db.get_process(pool, "a-1") is not None
+
+    assert await store.abandon("a-1", 1, reason="engine down")
+    assert await flusher.drain(timeout_s=10)
+    assert await db.get_process(pool, "a-1") is None
+
+
+async def test_events_come_back_in_step_order(
+    redis_client: aioredis.Redis,
+    keys: Keys,
+    pool: AsyncConnectionPool,
+    make_flusher: Callable[..., Flusher],
+) -> None:
+    for step, name in [(None, "completed"), (3, "c"), (1, "a"), (2, "b-retry"), (2, "b")]:
+        record = EventRecord(
+            correlation_id="e-1",
+            traceability_id="trace-1",
+            status="ok",
+            step=step,
+            step_name=name,
+            request_data={"nested": [1, {"x": None}]},
+            execution_time_ms=12,
+        )
+        await append_event(redis_client, keys, record)
+    assert await make_flusher().drain(timeout_s=10)
+
+    by_trace = await db.events_by_traceability(pool, "trace-1")
+    by_cid = await db.events_by_correlation(pool, "e-1")
+
+    assert by_trace == by_cid
+    assert [e.step_name for e in by_cid] == ["a", "b-retry", "b", "c", "completed"]
+    assert by_cid[0].request_data == {"nested": [1, {"x": None}]}
+    assert by_cid[0].execution_time_ms == 12
+
+
+async def test_a_dead_consumers_entries_are_claimed_by_another(
+    store: ProcessStore,
+    redis_client: aioredis.Redis,
+    keys: Keys,
+    pool: AsyncConnectionPool,
+    make_flusher: Callable[..., Flusher],
+) -> None:
+    for i in range(10):
+        await run_one_process(store, redis_client, keys, f"d-{i}")
+    await redis_client.xgroup_create(keys.writebehind, WRITEBEHIND_GROUP, id="0", mkstream=True)
+    delivered = await redis_client.xreadgroup(
+        WRITEBEHIND_GROUP, "dead", {keys.writebehind: ">"}, count=1000
+    )
+    assert len(delivered[0][1]) == 40  # now pending on "dead", which never comes back
+    await asyncio.sleep(0.3)
+
+    assert await make_flusher("alive", claim_idle_ms=200).drain(timeout_s=10)
+
+    states = await rows(pool, "SELECT correlation_id, status, version FROM process_store")
+    assert sorted(states) == sorted((f"d-{i}", "ok", 3) for i in range(10))
+    assert await rows(pool, "SELECT count(*) FROM event_log") == [(10,)]
+    assert (await redis_client.xpending(keys.writebehind, WRITEBEHIND_GROUP))["pending"] == 0
+
+
+async def test_poison_entries_are_isolated_then_dead_lettered(
+    store: ProcessStore,
+    redis_client: aioredis.Redis,
+    keys: Keys,
+    pool: AsyncConnectionPool,
+    make_flusher: Callable[..., Flusher],
+) -> None:
+    await claim(store, "ok-1")
+    bad = EventRecord(correlation_id="bad-1", status="ok", request_data="nul \x00 byte")
+    await append_event(redis_client, keys, bad)  # Postgres jsonb refuses \u0000
+    await append_event(redis_client, keys, EventRecord(correlation_id="ok-1", status="ok"))
+    await redis_client.xadd(keys.writebehind, {"kind": "state", "body": b"{not json"})
+    flusher = make_flusher(max_deliveries=2)
+
+    assert await flusher.drain(timeout_s=10)
+
+    # The good rows are in; the undecodable entry is dead at once; the rejected one waits.
+    assert await db.get_process(pool, "ok-1") is not None
+    assert len(await db.events_by_correlation(pool, "ok-1")) == 1
+    dead = await redis_client.xrange(keys.writebehind_dead)
+    assert [fields[b"reason"].startswith(b"undecodable") for _, fields in dead] == [True]
+    assert await flusher.backlog() == 1
+
+    assert await flusher.drain(timeout_s=10)  # second delivery: rejected again -> dead
+
+    dead = await redis_client.xrange(keys.writebehind_dead)
+    assert len(dead) == 2
+    _, fields = dead[1]
+    assert fields[b"kind"] == b"event"
+    assert b"rejected 2 times" in fields[b"reason"]
+    assert EventRecord.from_json(fields[b"body"]) == bad
+    assert await flusher.backlog() == 0
+    assert await db.events_by_correlation(pool, "bad-1") == []
+
+
+# --- Postgres outage ---------------------------------------------------------------------
+
+
+class TcpProxy:
+    """Loopback TCP proxy to Postgres that can go down and come back on the same port:
+    the outage for an external database the test cannot stop."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    async def up(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def down(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.transport.abort()
+
+
+def stop_postgres_fast(server: servers.Server) -> None:
+    """Fast shutdown (SIGINT: disconnect sessions), not the smart one `stop()` starts with,
+    which would wait for the flusher's pooled connections to close."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGINT)
+    server.stop()
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool]], timeout_s: float) -> None:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if await condition():
+                return
+            await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+async def test_postgres_outage_loses_nothing_and_duplicates_nothing(
+    store: ProcessStore,
+    redis_client: aioredis.Redis,
+    keys: Keys,
+    schema_url: str,
+    postgres_service: tuple[str, servers.Server | None],
+) -> None:
+    server = postgres_service[1]
+    url, proxy = schema_url, None
+    if server is None:  # an external database cannot be stopped from here: cut it off
+        target = conninfo_to_dict(schema_url)
+        proxy = TcpProxy(str(target.get("host", "127.0.0.1")), int(target.get("port", 5432)))
+        await proxy.up()
+        url = make_conninfo(schema_url, host="127.0.0.1", port=proxy.port)
+    pool = await db.open_pool(url, max_size=4, timeout_s=2)
+    await db.migrate(pool)
+    flusher = Flusher(redis_client, keys, pool, consumer="c1", batch=100, block_ms=100,
+                      claim_idle_ms=30_000, max_backoff_s=1)  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(flusher.run(stop))
+    ids = [f"o-{i:03}" for i in range(500)]
+    try:
+        for cid in ids:
+            await claim(store, cid)
+        await wait_for(lambda: has_backlog(flusher, 0), timeout_s=30)
+
+        if proxy:
+            await proxy.down()
+        else:
+            await asyncio.to_thread(stop_postgres_fast, server)
+        try:
+            for cid in ids:
+                await append_event(redis_client, keys, EventRecord(correlation_id=cid, status="ok"))
+                await store.complete(cid, Status.OK, data={"cid": cid})
+            await asyncio.sleep(2)  # the flusher tries, fails, backs off; nothing is acked
+            assert await flusher.backlog() == 1000
+            assert not task.done()
+        finally:
+            if proxy:
+                await proxy.up()
+            else:
+                await asyncio.to_thread(server.start)
+
+        await wait_for(lambda: has_backlog(flusher, 0), timeout_s=60)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+        await pool.close()
+        if proxy:
+            await proxy.down()
+
+    async with await psycopg.AsyncConnection.connect(schema_url) as conn:
+        states = await (
+            await conn.execute("SELECT correlation_id, status, version FROM process_store")
+        ).fetchall()
+        events = await (
+            await conn.execute("SELECT correlation_id, count(*) FROM event_log GROUP BY 1")
+        ).fetchall()
+    assert sorted(states) == [(cid, "ok", 2) for cid in ids]
+    assert sorted(events) == [(cid, 1) for cid in ids]
+
+
+async def has_backlog(flusher: Flusher, expected: int) -> bool:
+    return await flusher.backlog() == expected
+
+
+async def test_run_stops_promptly(make_flusher: Callable[..., Flusher]) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(make_flusher(block_ms=100).run(stop))
+    await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.wait_for(task, timeout=2)
