@@ -3,6 +3,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+KUSTOMIZE_VERSION := v5.5.0
+# Tools installed into the venv (kustomize) are found by the tests.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install engine up down ps logs deploy-bpmn test test-fast lint format bench bench-smoke clean
 
@@ -12,6 +15,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e . --group dev
+	@# kustomize renders deploy/k8s for the manifest tests; built from the Go module proxy.
+	command -v kustomize >/dev/null || test -x $(VENV)/bin/kustomize || \
+	  GOBIN=$(abspath $(VENV)/bin) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 	touch $(STAMP)
 
 # The Camunda engine jar (deploy/camunda); rebuilt only when its sources change.

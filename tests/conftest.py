@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import psycopg
 import pytest
 import redis.asyncio as aioredis
@@ -34,26 +32,6 @@ from shared.settings import Settings
 ENGINE_IMAGE = "camunda/camunda-bpm-platform:run-7.24.0"
 
 
-def _docker_answers() -> bool:
-    """True when a Docker engine answers its ping (a `docker` client alone is not enough)."""
-    if os.environ.get("FLOWGATE_NO_DOCKER"):
-        return False
-    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    if host.startswith("tcp://"):
-        try:
-            return httpx.get(f"http://{host.removeprefix('tcp://')}/_ping", timeout=2).text == "OK"
-        except httpx.HTTPError:
-            return False
-    try:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(2)
-            sock.connect(host.removeprefix("unix://"))
-            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-            return sock.recv(4096).rstrip().endswith(b"OK")
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("servers")
@@ -61,7 +39,7 @@ def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def docker_available() -> bool:
-    return _docker_answers()
+    return servers.docker_answers()
 
 
 @pytest.fixture(scope="session")

@@ -308,3 +308,55 @@ def _http_ok(url: str) -> bool:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
+
+
+# --- helpers for the local stack (deploy/local/stack.py) ---------------------------------
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if it is gone.
+
+    Together with the pid it identifies one process: a recycled pid has another start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may hold spaces and parentheses.
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def http_ok(url: str, timeout_s: float = 1.0) -> bool:
+    """True when ``url`` answers 200 (loopback health checks)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def docker_answers() -> bool:
+    """True when a Docker engine answers its ping (a `docker` client alone is not enough).
+
+    ``FLOWGATE_NO_DOCKER=1`` says no regardless.
+    """
+    if os.environ.get("FLOWGATE_NO_DOCKER"):
+        return False
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("tcp://"):
+        try:
+            url = f"http://{host.removeprefix('tcp://')}/_ping"
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(response.read().strip() == b"OK")
+        except (urllib.error.URLError, OSError):
+            return False
+    if not host.startswith("unix://"):
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(2)
+            sock.connect(host.removeprefix("unix://"))
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return sock.recv(4096).rstrip().endswith(b"OK")
+    except OSError:
+        return False

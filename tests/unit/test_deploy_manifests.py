@@ -1,0 +1,435 @@
+"""The deployment files, checked offline: no Docker engine, no cluster.
+
+- deploy/compose/compose.yaml against the Compose Specification schema (vendored in
+  deploy/compose/schema/, see its README);
+- deploy/k8s (base, dependencies, the example overlay) against the Kubernetes OpenAPI
+  schemas of a pinned version (kubernetes-validate, strict: unknown fields fail);
+- and what matters beyond the schemas: every load balancer in front of the API waits longer
+  than MAX_WAIT_MS, a pod's grace period covers its preStop pause plus SHUTDOWN_GRACE_S,
+  probes hit the health endpoints, every setting name exists in shared/settings.py, secrets
+  are Secrets.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from deploy.local import servers, stack
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "deploy" / "compose"
+K8S = ROOT / "deploy" / "k8s"
+# kubernetes-validate ships the schemas of many releases; pyproject asks for >= 1.31.
+K8S_VERSION = "1.31.0"
+# preStop `sleep` is beta and on by default from 1.30; older clusters need an exec sleep.
+FLOWGATE_IMAGE = re.compile(r"^flowgate(:|$)")
+SETTING_NAMES = {name.upper() for name in Settings.model_fields}
+DEFAULTS = Settings.model_fields
+
+
+def _load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _seconds(value: str) -> float:
+    """nginx / annotation durations: "75", "75s", "2m"."""
+    match = re.fullmatch(r"(\d+)(ms|s|m)?", value.strip())
+    assert match, f"not a duration: {value!r}"
+    number, unit = int(match[1]), match[2] or "s"
+    return number * {"ms": 0.001, "s": 1, "m": 60}[unit]
+
+
+def _nginx_directives(conf: str, name: str) -> list[str]:
+    return re.findall(rf"^\s*{name}\s+([^;]+);", conf, flags=re.MULTILINE)
+
+
+# --- docker compose ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    doc = yaml.safe_load((COMPOSE / "compose.yaml").read_text())
+    assert isinstance(doc, dict)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def compose_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads((COMPOSE / "schema" / "compose-spec.json").read_text())
+    return schema
+
+
+def test_compose_schema_is_the_vendored_file() -> None:
+    """The README names the file's hash; a changed schema is a deliberate update."""
+    digest = hashlib.sha256((COMPOSE / "schema" / "compose-spec.json").read_bytes()).hexdigest()
+    assert digest in (COMPOSE / "schema" / "README.md").read_text()
+
+
+def test_compose_file_follows_the_compose_specification(
+    compose: dict[str, Any], compose_schema: dict[str, Any]
+) -> None:
+    validator = jsonschema.Draft202012Validator(compose_schema)
+    errors = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(compose)]
+    assert errors == []
+
+
+def test_the_compose_schema_rejects_mistakes(
+    compose: dict[str, Any], compose_schema: dict[str, Any]
+) -> None:
+    broken = copy.deepcopy(compose)
+    broken["services"]["api"]["depends_on"]["redis"]["condition"] = "service_ready"
+    broken["services"]["worker"]["helthcheck"] = {}
+    validator = jsonschema.Draft202012Validator(compose_schema)
+    errors = " ".join(e.message for e in validator.iter_errors(broken))
+    assert "service_ready" in errors
+    assert "helthcheck" in errors
+
+
+def test_compose_runs_the_whole_stack(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert services["engine"]["image"] == "camunda/camunda-bpm-platform:run-7.24.0"
+    assert services["engine"]["environment"]["DB_DRIVER"] == "org.postgresql.Driver"
+    assert {"redis", "postgres", "engine", "deploy-bpmn", "api", "worker", "nginx"} <= set(services)
+    # One image, two commands (and the one-shot deployment of bpmn/).
+    assert services["api"]["command"] == ["python", "-m", "services.api"]
+    assert services["worker"]["command"] == ["python", "-m", "services.worker"]
+    assert services["deploy-bpmn"]["command"] == ["python", "-m", "shared.deployment"]
+    for name in ("api", "worker", "deploy-bpmn"):
+        assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert (ROOT / services[name]["build"]["dockerfile"]).exists()
+    assert services["api"]["deploy"]["replicas"] == 2
+    assert services["worker"]["deploy"]["replicas"] == 2
+    assert "ports" not in services["api"], "the replicas are reached through nginx only"
+
+
+def test_compose_start_order_waits_for_health(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, service in services.items():
+        if name != "deploy-bpmn":
+            assert "healthcheck" in service, f"{name} has no healthcheck"
+    for name in ("api", "worker"):
+        deps = services[name]["depends_on"]
+        assert deps["deploy-bpmn"]["condition"] == "service_completed_successfully"
+        for dep in ("redis", "postgres", "engine"):
+            assert deps[dep]["condition"] == "service_healthy"
+    assert services["deploy-bpmn"]["depends_on"]["engine"]["condition"] == "service_healthy"
+    assert services["engine"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["nginx"]["depends_on"]["api"]["condition"] == "service_healthy"
+
+
+def test_compose_settings_exist(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        if "build" not in service:
+            continue  # third-party images have their own variables
+        unknown = set(service.get("environment", {})) - SETTING_NAMES
+        assert unknown == set(), f"{name}: not in shared/settings.py: {unknown}"
+
+
+def test_compose_nginx_waits_longer_than_max_wait(compose: dict[str, Any]) -> None:
+    conf = (COMPOSE / "nginx.conf").read_text()
+    env = compose["services"]["api"]["environment"]
+    max_wait_s = int(re.sub(r"\$\{MAX_WAIT_MS:-(\d+)\}", r"\1", env["MAX_WAIT_MS"])) / 1000
+    keepalive_s = int(re.sub(r"\$\{KEEPALIVE_S:-(\d+)\}", r"\1", env["KEEPALIVE_S"]))
+    _check_nginx_conf(conf, max_wait_s, keepalive_s)
+    assert "api:8000 resolve" in conf, "re-resolve the replicas as they come and go"
+
+
+def test_compose_nginx_conf_is_valid_nginx(tmp_path: Path) -> None:
+    """`nginx -t` on it (with the Docker-only bits swapped for local stand-ins)."""
+    conf = (COMPOSE / "nginx.conf").read_text()
+    local = conf.replace(" resolve ", " ").replace("server api:", "server 127.0.0.1:")
+    local = local.replace("resolver 127.0.0.11", "resolver 127.0.0.1")
+    local = local.replace("pid /tmp/nginx.pid", f"pid {tmp_path}/nginx.pid")
+    local = local.replace("user nginx;\n", "user root;\n" if os.geteuid() == 0 else "")
+    _nginx_t(local, tmp_path)
+
+
+def _nginx_t(conf: str, tmp_path: Path) -> None:
+    """`nginx -t`, with the http-level temp paths moved under ``tmp_path``."""
+    nginx = servers.require("nginx", "apt-get install nginx-light (the local stack needs it)")
+    temps = "".join(
+        f"    {kind}_temp_path {tmp_path}/{kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    if "client_body_temp_path" not in conf:
+        conf = conf.replace("http {\n", "http {\n" + temps, 1)
+    path = tmp_path / "nginx.conf"
+    path.write_text(conf)
+    result = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(path), "-e", str(tmp_path / "error.log")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def _check_nginx_conf(conf: str, max_wait_s: float, keepalive_s: float) -> None:
+    for name in ("proxy_read_timeout", "proxy_send_timeout"):
+        values = [_seconds(v) for v in _nginx_directives(conf, name)]
+        assert values, f"{name} is not set (nginx's default 60 s cuts parked requests)"
+        assert min(values) > max_wait_s, f"{name} {values} must exceed MAX_WAIT_MS"
+    # Never resend a POST that reached a replica (a start would run twice).
+    assert _nginx_directives(conf, "proxy_next_upstream") == ["error timeout"]
+    # HTTP/1.1 keep-alive to the replicas, closed by nginx before the API closes it.
+    assert _nginx_directives(conf, "proxy_http_version") == ["1.1"]
+    upstream_idle = [_seconds(v) for v in _nginx_directives(conf, "keepalive_timeout")]
+    assert min(upstream_idle) < keepalive_s
+
+
+# --- the local stack's nginx (deploy/local/stack.py) ----------------------------------------
+
+
+@pytest.mark.parametrize("max_wait_ms", [None, "120000"])
+def test_local_nginx_waits_longer_than_max_wait(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, max_wait_ms: str | None
+) -> None:
+    if max_wait_ms:
+        monkeypatch.setenv("MAX_WAIT_MS", max_wait_ms)
+    else:
+        monkeypatch.delenv("MAX_WAIT_MS", raising=False)
+    monkeypatch.setenv("STACK_API_PORT", "18000")
+    cfg = stack.Config.from_env(tmp_path)
+    conf = stack.nginx_conf(cfg)
+    wait_s = int(max_wait_ms or DEFAULTS["max_wait_ms"].default) / 1000
+    _check_nginx_conf(conf, wait_s, DEFAULTS["keepalive_s"].default)
+    assert "server 127.0.0.1:18001" in conf
+    assert "server 127.0.0.1:18002" in conf
+    assert "listen 127.0.0.1:18000" in conf
+    stack.write_nginx_conf(cfg)  # runs `nginx -t` on it
+
+
+def test_stack_ports_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("STACK_API_PORT", "9000")
+    monkeypatch.setenv("STACK_WORKER_HEALTH_PORTS", "9101,9102,9103")
+    cfg = stack.Config.from_env(tmp_path)
+    names = [c.name for c in stack.components(cfg)]
+    assert names[:3] == ["redis", "postgres", "engine"]
+    assert names[-1] == "nginx"
+    assert {"api-1", "api-2", "worker-1", "worker-2", "worker-3"} <= set(names)
+    assert cfg.replica_ports == [9001, 9002]
+    monkeypatch.setenv("STACK_API_PORT", "eighty")
+    with pytest.raises(servers.ServerError, match="STACK_API_PORT"):
+        stack.Config.from_env(tmp_path)
+
+
+# --- Kubernetes --------------------------------------------------------------------------
+
+
+KUSTOMIZE_HINT = "go install sigs.k8s.io/kustomize/kustomize/v5@v5.5.0 (`make install` does it)"
+
+
+def _render(directory: Path) -> list[dict[str, Any]]:
+    """`kustomize build` (or `kubectl kustomize`): the manifests exactly as a cluster gets them."""
+    if shutil.which("kustomize"):
+        tool = ["kustomize", "build"]
+    elif shutil.which("kubectl"):
+        tool = ["kubectl", "kustomize"]
+    else:
+        pytest.fail(f"neither kustomize nor kubectl is installed: {KUSTOMIZE_HINT}")
+    result = subprocess.run([*tool, str(directory)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+    return [*spec.get("initContainers", []), *spec.get("containers", [])]
+
+
+def _by_kind(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def base() -> list[dict[str, Any]]:
+    return _render(K8S / "base")
+
+
+@pytest.fixture(scope="module")
+def example() -> list[dict[str, Any]]:
+    return _render(K8S / "overlays" / "example")
+
+
+@pytest.mark.parametrize("directory", ["base", "dependencies", "overlays/example"])
+def test_k8s_manifests_follow_the_kubernetes_schemas(directory: str) -> None:
+    docs = _render(K8S / directory)
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_k8s_schema_validation_rejects_mistakes(base: list[dict[str, Any]]) -> None:
+    api = copy.deepcopy(_by_kind(base, "Deployment", "flowgate-api"))
+    api["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(api, K8S_VERSION, strict=True)
+
+
+def test_k8s_probes_hit_the_health_endpoints(base: list[dict[str, Any]]) -> None:
+    api = _by_kind(base, "Deployment", "flowgate-api")["spec"]["template"]["spec"]
+    (container,) = api["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["API_PORT"] == "8000"
+    assert env["API_HOST"] == "0.0.0.0"
+
+    worker = _by_kind(base, "Deployment", "flowgate-worker")["spec"]["template"]["spec"]
+    (container,) = worker["containers"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"health": 8081}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["WORKER_HEALTH_PORT"] == "8081"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+
+
+def test_k8s_every_container_has_requests_and_limits(example: list[dict[str, Any]]) -> None:
+    for doc in example:
+        for container in _containers(doc):
+            resources = container.get("resources", {})
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(resources.get(kind, {})), (
+                    f"{doc['kind']}/{doc['metadata']['name']} {container['name']}: {kind}"
+                )
+
+
+def test_k8s_grace_period_covers_prestop_and_the_drain(base: list[dict[str, Any]]) -> None:
+    config = _by_kind(base, "ConfigMap", "flowgate-config")["data"]
+    api = _by_kind(base, "Deployment", "flowgate-api")["spec"]["template"]["spec"]
+    pre_stop = api["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pre_stop >= 5, "endpoints and the ingress need a few seconds to stop sending"
+    drain = int(config["SHUTDOWN_GRACE_S"])
+    assert api["terminationGracePeriodSeconds"] > pre_stop + drain
+
+    worker = _by_kind(base, "Deployment", "flowgate-worker")["spec"]["template"]["spec"]
+    assert worker["terminationGracePeriodSeconds"] > int(config["WORKER_SHUTDOWN_GRACE_S"])
+
+
+def test_k8s_autoscalers_and_disruption_budgets(base: list[dict[str, Any]]) -> None:
+    for name in ("flowgate-api", "flowgate-worker"):
+        deployment = _by_kind(base, "Deployment", name)
+        assert "replicas" not in deployment["spec"], "the autoscaler owns the replica count"
+        hpa = _by_kind(base, "HorizontalPodAutoscaler", name)["spec"]
+        assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                         "name": name}  # fmt: skip
+        assert hpa["minReplicas"] >= 2
+        pdb = _by_kind(base, "PodDisruptionBudget", name)["spec"]
+        assert pdb["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+        assert pdb["minAvailable"] < hpa["minReplicas"], "a node drain must be able to proceed"
+
+
+def test_k8s_ingress_waits_longer_than_max_wait(base: list[dict[str, Any]]) -> None:
+    config = _by_kind(base, "ConfigMap", "flowgate-config")["data"]
+    max_wait_s = int(config["MAX_WAIT_MS"]) / 1000
+    annotations = _by_kind(base, "Ingress", "flowgate")["metadata"]["annotations"]
+    prefix = "nginx.ingress.kubernetes.io/"
+    for name in ("proxy-read-timeout", "proxy-send-timeout"):
+        assert _seconds(annotations[prefix + name]) > max_wait_s
+    assert annotations[prefix + "proxy-next-upstream"] == "error timeout"
+    # The API keeps idle connections longer than ingress-nginx's upstream keep-alive (60 s).
+    assert int(config["KEEPALIVE_S"]) > 60
+    service = _by_kind(base, "Service", "flowgate-api")
+    paths = {p["path"] for r in _by_kind(base, "Ingress", "flowgate")["spec"]["rules"]
+             for p in r["http"]["paths"]}  # fmt: skip
+    assert "/api" in paths
+    assert not {"/", "/metrics", "/readyz"} & paths
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_k8s_settings_exist_and_secrets_are_secrets(example: list[dict[str, Any]]) -> None:
+    config = _by_kind(example, "ConfigMap", "flowgate-config")["data"]
+    secret = _by_kind(example, "Secret", "flowgate-secrets")["stringData"]
+    assert set(config) - SETTING_NAMES == set()
+    assert set(secret) - SETTING_NAMES == set()
+    assert {"COMPLETE_TOKEN", "API_KEYS", "DATABASE_URL"} <= set(secret)
+    assert not {"COMPLETE_TOKEN", "API_KEYS", "DATABASE_URL"} & set(config)
+    for name in ("flowgate-api", "flowgate-worker"):
+        for container in _containers(_by_kind(example, "Deployment", name)):
+            assert FLOWGATE_IMAGE.match(container["image"]), container["image"]
+            assert {e["name"] for e in container.get("env", [])} <= SETTING_NAMES
+            refs = {next(iter(ref)): next(iter(ref.values()))["name"]
+                    for ref in container["envFrom"]}  # fmt: skip
+            assert refs == {"configMapRef": "flowgate-config", "secretRef": "flowgate-secrets"}
+
+
+def test_k8s_engine_config_matches_compose() -> None:
+    docs = _load_all(K8S / "dependencies" / "camunda.yaml")
+    config = _by_kind(docs, "ConfigMap", "camunda-config")["data"]["default.yml"]
+    assert yaml.safe_load(config) == yaml.safe_load((COMPOSE / "camunda.yml").read_text())
+
+
+def test_dockerfile_is_one_image_for_both_commands() -> None:
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert re.search(r"^USER \d+$", dockerfile, flags=re.MULTILINE), "numeric uid (runAsNonRoot)"
+    assert 'CMD ["python", "-m", "services.api"]' in dockerfile
+    copied = set(re.findall(r"^COPY (\S+)", dockerfile, flags=re.MULTILINE))
+    ignore = (ROOT / ".dockerignore").read_text()
+    for source in copied:
+        assert f"!{source.rstrip('/')}" in ignore.replace("/\n", "\n"), source
+
+
+# --- `make up` where a Docker engine answers ----------------------------------------------
+
+
+def test_docker_answers_only_when_the_engine_pings_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import socket
+    import threading
+
+    path = tmp_path / "docker.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nOK")
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        monkeypatch.delenv("FLOWGATE_NO_DOCKER", raising=False)
+        monkeypatch.setenv("DOCKER_HOST", f"unix://{path}")
+        assert servers.docker_answers()
+        thread.join()
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'nothing.sock'}")
+    assert not servers.docker_answers()
+
+
+def test_make_up_uses_compose_where_docker_answers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(servers, "docker_answers", lambda: True)
+    monkeypatch.setattr(stack, "_compose", lambda *args: calls.append(args) or 0)
+    run_dir = ["--run-dir", str(tmp_path)]
+    assert stack.main([*run_dir, "up"]) == 0
+    assert calls[-1] == ("up", "-d", "--build", "--wait")
+    # `down` follows what `up` did, even if the engine stopped answering meanwhile.
+    monkeypatch.setattr(servers, "docker_answers", lambda: False)
+    assert stack.main([*run_dir, "down"]) == 0
+    assert calls[-1] == ("down",)
+    assert not (tmp_path / "stack.json").exists()
