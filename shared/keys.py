@@ -9,6 +9,9 @@ several environments can share one Redis server.
 ``{p}:done:{correlationId}``          pub/sub channel: "this process just finished"
 ``{p}:wb``                            stream: write-behind entries for Postgres
 ``{p}:wb:dead``                       stream: entries Postgres refused too often
+``{p}:worker:{name}:{slot}:lease``    string: which worker process holds a slot
+``{p}:worker:{name}:{slot}:last``     string: the last worker id that held the slot
+``{p}:worker:departed``               hash: stopped worker ids whose polls may linger
 ====================================  =========================================
 """
 
@@ -48,3 +51,11 @@ class Keys:
     @property
     def writebehind_dead(self) -> str:
         return f"{self.prefix}:wb:dead"
+
+    def worker_slot(self, name: str, slot: int, part: str) -> str:
+        """``part`` is ``lease`` or ``last`` (see services/worker/identity.py)."""
+        return f"{self.prefix}:worker:{name}:{slot}:{part}"
+
+    @property
+    def departed_workers(self) -> str:
+        return f"{self.prefix}:worker:departed"

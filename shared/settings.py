@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     worker_retry_timeout_ms: Annotated[int, Field(ge=0)] = 1_000
     worker_shutdown_grace_s: PositiveMs = 10
     worker_health_port: Annotated[int, Field(ge=0, le=65_535)] = 8081
+    # Names the worker's restart slots (default: the host name; see services/worker/identity.py).
+    worker_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
     # Base URL of the onboarding system the example process calls (a local decision if unset).
     onboarding_api_url: str | None = None
     log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error)$")

@@ -1,0 +1,51 @@
+"""``python -m services.worker`` (or ``flowgate-worker``): one worker process.
+
+Scale by running more processes; each takes its own slot (services/worker/identity.py).
+``WORKER_NAME`` names the slots (default: the host name). SIGTERM or SIGINT stops fetching
+at once and drains running handlers for ``WORKER_SHUTDOWN_GRACE_S``; a second signal cuts
+the grace period short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from services.worker.app import serve
+from services.worker.handlers import build_registry
+from services.worker.registry import Registry
+from shared.logs import configure_logging
+from shared.settings import Settings, load_settings
+
+log = logging.getLogger("services.worker")
+
+
+def main() -> None:
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    # httpx logs every request at INFO: one line per poll and per task call is noise.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    registry = build_registry()  # a duplicate or missing handler stops start-up here
+    asyncio.run(_run(settings, registry, name=settings.worker_name))
+
+
+async def _run(settings: Settings, registry: Registry, *, name: str | None) -> None:
+    stop, force = asyncio.Event(), asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second signal: cancelling running handlers now")
+            force.set()
+        else:
+            log.info("signal %s: stopping", signal.Signals(signum).name)
+            stop.set()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await serve(settings, registry, stop=stop, force=force, name=name)
+
+
+if __name__ == "__main__":
+    main()

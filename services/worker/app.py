@@ -1,0 +1,86 @@
+"""Open what a worker needs, run it, close everything in reverse: :func:`serve`.
+
+Kept apart from ``__main__`` (which owns signals and logging) so tests run real workers
+in-process with their own registry, metrics and stop event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+
+import httpx
+from redis.asyncio import Redis
+
+from services.worker.executor import Executor
+from services.worker.health import serve_health
+from services.worker.identity import claim_identity
+from services.worker.janitor import Janitor
+from services.worker.metrics import WorkerMetrics
+from services.worker.registry import Registry
+from services.worker.worker import Worker
+from shared.camunda import CamundaClient
+from shared.eventlog import append_event
+from shared.keys import Keys
+from shared.settings import Settings
+from shared.store import ProcessStore
+
+#: Bound every Redis and outbound HTTP call (handlers may pass their own, shorter ones).
+REDIS_TIMEOUT_S = 5.0
+HTTP_TIMEOUT_S = 10.0
+
+
+async def serve(
+    settings: Settings,
+    registry: Registry,
+    *,
+    stop: asyncio.Event,
+    force: asyncio.Event | None = None,
+    name: str | None = None,
+    metrics: WorkerMetrics | None = None,
+) -> None:
+    """Run one worker until ``stop`` is set and it has drained.
+
+    ``name`` is the slot name (``WORKER_NAME``; see services/worker/identity.py).
+    """
+    metrics = metrics or WorkerMetrics()
+    keys = Keys(settings.redis_prefix)
+    async with contextlib.AsyncExitStack() as stack:
+        redis = Redis.from_url(
+            settings.redis_url,
+            socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+        )
+        stack.push_async_callback(redis.aclose)
+        camunda = await stack.enter_async_context(CamundaClient(settings.camunda_base_url))
+        http = await stack.enter_async_context(httpx.AsyncClient(timeout=HTTP_TIMEOUT_S))
+        identity = await stack.enter_async_context(claim_identity(redis, keys, name=name))
+        store = ProcessStore(
+            redis, keys, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s
+        )
+        worker = Worker(
+            settings=settings,
+            registry=registry,
+            camunda=camunda,
+            executor=Executor(
+                camunda=camunda,
+                worker_id=identity.worker_id,
+                settings=settings,
+                store=store,
+                events=functools.partial(append_event, redis, keys),
+                metrics=metrics,
+            ),
+            store=store,
+            http=http,
+            metrics=metrics,
+            worker_id=identity.worker_id,
+            previous_id=identity.previous_id,
+            janitor=Janitor(
+                redis, keys, poll_window_s=settings.camunda_async_response_timeout_ms / 1000
+            ),
+        )
+        await stack.enter_async_context(
+            serve_health(settings.worker_health_port, status=worker.health, metrics=metrics.render)
+        )
+        await worker.run(stop, force=force)

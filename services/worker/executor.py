@@ -1,0 +1,358 @@
+"""Run one locked task: validate its input, call its handler, tell the engine, log it.
+
+=============================  ============================================================
+handler ...                    the engine is told
+=============================  ============================================================
+returns                        ``complete`` with the output and ``identifiers``
+raises BusinessRuleError       ``bpmnError`` (its code; errorCode/errorMessage/errorType)
+input fails validation         ``bpmnError`` ``VALIDATION_ERROR``
+raises anything else           ``failure``, retries counted down, retryTimeout doubling;
+                               at 0 the engine raises an incident and the waiting client
+                               gets the error at once (state ``error``)
+=============================  ============================================================
+
+The engine's answer to that call (reference: camunda-rest.md §1.4): 404 means the task is
+gone (cancelled or done elsewhere) and 400 "locked by worker" means another worker owns it:
+both drop the result. Optimistic locking, deadlocks and an unreachable engine are retried
+(the engine rolled back, so repeating is safe). Any other refusal of ``complete`` (a
+variable the engine cannot store, a listener that failed) becomes a ``failure``.
+
+Every outcome the engine accepted gets one event-log row, written after the engine's answer
+so the log never claims what did not happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
+
+from services.worker.backoff import Backoff, retry_timeout_ms
+from services.worker.context import CompletionStore, TaskContext
+from services.worker.metrics import WorkerMetrics
+from services.worker.registry import IDENTIFIER_FIELDS, BusinessRuleError, Handler, StepResult
+from shared.camunda import (
+    BadRequest,
+    CamundaClient,
+    CamundaError,
+    EngineError,
+    EngineUnavailable,
+    LockedTask,
+    NotFound,
+)
+from shared.eventlog import EventRecord
+from shared.settings import Settings
+from shared.store import Status
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[EventRecord], Awaitable[None]]
+
+#: complete/failure/bpmnError are tried this often on retryable answers.
+ENGINE_CALL_ATTEMPTS = 5
+EVENT_WRITE_TIMEOUT_S = 5.0
+VALIDATION_ERROR = "VALIDATION_ERROR"
+
+
+class Outcome(StrEnum):
+    COMPLETED = "completed"
+    BPMN_ERROR = "bpmn_error"
+    FAILED = "failed"  # a retry is scheduled
+    INCIDENT = "incident"  # no retries left
+    GONE = "gone"  # 404: cancelled or finished elsewhere
+    LOCK_LOST = "lock_lost"  # another worker holds the task now
+    UNREPORTED = "unreported"  # the engine could not be told; the lock will expire
+    ABANDONED = "abandoned"  # unlocked at shutdown
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """The event-log fields every row of one task shares."""
+
+    handler: Handler
+    task: LockedTask
+    started: float
+
+    def record(self, status: str, **fields: Any) -> EventRecord:
+        variables, step = self.task.variables, self.handler.step
+        return EventRecord(
+            correlation_id=str(variables.get("correlationId") or self.task.business_key or ""),
+            status=status,
+            step=self.handler.number,
+            step_name=step.name,
+            process_name=self.handler.process.key,
+            http_method=step.http_method,
+            endpoint=step.endpoint,
+            batch_id=_str_or_none(variables.get("batch_id")),
+            traceability_id=_str_or_none(variables.get("traceability_id")),
+            application_id=_str_or_none(variables.get("application_id")),
+            target_system=self.handler.process.target_system,
+            originating_system=self.handler.process.originating_system,
+            execution_time_ms=int((time.monotonic() - self.started) * 1000),
+            **fields,
+        )
+
+
+@dataclass(slots=True)
+class Executor:
+    camunda: CamundaClient
+    worker_id: str
+    settings: Settings
+    store: CompletionStore
+    events: EventSink
+    metrics: WorkerMetrics
+
+    async def run(self, handler: Handler, ctx: TaskContext) -> Outcome:
+        """Run the task to an outcome; raises only CancelledError (shutdown)."""
+        row = _Row(handler, ctx.task, time.monotonic())
+        try:
+            return await self._run(handler, ctx, row)
+        except CamundaError as exc:
+            # Even the fallback failure report did not get through: the lock expires and
+            # the task is fetched again, so nothing is lost but time.
+            ctx.log.error("could not report the outcome to the engine: %s", exc)
+            return Outcome.UNREPORTED
+
+    async def _run(self, handler: Handler, ctx: TaskContext, row: _Row) -> Outcome:
+        try:
+            data = handler.input_model.model_validate(ctx.task.variables)
+        except ValidationError as exc:
+            problems = exc.errors(include_url=False, include_input=False)
+            rule = BusinessRuleError(
+                VALIDATION_ERROR,
+                f"Input validation failed: {_summary(exc)}",
+                error_type=VALIDATION_ERROR,
+                details={"errors": problems},
+            )
+            return await self._bpmn_error(ctx, row, rule, request=ctx.task.variables)
+
+        topic = handler.topic
+        try:
+            with self.metrics.handler_seconds.labels(topic).time():
+                raw = await (handler.fn(data, ctx) if handler.takes_context else handler.fn(data))
+            variables, status_code = _output(raw)
+        except BusinessRuleError as exc:
+            return await self._bpmn_error(ctx, row, exc, request=_dump(data))
+        except Exception as exc:  # any handler bug or outage: the engine's retry mechanism
+            ctx.log.warning("handler failed: %s", exc, exc_info=True)
+            return await self._failure(ctx, row, exc, request=_dump(data))
+
+        identifiers = _identifiers(ctx.task.variables, variables)
+        try:
+            answer = await self._call(
+                "complete",
+                lambda: self.camunda.complete(
+                    ctx.task.id,
+                    worker_id=self.worker_id,
+                    variables={**variables, "identifiers": identifiers},
+                ),
+                ctx,
+            )
+        except EngineError as exc:
+            ctx.log.warning("engine refused the completion: %s", exc)
+            return await self._failure(ctx, row, exc, request=_dump(data))
+        if answer is not None:
+            return answer
+        await self._log_event(
+            ctx,
+            row.record(
+                "success",
+                request_data=_dump(data),
+                response_data=variables,
+                identifiers=identifiers,
+                result=handler.step.success,
+                http_status_code=status_code or 200,
+            ),
+        )
+        return Outcome.COMPLETED
+
+    async def _bpmn_error(
+        self, ctx: TaskContext, row: _Row, error: BusinessRuleError, *, request: Any
+    ) -> Outcome:
+        variables = {
+            "errorCode": error.code,
+            "errorMessage": error.message,
+            "errorType": error.error_type,
+        }
+        try:
+            answer = await self._call(
+                "bpmnError",
+                lambda: self.camunda.handle_bpmn_error(
+                    ctx.task.id,
+                    worker_id=self.worker_id,
+                    error_code=error.code,
+                    error_message=error.message,
+                    variables=variables,
+                ),
+                ctx,
+            )
+        except EngineError as exc:
+            ctx.log.warning("engine refused the BPMN error: %s", exc)
+            return await self._failure(ctx, row, exc, request=request)
+        if answer is not None:
+            return answer
+        ctx.log.info("business error %s: %s", error.code, error.message)
+        await self._log_event(
+            ctx,
+            row.record(
+                "error",
+                request_data=request,
+                response_data={"error": error.message},
+                error_message=error.message,
+                identifiers=_identifiers(ctx.task.variables, {}),
+                result=row.handler.step.error,
+                metadata={"errorCode": error.code, "errorType": error.error_type, **error.details},
+                http_status_code=422 if error.error_type == VALIDATION_ERROR else 400,
+            ),
+        )
+        return Outcome.BPMN_ERROR
+
+    async def _failure(
+        self, ctx: TaskContext, row: _Row, error: Exception, *, request: Any
+    ) -> Outcome:
+        task, configured = ctx.task, self.settings.worker_retries
+        # ``retries`` is null until the first failure; then the engine holds what we sent.
+        # WORKER_RETRIES counts re-tries: 3 means 4 attempts, 0 an incident at once.
+        retries = configured if task.retries is None else max(task.retries - 1, 0)
+        failures_before = 0 if task.retries is None else max(configured - task.retries, 0)
+        timeout_ms = retry_timeout_ms(self.settings.worker_retry_timeout_ms, failures_before)
+        message = f"{type(error).__name__}: {error}"
+        answer = await self._call(
+            "failure",
+            lambda: self.camunda.handle_failure(
+                task.id,
+                worker_id=self.worker_id,
+                error_message=message,
+                error_details="".join(traceback.format_exception(error)),
+                retries=retries,
+                retry_timeout_ms=timeout_ms if retries else 0,
+            ),
+            ctx,
+        )
+        if answer is not None:
+            return answer
+        step = row.handler.step
+        if retries:
+            self.metrics.retries.labels(row.handler.topic).inc()
+            outcome, status = Outcome.FAILED, "retry"
+        else:
+            # The engine now shows an incident; the client must not wait for a run that
+            # will not go on until someone resolves it.
+            outcome, status = Outcome.INCIDENT, "incident"
+            ctx.log.error("retries exhausted, incident raised: %s", message)
+            client_error = f"{step.error}: {error}"
+            if ctx.correlation_id:
+                try:
+                    async with asyncio.timeout(EVENT_WRITE_TIMEOUT_S):
+                        await self.store.complete(
+                            ctx.correlation_id, Status.ERROR, error=client_error
+                        )
+                except (RedisError, TimeoutError) as exc:
+                    ctx.log.error("could not publish the incident to the client: %s", exc)
+        await self._log_event(
+            ctx,
+            row.record(
+                status,
+                request_data=request,
+                response_data={"error": message},
+                error_message=message,
+                identifiers=_identifiers(task.variables, {}),
+                result=step.error,
+                metadata={"retriesLeft": retries, "retryTimeoutMs": timeout_ms if retries else 0},
+                http_status_code=500,
+            ),
+        )
+        return outcome
+
+    async def _call(
+        self, name: str, call: Callable[[], Awaitable[None]], ctx: TaskContext
+    ) -> Outcome | None:
+        """``None`` once the engine accepted; GONE/LOCK_LOST when it dropped the task.
+
+        Raises :class:`EngineError` for a refusal that repeating cannot fix, and
+        :class:`EngineUnavailable` when the engine stayed unreachable.
+        """
+        backoff = Backoff(base_s=0.1, cap_s=2.0)
+        for attempt in range(1, ENGINE_CALL_ATTEMPTS + 1):
+            try:
+                await call()
+                return None
+            except NotFound:
+                ctx.log.info("%s: the task no longer exists; result dropped", name)
+                return Outcome.GONE
+            except BadRequest as exc:
+                if "locked by worker" not in exc.message:
+                    raise
+                ctx.log.warning("%s: another worker holds the task; result dropped", name)
+                if not ctx.lock_lost.is_set():
+                    ctx.lock_lost.set()
+                    self.metrics.lock_lost.labels(ctx.task.topic_name).inc()
+                return Outcome.LOCK_LOST
+            except EngineError as exc:
+                if (
+                    not (exc.is_optimistic_locking or exc.is_deadlock)
+                    or attempt == ENGINE_CALL_ATTEMPTS
+                ):
+                    raise
+            except EngineUnavailable:
+                if attempt == ENGINE_CALL_ATTEMPTS:
+                    raise
+            self.metrics.engine_call_retries.labels(name).inc()
+            await asyncio.sleep(backoff.next_delay_s())
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _log_event(self, ctx: TaskContext, record: EventRecord) -> None:
+        """Queue the row; a Redis outage costs the row, never the (already reported) task."""
+        try:
+            async with asyncio.timeout(EVENT_WRITE_TIMEOUT_S):
+                await self.events(record)
+        except (RedisError, TimeoutError) as exc:
+            ctx.log.error("event-log row lost: %s", exc)
+
+
+def _output(raw: object) -> tuple[dict[str, Any], int | None]:
+    """The handler's return value as variables, and its HTTP status override (if any)."""
+    status_code = None
+    if isinstance(raw, StepResult):
+        status_code, raw = raw.http_status_code, raw.data
+    if raw is None:
+        return {}, status_code
+    if isinstance(raw, BaseModel):
+        return raw.model_dump(by_alias=True, exclude_none=True), status_code
+    if isinstance(raw, Mapping):
+        # None would erase a variable an earlier step set: leave those untouched (seed).
+        return {str(k): v for k, v in raw.items() if v is not None}, status_code
+    raise TypeError(f"a handler returns a pydantic model, a mapping or None, not {type(raw)!r}")
+
+
+def _identifiers(variables: Mapping[str, Any], output: Mapping[str, Any]) -> dict[str, Any]:
+    """``{applicationId, ...}`` from the start, widened by ids a step produced (seed)."""
+    identifiers: dict[str, Any] = {}
+    if application_id := variables.get("application_id"):
+        identifiers["applicationId"] = application_id
+    if isinstance(existing := variables.get("identifiers"), Mapping):
+        identifiers.update(existing)
+    identifiers.update({name: output[name] for name in IDENTIFIER_FIELDS if output.get(name)})
+    return identifiers
+
+
+def _dump(data: BaseModel) -> dict[str, Any]:
+    return data.model_dump(mode="json", by_alias=True)
+
+
+def _summary(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in exc.errors()
+    )
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)

@@ -1,0 +1,172 @@
+"""The worker's id, and how a restarted worker finds the id its predecessor used.
+
+Each process has a fresh ``workerId`` = ``host:pid:random`` (unique, never shared: the
+engine ties every lock to it). To unlock tasks that a crashed predecessor still holds, a
+worker must know the predecessor's id, so ids are recorded per **slot**: a stable name
+(``WORKER_NAME``, default the host name) and a number. On start a worker takes the lowest
+free slot of its name and reads the id last recorded there:
+
+* ``{p}:worker:{name}:{slot}:lease`` — the id of the live holder, with a short TTL the
+  holder refreshes. A slot whose lease exists is taken, unless its holder is provably dead:
+  same host, and its pid is gone or now belongs to a process that started at another time
+  (``/proc/<pid>/stat``; this covers a container restart, where the new process gets the
+  same pid 1). A dead holder's slot is taken over at once, not after the TTL.
+* ``{p}:worker:{name}:{slot}:last`` — the last id that held the slot (kept for a week).
+  The new holder unlocks what that id still holds.
+
+So N workers of one name (``make up`` runs several on one host) get slots 0..N-1, a crashed
+worker's replacement on the same host or in the same container (or pod, whose host name
+survives a container restart) recovers its predecessor's tasks immediately, and two live
+processes never share a slot (which would let one unlock the other's tasks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.keys import Keys
+
+log = logging.getLogger(__name__)
+
+MAX_SLOTS = 256
+LEASE_S = 10.0
+LAST_ID_TTL_S = 7 * 86_400
+
+# KEYS: lease, last. ARGV: new holder value, lease ms, last-id TTL s, holder value to
+# replace ('' = only a free slot). Returns {1, previous id or ''} or {0, current holder}.
+_ACQUIRE_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[4] then return {0, holder} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local previous = redis.call('GET', KEYS[2]) or ''
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
+return {1, previous}
+"""
+# KEYS: lease. ARGV: holder value, lease ms. Returns 1 if still ours (TTL renewed).
+_REFRESH_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+"""
+# KEYS: lease. ARGV: holder value.
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    worker_id: str
+    name: str
+    slot: int
+    #: The id that held this slot before (its tasks are unlocked on start), if any.
+    previous_id: str | None
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+@contextlib.asynccontextmanager
+async def claim_identity(
+    redis: Redis, keys: Keys, *, name: str | None = None, lease_s: float = LEASE_S
+) -> AsyncIterator[Identity]:
+    """Hold a slot of ``name`` for the duration of the block (lease refreshed meanwhile)."""
+    name = name or socket.gethostname()
+    worker_id = new_worker_id()
+    holder = f"{worker_id}|{_start_ticks(os.getpid())}"
+    slot, previous = await _acquire(redis, keys, name, holder, lease_s)
+    identity = Identity(worker_id, name, slot, previous.split("|")[0] if previous else None)
+    log.info(
+        "worker identity",
+        extra={"workerId": worker_id, "slot": f"{name}/{slot}", "previousId": identity.previous_id},
+    )
+    lease = keys.worker_slot(name, slot, "lease")
+    refresher = asyncio.create_task(_refresh(redis, lease, holder, lease_s))
+    try:
+        yield identity
+    finally:
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
+        # A failed release only means the slot frees itself when the lease expires.
+        with contextlib.suppress(RedisError, TimeoutError):
+            async with asyncio.timeout(2):
+                await redis.eval(_RELEASE_LUA, 1, lease, holder)
+
+
+async def _acquire(
+    redis: Redis, keys: Keys, name: str, holder: str, lease_s: float
+) -> tuple[int, str | None]:
+    lease_ms = int(lease_s * 1000)
+    for slot in range(MAX_SLOTS):
+        lease, last = keys.worker_slot(name, slot, "lease"), keys.worker_slot(name, slot, "last")
+        replace = ""
+        while True:
+            ok, value = await redis.eval(
+                _ACQUIRE_LUA, 2, lease, last, holder, lease_ms, LAST_ID_TTL_S, replace
+            )
+            value = value.decode() if isinstance(value, bytes) else str(value)
+            if ok:
+                return slot, value or None
+            if replace or not _holder_is_dead(value):
+                break  # a live holder (or a race we lost): try the next slot
+            replace = value
+    raise RuntimeError(f"all {MAX_SLOTS} worker slots of {name!r} are taken")
+
+
+async def _refresh(redis: Redis, lease: str, holder: str, lease_s: float) -> None:
+    """Renew the lease at a third of its TTL; errors are logged and retried, never fatal."""
+    while True:
+        await asyncio.sleep(lease_s / 3)
+        try:
+            async with asyncio.timeout(lease_s / 3):
+                ours = await redis.eval(_REFRESH_LUA, 1, lease, holder, int(lease_s * 1000))
+            if not ours:
+                log.error("worker slot lease taken by another process", extra={"lease": lease})
+        except (RedisError, TimeoutError) as exc:
+            log.warning("worker slot lease not renewed: %s", exc)
+
+
+def _holder_is_dead(holder: str) -> bool:
+    """True only when the holder provably no longer runs (same host, pid gone or reused)."""
+    worker_id, _, ticks = holder.partition("|")
+    host, _, rest = worker_id.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if ticks:  # the holder recorded its start time, so /proc works on this host
+        return _start_ticks(pid) != ticks  # "" when gone, another time when pid was reused
+    if pid == os.getpid():
+        return False  # cannot tell our own start from a predecessor's: stay safe
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), or '' if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else ""

@@ -1,0 +1,78 @@
+"""Prometheus metrics of one worker process, in its own registry (no module globals).
+
+Names start with ``flowgate_worker_``. Outcomes of ``tasks_total`` (see
+:class:`services.worker.executor.Outcome`): ``completed``, ``bpmn_error``, ``failed`` (a
+retry is scheduled), ``incident`` (retries exhausted), ``gone`` (the engine no longer has
+the task), ``lock_lost`` (another worker holds it), ``abandoned`` (unlocked at shutdown).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_HANDLER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+@dataclass(slots=True)
+class WorkerMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    tasks: Counter = field(init=False)
+    handler_seconds: Histogram = field(init=False)
+    fetch_seconds: Histogram = field(init=False)
+    fetched: Counter = field(init=False)
+    empty_polls: Counter = field(init=False)
+    fetch_errors: Counter = field(init=False)
+    lock_extensions: Counter = field(init=False)
+    lock_lost: Counter = field(init=False)
+    retries: Counter = field(init=False)
+    engine_call_retries: Counter = field(init=False)
+    in_flight: Gauge = field(init=False)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        p = "flowgate_worker"
+        self.tasks = Counter(
+            f"{p}_tasks", "Tasks finished, by topic and outcome", ["topic", "outcome"], registry=r
+        )
+        self.handler_seconds = Histogram(
+            f"{p}_handler_seconds", "Handler run time", ["topic"], buckets=_HANDLER_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.fetch_seconds = Histogram(
+            f"{p}_fetch_seconds", "fetchAndLock latency (long polls included)",
+            buckets=_FETCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.fetched = Counter(f"{p}_fetched_tasks", "Tasks locked by fetchAndLock", registry=r)
+        self.empty_polls = Counter(f"{p}_empty_polls", "Long polls that ended empty", registry=r)
+        self.fetch_errors = Counter(f"{p}_fetch_errors", "fetchAndLock failures", registry=r)
+        self.lock_extensions = Counter(
+            f"{p}_lock_extensions", "Locks extended", ["topic"], registry=r
+        )
+        self.lock_lost = Counter(
+            f"{p}_lock_lost", "Locks lost (extension refused or result rejected)", ["topic"],
+            registry=r,
+        )  # fmt: skip
+        self.retries = Counter(
+            f"{p}_retries", "Failures reported with retries left", ["topic"], registry=r
+        )
+        self.engine_call_retries = Counter(
+            f"{p}_engine_call_retries",
+            "complete/failure/bpmnError calls repeated (optimistic locking, deadlock, network)",
+            ["call"],
+            registry=r,
+        )
+        self.in_flight = Gauge(f"{p}_tasks_in_flight", "Handlers running now", registry=r)
+
+    def render(self) -> bytes:
+        """The text exposition format for ``/metrics``."""
+        return generate_latest(self.registry)
+
+    def count(self, topic: str, outcome: str) -> float:
+        """Tasks of ``topic`` that ended with ``outcome`` (for tests and health details)."""
+        value = self.registry.get_sample_value(
+            "flowgate_worker_tasks_total", {"topic": topic, "outcome": outcome}
+        )
+        return value or 0.0

@@ -1,0 +1,260 @@
+"""Process and step declarations: the part of the worker that handler authors touch.
+
+A process declares its ordered steps once, each with the metadata its event-log rows carry
+(step number, name, HTTP method and endpoint, the result text for success and for error).
+A handler is an async function decorated with the step it implements; it takes a pydantic
+model of its input variables (and optionally the :class:`~services.worker.context.TaskContext`)
+and returns its output::
+
+    onboard_user = Process(
+        "onboard-user",
+        [
+            Step("validate-user-information",
+                 success="User information validated", error="User information validation failed"),
+            Step("call-onboarding-api", http_method="POST", endpoint="/onboarding/complete",
+                 success="Onboarding API call successful", error="Onboarding API call failed"),
+        ],
+    )
+
+    @onboard_user.handler("validate-user-information")
+    async def validate(data: ValidateIn) -> ValidateOut:
+        if "invalid" in data.userId:
+            raise BusinessRuleError("VALIDATION_FAILED", f"User {data.userId} failed validation")
+        return ValidateOut(validated=True)
+
+Everything is checked when it is declared, so a mistake stops start-up rather than the first
+task: a step declared twice, a handler for an undeclared step, a second handler for a step,
+an input annotation that is not a pydantic model, and (in :class:`Registry`) a topic that two
+processes claim or a declared step without a handler.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from services.worker.context import TaskContext
+
+#: Output fields copied into the ``identifiers`` variable (the seed's list).
+IDENTIFIER_FIELDS = ("customerId", "userId", "orderId", "accountId")
+#: Variables the API sets on every start; the framework reads them for the event log.
+SYSTEM_VARIABLES = ("correlationId", "batch_id", "traceability_id", "application_id", "identifiers")
+
+InT = TypeVar("InT", bound=BaseModel)
+OutT = TypeVar("OutT")
+
+
+class BusinessRuleError(Exception):
+    """An expected business outcome: the task throws a BPMN error instead of failing.
+
+    ``code`` becomes the BPMN ``errorCode`` (and the ``errorCode`` variable), ``message`` the
+    ``errorMessage``; ``error_type`` fills the ``errorType`` variable as in the seed, and
+    ``details`` go into the event log's metadata.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        error_type: str = "BUSINESS_RULE_ERROR",
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.error_type = error_type
+        self.details = dict(details or {})
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult(Generic[OutT]):
+    """A handler's output with the HTTP status its downstream call answered (event log)."""
+
+    data: OutT
+    http_status_code: int | None = None
+
+
+#: A handler takes its input model (and optionally the context) and returns a pydantic
+#: model, a mapping, either wrapped in a StepResult, or None (no output variables).
+HandlerFn = Callable[[InT, "TaskContext"], Awaitable[Any]] | Callable[[InT], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step of a process as the event log describes it; ``name`` is the topic suffix."""
+
+    name: str
+    success: str
+    error: str
+    http_method: str | None = None
+    endpoint: str | None = None
+    #: Overrides the process's (and the worker's) lock duration for this topic.
+    lock_duration_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """A step bound to its function: everything the worker needs to run one topic."""
+
+    topic: str
+    process: Process
+    step: Step
+    number: int
+    input_model: type[BaseModel]
+    fn: Callable[..., Awaitable[Any]]
+    takes_context: bool
+
+    @property
+    def lock_duration_ms(self) -> int | None:
+        return self.step.lock_duration_ms or self.process.lock_duration_ms
+
+    @property
+    def variables(self) -> list[str] | None:
+        """Variable names to fetch: the model's fields plus the system variables.
+
+        ``None`` (all variables) when the model keeps unknown fields, since it then wants
+        every variable; otherwise fetching only what is read keeps polls small.
+        """
+        if self.input_model.model_config.get("extra") == "allow":
+            return None
+        names = {f.alias or name for name, f in self.input_model.model_fields.items()}
+        return sorted(names | set(SYSTEM_VARIABLES))
+
+
+class Process:
+    """A BPMN process's steps, in order, and the handlers bound to them.
+
+    Topics are ``{key}.{step name}`` (as in ``bpmn/``). ``target_system`` and
+    ``originating_system`` fill the event-log columns of the same name.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        steps: Sequence[Step],
+        *,
+        target_system: str = "CamundaEngine",
+        originating_system: str = "flowgate",
+        lock_duration_ms: int | None = None,
+    ) -> None:
+        names = [step.name for step in steps]
+        if duplicated := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"process {key!r} declares step(s) {duplicated} more than once")
+        self.key = key
+        self.steps = tuple(steps)
+        self.target_system = target_system
+        self.originating_system = originating_system
+        self.lock_duration_ms = lock_duration_ms
+        self._handlers: dict[str, Handler] = {}
+
+    def topic(self, step_name: str) -> str:
+        return f"{self.key}.{step_name}"
+
+    def handler(self, step_name: str) -> Callable[[HandlerFn[InT]], HandlerFn[InT]]:
+        """Bind the decorated function to ``step_name``; returns the function unchanged."""
+        if step_name not in {step.name for step in self.steps}:
+            raise ValueError(f"process {self.key!r} has no step {step_name!r}")
+
+        def register(fn: HandlerFn[InT]) -> HandlerFn[InT]:
+            self._bind(step_name, fn)
+            return fn
+
+        return register
+
+    @property
+    def handlers(self) -> tuple[Handler, ...]:
+        """The bound handlers, in step order."""
+        return tuple(self._handlers[s.name] for s in self.steps if s.name in self._handlers)
+
+    def unhandled_steps(self) -> list[str]:
+        return [step.name for step in self.steps if step.name not in self._handlers]
+
+    def _bind(self, step_name: str, fn: Callable[..., Awaitable[Any]]) -> None:
+        number, step = next(
+            ((i, s) for i, s in enumerate(self.steps, start=1) if s.name == step_name),
+            (0, None),
+        )
+        if step is None:
+            raise ValueError(f"process {self.key!r} has no step {step_name!r}")
+        if step_name in self._handlers:
+            existing = self._handlers[step_name].fn
+            raise ValueError(
+                f"topic {self.topic(step_name)!r} already has a handler"
+                f" ({existing.__module__}.{existing.__qualname__})"
+            )
+        model, takes_context = _signature(fn)
+        self._handlers[step_name] = Handler(
+            topic=self.topic(step_name),
+            process=self,
+            step=step,
+            number=number,
+            input_model=model,
+            fn=fn,
+            takes_context=takes_context,
+        )
+
+    def __repr__(self) -> str:
+        return f"Process({self.key!r}, steps={[s.name for s in self.steps]})"
+
+
+def _signature(fn: Callable[..., Awaitable[Any]]) -> tuple[type[BaseModel], bool]:
+    """The input model (the first parameter's annotation) and whether ``ctx`` is taken."""
+    where = f"{fn.__module__}.{fn.__qualname__}"
+    if not inspect.iscoroutinefunction(fn):
+        raise TypeError(f"handler {where} must be an async function")
+    params = list(inspect.signature(fn).parameters.values())
+    if len(params) not in (1, 2):
+        raise TypeError(f"handler {where} must take (data) or (data, ctx), got {len(params)}")
+    try:
+        hints = typing.get_type_hints(fn)
+    except NameError as exc:  # an annotation only imported under TYPE_CHECKING
+        raise TypeError(f"handler {where}: cannot resolve its annotations ({exc})") from exc
+    model = hints.get(params[0].name)
+    if not (inspect.isclass(model) and issubclass(model, BaseModel)):
+        raise TypeError(
+            f"handler {where}: its first parameter must be annotated with a pydantic model"
+        )
+    return model, len(params) == 2
+
+
+@dataclass(slots=True)
+class Registry:
+    """Every handler the worker runs, by topic; duplicates fail when a process is added."""
+
+    _handlers: dict[str, Handler] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, processes: Iterable[Process]) -> Registry:
+        registry = cls()
+        for process in processes:
+            registry.add(process)
+        return registry
+
+    def add(self, process: Process) -> None:
+        if missing := process.unhandled_steps():
+            raise ValueError(f"process {process.key!r}: step(s) {missing} have no handler")
+        for handler in process.handlers:
+            if handler.topic in self._handlers:
+                raise ValueError(f"topic {handler.topic!r} is registered twice")
+        for handler in process.handlers:
+            self._handlers[handler.topic] = handler
+
+    def get(self, topic: str) -> Handler:
+        return self._handlers[topic]
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return tuple(self._handlers)
+
+    def __iter__(self) -> Iterator[Handler]:
+        return iter(self._handlers.values())
+
+    def __len__(self) -> int:
+        return len(self._handlers)

@@ -1,0 +1,439 @@
+"""The worker against the real engine and Redis, run in-process.
+
+The engine is shared by the whole session, so each test serves its own copy of a process:
+bpmn/onboard-user.bpmn is deployed under a unique key whose topics carry that key, and the
+production handlers are bound to those topics. Nothing else can take this test's tasks, and
+this test's worker cannot take anyone else's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+
+from services.worker.app import serve
+from services.worker.handlers import onboard_user
+from services.worker.metrics import WorkerMetrics
+from services.worker.registry import Process, Registry, Step
+from shared.camunda import CamundaClient
+from shared.deployment import deploy_directory
+from shared.eventlog import EventRecord
+from shared.keys import Keys
+from shared.settings import Settings
+from shared.store import ProcessState, ProcessStore, Status
+
+pytestmark = pytest.mark.engine
+
+BPMN_DIR = Path(__file__).resolve().parents[2] / "bpmn"
+
+
+# --- helpers (also used by test_worker_signals.py) ------------------------------------------
+
+
+def clone(process: Process, key: str) -> Process:
+    """``process`` under another key (so other topics), with the same handlers."""
+    copy = Process(
+        key,
+        process.steps,
+        target_system=process.target_system,
+        originating_system=process.originating_system,
+    )
+    for handler in process.handlers:
+        copy.handler(handler.step.name)(handler.fn)
+    return copy
+
+
+def onboard_user_bpmn(key: str) -> bytes:
+    """bpmn/onboard-user.bpmn with its process id and topics renamed to ``key``."""
+    text = (BPMN_DIR / "onboard-user.bpmn").read_text()
+    return text.replace('"onboard-user"', f'"{key}"').replace('"onboard-user.', f'"{key}.').encode()
+
+
+def one_task_bpmn(key: str, topic: str) -> bytes:
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"
+    xmlns:camunda="http://camunda.org/schema/1.0/bpmn" id="d_{key}" targetNamespace="test">
+  <bpmn:process id="{key}" isExecutable="true" camunda:historyTimeToLive="P1D">
+    <bpmn:startEvent id="start"><bpmn:outgoing>f1</bpmn:outgoing></bpmn:startEvent>
+    <bpmn:sequenceFlow id="f1" sourceRef="start" targetRef="task" />
+    <bpmn:serviceTask id="task" camunda:type="external" camunda:topic="{topic}">
+      <bpmn:incoming>f1</bpmn:incoming><bpmn:outgoing>f2</bpmn:outgoing>
+    </bpmn:serviceTask>
+    <bpmn:sequenceFlow id="f2" sourceRef="task" targetRef="end" />
+    <bpmn:endEvent id="end"><bpmn:incoming>f2</bpmn:incoming></bpmn:endEvent>
+  </bpmn:process>
+</bpmn:definitions>""".encode()
+
+
+class Client:
+    """What the API does around a run: claim the state, start the instance, await the end."""
+
+    def __init__(self, camunda: CamundaClient, store: ProcessStore) -> None:
+        self.camunda = camunda
+        self.store = store
+        self.instances: list[str] = []
+
+    async def start(self, key: str, **variables: Any) -> str:
+        cid = f"it-{uuid.uuid4().hex[:12]}"
+        ids = {name: str(uuid.uuid4()) for name in ("traceability", "batch", "application")}
+        await self.store.claim(
+            cid,
+            key,
+            "hash",
+            traceability_id=ids["traceability"],
+            batch_id=ids["batch"],
+            application_id=ids["application"],
+        )
+        instance = await self.camunda.start_process(
+            key,
+            business_key=cid,
+            variables={
+                "correlationId": cid,
+                "batch_id": ids["batch"],
+                "traceability_id": ids["traceability"],
+                "application_id": ids["application"],
+                "identifiers": {"applicationId": ids["application"]},
+                **variables,
+            },
+        )
+        self.instances.append(instance.id)
+        await self.store.attach_instance(cid, instance.id)
+        return cid
+
+    async def outcome(self, cid: str, timeout_s: float) -> ProcessState:
+        """The finished state, or fail after ``timeout_s`` (what a waiting client sees)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            state = await self.store.get(cid)
+            if state is not None and state.finished:
+                return state
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{cid} still pending after {timeout_s} s")
+
+    async def cleanup(self) -> None:
+        for instance_id in self.instances:
+            with contextlib.suppress(Exception):
+                if await self.camunda.process_instance(instance_id) is not None:
+                    await self.camunda.delete_process_instance(instance_id)
+
+
+async def event_rows(redis: aioredis.Redis, keys: Keys, cid: str) -> list[EventRecord]:
+    """The event-log rows of ``cid`` queued in the write-behind stream, in stream order."""
+    rows = []
+    for _, fields in await redis.xrange(keys.writebehind):
+        if fields[b"kind"] == b"event":
+            record = EventRecord.from_json(fields[b"body"])
+            if record.correlation_id == cid:
+                rows.append(record)
+    return rows
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    settings: Settings, registry: Registry, metrics: WorkerMetrics | None = None
+) -> AsyncIterator[asyncio.Task[None]]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        serve(settings, registry, stop=stop, name=f"it-{uuid.uuid4().hex[:6]}", metrics=metrics)
+    )
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+# --- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def camunda(engine_url: str) -> AsyncIterator[CamundaClient]:
+    async with CamundaClient(engine_url) as client:
+        await deploy_directory(client)
+        yield client
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings], engine_url: str) -> Settings:
+    # Short polls: a lock that expires or a retry that becomes due is not signalled to
+    # pending long polls (the engine re-checks only every 30 s), so re-poll often.
+    return make_settings(
+        camunda_base_url=engine_url,
+        camunda_async_response_timeout_ms=500,
+        camunda_lock_duration_ms=5_000,
+        worker_health_port=0,
+        worker_retry_timeout_ms=100,
+        worker_shutdown_grace_s=2,
+    )
+
+
+@pytest.fixture
+async def client(
+    camunda: CamundaClient, redis_client: aioredis.Redis, settings: Settings
+) -> AsyncIterator[Client]:
+    store = ProcessStore(
+        redis_client, Keys(settings.redis_prefix), result_ttl_s=600, pending_ttl_s=600
+    )
+    client = Client(camunda, store)
+    yield client
+    await client.cleanup()
+
+
+@pytest.fixture
+async def onboarding(camunda: CamundaClient) -> Process:
+    """A private copy of onboard-user (see the module docstring)."""
+    key = f"onboard-user-{uuid.uuid4().hex[:8]}"
+    await camunda.deploy(key, {f"{key}.bpmn": onboard_user_bpmn(key)})
+    return clone(onboard_user.process, key)
+
+
+# --- the example process --------------------------------------------------------------------
+
+
+async def test_ordinary_user_ends_ok_with_one_event_row_per_step(
+    onboarding: Process, client: Client, settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    async with running(settings, Registry.of([onboarding])):
+        cid = await client.start(onboarding.key, userId="user-123", email="u@example.com")
+        state = await client.outcome(cid, timeout_s=15)
+
+    assert state.status is Status.OK
+    assert state.data == {
+        "userId": "user-123",
+        "validated": True,
+        "backgroundCheckPassed": True,
+        "onboarded": True,
+        "riskScore": onboard_user.risk_score("user-123"),
+        "success": True,
+    }
+    rows = await event_rows(redis_client, Keys(settings.redis_prefix), cid)
+    assert [(r.step, r.step_name, r.status) for r in rows] == [
+        (1, "validate-user-information", "success"),
+        (2, "run-background-check", "success"),
+        (3, "call-onboarding-api", "success"),
+        (4, "prepare-response", "success"),
+    ]
+    first, last = rows[0], rows[-1]
+    assert first.result == "User information validated"
+    assert first.request_data["userId"] == "user-123"
+    assert rows[1].http_method == "POST"
+    assert rows[1].endpoint == "/background-check/verify"
+    assert all(r.process_name == onboarding.key and r.http_status_code == 200 for r in rows)
+    assert all(r.traceability_id and r.batch_id and r.application_id for r in rows)
+    # userId, returned by the first step, joins the identifiers for every later step.
+    assert last.identifiers == {"applicationId": last.application_id, "userId": "user-123"}
+
+
+async def test_invalid_user_ends_error_with_the_message(
+    onboarding: Process, client: Client, settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    async with running(settings, Registry.of([onboarding])):
+        cid = await client.start(onboarding.key, userId="invalid-user-9")
+        state = await client.outcome(cid, timeout_s=15)
+
+    assert state.status is Status.ERROR
+    assert state.error == "User invalid-user-9 failed validation"
+    rows = await event_rows(redis_client, Keys(settings.redis_prefix), cid)
+    assert [(r.step_name, r.status) for r in rows] == [
+        ("validate-user-information", "error"),
+        ("handle-error", "success"),
+    ]
+    assert rows[0].result == "User information validation failed"
+    assert rows[0].http_status_code == 400
+    assert rows[0].metadata == {
+        "errorCode": "VALIDATION_FAILED",
+        "errorType": "BUSINESS_RULE_ERROR",
+    }
+
+
+async def test_missing_input_is_a_validation_bpmn_error(
+    onboarding: Process, client: Client, settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    async with running(settings, Registry.of([onboarding])):
+        cid = await client.start(onboarding.key)  # no userId
+        state = await client.outcome(cid, timeout_s=15)
+
+    assert state.status is Status.ERROR
+    assert state.error.startswith("Input validation failed: userId")
+    rows = await event_rows(redis_client, Keys(settings.redis_prefix), cid)
+    assert rows[0].metadata["errorType"] == "VALIDATION_ERROR"
+    assert rows[0].http_status_code == 422
+
+
+# --- failures, retries, locks ---------------------------------------------------------------
+
+
+class NoInput(BaseModel):
+    pass
+
+
+async def deploy_one_task(camunda: CamundaClient) -> tuple[Process, str]:
+    key = f"wt-{uuid.uuid4().hex[:8]}"
+    process = Process(key, [Step("work", success="done", error="Work failed")])
+    await camunda.deploy(key, {f"{key}.bpmn": one_task_bpmn(key, process.topic("work"))})
+    return process, key
+
+
+async def test_exhausted_retries_raise_an_incident_and_tell_the_client_at_once(
+    camunda: CamundaClient, client: Client, make_settings: Callable[..., Settings],
+    settings: Settings, redis_client: aioredis.Redis,
+) -> None:  # fmt: skip
+    process, key = await deploy_one_task(camunda)
+    calls: list[float] = []
+
+    @process.handler("work")
+    async def always_fails(data: NoInput) -> None:
+        calls.append(time.monotonic())
+        raise RuntimeError("downstream is down")
+
+    settings = make_settings(**{**settings.model_dump(), "worker_retries": 2})
+    async with running(settings, Registry.of([process])):
+        cid = await client.start(key)
+        # Three attempts, 100 ms then 200 ms retryTimeout: far below a sync wait.
+        state = await client.outcome(cid, timeout_s=10)
+
+    assert state.status is Status.ERROR
+    assert state.error == "Work failed: downstream is down"
+    assert len(calls) == 3
+    # At least the retryTimeout apart (its doubling is checked in test_worker_executor.py;
+    # here the engine's re-poll cadence dominates the spacing).
+    assert min(b - a for a, b in itertools.pairwise(calls)) >= 0.1
+    incidents = await camunda.incidents(process_instance_id=client.instances[0])
+    assert [i["incidentType"] for i in incidents] == ["failedExternalTask"]
+    assert "downstream is down" in incidents[0]["incidentMessage"]
+    rows = await event_rows(redis_client, Keys(settings.redis_prefix), cid)
+    assert [r.status for r in rows] == ["retry", "retry", "incident"]
+
+
+async def test_a_handler_running_three_times_its_lock_keeps_the_task(
+    camunda: CamundaClient, client: Client, make_settings: Callable[..., Settings],
+    settings: Settings,
+) -> None:  # fmt: skip
+    process, key = await deploy_one_task(camunda)
+    calls = 0
+
+    @process.handler("work")
+    async def slow(data: NoInput) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(3.0)
+        return {"slow": True}
+
+    settings = make_settings(**{**settings.model_dump(), "camunda_lock_duration_ms": 1_000})
+    metrics, other = WorkerMetrics(), WorkerMetrics()
+    # A second worker polls the same topic throughout: it would take the task the moment
+    # the lock lapsed.
+    async with (
+        running(settings, Registry.of([process]), metrics),
+        running(settings, Registry.of([process]), other),
+    ):
+        await client.start(key)
+        instance = client.instances[0]
+        await wait_for(lambda: _ended(camunda, instance), timeout_s=15, what="the instance to end")
+
+    assert calls == 1
+    topic = process.topic("work")
+    assert metrics.count(topic, "completed") + other.count(topic, "completed") == 1
+    extensions = sum(
+        m.registry.get_sample_value("flowgate_worker_lock_extensions_total", {"topic": topic}) or 0
+        for m in (metrics, other)
+    )
+    assert extensions >= 4  # every 0.5 s for 3 s
+
+
+async def _ended(camunda: CamundaClient, instance_id: str) -> bool:
+    history = await camunda.historic_process_instance(instance_id)
+    return history is not None and history["state"] == "COMPLETED"
+
+
+async def test_engine_outage_is_survived_without_a_restart(
+    onboarding: Process, client: Client, make_settings: Callable[..., Settings],
+    settings: Settings, engine_url: str,
+) -> None:  # fmt: skip
+    """Polls fail while the engine is unreachable, back off, and recover when it answers."""
+    proxy = await _Proxy.start(engine_url)
+    try:
+        settings = make_settings(**{**settings.model_dump(), "camunda_base_url": proxy.url})
+        metrics = WorkerMetrics()
+        proxy.down = True
+        async with running(settings, Registry.of([onboarding]), metrics):
+            await wait_for(
+                lambda: _at_least(metrics, "flowgate_worker_fetch_errors_total", 2),
+                timeout_s=10,
+                what="failed polls",
+            )
+            proxy.down = False
+            cid = await client.start(onboarding.key, userId="after-outage")
+            state = await client.outcome(cid, timeout_s=40)
+        assert state.status is Status.OK
+    finally:
+        await proxy.close()
+
+
+async def _at_least(metrics: WorkerMetrics, name: str, value: float) -> bool:
+    return (metrics.registry.get_sample_value(name) or 0) >= value
+
+
+class _Proxy:
+    """A TCP proxy to the engine that can play dead (answers 503 like a load balancer)."""
+
+    def __init__(self, server: asyncio.Server, target: tuple[str, int], path: str) -> None:
+        self.server = server
+        self.target = target
+        self.down = False
+        port = server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}{path}"
+
+    @classmethod
+    async def start(cls, engine_url: str) -> _Proxy:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(engine_url)
+        target = (parts.hostname or "127.0.0.1", parts.port or 80)
+        proxy: _Proxy
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if proxy.down:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+                await writer.drain()
+                writer.close()
+                return
+            up_reader, up_writer = await asyncio.open_connection(*target)
+
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                with contextlib.suppress(OSError):
+                    while data := await src.read(65536):
+                        dst.write(data)
+                        await dst.drain()
+                dst.close()
+
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        proxy = cls(server, target, parts.path)
+        return proxy
+
+    async def close(self) -> None:
+        self.server.close()
