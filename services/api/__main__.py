@@ -1,0 +1,58 @@
+"""``python -m services.api`` / ``flowgate-api``: settings -> logging -> uvicorn.
+
+On SIGTERM (or SIGINT) the replica first answers every parked request with 202 + Location
+(:class:`services.api.app.DrainHook`), then lets uvicorn stop: close the listener, finish
+in-flight requests (now quick), run the lifespan's shutdown (flush write-behind), exit.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import FrameType
+
+import uvicorn
+
+from services.api.app import DrainHook, create_app
+from shared.logs import configure_logging
+from shared.settings import load_settings
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a hook that fires at the signal, not after the requests end."""
+
+    def __init__(self, config: uvicorn.Config, drain: DrainHook) -> None:
+        super().__init__(config)
+        self._drain = drain
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._drain.trigger()
+        super().handle_exit(sig, frame)
+
+
+def main() -> None:
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    # httpx logs every engine call at INFO: one line per start is noise, not news.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    drain = DrainHook()
+    config = uvicorn.Config(
+        create_app(settings, drain=drain),
+        host=settings.api_host,
+        port=settings.api_port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_config=None,  # configure_logging() owns the handlers (JSON lines)
+        access_log=False,
+        server_header=False,
+        # Longer than the load balancer's idle timeout, so it never reuses a socket we
+        # have just closed (a 502 otherwise).
+        timeout_keep_alive=settings.keepalive_s,
+        # Parked requests are released at SIGTERM; this bounds the rest.
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+    )
+    DrainingServer(config, drain).run()
+
+
+if __name__ == "__main__":
+    main()

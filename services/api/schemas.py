@@ -1,0 +1,252 @@
+"""HTTP bodies: pydantic models at the edge, orjson on the wire.
+
+Field names are the wire names (camelCase, the seed's), so the models, the OpenAPI document
+(services/api/openapi.py) and the JSON a client sees are the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from starlette.responses import Response
+
+from shared.store import ProcessState, StartFailed, iso
+
+#: Becomes part of Redis keys, channel names and URLs: no glob characters (the wait room's
+#: PSUBSCRIBE pattern), no hash-tag braces, no slash, no whitespace.
+CORRELATION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+#: Engine process keys are NCName-like: letters, digits, ``._-``.
+PROCESS_KEY_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+
+CorrelationId = Annotated[
+    str,
+    Field(
+        pattern=CORRELATION_ID_PATTERN,
+        description="Client-chosen id of one run: letters, digits and `._:-`, 1-128 chars.",
+        examples=["user-123-2025-10-28"],
+    ),
+]
+ProcessKey = Annotated[
+    str,
+    Field(
+        pattern=PROCESS_KEY_PATTERN,
+        description="Key of a deployed BPMN process definition.",
+        examples=["onboard-user"],
+    ),
+]
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+
+
+def status_url(correlation_id: str) -> str:
+    return f"/api/process/status/{correlation_id}"
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+class StartRequest(BaseModel):
+    """Unknown fields are ignored, so clients of the original service keep working."""
+
+    processKey: ProcessKey
+    # `all` would have /api/process/status/all as its status URL: the list's path.
+    correlationId: Annotated[CorrelationId, Field(json_schema_extra={"not": {"const": "all"}})]
+    variables: dict[str, Any] | None = Field(
+        default=None,
+        description="Process variables (a JSON object); nesting is limited in depth.",
+        examples=[{"userId": "user-123"}],
+    )
+
+    @field_validator("correlationId")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value == "all":
+            raise ValueError("'all' is reserved (it names the list of processes)")
+        return value
+
+    @field_validator("variables")
+    @classmethod
+    def _limit_depth(
+        cls, value: dict[str, Any] | None, info: ValidationInfo
+    ) -> dict[str, Any] | None:
+        limit = (info.context or {}).get("max_depth")
+        if value is not None and limit is not None and json_depth(value) > limit:
+            raise ValueError(f"nested deeper than {limit} levels")
+        return value
+
+
+class CompleteRequest(BaseModel):
+    correlationId: CorrelationId
+    status: Literal["ok", "error"]
+    data: Any = Field(default=None, description="The result (any JSON); kept for `ok`.")
+    error: Any = Field(default=None, description="What went wrong (any JSON) for `error`.")
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0, ``{}`` is 1); iterative, so a deep
+    value cannot exhaust the stack."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            deepest = max(deepest, depth)
+            continue
+        deepest = max(deepest, depth + 1)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+# --- responses -----------------------------------------------------------------------------
+
+
+class StartOk(BaseModel):
+    status: Literal["ok"] = "ok"
+    correlationId: str
+    result: Any = Field(description="The process result (`data` of the completion).")
+    statusUrl: str
+
+
+class StartFailedBody(BaseModel):
+    """The process finished with `error` (HTTP 500, as the seed answers)."""
+
+    status: Literal["error"] = "error"
+    correlationId: str
+    error: Any = Field(description="What went wrong (`error` of the completion).")
+    statusUrl: str
+
+
+class Pending(BaseModel):
+    status: Literal["pending"] = "pending"
+    correlationId: str
+    statusUrl: str
+
+
+class ProcessStatus(BaseModel):
+    status: Literal["pending", "ok", "error"]
+    correlationId: str
+    processKey: str | None = None
+    data: Any = None
+    error: Any = None
+    startedAt: Timestamp | None = None
+    updatedAt: Timestamp | None = None
+    statusUrl: str
+
+    @classmethod
+    def of(cls, state: ProcessState) -> ProcessStatus:
+        return cls(
+            status=state.status.value,
+            correlationId=state.correlation_id,
+            processKey=state.process_key,
+            data=state.data,
+            error=state.error,
+            startedAt=iso(state.started_at),
+            updatedAt=iso(state.updated_at),
+            statusUrl=status_url(state.correlation_id),
+        )
+
+
+class StatusPage(BaseModel):
+    items: list[ProcessStatus]
+    nextCursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null at the end."
+    )
+
+
+class CompleteAck(BaseModel):
+    received: Literal[True] = True
+    changed: bool = Field(description="False when the process had already finished.")
+
+
+class Event(BaseModel):
+    """One `event_log` row (the seed's columns, snake_case as in the table)."""
+
+    correlation_id: str
+    status: str
+    step: int | None = None
+    step_name: str | None = None
+    process_name: str | None = None
+    http_method: str | None = None
+    endpoint: str | None = None
+    request_data: Any = None
+    response_data: Any = None
+    error_message: str | None = None
+    http_status_code: int | None = None
+    batch_id: str | None = None
+    traceability_id: str | None = None
+    application_id: str | None = None
+    target_system: str | None = None
+    originating_system: str | None = None
+    identifiers: Any = None
+    result: Any = None
+    metadata: Any = None
+    execution_time_ms: int | None = None
+    created_at: Timestamp
+
+
+class EventLog(BaseModel):
+    events: list[Event] = Field(description="In step order.")
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="What is wrong, in words.")
+    field: str | None = Field(default=None, description="The request field at fault, if one.")
+
+
+class ApiError(Exception):
+    """Raised anywhere in a request; answered as ``ErrorBody`` by the app's handler."""
+
+    def __init__(
+        self,
+        status_code: int,
+        error: str,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(error)
+        self.status_code = status_code
+        self.body = ErrorBody(error=error, field=field)
+        self.headers = headers or {}
+
+
+class Health(BaseModel):
+    status: Literal["alive"] = "alive"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    checks: dict[str, bool] = Field(description="Each dependency: reachable or not.")
+    error: str | None = None
+
+
+# --- the wire ------------------------------------------------------------------------------
+
+
+class JSONResponse(Response):
+    """orjson on the wire; accepts a model (dumped without nulls only where asked)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        if isinstance(content, BaseModel):
+            content = content.model_dump(mode="json", exclude_none=isinstance(content, ErrorBody))
+        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
+
+
+def start_failed_reason(status_code: int, error: ErrorBody) -> dict[str, Any]:
+    """What an abandoned start publishes, so requests that joined it answer the same."""
+    return {"statusCode": status_code, **error.model_dump(exclude_none=True)}
+
+
+def joined_failure(failed: StartFailed) -> tuple[int, ErrorBody]:
+    """The answer for a request that joined a start which then failed."""
+    reason = failed.reason if isinstance(failed.reason, dict) else {}
+    code = reason.get("statusCode")
+    status_code = code if isinstance(code, int) and 400 <= code <= 599 else 503
+    message = reason.get("error") or "the start this request joined failed"
+    return status_code, ErrorBody(error=str(message), field=reason.get("field"))

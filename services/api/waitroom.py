@@ -1,0 +1,289 @@
+"""WaitRoom: where a request waits for its process to finish (one per replica).
+
+One pub/sub connection per replica, ``PSUBSCRIBE {p}:done:*``, confirmed before the room
+opens; every parked request registers in a dict keyed by correlationId, so one message
+wakes every request of that id on this replica, whichever replica published it.
+
+Pub/sub is at-most-once, so the stored state is the truth and a message is only a shortcut:
+
+1. a request registers first, *then* reads the state (subscribe-then-check): a completion
+   that lands before the read is seen by the read, one that lands after it is delivered to
+   the registration, because the pattern subscription was confirmed before the room opened;
+2. every (re)subscription confirmation makes every parked request read the state again
+   (messages published while the connection was down are lost);
+3. a request whose wait runs out reads the state once more before it answers 202.
+
+A lost message therefore costs latency, never a wrong answer.
+
+:meth:`WaitRoom.release_all` (SIGTERM) answers every parked request at once with whatever
+the state is, and every later wait returns immediately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from types import TracebackType
+from typing import Any, Self
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from services.api.metrics import ApiMetrics
+from shared.keys import Keys
+from shared.store import ProcessState, ProcessStore, StartFailed, decode_message
+
+log = logging.getLogger(__name__)
+
+#: How long one pub/sub read blocks; bounds how late a closed room notices.
+_READ_TIMEOUT_S = 1.0
+#: Backoff between failed reads while Redis is unreachable.
+_BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.05, 2.0
+
+
+class WaitEnd(StrEnum):
+    """Why a wait ended (also the ``how`` label of ``flowgate_api_waits_total``)."""
+
+    SETTLED = "settled"  # the state read was final (or gone) already
+    WOKEN = "woken"  # a completion message arrived
+    TIMEOUT = "timeout"  # the deadline passed; the state was read again
+    DRAINED = "drained"  # the replica is shutting down
+    FULL = "full"  # max_parked requests were already waiting
+
+
+@dataclass(frozen=True, slots=True)
+class WaitResult:
+    """The latest known state when the wait ended.
+
+    ``outcome`` is a :class:`ProcessState` (final, or still pending after a timeout),
+    a :class:`StartFailed` (the start this request joined was abandoned), or ``None``
+    (Redis holds nothing for the id: never existed, aged out, or abandoned).
+    """
+
+    outcome: ProcessState | StartFailed | None
+    end: WaitEnd
+
+
+class _Waiter:
+    """One parked request: an event plus the message that set it (if any)."""
+
+    __slots__ = ("event", "message")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.message: ProcessState | StartFailed | None = None
+
+    def take(self) -> ProcessState | StartFailed | None:
+        return self.message
+
+
+class WaitRoom:
+    """Use as ``async with WaitRoom(...) as room:``; ready once the subscription is confirmed."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        store: ProcessStore,
+        *,
+        metrics: ApiMetrics,
+        max_parked: int,
+        subscribe_timeout_s: float = 10.0,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._store = store
+        self._metrics = metrics
+        self._max_parked = max_parked
+        self._subscribe_timeout_s = subscribe_timeout_s
+        self._waiters: dict[str, set[_Waiter]] = {}
+        self._registered = 0  # waits in progress (bounded by max_parked)
+        self._parked = 0  # of those, asleep until a message, a re-read signal or the deadline
+        self._draining = False
+        self._subscribed = asyncio.Event()
+        self._subscriptions = 0
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._pubsub = self._redis.pubsub()
+        try:
+            await self._pubsub.psubscribe(self._keys.done_pattern)
+            self._reader = asyncio.create_task(self._read(self._pubsub), name="waitroom-reader")
+            # subscribe() returns once the command is written, not when Redis has applied it;
+            # until the confirmation arrives a publish could still be missed.
+            async with asyncio.timeout(self._subscribe_timeout_s):
+                await self._subscribed.wait()
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release_all()
+        await self._close()
+
+    async def _close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            self._pubsub = None
+
+    @property
+    def ready(self) -> bool:
+        """The subscription is confirmed (false while reconnecting) and not draining."""
+        return self._subscribed.is_set() and not self._draining
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def parked(self) -> int:
+        """Requests asleep in the room right now (registered, state read, still pending)."""
+        return self._parked
+
+    def release_all(self) -> None:
+        """Answer every parked request now and every later one at once (shutdown).
+
+        Synchronous and idempotent, so a signal handler can schedule it on the loop.
+        """
+        self._draining = True
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.event.set()
+
+    # --- waiting --------------------------------------------------------------------------
+
+    async def wait(self, correlation_id: str, timeout_s: float) -> WaitResult:
+        """Wait up to ``timeout_s`` for ``correlation_id`` to finish; see :class:`WaitResult`.
+
+        ``timeout_s <= 0`` only reads the state. Cancellation (client gone, shutdown
+        deadline) unregisters cleanly.
+        """
+        if timeout_s <= 0 or self._draining:
+            end = WaitEnd.DRAINED if self._draining else WaitEnd.SETTLED
+            return self._ended(await self._store.get(correlation_id), end)
+        if self._registered >= self._max_parked:
+            return self._ended(await self._store.get(correlation_id), WaitEnd.FULL)
+
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        waiter = _Waiter()
+        # Register before reading (subscribe-then-check): see the module docstring.
+        self._waiters.setdefault(correlation_id, set()).add(waiter)
+        self._registered += 1
+        try:
+            while True:
+                state = await self._store.get(correlation_id)
+                if state is None or state.finished:
+                    return self._ended(state, WaitEnd.SETTLED)
+                if (message := waiter.take()) is not None:  # arrived while we were reading
+                    return self._woken(message)
+                if self.draining:  # released while we were reading
+                    return self._ended(state, WaitEnd.DRAINED)
+                if not await self._park(waiter, deadline):
+                    return self._ended(await self._store.get(correlation_id), WaitEnd.TIMEOUT)
+                waiter.event.clear()
+                if (message := waiter.take()) is not None:
+                    return self._woken(message)
+                # Otherwise a resubscription or the drain: read the state again.
+        finally:
+            waiters = self._waiters[correlation_id]
+            waiters.discard(waiter)
+            if not waiters:
+                del self._waiters[correlation_id]
+            self._registered -= 1
+
+    async def _park(self, waiter: _Waiter, deadline: float) -> bool:
+        """Sleep until the waiter is signalled (True) or the deadline passes (False)."""
+        self._parked += 1
+        self._metrics.parked.inc()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter.event.wait()
+        except TimeoutError:
+            return False
+        finally:
+            self._parked -= 1
+            self._metrics.parked.dec()
+        return True
+
+    def _ended(self, outcome: ProcessState | StartFailed | None, end: WaitEnd) -> WaitResult:
+        self._metrics.waits.labels(end.value).inc()
+        return WaitResult(outcome, end)
+
+    def _woken(self, message: ProcessState | StartFailed) -> WaitResult:
+        if isinstance(message, ProcessState):
+            latency = time.time() - message.updated_at.timestamp()
+            self._metrics.wake_latency.observe(max(latency, 0.0))
+        return self._ended(message, WaitEnd.WOKEN)
+
+    # --- the one subscription -------------------------------------------------------------
+
+    async def _read(self, pubsub: PubSub) -> None:
+        """Dispatch messages until cancelled; survives Redis outages (redis-py resubscribes
+        on reconnect, and each confirmation makes every waiter read the state again)."""
+        backoff_s = _BACKOFF_MIN_S
+        while True:
+            try:
+                message = await pubsub.get_message(timeout=_READ_TIMEOUT_S)
+            except (RedisError, OSError) as exc:
+                if self._subscribed.is_set():
+                    log.warning("wait room lost its subscription", extra={"error": repr(exc)})
+                self._subscribed.clear()
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)
+                continue
+            backoff_s = _BACKOFF_MIN_S
+            if message is None:
+                continue
+            if message["type"] == "pmessage":
+                self._dispatch(message["channel"], message["data"])
+            elif message["type"] == "psubscribe":
+                self._on_subscribed()
+
+    def _on_subscribed(self) -> None:
+        self._subscriptions += 1
+        self._subscribed.set()
+        self._metrics.pubsub_subscriptions.inc()
+        if self._subscriptions > 1:
+            log.info("wait room resubscribed; parked requests re-read their state")
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.event.set()
+
+    def _dispatch(self, channel: Any, data: Any) -> None:
+        name = channel.decode() if isinstance(channel, bytes) else str(channel)
+        waiters = self._waiters.get(self._keys.correlation_id_of(name))
+        if not waiters:
+            return  # parked on another replica, or nobody waits: nothing to decode
+        try:
+            message = decode_message(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            # Not ours to judge: wake them anyway, they read the stored state.
+            log.warning(
+                "undecodable completion message", extra={"channel": name, "error": repr(exc)}
+            )
+            for waiter in waiters:
+                waiter.event.set()
+            return
+        for waiter in waiters:
+            waiter.message = message
+            waiter.event.set()

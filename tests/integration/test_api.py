@@ -1,0 +1,734 @@
+"""The API in-process (httpx over ASGI, the real lifespan) against real Redis, Postgres and
+the Camunda engine. Also home of the helpers the other test_api* modules import.
+
+Nothing here runs a worker: a test finishes a run itself through ``/api/process/complete``
+(or ``ProcessStore.complete``), which is what the worker does too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from services.api.app import DrainHook, create_app
+from services.api.deps import Deps
+from shared import db
+from shared.camunda import CamundaClient
+from shared.deployment import deploy_directory
+from shared.settings import Settings
+from shared.store import Status
+
+pytestmark = pytest.mark.engine
+
+MakeSettings = Callable[..., Settings]
+BENCHMARK = "benchmark"  # bpmn/benchmark.bpmn: one external task nobody works on here
+
+
+# --- helpers (imported by the other test_api* modules) -------------------------------------
+
+
+@dataclass
+class Api:
+    client: httpx.AsyncClient
+    deps: Deps
+
+
+@contextlib.asynccontextmanager
+async def running_app(settings: Settings, *, drain: DrainHook | None = None) -> AsyncIterator[Api]:
+    """The app with its lifespan running, and a client that talks to it in-process."""
+    app = create_app(settings, drain=drain)
+    async with app.router.lifespan_context(app) as state:
+        assert isinstance(state, Mapping)
+
+        async def with_state(scope: Scope, receive: Receive, send: Send) -> None:
+            scope["state"] = dict(state)  # what uvicorn does with the lifespan's state
+            await app(scope, receive, send)
+
+        transport = httpx.ASGITransport(app=with_state)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://api", timeout=30
+        ) as client:
+            yield Api(client=client, deps=state["deps"])
+
+
+async def deploy(engine_url: str) -> None:
+    """Deploy bpmn/ (idempotent: unchanged files create no new versions)."""
+    async with CamundaClient(engine_url) as camunda:
+        await deploy_directory(camunda)
+
+
+async def until(predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float = 10) -> None:
+    """Poll a condition (for state in another task or process that has no event to await)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def cid() -> str:
+    return f"c-{uuid.uuid4().hex}"
+
+
+def start_body(correlation_id: str, key: str = BENCHMARK, **variables: Any) -> dict[str, Any]:
+    return {"processKey": key, "correlationId": correlation_id, "variables": variables}
+
+
+# --- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def api(make_settings: MakeSettings, engine_url: str) -> AsyncIterator[Api]:
+    await deploy(engine_url)
+    settings = make_settings(camunda_base_url=engine_url, sync_timeout_ms=1_000)
+    async with running_app(settings) as running:
+        yield running
+
+
+# --- start ---------------------------------------------------------------------------------
+
+
+async def test_start_answers_200_with_the_result_when_it_finishes_within_the_wait(
+    api: Api,
+) -> None:
+    correlation_id = cid()
+    start = asyncio.create_task(
+        api.client.post(
+            "/api/process/start",
+            json=start_body(correlation_id, userId="u1"),
+            headers={"Prefer": "wait=20"},
+        )
+    )
+    await until(lambda: api.deps.waitroom.parked == 1)
+    done = await api.client.post(
+        "/api/process/complete",
+        json={"correlationId": correlation_id, "status": "ok", "data": {"answer": 42}},
+    )
+    assert done.status_code == 200
+    assert done.json() == {"received": True, "changed": True}
+
+    response = await start
+    assert response.status_code == 200
+    url = f"/api/process/status/{correlation_id}"
+    assert response.json() == {
+        "status": "ok",
+        "correlationId": correlation_id,
+        "result": {"answer": 42},
+        "statusUrl": url,
+    }
+    assert response.headers["content-location"] == url
+    assert response.headers["preference-applied"] == "wait=20"
+
+
+async def test_start_sets_the_system_variables_and_the_business_key(
+    api: Api, engine_url: str
+) -> None:
+    correlation_id = cid()
+    response = await api.client.post(
+        "/api/process/start",
+        json=start_body(correlation_id, userId="u1"),
+        headers={"Prefer": "respond-async"},
+    )
+    assert response.status_code == 202
+    state = await api.deps.store.get(correlation_id)
+    assert state is not None
+    assert state.instance_id is not None
+    async with CamundaClient(engine_url) as camunda:
+        instances = await camunda.historic_process_instances(
+            processInstanceBusinessKey=correlation_id
+        )
+        variables = await camunda.process_variables(state.instance_id)
+    assert [i["id"] for i in instances] == [state.instance_id]
+    assert variables["userId"] == "u1"
+    assert variables["correlationId"] == correlation_id
+    assert variables["traceability_id"] == state.traceability_id
+    assert variables["batch_id"] == state.batch_id
+    assert variables["application_id"] == state.application_id
+    assert variables["identifiers"] == {"applicationId": state.application_id}
+    for value in (state.traceability_id, state.batch_id, state.application_id):
+        assert uuid.UUID(str(value)).version == 4
+
+
+async def test_start_answers_202_with_location_when_the_wait_ends(api: Api) -> None:
+    correlation_id = cid()
+    began = time.monotonic()
+    response = await api.client.post("/api/process/start", json=start_body(correlation_id))
+    assert 1.0 <= time.monotonic() - began < 5  # SYNC_TIMEOUT_MS = 1000 in this fixture
+    assert response.status_code == 202
+    url = f"/api/process/status/{correlation_id}"
+    assert response.json() == {
+        "status": "pending",
+        "correlationId": correlation_id,
+        "statusUrl": url,
+    }
+    assert response.headers["location"] == url
+    assert response.headers["retry-after"] == "2"
+    assert "preference-applied" not in response.headers
+
+
+async def test_prefer_respond_async_answers_at_once(api: Api) -> None:
+    response = await api.client.post(
+        "/api/process/start",
+        json=start_body(cid()),
+        headers={"Prefer": "respond-async"},
+    )
+    assert response.status_code == 202
+    assert response.headers["preference-applied"] == "respond-async"
+    assert api.deps.waitroom.parked == 0
+
+
+async def test_prefer_wait_is_capped_by_max_wait(
+    make_settings: MakeSettings, engine_url: str
+) -> None:
+    await deploy(engine_url)
+    settings = make_settings(camunda_base_url=engine_url, max_wait_ms=1_000)
+    async with running_app(settings) as api:
+        began = time.monotonic()
+        response = await api.client.post(
+            "/api/process/start", json=start_body(cid()), headers={"Prefer": "wait=3600"}
+        )
+        assert time.monotonic() - began < 5
+    assert response.status_code == 202
+    assert response.headers["preference-applied"] == "wait=1"
+
+
+async def test_an_error_outcome_answers_500_with_the_error(api: Api) -> None:
+    correlation_id = cid()
+    start = asyncio.create_task(
+        api.client.post("/api/process/start", json=start_body(correlation_id))
+    )
+    await until(lambda: api.deps.waitroom.parked == 1)
+    await api.deps.store.complete(correlation_id, Status.ERROR, error="validation failed")
+    response = await start
+    assert response.status_code == 500
+    assert response.json() == {
+        "status": "error",
+        "correlationId": correlation_id,
+        "error": "validation failed",
+        "statusUrl": f"/api/process/status/{correlation_id}",
+    }
+
+
+async def test_concurrent_duplicates_start_one_instance_and_share_the_outcome(
+    api: Api, engine_url: str
+) -> None:
+    correlation_id = cid()
+    body = start_body(correlation_id, userId="u1")
+    starts = [
+        asyncio.create_task(api.client.post("/api/process/start", json=body)) for _ in range(20)
+    ]
+    await until(lambda: api.deps.waitroom.parked == 20)
+    await api.deps.store.complete(correlation_id, Status.OK, data={"n": 1})
+    responses = await asyncio.gather(*starts)
+    assert {r.status_code for r in responses} == {200}
+    assert all(r.json()["result"] == {"n": 1} for r in responses)
+    async with CamundaClient(engine_url) as camunda:
+        instances = await camunda.historic_process_instances(
+            processInstanceBusinessKey=correlation_id
+        )
+    assert len(instances) == 1
+
+    # Once finished, a repeated start returns the stored outcome at once.
+    again = await api.client.post("/api/process/start", json=body)
+    assert again.status_code == 200
+    assert again.json()["result"] == {"n": 1}
+
+
+async def test_a_duplicate_with_other_variables_or_key_is_422(api: Api) -> None:
+    correlation_id = cid()
+    first = await api.client.post(
+        "/api/process/start",
+        json=start_body(correlation_id, userId="u1"),
+        headers={"Prefer": "respond-async"},
+    )
+    assert first.status_code == 202
+    for body in (
+        start_body(correlation_id, userId="u2"),
+        start_body(correlation_id, key="onboard-user", userId="u1"),
+    ):
+        response = await api.client.post("/api/process/start", json=body)
+        assert response.status_code == 422
+        assert response.json()["field"] == "correlationId"
+        assert "already used" in response.json()["error"]
+
+
+async def test_unknown_process_key_is_404_naming_it_and_leaves_nothing_pending(
+    api: Api,
+) -> None:
+    correlation_id = cid()
+    response = await api.client.post(
+        "/api/process/start", json=start_body(correlation_id, key="no-such-process")
+    )
+    assert response.status_code == 404
+    assert response.json() == {
+        "error": "no process definition with key 'no-such-process'",
+        "field": "processKey",
+    }
+    assert await api.deps.store.get(correlation_id) is None
+    status = await api.client.get(f"/api/process/status/{correlation_id}")
+    assert status.status_code == 404
+    # The id is free again: a corrected start succeeds.
+    retry = await api.client.post(
+        "/api/process/start", json=start_body(correlation_id), headers={"Prefer": "respond-async"}
+    )
+    assert retry.status_code == 202
+
+
+async def test_an_unreachable_engine_is_503_with_retry_after_and_leaves_nothing_pending(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings(camunda_base_url="http://127.0.0.1:9/engine-rest")
+    async with running_app(settings) as api:
+        correlation_id = cid()
+        response = await api.client.post("/api/process/start", json=start_body(correlation_id))
+        assert response.status_code == 503
+        assert response.headers["retry-after"].isdigit()
+        assert "unreachable" in response.json()["error"]
+        assert await api.deps.store.get(correlation_id) is None
+
+
+async def test_a_variable_the_engine_cannot_take_is_400_naming_variables(api: Api) -> None:
+    correlation_id = cid()
+    response = await api.client.post(
+        "/api/process/start", json=start_body(correlation_id, huge=2**63)
+    )
+    assert response.status_code == 400
+    assert response.json()["field"] == "variables"
+    assert await api.deps.store.get(correlation_id) is None
+
+
+async def test_a_claim_orphaned_by_a_dead_replica_is_taken_over(api: Api, engine_url: str) -> None:
+    correlation_id = cid()
+    # A replica claimed the id and died before the engine answered: no instance, long ago.
+    await api.deps.store.claim(
+        correlation_id, BENCHMARK, "h", traceability_id="t", batch_id="b", application_id="a"
+    )
+    await api.deps.redis.hset(
+        api.deps.keys.process(correlation_id), "startedAt", "2020-01-01T00:00:00.000+00:00"
+    )
+    response = await api.client.post(
+        "/api/process/start", json=start_body(correlation_id), headers={"Prefer": "respond-async"}
+    )
+    assert response.status_code == 202
+    state = await api.deps.store.get(correlation_id)
+    assert state is not None
+    assert state.instance_id is not None
+    assert state.traceability_id != "t"
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "field"),
+    [
+        (b'{"processKey": "benchmark",', {}, 400, None),
+        (b"[1, 2]", {}, 400, None),
+        (b'{"correlationId": "x"}', {}, 400, "processKey"),
+        (b'{"processKey": "benchmark"}', {}, 400, "correlationId"),
+        (b'{"processKey": "benchmark", "correlationId": "a b"}', {}, 400, "correlationId"),
+        (b'{"processKey": "benchmark", "correlationId": "a*"}', {}, 400, "correlationId"),
+        (
+            b'{"processKey": "benchmark", "correlationId": "' + b"x" * 129 + b'"}',
+            {},
+            400,
+            "correlationId",
+        ),
+        (b'{"processKey": "bench mark", "correlationId": "a"}', {}, 400, "processKey"),
+        (b'{"processKey": 7, "correlationId": "a"}', {}, 400, "processKey"),
+        (b'{"processKey": "b", "correlationId": "a", "variables": [1]}', {}, 400, "variables"),
+        (b'{"processKey": "b", "correlationId": "a", "variables": "x"}', {}, 400, "variables"),
+        (b'{"processKey": "b", "correlationId": "a"}', {"content-type": "text/plain"}, 415, None),
+        (b'{"processKey": "b", "correlationId": "a"}', {"content-type": ""}, 415, None),
+    ],
+)
+async def test_bad_start_bodies_are_answered_with_a_clear_error(
+    api: Api, content: bytes, headers: dict[str, str], status: int, field: str | None
+) -> None:
+    response = await api.client.post(
+        "/api/process/start",
+        content=content,
+        headers={"content-type": "application/json", **headers},
+    )
+    assert response.status_code == status
+    body = response.json()
+    assert isinstance(body["error"], str)
+    assert body["error"]
+    assert body.get("field") == field
+    assert await api.deps.store.page(cursor=None, limit=10) == ([], None)
+
+
+async def test_variables_nested_too_deep_are_400(
+    make_settings: MakeSettings, engine_url: str
+) -> None:
+    settings = make_settings(camunda_base_url=engine_url, max_variables_depth=3)
+    nested: dict[str, Any] = {"a": {"b": {"c": 1}}}
+    async with running_app(settings) as api:
+        ok = await api.client.post(
+            "/api/process/start",
+            json=start_body(cid(), key="no-such-process", **nested),
+        )
+        too_deep = await api.client.post("/api/process/start", json=start_body(cid(), x=nested))
+    assert ok.status_code == 404  # validated fine, then the engine has no such key
+    assert too_deep.status_code == 400
+    assert too_deep.json() == {
+        "error": "variables: nested deeper than 3 levels",
+        "field": "variables",
+    }
+
+
+async def test_a_body_over_the_limit_is_413(make_settings: MakeSettings, engine_url: str) -> None:
+    settings = make_settings(camunda_base_url=engine_url, max_body_bytes=1_000)
+    async with running_app(settings) as api:
+        response = await api.client.post(
+            "/api/process/start", json=start_body(cid(), blob="x" * 2_000)
+        )
+
+        # No Content-Length to go by: the limit holds while reading the stream.
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(3):
+                yield b" " * 600
+
+        streamed = await api.client.post(
+            "/api/process/start",
+            content=chunks(),
+            headers={"content-type": "application/json"},
+        )
+    for answer in (response, streamed):
+        assert answer.status_code == 413
+        assert answer.json() == {"error": "the body is larger than 1000 bytes"}
+
+
+async def test_unknown_paths_and_methods_answer_json(api: Api) -> None:
+    missing = await api.client.get("/nope")
+    assert missing.status_code == 404
+    assert missing.json()["error"] == "no such endpoint: /nope"
+    wrong = await api.client.delete("/api/process/start")
+    assert wrong.status_code == 405
+    assert wrong.headers["allow"] == "POST"
+    assert "error" in wrong.json()
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+async def test_status_reads_pending_ok_error_and_404(api: Api) -> None:
+    ok_id, error_id = cid(), cid()
+    for correlation_id in (ok_id, error_id):
+        response = await api.client.post(
+            "/api/process/start",
+            json=start_body(correlation_id),
+            headers={"Prefer": "respond-async"},
+        )
+        assert response.status_code == 202
+
+    pending = await api.client.get(f"/api/process/status/{ok_id}")
+    assert pending.status_code == 202
+    assert pending.headers["retry-after"] == "2"
+    body = pending.json()
+    assert body["status"] == "pending"
+    assert body["data"] is None
+    assert body["startedAt"] == body["updatedAt"] or body["startedAt"] < body["updatedAt"]
+
+    await api.deps.store.complete(ok_id, Status.OK, data=[1, 2])
+    await api.deps.store.complete(error_id, Status.ERROR, error={"code": "E1"})
+    ok = await api.client.get(f"/api/process/status/{ok_id}")
+    assert ok.status_code == 200
+    assert ok.headers["content-location"] == f"/api/process/status/{ok_id}"
+    assert {k: ok.json()[k] for k in ("status", "correlationId", "data", "error")} == {
+        "status": "ok",
+        "correlationId": ok_id,
+        "data": [1, 2],
+        "error": None,
+    }
+    error = await api.client.get(f"/api/process/status/{error_id}")
+    assert error.status_code == 500
+    assert error.json()["error"] == {"code": "E1"}
+
+    missing = await api.client.get(f"/api/process/status/{cid()}")
+    assert missing.status_code == 404
+    assert missing.json()["field"] == "correlationId"
+    bad = await api.client.get("/api/process/status/a*b")
+    assert bad.status_code == 400
+    assert bad.json()["field"] == "correlationId"
+
+
+async def test_status_long_polls_with_wait(api: Api) -> None:
+    correlation_id = cid()
+    await api.client.post(
+        "/api/process/start", json=start_body(correlation_id), headers={"Prefer": "respond-async"}
+    )
+    poll = asyncio.create_task(api.client.get(f"/api/process/status/{correlation_id}?wait=20"))
+    await until(lambda: api.deps.waitroom.parked == 1)
+    await api.deps.store.complete(correlation_id, Status.OK, data="done")
+    response = await poll
+    assert response.status_code == 200
+    assert response.json()["data"] == "done"
+
+    began = time.monotonic()
+    other = cid()
+    await api.client.post(
+        "/api/process/start", json=start_body(other), headers={"Prefer": "respond-async"}
+    )
+    timed_out = await api.client.get(f"/api/process/status/{other}", headers={"Prefer": "wait=1"})
+    assert timed_out.status_code == 202
+    assert timed_out.headers["preference-applied"] == "wait=1"
+    assert 1.0 <= time.monotonic() - began < 5
+    assert (await api.client.get(f"/api/process/status/{other}?wait=x")).status_code == 400
+
+
+async def test_status_falls_back_to_postgres_when_redis_forgot(api: Api) -> None:
+    correlation_id = cid()
+    await api.client.post(
+        "/api/process/start", json=start_body(correlation_id), headers={"Prefer": "respond-async"}
+    )
+    await api.deps.store.complete(correlation_id, Status.OK, data={"kept": True})
+
+    async def written() -> bool:  # by the app's flusher, in the background
+        row = await db.get_process(api.deps.pool, correlation_id)
+        return row is not None and row.status is Status.OK
+
+    await until(written)
+    await api.deps.redis.delete(api.deps.keys.process(correlation_id))  # as if the TTL passed
+
+    response = await api.client.get(f"/api/process/status/{correlation_id}")
+    assert response.status_code == 200
+    assert response.json()["data"] == {"kept": True}
+    # A late completion neither changes it nor is told "unknown".
+    late = await api.client.post(
+        "/api/process/complete", json={"correlationId": correlation_id, "status": "error"}
+    )
+    assert late.status_code == 200
+    assert late.json() == {"received": True, "changed": False}
+
+
+async def test_status_all_pages_newest_first(api: Api) -> None:
+    ids = []
+    for _ in range(5):
+        ids.append(cid())
+        response = await api.client.post(
+            "/api/process/start", json=start_body(ids[-1]), headers={"Prefer": "respond-async"}
+        )
+        assert response.status_code == 202
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 2}
+        if cursor:
+            params["cursor"] = cursor
+        page = await api.client.get("/api/process/status/all", params=params)
+        assert page.status_code == 200
+        body = page.json()
+        assert len(body["items"]) <= 2
+        seen += [item["correlationId"] for item in body["items"]]
+        cursor = body["nextCursor"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+    for bad in ("limit=0", "limit=501", "limit=x", "cursor=%%%"):
+        response = await api.client.get(f"/api/process/status/all?{bad}")
+        assert response.status_code == 400, bad
+
+
+# --- complete ------------------------------------------------------------------------------
+
+
+async def test_complete_is_idempotent_and_404_for_unknown_ids(api: Api) -> None:
+    correlation_id = cid()
+    await api.client.post(
+        "/api/process/start", json=start_body(correlation_id), headers={"Prefer": "respond-async"}
+    )
+    first = await api.client.post(
+        "/api/process/complete",
+        json={"correlationId": correlation_id, "status": "ok", "data": 1},
+    )
+    second = await api.client.post(
+        "/api/process/complete",
+        json={"correlationId": correlation_id, "status": "error", "error": "late"},
+    )
+    assert first.json() == {"received": True, "changed": True}
+    assert second.status_code == 200
+    assert second.json() == {"received": True, "changed": False}
+    status = await api.client.get(f"/api/process/status/{correlation_id}")
+    assert status.json()["data"] == 1
+
+    unknown = await api.client.post(
+        "/api/process/complete", json={"correlationId": cid(), "status": "ok"}
+    )
+    assert unknown.status_code == 404
+    bad = await api.client.post(
+        "/api/process/complete", json={"correlationId": correlation_id, "status": "done"}
+    )
+    assert bad.status_code == 400
+    assert bad.json()["field"] == "status"
+
+
+async def test_complete_token_and_api_keys(make_settings: MakeSettings, engine_url: str) -> None:
+    settings = make_settings(
+        camunda_base_url=engine_url, complete_token="s3cret", api_keys="k1, k2"
+    )
+    async with running_app(settings) as api:
+        correlation_id = cid()
+        body = start_body(correlation_id)
+        async_ = {"Prefer": "respond-async"}
+        assert (await api.client.post("/api/process/start", json=body)).status_code == 401
+        wrong = await api.client.post(
+            "/api/process/start", json=body, headers={"X-API-Key": "k3", **async_}
+        )
+        assert wrong.status_code == 401
+        assert wrong.headers["www-authenticate"].startswith("Bearer")
+        by_header = await api.client.post(
+            "/api/process/start", json=body, headers={"X-API-Key": "k2", **async_}
+        )
+        assert by_header.status_code == 202
+        by_bearer = await api.client.get(
+            f"/api/process/status/{correlation_id}", headers={"Authorization": "Bearer k1"}
+        )
+        assert by_bearer.status_code == 202
+        assert (await api.client.get("/api/process/status/all")).status_code == 401
+        assert (await api.client.get(f"/api/event-log/{correlation_id}")).status_code == 401
+
+        completion = {"correlationId": correlation_id, "status": "ok"}
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"X-API-Key": "k1"}):
+            denied = await api.client.post(
+                "/api/process/complete", json=completion, headers=headers
+            )
+            assert denied.status_code == 401
+        allowed = await api.client.post(
+            "/api/process/complete", json=completion, headers={"Authorization": "Bearer s3cret"}
+        )
+        assert allowed.status_code == 200
+        # Operations stay open: probes and scrapers carry no keys.
+        assert (await api.client.get("/healthz")).status_code == 200
+        assert (await api.client.get("/metrics")).status_code == 200
+
+
+# --- event log -----------------------------------------------------------------------------
+
+
+async def test_event_log_by_traceability_and_correlation_id(api: Api) -> None:
+    correlation_id = cid()
+    await api.client.post(
+        "/api/process/start", json=start_body(correlation_id), headers={"Prefer": "respond-async"}
+    )
+    await api.client.post(
+        "/api/process/complete", json={"correlationId": correlation_id, "status": "ok", "data": 7}
+    )
+    state = await api.deps.store.get(correlation_id)
+    assert state is not None
+
+    async def written() -> bool:  # by the app's flusher, in the background
+        return len(await db.events_by_correlation(api.deps.pool, correlation_id)) == 2
+
+    await until(written)
+    by_trace = await api.client.get(f"/api/event-log/{state.traceability_id}")
+    by_cid = await api.client.get(f"/api/event-log/{correlation_id}")
+    explicit = await api.client.get(f"/api/event-log/{correlation_id}?by=correlationId")
+    assert by_trace.status_code == by_cid.status_code == explicit.status_code == 200
+    events = by_trace.json()["events"]
+    assert [(e["step_name"], e["status"]) for e in events] == [
+        ("start", "started"),
+        ("complete", "ok"),
+    ]
+    assert events[0]["traceability_id"] == state.traceability_id
+    assert by_cid.json() == by_trace.json() == explicit.json()
+    assert (await api.client.get(f"/api/event-log/{cid()}")).json() == {"events": []}
+    assert (await api.client.get("/api/event-log/x?by=other")).status_code == 400
+
+
+# --- operations ----------------------------------------------------------------------------
+
+
+async def test_health_readiness_metrics_and_docs(api: Api) -> None:
+    assert (await api.client.get("/healthz")).json() == {"status": "alive"}
+    ready = await api.client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {
+        "redis": True,
+        "postgres": True,
+        "engine": True,
+        "subscription": True,
+    }
+    correlation_id = cid()
+    start = asyncio.create_task(
+        api.client.post("/api/process/start", json=start_body(correlation_id))
+    )
+    await until(lambda: api.deps.waitroom.parked == 1)
+    parked = (await api.client.get("/metrics")).text
+    assert "flowgate_api_parked_requests 1.0" in parked
+    await api.deps.store.complete(correlation_id, Status.OK)
+    assert (await start).status_code == 200
+    metrics = (await api.client.get("/metrics")).text
+    for name in (
+        "flowgate_api_parked_requests 0.0",
+        'flowgate_api_waits_total{how="woken"} 1.0',
+        "flowgate_api_wake_latency_seconds_count 1.0",
+        'flowgate_api_outcomes_total{endpoint="start_process",status="200"} 1.0',
+        'flowgate_api_request_duration_seconds_count{endpoint="start_process"} 1.0',
+        "flowgate_writebehind_backlog ",
+    ):
+        assert name in metrics, name
+
+    spec = (await api.client.get("/openapi.json")).json()
+    assert set(spec["paths"]) >= {
+        "/api/process/start",
+        "/api/process/status/{correlationId}",
+        "/api/process/status/all",
+        "/api/process/complete",
+        "/api/event-log/{id}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    }
+    page = await api.client.get("/docs")
+    assert page.headers["content-type"].startswith("text/html")
+    assert 'fetch("openapi.json")' in page.text
+    assert "http" not in page.text.split("<script>")[1]  # no external assets
+
+
+async def test_readiness_names_what_is_down(make_settings: MakeSettings) -> None:
+    settings = make_settings(camunda_base_url="http://127.0.0.1:9/engine-rest")
+    async with running_app(settings) as api:
+        ready = await api.client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["error"] == "down: engine"
+    assert ready.json()["checks"]["engine"] is False
+
+
+async def test_the_drain_hook_answers_parked_requests_with_202_and_closes(
+    make_settings: MakeSettings, engine_url: str
+) -> None:
+    await deploy(engine_url)
+    drain = DrainHook()
+    settings = make_settings(camunda_base_url=engine_url, sync_timeout_ms=60_000)
+    async with running_app(settings, drain=drain) as api:
+        correlation_id = cid()
+        start = asyncio.create_task(
+            api.client.post("/api/process/start", json=start_body(correlation_id))
+        )
+        await until(lambda: api.deps.waitroom.parked == 1)
+        # As the SIGTERM handler does: from outside the loop's own code.
+        await asyncio.to_thread(drain.trigger)
+        response = await start
+        assert response.status_code == 202
+        assert response.headers["location"] == f"/api/process/status/{correlation_id}"
+        assert response.headers["connection"] == "close"
+        ready = await api.client.get("/readyz")
+        assert ready.status_code == 503
+        assert "draining" in ready.json()["error"]
+        # Later starts are still served, without waiting.
+        later = await api.client.post("/api/process/start", json=start_body(cid()))
+        assert later.status_code == 202

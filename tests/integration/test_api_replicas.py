@@ -1,0 +1,197 @@
+"""Real ``python -m services.api`` processes: two replicas on one Redis, and SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from deploy.local.servers import free_port
+from shared.settings import Settings
+from tests.integration.test_api import cid, deploy, start_body, until
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+MakeSettings = Callable[..., Settings]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Replica:
+    url: str
+    process: asyncio.subprocess.Process
+    log: Path
+
+    async def parked(self, client: httpx.AsyncClient) -> float:
+        text = (await client.get(f"{self.url}/metrics")).text
+        match = re.search(r"^flowgate_api_parked_requests (\S+)$", text, re.MULTILINE)
+        assert match, text
+        return float(match[1])
+
+
+@contextlib.asynccontextmanager
+async def replica(
+    settings: Settings, tmp_path: Path, name: str, **env: str
+) -> AsyncIterator[Replica]:
+    """``python -m services.api`` on a free port with ``settings``; stopped afterwards."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "REDIS_PREFIX": settings.redis_prefix,
+        "CAMUNDA_BASE_URL": settings.camunda_base_url,
+        "SYNC_TIMEOUT_MS": str(settings.sync_timeout_ms),
+        "API_HOST": "127.0.0.1",
+        "API_PORT": str(port),
+        "REPLICA_ID": name,
+        "LOG_LEVEL": "INFO",
+        **env,
+    }
+    log = tmp_path / f"{name}.log"
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.api", cwd=ROOT, env=environment, stdout=out, stderr=out
+        )
+    running = Replica(f"http://127.0.0.1:{port}", process, log)
+    try:
+        async with httpx.AsyncClient(timeout=2) as client:
+
+            async def ready() -> bool:
+                assert process.returncode is None, log.read_text()
+                try:
+                    return (await client.get(f"{running.url}/readyz")).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            await until(ready, timeout_s=60)
+        yield running
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            async with asyncio.timeout(30):
+                await process.wait()
+
+
+async def test_two_replicas_share_waits_and_state(
+    make_settings: MakeSettings, engine_url: str, tmp_path: Path
+) -> None:
+    await deploy(engine_url)
+    settings = make_settings(camunda_base_url=engine_url)
+    async with (
+        replica(settings, tmp_path, "a") as a,
+        replica(settings, tmp_path, "b") as b,
+        httpx.AsyncClient(timeout=60) as client,
+    ):
+        correlation_id = cid()
+        start = asyncio.create_task(
+            client.post(
+                f"{a.url}/api/process/start",
+                json=start_body(correlation_id, userId="u1"),
+                headers={"Prefer": "wait=30"},
+            )
+        )
+        await until(lambda: _is(a.parked(client), 1), timeout_s=30)
+        # Pending reads the same on both.
+        on_a = await client.get(f"{a.url}/api/process/status/{correlation_id}")
+        on_b = await client.get(f"{b.url}/api/process/status/{correlation_id}")
+        assert on_a.status_code == on_b.status_code == 202
+        assert on_a.json() == on_b.json()
+
+        # Parked on A, completed through B.
+        began = time.monotonic()
+        done = await client.post(
+            f"{b.url}/api/process/complete",
+            json={"correlationId": correlation_id, "status": "ok", "data": {"via": "b"}},
+        )
+        assert done.json() == {"received": True, "changed": True}
+        response = await start
+        assert time.monotonic() - began < 2
+        assert response.status_code == 200
+        assert response.json()["result"] == {"via": "b"}
+
+        on_a = await client.get(f"{a.url}/api/process/status/{correlation_id}")
+        on_b = await client.get(f"{b.url}/api/process/status/{correlation_id}")
+        assert on_a.status_code == on_b.status_code == 200
+        assert on_a.json() == on_b.json()
+
+        # A long-poll on B is woken by a completion through A, too.
+        other = cid()
+        started = await client.post(
+            f"{a.url}/api/process/start",
+            json=start_body(other),
+            headers={"Prefer": "respond-async"},
+        )
+        assert started.status_code == 202
+        poll = asyncio.create_task(client.get(f"{b.url}/api/process/status/{other}?wait=30"))
+        await until(lambda: _is(b.parked(client), 1), timeout_s=30)
+        await client.post(
+            f"{a.url}/api/process/complete",
+            json={"correlationId": other, "status": "error", "error": "no"},
+        )
+        assert (await poll).status_code == 500
+
+
+async def test_sigterm_answers_every_parked_request_with_202_then_flushes_and_exits(
+    make_settings: MakeSettings, engine_url: str, tmp_path: Path, schema_url: str
+) -> None:
+    await deploy(engine_url)
+    settings = make_settings(camunda_base_url=engine_url, sync_timeout_ms=60_000)
+    async with replica(settings, tmp_path, "draining", MAX_WAIT_MS="120000") as server:
+        async with httpx.AsyncClient(timeout=60) as client:
+            starts = [cid() for _ in range(5)]
+            requests = [
+                asyncio.create_task(
+                    client.post(f"{server.url}/api/process/start", json=start_body(c))
+                )
+                for c in starts
+            ]
+            await until(lambda: _is(server.parked(client), 5), timeout_s=30)
+            requests += [
+                asyncio.create_task(
+                    client.get(f"{server.url}/api/process/status/{c}", params={"wait": 60})
+                )
+                for c in starts
+                for _ in range(4)
+            ]
+            await until(lambda: _is(server.parked(client), 25), timeout_s=30)
+
+            began = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            responses = await asyncio.gather(*requests)
+            assert time.monotonic() - began < 3, "parked requests must not wait for their deadline"
+        for response in responses:
+            assert response.status_code == 202
+            correlation_id = response.json()["correlationId"]
+            assert response.headers["location"] == f"/api/process/status/{correlation_id}"
+            assert response.headers["retry-after"].isdigit()
+        # uvicorn re-raises the signal once it has shut down cleanly.
+        async with asyncio.timeout(30):
+            assert await server.process.wait() in (0, -signal.SIGTERM)
+        assert "Application shutdown complete." in server.log.read_text()
+
+    # What it owed Postgres was written before it exited.
+    with psycopg.connect(schema_url) as conn:
+        rows = conn.execute(
+            "SELECT correlation_id, status, instance_id FROM process_store"
+            " WHERE correlation_id = ANY(%s)",
+            (starts,),
+        ).fetchall()
+    assert sorted(row[0] for row in rows) == sorted(starts)
+    assert all(row[1] == "pending" and row[2] for row in rows)
+
+
+async def _is(value: object, expected: float) -> bool:
+    assert asyncio.iscoroutine(value)
+    return bool(await value == expected)

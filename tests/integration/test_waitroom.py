@@ -1,0 +1,266 @@
+"""The wait room against a real Redis: no lost wake-ups, one connection, re-reads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.api.metrics import ApiMetrics
+from services.api.waitroom import WaitEnd, WaitRoom
+from shared.keys import Keys
+from shared.settings import Settings
+from shared.store import ProcessState, ProcessStore, StartFailed, Status
+from tests.integration.test_api import cid, running_app, until
+
+MakeSettings = Callable[..., Settings]
+
+
+@pytest.fixture
+async def pooled(redis_url: str, redis_client: aioredis.Redis) -> AsyncIterator[aioredis.Redis]:
+    """A client like the app's: a bounded pool that queues instead of failing at its limit
+    (``redis_client`` only cleans up the test's keys afterwards)."""
+    client = aioredis.Redis.from_pool(
+        aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=64, timeout=10)
+    )
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def store(pooled: aioredis.Redis, redis_prefix: str) -> ProcessStore:
+    return ProcessStore(pooled, Keys(redis_prefix), result_ttl_s=600, pending_ttl_s=600)
+
+
+@contextlib.asynccontextmanager
+async def open_room(
+    redis: aioredis.Redis, prefix: str, store: ProcessStore, **options: Any
+) -> AsyncIterator[WaitRoom]:
+    options.setdefault("max_parked", 10_000)
+    async with WaitRoom(redis, Keys(prefix), store, metrics=ApiMetrics(), **options) as room:
+        yield room
+
+
+@pytest.fixture
+async def room(
+    pooled: aioredis.Redis, redis_prefix: str, store: ProcessStore
+) -> AsyncIterator[WaitRoom]:
+    async with open_room(pooled, redis_prefix, store) as opened:
+        yield opened
+
+
+async def claim(store: ProcessStore, correlation_id: str) -> ProcessState:
+    state, created = await store.claim(
+        correlation_id, "benchmark", "h", traceability_id="t", batch_id="b", application_id="a"
+    )
+    assert created
+    return state
+
+
+async def pubsub_ids(redis: aioredis.Redis) -> set[int]:
+    clients = await redis.client_list(_type="pubsub")
+    return {int(client["id"]) for client in clients}
+
+
+async def test_the_room_is_ready_once_its_subscription_is_confirmed(
+    redis_client: aioredis.Redis, redis_prefix: str, store: ProcessStore
+) -> None:
+    before = await pubsub_ids(redis_client)
+    async with open_room(redis_client, redis_prefix, store) as room:
+        assert room.ready
+        assert len(await pubsub_ids(redis_client) - before) == 1
+        assert await redis_client.pubsub_numpat() >= 1
+    assert not room.ready
+
+
+async def test_a_completion_before_the_wait_is_returned_at_once(
+    room: WaitRoom, store: ProcessStore
+) -> None:
+    correlation_id = cid()
+    await claim(store, correlation_id)
+    assert await store.complete(correlation_id, Status.OK, data={"early": True})
+    began = time.monotonic()
+    result = await room.wait(correlation_id, timeout_s=10)
+    assert time.monotonic() - began < 1
+    assert result.end is WaitEnd.SETTLED
+    assert isinstance(result.outcome, ProcessState)
+    assert result.outcome.data == {"early": True}
+
+
+async def test_completions_racing_the_wait_are_never_missed(
+    room: WaitRoom, store: ProcessStore
+) -> None:
+    """Completion and wait start together, 300 times: a missed wake-up would end in a
+    timeout (the re-read would still find the state, but the end would be TIMEOUT)."""
+    ids = [cid() for _ in range(300)]
+    for correlation_id in ids:
+        await claim(store, correlation_id)
+
+    async def race(correlation_id: str, delay_s: float) -> WaitEnd:
+        async def complete() -> None:
+            await asyncio.sleep(delay_s)
+            await store.complete(correlation_id, Status.OK, data=correlation_id)
+
+        result, _ = await asyncio.gather(room.wait(correlation_id, timeout_s=5), complete())
+        assert isinstance(result.outcome, ProcessState)
+        assert result.outcome.data == correlation_id
+        return result.end
+
+    ends = await asyncio.gather(*(race(c, (i % 4) * 0.0005) for i, c in enumerate(ids)))
+    assert WaitEnd.TIMEOUT not in ends
+    assert set(ends) <= {WaitEnd.SETTLED, WaitEnd.WOKEN}
+
+
+async def test_a_thousand_parked_waits_on_one_connection_all_get_their_own_result(
+    redis_client: aioredis.Redis, room: WaitRoom, store: ProcessStore
+) -> None:
+    ids = [cid() for _ in range(1_000)]
+    for correlation_id in ids:
+        await claim(store, correlation_id)
+    connections = await pubsub_ids(redis_client)
+    waits = [asyncio.create_task(room.wait(c, timeout_s=60)) for c in ids]
+    await until(lambda: room.parked == 1_000)
+    assert await pubsub_ids(redis_client) == connections  # no connection per request
+
+    await asyncio.gather(*(store.complete(c, Status.OK, data={"id": c}) for c in ids))
+    results = await asyncio.gather(*waits)
+    assert [r.end for r in results] == [WaitEnd.WOKEN] * 1_000
+    assert [r.outcome.data["id"] for r in results if isinstance(r.outcome, ProcessState)] == ids
+    assert room.parked == 0
+
+
+async def test_every_waiter_of_an_id_is_woken(room: WaitRoom, store: ProcessStore) -> None:
+    correlation_id = cid()
+    await claim(store, correlation_id)
+    waits = [asyncio.create_task(room.wait(correlation_id, timeout_s=30)) for _ in range(5)]
+    await until(lambda: room.parked == 5)
+    await store.complete(correlation_id, Status.ERROR, error="boom")
+    results = await asyncio.gather(*waits)
+    assert {r.end for r in results} == {WaitEnd.WOKEN}
+    assert all(isinstance(r.outcome, ProcessState) and r.outcome.error == "boom" for r in results)
+
+
+async def test_a_failed_start_wakes_its_joiners_with_the_reason(
+    room: WaitRoom, store: ProcessStore
+) -> None:
+    correlation_id = cid()
+    state = await claim(store, correlation_id)
+    wait = asyncio.create_task(room.wait(correlation_id, timeout_s=30))
+    await until(lambda: room.parked == 1)
+    assert await store.abandon(correlation_id, state.version, reason={"error": "no such key"})
+    result = await wait
+    assert result.end is WaitEnd.WOKEN
+    assert result.outcome == StartFailed(correlation_id, {"error": "no such key"})
+
+
+async def test_a_timed_out_wait_reads_the_state_again(
+    redis_client: aioredis.Redis, room: WaitRoom, store: ProcessStore, redis_prefix: str
+) -> None:
+    correlation_id = cid()
+    await claim(store, correlation_id)
+    wait = asyncio.create_task(room.wait(correlation_id, timeout_s=0.5))
+    await until(lambda: room.parked == 1)
+    # A completion whose message got lost: the state changed, nobody was told.
+    await redis_client.hset(Keys(redis_prefix).process(correlation_id), "status", "ok")
+    result = await wait
+    assert result.end is WaitEnd.TIMEOUT
+    assert isinstance(result.outcome, ProcessState)
+    assert result.outcome.status is Status.OK
+
+    still_pending = cid()
+    await claim(store, still_pending)
+    pending = await room.wait(still_pending, timeout_s=0.2)
+    assert pending.end is WaitEnd.TIMEOUT
+    assert isinstance(pending.outcome, ProcessState)
+    assert pending.outcome.status is Status.PENDING
+
+
+async def test_after_a_reconnect_every_waiter_reads_the_state_again(
+    redis_client: aioredis.Redis, redis_prefix: str, store: ProcessStore
+) -> None:
+    before = await pubsub_ids(redis_client)
+    async with open_room(redis_client, redis_prefix, store) as room:
+        (connection,) = await pubsub_ids(redis_client) - before
+        correlation_id = cid()
+        await claim(store, correlation_id)
+        wait = asyncio.create_task(room.wait(correlation_id, timeout_s=30))
+        await until(lambda: room.parked == 1)
+        # Finished while the connection is down: the message is lost, the state is not.
+        await redis_client.hset(Keys(redis_prefix).process(correlation_id), "status", "ok")
+        await redis_client.client_kill_filter(_id=str(connection))
+        began = time.monotonic()
+        result = await wait
+        assert time.monotonic() - began < 10  # the reconnect, not the 30 s deadline
+        assert result.end is WaitEnd.SETTLED
+        assert isinstance(result.outcome, ProcessState)
+        assert result.outcome.status is Status.OK
+        await until(lambda: room.ready)
+        assert len(await pubsub_ids(redis_client) - before) == 1
+
+
+async def test_release_all_answers_parked_waits_at_once_and_later_ones_immediately(
+    room: WaitRoom, store: ProcessStore
+) -> None:
+    ids = [cid() for _ in range(10)]
+    for correlation_id in ids:
+        await claim(store, correlation_id)
+    waits = [asyncio.create_task(room.wait(c, timeout_s=60)) for c in ids]
+    await until(lambda: room.parked == 10)
+    began = time.monotonic()
+    room.release_all()
+    results = await asyncio.gather(*waits)
+    assert time.monotonic() - began < 1
+    assert {r.end for r in results} == {WaitEnd.DRAINED}
+    assert all(isinstance(r.outcome, ProcessState) and not r.outcome.finished for r in results)
+    late = await room.wait(ids[0], timeout_s=60)
+    assert late.end is WaitEnd.DRAINED
+    assert not room.ready
+
+
+async def test_beyond_max_parked_a_wait_answers_at_once(
+    redis_client: aioredis.Redis, redis_prefix: str, store: ProcessStore
+) -> None:
+    async with open_room(redis_client, redis_prefix, store, max_parked=2) as room:
+        correlation_id = cid()
+        await claim(store, correlation_id)
+        waits = [asyncio.create_task(room.wait(correlation_id, timeout_s=30)) for _ in range(2)]
+        await until(lambda: room.parked == 2)
+        overflow = await room.wait(correlation_id, timeout_s=30)
+        assert overflow.end is WaitEnd.FULL
+        await store.complete(correlation_id, Status.OK)
+        assert {r.end for r in await asyncio.gather(*waits)} == {WaitEnd.WOKEN}
+
+
+async def test_a_thousand_parked_http_long_polls_are_all_answered(
+    make_settings: MakeSettings,
+) -> None:
+    """Through the app: 1,000 concurrent ``?wait=`` requests on one instance, each woken by
+    its own ``/complete``."""
+    settings = make_settings(camunda_base_url="http://127.0.0.1:9/engine-rest")
+    async with running_app(settings) as api:
+        ids = [f"k-{uuid.uuid4().hex}" for _ in range(1_000)]
+        for correlation_id in ids:
+            await claim(api.deps.store, correlation_id)
+        polls = [
+            asyncio.create_task(api.client.get(f"/api/process/status/{c}?wait=60")) for c in ids
+        ]
+        await until(lambda: api.deps.waitroom.parked == 1_000, timeout_s=60)
+        completions = await asyncio.gather(
+            *(
+                api.client.post(
+                    "/api/process/complete",
+                    json={"correlationId": c, "status": "ok", "data": {"id": c}},
+                )
+                for c in ids
+            )
+        )
+        assert {c.status_code for c in completions} == {200}
+        responses = await asyncio.gather(*polls)
+    assert [r.status_code for r in responses] == [200] * 1_000
+    assert [r.json()["data"]["id"] for r in responses] == ids

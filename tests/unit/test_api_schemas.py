@@ -1,0 +1,124 @@
+"""Request validation, the depth limit and the OpenAPI document, without any server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from services.api.auth import Auth
+from services.api.openapi import build_openapi, docs_html
+from services.api.routes import ROUTES
+from services.api.schemas import (
+    CompleteRequest,
+    ErrorBody,
+    JSONResponse,
+    StartRequest,
+    json_depth,
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "depth"),
+    [(1, 0), ("x", 0), ({}, 1), ([], 1), ({"a": 1}, 1), ({"a": [1, {"b": None}]}, 3)],
+)
+def test_json_depth(value: Any, depth: int) -> None:
+    assert json_depth(value) == depth
+
+
+def test_json_depth_of_a_very_deep_value_does_not_recurse() -> None:
+    value: Any = 0
+    for _ in range(100_000):
+        value = [value]
+    assert json_depth(value) == 100_000
+
+
+@pytest.mark.parametrize(
+    "correlation_id", ["a", "A.b_c:d-9", "x" * 128, "2b7c5f0e-8f5d-4c4e-9d59-3f1b8f0c6a11"]
+)
+def test_valid_correlation_ids(correlation_id: str) -> None:
+    StartRequest.model_validate({"processKey": "p", "correlationId": correlation_id})
+
+
+@pytest.mark.parametrize(
+    "correlation_id", ["", "x" * 129, "a b", "a*", "a?", "a[1]", "{tag}", "a/b", "é", "a\n"]
+)
+def test_invalid_correlation_ids(correlation_id: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        StartRequest.model_validate({"processKey": "p", "correlationId": correlation_id})
+    assert caught.value.errors()[0]["loc"] == ("correlationId",)
+
+
+def test_all_is_reserved_as_a_correlation_id() -> None:
+    with pytest.raises(ValidationError, match="reserved"):
+        StartRequest.model_validate({"processKey": "p", "correlationId": "all"})
+    schema = StartRequest.model_json_schema()["properties"]["correlationId"]
+    assert schema["not"] == {"const": "all"}
+
+
+@pytest.mark.parametrize("key", ["", "a:b", "a b", "a/b", "x" * 129])
+def test_invalid_process_keys(key: str) -> None:
+    with pytest.raises(ValidationError):
+        StartRequest.model_validate({"processKey": key, "correlationId": "c"})
+
+
+def test_variables_depth_is_limited_by_the_validation_context() -> None:
+    body = {"processKey": "p", "correlationId": "c", "variables": {"a": {"b": {}}}}
+    assert StartRequest.model_validate(body, context={"max_depth": 3}).variables
+    with pytest.raises(ValidationError, match="nested deeper than 2 levels"):
+        StartRequest.model_validate(body, context={"max_depth": 2})
+
+
+def test_unknown_fields_are_ignored_and_variables_may_be_null() -> None:
+    body = {"processKey": "p", "correlationId": "c", "variables": None, "legacy": 1}
+    assert StartRequest.model_validate(body).variables is None
+
+
+def test_complete_status_is_ok_or_error() -> None:
+    assert CompleteRequest.model_validate({"correlationId": "c", "status": "error"}).error is None
+    with pytest.raises(ValidationError):
+        CompleteRequest.model_validate({"correlationId": "c", "status": "pending"})
+
+
+def test_error_bodies_leave_out_a_missing_field() -> None:
+    assert JSONResponse(ErrorBody(error="bad")).body == b'{"error":"bad"}'
+    assert JSONResponse(ErrorBody(error="bad", field="x")).body == b'{"error":"bad","field":"x"}'
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["$ref"]] if "$ref" in node else []
+        return own + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def test_the_document_describes_every_route_and_every_reference_resolves() -> None:
+    spec = build_openapi(Auth((), None))
+    assert set(spec["paths"]) == {route.path for route in ROUTES}
+    schemas = spec["components"]["schemas"]
+    for ref in _refs(spec):
+        assert ref.removeprefix("#/components/schemas/") in schemas, ref
+    assert "securitySchemes" not in spec["components"]
+    start = spec["paths"]["/api/process/start"]["post"]
+    assert set(start["responses"]) >= {"200", "202", "400", "404", "413", "415", "422", "500"}
+    assert start["responses"]["202"]["headers"]["Location"]["required"] is True
+
+
+def test_security_appears_only_when_configured() -> None:
+    spec = build_openapi(Auth((SecretStr("k"),), SecretStr("t")))
+    assert set(spec["components"]["securitySchemes"]) == {"apiKey", "completeToken"}
+    paths = spec["paths"]
+    assert paths["/api/process/start"]["post"]["security"] == [{"apiKey": []}]
+    assert paths["/api/process/complete"]["post"]["security"] == [{"completeToken": []}]
+    assert "security" not in paths["/healthz"]["get"]
+    assert "401" in paths["/api/process/status/all"]["get"]["responses"]
+
+
+def test_the_docs_page_needs_nothing_from_the_network() -> None:
+    page = docs_html()
+    assert 'fetch("openapi.json")' in page
+    assert "src=" not in page
+    assert "https://" not in page
