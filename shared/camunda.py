@@ -405,6 +405,23 @@ class CamundaClient:
         """History records, e.g. ``historic_process_instances(processInstanceBusinessKey=…)``."""
         return _objects(await self._send("GET", "/history/process-instance", params=filters))
 
+    async def historic_process_instances_with(
+        self, *, business_key: str, variables_equal: Mapping[str, str]
+    ) -> list[JsonObject]:
+        """History records of ``business_key`` whose variables have these values.
+
+        The POST form of the query: the GET form packs conditions into ``name_op_value``
+        strings, which cannot express a variable name that contains ``_``.
+        """
+        body = {
+            "processInstanceBusinessKey": business_key,
+            "variables": [
+                {"name": name, "operator": "eq", "value": value}
+                for name, value in variables_equal.items()
+            ],
+        }
+        return _objects(await self._send("POST", "/history/process-instance", json=body))
+
     async def process_variables(self, instance_id: str) -> dict[str, Any]:
         """The running instance's variables, decoded."""
         path = f"/process-instance/{_segment(instance_id)}/variables"

@@ -141,7 +141,9 @@ async def get_process(pool: AsyncConnectionPool, correlation_id: str) -> Process
     """The last state the write-behind stored, for a process Redis no longer holds."""
     async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
-            "SELECT * FROM process_store WHERE correlation_id = %s", (correlation_id,)
+            # `abandoned` rows are tombstones of starts the engine never took (writebehind.py).
+            "SELECT * FROM process_store WHERE correlation_id = %s AND status <> 'abandoned'",
+            (correlation_id,),
         )
         row = await cur.fetchone()
     return None if row is None else _process_state(row)

@@ -6,7 +6,10 @@ the stream. A :class:`Flusher` per API replica reads it through the consumer gro
 
 * ``state``  -> ``process_store`` upsert that only moves forward (``version`` guard), so a
   replay or a late, out-of-order entry never overwrites a newer row;
-* ``delete`` -> ``DELETE ... WHERE version <= v`` (an abandoned start);
+* ``delete`` -> an ``abandoned`` tombstone at that version (a start the engine never took).
+  A tombstone rather than a DELETE: entries taken over from a dead replica can arrive after
+  newer ones, and a late ``state`` entry must not bring the abandoned row back as
+  ``pending``. Readers treat ``abandoned`` as "no such process";
 * ``event``  -> ``event_log`` insert keyed by the stream entry id (``ON CONFLICT DO NOTHING``).
 
 Entries are acknowledged and deleted from the stream only after the commit. While Postgres
@@ -56,7 +59,14 @@ ON CONFLICT (correlation_id) DO UPDATE SET
 WHERE process_store.version < EXCLUDED.version
 """
 
-_DELETE_STATE = "DELETE FROM process_store WHERE correlation_id = %s AND version <= %s"
+_ABANDON_STATE = """
+INSERT INTO process_store (correlation_id, process_key, status, started_at, updated_at, version)
+VALUES (%s, '', 'abandoned', now(), now(), %s)
+ON CONFLICT (correlation_id) DO UPDATE SET
+    status = 'abandoned', data = NULL, error = NULL, instance_id = NULL,
+    updated_at = EXCLUDED.updated_at, version = EXCLUDED.version
+WHERE process_store.version <= EXCLUDED.version
+"""
 
 _INSERT_EVENT = """
 INSERT INTO event_log (
@@ -68,7 +78,7 @@ VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 
 ON CONFLICT (stream_id) DO NOTHING
 """
 
-_SQL = {"state": _UPSERT_STATE, "delete": _DELETE_STATE, "event": _INSERT_EVENT}
+_SQL = {"state": _UPSERT_STATE, "delete": _ABANDON_STATE, "event": _INSERT_EVENT}
 
 # Postgres refused the data itself (bad value, constraint): retrying the batch cannot help,
 # retrying row by row isolates the culprit. Everything else is treated as an outage.

@@ -279,17 +279,14 @@ async def _begin(d: Deps, state: ProcessState, variables: dict[str, Any]) -> Non
         "identifiers": {"applicationId": state.application_id},
     }
     try:
-        with d.metrics.engine_start_seconds.time():
-            instance = await d.camunda.start_process(
-                state.process_key, business_key=cid, variables={**variables, **system}
-            )
+        instance_id = await _start_instance(d, state, {**variables, **system})
     except (CamundaError, VariableError) as exc:
         error = _engine_failure(exc, state.process_key)
         await d.store.abandon(
             cid, state.version, reason=start_failed_reason(error.status_code, error.body)
         )
         raise error from exc
-    await d.store.attach_instance(cid, instance.id)
+    await d.store.attach_instance(cid, instance_id)
     await append_event(
         d.redis,
         d.keys,
@@ -306,9 +303,35 @@ async def _begin(d: Deps, state: ProcessState, variables: dict[str, Any]) -> Non
             traceability_id=state.traceability_id,
             application_id=state.application_id,
             identifiers=system["identifiers"],
-            metadata={"instanceId": instance.id},
+            metadata={"instanceId": instance_id},
         ),
     )
+
+
+async def _start_instance(d: Deps, state: ProcessState, variables: dict[str, Any]) -> str:
+    """Start the engine instance; its id.
+
+    A start whose answer was lost (a read timeout, a dropped connection) may still have
+    started the instance. Before calling it failed, and so letting a retry start a second
+    one, look the instance up by this attempt's traceability id.
+    """
+    cid = state.correlation_id
+    try:
+        with d.metrics.engine_start_seconds.time():
+            instance = await d.camunda.start_process(
+                state.process_key, business_key=cid, variables=variables
+            )
+    except EngineUnavailable:
+        found = await d.camunda.historic_process_instances_with(
+            business_key=cid, variables_equal={"traceability_id": state.traceability_id}
+        )
+        if not found:
+            raise
+        log.warning(
+            "recovered an instance whose start answer was lost", extra={"correlationId": cid}
+        )
+        return str(found[0]["id"])
+    return instance.id
 
 
 def _engine_failure(exc: CamundaError | VariableError, process_key: str) -> ApiError:

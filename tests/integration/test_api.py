@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from services.api.app import DrainHook, create_app
 from services.api.deps import Deps
 from shared import db
-from shared.camunda import CamundaClient
+from shared.camunda import CamundaClient, EngineUnavailable
 from shared.deployment import deploy_directory
 from shared.settings import Settings
 from shared.store import Status
@@ -298,6 +298,32 @@ async def test_an_unreachable_engine_is_503_with_retry_after_and_leaves_nothing_
         assert response.headers["retry-after"].isdigit()
         assert "unreachable" in response.json()["error"]
         assert await api.deps.store.get(correlation_id) is None
+
+
+async def test_a_start_whose_answer_was_lost_is_found_not_started_twice(
+    api: Api, engine_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine started the instance but its answer never arrived (read timeout)."""
+    start_for_real = api.deps.camunda.start_process
+
+    async def answer_lost(*args: Any, **kwargs: Any) -> Any:
+        await start_for_real(*args, **kwargs)
+        raise EngineUnavailable("read timeout")
+
+    monkeypatch.setattr(api.deps.camunda, "start_process", answer_lost)
+    correlation_id = cid()
+    response = await api.client.post(
+        "/api/process/start",
+        json=start_body(correlation_id),
+        headers={"Prefer": "respond-async"},
+    )
+    assert response.status_code == 202
+    state = await api.deps.store.get(correlation_id)
+    assert state is not None
+    assert state.instance_id is not None
+    async with CamundaClient(engine_url) as camunda:
+        found = await camunda.historic_process_instances(processInstanceBusinessKey=correlation_id)
+    assert [instance["id"] for instance in found] == [state.instance_id]
 
 
 async def test_a_variable_the_engine_cannot_take_is_400_naming_variables(api: Api) -> None:

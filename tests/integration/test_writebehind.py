@@ -168,10 +168,15 @@ async def test_a_stale_entry_never_overwrites_a_newer_row(
     assert (row.status, row.data, row.version) == (Status.OK, "final", 2)
 
 
-async def test_an_abandoned_start_deletes_its_row(
-    store: ProcessStore, pool: AsyncConnectionPool, make_flusher: Callable[..., Flusher]
+async def test_an_abandoned_start_reads_as_gone_even_if_its_claim_arrives_late(
+    store: ProcessStore,
+    redis_client: aioredis.Redis,
+    keys: Keys,
+    pool: AsyncConnectionPool,
+    make_flusher: Callable[..., Flusher],
 ) -> None:
     await claim(store, "a-1")
+    (_, claimed_entry), *_ = await redis_client.xrange(keys.writebehind)
     flusher = make_flusher()
     assert await flusher.drain(timeout_s=10)
     assert await db.get_process(pool, "a-1") is not None
@@ -179,6 +184,19 @@ async def test_an_abandoned_start_deletes_its_row(
     assert await store.abandon("a-1", 1, reason="engine down")
     assert await flusher.drain(timeout_s=10)
     assert await db.get_process(pool, "a-1") is None
+
+    # A dead replica's claimed entry for the same version lands after the tombstone.
+    await redis_client.xadd(keys.writebehind, claimed_entry)
+    assert await flusher.drain(timeout_s=10)
+    assert await db.get_process(pool, "a-1") is None
+
+    # The same id claimed again: once it has moved past the tombstone it reads normally.
+    await claim(store, "a-1")
+    await store.complete("a-1", Status.OK, data="second try")
+    assert await flusher.drain(timeout_s=10)
+    row = await db.get_process(pool, "a-1")
+    assert row is not None
+    assert (row.status, row.data) == (Status.OK, "second try")
 
 
 async def test_events_come_back_in_step_order(
