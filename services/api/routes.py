@@ -322,6 +322,8 @@ async def _start_instance(d: Deps, state: ProcessState, variables: dict[str, Any
                 state.process_key, business_key=cid, variables=variables
             )
     except EngineUnavailable:
+        if state.traceability_id is None:  # every claim sets it; nothing to look up by
+            raise
         found = await d.camunda.historic_process_instances_with(
             business_key=cid, variables_equal={"traceability_id": state.traceability_id}
         )
