@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, PositiveInt, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-
-PositiveMs = Annotated[int, Field(gt=0)]
 
 
 class Settings(BaseSettings):
@@ -30,38 +28,38 @@ class Settings(BaseSettings):
     sync_timeout_ms: Annotated[int, Field(ge=0)] = 25_000
     # Upper bound for `Prefer: wait=N` and `?wait=N`; keep it under the load balancer's
     # read timeout (deploy/ sets those to 75 s).
-    max_wait_ms: PositiveMs = 60_000
+    max_wait_ms: PositiveInt = 60_000
     # Retry-After advertised with every 202.
     retry_after_s: Annotated[int, Field(ge=1)] = 2
     # Terminal states stay in Redis this long; Postgres keeps them afterwards.
-    result_ttl_s: PositiveMs = 86_400
+    result_ttl_s: PositiveInt = 86_400
     # Pending states expire after this (a run that never finished does not live forever).
-    pending_ttl_s: PositiveMs = 7 * 86_400
-    max_body_bytes: PositiveMs = 1_048_576
-    max_variables_depth: PositiveMs = 32
+    pending_ttl_s: PositiveInt = 7 * 86_400
+    max_body_bytes: PositiveInt = 1_048_576
+    max_variables_depth: PositiveInt = 32
     # Shared secret the completion callback must present as a bearer token (off when unset).
     complete_token: SecretStr | None = None
     # Comma-separated client API keys for the client endpoints (off when empty).
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     # Seconds uvicorn keeps idle connections: above common load-balancer idle timeouts.
-    keepalive_s: PositiveMs = 75
+    keepalive_s: PositiveInt = 75
     # Hard deadline for draining on SIGTERM (parked requests are answered at once).
-    shutdown_grace_s: PositiveMs = 10
+    shutdown_grace_s: PositiveInt = 10
 
     # --- write-behind to Postgres --------------------------------------------------------
-    writebehind_batch: PositiveMs = 500
-    writebehind_block_ms: PositiveMs = 1_000
+    writebehind_batch: PositiveInt = 500
+    writebehind_block_ms: PositiveInt = 1_000
     # Entries a consumer left unacknowledged this long are claimed by another.
-    writebehind_claim_idle_ms: PositiveMs = 30_000
+    writebehind_claim_idle_ms: PositiveInt = 30_000
 
     # --- the worker ----------------------------------------------------------------------
-    camunda_max_tasks: PositiveMs = 10
-    camunda_lock_duration_ms: PositiveMs = 20_000
+    camunda_max_tasks: PositiveInt = 10
+    camunda_lock_duration_ms: PositiveInt = 20_000
     camunda_async_response_timeout_ms: Annotated[int, Field(ge=0, le=1_800_000)] = 30_000
-    worker_concurrency: PositiveMs = 10
+    worker_concurrency: PositiveInt = 10
     worker_retries: Annotated[int, Field(ge=0)] = 3
     worker_retry_timeout_ms: Annotated[int, Field(ge=0)] = 1_000
-    worker_shutdown_grace_s: PositiveMs = 10
+    worker_shutdown_grace_s: PositiveInt = 10
     worker_health_port: Annotated[int, Field(ge=0, le=65_535)] = 8081
     # Names the worker's restart slots (default: the host name; see services/worker/identity.py).
     worker_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
@@ -77,7 +75,7 @@ class Settings(BaseSettings):
     replica_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,64}$")
     # Requests parked at once per replica; beyond it a start or long-poll answers 202 at
     # once (OWASP API4: a bounded resource, not a way to exhaust memory).
-    max_parked: PositiveMs = 20_000
+    max_parked: PositiveInt = 20_000
 
     @field_validator("api_keys", mode="before")
     @classmethod

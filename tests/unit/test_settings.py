@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from shared.settings import Settings, SettingsError, load_settings
@@ -57,3 +59,9 @@ def test_a_bad_value_stops_start_up_naming_the_variable(
     message = str(caught.value)
     assert name in message
     assert repr(value) in message
+
+
+def test_the_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    missing = [name.upper() for name in Settings.model_fields if f"`{name.upper()}`" not in readme]
+    assert not missing, f"README.md's configuration table lacks {missing}"
