@@ -31,7 +31,6 @@ from services.api.schemas import (
     CompleteAck,
     CompleteRequest,
     ErrorBody,
-    Event,
     EventLog,
     Health,
     JSONResponse,
@@ -171,7 +170,7 @@ async def event_log(request: Request) -> Response:
         events = await db.events_by_traceability(d.pool, key)
     if not events and by in ("any", "correlationId"):
         events = await db.events_by_correlation(d.pool, key)
-    return JSONResponse(EventLog(events=[Event.model_validate(e.to_dict()) for e in events]))
+    return JSONResponse(EventLog(events=events))
 
 
 # --- operations ----------------------------------------------------------------------------

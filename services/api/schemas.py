@@ -12,6 +12,7 @@ import orjson
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from starlette.responses import Response
 
+from shared.eventlog import EventRecord
 from shared.store import ProcessState, StartFailed, iso
 
 #: Becomes part of Redis keys, channel names and URLs: no glob characters (the wait room's
@@ -162,34 +163,9 @@ class CompleteAck(BaseModel):
     changed: bool = Field(description="False when the process had already finished.")
 
 
-class Event(BaseModel):
-    """One `event_log` row (the seed's columns, snake_case as in the table)."""
-
-    correlation_id: str
-    status: str
-    step: int | None = None
-    step_name: str | None = None
-    process_name: str | None = None
-    http_method: str | None = None
-    endpoint: str | None = None
-    request_data: Any = None
-    response_data: Any = None
-    error_message: str | None = None
-    http_status_code: int | None = None
-    batch_id: str | None = None
-    traceability_id: str | None = None
-    application_id: str | None = None
-    target_system: str | None = None
-    originating_system: str | None = None
-    identifiers: Any = None
-    result: Any = None
-    metadata: Any = None
-    execution_time_ms: int | None = None
-    created_at: Timestamp
-
-
 class EventLog(BaseModel):
-    events: list[Event] = Field(description="In step order.")
+    # The seed's event_log columns, snake_case as in the table (shared/eventlog.py).
+    events: list[EventRecord] = Field(description="In step order.")
 
 
 class ErrorBody(BaseModel):
