@@ -11,8 +11,8 @@ raises anything else           ``failure``, retries counted down, retryTimeout d
                                gets the error at once (state ``error``)
 =============================  ============================================================
 
-The engine's answer to that call (reference: camunda-rest.md §1.4): 404 means the task is
-gone (cancelled or done elsewhere) and 400 "locked by worker" means another worker owns it:
+How the engine's answer to that call is read: 404 means the task is gone (cancelled or
+done elsewhere) and 400 "locked by worker" means another worker owns it:
 both drop the result. Optimistic locking, deadlocks and an unreachable engine are retried
 (the engine rolled back, so repeating is safe). Any other refusal of ``complete`` (a
 variable the engine cannot store, a listener that failed) becomes a ``failure``.
