@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     # Every Redis key and channel starts with this, so environments can share a server.
     redis_prefix: str = Field(default="fg", pattern=r"^[A-Za-z0-9_-]{1,32}$")
 
+    # One engine REST call (not a long poll) gives up after this: a start then answers 503.
+    # Generous: under a burst the engine queues starts on its few database connections.
+    camunda_timeout_ms: PositiveInt = 30_000
+
     # --- the API: how long a request waits ---------------------------------------------
     sync_timeout_ms: Annotated[int, Field(ge=0)] = 25_000
     # Upper bound for `Prefer: wait=N` and `?wait=N`; keep it under the load balancer's

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.api.auth import Auth
-from services.api.deps import ENGINE_TIMEOUT_S, Deps
+from services.api.deps import Deps
 from services.api.metrics import ApiMetrics, OutcomeMiddleware
 from services.api.openapi import docs_html, render_openapi
 from services.api.routes import ROUTES
@@ -111,7 +111,9 @@ def create_app(settings: Settings, *, drain: DrainHook | None = None) -> Starlet
             )
             stack.push_async_callback(redis.aclose)
             camunda = await stack.enter_async_context(
-                CamundaClient(settings.camunda_base_url, timeout_s=ENGINE_TIMEOUT_S)
+                CamundaClient(
+                    settings.camunda_base_url, timeout_s=settings.camunda_timeout_ms / 1000
+                )
             )
             pool = await db.open_pool(settings.database_url)
             stack.push_async_callback(pool.close)

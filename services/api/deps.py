@@ -17,9 +17,6 @@ from shared.settings import Settings
 from shared.store import ProcessStore
 from shared.writebehind import Flusher
 
-#: Bound on one engine request (connect + answer); starts fail with 503 beyond it.
-ENGINE_TIMEOUT_S = 10.0
-
 
 @dataclass(frozen=True, slots=True)
 class Deps:

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from services.api.deps import ENGINE_TIMEOUT_S, Deps, deps
+from services.api.deps import Deps, deps
 from services.api.metrics import CONTENT_TYPE
 from services.api.prefer import parse_prefer
 from services.api.schemas import (
@@ -59,9 +59,10 @@ Model = TypeVar("Model", bound=BaseModel)
 _CORRELATION_ID = re.compile(CORRELATION_ID_PATTERN)
 _STATUS_CODES = {Status.OK: 200, Status.PENDING: 202, Status.ERROR: 500}
 MAX_PAGE = 500
-#: A claim still without an engine instance this long after it was made was orphaned by a
-#: replica that died mid-start (the engine call itself times out after ENGINE_TIMEOUT_S).
-ORPHANED_AFTER = timedelta(seconds=6 * ENGINE_TIMEOUT_S)
+#: A claim still without an engine instance this many engine timeouts after it was made
+#: was orphaned by a replica that died mid-start: the start call and the lost-answer
+#: lookup are each bounded by CAMUNDA_TIMEOUT_MS, so no call of the claimant is in flight.
+ORPHANED_AFTER_TIMEOUTS = 3
 _READY_TIMEOUT_S = 2.0
 
 
@@ -240,6 +241,7 @@ async def _claim(
     d: Deps, correlation_id: str, process_key: str, request_hash: str
 ) -> tuple[ProcessState, bool]:
     """Claim the id (or join its claim); take over a claim orphaned before the engine call."""
+    orphaned_after = timedelta(milliseconds=ORPHANED_AFTER_TIMEOUTS * d.settings.camunda_timeout_ms)
     for _ in range(2):
         state, created = await d.store.claim(
             correlation_id,
@@ -253,7 +255,7 @@ async def _claim(
             not created
             and state.status is Status.PENDING
             and state.instance_id is None
-            and datetime.now(UTC) - state.started_at > ORPHANED_AFTER
+            and datetime.now(UTC) - state.started_at > orphaned_after
         )
         if not orphaned:
             break
