@@ -53,7 +53,9 @@ async def serve(
             socket_connect_timeout=REDIS_TIMEOUT_S,
         )
         stack.push_async_callback(redis.aclose)
-        camunda = await stack.enter_async_context(CamundaClient(settings.camunda_base_url))
+        camunda = await stack.enter_async_context(
+            CamundaClient(settings.camunda_base_url, timeout_s=settings.camunda_timeout_ms / 1000)
+        )
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=HTTP_TIMEOUT_S))
         identity = await stack.enter_async_context(claim_identity(redis, keys, name=name))
         store = ProcessStore(
