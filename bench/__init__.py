@@ -1,0 +1,1 @@
+"""`make bench`: flowgate measured against its physical limits and its peers (see __main__)."""

@@ -1,0 +1,158 @@
+"""Starting our own services for a benchmark: the API (``python -m services.api``) and the
+worker (``python -m services.worker``), each its own subprocess on a free port."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import urllib.request
+import uuid
+from dataclasses import dataclass
+
+import psycopg
+
+from bench.harness import Run, Stack
+from deploy.local import servers
+from deploy.local.servers import Server
+
+
+def available(module: str) -> str | None:
+    """None when ``python -m module`` exists, else why not."""
+    try:
+        found = importlib.util.find_spec(f"{module}.__main__")
+    except ModuleNotFoundError:
+        found = None
+    return None if found else f"{module} has no __main__ yet"
+
+
+def new_schema(stack: Stack, name: str) -> str:
+    """A fresh schema in flowgate's database; returns a DATABASE_URL that uses it."""
+    schema = f"b_{name}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    return stack.schema_url(schema)
+
+
+@dataclass
+class Api:
+    server: Server
+    port: int
+    prefix: str
+    database_url: str
+
+    @property
+    def pid(self) -> int:
+        return self.server.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start_api(
+    run: Run,
+    stack: Stack,
+    *,
+    engine_url: str,
+    prefix: str,
+    database_url: str,
+    cpu: int | None,
+    extra_env: dict[str, str] | None = None,
+) -> Api:
+    port = servers.free_port()
+    env = {
+        "API_HOST": "127.0.0.1",
+        "API_PORT": str(port),
+        "REDIS_URL": stack.redis_url,
+        "REDIS_PREFIX": prefix,
+        "DATABASE_URL": database_url,
+        "CAMUNDA_BASE_URL": engine_url,
+        "LOG_LEVEL": "warning",
+        "MAX_WAIT_MS": "120000",
+        "MAX_PARKED": "20000",
+        "REPLICA_ID": f"bench-{port}",
+        **(extra_env or {}),
+    }
+    server = run.python(
+        "api",
+        "services.api",
+        env=env,
+        cpu=cpu,
+        ready=lambda: servers.http_ok(f"http://127.0.0.1:{port}/healthz"),
+    )
+    return Api(server, port, prefix, database_url)
+
+
+def start_worker(
+    run: Run,
+    stack: Stack,
+    *,
+    engine_url: str,
+    prefix: str,
+    database_url: str,
+    cpu: int | None,
+    extra_env: dict[str, str] | None = None,
+) -> Server:
+    env = {
+        "REDIS_URL": stack.redis_url,
+        "REDIS_PREFIX": prefix,
+        "DATABASE_URL": database_url,
+        "CAMUNDA_BASE_URL": engine_url,
+        "WORKER_HEALTH_PORT": "0",
+        "LOG_LEVEL": "warning",
+        **(extra_env or {}),
+    }
+    return run.python("worker", "services.worker", env=env, cpu=cpu)
+
+
+@dataclass
+class Stub:
+    """The stand-in engine (bench/stubengine.py), for the micro-benchmarks only."""
+
+    server: Server
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.server.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/engine-rest"
+
+
+def start_stub(run: Run, stack: Stack, *, prefix: str, mode: str, cpu: int | None) -> Stub:
+    port = servers.free_port()
+    server = run.python(
+        "stand-in-engine",
+        "bench.stubengine",
+        str(port),
+        stack.redis_url,
+        prefix,
+        mode,
+        cpu=cpu,
+        ready=lambda: servers.port_open(port),
+    )
+    return Stub(server, port)
+
+
+def metrics(api: Api) -> dict[str, float]:
+    """The API's Prometheus samples: ``name{labels}`` -> value."""
+    with urllib.request.urlopen(f"{api.url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                samples[name] = float(value)
+    return samples
+
+
+def waits(api: Api) -> dict[str, int]:
+    """How parked requests ended so far (flowgate_api_waits_total by ``how``)."""
+    found = {}
+    for name, value in metrics(api).items():
+        if name.startswith("flowgate_api_waits_total{"):
+            found[name.split('how="', 1)[1].split('"', 1)[0]] = int(value)
+    return found

@@ -1,0 +1,63 @@
+"""How much each benchmark does: the full run (``make bench``) and the smoke run (CI).
+
+The smoke run exercises every code path with tiny counts so the suite cannot rot; its
+figures mean nothing. Every load loop is bounded by these counts and durations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    #: Each comparison runs A B A B ...: this many rounds of each side.
+    rounds: int
+    # 1. gateway overhead: requests per round, by concurrency
+    gateway_requests: dict[int, int]
+    gateway_warmup: int
+    # 2./3. parked requests: levels (the last is the capacity test), wake probes per level
+    parked_levels: tuple[int, ...]
+    wake_probes: int
+    # 4. throughput: wrk duration per measurement, connections
+    wrk_seconds: int
+    wrk_connections: int
+    # 6. write-behind: how long the load runs while Postgres is down
+    outage_seconds: float
+    # 5. workers: instances to drain per client run, and the longest a client may take
+    worker_instances: int
+    worker_deadline_s: float
+    # pyinstrument/py-spy profiles of the API under load (full run only)
+    profile_api: bool
+
+
+FULL = Profile(
+    name="full",
+    rounds=2,
+    gateway_requests={1: 100, 16: 400, 64: 800},
+    gateway_warmup=128,
+    parked_levels=(1, 1_000, 10_000),
+    wake_probes=100,
+    wrk_seconds=10,
+    wrk_connections=64,
+    outage_seconds=5.0,
+    worker_instances=1_000,
+    worker_deadline_s=12.0,
+    profile_api=True,
+)
+
+SMOKE = Profile(
+    name="smoke",
+    rounds=1,
+    gateway_requests={1: 3, 16: 16, 64: 64},
+    gateway_warmup=8,
+    parked_levels=(1, 50, 200),
+    wake_probes=5,
+    wrk_seconds=1,
+    wrk_connections=16,
+    outage_seconds=0.5,
+    worker_instances=20,
+    worker_deadline_s=3.0,
+    profile_api=False,
+)

@@ -1,0 +1,621 @@
+"""Write what a run measured: ``bench/results.json``, ``benchmarks.md`` and the PNG plots.
+
+Everything under ``out`` (docs/ by default): ``out/benchmarks.md``, ``out/bench/results.json``,
+``out/bench/*.png``. The markdown is generated from the JSON alone, plus the hand-written
+analysis in bench/ANALYSIS.md (kept verbatim, because why a figure is what it is needs a
+person), so a rerun always regenerates it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ANALYSIS = Path(__file__).parent / "ANALYSIS.md"
+
+Row = tuple[str, str, str, str]  # goal, target, measured, verdict
+REACHED, MISSED, NOT_RUN = "reached", "**missed**", "not measured"
+
+
+def write(
+    out: Path,
+    meta: dict[str, Any],
+    results: dict[str, Any],
+    errors: dict[str, str],
+    *,
+    merge: bool = False,
+) -> list[Path]:
+    """Write everything; with ``merge`` (a ``--only`` run) earlier results of the other
+    benchmarks in ``out`` are kept, and the report says which ran when."""
+    images = out / "bench"
+    images.mkdir(parents=True, exist_ok=True)
+    data = images / "results.json"
+    document = {"meta": meta, "results": results, "errors": errors}
+    earlier = json.loads(data.read_text()) if merge and data.exists() else {}
+    if earlier.get("meta", {}).get("profile") == meta.get("profile"):
+        kept = {k: v for k, v in earlier.get("results", {}).items() if k not in results}
+        document["results"] = {**kept, **results}
+        document["errors"] = {
+            **{k: v for k, v in earlier.get("errors", {}).items() if k not in results},
+            **errors,
+        }
+        meta["kept_from_earlier_run"] = {k: earlier["meta"].get("date") for k in kept}
+        if "engine" not in meta and "engine" in earlier["meta"]:
+            meta["engine"] = earlier["meta"]["engine"]
+    data.write_text(json.dumps(document, indent=1, default=str) + "\n")
+    plots = _plots(document["results"], images)
+    markdown = out / "benchmarks.md"
+    markdown.write_text(render(document, [p.name for p in plots]))
+    return [markdown, data, *plots]
+
+
+def rerender(out: Path) -> list[Path]:
+    """Regenerate benchmarks.md and the plots from ``out/bench/results.json`` (no run)."""
+    images = out / "bench"
+    document = json.loads((images / "results.json").read_text())
+    plots = _plots(document["results"], images)
+    markdown = out / "benchmarks.md"
+    markdown.write_text(render(document, [p.name for p in plots]))
+    return [markdown, *plots]
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _get(obj: Any, *path: Any, default: Any = None) -> Any:
+    """``obj[a][b]...``; int keys also match their string form (after a JSON round trip)."""
+    for key in path:
+        if not isinstance(obj, dict):
+            return default
+        if key in obj:
+            obj = obj[key]
+        elif str(key) in obj:
+            obj = obj[str(key)]
+        else:
+            return default
+    return obj
+
+
+def _n(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [
+        "| " + " | ".join(_n(c) if not isinstance(c, str) else c for c in row) + " |"
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def _verdict(ok: bool | None) -> str:
+    return NOT_RUN if ok is None else (REACHED if ok else MISSED)
+
+
+# --- the bar -------------------------------------------------------------------------------
+
+
+def bar(results: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    parked, thr, gw, wk = (
+        results.get(k) or {} for k in ("parked", "throughput", "gateway", "workers")
+    )
+
+    # Zero lost wake-ups.
+    lost: list[int] = []
+    if cap := parked.get("capacity"):
+        lost += [cap["lost"], cap["wrong"]]
+    lost += [level["wrong"] for level in (parked.get("wake") or {}).values()]
+    for key in ("start_and_wake",):
+        if key in thr:
+            lost.append(thr[key]["non_200"])
+    for sides in (gw.get("by_concurrency") or {}).values():
+        lost.append(sides["gateway"].get("failed", 0))
+    measured = f"{sum(lost)} lost or wrong" if lost else "-"
+    rows.append(
+        (
+            "zero lost wake-ups at any load",
+            "0",
+            measured,
+            _verdict(sum(lost) == 0 if lost else None),
+        )
+    )
+
+    # Wake latency with the most parked.
+    wake = parked.get("wake") or {}
+    if wake:
+        top = max(wake, key=lambda k: int(k))
+        w = wake[top]["wake_ms"]
+        ok = w.get("median", 1e9) <= 2 and w.get("p99", 1e9) <= 10
+        rows.append(
+            (
+                f"wake latency with {int(top):,} parked",
+                "p50 ≤ 2 ms, p99 ≤ 10 ms",
+                f"p50 {_n(w.get('median'), 2)} ms, p99 {_n(w.get('p99'), 2)} ms",
+                _verdict(ok),
+            )
+        )
+    else:
+        rows.append(("wake latency with 10,000 parked", "p50 ≤ 2 ms, p99 ≤ 10 ms", "-", NOT_RUN))
+
+    mem = parked.get("memory") or {}
+    per = mem.get("per_request_kb")
+    rows.append(
+        (
+            "memory per parked request",
+            "≤ 20 KB",
+            f"{_n(per)} KB ({_n(mem.get('parked'))} parked)" if per is not None else "-",
+            _verdict(per <= 20 if per is not None else None),
+        )
+    )
+
+    for key, goal, target in (
+        ("start_and_wake", "start-and-wake per API core (instant completion)", 4_000),
+        ("status_reads", "status reads per API core", 10_000),
+    ):
+        rps = _get(thr, key, "requests_per_s", "median")
+        rows.append(
+            (
+                goal,
+                f"≥ {target:,}/s",
+                f"{_n(rps, 0)}/s" if rps else "-",
+                _verdict(rps >= target if rps else None),
+            )
+        )
+
+    over = _get(gw, "by_concurrency", 16, "gateway", "overhead_ms", "median")
+    rows.append(
+        (
+            "gateway overhead p50 at concurrency 16",
+            "≤ 5 ms",
+            f"{_n(over, 2)} ms" if over is not None else "-",
+            _verdict(over <= 5 if over is not None else None),
+        )
+    )
+
+    clients = wk.get("clients") or {}
+
+    def rate(name: str) -> float | None:
+        value = _get(clients, name, "tasks_per_s", "median")
+        return float(value) if value is not None else None
+
+    # Ours: the better single-process configuration (default 10 slots, or 32).
+    ours = max((r for r in (rate("ours-1"), rate("ours-1-32")) if r), default=None)
+    for goal, other, factor in (
+        ("worker throughput vs the Python client", rate("python3-client"), 2.0),
+        (
+            "worker throughput vs the Node client (best config)",
+            max(
+                (r for r in (rate("js-client-seed"), rate("js-client-interval0")) if r),
+                default=None,
+            ),
+            1.0,
+        ),
+        (
+            "worker throughput vs the raw loop (engine ceiling)",
+            max((rate(n) or 0 for n in clients if n.startswith("raw-")), default=None) or None,
+            0.8,
+        ),
+    ):
+        if ours and other:
+            rows.append(
+                (
+                    goal,
+                    f"≥ {factor:g}x",
+                    f"{ours / other:.2f}x ({ours:,.0f} vs {other:,.0f}/s)",
+                    _verdict(ours >= factor * other),
+                )
+            )
+        else:
+            rows.append((goal, f"≥ {factor:g}x", "-", NOT_RUN))
+    return rows
+
+
+# --- markdown ------------------------------------------------------------------------------
+
+
+def render(document: dict[str, Any], plots: list[str]) -> str:
+    meta, results, errors = document["meta"], document["results"], document["errors"]
+    machine = meta.get("machine", {})
+    parts = [
+        "# Benchmarks",
+        "",
+        f"Generated by `python -m bench` ({meta.get('profile')} run) on {meta.get('date')}, "
+        f"commit {meta.get('commit')}, in {_n(meta.get('elapsed_s'))} s. "
+        "Do not edit: rerun `make bench` (the analysis section comes from bench/ANALYSIS.md).",
+        "",
+    ]
+    if kept := meta.get("kept_from_earlier_run"):
+        parts += [
+            f"Kept from earlier runs: {', '.join(f'{k} ({v})' for k, v in kept.items())}.",
+            "",
+        ]
+    if meta.get("profile") != "full":
+        parts += [
+            "> **Smoke run**: tiny counts that only check the benchmarks still work; "
+            "the figures below mean nothing.",
+            "",
+        ]
+    parts += [
+        "## Machine",
+        "",
+        f"{machine.get('cpu')}, {machine.get('cores')} cores, {machine.get('memory_gib')} GiB, "
+        f"Linux {machine.get('kernel')}; load average at start "
+        f"{machine.get('load_average_at_start')} (at the end "
+        f"{machine.get('load_average_at_end')}: other work on the machine shows here); "
+        "open-files limit "
+        f"{_get(machine, 'fd_limit', 'soft')} (hard {_get(machine, 'fd_limit', 'hard')}). "
+        f"Engine: Camunda {_get(meta, 'engine', 'version') or '-'} on PostgreSQL.",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()) + ".",
+        "",
+        "Method: the process under test is pinned to CPU 0, the load generator to CPU 1 "
+        "(`taskset`); Redis, PostgreSQL and the engine float. Every comparison alternates its "
+        "sides within one run (A B A B). Median and p99 are nearest-rank over all samples.",
+        "",
+        "## The bar",
+        "",
+        _table(["goal", "target", "measured", "verdict"], [list(r) for r in bar(results)]),
+        "",
+    ]
+    if errors:
+        parts += ["## Failed benchmarks", ""]
+        parts += [f"- `{name}`: `{text.strip().splitlines()[-1]}`" for name, text in errors.items()]
+        parts += [""]
+    skipped = {
+        k: v["skipped"] for k, v in results.items() if isinstance(v, dict) and "skipped" in v
+    }
+    if skipped:
+        parts += ["## Not run", ""] + [f"- `{k}`: {v}" for k, v in skipped.items()] + [""]
+    for name, section in SECTIONS:
+        if name in results and "skipped" not in results[name]:
+            parts += section(results[name])
+    parts += ["## Plots", ""] + [f"![{p}](bench/{p})" for p in plots] + [""]
+    if ANALYSIS.exists():
+        parts += [ANALYSIS.read_text().strip(), ""]
+    return "\n".join(parts)
+
+
+def _gateway(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for c, sides in sorted(r["by_concurrency"].items(), key=lambda kv: int(kv[0])):
+        for side, label in (
+            ("gateway", "flowgate (sync start)"),
+            ("engine_only", "engine REST + history poll"),
+        ):
+            s = sides[side]
+            rows.append(
+                [
+                    str(c),
+                    label,
+                    _n(s["latency_ms"].get("median"), 2),
+                    _n(s["latency_ms"].get("p99"), 2),
+                    _n(s["engine_ms"].get("median"), 1),
+                    _n(s["engine_ms"].get("p99"), 1),
+                    _n(s["overhead_ms"].get("median"), 2),
+                    _n(s["overhead_ms"].get("p99"), 2),
+                    _n(s["requests_per_s"].get("median"), 0),
+                    _n(s["latency_ms"].get("n")),
+                    _n(s.get("failed", 0)),
+                ]
+            )
+    return [
+        "## 1. Gateway overhead (real engine)",
+        "",
+        _table(
+            [
+                "concurrency",
+                "path",
+                "latency p50 ms",
+                "p99",
+                "engine-intrinsic p50 ms",
+                "p99",
+                "overhead p50 ms",
+                "p99",
+                "req/s",
+                "n",
+                "failed",
+            ],
+            rows,
+        ),
+        "",
+        "Engine-intrinsic = the engine's `durationInMillis` of the same instance (includes the "
+        "worker's fetch and complete); overhead = client latency - engine-intrinsic, per request. "
+        f"The engine-only client polls history every {_n(r.get('poll_interval_ms'))} ms.",
+        "",
+    ]
+
+
+def _parked(r: dict[str, Any]) -> list[str]:
+    wake_rows = [
+        [
+            _n(int(level)),
+            _n(w["wake_ms"].get("median"), 3),
+            _n(w["wake_ms"].get("p99"), 3),
+            _n(_get(w, "wake_from_call_start_ms", "median"), 3),
+            _n(_get(w, "wake_from_call_start_ms", "p99"), 3),
+            _n(w["complete_call_ms"].get("median"), 3),
+            _n(w["wake_ms"].get("n")),
+            _n(w["wrong"]),
+        ]
+        for level, w in sorted(r["wake"].items(), key=lambda kv: int(kv[0]))
+    ]
+    mem = r["memory"]
+    mem_rows = [
+        [_n(int(k)), _n(v / 1024, 1)]
+        for k, v in sorted(mem["rss_kb_by_parked"].items(), key=lambda kv: int(kv[0]))
+    ]
+    cap = r["capacity"]
+    return [
+        "## 2. Wake latency (stand-in engine)",
+        "",
+        _table(
+            [
+                "parked",
+                "wake p50 ms",
+                "wake p99 ms",
+                "from call start p50 ms",
+                "p99",
+                "complete() call p50 ms",
+                "probes",
+                "wrong",
+            ],
+            wake_rows,
+        ),
+        "",
+        "Wake = `ProcessStore.complete` (state write + PUBLISH, one Lua script) has returned "
+        "-> the response headers at the client. `From call start` adds the completer's own "
+        "Redis round trip (an upper bound).",
+        "",
+        "## 3. Parked capacity (stand-in engine)",
+        "",
+        _table(["parked", "API RSS MiB"], mem_rows),
+        "",
+        f"Per parked request: **{_n(mem['per_request_kb'], 2)} KB** of RSS "
+        f"(({_n(cap.get('rss_kb_at_top'))} - {_n(mem['baseline_kb'])}) KiB / {_n(mem['parked'])}); "
+        "kernel socket buffers are not included.",
+        "",
+        f"All {_n(cap['parked'])} completed within {_n(cap['completion_spread_s'], 3)} s: "
+        f"{_n(cap['answered_ok'])} answered 200 with their own result, {_n(cap['wrong'])} wrong, "
+        f"{_n(cap['lost'])} lost; the last answer arrived {_n(cap['last_answer_after_s'], 3)} s "
+        f"after the first completion; wake p50 {_n(cap['wake_ms'].get('median'), 2)} ms, "
+        f"p99 {_n(cap['wake_ms'].get('p99'), 2)} ms under that burst "
+        f"(CPU cores used meanwhile: {cap.get('cpu_cores')}).",
+        "",
+    ]
+
+
+def _throughput(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for key, label in (
+        ("start_and_wake", "start-and-wake (POST start, wait; completed at once)"),
+        ("status_reads", "status reads"),
+        ("healthz", "GET /healthz (HTTP ceiling)"),
+    ):
+        s = r[key]
+        cpu = s["runs"][-1].get("cpu_cores", {}) if s["runs"] else {}
+        rows.append(
+            [
+                label,
+                _n(s["requests_per_s"].get("median"), 0),
+                " / ".join(_n(x["requests_per_s"], 0) for x in s["runs"]),
+                _n(s["latency_p50_ms"].get("median"), 2),
+                _n(s["latency_p99_ms"].get("median"), 2),
+                _n(s["non_200"]),
+                ", ".join(f"{k} {v}" for k, v in cpu.items()),
+            ]
+        )
+    parts = [
+        "## 4. Throughput per API process (stand-in engine)",
+        "",
+        _table(
+            [
+                "load",
+                "req/s (median)",
+                "rounds",
+                "p50 ms",
+                "p99 ms",
+                "non-200",
+                "CPU cores used (last round)",
+            ],
+            rows,
+        ),
+        "",
+        f"wrk, 1 thread, {r['connections']} connections, {r['seconds_per_run']} s per run. "
+        f"How the parked starts ended: {r.get('waits')} (woken = by a message; settled = the "
+        "state was already final when the request looked).",
+        "",
+    ]
+    for name, prof in (r.get("profile") or {}).items():
+        parts += _profile(name, prof)
+    return parts
+
+
+def _profile(name: str, prof: dict[str, Any]) -> list[str]:
+    if "error" in prof:
+        return [f"Profile of {name}: {prof['error']}", ""]
+    rows = [[p["frame"], _n(p["pct"])] for p in prof.get("self_top", [])]
+    inclusive = ", ".join(f"{k} {v} %" for k, v in prof.get("inclusive_by_package", {}).items())
+    return [
+        f"### Where the API's CPU goes (py-spy, {prof.get('during')}, "
+        f"{_n(prof.get('samples'))} samples)",
+        "",
+        f"Share of samples with the package anywhere on the stack: {inclusive}.",
+        "",
+        _table(["function (self time)", "% of samples"], rows),
+        "",
+    ]
+
+
+def _writebehind(r: dict[str, Any]) -> list[str]:
+    lag, out = r["lag"], r["outage"]
+    return [
+        "## 6. Write-behind (stand-in engine)",
+        "",
+        f"Under {_n(lag['load_starts_per_s'], 0)} starts/s (item 4's load): lag from the final "
+        f"state in Redis to its committed row, over {_n(lag['rows'])} rows "
+        f"(of {_n(lag['finished_by_load'])} finished): "
+        f"p50 **{_n(lag['lag_ms'].get('median'), 2)} ms**, "
+        f"p99 {_n(lag['lag_ms'].get('p99'), 2)} ms, max {_n(lag['lag_ms'].get('max'), 2)} ms.",
+        "",
+        f"Postgres outage: {_n(out['finished_by_load'])} processes finished while it was down "
+        f"({_n(out['backlog_entries'])} stream entries backlogged). After the restart "
+        f"({_n(out['postgres_restart_s'], 2)} s) the first write came "
+        f"{_n(out['first_write_after_ready_s'], 2)} s after it was ready, "
+        f"and the backlog was empty {_n(out['drain_s'], 2)} s after it was ready: "
+        f"**{_n(out['drain_entries_per_s'], 0)} entries/s** including that wait "
+        f"({_n(out.get('drain_after_first_write_s'), 2)} s from the first write to empty: "
+        f"{_n(out.get('drain_entries_per_s_after_first_write'), 0)} entries/s); "
+        f"rows afterwards: {_n(out['rows_after_drain'])} (drained: {out['drained']}).",
+        "",
+    ]
+
+
+def _workers(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for c in r["clients"].values():
+        runs = c["runs"]
+        rows.append(
+            [
+                c["label"],
+                _n(c["tasks_per_s"].get("median"), 0),
+                " / ".join(_n(x["tasks_per_s"], 0) for x in runs),
+                " / ".join(f"{x['completed_by_client']}/{x['instances']}" for x in runs),
+                " / ".join(_n(x["drain_s"], 1) for x in runs),
+            ]
+        )
+    parts = [
+        "## 5. Worker throughput (real engine)",
+        "",
+        _table(
+            ["client", "tasks/s (median)", "rounds", "done by the client", "drain s (from spawn)"],
+            rows,
+        ),
+        "",
+        f"{_n(r['instances_per_run'])} pre-created `benchmark` instances per run, maxTasks "
+        f"{r['max_tasks']} for every client; tasks/s from the engine's history end times "
+        "(first to last completion by the client). A client that had not finished by the "
+        "deadline is stopped (`done by the client` < instances).",
+        "",
+    ]
+    if r.get("clients_not_run"):
+        parts += [f"Not run: {r['clients_not_run']}", ""]
+    return parts
+
+
+SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
+    ("gateway", _gateway),
+    ("parked", _parked),
+    ("throughput", _throughput),
+    ("workers", _workers),
+    ("writebehind", _writebehind),
+]
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+
+def _plots(results: dict[str, Any], images: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    gw = _get(results, "gateway", "by_concurrency")
+    if gw:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        cs = sorted(gw, key=int)
+        x = [int(c) for c in cs]
+        for side, label, color in (
+            ("gateway", "flowgate sync start", "tab:blue"),
+            ("engine_only", "engine REST + history poll", "tab:orange"),
+        ):
+            ax.plot(
+                x,
+                [gw[c][side]["latency_ms"]["median"] for c in cs],
+                "o-",
+                color=color,
+                label=f"{label} p50",
+            )
+            ax.plot(
+                x,
+                [gw[c][side]["latency_ms"]["p99"] for c in cs],
+                "o--",
+                color=color,
+                label=f"{label} p99",
+            )
+        ax.plot(
+            x,
+            [gw[c]["gateway"]["engine_ms"]["median"] for c in cs],
+            "s:",
+            color="gray",
+            label="engine-intrinsic p50",
+        )
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="concurrent requests",
+            ylabel="latency (ms)",
+            title="Synchronous start of the one-task process",
+        )
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        written.append(_save(fig, images / "latency-vs-concurrency.png"))
+    mem = _get(results, "parked", "memory", "rss_kb_by_parked")
+    if mem:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        ks = sorted(mem, key=int)
+        ax.plot([int(k) for k in ks], [mem[k] / 1024 for k in ks], "o-", label="API RSS")
+        ax.set(xlabel="parked requests", ylabel="RSS (MiB)", title="API memory vs parked requests")
+        wake = _get(results, "parked", "wake") or {}
+        if wake:
+            ax2 = ax.twinx()
+            ws = sorted(wake, key=int)
+            ax2.plot(
+                [int(k) for k in ws],
+                [wake[k]["wake_ms"]["p99"] for k in ws],
+                "s--",
+                color="tab:red",
+                label="wake p99 (ms)",
+            )
+            ax2.set_ylabel("wake latency p99 (ms)")
+            ax2.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        written.append(_save(fig, images / "memory-vs-parked.png"))
+    clients = _get(results, "workers", "clients")
+    if clients:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        names = list(clients)
+        ax.barh(
+            names, [clients[n]["tasks_per_s"].get("median", 0) for n in names], color="tab:green"
+        )
+        ax.set(
+            xlabel="tasks/s (median of rounds)", title="Draining one-task instances from the engine"
+        )
+        ax.invert_yaxis()
+        ax.grid(True, axis="x", alpha=0.3)
+        written.append(_save(fig, images / "worker-throughput.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,101 @@
+"""4. Start-and-wake throughput and status reads per API process (stand-in engine).
+
+One API process pinned to CPU 0, against the stand-in engine (bench/stubengine.py, mode
+``instant``: its start call returns an instance id and completes the state at once through
+``ProcessStore.complete``), so what is measured is the API's HTTP handling, the state path
+(claim, attach, complete) and the wait room, not Camunda. wrk (one thread, 64 connections)
+on CPU 1 with the stand-in; Redis and PostgreSQL float. Per round (A B C A B C):
+start-and-wake; status reads of the states that run created; GET /healthz, the HTTP stack's
+own ceiling on this core. (Under load the instant completion lands before the request looks,
+so these starts end "settled"; the pub/sub wake path is measured by bench/parked.py.)
+The CPU share of every process during each run shows who was the limit (1.0 = a saturated
+core).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from bench import ours, profiling, wrk
+from bench.harness import LOAD_CPU, SERVER_CPU, CpuMeter, Run, Stack, summary
+from bench.profile import Profile
+
+WAIT_S = "30"
+
+
+async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
+    if why := wrk.available() or ours.available("services.api"):
+        return {"skipped": why}
+    prefix = f"bt{uuid.uuid4().hex[:6]}"
+    stub = ours.start_stub(run_, stack, prefix=prefix, mode="instant", cpu=LOAD_CPU)
+    api = ours.start_api(
+        run_, stack, engine_url=stub.url, prefix=prefix,
+        database_url=ours.new_schema(stack, "throughput"), cpu=SERVER_CPU,
+    )  # fmt: skip
+    pids = {
+        "api": api.pid,
+        "stand-in engine": stub.pid,
+        "redis": stack.redis.pid,
+        "postgres": stack.postgres.pid,
+    }
+    conns, seconds = profile.wrk_connections, profile.wrk_seconds
+    # Warm-up: imports, connection pools, the first Postgres batches.
+    wrk.run("start", api.url, seconds=min(2, seconds), connections=conns, args=("warm", WAIT_S))
+    runs: dict[str, list[dict[str, Any]]] = {"start": [], "status": [], "plain": []}
+    waits_before = ours.waits(api)
+    for round_no in range(profile.rounds):
+        tag = f"r{round_no}{uuid.uuid4().hex[:6]}"
+        with CpuMeter(pids) as meter:
+            started = wrk.run(
+                "start", api.url, seconds=seconds, connections=conns, args=(tag, WAIT_S)
+            )
+        runs["start"].append({**started.to_dict(), "cpu_cores": meter.share(), "ok": started.ok()})
+        print(f"  start-and-wake: {started.rps:.0f}/s, p99 {started.latency_ms['p99']} ms")
+        # The last `conns` ids may have been in flight when wrk stopped: leave them out.
+        ids = str(max(1, min(started.ok() - conns, 50_000)))
+        with CpuMeter(pids) as meter:
+            status = wrk.run("status", api.url, seconds=seconds, connections=conns, args=(tag, ids))
+        runs["status"].append({**status.to_dict(), "cpu_cores": meter.share(), "ok": status.ok()})
+        print(f"  status reads: {status.rps:.0f}/s, p99 {status.latency_ms['p99']} ms")
+        with CpuMeter(pids) as meter:
+            plain = wrk.run("plain", api.url, seconds=seconds, connections=conns)
+        runs["plain"].append({**plain.to_dict(), "cpu_cores": meter.share(), "ok": plain.ok()})
+        print(f"  healthz: {plain.rps:.0f}/s")
+    waits_after = ours.waits(api)
+    result: dict[str, Any] = {
+        "method": __doc__,
+        "engine": "stand-in (bench/stubengine.py), not Camunda",
+        "connections": conns,
+        "seconds_per_run": seconds,
+        "waits": {k: waits_after.get(k, 0) - waits_before.get(k, 0) for k in waits_after},
+    }
+    for kind, label in (
+        ("start", "start_and_wake"),
+        ("status", "status_reads"),
+        ("plain", "healthz"),
+    ):
+        result[label] = {
+            "requests_per_s": summary([r["requests_per_s"] for r in runs[kind]], 1),
+            "latency_p50_ms": summary([r["latency_ms"]["p50"] for r in runs[kind]]),
+            "latency_p99_ms": summary([r["latency_ms"]["p99"] for r in runs[kind]]),
+            "non_200": sum(r["requests"] - r["ok"] for r in runs[kind]),
+            "runs": runs[kind],
+        }
+    if profile.profile_api and profiling.available() is None:
+        result["profile"] = {
+            "start_and_wake": _profile(api, "start", conns, seconds, ("prof", WAIT_S)),
+            "status_reads": _profile(api, "status", conns, seconds, (tag, ids)),
+        }
+    return result
+
+
+def _profile(
+    api: ours.Api, kind: str, conns: int, seconds: int, args: tuple[str, ...]
+) -> dict[str, Any]:
+    """Sample the API with py-spy during one more run of ``kind``."""
+    spy, out = profiling.start(api.pid, seconds - 2)
+    load = wrk.run(kind, api.url, seconds=seconds, connections=conns, args=args)
+    found = profiling.finish(spy, out)
+    found["during"] = f"{kind}, {load.rps:.0f} req/s"
+    return found

@@ -1,0 +1,39 @@
+"""`make bench-smoke` in the test suite, so the benchmarks never rot.
+
+Seconds-long counts: the figures mean nothing, but every benchmark must run end to end
+against the real servers and write its results.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy.local.servers import ROOT
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+
+def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert not results["errors"], results["errors"]
+    assert set(results["results"]) == {"throughput", "parked", "writebehind", "gateway", "workers"}
+    skipped = {name: r["skipped"] for name, r in results["results"].items() if "skipped" in r}
+    assert not skipped, f"benchmarks that could not run here: {skipped}"
+    assert not results["results"]["workers"]["clients_not_run"], "a peer client did not run"
+    assert results["results"]["parked"]["wake"], "no wake-latency samples"
+    assert (tmp_path / "benchmarks.md").read_text().startswith("#")
+    assert sorted(p.name for p in (tmp_path / "bench").glob("*.png"))
