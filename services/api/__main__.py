@@ -8,6 +8,7 @@ in-flight requests (now quick), run the lifespan's shutdown (flush write-behind)
 from __future__ import annotations
 
 import logging
+import resource
 from types import FrameType
 
 import uvicorn
@@ -29,9 +30,18 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def raise_open_files_limit() -> int:
+    """Every parked request holds a socket: let the process open as many as it may."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return max(soft, hard)
+
+
 def main() -> None:
     settings = load_settings()
     configure_logging(settings.log_level)
+    raise_open_files_limit()
     # httpx logs every engine call at INFO: one line per start is noise, not news.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     drain = DrainHook()

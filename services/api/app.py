@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -124,7 +125,7 @@ def create_app(settings: Settings, *, drain: DrainHook | None = None) -> Starlet
                 pending_ttl_s=settings.pending_ttl_s,
             )
             waitroom = await stack.enter_async_context(
-                WaitRoom(redis, keys, store, metrics=metrics, max_parked=settings.max_parked)
+                WaitRoom(redis, keys, store, metrics=metrics, max_parked=_parking_places(settings))
             )
             flusher = Flusher(
                 redis,
@@ -253,3 +254,20 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     """A bug: logged with its traceback, answered as JSON like every other error."""
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
     return JSONResponse(ErrorBody(error="internal error"), status_code=500)
+
+
+#: File descriptors kept for everything but parked requests (pools, logs, new requests).
+_FD_RESERVE = 512
+
+
+def _parking_places(settings: Settings) -> int:
+    """MAX_PARKED, within what the open-files limit allows: past it, a request that could
+    not get a socket would fail; answering 202 at once is the graceful alternative."""
+    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    places = min(settings.max_parked, max(open_files - _FD_RESERVE, 1))
+    if places < settings.max_parked:
+        log.warning(
+            "MAX_PARKED lowered to fit the open-files limit",
+            extra={"maxParked": settings.max_parked, "openFiles": open_files, "places": places},
+        )
+    return places

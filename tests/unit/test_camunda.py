@@ -136,6 +136,7 @@ async def test_fetch_and_lock_read_timeout_exceeds_the_long_poll(
         "workerId": "w1",
         "maxTasks": 7,
         "usePriority": True,
+        "sorting": [{"sortBy": "createTime", "sortOrder": "asc"}],
         "asyncResponseTimeout": 30_000,
         "topics": [
             {"topicName": "a", "lockDuration": 20_000, "localVariables": False},
