@@ -1,0 +1,52 @@
+"""A departed worker's lingering long poll can lock tasks after it is gone (the engine does
+not notice the client went away); live workers' janitors unlock them at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+
+import redis.asyncio as aioredis
+
+from services.worker.janitor import Janitor
+from shared.camunda import CamundaClient, TopicRequest
+from shared.keys import Keys
+from tests.integration.test_worker import one_task_bpmn
+
+
+async def test_tasks_locked_to_a_departed_worker_are_unlocked_by_a_live_one(
+    engine_url: str, redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    key = f"janitor-{uuid.uuid4().hex[:8]}"
+    topic = TopicRequest(f"{key}.work", lock_duration_ms=600_000)
+    async with CamundaClient(engine_url) as camunda:
+        await camunda.deploy(key, {f"{key}.bpmn": one_task_bpmn(key, topic.topic_name)})
+        await camunda.start_process(key)
+        # What the departed worker's abandoned poll did after it was gone: a 10-minute lock.
+        (task,) = await camunda.fetch_and_lock(
+            "gone-1", [topic], max_tasks=1, async_response_timeout_ms=5_000
+        )
+
+        async def unlock(worker_id: str) -> int:
+            held = await camunda.locked_tasks(worker_id)
+            for locked in held:
+                await camunda.unlock(locked.id)
+            return len(held)
+
+        janitor = Janitor(redis_client, Keys(redis_prefix), poll_window_s=5)
+        await janitor.departed("gone-1")
+        began = time.monotonic()
+        sweeping = asyncio.create_task(janitor.run("live-1", unlock))
+        try:
+            again = await camunda.fetch_and_lock(
+                "live-1", [topic], max_tasks=1, async_response_timeout_ms=5_000
+            )
+        finally:
+            sweeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeping
+        assert [t.id for t in again] == [task.id]
+        assert time.monotonic() - began < 5  # not the ten minutes of the lock
+        await camunda.complete(task.id, worker_id="live-1")
