@@ -34,10 +34,20 @@ class ServerError(RuntimeError):
     """A server could not be started; the message says what is missing."""
 
 
+#: Ports free_port() has handed out in this process: the kernel may offer a just-closed port
+#: again, and two servers of one stack must never be given the same one.
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, never the same one twice in this process."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
