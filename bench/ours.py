@@ -34,11 +34,14 @@ def new_schema(stack: Stack, name: str) -> str:
 
 
 @dataclass
-class Api:
+class Served:
+    """A process of ours listening on a loopback port."""
+
     server: Server
     port: int
-    prefix: str
-    database_url: str
+
+    #: What follows host:port in :attr:`url`.
+    path = ""
 
     @property
     def pid(self) -> int:
@@ -46,7 +49,13 @@ class Api:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+
+@dataclass
+class Api(Served):
+    prefix: str
+    database_url: str
 
 
 def start_api(
@@ -106,19 +115,10 @@ def start_worker(
 
 
 @dataclass
-class Stub:
+class Stub(Served):
     """The stand-in engine (bench/stubengine.py), for the micro-benchmarks only."""
 
-    server: Server
-    port: int
-
-    @property
-    def pid(self) -> int:
-        return self.server.pid
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/engine-rest"
+    path = "/engine-rest"
 
 
 def start_stub(run: Run, stack: Stack, *, prefix: str, mode: str, cpu: int | None) -> Stub:
