@@ -3,7 +3,7 @@
 The API is pinned to CPU 0; this process (the clients and the completer) to CPU 1. Requests
 are started through the API (``Prefer: wait=120``) against the stand-in engine in ``park``
 mode, which never completes anything, so they stay parked until the benchmark completes
-their state itself with ``ProcessStore.complete`` (the worker's path: state write + PUBLISH
+their state itself with ``ProcessStore.finish`` (the worker's path: state write + PUBLISH
 in one Lua script).
 
 * Wake latency: with L requests parked (L - 1 in the background plus one probe), the probe
@@ -32,7 +32,8 @@ from bench.harness import LOAD_CPU, SERVER_CPU, CpuMeter, Run, Stack, rss_kb, su
 from bench.profile import Profile
 from bench.rawhttp import Connection, Response
 from shared.keys import Keys
-from shared.store import ProcessStore, Status
+from shared.state import Status
+from shared.store import ProcessStore
 
 WAIT_HEADER = {"Prefer": "wait=120"}
 PARKED_GAUGE = "flowgate_api_parked_requests"
@@ -45,7 +46,7 @@ class Parker:
     def __init__(self, api: ours.Api, redis: Redis, keys: Keys) -> None:
         self.api = api
         self.store = ProcessStore(redis, keys, result_ttl_s=3600, pending_ttl_s=3600)
-        # The same ProcessStore.complete, queued on a pipeline: a burst of completions
+        # The same ProcessStore.finish, queued on a pipeline: a burst of completions
         # goes out in one round trip instead of costing this process one each.
         self.pipeline = redis.pipeline(transaction=False)
         self.batch = ProcessStore(self.pipeline, keys, result_ttl_s=3600, pending_ttl_s=3600)
@@ -109,7 +110,7 @@ async def _probe(parker: Parker, background: int) -> tuple[float, float, float, 
     await asyncio.sleep(0.002)  # it registered; let it reach its await
     conn, task = parker.waiting.pop(cid)
     t0 = time.perf_counter()
-    await parker.store.complete(cid, Status.OK, data={"marker": cid})
+    await parker.store.finish(cid, Status.OK, data={"marker": cid})
     t1 = time.perf_counter()
     try:
         response = await asyncio.wait_for(task, 30)
@@ -134,7 +135,7 @@ async def _complete_all(parker: Parker, spread_s: float) -> dict[str, Any]:
         if (delay := target - time.perf_counter()) > 0:
             await asyncio.sleep(delay)
         for cid, _ in batch:
-            await parker.batch.complete(cid, Status.OK, data={"marker": cid})
+            await parker.batch.finish(cid, Status.OK, data={"marker": cid})
         now = time.perf_counter()
         for cid, _ in batch:
             completed_at[cid] = now

@@ -5,7 +5,7 @@
 It answers ``POST …/process-definition/key/{key}/start`` with a new instance id and:
 
 * ``instant``: then completes the process state at once through
-  ``shared.store.ProcessStore.complete`` (the worker's own completion path), so a start
+  ``shared.store.ProcessStore.finish`` (the worker's own completion path), so a start
   through the API measures the wait room and the state path without the engine;
 * ``park``:    does nothing more; the benchmark completes states itself when it wants to.
 
@@ -25,7 +25,8 @@ import orjson
 from redis.asyncio import Redis
 
 from shared.keys import Keys
-from shared.store import ProcessStore, Status
+from shared.state import Status
+from shared.store import ProcessStore
 
 _HEADER_END = b"\r\n\r\n"
 
@@ -75,7 +76,7 @@ class StubEngine:
 
     def complete(self, correlation_id: str) -> None:
         task = asyncio.ensure_future(
-            self.store.complete(correlation_id, Status.OK, data={"stub": True})
+            self.store.finish(correlation_id, Status.OK, data={"stub": True})
         )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

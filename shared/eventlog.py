@@ -2,12 +2,17 @@
 
 Records travel through the write-behind stream (``kind=event``) rather than straight to
 Postgres, so logging an event costs one Redis round trip and survives a Postgres outage;
-shared/writebehind.py inserts them into ``event_log`` (idempotently, by stream entry id).
-The columns are the seed's; the body of the stream entry uses the same (snake_case) names.
+the API's write-behind (services/api/persistence/writebehind.py) inserts them into
+``event_log`` idempotently, by stream entry id. The fields are the seed's ``event_log``
+columns, snake_case, in one place: :data:`EVENT_COLUMNS` derives from the dataclass, and the
+stream body, the insert and the reads all use it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +21,7 @@ import orjson
 from redis.asyncio import Redis
 
 from shared.keys import Keys
+from shared.state import dump_json, parse_iso
 
 
 def _now() -> datetime:
@@ -46,33 +52,44 @@ class EventRecord:
     identifiers: Any = None
     result: Any = None
     metadata: Any = None
-    execution_time_ms: int | None = None
+    #: Milliseconds the step took.
+    execution_time: int | None = None
     created_at: datetime = field(default_factory=_now)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (``created_at`` as ISO 8601 UTC)."""
+        """JSON-ready fields (``created_at`` as an ISO string, to the microsecond)."""
         return {**asdict(self), "created_at": self.created_at.astimezone(UTC).isoformat()}
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self.to_dict(), default=str, option=orjson.OPT_NON_STR_KEYS)
+        return dump_json(self.to_dict()).encode()
+
+    def to_row(self) -> tuple[Any, ...]:
+        """Parameters in :data:`EVENT_COLUMNS` order (JSON columns still plain Python)."""
+        return tuple(getattr(self, name) for name in EVENT_COLUMNS)
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> EventRecord:
         created = obj["created_at"]
-        return cls(
-            **{
-                **obj,
-                "created_at": created
-                if isinstance(created, datetime)
-                else datetime.fromisoformat(created),
-            }
-        )
+        if not isinstance(created, datetime):
+            created = parse_iso(created)
+        return cls(**{**obj, "created_at": created.astimezone(UTC)})
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> EventRecord:
         return cls.from_dict(orjson.loads(raw))
 
 
+EVENT_COLUMNS = tuple(f.name for f in dataclasses.fields(EventRecord))
+#: Columns holding any JSON value (jsonb in Postgres).
+EVENT_JSON_COLUMNS = frozenset(
+    name for name, hint in typing.get_type_hints(EventRecord).items() if hint is Any
+)
+
+
 async def append_event(redis: Redis, keys: Keys, record: EventRecord) -> None:
     """Queue ``record`` for ``event_log`` (one XADD; the flusher writes it to Postgres)."""
     await redis.xadd(keys.writebehind, {"kind": "event", "body": record.to_json()})
+
+
+#: Where a component hands its audit rows (``append_event`` bound to a Redis client).
+EventSink = Callable[[EventRecord], Awaitable[None]]

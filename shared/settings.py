@@ -101,14 +101,18 @@ class SettingsError(SystemExit):
     """
 
 
+def settings_error(exc: ValidationError, what: str = "configuration") -> SettingsError:
+    """A :class:`SettingsError` naming each bad variable of ``exc``."""
+    lines = [
+        f"  {'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']} (got {err.get('input')!r})"
+        for err in exc.errors()
+    ]
+    return SettingsError(f"invalid {what}:\n" + "\n".join(lines))
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read the environment; on a bad value raise :class:`SettingsError` naming it."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-            f" (got {err.get('input')!r})"
-            for err in exc.errors()
-        ]
-        raise SettingsError("invalid configuration:\n" + "\n".join(lines)) from exc
+        raise settings_error(exc) from exc

@@ -1,89 +1,43 @@
-"""Process state in Redis: one hash per process, every transition one Lua script.
+"""Process state in Redis: one hash per run, every transition one Lua script.
 
 A transition changes the hash, appends its write-behind entry to ``{p}:wb`` and (for a
-completion or an abandoned start) publishes on ``{p}:done:{cid}`` in the same script, so
-there is no window in which a state is written but never persisted or never announced.
-A subscriber that receives a message can read the new state at once: Redis delivers the
+finish or an abandoned start) publishes on ``{p}:done:{cid}`` in the same script, so there
+is no window in which a state is written but never persisted or never announced. A
+subscriber that receives a message can read the new state at once: Redis delivers the
 publish only after the script has finished.
 
-Formats (shared with services/api/waitroom.py and shared/writebehind.py):
-
-* hash fields: ``correlationId status processKey requestHash instanceId traceabilityId
-  batchId applicationId data error startedAt updatedAt version``; ``data``/``error`` hold
-  JSON text, times are ISO 8601 UTC with milliseconds (``2025-01-31T12:00:00.123+00:00``).
-* state JSON (stream body of ``kind=state`` and the completion message): an object with the
-  same camelCase names, ``data``/``error`` embedded as JSON values, ``version`` a number,
-  missing values ``null``.
-* start-failed message: ``{"kind": "startFailed", "correlationId": ..., "reason": ...}``.
-* stream entries: fields ``kind`` (``state`` | ``delete`` | ``event``) and ``body`` (JSON);
-  a delete's body is ``{"correlationId": ..., "version": n}``.
-
-The stream is never trimmed with MAXLEN (that would drop entries Postgres has not seen);
-the flusher deletes entries after they are committed.
+The record and its shapes (hash, wire object, row) are in shared/state.py; the completion
+channel's messages in shared/contract.py. Stream entries have the fields ``kind``
+(``state`` | ``delete`` | ``event``) and ``body`` (JSON); a delete's body is
+``{"correlationId": ..., "version": n}``. The stream is never trimmed with MAXLEN (that would
+drop entries Postgres has not seen); the flusher deletes entries once they are committed.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
-import orjson
 from redis.asyncio import Redis
 
+from shared.contract import StartFailed, SystemVariables
 from shared.keys import Keys
+from shared.state import STATE_JSON_LUA, ProcessState, Status, dump_json, iso
 
-# Builds the state JSON from the hash by concatenation: ``data``/``error`` are already JSON
-# text and are embedded verbatim (cjson would turn [] into {} and round large integers).
-_STATE_JSON_LUA = """
-local function json_str(v)
-  if v == nil or v == false or v == '' then return 'null' end
-  return cjson.encode(v)
-end
-local function json_raw(v)
-  if v == nil or v == false or v == '' then return 'null' end
-  return v
-end
-local function state_json(key)
-  local flat = redis.call('HGETALL', key)
-  local h = {}
-  for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
-  return '{"correlationId":' .. json_str(h.correlationId)
-    .. ',"status":' .. json_str(h.status)
-    .. ',"processKey":' .. json_str(h.processKey)
-    .. ',"requestHash":' .. json_str(h.requestHash)
-    .. ',"instanceId":' .. json_str(h.instanceId)
-    .. ',"traceabilityId":' .. json_str(h.traceabilityId)
-    .. ',"batchId":' .. json_str(h.batchId)
-    .. ',"applicationId":' .. json_str(h.applicationId)
-    .. ',"data":' .. json_raw(h.data)
-    .. ',"error":' .. json_raw(h.error)
-    .. ',"startedAt":' .. json_str(h.startedAt)
-    .. ',"updatedAt":' .. json_str(h.updatedAt)
-    .. ',"version":' .. json_raw(h.version) .. '}'
-end
-"""
-
-# KEYS: proc, index, stream. ARGV: cid, processKey, requestHash, traceabilityId, batchId,
-# applicationId, now (ISO), now (ms), pending TTL (s), oldest index score worth keeping (ms).
-# Returns {created (0|1), state JSON}.
+# KEYS: proc, index, stream. ARGV: cid, index score (ms), pending TTL (s), oldest index score
+# worth keeping (ms), then the new hash's field/value pairs. Returns {created (0|1), state}.
 _CLAIM_LUA = (
-    _STATE_JSON_LUA
+    STATE_JSON_LUA
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {0, state_json(KEYS[1])}
 end
-redis.call('HSET', KEYS[1],
-  'correlationId', ARGV[1], 'status', 'pending', 'processKey', ARGV[2],
-  'requestHash', ARGV[3], 'traceabilityId', ARGV[4], 'batchId', ARGV[5],
-  'applicationId', ARGV[6], 'data', 'null', 'error', 'null',
-  'startedAt', ARGV[7], 'updatedAt', ARGV[7], 'version', 1)
-redis.call('EXPIRE', KEYS[1], ARGV[9])
-redis.call('ZADD', KEYS[2], ARGV[8], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[10])
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[4])
 local state = state_json(KEYS[1])
 redis.call('XADD', KEYS[3], '*', 'kind', 'state', 'body', state)
 return {1, state}
@@ -92,7 +46,7 @@ return {1, state}
 
 # KEYS: proc, stream. ARGV: instance id, now (ISO). Returns 1 if recorded.
 _ATTACH_LUA = (
-    _STATE_JSON_LUA
+    STATE_JSON_LUA
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'instanceId', ARGV[1], 'updatedAt', ARGV[2])
@@ -104,8 +58,8 @@ return 1
 
 # KEYS: proc, stream. ARGV: status, data JSON, error JSON, now (ISO), result TTL (s), channel.
 # Returns 1 if the state changed.
-_COMPLETE_LUA = (
-    _STATE_JSON_LUA
+_FINISH_LUA = (
+    STATE_JSON_LUA
     + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'data', ARGV[2], 'error', ARGV[3],
@@ -119,17 +73,15 @@ return 1
 """
 )
 
-# KEYS: proc, index, stream. ARGV: cid, version, reason JSON, channel. Returns 1 if deleted.
+# KEYS: proc, index, stream. ARGV: cid, version, StartFailed JSON, channel. 1 if deleted.
 _ABANDON_LUA = """
 local flat = redis.call('HMGET', KEYS[1], 'status', 'version')
 if flat[1] ~= 'pending' or flat[2] ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-local cid = cjson.encode(ARGV[1])
 redis.call('XADD', KEYS[3], '*', 'kind', 'delete',
-  'body', '{"correlationId":' .. cid .. ',"version":' .. ARGV[2] .. '}')
-redis.call('PUBLISH', ARGV[4],
-  '{"kind":"startFailed","correlationId":' .. cid .. ',"reason":' .. ARGV[3] .. '}')
+  'body', '{"correlationId":' .. cjson.encode(ARGV[1]) .. ',"version":' .. ARGV[2] .. '}')
+redis.call('PUBLISH', ARGV[4], ARGV[3])
 return 1
 """
 
@@ -140,7 +92,7 @@ return 1
 # Reads the hashes by computed names: fine on a single Redis (the deployment this targets);
 # Redis Cluster would need the hashes and the index in one hash slot.
 _PAGE_LUA = (
-    _STATE_JSON_LUA
+    STATE_JSON_LUA
     + """
 local function bytes_before(a, b)
   local n = math.min(#a, #b)
@@ -194,110 +146,8 @@ end
 _PAGE_SCAN_CAP = 1_000
 
 
-class Status(StrEnum):
-    PENDING = "pending"
-    OK = "ok"
-    ERROR = "error"
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessState:
-    """One process as Redis holds it; times are aware UTC datetimes (millisecond precision)."""
-
-    correlation_id: str
-    status: Status
-    process_key: str
-    data: Any
-    error: Any
-    started_at: datetime
-    updated_at: datetime
-    version: int
-    instance_id: str | None
-    traceability_id: str | None
-    batch_id: str | None
-    application_id: str | None
-    request_hash: str | None
-
-    @property
-    def finished(self) -> bool:
-        return self.status is not Status.PENDING
-
-    def to_dict(self) -> dict[str, Any]:
-        """The state JSON object (camelCase, ISO times): what Redis stores and publishes."""
-        return {
-            "correlationId": self.correlation_id,
-            "status": self.status.value,
-            "processKey": self.process_key,
-            "requestHash": self.request_hash,
-            "instanceId": self.instance_id,
-            "traceabilityId": self.traceability_id,
-            "batchId": self.batch_id,
-            "applicationId": self.application_id,
-            "data": self.data,
-            "error": self.error,
-            "startedAt": iso(self.started_at),
-            "updatedAt": iso(self.updated_at),
-            "version": self.version,
-        }
-
-    def to_json(self) -> bytes:
-        return orjson.dumps(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, obj: dict[str, Any]) -> ProcessState:
-        return cls(
-            correlation_id=obj["correlationId"],
-            status=Status(obj["status"]),
-            process_key=obj["processKey"],
-            data=obj.get("data"),
-            error=obj.get("error"),
-            started_at=datetime.fromisoformat(obj["startedAt"]),
-            updated_at=datetime.fromisoformat(obj["updatedAt"]),
-            version=int(obj["version"]),
-            instance_id=obj.get("instanceId"),
-            traceability_id=obj.get("traceabilityId"),
-            batch_id=obj.get("batchId"),
-            application_id=obj.get("applicationId"),
-            request_hash=obj.get("requestHash"),
-        )
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> ProcessState:
-        return cls.from_dict(orjson.loads(raw))
-
-
-@dataclass(frozen=True, slots=True)
-class StartFailed:
-    """Published by :meth:`ProcessStore.abandon`: joined waiters answer with ``reason``."""
-
-    correlation_id: str
-    reason: Any
-
-
 class InvalidCursor(ValueError):
     """A paging cursor that :meth:`ProcessStore.page` did not produce (answer 400)."""
-
-
-def decode_message(raw: bytes | str) -> ProcessState | StartFailed:
-    """Decode a ``{p}:done:{cid}`` message: a finished state, or a start that failed."""
-    obj = orjson.loads(raw)
-    if obj.get("kind") == "startFailed":
-        return StartFailed(correlation_id=obj["correlationId"], reason=obj.get("reason"))
-    return ProcessState.from_dict(obj)
-
-
-def iso(moment: datetime) -> str:
-    """The one timestamp format of the store: ISO 8601, UTC, milliseconds."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
-
-
-def dump_json(value: Any) -> str:
-    """JSON text for ``data``/``error``/reasons; unknown types become their ``str``."""
-    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _encode_cursor(score: str, member: str) -> str:
@@ -315,7 +165,7 @@ def _decode_cursor(cursor: str) -> tuple[int, str]:
 
 
 class ProcessStore:
-    """Process state transitions; see the module docstring for the formats.
+    """Run state transitions; see the module docstring.
 
     Works with a client created with or without ``decode_responses``.
     """
@@ -327,19 +177,12 @@ class ProcessStore:
         self._pending_ttl_s = pending_ttl_s
         self._claim = redis.register_script(_CLAIM_LUA)
         self._attach = redis.register_script(_ATTACH_LUA)
-        self._complete = redis.register_script(_COMPLETE_LUA)
+        self._finish = redis.register_script(_FINISH_LUA)
         self._abandon = redis.register_script(_ABANDON_LUA)
         self._page = redis.register_script(_PAGE_LUA)
 
     async def claim(
-        self,
-        correlation_id: str,
-        process_key: str,
-        request_hash: str,
-        *,
-        traceability_id: str,
-        batch_id: str,
-        application_id: str,
+        self, ids: SystemVariables, process_key: str, request_hash: str
     ) -> tuple[ProcessState, bool]:
         """Create the ``pending`` state (version 1), or return the one that exists.
 
@@ -349,50 +192,50 @@ class ProcessStore:
         here, so the index stays bounded without a sweeper.
         """
         now = datetime.now(UTC)
+        state = ProcessState(
+            correlation_id=ids.correlation_id,
+            status=Status.PENDING,
+            process_key=process_key,
+            request_hash=request_hash,
+            instance_id=None,
+            traceability_id=ids.traceability_id,
+            batch_id=ids.batch_id,
+            application_id=ids.application_id,
+            data=None,
+            error=None,
+            started_at=now,
+            updated_at=now,
+            version=1,
+        )
         now_ms = int(now.timestamp() * 1000)
         oldest_ms = now_ms - (self._pending_ttl_s + self._result_ttl_s) * 1000
-        created, state = await self._claim(
-            keys=[
-                self._keys.process(correlation_id),
-                self._keys.index,
-                self._keys.writebehind,
-            ],
-            args=[
-                correlation_id,
-                process_key,
-                request_hash,
-                traceability_id,
-                batch_id,
-                application_id,
-                iso(now),
-                now_ms,
-                self._pending_ttl_s,
-                oldest_ms,
-            ],
+        fields = [text for pair in state.to_hash().items() for text in pair]
+        created, stored = await self._claim(
+            keys=[self._keys.process(ids.correlation_id), self._keys.index, self._keys.writebehind],
+            args=[ids.correlation_id, now_ms, self._pending_ttl_s, oldest_ms, *fields],
         )
-        return ProcessState.from_json(state), bool(created)
+        return ProcessState.from_json(stored), bool(created)
 
     async def attach_instance(self, correlation_id: str, instance_id: str) -> None:
-        """Record the engine's instance id (also after a completion that beat the start's
+        """Record the engine's instance id (also after a finish that beat the start's
         response); ignored when the state no longer exists."""
         await self._attach(
             keys=[self._keys.process(correlation_id), self._keys.writebehind],
             args=[instance_id, iso(datetime.now(UTC))],
         )
 
-    async def complete(
+    async def finish(
         self, correlation_id: str, status: Status, *, data: Any = None, error: Any = None
     ) -> bool:
-        """Finish a ``pending`` process and wake its waiters; True if this call changed it.
+        """End a ``pending`` run and wake its waiters; True if this call changed it.
 
-        The one completion path for the ``/complete`` endpoint and the worker. A second
-        completion, or one for an unknown (never claimed or expired) id, changes nothing
-        and returns False: there is no claim to attach the result to, and a late duplicate
-        must not overwrite the first outcome.
+        The one way a run ends, whoever ends it (the ``/complete`` endpoint, a worker's
+        finishing step, an incident). A second finish, or one for an unknown (never claimed
+        or expired) id, changes nothing and returns False: the first outcome wins.
         """
         if status is Status.PENDING:
-            raise ValueError("complete() needs a terminal status (ok or error)")
-        changed = await self._complete(
+            raise ValueError("finish() needs a terminal status (ok or error)")
+        changed = await self._finish(
             keys=[self._keys.process(correlation_id), self._keys.writebehind],
             args=[
                 status.value,
@@ -405,31 +248,24 @@ class ProcessStore:
         )
         return bool(changed)
 
-    async def abandon(self, correlation_id: str, version: int, *, reason: Any) -> bool:
+    async def abandon(self, version: int, failed: StartFailed) -> bool:
         """Undo a claim whose start never reached the engine, so the caller may retry.
 
-        Only when the state is still ``pending`` at ``version`` (a completion or another
-        change wins). Publishes a :class:`StartFailed` with ``reason`` so requests that
-        joined this start answer with the same error. True if the state was deleted.
+        Only when the state is still ``pending`` at ``version`` (a finish or another change
+        wins). Publishes ``failed`` so requests that joined this start answer the same.
+        True if the state was deleted.
         """
+        cid = failed.correlation_id
         deleted = await self._abandon(
-            keys=[
-                self._keys.process(correlation_id),
-                self._keys.index,
-                self._keys.writebehind,
-            ],
-            args=[correlation_id, version, dump_json(reason), self._keys.done(correlation_id)],
+            keys=[self._keys.process(cid), self._keys.index, self._keys.writebehind],
+            args=[cid, version, failed.to_json(), self._keys.done(cid)],
         )
         return bool(deleted)
 
     async def get(self, correlation_id: str) -> ProcessState | None:
         """The state in Redis, or None (never existed, or aged out: try Postgres)."""
         fields = await self._redis.hgetall(self._keys.process(correlation_id))
-        if not fields:
-            return None
-        return ProcessState.from_dict(
-            _hash_to_dict({_text(k): _text(v) for k, v in fields.items()})
-        )
+        return ProcessState.from_hash(fields) if fields else None
 
     async def page(
         self, *, cursor: str | None, limit: int
@@ -447,10 +283,5 @@ class ProcessStore:
         return [ProcessState.from_json(s) for s in states], next_cursor
 
 
-def _hash_to_dict(fields: dict[str, str]) -> dict[str, Any]:
-    """Hash fields (all text) to the state JSON object's types."""
-    return {
-        **{k: (v or None) for k, v in fields.items()},
-        "data": orjson.loads(fields.get("data") or "null"),
-        "error": orjson.loads(fields.get("error") or "null"),
-    }
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

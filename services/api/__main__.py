@@ -1,7 +1,7 @@
 """``python -m services.api`` / ``flowgate-api``: settings -> logging -> uvicorn.
 
 On SIGTERM (or SIGINT) the replica first answers every parked request with 202 + Location
-(:class:`services.api.app.DrainHook`), then lets uvicorn stop: close the listener, finish
+(:class:`services.api.drain.DrainHook`), then lets uvicorn stop: close the listener, finish
 in-flight requests (now quick), run the lifespan's shutdown (flush write-behind), exit.
 """
 
@@ -13,7 +13,8 @@ from types import FrameType
 
 import uvicorn
 
-from services.api.app import DrainHook, create_app
+from services.api.app import create_app
+from services.api.drain import DrainHook
 from shared.logs import configure_logging
 from shared.settings import load_settings
 

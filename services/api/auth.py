@@ -1,19 +1,30 @@
-"""Who may call what: client API keys and the completion callback's token.
+"""Who may call what: every endpoint declares an :class:`Access`, and :class:`Auth` checks it.
 
-Both are off unless configured (``API_KEYS``, ``COMPLETE_TOKEN``). Secrets are compared in
-constant time, and against every configured key, so neither a key's content nor its position
-in the list shows in the response time.
+The endpoint table (services/api/routes.py) gives each endpoint its access level, the
+router checks it before the endpoint runs, and the OpenAPI document states it, so no
+endpoint can be added without a decision (tests/unit/test_api_endpoints.py).
+
+Credentials are off unless configured (``API_KEYS``, ``COMPLETE_TOKEN``). Secrets are
+compared in constant time, and against every configured key, so neither a key's content
+nor its position in the list shows in the response time.
 """
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Sequence
+from enum import StrEnum
 
 from pydantic import SecretStr
 from starlette.requests import Request
 
-from services.api.schemas import ApiError
+from services.api.errors import ApiError
+
+
+class Access(StrEnum):
+    PUBLIC = "public"  # probes and documentation
+    CLIENT = "client"  # API_KEYS, when set
+    COMPLETER = "completer"  # COMPLETE_TOKEN, when set
 
 
 class Auth:
@@ -23,16 +34,23 @@ class Auth:
             complete_token.get_secret_value().encode() if complete_token is not None else None
         )
 
-    @property
-    def clients_need_key(self) -> bool:
-        return bool(self._api_keys)
+    def required(self, access: Access) -> bool:
+        """Whether this deployment asks for credentials at ``access``."""
+        if access is Access.CLIENT:
+            return bool(self._api_keys)
+        if access is Access.COMPLETER:
+            return self._complete_token is not None
+        return False
 
-    @property
-    def completion_needs_token(self) -> bool:
-        return self._complete_token is not None
+    def check(self, access: Access, request: Request) -> None:
+        """Raise 401 unless ``request`` carries what ``access`` asks for here."""
+        if access is Access.CLIENT:
+            self._check_client(request)
+        elif access is Access.COMPLETER:
+            self._check_completer(request)
 
-    def check_client(self, request: Request) -> None:
-        """Client endpoints: ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``."""
+    def _check_client(self, request: Request) -> None:
+        """``X-API-Key: <key>`` or ``Authorization: Bearer <key>``."""
         if not self._api_keys:
             return
         offered = [
@@ -51,8 +69,8 @@ class Auth:
                 headers={"WWW-Authenticate": 'Bearer realm="flowgate"'},
             )
 
-    def check_completer(self, request: Request) -> None:
-        """``/api/process/complete``: ``Authorization: Bearer <COMPLETE_TOKEN>``."""
+    def _check_completer(self, request: Request) -> None:
+        """``Authorization: Bearer <COMPLETE_TOKEN>``."""
         if self._complete_token is None:
             return
         token = _bearer(request)

@@ -1,38 +1,216 @@
-"""What an endpoint can reach: one frozen bundle, opened by the app's lifespan."""
+"""What an endpoint can reach, and the one place that opens and closes it all.
+
+:func:`open_deps` opens, in order, Redis, the engine client, the Postgres pool, the wait
+room (its subscription confirmed before the app serves) and the persistence task
+(migrations, then the write-behind flusher); it closes them in reverse. Its background tasks
+live in one task group, so none outlives the app.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import logging
+import resource
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.requests import Request
 
 from services.api.auth import Auth
 from services.api.metrics import ApiMetrics
+from services.api.persistence import db
+from services.api.persistence.writebehind import Flusher
+from services.api.runs import Runs
+from services.api.starter import Starter
 from services.api.waitroom import WaitRoom
+from shared.aio import Backoff, cancel_and_wait, sleep_or_stop
 from shared.camunda import CamundaClient
+from shared.eventlog import EventSink, append_event
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.store import ProcessStore
-from shared.writebehind import Flusher
+
+log = logging.getLogger(__name__)
+
+#: Redis connections one replica may use at once; requests beyond it queue for one (a
+#: thousand parked requests re-reading state must not open a thousand connections).
+REDIS_MAX_CONNECTIONS = 64
+_REDIS_POOL_TIMEOUT_S = 5.0
+#: How long start-up waits for the migrations before serving without Postgres.
+_MIGRATE_AT_START_S = 15.0
+_SUBSCRIBE_TIMEOUT_S = 10.0
+#: File descriptors kept for everything but parked requests (pools, logs, new requests).
+_FD_RESERVE = 512
+
+
+@dataclass(frozen=True, slots=True)
+class ApiOptions:
+    """What the endpoints need from the settings (their environment names in comments)."""
+
+    sync_timeout_ms: int = 25_000  # SYNC_TIMEOUT_MS
+    max_wait_ms: int = 60_000  # MAX_WAIT_MS
+    retry_after_s: int = 2  # RETRY_AFTER_S
+    max_body_bytes: int = 1_048_576  # MAX_BODY_BYTES
+    max_variables_depth: int = 32  # MAX_VARIABLES_DEPTH
+
+    @classmethod
+    def of(cls, settings: Settings) -> ApiOptions:
+        return cls(
+            sync_timeout_ms=settings.sync_timeout_ms,
+            max_wait_ms=settings.max_wait_ms,
+            retry_after_s=settings.retry_after_s,
+            max_body_bytes=settings.max_body_bytes,
+            max_variables_depth=settings.max_variables_depth,
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Deps:
-    settings: Settings
-    keys: Keys
-    redis: Redis
-    store: ProcessStore
-    waitroom: WaitRoom
-    camunda: CamundaClient
-    pool: AsyncConnectionPool
+    options: ApiOptions
     auth: Auth
     metrics: ApiMetrics
+    keys: Keys
+    redis: Redis
+    camunda: CamundaClient
+    pool: AsyncConnectionPool
+    store: ProcessStore
+    runs: Runs
+    starter: Starter
+    waitroom: WaitRoom
     flusher: Flusher
+    events: EventSink
 
 
 def deps(request: Request) -> Deps:
     """The lifespan's bundle for this request (``yield {"deps": ...}`` in app.py)."""
     bundle: Deps = request.state.deps
     return bundle
+
+
+@contextlib.asynccontextmanager
+async def open_deps(
+    settings: Settings, *, auth: Auth, metrics: ApiMetrics, replica_id: str
+) -> AsyncIterator[Deps]:
+    """Everything the endpoints use, open for the duration of the block."""
+    keys = Keys(settings.redis_prefix)
+    async with contextlib.AsyncExitStack() as stack:
+        redis = Redis.from_pool(
+            BlockingConnectionPool.from_url(
+                settings.redis_url,
+                max_connections=REDIS_MAX_CONNECTIONS,
+                timeout=_REDIS_POOL_TIMEOUT_S,
+                # Detects a silently dead pub/sub connection (no RST) within ~30 s.
+                health_check_interval=15,
+            )
+        )
+        stack.push_async_callback(redis.aclose)
+        camunda = await stack.enter_async_context(
+            CamundaClient(settings.camunda_base_url, timeout_s=settings.camunda_timeout_ms / 1000)
+        )
+        pool = await db.open_pool(settings.database_url)
+        stack.push_async_callback(pool.close)
+        store = ProcessStore(
+            redis, keys, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s
+        )
+        waitroom = WaitRoom(
+            redis, keys, store, metrics=metrics, max_parked=_parking_places(settings)
+        )
+        flusher = Flusher(
+            redis,
+            keys,
+            pool,
+            consumer=replica_id,
+            batch=settings.writebehind_batch,
+            block_ms=settings.writebehind_block_ms,
+            claim_idle_ms=settings.writebehind_claim_idle_ms,
+        )
+        events = functools.partial(append_event, redis, keys)
+        starter = Starter(
+            store,
+            camunda,
+            events,
+            metrics,
+            engine_timeout_ms=settings.camunda_timeout_ms,
+        )
+        stop, migrated = asyncio.Event(), asyncio.Event()
+        async with asyncio.TaskGroup() as tasks:
+            listening = tasks.create_task(waitroom.listen(), name="waitroom")
+            persisting = tasks.create_task(_persist(pool, flusher, stop, migrated), name="persist")
+            try:
+                await waitroom.subscribed(_SUBSCRIBE_TIMEOUT_S)
+                # Serve with the schema in place when Postgres answers; if it does not, serve
+                # from Redis anyway (readiness says Postgres is down) and migrate when it is
+                # back.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_MIGRATE_AT_START_S):
+                        await migrated.wait()
+                yield Deps(
+                    options=ApiOptions.of(settings),
+                    auth=auth,
+                    metrics=metrics,
+                    keys=keys,
+                    redis=redis,
+                    camunda=camunda,
+                    pool=pool,
+                    store=store,
+                    runs=Runs(store, pool),
+                    starter=starter,
+                    waitroom=waitroom,
+                    flusher=flusher,
+                    events=events,
+                )
+            finally:
+                # Anything still parked is answered now, before the flush.
+                waitroom.release_all()
+                await _stop_persist(persisting, stop, flusher, settings.shutdown_grace_s)
+                await cancel_and_wait([listening])
+
+
+async def _persist(
+    pool: AsyncConnectionPool, flusher: Flusher, stop: asyncio.Event, migrated: asyncio.Event
+) -> None:
+    """Migrate (retrying while Postgres is down: the API serves from Redis meanwhile and the
+    stream keeps every entry), then run the flusher until ``stop``."""
+    backoff = Backoff(base_s=0.5, cap_s=10.0)
+    while not stop.is_set():
+        try:
+            version = await db.migrate(pool)
+        except (psycopg.Error, PoolTimeout) as exc:
+            log.warning("migrations not applied yet; retrying", extra={"error": repr(exc)})
+            await sleep_or_stop(stop, backoff.next_delay_s())
+        else:
+            log.info("postgres schema ready", extra={"version": version})
+            migrated.set()
+            await flusher.run(stop)
+            return
+
+
+async def _stop_persist(
+    task: asyncio.Task[None], stop: asyncio.Event, flusher: Flusher, grace_s: float
+) -> None:
+    """Stop following the stream, then write what this replica owes within the grace."""
+    stop.set()
+    done, _ = await asyncio.wait({task}, timeout=grace_s)
+    if not done:
+        log.warning("flusher did not stop in time; cancelling it")
+        await cancel_and_wait([task])
+    if not await flusher.drain(grace_s):
+        log.warning("write-behind not drained; the rest stays in the stream for other replicas")
+
+
+def _parking_places(settings: Settings) -> int:
+    """MAX_PARKED, within what the open-files limit allows: past it, a request that could
+    not get a socket would fail; answering 202 at once is the graceful alternative."""
+    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    places = min(settings.max_parked, max(open_files - _FD_RESERVE, 1))
+    if places < settings.max_parked:
+        log.warning(
+            "MAX_PARKED lowered to fit the open-files limit",
+            extra={"maxParked": settings.max_parked, "openFiles": open_files, "places": places},
+        )
+    return places

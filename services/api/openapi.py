@@ -1,57 +1,26 @@
 """The OpenAPI 3.1 document (``/openapi.json``) and the self-contained ``/docs`` page
 (docs.html, next to this module).
 
-Schemas come from the pydantic models in services/api/schemas.py, so the document cannot
-drift from what the endpoints validate and answer. Security schemes appear only when the
+Built from the endpoint table (services/api/routes.py: paths, methods, access, parameters,
+answers) and the pydantic models in services/api/schemas.py, so the document cannot drift
+from what the endpoints validate and answer. Security schemes appear only when the
 deployment configures them (API_KEYS, COMPLETE_TOKEN), so the document tells a client
 exactly what this deployment wants.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from services.api.auth import Auth
-from services.api.schemas import (
-    CORRELATION_ID_PATTERN,
-    CompleteAck,
-    CompleteRequest,
-    ErrorBody,
-    EventLog,
-    Health,
-    Pending,
-    ProcessStatus,
-    Readiness,
-    StartFailedBody,
-    StartOk,
-    StartRequest,
-    StatusPage,
-)
-
-_MODELS: list[tuple[type[BaseModel], Any]] = [
-    (StartRequest, "validation"),
-    (CompleteRequest, "validation"),
-    *(
-        (model, "serialization")
-        for model in (
-            StartOk,
-            StartFailedBody,
-            Pending,
-            ProcessStatus,
-            StatusPage,
-            CompleteAck,
-            EventLog,
-            ErrorBody,
-            Health,
-            Readiness,
-        )
-    ),
-]
+from services.api.auth import Access, Auth
+from services.api.routes import MAX_PAGE, Endpoint, Reply
+from services.api.schemas import CORRELATION_ID_PATTERN, ErrorBody
 
 _ERRORS = {
     400: "Malformed JSON, or a missing or invalid field (named in `field`).",
@@ -64,275 +33,151 @@ _ERRORS = {
     503: "A dependency (the engine, Redis or Postgres) is unreachable; retry after Retry-After.",
 }
 
+_STATUS_URL = "The status URL of this run: `/api/process/status/{correlationId}`."
+
+#: Every parameter an endpoint may name in its ``parameters``.
+PARAMETERS: dict[str, dict[str, Any]] = {
+    "Prefer": {
+        "in": "header",
+        "description": "RFC 7240: `wait=N` (seconds, capped by MAX_WAIT_MS) or `respond-async`.",
+        "schema": {"type": "string"},
+    },
+    "wait": {
+        "in": "query",
+        "description": "Long-poll: wait up to N seconds (capped by MAX_WAIT_MS) for the outcome.",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    "limit": {
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 50},
+    },
+    "cursor": {
+        "in": "query",
+        "description": "`nextCursor` of the previous page.",
+        "schema": {"type": "string"},
+    },
+    "correlationId": {
+        "in": "path",
+        # `all` is the list endpoint's path, not an id.
+        "schema": {"type": "string", "pattern": r"^(?!all$)" + CORRELATION_ID_PATTERN[1:]},
+    },
+    "id": {"in": "path", "schema": {"type": "string", "pattern": CORRELATION_ID_PATTERN}},
+    "by": {
+        "in": "query",
+        "schema": {"type": "string", "enum": ["traceabilityId", "correlationId"]},
+    },
+}
+
+#: Every header a reply may name in its ``headers``.
+HEADERS: dict[str, dict[str, Any]] = {
+    "Content-Location": {"description": _STATUS_URL, "required": True},
+    "Location": {"description": _STATUS_URL, "required": True},
+    "Retry-After": {
+        "description": "Seconds to wait before polling.",
+        "required": True,
+        "schema": {"type": "string", "pattern": r"^[0-9]+$"},
+    },
+    "Preference-Applied": {
+        "description": "RFC 7240: the preference honoured (`wait=N` or `respond-async`)."
+    },
+}
+
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-def _json(model: type[BaseModel], description: str, **headers: dict[str, Any]) -> dict[str, Any]:
-    response: dict[str, Any] = {
-        "description": description,
-        "content": {"application/json": {"schema": _ref(model)}},
+def _reply(reply: Reply) -> dict[str, Any]:
+    schema = _ref(reply.model) if reply.model else {"type": "object"}
+    if reply.media_type != "application/json":
+        schema = {"type": "string"}
+    answer: dict[str, Any] = {
+        "description": reply.description,
+        "content": {reply.media_type: {"schema": schema}},
     }
-    if headers:
-        response["headers"] = headers
-    return response
+    if reply.headers:
+        answer["headers"] = {
+            name: {"schema": {"type": "string"}, "required": False, **HEADERS[name]}
+            for name in reply.headers
+        }
+    return answer
 
 
-def _errors(*codes: int) -> dict[str, Any]:
-    return {str(code): _json(ErrorBody, _ERRORS[code]) for code in codes}
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
 
 
-def _header(
-    description: str, *, required: bool = False, pattern: str | None = None
-) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "string"}
-    if pattern:
-        schema["pattern"] = pattern
-    return {"description": description, "required": required, "schema": schema}
+def _parameter(name: str) -> dict[str, Any]:
+    spec = PARAMETERS[name]
+    return {"name": name, "required": spec["in"] == "path", **spec}
 
 
-_STATUS_URL = "The status URL of this run: `/api/process/status/{correlationId}`."
-_PREFER = {
-    "name": "Prefer",
-    "in": "header",
-    "required": False,
-    "description": "RFC 7240: `wait=N` (seconds, capped by MAX_WAIT_MS) or `respond-async`.",
-    "schema": {"type": "string"},
-}
-_WAIT = {
-    "name": "wait",
-    "in": "query",
-    "required": False,
-    "description": "Long-poll: wait up to N seconds (capped by MAX_WAIT_MS) for the outcome.",
-    "schema": {"type": "integer", "minimum": 0},
-}
+def _operation(endpoint: Endpoint, auth: Auth) -> dict[str, Any]:
+    errors = list(endpoint.errors)
+    operation: dict[str, Any] = {
+        "operationId": _camel(endpoint.handler.__name__),
+        "summary": endpoint.summary,
+    }
+    if endpoint.description:
+        operation["description"] = endpoint.description
+    if endpoint.parameters:
+        operation["parameters"] = [_parameter(name) for name in endpoint.parameters]
+    if endpoint.body:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(endpoint.body)}},
+        }
+    if auth.required(endpoint.access):
+        operation["security"] = [{_SCHEMES[endpoint.access][0]: []}]
+        errors.append(401)
+    operation["responses"] = {
+        **{str(code): _reply(reply) for code, reply in endpoint.replies.items()},
+        **{str(code): _reply(Reply(_ERRORS[code], ErrorBody)) for code in sorted(errors)},
+    }
+    return operation
 
 
-def build_openapi(auth: Auth) -> dict[str, Any]:
-    _, top = models_json_schema(_MODELS, ref_template="#/components/schemas/{model}")
-    schemas = top["$defs"]
-    client_security: list[dict[str, list[str]]] = []
-    complete_security: list[dict[str, list[str]]] = []
-    security_schemes: dict[str, Any] = {}
-    client_errors: tuple[int, ...] = ()
-    complete_errors: tuple[int, ...] = ()
-    if auth.clients_need_key:
-        security_schemes["apiKey"] = {
+_SCHEMES: dict[Access, tuple[str, dict[str, Any]]] = {
+    Access.CLIENT: (
+        "apiKey",
+        {
             "type": "apiKey",
             "in": "header",
             "name": "X-API-Key",
             "description": "One of API_KEYS; `Authorization: Bearer <key>` works as well.",
-        }
-        client_security = [{"apiKey": []}]
-        client_errors = (401,)
-    if auth.completion_needs_token:
-        security_schemes["completeToken"] = {"type": "http", "scheme": "bearer"}
-        complete_security = [{"completeToken": []}]
-        complete_errors = (401,)
+        },
+    ),
+    Access.COMPLETER: ("completeToken", {"type": "http", "scheme": "bearer"}),
+}
 
-    retry_after = _header("Seconds to wait before polling.", required=True, pattern=r"^[0-9]+$")
-    applied = _header("RFC 7240: the preference honoured (`wait=N` or `respond-async`).")
-    content_location = _header(_STATUS_URL, required=True)
-    status_responses = {
-        str(code): _json(
-            ProcessStatus,
-            f"The process is `{name}`.",
-            **{"Content-Location": content_location},
-            **(
-                {"Location": _header(_STATUS_URL, required=True), "Retry-After": retry_after}
-                if code == 202
-                else {}
-            ),
-        )
-        for code, name in ((200, "ok"), (202, "pending"), (500, "error"))
+
+def build_openapi(endpoints: Sequence[Endpoint], auth: Auth) -> dict[str, Any]:
+    """The document for ``endpoints`` as this deployment serves them."""
+    documented = list(endpoints)
+    validation: JsonSchemaMode = "validation"
+    serialization: JsonSchemaMode = "serialization"
+    pairs = [(e.body, validation) for e in documented if e.body is not None]
+    pairs += [
+        (model, serialization)
+        for model in {ErrorBody, *(r.model for e in documented for r in e.replies.values())}
+        if model is not None
+    ]
+    _, top = models_json_schema(
+        sorted(pairs, key=lambda pair: pair[0].__name__),
+        ref_template="#/components/schemas/{model}",
+    )
+    paths: dict[str, Any] = {}
+    for endpoint in documented:
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(endpoint, auth)
+    components: dict[str, Any] = {"schemas": top["$defs"]}
+    schemes = {
+        name: scheme
+        for access, (name, scheme) in _SCHEMES.items()
+        if any(auth.required(access) and e.access is access for e in documented)
     }
-    paths: dict[str, Any] = {
-        "/api/process/start": {
-            "post": {
-                "operationId": "startProcess",
-                "summary": "Start a process; answer with its result, or 202 and a status URL.",
-                "description": (
-                    "Waits up to SYNC_TIMEOUT_MS (or `Prefer: wait=N`) for the outcome. "
-                    "Idempotent by correlationId: a repeated start joins the running one or "
-                    "returns its stored outcome."
-                ),
-                "parameters": [_PREFER],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref(StartRequest)}},
-                },
-                "responses": {
-                    "200": _json(
-                        StartOk,
-                        "The process finished `ok` within the wait.",
-                        **{"Content-Location": content_location, "Preference-Applied": applied},
-                    ),
-                    "202": _json(
-                        Pending,
-                        "Still running when the wait ended; poll `Location`.",
-                        Location=_header(_STATUS_URL, required=True),
-                        **{"Retry-After": retry_after, "Preference-Applied": applied},
-                    ),
-                    "500": _json(
-                        StartFailedBody,
-                        "The process finished `error` within the wait.",
-                        **{"Content-Location": content_location},
-                    ),
-                    **_errors(400, *client_errors, 404, 413, 415, 422, 502, 503),
-                },
-                **({"security": client_security} if client_security else {}),
-            }
-        },
-        "/api/process/status/all": {
-            "get": {
-                "operationId": "listProcesses",
-                "summary": "Processes Redis holds, newest first, a page at a time.",
-                "parameters": [
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
-                    },
-                    {
-                        "name": "cursor",
-                        "in": "query",
-                        "required": False,
-                        "description": "`nextCursor` of the previous page.",
-                        "schema": {"type": "string"},
-                    },
-                ],
-                "responses": {
-                    "200": _json(StatusPage, "One page."),
-                    **_errors(400, *client_errors, 503),
-                },
-                **({"security": client_security} if client_security else {}),
-            }
-        },
-        "/api/process/status/{correlationId}": {
-            "get": {
-                "operationId": "processStatus",
-                "summary": "The state of one run (Redis, else Postgres); `?wait=N` long-polls.",
-                "parameters": [
-                    {
-                        "name": "correlationId",
-                        "in": "path",
-                        "required": True,
-                        # `all` is the list endpoint's path, not an id.
-                        "schema": {
-                            "type": "string",
-                            "pattern": r"^(?!all$)" + CORRELATION_ID_PATTERN[1:],
-                        },
-                    },
-                    _WAIT,
-                    _PREFER,
-                ],
-                "responses": {**status_responses, **_errors(400, *client_errors, 404, 503)},
-                **({"security": client_security} if client_security else {}),
-            }
-        },
-        "/api/process/complete": {
-            "post": {
-                "operationId": "completeProcess",
-                "summary": "Record a run's outcome and wake its waiters on every replica.",
-                "description": "A completion for a finished process changes nothing "
-                "(`changed: false`).",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref(CompleteRequest)}},
-                },
-                "responses": {
-                    "200": _json(CompleteAck, "Received."),
-                    **_errors(400, *complete_errors, 404, 413, 415, 503),
-                },
-                **({"security": complete_security} if complete_security else {}),
-            }
-        },
-        "/api/event-log/{id}": {
-            "get": {
-                "operationId": "eventLog",
-                "summary": "The audit trail of one run, in step order.",
-                "description": "By traceabilityId; by correlationId when no run has that "
-                "traceabilityId, or with `?by=correlationId`.",
-                "parameters": [
-                    {
-                        "name": "id",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string", "pattern": CORRELATION_ID_PATTERN},
-                    },
-                    {
-                        "name": "by",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "string", "enum": ["traceabilityId", "correlationId"]},
-                    },
-                ],
-                "responses": {
-                    "200": _json(EventLog, "The events."),
-                    **_errors(400, *client_errors, 503),
-                },
-                **({"security": client_security} if client_security else {}),
-            }
-        },
-        "/healthz": {
-            "get": {
-                "operationId": "healthz",
-                "summary": "Alive.",
-                "responses": {"200": _json(Health, "Alive.")},
-            }
-        },
-        "/readyz": {
-            "get": {
-                "operationId": "readyz",
-                "summary": "Redis, Postgres, the engine and the wait room's subscription.",
-                "responses": {
-                    "200": _json(Readiness, "Ready."),
-                    "503": _json(Readiness, "Not ready; `error` names what is down."),
-                },
-            }
-        },
-        "/metrics": {
-            "get": {
-                "operationId": "metrics",
-                "summary": "Prometheus metrics of this replica.",
-                "responses": {
-                    "200": {
-                        "description": "Text exposition format.",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
-                },
-            }
-        },
-        "/openapi.json": {
-            "get": {
-                "operationId": "openapi",
-                "summary": "This document.",
-                "responses": {
-                    "200": {
-                        "description": "OpenAPI 3.1.",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
-                    }
-                },
-            }
-        },
-        "/docs": {
-            "get": {
-                "operationId": "docs",
-                "summary": "A readable rendering of this document.",
-                "responses": {
-                    "200": {
-                        "description": "HTML.",
-                        "content": {"text/html": {"schema": {"type": "string"}}},
-                    }
-                },
-            }
-        },
-    }
-    components: dict[str, Any] = {"schemas": schemas}
-    if security_schemes:
-        components["securitySchemes"] = security_schemes
+    if schemes:
+        components["securitySchemes"] = schemes
     return {
         "openapi": "3.1.0",
         "info": {
@@ -346,8 +191,8 @@ def build_openapi(auth: Auth) -> dict[str, Any]:
     }
 
 
-def render_openapi(auth: Auth) -> bytes:
-    return orjson.dumps(build_openapi(auth))
+def render_openapi(endpoints: Sequence[Endpoint], auth: Auth) -> bytes:
+    return orjson.dumps(build_openapi(endpoints, auth))
 
 
 def docs_html() -> str:

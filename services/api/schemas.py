@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from starlette.responses import Response
 
 from shared.eventlog import EventRecord
-from shared.store import ProcessState, StartFailed, iso
+from shared.state import ProcessState, iso
 
 #: Becomes part of Redis keys, channel names and URLs: no glob characters (the wait room's
 #: PSUBSCRIBE pattern), no hash-tag braces, no slash, no whitespace.
@@ -173,23 +173,6 @@ class ErrorBody(BaseModel):
     field: str | None = Field(default=None, description="The request field at fault, if one.")
 
 
-class ApiError(Exception):
-    """Raised anywhere in a request; answered as ``ErrorBody`` by the app's handler."""
-
-    def __init__(
-        self,
-        status_code: int,
-        error: str,
-        *,
-        field: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(error)
-        self.status_code = status_code
-        self.body = ErrorBody(error=error, field=field)
-        self.headers = headers or {}
-
-
 class Health(BaseModel):
     status: Literal["alive"] = "alive"
 
@@ -212,17 +195,3 @@ class JSONResponse(Response):
         if isinstance(content, BaseModel):
             content = content.model_dump(mode="json", exclude_none=isinstance(content, ErrorBody))
         return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
-
-
-def start_failed_reason(status_code: int, error: ErrorBody) -> dict[str, Any]:
-    """What an abandoned start publishes, so requests that joined it answer the same."""
-    return {"statusCode": status_code, **error.model_dump(exclude_none=True)}
-
-
-def joined_failure(failed: StartFailed) -> tuple[int, ErrorBody]:
-    """The answer for a request that joined a start which then failed."""
-    reason = failed.reason if isinstance(failed.reason, dict) else {}
-    code = reason.get("statusCode")
-    status_code = code if isinstance(code, int) and 400 <= code <= 599 else 503
-    message = reason.get("error") or "the start this request joined failed"
-    return status_code, ErrorBody(error=str(message), field=reason.get("field"))

@@ -27,16 +27,18 @@ import logging
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from services.api.metrics import ApiMetrics
+from shared.aio import Backoff
+from shared.contract import StartFailed, decode_message
 from shared.keys import Keys
-from shared.store import ProcessState, ProcessStore, StartFailed, decode_message
+from shared.state import ProcessState
+from shared.store import ProcessStore
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class _Waiter:
 
 
 class WaitRoom:
-    """Use as ``async with WaitRoom(...) as room:``; ready once the subscription is confirmed."""
+    """Run :meth:`listen` in a task group and await :meth:`subscribed` before serving."""
 
     def __init__(
         self,
@@ -93,58 +95,41 @@ class WaitRoom:
         *,
         metrics: ApiMetrics,
         max_parked: int,
-        subscribe_timeout_s: float = 10.0,
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._store = store
         self._metrics = metrics
         self._max_parked = max_parked
-        self._subscribe_timeout_s = subscribe_timeout_s
         self._waiters: dict[str, set[_Waiter]] = {}
         self._registered = 0  # waits in progress (bounded by max_parked)
         self._parked = 0  # of those, asleep until a message, a re-read signal or the deadline
         self._draining = False
         self._subscribed = asyncio.Event()
         self._subscriptions = 0
-        self._pubsub: PubSub | None = None
-        self._reader: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
-        self._pubsub = self._redis.pubsub()
+    async def listen(self) -> None:
+        """Hold the subscription and dispatch its messages until cancelled (run it in the
+        owner's task group; :meth:`subscribed` says when the room may open)."""
+        pubsub = self._redis.pubsub()
         try:
-            await self._pubsub.psubscribe(self._keys.done_pattern)
-            self._reader = asyncio.create_task(self._read(self._pubsub), name="waitroom-reader")
-            # subscribe() returns once the command is written, not when Redis has applied it;
-            # until the confirmation arrives a publish could still be missed.
-            async with asyncio.timeout(self._subscribe_timeout_s):
-                await self._subscribed.wait()
-        except BaseException:
-            await self._close()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.release_all()
-        await self._close()
-
-    async def _close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
-        if self._pubsub is not None:
+            await pubsub.psubscribe(self._keys.done_pattern)
+            await self._read(pubsub)
+        finally:
+            self._subscribed.clear()
             with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-            self._pubsub = None
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def subscribed(self, timeout_s: float) -> None:
+        """Return once the subscription is confirmed (TimeoutError after ``timeout_s``).
+
+        ``psubscribe`` returns once the command is written, not when Redis has applied it;
+        until the confirmation arrives a publish could still be missed.
+        """
+        async with asyncio.timeout(timeout_s):
+            await self._subscribed.wait()
 
     @property
     def ready(self) -> bool:
@@ -240,7 +225,7 @@ class WaitRoom:
     async def _read(self, pubsub: PubSub) -> None:
         """Dispatch messages until cancelled; survives Redis outages (redis-py resubscribes
         on reconnect, and each confirmation makes every waiter read the state again)."""
-        backoff_s = _BACKOFF_MIN_S
+        backoff = Backoff(base_s=_BACKOFF_MIN_S, cap_s=_BACKOFF_MAX_S)
         while True:
             try:
                 message = await pubsub.get_message(timeout=_READ_TIMEOUT_S)
@@ -248,10 +233,9 @@ class WaitRoom:
                 if self._subscribed.is_set():
                     log.warning("wait room lost its subscription", extra={"error": repr(exc)})
                 self._subscribed.clear()
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)
+                await asyncio.sleep(backoff.next_delay_s())
                 continue
-            backoff_s = _BACKOFF_MIN_S
+            backoff.reset()
             if message is None:
                 continue
             if message["type"] == "pmessage":

@@ -13,13 +13,13 @@ import functools
 import httpx
 from redis.asyncio import Redis
 
-from services.worker.executor import Executor
+from services.worker.executor import Executor, RetryPolicy
 from services.worker.health import serve_health
 from services.worker.identity import claim_identity
-from services.worker.janitor import Janitor
+from services.worker.locks import Locks
 from services.worker.metrics import WorkerMetrics
 from services.worker.registry import Registry
-from services.worker.worker import Worker
+from services.worker.worker import Worker, WorkerOptions
 from shared.camunda import CamundaClient
 from shared.eventlog import append_event
 from shared.keys import Keys
@@ -46,6 +46,7 @@ async def serve(
     """
     metrics = metrics or WorkerMetrics()
     keys = Keys(settings.redis_prefix)
+    options = WorkerOptions.of(settings)
     async with contextlib.AsyncExitStack() as stack:
         redis = Redis.from_url(
             settings.redis_url,
@@ -62,25 +63,32 @@ async def serve(
             redis, keys, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s
         )
         worker = Worker(
-            settings=settings,
+            options=options,
             registry=registry,
             camunda=camunda,
             executor=Executor(
                 camunda=camunda,
                 worker_id=identity.worker_id,
-                settings=settings,
-                store=store,
+                retry=RetryPolicy(
+                    retries=settings.worker_retries,
+                    first_delay_ms=settings.worker_retry_timeout_ms,
+                ),
+                runs=store,
                 events=functools.partial(append_event, redis, keys),
                 metrics=metrics,
             ),
-            store=store,
+            locks=Locks(
+                camunda,
+                redis,
+                keys,
+                worker_id=identity.worker_id,
+                topics=Worker.topics(registry, options),
+                poll_window_s=options.poll_timeout_ms / 1000,
+            ),
             http=http,
             metrics=metrics,
             worker_id=identity.worker_id,
             previous_id=identity.previous_id,
-            janitor=Janitor(
-                redis, keys, poll_window_s=settings.camunda_async_response_timeout_ms / 1000
-            ),
         )
         await stack.enter_async_context(
             serve_health(settings.worker_health_port, status=worker.health, metrics=metrics.render)

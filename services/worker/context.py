@@ -1,7 +1,9 @@
-"""What a handler can reach besides its input: the task, settings, the store, HTTP.
+"""What a handler can reach besides its input: its task, its process's config, HTTP, a log.
 
 Handlers take it as an optional second parameter (``async def step(data: In, ctx:
-TaskContext)``). It is built per task by the worker, so nothing here is global.
+TaskContext[MyConfig])``). It is built per task by the worker, so nothing here is global,
+and it holds nothing a handler should not touch: no store, no engine client, no settings
+but its own process's (``Process(..., config=MyConfig)``).
 """
 
 from __future__ import annotations
@@ -10,21 +12,14 @@ import asyncio
 import logging
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, TypeVar
 
 import httpx
 
 from shared.camunda import LockedTask
-from shared.settings import Settings
-from shared.store import Status
+from shared.contract import correlation_id_of
 
-
-class CompletionStore(Protocol):
-    """The part of :class:`shared.store.ProcessStore` handlers use (fakes in unit tests)."""
-
-    async def complete(
-        self, correlation_id: str, status: Status, *, data: Any = None, error: Any = None
-    ) -> bool: ...
+ConfigT = TypeVar("ConfigT")
 
 
 class TaskLogger(logging.LoggerAdapter[logging.Logger]):
@@ -38,25 +33,30 @@ class TaskLogger(logging.LoggerAdapter[logging.Logger]):
 
 
 @dataclass(slots=True)
-class TaskContext:
-    """One locked task and the services its handler may use."""
+class TaskContext(Generic[ConfigT]):
+    """One locked task and what its handler may use."""
 
     task: LockedTask
-    settings: Settings
-    store: CompletionStore
     http: httpx.AsyncClient
     log: TaskLogger
+    #: The process's own settings object (``Process(..., config=...)``), or None.
+    config: ConfigT
     #: Set when the worker could not extend the lock: another worker may now hold the task,
     #: and the engine will probably reject this one's result. Long handlers may check it.
     lock_lost: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
-    def correlation_id(self) -> str:
-        """The API's correlationId (the variable, else the business key the API sets)."""
-        value = self.task.variables.get("correlationId") or self.task.business_key
-        return str(value) if value else ""
+    def correlation_id(self) -> str | None:
+        """The correlationId of the run this task belongs to (None outside flowgate runs)."""
+        return correlation_id_of(self.task)
+
+    @property
+    def idempotency_key(self) -> str:
+        """The same on every delivery of this task (the engine's task id): send it with a
+        side effect so that the system on the other side can drop a repeat after a crash."""
+        return self.task.id
 
 
 def task_logger(logger: logging.Logger, task: LockedTask) -> TaskLogger:
-    cid = task.variables.get("correlationId") or task.business_key
-    return TaskLogger(logger, {"correlationId": cid, "topic": task.topic_name, "taskId": task.id})
+    extra = {"correlationId": correlation_id_of(task), "topic": task.topic_name, "taskId": task.id}
+    return TaskLogger(logger, extra)

@@ -3,13 +3,17 @@
 =============================  ============================================================
 handler ...                    the engine is told
 =============================  ============================================================
-returns                        ``complete`` with the output and ``identifiers``
+returns                        ``complete`` with the output and ``identifiers``; on a step
+                               that finishes the run, the run then ends with that output
 raises BusinessRuleError       ``bpmnError`` (its code; errorCode/errorMessage/errorType)
 input fails validation         ``bpmnError`` ``VALIDATION_ERROR``
 raises anything else           ``failure``, retries counted down, retryTimeout doubling;
-                               at 0 the engine raises an incident and the waiting client
-                               gets the error at once (state ``error``)
+                               at 0 the engine raises an incident and the run ends
+                               ``error`` at once
 =============================  ============================================================
+
+This module is where a run is ended by its steps: only here, and only after the engine
+has accepted what ends it (shared/store.py ``finish``).
 
 How the engine's answer to that call is read: 404 means the task is gone (cancelled or
 done elsewhere) and 400 "locked by worker" means another worker owns it:
@@ -30,15 +34,15 @@ import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
-from services.worker.backoff import Backoff, retry_timeout_ms
-from services.worker.context import CompletionStore, TaskContext
+from services.worker.context import TaskContext
 from services.worker.metrics import WorkerMetrics
 from services.worker.registry import IDENTIFIER_FIELDS, BusinessRuleError, Handler, StepResult
+from shared.aio import Backoff
 from shared.camunda import (
     BadRequest,
     CamundaClient,
@@ -48,13 +52,11 @@ from shared.camunda import (
     LockedTask,
     NotFound,
 )
-from shared.eventlog import EventRecord
-from shared.settings import Settings
-from shared.store import Status
+from shared.contract import correlation_id_of, system_value
+from shared.eventlog import EventRecord, EventSink
+from shared.state import Status
 
 log = logging.getLogger(__name__)
-
-EventSink = Callable[[EventRecord], Awaitable[None]]
 
 #: complete/failure/bpmnError are tried this often on retryable answers.
 ENGINE_CALL_ATTEMPTS = 5
@@ -84,33 +86,55 @@ class _Row:
     def record(self, status: str, **fields: Any) -> EventRecord:
         variables, step = self.task.variables, self.handler.step
         return EventRecord(
-            correlation_id=str(variables.get("correlationId") or self.task.business_key or ""),
+            correlation_id=correlation_id_of(self.task) or "",
             status=status,
             step=self.handler.number,
             step_name=step.name,
             process_name=self.handler.process.key,
             http_method=step.http_method,
             endpoint=step.endpoint,
-            batch_id=_str_or_none(variables.get("batch_id")),
-            traceability_id=_str_or_none(variables.get("traceability_id")),
-            application_id=_str_or_none(variables.get("application_id")),
+            batch_id=system_value(variables, "batch_id"),
+            traceability_id=system_value(variables, "traceability_id"),
+            application_id=system_value(variables, "application_id"),
             target_system=self.handler.process.target_system,
             originating_system=self.handler.process.originating_system,
-            execution_time_ms=int((time.monotonic() - self.started) * 1000),
+            execution_time=int((time.monotonic() - self.started) * 1000),
             **fields,
         )
+
+
+class RunFinisher(Protocol):
+    """How the executor ends a run (:meth:`shared.store.ProcessStore.finish`)."""
+
+    async def finish(
+        self, correlation_id: str, status: Status, *, data: Any = None, error: Any = None
+    ) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How failures are retried (WORKER_RETRIES, WORKER_RETRY_TIMEOUT_MS)."""
+
+    #: Re-tries after the first failure: 3 means 4 attempts, 0 an incident at once.
+    retries: int = 3
+    #: Delay before the first retry; doubles with every further failure.
+    first_delay_ms: int = 1_000
+    max_delay_ms: int = 300_000
+
+    def delay_ms(self, failures_before: int) -> int:
+        return int(min(self.max_delay_ms, self.first_delay_ms * 2 ** max(failures_before, 0)))
 
 
 @dataclass(slots=True)
 class Executor:
     camunda: CamundaClient
     worker_id: str
-    settings: Settings
-    store: CompletionStore
+    retry: RetryPolicy
+    runs: RunFinisher
     events: EventSink
     metrics: WorkerMetrics
 
-    async def run(self, handler: Handler, ctx: TaskContext) -> Outcome:
+    async def run(self, handler: Handler, ctx: TaskContext[Any]) -> Outcome:
         """Run the task to an outcome; raises only CancelledError (shutdown)."""
         row = _Row(handler, ctx.task, time.monotonic())
         try:
@@ -121,7 +145,7 @@ class Executor:
             ctx.log.error("could not report the outcome to the engine: %s", exc)
             return Outcome.UNREPORTED
 
-    async def _run(self, handler: Handler, ctx: TaskContext, row: _Row) -> Outcome:
+    async def _run(self, handler: Handler, ctx: TaskContext[Any], row: _Row) -> Outcome:
         try:
             data = handler.input_model.model_validate(ctx.task.variables)
         except ValidationError as exc:
@@ -138,21 +162,21 @@ class Executor:
         try:
             with self.metrics.handler_seconds.labels(topic).time():
                 raw = await (handler.fn(data, ctx) if handler.takes_context else handler.fn(data))
-            variables, status_code = _output(raw)
+            output = _output(raw)
         except BusinessRuleError as exc:
             return await self._bpmn_error(ctx, row, exc, request=_dump(data))
         except Exception as exc:  # any handler bug or outage: the engine's retry mechanism
             ctx.log.warning("handler failed: %s", exc, exc_info=True)
             return await self._failure(ctx, row, exc, request=_dump(data))
 
-        identifiers = _identifiers(ctx.task.variables, variables)
+        identifiers = _identifiers(ctx.task.variables, output.variables)
         try:
             answer = await self._call(
                 "complete",
                 lambda: self.camunda.complete(
                     ctx.task.id,
                     worker_id=self.worker_id,
-                    variables={**variables, "identifiers": identifiers},
+                    variables={**output.variables, "identifiers": identifiers},
                 ),
                 ctx,
             )
@@ -161,21 +185,24 @@ class Executor:
             return await self._failure(ctx, row, exc, request=_dump(data))
         if answer is not None:
             return answer
+        if handler.step.finishes_run:
+            status = Status.OK if output.run_error is None else Status.ERROR
+            await self._finish_run(ctx, status, data=output.variables, error=output.run_error)
         await self._log_event(
             ctx,
             row.record(
                 "success",
                 request_data=_dump(data),
-                response_data=variables,
+                response_data=output.variables,
                 identifiers=identifiers,
                 result=handler.step.success,
-                http_status_code=status_code or 200,
+                http_status_code=output.http_status_code or 200,
             ),
         )
         return Outcome.COMPLETED
 
     async def _bpmn_error(
-        self, ctx: TaskContext, row: _Row, error: BusinessRuleError, *, request: Any
+        self, ctx: TaskContext[Any], row: _Row, error: BusinessRuleError, *, request: Any
     ) -> Outcome:
         variables = {
             "errorCode": error.code,
@@ -216,14 +243,13 @@ class Executor:
         return Outcome.BPMN_ERROR
 
     async def _failure(
-        self, ctx: TaskContext, row: _Row, error: Exception, *, request: Any
+        self, ctx: TaskContext[Any], row: _Row, error: Exception, *, request: Any
     ) -> Outcome:
-        task, configured = ctx.task, self.settings.worker_retries
+        task, configured = ctx.task, self.retry.retries
         # ``retries`` is null until the first failure; then the engine holds what we sent.
-        # WORKER_RETRIES counts re-tries: 3 means 4 attempts, 0 an incident at once.
         retries = configured if task.retries is None else max(task.retries - 1, 0)
         failures_before = 0 if task.retries is None else max(configured - task.retries, 0)
-        timeout_ms = retry_timeout_ms(self.settings.worker_retry_timeout_ms, failures_before)
+        timeout_ms = self.retry.delay_ms(failures_before)
         message = f"{type(error).__name__}: {error}"
         answer = await self._call(
             "failure",
@@ -248,15 +274,7 @@ class Executor:
             # will not go on until someone resolves it.
             outcome, status = Outcome.INCIDENT, "incident"
             ctx.log.error("retries exhausted, incident raised: %s", message)
-            client_error = f"{step.error}: {error}"
-            if ctx.correlation_id:
-                try:
-                    async with asyncio.timeout(EVENT_WRITE_TIMEOUT_S):
-                        await self.store.complete(
-                            ctx.correlation_id, Status.ERROR, error=client_error
-                        )
-                except (RedisError, TimeoutError) as exc:
-                    ctx.log.error("could not publish the incident to the client: %s", exc)
+            await self._finish_run(ctx, Status.ERROR, error=f"{step.error}: {error}")
         await self._log_event(
             ctx,
             row.record(
@@ -273,7 +291,7 @@ class Executor:
         return outcome
 
     async def _call(
-        self, name: str, call: Callable[[], Awaitable[None]], ctx: TaskContext
+        self, name: str, call: Callable[[], Awaitable[None]], ctx: TaskContext[Any]
     ) -> Outcome | None:
         """``None`` once the engine accepted; GONE/LOCK_LOST when it dropped the task.
 
@@ -309,7 +327,20 @@ class Executor:
             await asyncio.sleep(backoff.next_delay_s())
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    async def _log_event(self, ctx: TaskContext, record: EventRecord) -> None:
+    async def _finish_run(
+        self, ctx: TaskContext[Any], status: Status, *, data: Any = None, error: Any = None
+    ) -> None:
+        """End the task's run (a no-op for a run that has ended already, or none at all)."""
+        if ctx.correlation_id is None:
+            ctx.log.warning("this step ends a run, but the task names none")
+            return
+        try:
+            async with asyncio.timeout(EVENT_WRITE_TIMEOUT_S):
+                await self.runs.finish(ctx.correlation_id, status, data=data, error=error)
+        except (RedisError, TimeoutError) as exc:
+            ctx.log.error("could not record the run's end: %s", exc)
+
+    async def _log_event(self, ctx: TaskContext[Any], record: EventRecord) -> None:
         """Queue the row; a Redis outage costs the row, never the (already reported) task."""
         try:
             async with asyncio.timeout(EVENT_WRITE_TIMEOUT_S):
@@ -318,19 +349,29 @@ class Executor:
             ctx.log.error("event-log row lost: %s", exc)
 
 
-def _output(raw: object) -> tuple[dict[str, Any], int | None]:
-    """The handler's return value as variables, and its HTTP status override (if any)."""
-    status_code = None
-    if isinstance(raw, StepResult):
-        status_code, raw = raw.http_status_code, raw.data
-    if raw is None:
-        return {}, status_code
-    if isinstance(raw, BaseModel):
-        return raw.model_dump(by_alias=True, exclude_none=True), status_code
-    if isinstance(raw, Mapping):
+@dataclass(frozen=True, slots=True)
+class _Output:
+    variables: dict[str, Any]
+    http_status_code: int | None = None
+    run_error: Any = None
+
+
+def _output(raw: object) -> _Output:
+    """The handler's return value as variables (and what a StepResult adds)."""
+    result = raw if isinstance(raw, StepResult) else StepResult(raw)
+    data = result.data
+    if data is None:
+        variables: dict[str, Any] = {}
+    elif isinstance(data, BaseModel):
+        variables = data.model_dump(by_alias=True, exclude_none=True)
+    elif isinstance(data, Mapping):
         # None would erase a variable an earlier step set: leave those untouched (seed).
-        return {str(k): v for k, v in raw.items() if v is not None}, status_code
-    raise TypeError(f"a handler returns a pydantic model, a mapping or None, not {type(raw)!r}")
+        variables = {str(k): v for k, v in data.items() if v is not None}
+    else:
+        raise TypeError(
+            f"a handler returns a pydantic model, a mapping or None, not {type(data)!r}"
+        )
+    return _Output(variables, result.http_status_code, result.error)
 
 
 def _identifiers(variables: Mapping[str, Any], output: Mapping[str, Any]) -> dict[str, Any]:
@@ -352,7 +393,3 @@ def _summary(exc: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in exc.errors()
     )
-
-
-def _str_or_none(value: object) -> str | None:
-    return None if value is None else str(value)

@@ -35,6 +35,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.aio import cancel_and_wait
 from shared.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -95,17 +96,16 @@ async def claim_identity(
         extra={"workerId": worker_id, "slot": f"{name}/{slot}", "previousId": identity.previous_id},
     )
     lease = keys.worker_slot(name, slot, "lease")
-    refresher = asyncio.create_task(_refresh(redis, lease, holder, lease_s))
-    try:
-        yield identity
-    finally:
-        refresher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await refresher
-        # A failed release only means the slot frees itself when the lease expires.
-        with contextlib.suppress(RedisError, TimeoutError):
-            async with asyncio.timeout(2):
-                await redis.eval(_RELEASE_LUA, 1, lease, holder)
+    async with asyncio.TaskGroup() as tasks:
+        refresher = tasks.create_task(_refresh(redis, lease, holder, lease_s), name="slot-lease")
+        try:
+            yield identity
+        finally:
+            await cancel_and_wait([refresher])
+            # A failed release only means the slot frees itself when the lease expires.
+            with contextlib.suppress(RedisError, TimeoutError):
+                async with asyncio.timeout(2):
+                    await redis.eval(_RELEASE_LUA, 1, lease, holder)
 
 
 async def _acquire(

@@ -1,7 +1,9 @@
 """Process and step declarations: the part of the worker that handler authors touch.
 
 A process declares its ordered steps once, each with the metadata its event-log rows carry
-(step number, name, HTTP method and endpoint, the result text for success and for error).
+(step number, name, HTTP method and endpoint, the result text for success and for error),
+and which step's output is the run's result (``finishes_run``): the framework ends the run
+once the engine has accepted that step, so no handler ever touches the run's state.
 A handler is an async function decorated with the step it implements; it takes a pydantic
 model of its input variables (and optionally the :class:`~services.worker.context.TaskContext`)
 and returns its output::
@@ -12,8 +14,10 @@ and returns its output::
             Step("validate-user-information",
                  success="User information validated", error="User information validation failed"),
             Step("call-onboarding-api", http_method="POST", endpoint="/onboarding/complete",
-                 success="Onboarding API call successful", error="Onboarding API call failed"),
+                 success="Onboarding API call successful", error="Onboarding API call failed",
+                 finishes_run=True),
         ],
+        config=OnboardingConfig,  # a pydantic-settings class: read once, at start-up
     )
 
     @onboard_user.handler("validate-user-information")
@@ -36,15 +40,16 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+
+from shared.contract import SystemVariables
+from shared.settings import settings_error
 
 if TYPE_CHECKING:
     from services.worker.context import TaskContext
 
 #: Output fields copied into the ``identifiers`` variable (the seed's list).
 IDENTIFIER_FIELDS = ("customerId", "userId", "orderId", "accountId")
-#: Variables the API sets on every start; the framework reads them for the event log.
-SYSTEM_VARIABLES = ("correlationId", "batch_id", "traceability_id", "application_id", "identifiers")
 
 InT = TypeVar("InT", bound=BaseModel)
 OutT = TypeVar("OutT")
@@ -75,15 +80,21 @@ class BusinessRuleError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class StepResult(Generic[OutT]):
-    """A handler's output with the HTTP status its downstream call answered (event log)."""
+    """A handler's output with more to say than its variables.
+
+    ``http_status_code`` is what its downstream call answered (event log). ``error``, on a
+    step that finishes the run, ends the run as ``error`` with this (any JSON) instead of
+    ``ok``; ``data`` is still the task's output and the run's data.
+    """
 
     data: OutT
     http_status_code: int | None = None
+    error: Any = None
 
 
 #: A handler takes its input model (and optionally the context) and returns a pydantic
 #: model, a mapping, either wrapped in a StepResult, or None (no output variables).
-HandlerFn = Callable[[InT, "TaskContext"], Awaitable[Any]] | Callable[[InT], Awaitable[Any]]
+HandlerFn = Callable[[InT, "TaskContext[Any]"], Awaitable[Any]] | Callable[[InT], Awaitable[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +108,9 @@ class Step:
     endpoint: str | None = None
     #: Overrides the process's (and the worker's) lock duration for this topic.
     lock_duration_ms: int | None = None
+    #: Its output is the run's result: the run ends (``ok``, or ``error`` with
+    #: ``StepResult.error``) as soon as the engine has accepted this step.
+    finishes_run: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,14 +139,16 @@ class Handler:
         if self.input_model.model_config.get("extra") == "allow":
             return None
         names = {f.alias or name for name, f in self.input_model.model_fields.items()}
-        return sorted(names | set(SYSTEM_VARIABLES))
+        return sorted(names | set(SystemVariables.NAMES))
 
 
 class Process:
     """A BPMN process's steps, in order, and the handlers bound to them.
 
     Topics are ``{key}.{step name}`` (as in ``bpmn/``). ``target_system`` and
-    ``originating_system`` fill the event-log columns of the same name.
+    ``originating_system`` fill the event-log columns of the same name. ``config`` is the
+    process's own settings (a pydantic-settings class, say): the worker builds it once at
+    start-up, a bad value stops it there, and handlers reach it as ``ctx.config``.
     """
 
     def __init__(
@@ -143,6 +159,7 @@ class Process:
         target_system: str = "CamundaEngine",
         originating_system: str = "flowgate",
         lock_duration_ms: int | None = None,
+        config: Callable[[], object] | None = None,
     ) -> None:
         names = [step.name for step in steps]
         if duplicated := sorted({name for name in names if names.count(name) > 1}):
@@ -152,6 +169,7 @@ class Process:
         self.target_system = target_system
         self.originating_system = originating_system
         self.lock_duration_ms = lock_duration_ms
+        self.config = config
         self._handlers: dict[str, Handler] = {}
 
     def topic(self, step_name: str) -> str:
@@ -172,6 +190,16 @@ class Process:
     def handlers(self) -> tuple[Handler, ...]:
         """The bound handlers, in step order."""
         return tuple(self._handlers[s.name] for s in self.steps if s.name in self._handlers)
+
+    def load_config(self) -> object:
+        """The process's config object (None without one); raises a ``SettingsError``
+        naming the bad variable when it cannot be built."""
+        if self.config is None:
+            return None
+        try:
+            return self.config()
+        except ValidationError as exc:
+            raise settings_error(exc, f"process {self.key!r}") from exc
 
     def unhandled_steps(self) -> list[str]:
         return [step.name for step in self.steps if step.name not in self._handlers]
@@ -252,6 +280,14 @@ class Registry:
     @property
     def topics(self) -> tuple[str, ...]:
         return tuple(self._handlers)
+
+    @property
+    def processes(self) -> tuple[Process, ...]:
+        return tuple({h.process.key: h.process for h in self._handlers.values()}.values())
+
+    def configs(self) -> dict[str, object]:
+        """Every process's config object by process key (built now, once)."""
+        return {process.key: process.load_config() for process in self.processes}
 
     def __iter__(self) -> Iterator[Handler]:
         return iter(self._handlers.values())

@@ -1,90 +1,33 @@
 """The API in-process (httpx over ASGI, the real lifespan) against real Redis, Postgres and
-the Camunda engine. Also home of the helpers the other test_api* modules import.
+the Camunda engine.
 
 Nothing here runs a worker: a test finishes a run itself through ``/api/process/complete``
-(or ``ProcessStore.complete``), which is what the worker does too.
+(or ``ProcessStore.finish``), which is what the worker does too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
 import pytest
-from starlette.types import Receive, Scope, Send
 
-from services.api.app import DrainHook, create_app
-from services.api.deps import Deps
-from shared import db
+from services.api.drain import DrainHook
+from services.api.persistence import db
 from shared.camunda import CamundaClient, EngineUnavailable
-from shared.deployment import deploy_directory
+from shared.contract import SystemVariables
 from shared.settings import Settings
-from shared.store import Status
+from shared.state import Status
+from tests.helpers.api import BENCHMARK, Api, cid, running_app, start_body
+from tests.helpers.engine import deploy_bpmn as deploy
+from tests.helpers.waiting import until
 
 pytestmark = pytest.mark.engine
 
 MakeSettings = Callable[..., Settings]
-BENCHMARK = "benchmark"  # bpmn/benchmark.bpmn: one external task nobody works on here
-
-
-# --- helpers (imported by the other test_api* modules) -------------------------------------
-
-
-@dataclass
-class Api:
-    client: httpx.AsyncClient
-    deps: Deps
-
-
-@contextlib.asynccontextmanager
-async def running_app(settings: Settings, *, drain: DrainHook | None = None) -> AsyncIterator[Api]:
-    """The app with its lifespan running, and a client that talks to it in-process."""
-    app = create_app(settings, drain=drain)
-    async with app.router.lifespan_context(app) as state:
-        assert isinstance(state, Mapping)
-
-        async def with_state(scope: Scope, receive: Receive, send: Send) -> None:
-            scope["state"] = dict(state)  # what uvicorn does with the lifespan's state
-            await app(scope, receive, send)
-
-        transport = httpx.ASGITransport(app=with_state)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://api", timeout=30
-        ) as client:
-            yield Api(client=client, deps=state["deps"])
-
-
-async def deploy(engine_url: str) -> None:
-    """Deploy bpmn/ (idempotent: unchanged files create no new versions)."""
-    async with CamundaClient(engine_url) as camunda:
-        await deploy_directory(camunda)
-
-
-async def until(predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float = 10) -> None:
-    """Poll a condition (for state in another task or process that has no event to await)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
-def cid() -> str:
-    return f"c-{uuid.uuid4().hex}"
-
-
-def start_body(correlation_id: str, key: str = BENCHMARK, **variables: Any) -> dict[str, Any]:
-    return {"processKey": key, "correlationId": correlation_id, "variables": variables}
 
 
 # --- fixtures ------------------------------------------------------------------------------
@@ -211,7 +154,7 @@ async def test_an_error_outcome_answers_500_with_the_error(api: Api) -> None:
         api.client.post("/api/process/start", json=start_body(correlation_id))
     )
     await until(lambda: api.deps.waitroom.parked == 1)
-    await api.deps.store.complete(correlation_id, Status.ERROR, error="validation failed")
+    await api.deps.store.finish(correlation_id, Status.ERROR, error="validation failed")
     response = await start
     assert response.status_code == 500
     assert response.json() == {
@@ -231,7 +174,7 @@ async def test_concurrent_duplicates_start_one_instance_and_share_the_outcome(
         asyncio.create_task(api.client.post("/api/process/start", json=body)) for _ in range(20)
     ]
     await until(lambda: api.deps.waitroom.parked == 20)
-    await api.deps.store.complete(correlation_id, Status.OK, data={"n": 1})
+    await api.deps.store.finish(correlation_id, Status.OK, data={"n": 1})
     responses = await asyncio.gather(*starts)
     assert {r.status_code for r in responses} == {200}
     assert all(r.json()["result"] == {"n": 1} for r in responses)
@@ -339,9 +282,7 @@ async def test_a_variable_the_engine_cannot_take_is_400_naming_variables(api: Ap
 async def test_a_claim_orphaned_by_a_dead_replica_is_taken_over(api: Api, engine_url: str) -> None:
     correlation_id = cid()
     # A replica claimed the id and died before the engine answered: no instance, long ago.
-    await api.deps.store.claim(
-        correlation_id, BENCHMARK, "h", traceability_id="t", batch_id="b", application_id="a"
-    )
+    await api.deps.store.claim(SystemVariables(correlation_id, "b", "t", "a"), BENCHMARK, "h")
     await api.deps.redis.hset(
         api.deps.keys.process(correlation_id), "startedAt", "2020-01-01T00:00:00.000+00:00"
     )
@@ -469,8 +410,8 @@ async def test_status_reads_pending_ok_error_and_404(api: Api) -> None:
     assert body["data"] is None
     assert body["startedAt"] == body["updatedAt"] or body["startedAt"] < body["updatedAt"]
 
-    await api.deps.store.complete(ok_id, Status.OK, data=[1, 2])
-    await api.deps.store.complete(error_id, Status.ERROR, error={"code": "E1"})
+    await api.deps.store.finish(ok_id, Status.OK, data=[1, 2])
+    await api.deps.store.finish(error_id, Status.ERROR, error={"code": "E1"})
     ok = await api.client.get(f"/api/process/status/{ok_id}")
     assert ok.status_code == 200
     assert ok.headers["content-location"] == f"/api/process/status/{ok_id}"
@@ -499,7 +440,7 @@ async def test_status_long_polls_with_wait(api: Api) -> None:
     )
     poll = asyncio.create_task(api.client.get(f"/api/process/status/{correlation_id}?wait=20"))
     await until(lambda: api.deps.waitroom.parked == 1)
-    await api.deps.store.complete(correlation_id, Status.OK, data="done")
+    await api.deps.store.finish(correlation_id, Status.OK, data="done")
     response = await poll
     assert response.status_code == 200
     assert response.json()["data"] == "done"
@@ -521,7 +462,7 @@ async def test_status_falls_back_to_postgres_when_redis_forgot(api: Api) -> None
     await api.client.post(
         "/api/process/start", json=start_body(correlation_id), headers={"Prefer": "respond-async"}
     )
-    await api.deps.store.complete(correlation_id, Status.OK, data={"kept": True})
+    await api.deps.store.finish(correlation_id, Status.OK, data={"kept": True})
 
     async def written() -> bool:  # by the app's flusher, in the background
         row = await db.get_process(api.deps.pool, correlation_id)
@@ -695,7 +636,7 @@ async def test_health_readiness_metrics_and_docs(api: Api) -> None:
     await until(lambda: api.deps.waitroom.parked == 1)
     parked = (await api.client.get("/metrics")).text
     assert "flowgate_api_parked_requests 1.0" in parked
-    await api.deps.store.complete(correlation_id, Status.OK)
+    await api.deps.store.finish(correlation_id, Status.OK)
     assert (await start).status_code == 200
     metrics = (await api.client.get("/metrics")).text
     for name in (

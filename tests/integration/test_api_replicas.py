@@ -19,7 +19,9 @@ import pytest
 
 from deploy.local.servers import free_port
 from shared.settings import Settings
-from tests.integration.test_api import cid, deploy, start_body, until
+from tests.helpers.api import cid, start_body
+from tests.helpers.engine import deploy_bpmn as deploy
+from tests.helpers.waiting import until
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shared.settings import Settings
-from tests.integration.test_api import deploy
+from tests.helpers.engine import deploy_bpmn as deploy
 from tests.integration.test_api_replicas import replica
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]

@@ -9,15 +9,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from shared.contract import StartFailed, SystemVariables, decode_message
 from shared.keys import Keys
-from shared.store import (
-    InvalidCursor,
-    ProcessState,
-    ProcessStore,
-    StartFailed,
-    Status,
-    decode_message,
-)
+from shared.state import ProcessState, Status
+from shared.store import InvalidCursor, ProcessStore
 
 RESULT_TTL_S = 60
 PENDING_TTL_S = 600
@@ -51,12 +46,7 @@ async def claim(
     store: ProcessStore, cid: str, request_hash: str = "h1"
 ) -> tuple[ProcessState, bool]:
     return await store.claim(
-        cid,
-        "onboard-user",
-        request_hash,
-        traceability_id=f"t-{cid}",
-        batch_id="b",
-        application_id="a",
+        SystemVariables(cid, "b", f"t-{cid}", "a"), "onboard-user", request_hash
     )
 
 
@@ -111,8 +101,8 @@ async def test_complete_changes_a_pending_state_once(
     await claim(store, "cid-3")
     await store.attach_instance("cid-3", "instance-1")
 
-    assert await store.complete("cid-3", Status.OK, data={"n": [], "big": 2**60})
-    assert not await store.complete("cid-3", Status.ERROR, error="late duplicate")
+    assert await store.finish("cid-3", Status.OK, data={"n": [], "big": 2**60})
+    assert not await store.finish("cid-3", Status.ERROR, error="late duplicate")
 
     state = await store.get("cid-3")
     assert state is not None
@@ -130,7 +120,7 @@ async def test_complete_changes_a_pending_state_once(
 async def test_complete_of_an_unknown_id_is_ignored(
     store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
 ) -> None:
-    assert not await store.complete("never-claimed", Status.OK, data=1)
+    assert not await store.finish("never-claimed", Status.OK, data=1)
     assert await store.get("never-claimed") is None
     assert await redis_client.exists(keys.process("never-claimed")) == 0
     assert await redis_client.xlen(keys.writebehind) == 0
@@ -139,7 +129,7 @@ async def test_complete_of_an_unknown_id_is_ignored(
 async def test_complete_refuses_pending_as_an_outcome(store: ProcessStore) -> None:
     await claim(store, "cid-p")
     with pytest.raises(ValueError, match="terminal"):
-        await store.complete("cid-p", Status.PENDING)
+        await store.finish("cid-p", Status.PENDING)
 
 
 async def test_attach_instance_of_an_unknown_id_is_ignored(
@@ -154,7 +144,7 @@ async def test_completion_is_published_after_the_state_is_readable(
 ) -> None:
     await claim(store, "cid-4")
 
-    assert await store.complete("cid-4", Status.ERROR, error={"message": "boom"})
+    assert await store.finish("cid-4", Status.ERROR, error={"message": "boom"})
     message = await next_message(subscriber)
     state_now = await store.get("cid-4")  # read right on the message
 
@@ -175,11 +165,12 @@ async def test_abandon_deletes_and_tells_joined_waiters(
 ) -> None:
     state, _ = await claim(store, "cid-5")
 
-    assert not await store.abandon("cid-5", state.version + 1, reason="wrong version")
-    assert await store.abandon("cid-5", state.version, reason={"status": 502, "message": "down"})
+    failed = StartFailed("cid-5", 502, "down")
+    assert not await store.abandon(state.version + 1, failed)
+    assert await store.abandon(state.version, failed)
 
     message = decode_message((await next_message(subscriber))["data"])
-    assert message == StartFailed("cid-5", {"status": 502, "message": "down"})
+    assert message == failed
     assert await store.get("cid-5") is None
     assert await redis_client.zscore(keys.index, "cid-5") is None
     assert (await stream_entries(redis_client, keys))[-1] == (
@@ -193,9 +184,9 @@ async def test_abandon_deletes_and_tells_joined_waiters(
 
 async def test_abandon_after_completion_changes_nothing(store: ProcessStore) -> None:
     state, _ = await claim(store, "cid-6")
-    await store.complete("cid-6", Status.OK, data="done")
+    await store.finish("cid-6", Status.OK, data="done")
 
-    assert not await store.abandon("cid-6", state.version, reason="too late")
+    assert not await store.abandon(state.version, StartFailed("cid-6", 503, "too late"))
     finished = await store.get("cid-6")
     assert finished is not None
     assert finished.status is Status.OK

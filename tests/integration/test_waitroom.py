@@ -14,10 +14,14 @@ import redis.asyncio as aioredis
 
 from services.api.metrics import ApiMetrics
 from services.api.waitroom import WaitEnd, WaitRoom
+from shared.aio import cancel_and_wait
+from shared.contract import StartFailed, SystemVariables
 from shared.keys import Keys
 from shared.settings import Settings
-from shared.store import ProcessState, ProcessStore, StartFailed, Status
-from tests.integration.test_api import cid, running_app, until
+from shared.state import ProcessState, Status
+from shared.store import ProcessStore
+from tests.helpers.api import cid, running_app
+from tests.helpers.waiting import until
 
 MakeSettings = Callable[..., Settings]
 
@@ -43,8 +47,15 @@ async def open_room(
     redis: aioredis.Redis, prefix: str, store: ProcessStore, **options: Any
 ) -> AsyncIterator[WaitRoom]:
     options.setdefault("max_parked", 10_000)
-    async with WaitRoom(redis, Keys(prefix), store, metrics=ApiMetrics(), **options) as room:
-        yield room
+    room = WaitRoom(redis, Keys(prefix), store, metrics=ApiMetrics(), **options)
+    async with asyncio.TaskGroup() as tasks:
+        listening = tasks.create_task(room.listen())
+        try:
+            await room.subscribed(timeout_s=10)
+            yield room
+        finally:
+            room.release_all()
+            await cancel_and_wait([listening])
 
 
 @pytest.fixture
@@ -57,7 +68,7 @@ async def room(
 
 async def claim(store: ProcessStore, correlation_id: str) -> ProcessState:
     state, created = await store.claim(
-        correlation_id, "benchmark", "h", traceability_id="t", batch_id="b", application_id="a"
+        SystemVariables(correlation_id, "b", "t", "a"), "benchmark", "h"
     )
     assert created
     return state
@@ -84,7 +95,7 @@ async def test_a_completion_before_the_wait_is_returned_at_once(
 ) -> None:
     correlation_id = cid()
     await claim(store, correlation_id)
-    assert await store.complete(correlation_id, Status.OK, data={"early": True})
+    assert await store.finish(correlation_id, Status.OK, data={"early": True})
     began = time.monotonic()
     result = await room.wait(correlation_id, timeout_s=10)
     assert time.monotonic() - began < 1
@@ -105,7 +116,7 @@ async def test_completions_racing_the_wait_are_never_missed(
     async def race(correlation_id: str, delay_s: float) -> WaitEnd:
         async def complete() -> None:
             await asyncio.sleep(delay_s)
-            await store.complete(correlation_id, Status.OK, data=correlation_id)
+            await store.finish(correlation_id, Status.OK, data=correlation_id)
 
         result, _ = await asyncio.gather(room.wait(correlation_id, timeout_s=5), complete())
         assert isinstance(result.outcome, ProcessState)
@@ -128,7 +139,7 @@ async def test_a_thousand_parked_waits_on_one_connection_all_get_their_own_resul
     await until(lambda: room.parked == 1_000)
     assert await pubsub_ids(redis_client) == connections  # no connection per request
 
-    await asyncio.gather(*(store.complete(c, Status.OK, data={"id": c}) for c in ids))
+    await asyncio.gather(*(store.finish(c, Status.OK, data={"id": c}) for c in ids))
     results = await asyncio.gather(*waits)
     assert [r.end for r in results] == [WaitEnd.WOKEN] * 1_000
     assert [r.outcome.data["id"] for r in results if isinstance(r.outcome, ProcessState)] == ids
@@ -140,7 +151,7 @@ async def test_every_waiter_of_an_id_is_woken(room: WaitRoom, store: ProcessStor
     await claim(store, correlation_id)
     waits = [asyncio.create_task(room.wait(correlation_id, timeout_s=30)) for _ in range(5)]
     await until(lambda: room.parked == 5)
-    await store.complete(correlation_id, Status.ERROR, error="boom")
+    await store.finish(correlation_id, Status.ERROR, error="boom")
     results = await asyncio.gather(*waits)
     assert {r.end for r in results} == {WaitEnd.WOKEN}
     assert all(isinstance(r.outcome, ProcessState) and r.outcome.error == "boom" for r in results)
@@ -153,10 +164,11 @@ async def test_a_failed_start_wakes_its_joiners_with_the_reason(
     state = await claim(store, correlation_id)
     wait = asyncio.create_task(room.wait(correlation_id, timeout_s=30))
     await until(lambda: room.parked == 1)
-    assert await store.abandon(correlation_id, state.version, reason={"error": "no such key"})
+    failed = StartFailed(correlation_id, 404, "no such key", field="processKey")
+    assert await store.abandon(state.version, failed)
     result = await wait
     assert result.end is WaitEnd.WOKEN
-    assert result.outcome == StartFailed(correlation_id, {"error": "no such key"})
+    assert result.outcome == failed
 
 
 async def test_a_timed_out_wait_reads_the_state_again(
@@ -233,7 +245,7 @@ async def test_beyond_max_parked_a_wait_answers_at_once(
         await until(lambda: room.parked == 2)
         overflow = await room.wait(correlation_id, timeout_s=30)
         assert overflow.end is WaitEnd.FULL
-        await store.complete(correlation_id, Status.OK)
+        await store.finish(correlation_id, Status.OK)
         assert {r.end for r in await asyncio.gather(*waits)} == {WaitEnd.WOKEN}
 
 

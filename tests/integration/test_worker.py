@@ -13,152 +13,27 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
-from services.worker.app import serve
 from services.worker.handlers import onboard_user
 from services.worker.metrics import WorkerMetrics
 from services.worker.registry import Process, Registry, Step
 from shared.camunda import CamundaClient
 from shared.deployment import deploy_directory
-from shared.eventlog import EventRecord
 from shared.keys import Keys
 from shared.settings import Settings
-from shared.store import ProcessState, ProcessStore, Status
+from shared.state import Status
+from shared.store import ProcessStore
+from tests.helpers.engine import clone, onboard_user_bpmn, one_task_bpmn
+from tests.helpers.waiting import until
+from tests.helpers.worker import RunClient, event_rows, running_worker
 
 pytestmark = pytest.mark.engine
-
-BPMN_DIR = Path(__file__).resolve().parents[2] / "bpmn"
-
-
-# --- helpers (also used by test_worker_signals.py) ------------------------------------------
-
-
-def clone(process: Process, key: str) -> Process:
-    """``process`` under another key (so other topics), with the same handlers."""
-    copy = Process(
-        key,
-        process.steps,
-        target_system=process.target_system,
-        originating_system=process.originating_system,
-    )
-    for handler in process.handlers:
-        copy.handler(handler.step.name)(handler.fn)
-    return copy
-
-
-def onboard_user_bpmn(key: str) -> bytes:
-    """bpmn/onboard-user.bpmn with its process id and topics renamed to ``key``."""
-    text = (BPMN_DIR / "onboard-user.bpmn").read_text()
-    return text.replace('"onboard-user"', f'"{key}"').replace('"onboard-user.', f'"{key}.').encode()
-
-
-def one_task_bpmn(key: str, topic: str) -> bytes:
-    return f"""<?xml version="1.0" encoding="UTF-8"?>
-<bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"
-    xmlns:camunda="http://camunda.org/schema/1.0/bpmn" id="d_{key}" targetNamespace="test">
-  <bpmn:process id="{key}" isExecutable="true" camunda:historyTimeToLive="P1D">
-    <bpmn:startEvent id="start"><bpmn:outgoing>f1</bpmn:outgoing></bpmn:startEvent>
-    <bpmn:sequenceFlow id="f1" sourceRef="start" targetRef="task" />
-    <bpmn:serviceTask id="task" camunda:type="external" camunda:topic="{topic}">
-      <bpmn:incoming>f1</bpmn:incoming><bpmn:outgoing>f2</bpmn:outgoing>
-    </bpmn:serviceTask>
-    <bpmn:sequenceFlow id="f2" sourceRef="task" targetRef="end" />
-    <bpmn:endEvent id="end"><bpmn:incoming>f2</bpmn:incoming></bpmn:endEvent>
-  </bpmn:process>
-</bpmn:definitions>""".encode()
-
-
-class Client:
-    """What the API does around a run: claim the state, start the instance, await the end."""
-
-    def __init__(self, camunda: CamundaClient, store: ProcessStore) -> None:
-        self.camunda = camunda
-        self.store = store
-        self.instances: list[str] = []
-
-    async def start(self, key: str, **variables: Any) -> str:
-        cid = f"it-{uuid.uuid4().hex[:12]}"
-        ids = {name: str(uuid.uuid4()) for name in ("traceability", "batch", "application")}
-        await self.store.claim(
-            cid,
-            key,
-            "hash",
-            traceability_id=ids["traceability"],
-            batch_id=ids["batch"],
-            application_id=ids["application"],
-        )
-        instance = await self.camunda.start_process(
-            key,
-            business_key=cid,
-            variables={
-                "correlationId": cid,
-                "batch_id": ids["batch"],
-                "traceability_id": ids["traceability"],
-                "application_id": ids["application"],
-                "identifiers": {"applicationId": ids["application"]},
-                **variables,
-            },
-        )
-        self.instances.append(instance.id)
-        await self.store.attach_instance(cid, instance.id)
-        return cid
-
-    async def outcome(self, cid: str, timeout_s: float) -> ProcessState:
-        """The finished state, or fail after ``timeout_s`` (what a waiting client sees)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            state = await self.store.get(cid)
-            if state is not None and state.finished:
-                return state
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{cid} still pending after {timeout_s} s")
-
-    async def cleanup(self) -> None:
-        for instance_id in self.instances:
-            with contextlib.suppress(Exception):
-                if await self.camunda.process_instance(instance_id) is not None:
-                    await self.camunda.delete_process_instance(instance_id)
-
-
-async def event_rows(redis: aioredis.Redis, keys: Keys, cid: str) -> list[EventRecord]:
-    """The event-log rows of ``cid`` queued in the write-behind stream, in stream order."""
-    rows = []
-    for _, fields in await redis.xrange(keys.writebehind):
-        if fields[b"kind"] == b"event":
-            record = EventRecord.from_json(fields[b"body"])
-            if record.correlation_id == cid:
-                rows.append(record)
-    return rows
-
-
-async def wait_for(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def running(
-    settings: Settings, registry: Registry, metrics: WorkerMetrics | None = None
-) -> AsyncIterator[asyncio.Task[None]]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(
-        serve(settings, registry, stop=stop, name=f"it-{uuid.uuid4().hex[:6]}", metrics=metrics)
-    )
-    try:
-        yield task
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 # --- fixtures -------------------------------------------------------------------------------
@@ -188,11 +63,11 @@ def settings(make_settings: Callable[..., Settings], engine_url: str) -> Setting
 @pytest.fixture
 async def client(
     camunda: CamundaClient, redis_client: aioredis.Redis, settings: Settings
-) -> AsyncIterator[Client]:
+) -> AsyncIterator[RunClient]:
     store = ProcessStore(
         redis_client, Keys(settings.redis_prefix), result_ttl_s=600, pending_ttl_s=600
     )
-    client = Client(camunda, store)
+    client = RunClient(camunda, store)
     yield client
     await client.cleanup()
 
@@ -209,9 +84,9 @@ async def onboarding(camunda: CamundaClient) -> Process:
 
 
 async def test_ordinary_user_ends_ok_with_one_event_row_per_step(
-    onboarding: Process, client: Client, settings: Settings, redis_client: aioredis.Redis
+    onboarding: Process, client: RunClient, settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    async with running(settings, Registry.of([onboarding])):
+    async with running_worker(settings, Registry.of([onboarding])):
         cid = await client.start(onboarding.key, userId="user-123", email="u@example.com")
         state = await client.outcome(cid, timeout_s=15)
 
@@ -243,9 +118,9 @@ async def test_ordinary_user_ends_ok_with_one_event_row_per_step(
 
 
 async def test_invalid_user_ends_error_with_the_message(
-    onboarding: Process, client: Client, settings: Settings, redis_client: aioredis.Redis
+    onboarding: Process, client: RunClient, settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    async with running(settings, Registry.of([onboarding])):
+    async with running_worker(settings, Registry.of([onboarding])):
         cid = await client.start(onboarding.key, userId="invalid-user-9")
         state = await client.outcome(cid, timeout_s=15)
 
@@ -265,9 +140,9 @@ async def test_invalid_user_ends_error_with_the_message(
 
 
 async def test_missing_input_is_a_validation_bpmn_error(
-    onboarding: Process, client: Client, settings: Settings, redis_client: aioredis.Redis
+    onboarding: Process, client: RunClient, settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    async with running(settings, Registry.of([onboarding])):
+    async with running_worker(settings, Registry.of([onboarding])):
         cid = await client.start(onboarding.key)  # no userId
         state = await client.outcome(cid, timeout_s=15)
 
@@ -293,7 +168,7 @@ async def deploy_one_task(camunda: CamundaClient) -> tuple[Process, str]:
 
 
 async def test_exhausted_retries_raise_an_incident_and_tell_the_client_at_once(
-    camunda: CamundaClient, client: Client, make_settings: Callable[..., Settings],
+    camunda: CamundaClient, client: RunClient, make_settings: Callable[..., Settings],
     settings: Settings, redis_client: aioredis.Redis,
 ) -> None:  # fmt: skip
     process, key = await deploy_one_task(camunda)
@@ -305,7 +180,7 @@ async def test_exhausted_retries_raise_an_incident_and_tell_the_client_at_once(
         raise RuntimeError("downstream is down")
 
     settings = make_settings(**{**settings.model_dump(), "worker_retries": 2})
-    async with running(settings, Registry.of([process])):
+    async with running_worker(settings, Registry.of([process])):
         cid = await client.start(key)
         # Three attempts, 100 ms then 200 ms retryTimeout: far below a sync wait.
         state = await client.outcome(cid, timeout_s=10)
@@ -324,7 +199,7 @@ async def test_exhausted_retries_raise_an_incident_and_tell_the_client_at_once(
 
 
 async def test_a_handler_running_three_times_its_lock_keeps_the_task(
-    camunda: CamundaClient, client: Client, make_settings: Callable[..., Settings],
+    camunda: CamundaClient, client: RunClient, make_settings: Callable[..., Settings],
     settings: Settings,
 ) -> None:  # fmt: skip
     process, key = await deploy_one_task(camunda)
@@ -342,12 +217,12 @@ async def test_a_handler_running_three_times_its_lock_keeps_the_task(
     # A second worker polls the same topic throughout: it would take the task the moment
     # the lock lapsed.
     async with (
-        running(settings, Registry.of([process]), metrics),
-        running(settings, Registry.of([process]), other),
+        running_worker(settings, Registry.of([process]), metrics),
+        running_worker(settings, Registry.of([process]), other),
     ):
         await client.start(key)
         instance = client.instances[0]
-        await wait_for(lambda: _ended(camunda, instance), timeout_s=15, what="the instance to end")
+        await until(lambda: _ended(camunda, instance), timeout_s=15, what="the instance to end")
 
     assert calls == 1
     topic = process.topic("work")
@@ -365,7 +240,7 @@ async def _ended(camunda: CamundaClient, instance_id: str) -> bool:
 
 
 async def test_engine_outage_is_survived_without_a_restart(
-    onboarding: Process, client: Client, make_settings: Callable[..., Settings],
+    onboarding: Process, client: RunClient, make_settings: Callable[..., Settings],
     settings: Settings, engine_url: str,
 ) -> None:  # fmt: skip
     """Polls fail while the engine is unreachable, back off, and recover when it answers."""
@@ -374,8 +249,8 @@ async def test_engine_outage_is_survived_without_a_restart(
         settings = make_settings(**{**settings.model_dump(), "camunda_base_url": proxy.url})
         metrics = WorkerMetrics()
         proxy.down = True
-        async with running(settings, Registry.of([onboarding]), metrics):
-            await wait_for(
+        async with running_worker(settings, Registry.of([onboarding]), metrics):
+            await until(
                 lambda: _at_least(metrics, "flowgate_worker_fetch_errors_total", 2),
                 timeout_s=10,
                 what="failed polls",

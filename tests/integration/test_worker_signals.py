@@ -26,8 +26,9 @@ from deploy.local.servers import free_port
 from shared.camunda import CamundaClient, NotFound
 from shared.keys import Keys
 from shared.settings import Settings
-from shared.store import ProcessStore, Status
-from tests.integration.test_worker import Client
+from shared.state import Status
+from shared.store import ProcessStore
+from tests.helpers.worker import RunClient
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -189,7 +190,7 @@ def spawn(
 @pytest.fixture
 async def client(
     engine_url: str, redis_client: aioredis.Redis, make_settings: Callable[..., Settings]
-) -> AsyncIterator[Client]:
+) -> AsyncIterator[RunClient]:
     from shared.deployment import deploy_directory
 
     keys = Keys(make_settings().redis_prefix)
@@ -203,7 +204,7 @@ async def client(
             ):
                 with contextlib.suppress(NotFound):
                     await camunda.delete_process_instance(run["id"])
-        client = Client(
+        client = RunClient(
             camunda, ProcessStore(redis_client, keys, result_ttl_s=600, pending_ttl_s=600)
         )
         yield client
@@ -211,7 +212,7 @@ async def client(
 
 
 async def test_sigkill_mid_task_redelivers_after_the_lock_expires(
-    spawn: Callable[..., WorkerProcess], onboarding_server: OnboardingServer, client: Client
+    spawn: Callable[..., WorkerProcess], onboarding_server: OnboardingServer, client: RunClient
 ) -> None:
     first = spawn("killed", camunda_lock_duration_ms=2_000)
     await first.ready()
@@ -236,7 +237,7 @@ async def test_sigkill_mid_task_redelivers_after_the_lock_expires(
 
 
 async def test_sigterm_unlocks_tasks_in_hand_for_another_worker_at_once(
-    spawn: Callable[..., WorkerProcess], onboarding_server: OnboardingServer, client: Client
+    spawn: Callable[..., WorkerProcess], onboarding_server: OnboardingServer, client: RunClient
 ) -> None:
     # A lock far longer than the test: only an unlock can explain a quick hand-over.
     leaving = spawn("leaving", camunda_lock_duration_ms=120_000)
@@ -260,7 +261,7 @@ async def test_sigterm_unlocks_tasks_in_hand_for_another_worker_at_once(
 
 
 async def test_sigterm_while_idle_exits_at_once_and_peers_clean_up_after_its_poll(
-    spawn: Callable[..., WorkerProcess], client: Client
+    spawn: Callable[..., WorkerProcess], client: RunClient
 ) -> None:
     leaving = spawn("idle", camunda_async_response_timeout_ms=60_000)
     await leaving.ready()
@@ -284,7 +285,7 @@ async def test_sigterm_while_idle_exits_at_once_and_peers_clean_up_after_its_pol
 
 
 async def test_a_restarted_worker_unlocks_what_its_predecessor_held(
-    spawn: Callable[..., WorkerProcess], onboarding_server: OnboardingServer, client: Client
+    spawn: Callable[..., WorkerProcess], onboarding_server: OnboardingServer, client: RunClient
 ) -> None:
     crashed = spawn("slot", camunda_lock_duration_ms=120_000)
     await crashed.ready()
@@ -301,7 +302,7 @@ async def test_a_restarted_worker_unlocks_what_its_predecessor_held(
 
 
 async def test_two_worker_processes_share_the_load_without_doing_a_task_twice(
-    spawn: Callable[..., WorkerProcess], onboarding_server: OnboardingServer, client: Client
+    spawn: Callable[..., WorkerProcess], onboarding_server: OnboardingServer, client: RunClient
 ) -> None:
     workers = [spawn("pair", worker_concurrency=2) for _ in range(2)]
     await asyncio.gather(*(w.ready() for w in workers))

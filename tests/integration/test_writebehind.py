@@ -17,11 +17,13 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from deploy.local import servers
-from shared import db
+from services.api.persistence import db
+from services.api.persistence.writebehind import Flusher
+from shared.contract import StartFailed, SystemVariables
 from shared.eventlog import EventRecord, append_event
 from shared.keys import WRITEBEHIND_GROUP, Keys
-from shared.store import ProcessStore, Status
-from shared.writebehind import Flusher
+from shared.state import Status
+from shared.store import ProcessStore
 
 
 @pytest.fixture
@@ -60,16 +62,14 @@ async def rows(pool: AsyncConnectionPool, query: str) -> list[tuple[Any, ...]]:
 
 
 async def claim(store: ProcessStore, cid: str) -> None:
-    await store.claim(
-        cid, "onboard-user", "hash", traceability_id=f"t-{cid}", batch_id="b", application_id="a"
-    )
+    await store.claim(SystemVariables(cid, "b", f"t-{cid}", "a"), "onboard-user", "hash")
 
 
 async def run_one_process(store: ProcessStore, redis: aioredis.Redis, keys: Keys, cid: str) -> None:
     await claim(store, cid)
     await store.attach_instance(cid, f"instance-{cid}")
     await append_event(redis, keys, EventRecord(correlation_id=cid, status="ok", step=1))
-    await store.complete(cid, Status.OK, data={"cid": cid})
+    await store.finish(cid, Status.OK, data={"cid": cid})
 
 
 async def test_migrate_is_versioned_and_safe_to_run_concurrently(
@@ -153,7 +153,7 @@ async def test_a_stale_entry_never_overwrites_a_newer_row(
 ) -> None:
     await claim(store, "s-1")
     (_, claimed_entry), *_ = await redis_client.xrange(keys.writebehind)
-    await store.complete("s-1", Status.OK, data="final")
+    await store.finish("s-1", Status.OK, data="final")
     flusher = make_flusher()
     assert await flusher.drain(timeout_s=10)
 
@@ -181,7 +181,7 @@ async def test_an_abandoned_start_reads_as_gone_even_if_its_claim_arrives_late(
     assert await flusher.drain(timeout_s=10)
     assert await db.get_process(pool, "a-1") is not None
 
-    assert await store.abandon("a-1", 1, reason="engine down")
+    assert await store.abandon(1, StartFailed("a-1", 503, "engine down"))
     assert await flusher.drain(timeout_s=10)
     assert await db.get_process(pool, "a-1") is None
 
@@ -192,7 +192,7 @@ async def test_an_abandoned_start_reads_as_gone_even_if_its_claim_arrives_late(
 
     # The same id claimed again: once it has moved past the tombstone it reads normally.
     await claim(store, "a-1")
-    await store.complete("a-1", Status.OK, data="second try")
+    await store.finish("a-1", Status.OK, data="second try")
     assert await flusher.drain(timeout_s=10)
     row = await db.get_process(pool, "a-1")
     assert row is not None
@@ -213,7 +213,7 @@ async def test_events_come_back_in_step_order(
             step=step,
             step_name=name,
             request_data={"nested": [1, {"x": None}]},
-            execution_time_ms=12,
+            execution_time=12,
         )
         await append_event(redis_client, keys, record)
     assert await make_flusher().drain(timeout_s=10)
@@ -224,7 +224,7 @@ async def test_events_come_back_in_step_order(
     assert by_trace == by_cid
     assert [e.step_name for e in by_cid] == ["a", "b-retry", "b", "c", "completed"]
     assert by_cid[0].request_data == {"nested": [1, {"x": None}]}
-    assert by_cid[0].execution_time_ms == 12
+    assert by_cid[0].execution_time == 12
 
 
 async def test_a_dead_consumers_entries_are_claimed_by_another(
@@ -379,7 +379,7 @@ async def test_postgres_outage_loses_nothing_and_duplicates_nothing(
         try:
             for cid in ids:
                 await append_event(redis_client, keys, EventRecord(correlation_id=cid, status="ok"))
-                await store.complete(cid, Status.OK, data={"cid": cid})
+                await store.finish(cid, Status.OK, data={"cid": cid})
             await asyncio.sleep(2)  # the flusher tries, fails, backs off; nothing is acked
             assert await flusher.backlog() == 1000
             assert not task.done()

@@ -6,7 +6,7 @@ import resource
 
 import pytest
 
-from services.api import app
+from services.api import deps
 from shared.settings import Settings
 
 
@@ -14,11 +14,11 @@ def test_max_parked_is_kept_when_the_open_files_limit_allows_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(resource, "getrlimit", lambda _: (1_048_576, 1_048_576))
-    assert app._parking_places(Settings(max_parked=20_000)) == 20_000
+    assert deps._parking_places(Settings(max_parked=20_000)) == 20_000
 
 
 def test_max_parked_is_lowered_to_fit_the_open_files_limit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(resource, "getrlimit", lambda _: (20_000, 20_000))
-    assert app._parking_places(Settings(max_parked=20_000)) == 20_000 - app._FD_RESERVE
+    assert deps._parking_places(Settings(max_parked=20_000)) == 20_000 - deps._FD_RESERVE

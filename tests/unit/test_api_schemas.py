@@ -9,7 +9,7 @@ from pydantic import SecretStr, ValidationError
 
 from services.api.auth import Auth
 from services.api.openapi import build_openapi, docs_html
-from services.api.routes import ROUTES
+from services.api.routes import ENDPOINTS
 from services.api.schemas import (
     CompleteRequest,
     ErrorBody,
@@ -96,8 +96,8 @@ def _refs(node: Any) -> list[str]:
 
 
 def test_the_document_describes_every_route_and_every_reference_resolves() -> None:
-    spec = build_openapi(Auth((), None))
-    assert set(spec["paths"]) == {route.path for route in ROUTES}
+    spec = build_openapi(ENDPOINTS, Auth((), None))
+    assert set(spec["paths"]) == {endpoint.path for endpoint in ENDPOINTS}
     schemas = spec["components"]["schemas"]
     for ref in _refs(spec):
         assert ref.removeprefix("#/components/schemas/") in schemas, ref
@@ -108,7 +108,7 @@ def test_the_document_describes_every_route_and_every_reference_resolves() -> No
 
 
 def test_security_appears_only_when_configured() -> None:
-    spec = build_openapi(Auth((SecretStr("k"),), SecretStr("t")))
+    spec = build_openapi(ENDPOINTS, Auth((SecretStr("k"),), SecretStr("t")))
     assert set(spec["components"]["securitySchemes"]) == {"apiKey", "completeToken"}
     paths = spec["paths"]
     assert paths["/api/process/start"]["post"]["security"] == [{"apiKey": []}]

@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
 from shared.camunda import (
@@ -21,32 +20,9 @@ from shared.camunda import (
     NotFound,
     TopicRequest,
 )
+from tests.helpers.engine import BASE_URL, FakeEngine
 
-BASE = "http://engine.test/engine-rest"
-
-
-class FakeEngine:
-    """Answers every request with ``response`` and keeps what it was sent."""
-
-    def __init__(self) -> None:
-        self.requests: list[httpx.Request] = []
-        self.response = httpx.Response(204)
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        return self.response
-
-    def answer(self, status_code: int, body: Any = None) -> None:
-        content = b"" if body is None else orjson.dumps(body)
-        self.response = httpx.Response(status_code, content=content)
-
-    @property
-    def last(self) -> httpx.Request:
-        return self.requests[-1]
-
-    @property
-    def last_body(self) -> Any:
-        return orjson.loads(self.last.content)
+BASE = BASE_URL
 
 
 @pytest.fixture
@@ -56,8 +32,8 @@ def engine() -> FakeEngine:
 
 @pytest.fixture
 async def client(engine: FakeEngine) -> AsyncIterator[CamundaClient]:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(engine)) as http:
-        yield CamundaClient(BASE, http=http, timeout_s=3.0)
+    async with engine.client() as camunda:
+        yield camunda
 
 
 def task_json(**overrides: Any) -> dict[str, Any]:
@@ -86,7 +62,7 @@ def task_json(**overrides: Any) -> dict[str, Any]:
 async def test_start_process_sends_typed_variables(
     engine: FakeEngine, client: CamundaClient
 ) -> None:
-    engine.answer(200, {"id": "p1", "definitionId": "d1", "businessKey": "bk", "ended": False})
+    engine.answer_all(200, {"id": "p1", "definitionId": "d1", "businessKey": "bk", "ended": False})
     instance = await client.start_process(
         "onboard-user", business_key="bk", variables={"user": {"id": "u1"}, "n": 2**40}
     )
@@ -105,7 +81,7 @@ async def test_start_process_sends_typed_variables(
 
 
 async def test_start_process_escapes_the_key(engine: FakeEngine, client: CamundaClient) -> None:
-    engine.answer(200, {"id": "p1", "definitionId": "d1"})
+    engine.answer_all(200, {"id": "p1", "definitionId": "d1"})
     await client.start_process("a/b c")
     assert engine.last.url.raw_path == b"/engine-rest/process-definition/key/a%2Fb%20c/start"
 
@@ -114,7 +90,7 @@ async def test_unknown_process_key_is_definition_not_found(
     engine: FakeEngine, client: CamundaClient
 ) -> None:
     message = "No matching process definition with key: nope and no tenant-id"
-    engine.answer(404, {"type": "RestException", "message": message, "code": None})
+    engine.answer_all(404, {"type": "RestException", "message": message, "code": None})
     with pytest.raises(DefinitionNotFound, match="nope") as caught:
         await client.start_process("nope")
     assert isinstance(caught.value, NotFound)
@@ -124,7 +100,7 @@ async def test_unknown_process_key_is_definition_not_found(
 async def test_fetch_and_lock_read_timeout_exceeds_the_long_poll(
     engine: FakeEngine, client: CamundaClient
 ) -> None:
-    engine.answer(200, [])
+    engine.answer_all(200, [])
     topics = [
         TopicRequest("a", 20_000),
         TopicRequest("b", 5_000, variables=["x"], business_key="bk", process_definition_key="k"),
@@ -158,7 +134,7 @@ async def test_fetch_and_lock_read_timeout_exceeds_the_long_poll(
 async def test_fetch_and_lock_without_long_poll_answers_at_once(
     engine: FakeEngine, client: CamundaClient
 ) -> None:
-    engine.answer(200, [])
+    engine.answer_all(200, [])
     await client.fetch_and_lock(
         "w1", [TopicRequest("a", 1_000)], max_tasks=1, async_response_timeout_ms=None
     )
@@ -167,7 +143,7 @@ async def test_fetch_and_lock_without_long_poll_answers_at_once(
 
 
 async def test_fetched_tasks_are_decoded(engine: FakeEngine, client: CamundaClient) -> None:
-    engine.answer(200, [task_json()])
+    engine.answer_all(200, [task_json()])
     [task] = await client.fetch_and_lock(
         "w1", [TopicRequest("a", 1_000)], max_tasks=1, async_response_timeout_ms=None
     )
@@ -273,7 +249,7 @@ async def test_extend_lock_and_unlock(engine: FakeEngine, client: CamundaClient)
 
 
 async def test_locked_tasks_queries_by_worker(engine: FakeEngine, client: CamundaClient) -> None:
-    engine.answer(200, [task_json(variables=None)])
+    engine.answer_all(200, [task_json(variables=None)])
     [task] = await client.locked_tasks("w 1")
     assert engine.last.url.path == "/engine-rest/external-task"
     assert dict(engine.last.url.params) == {"workerId": "w 1", "locked": "true"}
@@ -284,7 +260,7 @@ async def test_locked_tasks_queries_by_worker(engine: FakeEngine, client: Camund
 async def test_deploy_is_multipart_with_file_names(
     engine: FakeEngine, client: CamundaClient
 ) -> None:
-    engine.answer(
+    engine.answer_all(
         200,
         {
             "id": "dep1",
@@ -309,7 +285,7 @@ async def test_deploy_is_multipart_with_file_names(
 async def test_duplicate_deployment_has_no_new_definitions(
     engine: FakeEngine, client: CamundaClient
 ) -> None:
-    engine.answer(200, {"id": "dep1", "name": "flowgate", "deployedProcessDefinitions": None})
+    engine.answer_all(200, {"id": "dep1", "name": "flowgate", "deployedProcessDefinitions": None})
     deployment = await client.deploy("flowgate", {"benchmark.bpmn": b"<xml/>"})
     assert deployment.process_definitions == ()
 
@@ -317,13 +293,13 @@ async def test_duplicate_deployment_has_no_new_definitions(
 async def test_queries_that_find_nothing_return_none(
     engine: FakeEngine, client: CamundaClient
 ) -> None:
-    engine.answer(404, {"type": "InvalidRequestException", "message": "does not exist"})
+    engine.answer_all(404, {"type": "InvalidRequestException", "message": "does not exist"})
     assert await client.process_instance("p1") is None
     assert await client.historic_process_instance("p1") is None
 
 
 async def test_process_variables_are_decoded(engine: FakeEngine, client: CamundaClient) -> None:
-    engine.answer(200, {"doc": {"type": "Json", "value": "[1]", "valueInfo": {}}})
+    engine.answer_all(200, {"doc": {"type": "Json", "value": "[1]", "valueInfo": {}}})
     assert await client.process_variables("p1") == {"doc": [1]}
     assert dict(engine.last.url.params) == {"deserializeValues": "false"}
 
@@ -347,7 +323,7 @@ async def test_engine_error_bodies_map_to_the_tree(
     body: dict[str, Any],
     error_class: type[EngineError],
 ) -> None:
-    engine.answer(status, body)
+    engine.answer_all(status, body)
     with pytest.raises(error_class) as caught:
         await client.complete("t1", worker_id="w1")
     error = caught.value
@@ -361,15 +337,15 @@ async def test_engine_error_bodies_map_to_the_tree(
 async def test_optimistic_locking_and_deadlock_are_recognised(
     engine: FakeEngine, client: CamundaClient
 ) -> None:
-    engine.answer(500, {"type": "ProcessEngineException", "message": "ole", "code": 1})
+    engine.answer_all(500, {"type": "ProcessEngineException", "message": "ole", "code": 1})
     with pytest.raises(EngineError) as caught:
         await client.complete("t1", worker_id="w1")
     assert caught.value.is_optimistic_locking
-    engine.answer(500, {"type": "OptimisticLockingException", "message": "ole", "code": None})
+    engine.answer_all(500, {"type": "OptimisticLockingException", "message": "ole", "code": None})
     with pytest.raises(EngineError) as caught:
         await client.complete("t1", worker_id="w1")
     assert caught.value.is_optimistic_locking
-    engine.answer(500, {"type": "ProcessEngineException", "message": "deadlock", "code": 10000})
+    engine.answer_all(500, {"type": "ProcessEngineException", "message": "deadlock", "code": 10000})
     with pytest.raises(EngineError) as caught:
         await client.complete("t1", worker_id="w1")
     assert caught.value.is_deadlock
@@ -379,7 +355,7 @@ async def test_optimistic_locking_and_deadlock_are_recognised(
 async def test_gateway_errors_without_engine_body_are_unavailable(
     engine: FakeEngine, client: CamundaClient, status: int
 ) -> None:
-    engine.response = httpx.Response(status, text="<html>Bad Gateway</html>")
+    engine.default = httpx.Response(status, text="<html>Bad Gateway</html>")
     with pytest.raises(EngineUnavailable, match=str(status)):
         await client.complete("t1", worker_id="w1")
 
@@ -387,7 +363,7 @@ async def test_gateway_errors_without_engine_body_are_unavailable(
 async def test_other_errors_without_engine_body_keep_the_text(
     engine: FakeEngine, client: CamundaClient
 ) -> None:
-    engine.response = httpx.Response(500, text="Internal Server Error")
+    engine.default = httpx.Response(500, text="Internal Server Error")
     with pytest.raises(EngineError) as caught:
         await client.complete("t1", worker_id="w1")
     assert caught.value.message == "Internal Server Error"
@@ -411,7 +387,7 @@ async def test_transport_errors_are_unavailable(transport_error: httpx.Transport
 
 
 async def test_engine_ok(engine: FakeEngine, client: CamundaClient) -> None:
-    engine.answer(200, [{"name": "default"}])
+    engine.answer_all(200, [{"name": "default"}])
     assert await client.engine_ok() is True
     assert engine.last.url == f"{BASE}/engine"
 

@@ -7,7 +7,8 @@ from pydantic import BaseModel, ConfigDict
 
 from services.worker.context import TaskContext
 from services.worker.handlers import build_registry
-from services.worker.registry import SYSTEM_VARIABLES, Process, Registry, Step
+from services.worker.registry import Process, Registry, Step
+from shared.contract import SystemVariables
 
 
 class In(BaseModel):
@@ -26,7 +27,7 @@ def test_a_handler_binds_to_its_step_with_number_topic_and_input_model() -> None
     process = Process("p", steps("first", "second"), lock_duration_ms=7_000)
 
     @process.handler("second")
-    async def second(data: In, ctx: TaskContext) -> None: ...
+    async def second(data: In, ctx: TaskContext[None]) -> None: ...
 
     @process.handler("first")
     async def first(data: In) -> None: ...
@@ -37,7 +38,7 @@ def test_a_handler_binds_to_its_step_with_number_topic_and_input_model() -> None
     assert (handler.number, handler.input_model, handler.takes_context) == (2, In, True)
     assert by_topic["p.first"].takes_context is False
     assert handler.lock_duration_ms == 7_000
-    assert handler.variables == sorted({"userId", *SYSTEM_VARIABLES})
+    assert handler.variables == sorted({"userId", *SystemVariables.NAMES})
 
 
 def test_a_model_that_keeps_unknown_fields_fetches_every_variable() -> None:

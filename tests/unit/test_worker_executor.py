@@ -12,48 +12,14 @@ import pytest
 from pydantic import BaseModel
 
 from services.worker.context import TaskContext, task_logger
-from services.worker.executor import Executor, Outcome
+from services.worker.executor import Executor, Outcome, RetryPolicy
 from services.worker.metrics import WorkerMetrics
 from services.worker.registry import BusinessRuleError, Handler, Process, Step, StepResult
 from shared.camunda import CamundaClient, LockedTask
 from shared.eventlog import EventRecord
-from shared.settings import Settings
-from shared.store import Status
-
-
-class Engine:
-    """Records each external-task call; answers 204 unless a response is queued for it."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any]] = []
-        self.queued: dict[str, list[httpx.Response]] = {}
-
-    def answer(self, action: str, *responses: httpx.Response) -> None:
-        self.queued.setdefault(action, []).extend(responses)
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        action = request.url.path.rsplit("/", 1)[-1]
-        self.calls.append((action, orjson.loads(request.content) if request.content else None))
-        queue = self.queued.get(action)
-        return queue.pop(0) if queue else httpx.Response(204)
-
-    def actions(self) -> list[str]:
-        return [action for action, _ in self.calls]
-
-
-def engine_error(status: int, message: str, code: int | None = None) -> httpx.Response:
-    return httpx.Response(status, json={"type": "X", "message": message, "code": code})
-
-
-class Store:
-    def __init__(self) -> None:
-        self.completions: list[tuple[str, Status, Any, Any]] = []
-
-    async def complete(
-        self, correlation_id: str, status: Status, *, data: Any = None, error: Any = None
-    ) -> bool:
-        self.completions.append((correlation_id, status, data, error))
-        return True
+from shared.state import Status
+from tests.helpers.engine import FakeEngine, engine_error, locked_task
+from tests.helpers.worker import RecordedRuns
 
 
 class In(BaseModel):
@@ -66,70 +32,46 @@ class Out(BaseModel):
     note: str | None = None
 
 
-def make_task(retries: int | None = None, **variables: Any) -> LockedTask:
-    return LockedTask(
-        id="task-1",
-        topic_name="p.work",
-        worker_id="w1",
-        process_instance_id="pi-1",
-        process_definition_key="p",
-        business_key="cid-1",
-        activity_id="work",
-        retries=retries,
-        priority=0,
-        lock_expiration_time=None,
-        variables={
-            "correlationId": "cid-1",
-            "application_id": "app-1",
-            "traceability_id": "trace-1",
-            "batch_id": "batch-1",
-            "identifiers": {"applicationId": "app-1"},
-            **variables,
-        },
-    )
-
-
 class Harness:
-    def __init__(self, engine: Engine, http: httpx.AsyncClient) -> None:
+    def __init__(self, engine: FakeEngine, camunda: CamundaClient) -> None:
         self.engine = engine
-        self.store = Store()
+        self.runs = RecordedRuns()
         self.rows: list[EventRecord] = []
-        self.settings = Settings(worker_retries=3, worker_retry_timeout_ms=1_000)
         self.metrics = WorkerMetrics()
 
         async def events(record: EventRecord) -> None:
             self.rows.append(record)
 
         self.executor = Executor(
-            camunda=CamundaClient("http://engine", http=http),
+            camunda=camunda,
             worker_id="w1",
-            settings=self.settings,
-            store=self.store,
+            retry=RetryPolicy(retries=3, first_delay_ms=1_000),
+            runs=self.runs,
             events=events,
             metrics=self.metrics,
         )
-        self.http = http
 
     async def run(self, handler: Handler, task: LockedTask) -> Outcome:
-        ctx = TaskContext(
-            task=task,
-            settings=self.settings,
-            store=self.store,
-            http=self.http,
-            log=task_logger(logging.getLogger("test"), task),
-        )
-        return await self.executor.run(handler, ctx)
+        async with httpx.AsyncClient() as http:
+            ctx = TaskContext(
+                task=task,
+                http=http,
+                log=task_logger(logging.getLogger("test"), task),
+                config=None,
+            )
+            return await self.executor.run(handler, ctx)
 
 
 @pytest.fixture
 async def harness() -> AsyncIterator[Harness]:
-    engine = Engine()
-    async with httpx.AsyncClient(transport=httpx.MockTransport(engine)) as http:
-        yield Harness(engine, http)
+    engine = FakeEngine()
+    async with engine.client() as camunda:
+        yield Harness(engine, camunda)
 
 
-def handler_for(fn: Any) -> Handler:
-    process = Process("p", [Step("work", success="Worked", error="Work failed")])
+def handler_for(fn: Any, *, finishes_run: bool = False) -> Handler:
+    step = Step("work", success="Worked", error="Work failed", finishes_run=finishes_run)
+    process = Process("p", [step])
     process.handler("work")(fn)
     return process.handlers[0]
 
@@ -138,10 +80,10 @@ async def test_a_return_completes_with_output_and_identifiers(harness: Harness) 
     async def work(data: In) -> StepResult[Out]:
         return StepResult(Out(userId=data.userId, customerId="c-9"), http_status_code=201)
 
-    outcome = await harness.run(handler_for(work), make_task(userId="u1"))
+    outcome = await harness.run(handler_for(work), locked_task(userId="u1"))
 
     assert outcome is Outcome.COMPLETED
-    [(action, body)] = harness.engine.calls
+    [(action, body)] = harness.engine.calls()
     assert action == "complete"
     assert body["workerId"] == "w1"
     assert body["variables"]["userId"] == {"type": "String", "value": "u1"}
@@ -163,8 +105,8 @@ async def test_a_business_rule_error_is_a_bpmn_error_with_the_seed_variables(
     async def work(data: In) -> None:
         raise BusinessRuleError("NOT_ALLOWED", "no onboarding today")
 
-    assert await harness.run(handler_for(work), make_task(userId="u1")) is Outcome.BPMN_ERROR
-    [(action, body)] = harness.engine.calls
+    assert await harness.run(handler_for(work), locked_task(userId="u1")) is Outcome.BPMN_ERROR
+    [(action, body)] = harness.engine.calls()
     assert (action, body["errorCode"], body["errorMessage"]) == (
         "bpmnError",
         "NOT_ALLOWED",
@@ -184,8 +126,8 @@ async def test_invalid_input_is_a_validation_error_and_the_handler_never_runs(
     async def work(data: In) -> None:
         raise AssertionError("must not run")
 
-    assert await harness.run(handler_for(work), make_task()) is Outcome.BPMN_ERROR
-    [(_, body)] = harness.engine.calls
+    assert await harness.run(handler_for(work), locked_task()) is Outcome.BPMN_ERROR
+    [(_, body)] = harness.engine.calls()
     assert body["errorCode"] == "VALIDATION_ERROR"
     assert body["errorMessage"].startswith("Input validation failed: userId")
     assert harness.rows[0].http_status_code == 422
@@ -210,19 +152,17 @@ async def test_an_exception_is_a_failure_counting_retries_down(
     async def work(data: In) -> None:
         raise ConnectionError("backend down")
 
-    assert await harness.run(handler_for(work), make_task(task_retries, userId="u")) is outcome
-    [(action, body)] = harness.engine.calls
+    assert await harness.run(handler_for(work), locked_task(task_retries, userId="u")) is outcome
+    [(action, body)] = harness.engine.calls()
     assert action == "failure"
     assert (body["retries"], body["retryTimeout"]) == (sent_retries, sent_timeout_ms)
     assert body["errorMessage"] == "ConnectionError: backend down"
     assert "Traceback" in body["errorDetails"]
     if outcome is Outcome.INCIDENT:
-        assert harness.store.completions == [
-            ("cid-1", Status.ERROR, None, "Work failed: backend down")
-        ]
+        assert harness.runs.finished == [("cid-1", Status.ERROR, None, "Work failed: backend down")]
         assert harness.rows[0].status == "incident"
     else:
-        assert harness.store.completions == []
+        assert harness.runs.finished == []
         assert harness.rows[0].status == "retry"
 
 
@@ -232,7 +172,7 @@ async def ok(data: In) -> dict[str, Any]:
 
 async def test_complete_on_a_gone_task_drops_the_result(harness: Harness) -> None:
     harness.engine.answer("complete", engine_error(404, "External task with id x does not exist"))
-    assert await harness.run(handler_for(ok), make_task(userId="u")) is Outcome.GONE
+    assert await harness.run(handler_for(ok), locked_task(userId="u")) is Outcome.GONE
     assert harness.engine.actions() == ["complete"]
     assert harness.rows == []
 
@@ -245,7 +185,7 @@ async def test_complete_on_a_task_another_worker_locked_drops_the_result(
         engine_error(400, "External Task x cannot be completed by worker 'w1'. "
                      "It is locked by worker 'w2'."),
     )  # fmt: skip
-    assert await harness.run(handler_for(ok), make_task(userId="u")) is Outcome.LOCK_LOST
+    assert await harness.run(handler_for(ok), locked_task(userId="u")) is Outcome.LOCK_LOST
     assert harness.engine.actions() == ["complete"]
     assert (
         harness.metrics.registry.get_sample_value(
@@ -261,12 +201,52 @@ async def test_optimistic_locking_and_deadlocks_repeat_the_complete(harness: Har
         engine_error(500, "OptimisticLockingException", code=1),
         engine_error(500, "deadlock", code=10000),
     )
-    assert await harness.run(handler_for(ok), make_task(userId="u")) is Outcome.COMPLETED
+    assert await harness.run(handler_for(ok), locked_task(userId="u")) is Outcome.COMPLETED
     assert harness.engine.actions() == ["complete", "complete", "complete"]
     assert len(harness.rows) == 1
 
 
 async def test_a_complete_the_engine_refuses_becomes_a_failure(harness: Harness) -> None:
     harness.engine.answer("complete", engine_error(400, "Cannot convert value to java type"))
-    assert await harness.run(handler_for(ok), make_task(userId="u")) is Outcome.FAILED
+    assert await harness.run(handler_for(ok), locked_task(userId="u")) is Outcome.FAILED
     assert harness.engine.actions() == ["complete", "failure"]
+
+
+async def test_a_step_that_finishes_the_run_ends_it_after_the_engine_accepted(
+    harness: Harness,
+) -> None:
+    async def work(data: In) -> Out:
+        assert harness.runs.finished == []
+        return Out(userId=data.userId, customerId="c-1")
+
+    handler = handler_for(work, finishes_run=True)
+    assert await harness.run(handler, locked_task(userId="u1")) is Outcome.COMPLETED
+    assert harness.engine.actions() == ["complete"]
+    assert harness.runs.finished == [
+        ("cid-1", Status.OK, {"userId": "u1", "customerId": "c-1"}, None)
+    ]
+
+
+async def test_a_finishing_step_may_end_the_run_as_an_error(harness: Harness) -> None:
+    async def work(data: In) -> StepResult[dict[str, Any]]:
+        return StepResult({"checked": True}, error="Background check failed")
+
+    assert await harness.run(handler_for(work, finishes_run=True), locked_task(userId="u")) is (
+        Outcome.COMPLETED
+    )
+    assert harness.runs.finished == [
+        ("cid-1", Status.ERROR, {"checked": True}, "Background check failed")
+    ]
+
+
+async def test_a_finishing_step_the_engine_dropped_does_not_end_the_run(harness: Harness) -> None:
+    harness.engine.answer("complete", engine_error(404, "External task with id x does not exist"))
+    assert await harness.run(handler_for(ok, finishes_run=True), locked_task(userId="u")) is (
+        Outcome.GONE
+    )
+    assert harness.runs.finished == []
+
+
+async def test_an_ordinary_step_never_ends_the_run(harness: Harness) -> None:
+    assert await harness.run(handler_for(ok), locked_task(userId="u")) is Outcome.COMPLETED
+    assert harness.runs.finished == []

@@ -7,53 +7,20 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import fakeredis
 import httpx
-import orjson
 from pydantic import BaseModel
 
 from services.worker.context import TaskContext
-from services.worker.executor import Executor
+from services.worker.executor import Executor, RetryPolicy
+from services.worker.locks import Locks
 from services.worker.metrics import WorkerMetrics
 from services.worker.registry import Process, Registry, Step
-from services.worker.worker import Worker
+from services.worker.worker import Worker, WorkerOptions
 from shared.camunda import CamundaClient
-from shared.settings import Settings
-from tests.unit.test_worker_executor import Store
-
-Route = Callable[[httpx.Request, Any], Awaitable[httpx.Response]]
-
-
-def task_json(task_id: str) -> dict[str, Any]:
-    return {
-        "id": task_id,
-        "topicName": "p.work",
-        "workerId": "w1",
-        "processInstanceId": "pi",
-        "processDefinitionKey": "p",
-        "businessKey": None,
-        "activityId": "work",
-        "retries": None,
-        "priority": 0,
-        "variables": {},
-    }
-
-
-class Engine:
-    """Routes by the last path segment to an async function; records every request."""
-
-    def __init__(self, routes: dict[str, Route]) -> None:
-        self.routes = routes
-        self.calls: list[tuple[str, Any]] = []
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        action = request.url.path.rsplit("/", 1)[-1]
-        body = orjson.loads(request.content) if request.content else None
-        self.calls.append((action, body))
-        route = self.routes.get(action)
-        return await route(request, body) if route else httpx.Response(204)
-
-    def bodies(self, action: str) -> list[Any]:
-        return [body for name, body in self.calls if name == action]
+from shared.keys import Keys
+from tests.helpers.engine import FakeEngine, task_json
+from tests.helpers.worker import RecordedRuns
 
 
 class In(BaseModel):
@@ -61,36 +28,47 @@ class In(BaseModel):
 
 
 def worker_for(
-    engine: Engine,
-    http: httpx.AsyncClient,
+    camunda: CamundaClient,
     handler: Callable[..., Awaitable[Any]],
-    **overrides: Any,
+    *,
+    concurrency: int = 10,
+    max_tasks: int = 10,
+    lock_duration_ms: int = 20_000,
 ) -> tuple[Worker, WorkerMetrics]:
-    settings = Settings(
-        camunda_async_response_timeout_ms=1_000,
-        worker_shutdown_grace_s=1,
-        worker_health_port=0,
-        **overrides,
+    options = WorkerOptions(
+        concurrency=concurrency,
+        max_tasks=max_tasks,
+        lock_duration_ms=lock_duration_ms,
+        poll_timeout_ms=1_000,
+        shutdown_grace_s=1,
     )
     process = Process("p", [Step("work", success="ok", error="failed")])
     process.handler("work")(handler)
-    camunda = CamundaClient("http://engine", http=http)
-    store, metrics = Store(), WorkerMetrics()
+    registry = Registry.of([process])
+    metrics = WorkerMetrics()
     executor = Executor(
         camunda=camunda,
         worker_id="w1",
-        settings=settings,
-        store=store,
+        retry=RetryPolicy(),
+        runs=RecordedRuns(),
         events=_discard,
         metrics=metrics,
     )
+    locks = Locks(
+        camunda,
+        fakeredis.aioredis.FakeRedis(),
+        Keys("t"),
+        worker_id="w1",
+        topics=Worker.topics(registry, options),
+        poll_window_s=1,
+    )
     worker = Worker(
-        settings=settings,
-        registry=Registry.of([process]),
+        options=options,
+        registry=registry,
         camunda=camunda,
         executor=executor,
-        store=store,
-        http=http,
+        locks=locks,
+        http=httpx.AsyncClient(),
         metrics=metrics,
         worker_id="w1",
     )
@@ -113,16 +91,16 @@ async def test_max_tasks_is_the_number_of_free_slots() -> None:
         nonlocal handed_out
         if handed_out == 0:
             handed_out = 1
-            return httpx.Response(200, json=[task_json("t1")])
+            return httpx.Response(200, json=[task_json("t1", "p.work")])
         await asyncio.sleep(0.05)
         return httpx.Response(200, json=[])
 
     async def work(data: In) -> None:
         await release.wait()
 
-    engine = Engine({"fetchAndLock": fetch, "external-task": empty_list})
-    async with httpx.AsyncClient(transport=httpx.MockTransport(engine)) as http:
-        worker, _ = worker_for(engine, http, work, worker_concurrency=3, camunda_max_tasks=10)
+    engine = FakeEngine({"fetchAndLock": fetch, "external-task": empty_list})
+    async with engine.client() as camunda:
+        worker, _ = worker_for(camunda, work, concurrency=3, max_tasks=10)
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         await asyncio.sleep(0.3)
@@ -150,16 +128,16 @@ async def test_fetch_errors_back_off_and_the_loop_recovers() -> None:
         if answers:
             return answers.pop(0)
         if not done.is_set():
-            return httpx.Response(200, json=[task_json("t1")])
+            return httpx.Response(200, json=[task_json("t1", "p.work")])
         await asyncio.sleep(0.05)
         return httpx.Response(200, json=[])
 
     async def work(data: In) -> None:
         done.set()
 
-    engine = Engine({"fetchAndLock": fetch, "external-task": empty_list})
-    async with httpx.AsyncClient(transport=httpx.MockTransport(engine)) as http:
-        worker, metrics = worker_for(engine, http, work)
+    engine = FakeEngine({"fetchAndLock": fetch, "external-task": empty_list})
+    async with engine.client() as camunda:
+        worker, metrics = worker_for(camunda, work)
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         await asyncio.wait_for(done.wait(), 10)
@@ -184,13 +162,13 @@ async def test_stop_cancels_the_long_poll_and_unlocks_what_is_still_held() -> No
         nonlocal sweeps
         sweeps += 1
         assert request.url.params["workerId"] == "w1"
-        return httpx.Response(200, json=[task_json("late")] if sweeps == 1 else [])
+        return httpx.Response(200, json=[task_json("late", "p.work")] if sweeps == 1 else [])
 
     async def work(data: In) -> None: ...
 
-    engine = Engine({"fetchAndLock": fetch, "external-task": held})
-    async with httpx.AsyncClient(transport=httpx.MockTransport(engine)) as http:
-        worker, _ = worker_for(engine, http, work)
+    engine = FakeEngine({"fetchAndLock": fetch, "external-task": held})
+    async with engine.client() as camunda:
+        worker, _ = worker_for(camunda, work)
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         await asyncio.wait_for(polling.wait(), 5)
@@ -198,7 +176,7 @@ async def test_stop_cancels_the_long_poll_and_unlocks_what_is_still_held() -> No
         stop.set()
         await asyncio.wait_for(running, 5)
     assert time.monotonic() - started < 1.5
-    assert [name for name, _ in engine.calls if name == "unlock"] == ["unlock"]
+    assert [name for name in engine.actions() if name == "unlock"] == ["unlock"]
 
 
 async def test_a_refused_lock_extension_marks_the_lock_lost() -> None:
@@ -210,7 +188,7 @@ async def test_a_refused_lock_extension_marks_the_lock_lost() -> None:
         nonlocal handed_out
         if not handed_out:
             handed_out = True
-            return httpx.Response(200, json=[task_json("t1")])
+            return httpx.Response(200, json=[task_json("t1", "p.work")])
         await asyncio.sleep(0.05)
         return httpx.Response(200, json=[])
 
@@ -218,14 +196,14 @@ async def test_a_refused_lock_extension_marks_the_lock_lost() -> None:
         body = {"type": "BadUserRequestException", "message": "Cannot extend a lock that expired"}
         return httpx.Response(400, json=body)
 
-    async def work(data: In, ctx: TaskContext) -> None:
+    async def work(data: In, ctx: TaskContext[None]) -> None:
         await asyncio.sleep(0.5)
         seen_lost.append(ctx.lock_lost.is_set())
         finished.set()
 
-    engine = Engine({"fetchAndLock": fetch, "extendLock": extend, "external-task": empty_list})
-    async with httpx.AsyncClient(transport=httpx.MockTransport(engine)) as http:
-        worker, metrics = worker_for(engine, http, work, camunda_lock_duration_ms=200)
+    engine = FakeEngine({"fetchAndLock": fetch, "extendLock": extend, "external-task": empty_list})
+    async with engine.client() as camunda:
+        worker, metrics = worker_for(camunda, work, lock_duration_ms=200)
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         await asyncio.wait_for(finished.wait(), 5)

@@ -8,22 +8,18 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from services.worker.context import TaskContext
 from services.worker.registry import Process, Step
-from shared.store import Status
 
 process = Process(
     "benchmark",
-    [Step("noop", success="Benchmark task done", error="Benchmark task failed")],
+    [Step("noop", success="Benchmark task done", error="Benchmark task failed", finishes_run=True)],
 )
 
 
 class NoopInput(BaseModel):
-    """No inputs: the correlationId comes from the task (ctx)."""
+    """No inputs."""
 
 
 @process.handler("noop")
-async def noop(data: NoopInput, ctx: TaskContext) -> dict[str, object]:
-    if ctx.correlation_id:
-        await ctx.store.complete(ctx.correlation_id, Status.OK, data={"noop": True})
-    return {}
+async def noop(data: NoopInput) -> dict[str, object]:
+    return {"noop": True}

@@ -13,8 +13,8 @@ a BPMN error on any step goes to handle-error. Every decision is deterministic:
   ``{onboarded?, reason?, customerId?}``); without it the decision is local: onboarded when
   the risk score is below 75.
 
-prepare-response and handle-error publish the outcome to the waiting client themselves
-(ProcessStore.complete: state, write-behind entry and wake-up in one step).
+prepare-response and handle-error are the steps that end the run (``finishes_run``): the
+framework ends it with their output once the engine has accepted them.
 """
 
 from __future__ import annotations
@@ -23,10 +23,20 @@ import hashlib
 
 import httpx
 from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.worker.context import TaskContext
 from services.worker.registry import BusinessRuleError, Process, Step, StepResult
-from shared.store import Status
+
+
+class OnboardingConfig(BaseSettings):
+    """The example process's own settings (environment, read once at worker start-up)."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    #: Base URL of the onboarding system; without one the decision is local.
+    onboarding_api_url: str | None = None
+
 
 process = Process(
     "onboard-user",
@@ -50,13 +60,20 @@ process = Process(
             success="Onboarding API call successful",
             error="Onboarding API call failed",
         ),
-        Step("prepare-response", success="Response prepared", error="Response preparation failed"),
+        Step(
+            "prepare-response",
+            success="Response prepared",
+            error="Response preparation failed",
+            finishes_run=True,
+        ),
         Step(
             "handle-error",
             success="Error handled and client notified",
             error="Error handler failed",
+            finishes_run=True,
         ),
     ],
+    config=OnboardingConfig,
 )
 
 #: A background check passes below this score; onboarding (local decision) below the next.
@@ -135,13 +152,13 @@ class OnboardingOutput(BaseModel):
 
 @process.handler("call-onboarding-api")
 async def call_onboarding_api(
-    data: OnboardingInput, ctx: TaskContext
+    data: OnboardingInput, ctx: TaskContext[OnboardingConfig]
 ) -> OnboardingOutput | StepResult[OnboardingOutput]:
     if not data.validated:
         raise BusinessRuleError("VALIDATION_REQUIRED", "User must be validated before onboarding")
     if not data.backgroundCheckPassed:
         return OnboardingOutput(onboarded=False, reason="Background check failed")
-    base_url = ctx.settings.onboarding_api_url
+    base_url = ctx.config.onboarding_api_url
     if not base_url:
         onboarded = data.riskScore < ONBOARD_BELOW
         return OnboardingOutput(
@@ -195,32 +212,32 @@ class PrepareResponseInput(BaseModel):
     reason: str | None = None
 
 
-class PrepareResponseOutput(BaseModel):
-    completed: bool
+class OnboardingResult(BaseModel):
+    """The run's result (and the step's output variables)."""
+
+    userId: str
+    validated: bool
+    backgroundCheckPassed: bool
+    onboarded: bool
+    riskScore: int
+    reason: str | None = None
     success: bool
 
 
 @process.handler("prepare-response")
-async def prepare_response(data: PrepareResponseInput, ctx: TaskContext) -> PrepareResponseOutput:
+async def prepare_response(data: PrepareResponseInput) -> StepResult[OnboardingResult]:
     success = data.validated and data.backgroundCheckPassed and data.onboarded
-    result = {
-        "userId": data.userId,
-        "validated": data.validated,
-        "backgroundCheckPassed": data.backgroundCheckPassed,
-        "onboarded": data.onboarded,
-        "riskScore": data.riskScore,
-        **({"reason": data.reason} if data.reason else {}),
-        "success": success,
-    }
-    if ctx.correlation_id:
-        if success:
-            await ctx.store.complete(ctx.correlation_id, Status.OK, data=result)
-        else:
-            error = data.reason or "Onboarding process failed"
-            await ctx.store.complete(ctx.correlation_id, Status.ERROR, data=result, error=error)
-    else:
-        ctx.log.warning("no correlationId: nobody to tell the result")
-    return PrepareResponseOutput(completed=True, success=success)
+    result = OnboardingResult(
+        userId=data.userId,
+        validated=data.validated,
+        backgroundCheckPassed=data.backgroundCheckPassed,
+        onboarded=data.onboarded,
+        riskScore=data.riskScore,
+        reason=data.reason,
+        success=success,
+    )
+    error = None if success else data.reason or "Onboarding process failed"
+    return StepResult(result, error=error)
 
 
 # --- handle-error --------------------------------------------------------------------------
@@ -237,13 +254,11 @@ class HandleErrorOutput(BaseModel):
 
 
 @process.handler("handle-error")
-async def handle_error(data: HandleErrorInput, ctx: TaskContext) -> HandleErrorOutput:
+async def handle_error(
+    data: HandleErrorInput, ctx: TaskContext[OnboardingConfig]
+) -> StepResult[HandleErrorOutput]:
     message = data.errorMessage or "Process failed"
     ctx.log.info(
         "process error %s: %s", data.errorCode, message, extra={"errorType": data.errorType}
     )
-    if not ctx.correlation_id:
-        ctx.log.warning("no correlationId: nobody to tell the error")
-        return HandleErrorOutput(errorHandled=False)
-    await ctx.store.complete(ctx.correlation_id, Status.ERROR, error=message)
-    return HandleErrorOutput(errorHandled=True)
+    return StepResult(HandleErrorOutput(errorHandled=True), error=message)

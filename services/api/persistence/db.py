@@ -1,8 +1,9 @@
 """Postgres: the connection pool, versioned migrations, and the read queries.
 
-Postgres is the durable copy. Redis holds live state; shared/writebehind.py copies every
-state change and audit event here, and the API reads here when Redis no longer has a
-process (``get_process``) and for the audit trail (``events_by_*``).
+Postgres is the durable copy. Redis holds live state; the write-behind (writebehind.py) copies
+every state change and audit event here, and the API reads here when Redis no longer has a
+run (``get_process``) and for the audit trail (``events_by_*``). Columns come from the
+records (shared/state.py, shared/eventlog.py); the migrations below are their history.
 
 Tables live in the connection's current schema (the first of ``search_path``), so a
 deployment can choose its schema and each test gets its own.
@@ -13,11 +14,11 @@ from __future__ import annotations
 from datetime import UTC
 
 from psycopg import sql
-from psycopg.rows import DictRow, dict_row
+from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from shared.eventlog import EventRecord
-from shared.store import ProcessState, Status
+from shared.eventlog import EVENT_COLUMNS, EventRecord
+from shared.state import ProcessState
 
 # Versioned migrations: append, never edit one that has shipped. Index i is version i + 1.
 MIGRATIONS: tuple[str, ...] = (
@@ -73,13 +74,6 @@ MIGRATIONS: tuple[str, ...] = (
 
 # First key of the two-int advisory lock taken while migrating; the second is the schema.
 _MIGRATION_LOCK = 0x466C6F77  # "Flow"
-
-_EVENT_COLUMNS = """
-    correlation_id, step, step_name, process_name, status, http_method, endpoint,
-    request_data, response_data, error_message, http_status_code, batch_id, traceability_id,
-    application_id, target_system, originating_system, identifiers, result, metadata,
-    execution_time AS execution_time_ms, created_at
-"""
 
 # Step order; events without a step (for example the API's completion) come after the steps.
 _EVENT_ORDER = "ORDER BY step ASC NULLS LAST, created_at, id"
@@ -146,7 +140,7 @@ async def get_process(pool: AsyncConnectionPool, correlation_id: str) -> Process
             (correlation_id,),
         )
         row = await cur.fetchone()
-    return None if row is None else _process_state(row)
+    return None if row is None else ProcessState.from_row(row)
 
 
 async def events_by_traceability(
@@ -165,7 +159,9 @@ async def events_by_correlation(
 
 async def _events(pool: AsyncConnectionPool, column: str, value: str) -> list[EventRecord]:
     query = sql.SQL("SELECT {columns} FROM event_log WHERE {column} = %s {order}").format(
-        columns=sql.SQL(_EVENT_COLUMNS), column=sql.Identifier(column), order=sql.SQL(_EVENT_ORDER)
+        columns=sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS)),
+        column=sql.Identifier(column),
+        order=sql.SQL(_EVENT_ORDER),
     )
     async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(query, (value,))
@@ -173,19 +169,12 @@ async def _events(pool: AsyncConnectionPool, column: str, value: str) -> list[Ev
     return [EventRecord(**{**row, "created_at": row["created_at"].astimezone(UTC)}) for row in rows]
 
 
-def _process_state(row: DictRow) -> ProcessState:
-    return ProcessState(
-        correlation_id=row["correlation_id"],
-        status=Status(row["status"]),
-        process_key=row["process_key"],
-        data=row["data"],
-        error=row["error"],
-        started_at=row["started_at"].astimezone(UTC),
-        updated_at=row["updated_at"].astimezone(UTC),
-        version=int(row["version"]),
-        instance_id=row["instance_id"],
-        traceability_id=row["traceability_id"],
-        batch_id=row["batch_id"],
-        application_id=row["application_id"],
-        request_hash=row["request_hash"],
-    )
+async def table_columns(pool: AsyncConnectionPool, table: str) -> list[str]:
+    """The columns of ``table`` in the current schema (the records' drift check)."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = %s ORDER BY ordinal_position",
+            (table,),
+        )
+        return [str(row[0]) for row in await cur.fetchall()]

@@ -1,19 +1,19 @@
 """A departed worker's lingering long poll can lock tasks after it is gone (the engine does
-not notice the client went away); live workers' janitors unlock them at once."""
+not notice the client went away); live workers unlock them at once."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 
 import redis.asyncio as aioredis
 
-from services.worker.janitor import Janitor
+from services.worker.locks import Locks
+from shared.aio import cancel_and_wait
 from shared.camunda import CamundaClient, TopicRequest
 from shared.keys import Keys
-from tests.integration.test_worker import one_task_bpmn
+from tests.helpers.engine import one_task_bpmn
 
 
 async def test_tasks_locked_to_a_departed_worker_are_unlocked_by_a_live_one(
@@ -29,24 +29,22 @@ async def test_tasks_locked_to_a_departed_worker_are_unlocked_by_a_live_one(
             "gone-1", [topic], max_tasks=1, async_response_timeout_ms=5_000
         )
 
-        async def unlock(worker_id: str) -> int:
-            held = await camunda.locked_tasks(worker_id)
-            for locked in held:
-                await camunda.unlock(locked.id)
-            return len(held)
-
-        janitor = Janitor(redis_client, Keys(redis_prefix), poll_window_s=5)
-        await janitor.departed("gone-1")
-        began = time.monotonic()
-        sweeping = asyncio.create_task(janitor.run("live-1", unlock))
-        try:
-            again = await camunda.fetch_and_lock(
-                "live-1", [topic], max_tasks=1, async_response_timeout_ms=5_000
+        def locks(worker_id: str) -> Locks:
+            keys = Keys(redis_prefix)
+            return Locks(
+                camunda, redis_client, keys, worker_id=worker_id, topics=[topic], poll_window_s=5
             )
-        finally:
-            sweeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeping
+
+        await locks("gone-1").departed("gone-1")
+        began = time.monotonic()
+        async with asyncio.TaskGroup() as tasks:
+            sweeping = tasks.create_task(locks("live-1").sweep_departed())
+            try:
+                again = await camunda.fetch_and_lock(
+                    "live-1", [topic], max_tasks=1, async_response_timeout_ms=5_000
+                )
+            finally:
+                await cancel_and_wait([sweeping])
         assert [t.id for t in again] == [task.id]
         assert time.monotonic() - began < 5  # not the ten minutes of the lock
         await camunda.complete(task.id, worker_id="live-1")

@@ -24,7 +24,6 @@ Entries a dead replica left unacknowledged are taken over with XAUTOCLAIM.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -38,26 +37,24 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from shared.eventlog import EventRecord
+from shared.aio import Backoff, sleep_or_stop
+from shared.eventlog import EVENT_COLUMNS, EVENT_JSON_COLUMNS, EventRecord
 from shared.keys import WRITEBEHIND_GROUP, Keys
-from shared.store import ProcessState
+from shared.state import COLUMNS, JSON_COLUMNS, ProcessState, dump_json
 
 log = logging.getLogger(__name__)
 
-_UPSERT_STATE = """
-INSERT INTO process_store (
-    correlation_id, process_key, status, data, error, instance_id, traceability_id,
-    batch_id, application_id, request_hash, started_at, updated_at, version)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT (correlation_id) DO UPDATE SET
-    process_key = EXCLUDED.process_key, status = EXCLUDED.status, data = EXCLUDED.data,
-    error = EXCLUDED.error, instance_id = EXCLUDED.instance_id,
-    traceability_id = EXCLUDED.traceability_id, batch_id = EXCLUDED.batch_id,
-    application_id = EXCLUDED.application_id, request_hash = EXCLUDED.request_hash,
-    started_at = EXCLUDED.started_at, updated_at = EXCLUDED.updated_at,
-    version = EXCLUDED.version
-WHERE process_store.version < EXCLUDED.version
-"""
+
+def _upsert_state() -> str:
+    """An upsert that only moves forward: a replayed or late entry never overwrites newer."""
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS if c != "correlation_id")
+    return (
+        f"INSERT INTO process_store ({', '.join(COLUMNS)})"
+        f" VALUES ({', '.join(['%s'] * len(COLUMNS))})"
+        f" ON CONFLICT (correlation_id) DO UPDATE SET {updates}"
+        " WHERE process_store.version < EXCLUDED.version"
+    )
+
 
 _ABANDON_STATE = """
 INSERT INTO process_store (correlation_id, process_key, status, started_at, updated_at, version)
@@ -68,17 +65,14 @@ ON CONFLICT (correlation_id) DO UPDATE SET
 WHERE process_store.version <= EXCLUDED.version
 """
 
-_INSERT_EVENT = """
-INSERT INTO event_log (
-    stream_id, correlation_id, step, step_name, process_name, status, http_method, endpoint,
-    request_data, response_data, error_message, http_status_code, batch_id, traceability_id,
-    application_id, target_system, originating_system, identifiers, result, metadata,
-    execution_time, created_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT (stream_id) DO NOTHING
-"""
+# The seed's column is `execution_time` (milliseconds); `stream_id` makes replays idempotent.
+_INSERT_EVENT = (
+    f"INSERT INTO event_log (stream_id, {', '.join(EVENT_COLUMNS)})"
+    f" VALUES ({', '.join(['%s'] * (len(EVENT_COLUMNS) + 1))})"
+    " ON CONFLICT (stream_id) DO NOTHING"
+)
 
-_SQL = {"state": _UPSERT_STATE, "delete": _ABANDON_STATE, "event": _INSERT_EVENT}
+_SQL = {"state": _upsert_state(), "delete": _ABANDON_STATE, "event": _INSERT_EVENT}
 
 # Postgres refused the data itself (bad value, constraint): retrying the batch cannot help,
 # retrying row by row isolates the culprit. Everything else is treated as an outage.
@@ -141,7 +135,7 @@ class Flusher:
         """Flush until ``stop`` is set. Never raises for Redis or Postgres trouble: logs,
         backs off and carries on (its own unacknowledged entries are read again first)."""
         stop = stop or asyncio.Event()
-        failures = 0
+        backoff = self._backoff()
         while not stop.is_set():
             try:
                 await self._ensure_group()
@@ -149,11 +143,10 @@ class Flusher:
                 await self._read_own_pending(stop)
                 await self._follow(stop)
             except Exception:
-                failures += 1
                 log.exception("write-behind: flusher loop failed; retrying")
-                await self._sleep(stop, self._backoff(failures))
+                await sleep_or_stop(stop, backoff.next_delay_s())
             else:
-                failures = 0
+                backoff.reset()
 
     async def drain(self, timeout_s: float) -> bool:
         """Write everything there is now (own pending, idle entries of others, new ones).
@@ -250,27 +243,27 @@ class Flusher:
                 ops.append(_decode(entry))
             except _Undecodable as exc:
                 await self._dead_letter(entry, f"undecodable: {exc}")
-        failures = 0
+        backoff = self._backoff()
         while ops:
             try:
                 await self._write(ops)
             except _DATA_ERRORS as exc:
-                log.warning("write-behind: batch rejected (%s); retrying row by row", exc)
+                log.warning(
+                    "write-behind: batch rejected (%s); retrying row by row", _without_values(exc)
+                )
                 await self._write_isolated(ops)
                 return
             except psycopg.Error as exc:  # Postgres down or unreachable: an outage
-                failures += 1
                 log.warning(
                     "write-behind: Postgres unavailable (%s); retrying",
-                    exc,
-                    extra={"entries": len(ops), "failures": failures},
+                    _without_values(exc),
+                    extra={"entries": len(ops), "attempt": backoff.attempt + 1},
                 )
-                if await self._sleep(stop, self._backoff(failures)):
+                if await sleep_or_stop(stop, backoff.next_delay_s()):
                     return
             except Exception:  # a bug must not stop the copy either; entries stay pending
-                failures += 1
                 log.exception("write-behind: write failed; retrying", extra={"entries": len(ops)})
-                if await self._sleep(stop, self._backoff(failures)):
+                if await sleep_or_stop(stop, backoff.next_delay_s()):
                     return
             else:
                 await self._ack([op.entry for op in ops])
@@ -299,11 +292,16 @@ class Flusher:
         for op, error in bad:
             deliveries = await self._deliveries(op.entry.id)
             if deliveries >= self._max_deliveries:
-                await self._dead_letter(op.entry, f"rejected {deliveries} times: {error}")
+                reason = f"rejected {deliveries} times: {_without_values(error)}"
+                await self._dead_letter(op.entry, reason)
             else:
                 log.warning(
                     "write-behind: Postgres rejected an entry; it will be retried",
-                    extra={"streamId": op.entry.id, "deliveries": deliveries, "error": str(error)},
+                    extra={
+                        "streamId": op.entry.id,
+                        "deliveries": deliveries,
+                        "error": _without_values(error),
+                    },
                 )
 
     async def _ack(self, entries: Iterable[_Entry]) -> None:
@@ -341,17 +339,18 @@ class Flusher:
         )
         return int(pending[0]["times_delivered"]) if pending else 0
 
-    # --- pacing -------------------------------------------------------------------------
+    def _backoff(self) -> Backoff:
+        return Backoff(base_s=0.2, cap_s=self._max_backoff_s)
 
-    def _backoff(self, failures: int) -> float:
-        return float(min(self._max_backoff_s, 0.1 * 2 ** min(failures, 16)))
 
-    @staticmethod
-    async def _sleep(stop: asyncio.Event, delay_s: float) -> bool:
-        """Wait ``delay_s`` unless stop is set first; True if stopping."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay_s)
-        return stop.is_set()
+def _without_values(exc: psycopg.Error) -> str:
+    """The error without the row's values: Postgres repeats the offending value in its
+    DETAIL, and audit rows carry process variables that must not reach the logs."""
+    diag = exc.diag
+    return (
+        " ".join(part for part in (diag.sqlstate, diag.message_primary) if part)
+        or type(exc).__name__
+    )
 
 
 def _text(value: bytes | str) -> str:
@@ -370,63 +369,29 @@ def _entry(item: Any) -> _Entry:
     )
 
 
-def _json(value: Any) -> Jsonb | None:
-    return None if value is None else Jsonb(value, dumps=_dumps)
+def _jsonb(value: Any) -> Jsonb | None:
+    return None if value is None else Jsonb(value, dumps=dump_json)
 
 
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+def _params(columns: Sequence[str], json_columns: frozenset[str], row: Sequence[Any]) -> list[Any]:
+    return [
+        _jsonb(value) if name in json_columns else value
+        for name, value in zip(columns, row, strict=True)
+    ]
 
 
 def _decode(entry: _Entry) -> _Op:
     """Parameters for the entry's statement; :class:`_Undecodable` if it makes no sense."""
     try:
         if entry.kind == "state":
-            state = ProcessState.from_json(entry.body)
-            params: tuple[Any, ...] = (
-                state.correlation_id,
-                state.process_key,
-                state.status.value,
-                _json(state.data),
-                _json(state.error),
-                state.instance_id,
-                state.traceability_id,
-                state.batch_id,
-                state.application_id,
-                state.request_hash,
-                state.started_at,
-                state.updated_at,
-                state.version,
-            )
+            row = ProcessState.from_json(entry.body).to_row()
+            params: tuple[Any, ...] = tuple(_params(COLUMNS, JSON_COLUMNS, row))
         elif entry.kind == "delete":
             body = orjson.loads(entry.body)
             params = (str(body["correlationId"]), int(body["version"]))
         elif entry.kind == "event":
-            event = EventRecord.from_json(entry.body)
-            params = (
-                entry.id,
-                event.correlation_id,
-                event.step,
-                event.step_name,
-                event.process_name,
-                event.status,
-                event.http_method,
-                event.endpoint,
-                _json(event.request_data),
-                _json(event.response_data),
-                event.error_message,
-                event.http_status_code,
-                event.batch_id,
-                event.traceability_id,
-                event.application_id,
-                event.target_system,
-                event.originating_system,
-                _json(event.identifiers),
-                _json(event.result),
-                _json(event.metadata),
-                event.execution_time_ms,
-                event.created_at,
-            )
+            event = EventRecord.from_json(entry.body).to_row()
+            params = (entry.id, *_params(EVENT_COLUMNS, EVENT_JSON_COLUMNS, event))
         else:
             raise _Undecodable(f"unknown kind {entry.kind!r}")
     except (KeyError, TypeError, ValueError) as exc:

@@ -1,0 +1,95 @@
+"""Every error the API answers, as JSON, from one place.
+
+Endpoints raise :class:`ApiError` (or let a dependency's error escape); the handlers below,
+installed by ``create_app``, turn each into a JSON body with the right status and headers.
+A bug is logged with its traceback and answered like every other error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from services.api.schemas import ErrorBody, JSONResponse
+from shared.contract import StartFailed
+
+log = logging.getLogger(__name__)
+
+#: Retry-After on answers that ask the client to come back (a dependency is down).
+RETRY_LATER_S = 5
+
+
+class ApiError(Exception):
+    """Raised anywhere in a request; answered as :class:`ErrorBody`."""
+
+    def __init__(
+        self,
+        status_code: int,
+        error: str,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(error)
+        self.status_code = status_code
+        self.body = ErrorBody(error=error, field=field)
+        self.headers = headers or {}
+
+    @classmethod
+    def of(cls, failed: StartFailed) -> ApiError:
+        """The answer to a start that did not reach the engine (its starter's answer)."""
+        retry = {"Retry-After": str(RETRY_LATER_S)} if failed.status_code >= 500 else None
+        return cls(failed.status_code, failed.error, field=failed.field, headers=retry)
+
+
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(exc.body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 (unknown path, wrong method), keeping headers such as Allow."""
+    assert isinstance(exc, HTTPException)
+    message = {
+        404: f"no such endpoint: {request.url.path}",
+        405: f"method {request.method} not allowed",
+    }
+    body = ErrorBody(error=message.get(exc.status_code, str(exc.detail)))
+    return JSONResponse(body, status_code=exc.status_code, headers=dict(exc.headers or {}))
+
+
+def unavailable(name: str) -> Handler:
+    """A dependency (Redis, Postgres) failed: 503 and come back later."""
+
+    async def handler(request: Request, exc: Exception) -> Response:
+        log.warning("%s unavailable", name, extra={"error": repr(exc), "path": request.url.path})
+        body = ErrorBody(error=f"{name} is unavailable; retry later")
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_LATER_S)})
+
+    return handler
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """A bug: logged with its traceback, answered as JSON like every other error."""
+    log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+    return JSONResponse(ErrorBody(error="internal error"), status_code=500)
+
+
+async def client_gone(request: Request, exc: Exception) -> Response:
+    """The client went away mid-request: nobody reads the answer, nothing to log as a fault."""
+    log.info("client disconnected mid-request", extra={"path": request.url.path})
+    return Response(status_code=499)
+
+
+HANDLERS: dict[type[Exception] | int, Handler] = {
+    ApiError: api_error,
+    HTTPException: http_error,
+    ClientDisconnect: client_gone,
+}

@@ -1,0 +1,90 @@
+"""Reading a request: its JSON body, its models, its query parameters and its wait.
+
+Each reader raises :class:`~services.api.errors.ApiError` naming what is wrong (400 with the
+field, 413, 415), so endpoints only read and answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from services.api.errors import ApiError
+from services.api.prefer import parse_prefer
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON: 415 unless it is declared JSON, 413 beyond ``limit`` bytes (checked
+    while reading, so a lying or missing Content-Length cannot get past it), 400 if broken."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise ApiError(415, "Content-Type must be application/json")
+    declared = request.headers.get("content-length", "")
+    too_large = ApiError(413, f"the body is larger than {limit} bytes")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    try:
+        return orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"malformed JSON: {exc}") from exc
+
+
+def parse_model(model: type[Model], obj: Any, context: dict[str, Any] | None = None) -> Model:
+    """Validate a body; 400 naming the first field at fault."""
+    try:
+        return model.model_validate(obj, context=context)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        field = ".".join(str(part) for part in first["loc"]) or None
+        if field is None:
+            raise ApiError(400, "the body must be a JSON object") from exc
+        message = first["msg"].removeprefix("Value error, ")
+        raise ApiError(400, f"{field}: {message}", field=field) from exc
+
+
+def int_param(
+    request: Request, name: str, *, default: int, low: int, high: int | None = None
+) -> int:
+    """An integer query parameter within ``[low, high]``; 400 naming it otherwise."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    value = None
+    if raw.isascii() and raw.isdigit():
+        value = int(raw) if len(raw) <= 18 else 10**18  # far past any bound; int() caps digits
+    if value is None or value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ApiError(400, f"{name} must be an integer {bound}", field=name)
+    return value
+
+
+def wait_budget(request: Request, *, default_ms: int, max_ms: int) -> tuple[float, dict[str, str]]:
+    """This request's wait in seconds and the headers that say what was honoured.
+
+    ``?wait=N`` beats ``Prefer: wait=N`` beats the default; all are capped by ``max_ms``
+    (MAX_WAIT_MS). ``Prefer: respond-async`` (without a wait) means do not wait at all.
+    """
+    cap_s = max_ms / 1000
+    prefs = parse_prefer(request.headers.getlist("prefer"))
+    headers = {"Vary": "Prefer"}
+    if "wait" in request.query_params:
+        query_wait = int_param(request, "wait", default=0, low=0)
+        return min(float(query_wait), cap_s), headers
+    if prefs.wait_s is not None:
+        wait_s = min(float(prefs.wait_s), cap_s)
+        return wait_s, {**headers, "Preference-Applied": f"wait={int(wait_s)}"}
+    if prefs.respond_async:
+        return 0.0, {**headers, "Preference-Applied": "respond-async"}
+    return min(default_ms / 1000, cap_s), headers

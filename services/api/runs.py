@@ -1,0 +1,45 @@
+"""Where a run's state is read: Redis first, Postgres once Redis no longer holds it.
+
+:class:`Runs` is the read side the endpoints use; transitions go through
+shared/store.py, which the write-behind copies to Postgres.
+"""
+
+from __future__ import annotations
+
+from psycopg_pool import AsyncConnectionPool
+
+from services.api.persistence import db
+from shared.eventlog import EventRecord
+from shared.state import ProcessState, Status
+from shared.store import ProcessStore
+
+
+class Runs:
+    def __init__(self, store: ProcessStore, pool: AsyncConnectionPool) -> None:
+        self._store = store
+        self._pool = pool
+
+    async def get(self, correlation_id: str) -> ProcessState | None:
+        """The run's latest state, or None when no store knows it."""
+        return await self._store.get(correlation_id) or await self.stored(correlation_id)
+
+    async def stored(self, correlation_id: str) -> ProcessState | None:
+        """Postgres's copy of a run Redis no longer holds.
+
+        A ``pending`` row without an engine instance is a start that failed: its claim was
+        abandoned in Redis and the tombstone is still on its way through the write-behind.
+        """
+        state = await db.get_process(self._pool, correlation_id)
+        if state is not None and state.status is Status.PENDING and state.instance_id is None:
+            return None
+        return state
+
+    async def events(self, key: str, by: str) -> list[EventRecord]:
+        """The audit trail by traceabilityId, by correlationId, or (``by="any"``) by
+        traceabilityId and else by correlationId."""
+        events: list[EventRecord] = []
+        if by in ("any", "traceabilityId"):
+            events = await db.events_by_traceability(self._pool, key)
+        if not events and by in ("any", "correlationId"):
+            events = await db.events_by_correlation(self._pool, key)
+        return events

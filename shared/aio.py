@@ -1,0 +1,80 @@
+"""The asyncio building blocks every long-running loop of flowgate uses.
+
+* :class:`Backoff` — jittered exponential delays between failed attempts;
+* :func:`sleep_or_stop` — a pause that a stop event cuts short;
+* :func:`race_stop` — await some work unless a stop event comes first;
+* :func:`cancel_and_wait` — cancel tasks and wait until they have really finished.
+
+Background tasks themselves always live in an :class:`asyncio.TaskGroup` owned by a
+lifespan (the API's ``open_deps``, the worker's ``serve``), so none can outlive its owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Backoff:
+    """``next_delay_s()`` grows ``base_s * 2**n`` up to ``cap_s``; ``reset()`` after a success.
+
+    "Equal jitter" (a random delay between half and all of the step) spreads the retries of
+    many clients that failed together, without ever collapsing to almost no delay while the
+    other side is overloaded.
+    """
+
+    base_s: float = 0.5
+    cap_s: float = 30.0
+    attempt: int = field(default=0, init=False)
+
+    def next_delay_s(self) -> float:
+        ceiling = min(self.cap_s, self.base_s * 2**self.attempt)
+        self.attempt = min(self.attempt + 1, 32)  # 2**32 is far past any cap
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+async def sleep_or_stop(stop: asyncio.Event, delay_s: float) -> bool:
+    """Sleep ``delay_s`` unless ``stop`` is set first; True if stopping."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(delay_s):
+            await stop.wait()
+    return stop.is_set()
+
+
+async def race_stop(stop: asyncio.Event, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or ``None`` if ``stop`` is set first (``work`` is then cancelled).
+
+    ``work`` is cancelled too when the caller is, so it never runs on unobserved.
+    """
+    job = asyncio.ensure_future(work)
+    if stop.is_set():
+        await cancel_and_wait([job])
+        return None
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({job, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancel_and_wait([stopper, *([] if job.done() else [job])])
+    if job.cancelled():
+        return None
+    return job.result()
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel ``tasks`` and wait until each has finished (a cancelled task may still run its
+    ``finally`` blocks: returning before they are done would let it outlive its owner)."""
+    pending = [task for task in tasks if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)

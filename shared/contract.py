@@ -1,0 +1,116 @@
+"""The contract between the API and the workers, in one place.
+
+* the **system variables** the API sets on every engine instance it starts (the seed's
+  names), and how a task names the run it belongs to;
+* the **completion channel's messages**: a finished run's state, or the news that the start
+  a request joined has failed (:class:`StartFailed`).
+
+Producers and consumers import these names from here, so a rename fails at import time in
+both services, not at runtime in one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from shared.camunda import LockedTask
+from shared.state import ProcessState
+
+#: The variable holding the run's correlationId (the engine's businessKey holds it too).
+CORRELATION_ID = "correlationId"
+
+
+@dataclass(frozen=True, slots=True)
+class SystemVariables:
+    """The ids every run carries through the engine (seed: ``batch_id``,
+    ``traceability_id``, ``application_id`` as UUIDs, ``identifiers`` as Json)."""
+
+    correlation_id: str
+    batch_id: str
+    traceability_id: str
+    application_id: str
+
+    #: The variable names, as the engine and the handlers see them.
+    NAMES = (CORRELATION_ID, "batch_id", "traceability_id", "application_id", "identifiers")
+
+    @classmethod
+    def new(cls, correlation_id: str) -> SystemVariables:
+        return cls(correlation_id, str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))
+
+    @classmethod
+    def of(cls, state: ProcessState) -> SystemVariables:
+        return cls(
+            state.correlation_id,
+            state.batch_id or "",
+            state.traceability_id or "",
+            state.application_id or "",
+        )
+
+    @property
+    def identifiers(self) -> dict[str, str]:
+        return {"applicationId": self.application_id}
+
+    def to_variables(self) -> dict[str, Any]:
+        return {
+            CORRELATION_ID: self.correlation_id,
+            "batch_id": self.batch_id,
+            "traceability_id": self.traceability_id,
+            "application_id": self.application_id,
+            "identifiers": self.identifiers,
+        }
+
+
+def correlation_id_of(task: LockedTask) -> str | None:
+    """The correlationId of the run a task belongs to: its variable, else the business key
+    (a task fetched without its variables still names its run)."""
+    value = task.variables.get(CORRELATION_ID) or task.business_key
+    return str(value) if value else None
+
+
+def system_value(variables: Mapping[str, Any], name: str) -> str | None:
+    """One system variable as text (None when the run was not started through flowgate)."""
+    value = variables.get(name)
+    return None if value is None else str(value)
+
+
+# --- the completion channel --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StartFailed:
+    """The start a request joined did not reach the engine: answer what its starter did."""
+
+    correlation_id: str
+    status_code: int
+    error: str
+    field: str | None = None
+
+    def to_json(self) -> str:
+        return orjson.dumps(
+            {
+                "kind": "startFailed",
+                "correlationId": self.correlation_id,
+                "statusCode": self.status_code,
+                "error": self.error,
+                "field": self.field,
+            }
+        ).decode()
+
+
+def decode_message(raw: bytes | str) -> ProcessState | StartFailed:
+    """A completion-channel message: a finished state, or a start that failed."""
+    obj = orjson.loads(raw)
+    if obj.get("kind") == "startFailed":
+        code = obj.get("statusCode")
+        return StartFailed(
+            correlation_id=obj["correlationId"],
+            status_code=code if isinstance(code, int) and 400 <= code <= 599 else 503,
+            error=str(obj.get("error") or "the start this request joined failed"),
+            field=obj.get("field"),
+        )
+    return ProcessState.from_dict(obj)

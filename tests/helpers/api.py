@@ -1,0 +1,51 @@
+"""The API in-process (httpx over ASGI, with its real lifespan) and what tests say to it."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from starlette.types import Receive, Scope, Send
+
+from services.api.app import create_app
+from services.api.deps import Deps
+from services.api.drain import DrainHook
+from shared.settings import Settings
+
+BENCHMARK = "benchmark"  # bpmn/benchmark.bpmn: one external task nobody works on here
+
+
+@dataclass
+class Api:
+    client: httpx.AsyncClient
+    deps: Deps
+
+
+@contextlib.asynccontextmanager
+async def running_app(settings: Settings, *, drain: DrainHook | None = None) -> AsyncIterator[Api]:
+    """The app with its lifespan running, and a client that talks to it in-process."""
+    app = create_app(settings, drain=drain)
+    async with app.router.lifespan_context(app) as state:
+        assert isinstance(state, Mapping)
+
+        async def with_state(scope: Scope, receive: Receive, send: Send) -> None:
+            scope["state"] = dict(state)  # what uvicorn does with the lifespan's state
+            await app(scope, receive, send)
+
+        transport = httpx.ASGITransport(app=with_state)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://api", timeout=30
+        ) as client:
+            yield Api(client=client, deps=state["deps"])
+
+
+def cid() -> str:
+    return f"c-{uuid.uuid4().hex}"
+
+
+def start_body(correlation_id: str, key: str = BENCHMARK, **variables: Any) -> dict[str, Any]:
+    return {"processKey": key, "correlationId": correlation_id, "variables": variables}

@@ -1,0 +1,177 @@
+"""Engines for tests: one fake over ``httpx.MockTransport``, and builders of tasks and BPMN.
+
+:class:`FakeEngine` answers by the request's last path segment (its *action*:
+``fetchAndLock``, ``complete``, ``start``, ...): first any response queued for the action,
+then its route, then the default (204). It records every request, so a test asserts on what
+went over the wire, while the real :class:`~shared.camunda.CamundaClient` runs unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from services.worker.registry import Process
+from shared.camunda import CamundaClient, LockedTask
+from shared.deployment import deploy_directory
+
+BPMN_DIR = Path(__file__).resolve().parents[2] / "bpmn"
+BASE_URL = "http://engine.test/engine-rest"
+
+Route = Callable[[httpx.Request, Any], Awaitable[httpx.Response]]
+
+
+class FakeEngine:
+    def __init__(self, routes: Mapping[str, Route] | None = None) -> None:
+        self.routes = dict(routes or {})
+        self.requests: list[httpx.Request] = []
+        self.default = httpx.Response(204)
+        self._queued: dict[str, list[httpx.Response]] = {}
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        action = _action(request)
+        if queue := self._queued.get(action):
+            return queue.pop(0)
+        if route := self.routes.get(action):
+            return await route(request, _body(request))
+        return self.default
+
+    def answer(self, action: str, *responses: httpx.Response) -> None:
+        """Queue ``responses`` for the next calls of ``action``."""
+        self._queued.setdefault(action, []).extend(responses)
+
+    def answer_all(self, status_code: int, body: Any = None) -> None:
+        """Answer every request without a queued response or route like this."""
+        content = b"" if body is None else orjson.dumps(body)
+        self.default = httpx.Response(status_code, content=content)
+
+    def actions(self) -> list[str]:
+        return [_action(request) for request in self.requests]
+
+    def calls(self) -> list[tuple[str, Any]]:
+        """Every request as (action, JSON body)."""
+        return [(_action(request), _body(request)) for request in self.requests]
+
+    def bodies(self, action: str) -> list[Any]:
+        return [_body(r) for r in self.requests if _action(r) == action]
+
+    @property
+    def last(self) -> httpx.Request:
+        return self.requests[-1]
+
+    @property
+    def last_body(self) -> Any:
+        return _body(self.last)
+
+    @contextlib.asynccontextmanager
+    async def client(self, timeout_s: float = 3.0) -> AsyncIterator[CamundaClient]:
+        """A real CamundaClient whose requests this engine answers."""
+        async with httpx.AsyncClient(transport=httpx.MockTransport(self)) as http:
+            yield CamundaClient(BASE_URL, http=http, timeout_s=timeout_s)
+
+
+def engine_error(status_code: int, message: str, code: int | None = None) -> httpx.Response:
+    """An engine error body ``{"type", "message", "code"}``."""
+    return httpx.Response(status_code, json={"type": "X", "message": message, "code": code})
+
+
+def _action(request: httpx.Request) -> str:
+    return request.url.path.rsplit("/", 1)[-1]
+
+
+def _body(request: httpx.Request) -> Any:
+    return orjson.loads(request.content) if request.content else None
+
+
+# --- builders ------------------------------------------------------------------------------------
+
+
+def task_json(task_id: str = "task-1", topic: str = "p.work", **variables: Any) -> dict[str, Any]:
+    """An external task as fetchAndLock answers it (variables typed as the engine does)."""
+    return {
+        "id": task_id,
+        "topicName": topic,
+        "workerId": "w1",
+        "processInstanceId": "pi-1",
+        "processDefinitionKey": topic.partition(".")[0],
+        "businessKey": variables.get("correlationId"),
+        "activityId": topic.partition(".")[2],
+        "retries": None,
+        "priority": 0,
+        "variables": {
+            name: {"type": "String", "value": value} for name, value in variables.items()
+        },
+    }
+
+
+def locked_task(retries: int | None = None, **variables: Any) -> LockedTask:
+    """A task of process ``p``'s ``work`` step, in run ``cid-1`` started through flowgate."""
+    return LockedTask(
+        id="task-1",
+        topic_name="p.work",
+        worker_id="w1",
+        process_instance_id="pi-1",
+        process_definition_key="p",
+        business_key="cid-1",
+        activity_id="work",
+        retries=retries,
+        priority=0,
+        lock_expiration_time=None,
+        variables={
+            "correlationId": "cid-1",
+            "application_id": "app-1",
+            "traceability_id": "trace-1",
+            "batch_id": "batch-1",
+            "identifiers": {"applicationId": "app-1"},
+            **variables,
+        },
+    )
+
+
+def one_task_bpmn(key: str, topic: str) -> bytes:
+    """A process ``key`` with one external task on ``topic``."""
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"
+    xmlns:camunda="http://camunda.org/schema/1.0/bpmn" id="d_{key}" targetNamespace="test">
+  <bpmn:process id="{key}" isExecutable="true" camunda:historyTimeToLive="P1D">
+    <bpmn:startEvent id="start"><bpmn:outgoing>f1</bpmn:outgoing></bpmn:startEvent>
+    <bpmn:sequenceFlow id="f1" sourceRef="start" targetRef="task" />
+    <bpmn:serviceTask id="task" camunda:type="external" camunda:topic="{topic}">
+      <bpmn:incoming>f1</bpmn:incoming><bpmn:outgoing>f2</bpmn:outgoing>
+    </bpmn:serviceTask>
+    <bpmn:sequenceFlow id="f2" sourceRef="task" targetRef="end" />
+    <bpmn:endEvent id="end"><bpmn:incoming>f2</bpmn:incoming></bpmn:endEvent>
+  </bpmn:process>
+</bpmn:definitions>""".encode()
+
+
+def onboard_user_bpmn(key: str) -> bytes:
+    """bpmn/onboard-user.bpmn with its process id and topics renamed to ``key``."""
+    text = (BPMN_DIR / "onboard-user.bpmn").read_text()
+    return text.replace('"onboard-user"', f'"{key}"').replace('"onboard-user.', f'"{key}.').encode()
+
+
+def clone(process: Process, key: str) -> Process:
+    """``process`` under another key (so other topics), with the same handlers and config."""
+    copy = Process(
+        key,
+        process.steps,
+        target_system=process.target_system,
+        originating_system=process.originating_system,
+        config=process.config,
+    )
+    for handler in process.handlers:
+        copy.handler(handler.step.name)(handler.fn)
+    return copy
+
+
+async def deploy_bpmn(engine_url: str) -> None:
+    """Deploy bpmn/ to a real engine (idempotent: unchanged files create no new versions)."""
+    async with CamundaClient(engine_url) as camunda:
+        await deploy_directory(camunda)

@@ -1,0 +1,61 @@
+"""The endpoint table: every endpoint has an access decision, and the router enforces it."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from starlette.applications import Starlette
+
+from services.api import errors
+from services.api.auth import Access, Auth
+from services.api.openapi import build_openapi
+from services.api.routes import ENDPOINTS, Endpoint, routes
+
+#: What each endpoint asks for when credentials are configured: changing one is a decision.
+EXPECTED_ACCESS = {
+    ("POST", "/api/process/start"): Access.CLIENT,
+    ("GET", "/api/process/status/all"): Access.CLIENT,
+    ("GET", "/api/process/status/{correlationId}"): Access.CLIENT,
+    ("POST", "/api/process/complete"): Access.COMPLETER,
+    ("GET", "/api/event-log/{id}"): Access.CLIENT,
+    ("GET", "/healthz"): Access.PUBLIC,
+    ("GET", "/readyz"): Access.PUBLIC,
+    ("GET", "/metrics"): Access.PUBLIC,
+    ("GET", "/openapi.json"): Access.PUBLIC,
+    ("GET", "/docs"): Access.PUBLIC,
+}
+
+
+def test_every_endpoint_has_the_access_decided_for_it() -> None:
+    assert {(e.method, e.path): e.access for e in ENDPOINTS} == EXPECTED_ACCESS
+
+
+def _guarded() -> list[Endpoint]:
+    return [e for e in ENDPOINTS if e.access is not Access.PUBLIC]
+
+
+@pytest.mark.parametrize("endpoint", _guarded(), ids=lambda e: f"{e.method} {e.path}")
+async def test_the_router_refuses_a_guarded_endpoint_without_credentials(
+    endpoint: Endpoint,
+) -> None:
+    auth = Auth((SecretStr("client-key"),), SecretStr("complete-token"))
+    app = Starlette(routes=routes(auth), exception_handlers=errors.HANDLERS)
+    path = re.sub(r"\{[^}]+\}", "x", endpoint.path)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        answer = await client.request(endpoint.method, path)
+    assert answer.status_code == 401
+    assert "www-authenticate" in answer.headers
+
+
+@pytest.mark.parametrize("endpoint", _guarded(), ids=lambda e: f"{e.method} {e.path}")
+def test_the_document_states_the_credentials_each_guarded_endpoint_needs(
+    endpoint: Endpoint,
+) -> None:
+    spec = build_openapi(ENDPOINTS, Auth((SecretStr("k"),), SecretStr("t")))
+    operation = spec["paths"][endpoint.path][endpoint.method.lower()]
+    assert operation["security"]
+    assert "401" in operation["responses"]
