@@ -245,7 +245,7 @@ class CamundaClient:
             )
         except NotFound as exc:
             raise DefinitionNotFound(exc.status_code, exc.type, exc.message, exc.code) from exc
-        instance = _json(response)
+        instance = _body(response)
         return ProcessInstance(
             id=instance["id"],
             definition_id=instance["definitionId"],
@@ -269,7 +269,7 @@ class CamundaClient:
         }
         parts = [(resource, (resource, content)) for resource, content in files.items()]
         response = await self._send("POST", "/deployment/create", data=form, files=parts)
-        body = _json(response)
+        body = _body(response)
         definitions = (body.get("deployedProcessDefinitions") or {}).values()
         return Deployment(
             id=body["id"],
@@ -313,7 +313,7 @@ class CamundaClient:
         response = await self._send(
             "POST", "/external-task/fetchAndLock", json=body, http_timeout=timeout
         )
-        return [LockedTask.from_json(task) for task in _json(response)]
+        return [LockedTask.from_json(task) for task in _body(response)]
 
     async def complete(
         self,
@@ -387,7 +387,7 @@ class CamundaClient:
         """Tasks still locked by ``worker_id`` (without variables), e.g. to unlock on start."""
         params: dict[str, QueryValue] = {"workerId": worker_id, "locked": True}
         response = await self._send("GET", "/external-task", params=params)
-        return [LockedTask.from_json(task) for task in _json(response)]
+        return [LockedTask.from_json(task) for task in _body(response)]
 
     async def set_retries(self, task_id: str, retries: int) -> None:
         """Set a task's retries; above 0 this resolves its incident."""
@@ -429,7 +429,7 @@ class CamundaClient:
         """The running instance's variables, decoded."""
         path = f"/process-instance/{_segment(instance_id)}/variables"
         response = await self._send("GET", path, params={"deserializeValues": False})
-        return from_camunda(_json(response))
+        return from_camunda(_body(response))
 
     async def historic_variables(self, instance_id: str) -> dict[str, Any]:
         """The instance's variables from history, decoded: works after it has ended."""
@@ -438,7 +438,7 @@ class CamundaClient:
             "deserializeValues": False,
         }
         response = await self._send("GET", "/history/variable-instance", params=params)
-        return from_camunda({variable["name"]: variable for variable in _json(response)})
+        return from_camunda({variable["name"]: variable for variable in _body(response)})
 
     async def incidents(self, *, process_instance_id: str | None = None) -> list[JsonObject]:
         params: dict[str, QueryValue] = {}
@@ -464,7 +464,7 @@ class CamundaClient:
             response = await self._send("GET", path)
         except NotFound:
             return None
-        found: JsonObject = _json(response)
+        found: JsonObject = _body(response)
         return found
 
     async def _send(
@@ -525,13 +525,13 @@ def _error_body(response: httpx.Response) -> JsonObject | None:
     return body if isinstance(body, dict) and "message" in body else None
 
 
-def _json(response: httpx.Response) -> Any:
+def _body(response: httpx.Response) -> Any:
     return orjson.loads(response.content)
 
 
 def _objects(response: httpx.Response) -> list[JsonObject]:
     """A query's answer: a JSON array of objects."""
-    objects: list[JsonObject] = _json(response)
+    objects: list[JsonObject] = _body(response)
     return objects
 
 

@@ -4,14 +4,15 @@ All names start with the configured prefix (``REDIS_PREFIX``, default ``fg``), s
 several environments can share one Redis server.
 
 ====================================  =========================================
-``{p}:proc:{correlationId}``          hash: the process state (see shared/store.py)
+``{p}:proc:{correlationId}``          hash: a run's state (shared/state.py, shared/store.py)
 ``{p}:index``                         sorted set: correlationIds by start time (paging)
 ``{p}:done:{correlationId}``          pub/sub channel: "this process just finished"
 ``{p}:wb``                            stream: write-behind entries for Postgres
 ``{p}:wb:dead``                       stream: entries Postgres refused too often
 ``{p}:worker:{name}:{slot}:lease``    string: which worker process holds a slot
 ``{p}:worker:{name}:{slot}:last``     string: the last worker id that held the slot
-``{p}:worker:departed``               hash: stopped worker ids whose polls may linger
+``{p}:worker:departed``               sorted set: departed worker ids, scored by when their
+                                      abandoned polls end (services/worker/locks.py)
 ====================================  =========================================
 """
 
@@ -26,7 +27,7 @@ WRITEBEHIND_GROUP = "flusher"
 class Keys:
     prefix: str = "fg"
 
-    def process(self, correlation_id: str) -> str:
+    def state(self, correlation_id: str) -> str:
         return f"{self.prefix}:proc:{correlation_id}"
 
     @property

@@ -83,7 +83,8 @@ class ProcessState:
         return cls.from_dict(orjson.loads(raw))
 
     @classmethod
-    def from_hash(cls, fields: Mapping[bytes | str, bytes | str]) -> ProcessState:
+    def from_hash(cls, fields: Mapping[Any, Any]) -> ProcessState:
+        """From the hash as redis-py reads it (bytes, or text with decode_responses)."""
         text = {_text(k): _text(v) for k, v in fields.items()}
         return cls(**{f.attr: f.kind.from_text(text.get(f.wire, "")) for f in FIELDS})
 

@@ -211,7 +211,7 @@ class ProcessStore:
         oldest_ms = now_ms - (self._pending_ttl_s + self._result_ttl_s) * 1000
         fields = [text for pair in state.to_hash().items() for text in pair]
         created, stored = await self._claim(
-            keys=[self._keys.process(ids.correlation_id), self._keys.index, self._keys.writebehind],
+            keys=[self._keys.state(ids.correlation_id), self._keys.index, self._keys.writebehind],
             args=[ids.correlation_id, now_ms, self._pending_ttl_s, oldest_ms, *fields],
         )
         return ProcessState.from_json(stored), bool(created)
@@ -220,7 +220,7 @@ class ProcessStore:
         """Record the engine's instance id (also after a finish that beat the start's
         response); ignored when the state no longer exists."""
         await self._attach(
-            keys=[self._keys.process(correlation_id), self._keys.writebehind],
+            keys=[self._keys.state(correlation_id), self._keys.writebehind],
             args=[instance_id, iso(datetime.now(UTC))],
         )
 
@@ -236,7 +236,7 @@ class ProcessStore:
         if status is Status.PENDING:
             raise ValueError("finish() needs a terminal status (ok or error)")
         changed = await self._finish(
-            keys=[self._keys.process(correlation_id), self._keys.writebehind],
+            keys=[self._keys.state(correlation_id), self._keys.writebehind],
             args=[
                 status.value,
                 dump_json(data),
@@ -257,14 +257,14 @@ class ProcessStore:
         """
         cid = failed.correlation_id
         deleted = await self._abandon(
-            keys=[self._keys.process(cid), self._keys.index, self._keys.writebehind],
+            keys=[self._keys.state(cid), self._keys.index, self._keys.writebehind],
             args=[cid, version, failed.to_json(), self._keys.done(cid)],
         )
         return bool(deleted)
 
     async def get(self, correlation_id: str) -> ProcessState | None:
         """The state in Redis, or None (never existed, or aged out: try Postgres)."""
-        fields = await self._redis.hgetall(self._keys.process(correlation_id))
+        fields = await self._redis.hgetall(self._keys.state(correlation_id))
         return ProcessState.from_hash(fields) if fields else None
 
     async def page(
@@ -277,7 +277,7 @@ class ProcessStore:
         max_score, member = ("+inf", "") if cursor is None else _decode_cursor(cursor)
         next_score, next_member, *states = await self._page(
             keys=[self._keys.index],
-            args=[self._keys.process(""), max_score, member, limit, _PAGE_SCAN_CAP],
+            args=[self._keys.state(""), max_score, member, limit, _PAGE_SCAN_CAP],
         )
         next_cursor = _encode_cursor(_text(next_score), _text(next_member)) if next_score else None
         return [ProcessState.from_json(s) for s in states], next_cursor

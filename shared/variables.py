@@ -87,7 +87,7 @@ def _typed(name: str, value: Any) -> dict[str, Any]:  # noqa: C901 - one branch 
         return {"type": "Double", "value": value}
     if isinstance(value, str):
         if len(value) > MAX_STRING_CHARS:
-            return {"type": "Json", "value": _json(name, value)}
+            return {"type": "Json", "value": _json_text(name, value)}
         return {"type": "String", "value": str(value)}
     if isinstance(value, datetime):
         if value.utcoffset() is None:
@@ -98,7 +98,7 @@ def _typed(name: str, value: Any) -> dict[str, Any]:  # noqa: C901 - one branch 
     if isinstance(value, bytes | bytearray):
         return {"type": "Bytes", "value": base64.b64encode(value).decode("ascii")}
     if isinstance(value, dict | list | tuple):
-        return {"type": "Json", "value": _json(name, value)}
+        return {"type": "Json", "value": _json_text(name, value)}
     raise VariableError(f"variable {name!r}: unsupported type {type(value).__name__}")
 
 
@@ -110,7 +110,7 @@ def _int_type(name: str, value: int) -> str:
     raise VariableError(f"variable {name!r}: {value} does not fit a 64-bit Long")
 
 
-def _json(name: str, value: Any) -> str:
+def _json_text(name: str, value: Any) -> str:
     try:
         return orjson.dumps(value).decode()
     except orjson.JSONEncodeError as exc:

@@ -309,15 +309,7 @@ def engine_server(workdir: Path, port: int, datasource: Mapping[str, str] | None
             "-jar", str(jar)]  # fmt: skip
     env = {"ENGINE_PORT": str(port), **(datasource or {})}
     url = f"http://127.0.0.1:{port}/engine-rest/engine"
-    return Server("engine", argv, workdir / "engine.log", lambda: _http_ok(url), env=env)
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
+    return Server("engine", argv, workdir / "engine.log", lambda: http_ok(url), env=env)
 
 
 # --- helpers for the local stack (deploy/local/stack.py) ---------------------------------

@@ -46,8 +46,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from deploy.local import servers
 from deploy.local.servers import ROOT, Server, ServerError
 
@@ -251,9 +249,6 @@ def _service(
     cfg: Config, name: str, module: str, ready_url: str, env: dict[str, str]
 ) -> Callable[[], Server]:
     def build() -> Server:
-        main = ROOT.joinpath(*module.split("."), "__main__.py")
-        if not main.exists():
-            raise ServerError(f"{name}: {main.relative_to(ROOT)} does not exist yet")
         argv = [sys.executable, "-m", module]
         return Server(name, argv, _log(cfg, name), lambda: servers.http_ok(ready_url), env=env)
 
@@ -541,39 +536,18 @@ def deploy_bpmn(cfg: Config) -> None:
     """Deploy bpmn/*.bpmn to the engine (`python -m shared.deployment`; duplicates filtered)."""
     log = _log(cfg, "deploy")
     env = {**os.environ, **cfg.service_env()}
-    if ROOT.joinpath("shared", "deployment.py").exists():
-        with log.open("ab") as out:
-            result = subprocess.run(
-                [sys.executable, "-m", "shared.deployment"],
-                env=env,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                check=False,
-            )
-        if result.returncode != 0:
-            raise ServerError(f"deploying bpmn/ failed; see {log}:\n{servers.tail(log)}")
-        _say(f"  {'bpmn/':<10} deployed to {cfg.engine_url}")
-        return
-    # Until shared/deployment.py exists: the same REST call, duplicates filtered.
-    files = sorted(ROOT.joinpath("bpmn").glob("*.bpmn"))
-    if not files:
-        _say("  bpmn/      nothing to deploy")
-        return
-    response = httpx.post(
-        f"{cfg.engine_url}/deployment/create",
-        data={
-            "deployment-name": "flowgate",
-            "enable-duplicate-filtering": "true",
-            "deploy-changed-only": "true",
-            "deployment-source": "flowgate-stack",
-        },
-        files=[(f.name, (f.name, f.read_bytes(), "application/xml")) for f in files],
-        timeout=60,
-    )
-    if response.status_code != 200:
-        raise ServerError(f"deploying bpmn/ failed: {response.status_code} {response.text[:2000]}")
-    _say(f"  {'bpmn/':<10} {len(files)} file(s) deployed to {cfg.engine_url}")
+    with log.open("ab") as out:
+        result = subprocess.run(
+            [sys.executable, "-m", "shared.deployment"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    if result.returncode != 0:
+        raise ServerError(f"deploying bpmn/ failed; see {log}:\n{servers.tail(log)}")
+    _say(f"  {'bpmn/':<10} deployed to {cfg.engine_url}")
 
 
 def down(cfg: Config, names: Sequence[str] = ()) -> None:

@@ -20,13 +20,14 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 5.0
 MAX_REQUEST_BYTES = 8192
 
-Status = Callable[[], tuple[bool, dict[str, object]]]
+#: Says whether the worker is healthy, and the details ``/healthz`` shows.
+HealthCheck = Callable[[], tuple[bool, dict[str, object]]]
 Metrics = Callable[[], bytes]
 
 
 @contextlib.asynccontextmanager
 async def serve_health(
-    port: int, *, status: Status, metrics: Metrics, host: str = "0.0.0.0"
+    port: int, *, status: HealthCheck, metrics: Metrics, host: str = "0.0.0.0"
 ) -> AsyncIterator[asyncio.Server | None]:
     """Serve while the block runs; ``status()`` says (healthy, details) for ``/healthz``."""
     if port == 0:
@@ -63,7 +64,7 @@ async def serve_health(
                 await server.wait_closed()
 
 
-def _route(head: bytes, status: Status, metrics: Metrics) -> tuple[str, str, bytes]:
+def _route(head: bytes, status: HealthCheck, metrics: Metrics) -> tuple[str, str, bytes]:
     method, _, rest = head.partition(b" ")
     path = rest.partition(b" ")[0].partition(b"?")[0]
     if method != b"GET":

@@ -22,6 +22,7 @@ from shared.keys import Keys
 from shared.settings import Settings
 from shared.state import ProcessState, Status
 from shared.store import ProcessStore
+from tests.helpers.streams import entries
 
 
 class RecordedRuns:
@@ -94,7 +95,7 @@ class RunClient:
 async def event_rows(redis: Redis, keys: Keys, cid: str) -> list[EventRecord]:
     """The event-log rows of ``cid`` queued in the write-behind stream, in stream order."""
     rows = []
-    for _, fields in await redis.xrange(keys.writebehind):
+    for _, fields in await entries(redis, keys.writebehind):
         if fields[b"kind"] == b"event":
             record = EventRecord.from_json(fields[b"body"])
             if record.correlation_id == cid:

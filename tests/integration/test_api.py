@@ -284,7 +284,7 @@ async def test_a_claim_orphaned_by_a_dead_replica_is_taken_over(api: Api, engine
     # A replica claimed the id and died before the engine answered: no instance, long ago.
     await api.deps.store.claim(SystemVariables(correlation_id, "b", "t", "a"), BENCHMARK, "h")
     await api.deps.redis.hset(
-        api.deps.keys.process(correlation_id), "startedAt", "2020-01-01T00:00:00.000+00:00"
+        api.deps.keys.state(correlation_id), "startedAt", "2020-01-01T00:00:00.000+00:00"
     )
     response = await api.client.post(
         "/api/process/start", json=start_body(correlation_id), headers={"Prefer": "respond-async"}
@@ -469,7 +469,7 @@ async def test_status_falls_back_to_postgres_when_redis_forgot(api: Api) -> None
         return row is not None and row.status is Status.OK
 
     await until(written)
-    await api.deps.redis.delete(api.deps.keys.process(correlation_id))  # as if the TTL passed
+    await api.deps.redis.delete(api.deps.keys.state(correlation_id))  # as if the TTL passed
 
     response = await api.client.get(f"/api/process/status/{correlation_id}")
     assert response.status_code == 200

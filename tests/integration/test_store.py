@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -13,6 +14,7 @@ from shared.contract import StartFailed, SystemVariables, decode_message
 from shared.keys import Keys
 from shared.state import ProcessState, Status
 from shared.store import InvalidCursor, ProcessStore
+from tests.helpers.streams import entries
 
 RESULT_TTL_S = 60
 PENDING_TTL_S = 600
@@ -38,7 +40,7 @@ async def subscriber(redis_url: str, keys: Keys) -> AsyncIterator[aioredis.clien
     assert confirm is not None
     assert confirm["type"] == "psubscribe"
     yield pubsub
-    await pubsub.aclose()
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
     await client.aclose()
 
 
@@ -50,17 +52,17 @@ async def claim(
     )
 
 
-async def stream_entries(redis: aioredis.Redis, keys: Keys) -> list[tuple[str, dict[str, object]]]:
+async def stream_entries(redis: aioredis.Redis, keys: Keys) -> list[tuple[str, dict[str, Any]]]:
     return [
         (kind_body[b"kind"].decode(), orjson.loads(kind_body[b"body"]))
-        for _, kind_body in await redis.xrange(keys.writebehind)
+        for _, kind_body in await entries(redis, keys.writebehind)
     ]
 
 
-async def next_message(pubsub: aioredis.client.PubSub) -> dict[str, object]:
+async def next_message(pubsub: aioredis.client.PubSub) -> dict[str, Any]:
     async with asyncio.timeout(5):
         while True:
-            message = await pubsub.get_message(timeout=1)
+            message: dict[str, Any] | None = await pubsub.get_message(timeout=1)
             if message is not None and message["type"] == "pmessage":
                 return message
 
@@ -91,7 +93,7 @@ async def test_claim_sets_pending_ttl_and_joins_with_the_first_hash(
     assert not created_again
     assert joined == first
     assert joined.request_hash == "h1"  # the caller compares and answers 422
-    assert PENDING_TTL_S - 5 < await redis_client.ttl(keys.process("cid-2")) <= PENDING_TTL_S
+    assert PENDING_TTL_S - 5 < await redis_client.ttl(keys.state("cid-2")) <= PENDING_TTL_S
     assert await store.get("cid-2") == first
 
 
@@ -112,7 +114,7 @@ async def test_complete_changes_a_pending_state_once(
     assert state.instance_id == "instance-1"
     assert state.version == 3
     assert state.updated_at >= state.started_at
-    assert RESULT_TTL_S - 5 < await redis_client.ttl(keys.process("cid-3")) <= RESULT_TTL_S
+    assert RESULT_TTL_S - 5 < await redis_client.ttl(keys.state("cid-3")) <= RESULT_TTL_S
     versions = [body["version"] for _, body in await stream_entries(redis_client, keys)]
     assert versions == [1, 2, 3]
 
@@ -122,7 +124,7 @@ async def test_complete_of_an_unknown_id_is_ignored(
 ) -> None:
     assert not await store.finish("never-claimed", Status.OK, data=1)
     assert await store.get("never-claimed") is None
-    assert await redis_client.exists(keys.process("never-claimed")) == 0
+    assert await redis_client.exists(keys.state("never-claimed")) == 0
     assert await redis_client.xlen(keys.writebehind) == 0
 
 
@@ -136,7 +138,7 @@ async def test_attach_instance_of_an_unknown_id_is_ignored(
     store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
 ) -> None:
     await store.attach_instance("nobody", "instance-1")
-    assert await redis_client.exists(keys.process("nobody")) == 0
+    assert await redis_client.exists(keys.state("nobody")) == 0
 
 
 async def test_completion_is_published_after_the_state_is_readable(
@@ -209,7 +211,7 @@ async def test_page_is_newest_first_and_skips_and_removes_stale_entries(
     for cid in ids:
         await claim(store, cid)  # same-millisecond ties are ordered by id, newest id first
     stale = {"p020", "p013", "p012", "p000"}
-    await redis_client.delete(*(keys.process(cid) for cid in stale))
+    await redis_client.delete(*(keys.state(cid) for cid in stale))
 
     pages = await page_all(store, limit=5)
 
@@ -217,7 +219,8 @@ async def test_page_is_newest_first_and_skips_and_removes_stale_entries(
     assert [cid for page in pages for cid in page] == live
     assert all(len(page) == 5 for page in pages[:-1])
     assert 0 < len(pages[-1]) <= 5
-    assert {m.decode() for m in await redis_client.zrange(keys.index, 0, -1)} == set(live)
+    members = cast(list[bytes], await redis_client.zrange(keys.index, 0, -1))
+    assert {m.decode() for m in members} == set(live)
 
 
 async def test_page_walks_large_groups_of_equal_start_times(
@@ -228,7 +231,7 @@ async def test_page_walks_large_groups_of_equal_start_times(
         await claim(store, cid)
     await redis_client.zadd(keys.index, dict.fromkeys(ids, 1_000))  # one millisecond for all
     stale = {f"q{i:03}" for i in range(0, 250, 7)}
-    await redis_client.delete(*(keys.process(cid) for cid in stale))
+    await redis_client.delete(*(keys.state(cid) for cid in stale))
 
     pages = await page_all(store, limit=40)
 

@@ -179,7 +179,7 @@ async def test_a_timed_out_wait_reads_the_state_again(
     wait = asyncio.create_task(room.wait(correlation_id, timeout_s=0.5))
     await until(lambda: room.parked == 1)
     # A completion whose message got lost: the state changed, nobody was told.
-    await redis_client.hset(Keys(redis_prefix).process(correlation_id), "status", "ok")
+    await redis_client.hset(Keys(redis_prefix).state(correlation_id), "status", "ok")
     result = await wait
     assert result.end is WaitEnd.TIMEOUT
     assert isinstance(result.outcome, ProcessState)
@@ -204,7 +204,7 @@ async def test_after_a_reconnect_every_waiter_reads_the_state_again(
         wait = asyncio.create_task(room.wait(correlation_id, timeout_s=30))
         await until(lambda: room.parked == 1)
         # Finished while the connection is down: the message is lost, the state is not.
-        await redis_client.hset(Keys(redis_prefix).process(correlation_id), "status", "ok")
+        await redis_client.hset(Keys(redis_prefix).state(correlation_id), "status", "ok")
         await redis_client.client_kill_filter(_id=str(connection))
         began = time.monotonic()
         result = await wait

@@ -7,7 +7,7 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import psycopg
@@ -24,6 +24,7 @@ from shared.eventlog import EventRecord, append_event
 from shared.keys import WRITEBEHIND_GROUP, Keys
 from shared.state import Status
 from shared.store import ProcessStore
+from tests.helpers.streams import entries
 
 
 @pytest.fixture
@@ -152,7 +153,7 @@ async def test_a_stale_entry_never_overwrites_a_newer_row(
     make_flusher: Callable[..., Flusher],
 ) -> None:
     await claim(store, "s-1")
-    (_, claimed_entry), *_ = await redis_client.xrange(keys.writebehind)
+    (_, claimed_entry), *_ = await entries(redis_client, keys.writebehind)
     await store.finish("s-1", Status.OK, data="final")
     flusher = make_flusher()
     assert await flusher.drain(timeout_s=10)
@@ -176,7 +177,7 @@ async def test_an_abandoned_start_reads_as_gone_even_if_its_claim_arrives_late(
     make_flusher: Callable[..., Flusher],
 ) -> None:
     await claim(store, "a-1")
-    (_, claimed_entry), *_ = await redis_client.xrange(keys.writebehind)
+    (_, claimed_entry), *_ = await entries(redis_client, keys.writebehind)
     flusher = make_flusher()
     assert await flusher.drain(timeout_s=10)
     assert await db.get_process(pool, "a-1") is not None
@@ -237,8 +238,11 @@ async def test_a_dead_consumers_entries_are_claimed_by_another(
     for i in range(10):
         await run_one_process(store, redis_client, keys, f"d-{i}")
     await redis_client.xgroup_create(keys.writebehind, WRITEBEHIND_GROUP, id="0", mkstream=True)
-    delivered = await redis_client.xreadgroup(
-        WRITEBEHIND_GROUP, "dead", {keys.writebehind: ">"}, count=1000
+    delivered = cast(
+        list[Any],
+        await redis_client.xreadgroup(
+            WRITEBEHIND_GROUP, "dead", {keys.writebehind: ">"}, count=1000
+        ),
     )
     assert len(delivered[0][1]) == 40  # now pending on "dead", which never comes back
     await asyncio.sleep(0.3)
@@ -270,13 +274,13 @@ async def test_poison_entries_are_isolated_then_dead_lettered(
     # The good rows are in; the undecodable entry is dead at once; the rejected one waits.
     assert await db.get_process(pool, "ok-1") is not None
     assert len(await db.events_by_correlation(pool, "ok-1")) == 1
-    dead = await redis_client.xrange(keys.writebehind_dead)
+    dead = await entries(redis_client, keys.writebehind_dead)
     assert [fields[b"reason"].startswith(b"undecodable") for _, fields in dead] == [True]
     assert await flusher.backlog() == 1
 
     assert await flusher.drain(timeout_s=10)  # second delivery: rejected again -> dead
 
-    dead = await redis_client.xrange(keys.writebehind_dead)
+    dead = await entries(redis_client, keys.writebehind_dead)
     assert len(dead) == 2
     _, fields = dead[1]
     assert fields[b"kind"] == b"event"
@@ -357,7 +361,7 @@ async def test_postgres_outage_loses_nothing_and_duplicates_nothing(
     url, proxy = schema_url, None
     if server is None:  # an external database cannot be stopped from here: cut it off
         target = conninfo_to_dict(schema_url)
-        proxy = TcpProxy(str(target.get("host", "127.0.0.1")), int(target.get("port", 5432)))
+        proxy = TcpProxy(str(target.get("host", "127.0.0.1")), int(str(target.get("port", 5432))))
         await proxy.up()
         url = make_conninfo(schema_url, host="127.0.0.1", port=proxy.port)
     pool = await db.open_pool(url, max_size=4, timeout_s=2)
@@ -374,7 +378,7 @@ async def test_postgres_outage_loses_nothing_and_duplicates_nothing(
 
         if proxy:
             await proxy.down()
-        else:
+        elif server is not None:
             await asyncio.to_thread(stop_postgres_fast, server)
         try:
             for cid in ids:
@@ -386,7 +390,7 @@ async def test_postgres_outage_loses_nothing_and_duplicates_nothing(
         finally:
             if proxy:
                 await proxy.up()
-            else:
+            elif server is not None:
                 await asyncio.to_thread(server.start)
 
         await wait_for(lambda: has_backlog(flusher, 0), timeout_s=60)

@@ -423,13 +423,19 @@ def test_make_up_uses_compose_where_docker_answers(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     calls: list[tuple[str, ...]] = []
+
+    def compose(*args: str) -> int:
+        calls.append(args)
+        return 0
+
     monkeypatch.setattr(servers, "docker_answers", lambda: True)
-    monkeypatch.setattr(stack, "_compose", lambda *args: calls.append(args) or 0)
+    monkeypatch.setattr(stack, "_compose", compose)
     run_dir = ["--run-dir", str(tmp_path)]
     assert stack.main([*run_dir, "up"]) == 0
     assert calls[-1] == ("up", "-d", "--build", "--wait")
+    calls.clear()
     # `down` follows what `up` did, even if the engine stopped answering meanwhile.
     monkeypatch.setattr(servers, "docker_answers", lambda: False)
     assert stack.main([*run_dir, "down"]) == 0
-    assert calls[-1] == ("down",)
+    assert calls == [("down",)]
     assert not (tmp_path / "stack.json").exists()

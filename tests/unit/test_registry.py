@@ -82,13 +82,13 @@ def test_declaration_mistakes_fail_loudly() -> None:
         process.handler("zzz")
     with pytest.raises(TypeError, match="pydantic model"):
 
-        @process.handler("a")
+        @process.handler("a")  # type: ignore[type-var]
         async def untyped(data: dict) -> None: ...  # type: ignore[type-arg]
 
     with pytest.raises(TypeError, match="async"):
 
-        @process.handler("a")
-        def sync(data: In) -> None: ...  # type: ignore[arg-type]
+        @process.handler("a")  # type: ignore[arg-type]
+        def sync(data: In) -> None: ...
 
     with pytest.raises(ValueError, match=r"step\(s\) \['a', 'b'\] have no handler"):
         Registry.of([process])

@@ -1,0 +1,55 @@
+"""The run's record: every shape round-trips, and the scripts use only its field names."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+from shared import store
+from shared.state import FIELDS, STATE_JSON_LUA, ProcessState, Status, iso
+
+STATE = ProcessState(
+    correlation_id="user@example.com",
+    status=Status.ERROR,
+    process_key="onboard-user",
+    request_hash="h",
+    instance_id=None,
+    traceability_id="t",
+    batch_id="b",
+    application_id="a",
+    data={"list": [], "big": 2**62},
+    error="boom",
+    started_at=datetime(2025, 1, 31, 12, 0, 0, 123_000, tzinfo=UTC),
+    updated_at=datetime(2025, 1, 31, 12, 0, 1, 456_000, tzinfo=UTC),
+    version=3,
+)
+
+
+def test_every_shape_round_trips() -> None:
+    assert ProcessState.from_dict(STATE.to_dict()) == STATE
+    assert ProcessState.from_json(STATE.to_json()) == STATE
+    assert ProcessState.from_hash(STATE.to_hash()) == STATE
+    row = dict(zip((f.attr for f in FIELDS), STATE.to_row(), strict=True))
+    assert ProcessState.from_row(row) == STATE
+
+
+def test_times_are_javascript_iso_strings() -> None:
+    assert STATE.to_dict()["startedAt"] == "2025-01-31T12:00:00.123Z"
+    assert iso(datetime(2025, 1, 31, 13, 0, tzinfo=UTC)) == "2025-01-31T13:00:00.000Z"
+
+
+def test_the_generated_lua_names_every_field() -> None:
+    assert re.findall(r'"(\w+)":', STATE_JSON_LUA) == [f.wire for f in FIELDS]
+
+
+def test_the_transition_scripts_write_only_fields_of_the_record() -> None:
+    wire = {f.wire for f in FIELDS}
+    scripts = [value for name, value in vars(store).items() if name.endswith("_LUA")]
+    used = {
+        name
+        for script in scripts
+        for call in re.findall(r"'(?:HSET|HGET|HMGET|HINCRBY)',\s*KEYS\[1\],([^)]*)\)", script)
+        for name in re.findall(r"'(\w+)'", call)
+    }
+    assert used
+    assert used <= wire, used - wire
