@@ -3,22 +3,31 @@
 * :class:`Backoff` — jittered exponential delays between failed attempts;
 * :func:`sleep_or_stop` — a pause that a stop event cuts short;
 * :func:`race_stop` — await some work unless a stop event comes first;
-* :func:`cancel_and_wait` — cancel tasks and wait until they have really finished.
+* :func:`cancel_and_wait` — cancel tasks and wait until they have really finished;
+* :func:`stop_and_wait` — end loops by their stop event first, by cancellation last;
+* :class:`Spawner` — work that outlives the request that started it, in a task group.
 
 Background tasks themselves always live in an :class:`asyncio.TaskGroup` owned by a
 lifespan (the API's ``open_deps``, the worker's ``serve``), so none can outlive its owner.
+Their loops run ``while not stop.is_set()`` and pause with :func:`sleep_or_stop`: a loop that
+ends on its event does not depend on every library it awaits passing a cancellation on
+(redis-py 8.1 on Python 3.11 can return a reply to a task whose cancellation arrived
+meanwhile, and the cancellation is lost).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -78,3 +87,45 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
         task.cancel()
     if pending:
         await asyncio.wait(pending)
+
+
+async def stop_and_wait(
+    stop: asyncio.Event, tasks: Iterable[asyncio.Future[Any]], *, timeout_s: float = 10.0
+) -> None:
+    """Set ``stop``, give ``tasks`` ``timeout_s`` to end on it, then cancel what is left."""
+    stop.set()
+    pending = [task for task in tasks if not task.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout_s)
+    await cancel_and_wait(pending)
+
+
+class Spawner:
+    """Starts work in its owner's task group that outlives the request that started it.
+
+    A spawned coroutine never takes the group down: an exception is logged and the task's
+    result is ``None``. At shutdown :meth:`drain` gives what runs a grace, then cancels it.
+    """
+
+    def __init__(self, group: asyncio.TaskGroup) -> None:
+        self._group = group
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T | None]:
+        async def guarded() -> T | None:
+            try:
+                return await work
+            except Exception:
+                log.exception("background task %s failed", name)
+                return None
+
+        task = self._group.create_task(guarded(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self, grace_s: float) -> None:
+        """Wait up to ``grace_s`` for what runs, then cancel the rest."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace_s)
+        await cancel_and_wait(set(self._tasks))

@@ -9,7 +9,8 @@ Errors, so callers catch at the level they care about::
 
     CamundaError                  anything this client raises for a request
     ├── EngineUnavailable         no engine answer: connect/read failure, timeout, or a
-    │                             502/503/504 without an engine error body (a proxy speaking)
+    │                             502/503/504 without an engine error body (a proxy speaking);
+    │                             ``request_sent`` says whether the engine may have got it
     └── EngineError               the engine refused: status_code, type, message, code
         ├── BadRequest            400: bad variable, wrong worker, expired lock, ...
         └── NotFound              404: no such task or instance (e.g. cancelled, done)
@@ -51,7 +52,15 @@ class CamundaError(Exception):
 
 
 class EngineUnavailable(CamundaError):
-    """The engine did not answer (transport error, timeout, or a proxy's 502/503/504)."""
+    """The engine did not answer (transport error, timeout, or a proxy's 502/503/504).
+
+    ``request_sent`` is False only when the request provably never left (no connection
+    could be made): otherwise the engine may have received it, and may still act on it.
+    """
+
+    def __init__(self, message: str, *, request_sent: bool = True) -> None:
+        super().__init__(message)
+        self.request_sent = request_sent
 
 
 class EngineError(CamundaError):
@@ -496,10 +505,17 @@ class CamundaClient:
                 timeout=http_timeout or httpx.Timeout(self._timeout_s),
             )
         except httpx.TransportError as exc:
-            raise EngineUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            raise EngineUnavailable(
+                f"{method} {path}: {type(exc).__name__}: {exc}",
+                request_sent=not isinstance(exc, _NOT_SENT),
+            ) from exc
         if not response.is_success:
             raise _error(response, f"{method} {path}")
         return response
+
+
+#: Transport errors raised before a request could leave: the engine never saw it.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 def _error(response: httpx.Response, what: str) -> CamundaError:

@@ -101,16 +101,27 @@ class StartFailed:
             }
         ).decode()
 
+    @classmethod
+    def of(cls, state: ProcessState) -> StartFailed:
+        """The answer an abandoned run's starter gave (kept as the run's ``error``)."""
+        error = state.error if isinstance(state.error, dict) else {}
+        return cls._from_object({**error, "correlationId": state.correlation_id})
+
+    @classmethod
+    def _from_object(cls, obj: Mapping[str, Any]) -> StartFailed:
+        code = obj.get("statusCode")
+        field = obj.get("field")
+        return cls(
+            correlation_id=str(obj["correlationId"]),
+            status_code=code if isinstance(code, int) and 400 <= code <= 599 else 503,
+            error=str(obj.get("error") or "the start this request joined failed"),
+            field=field if isinstance(field, str) else None,
+        )
+
 
 def decode_message(raw: bytes | str) -> ProcessState | StartFailed:
     """A completion-channel message: a finished state, or a start that failed."""
     obj = orjson.loads(raw)
     if obj.get("kind") == "startFailed":
-        code = obj.get("statusCode")
-        return StartFailed(
-            correlation_id=obj["correlationId"],
-            status_code=code if isinstance(code, int) and 400 <= code <= 599 else 503,
-            error=str(obj.get("error") or "the start this request joined failed"),
-            field=obj.get("field"),
-        )
+        return StartFailed._from_object(obj)
     return ProcessState.from_dict(obj)

@@ -6,6 +6,8 @@ several environments can share one Redis server.
 ====================================  =========================================
 ``{p}:proc:{correlationId}``          hash: a run's state (shared/state.py, shared/store.py)
 ``{p}:index``                         sorted set: correlationIds by start time (paging)
+``{p}:starts``                        sorted set: claims without an engine instance yet,
+                                      scored by when to look after them (starter.py)
 ``{p}:done:{correlationId}``          pub/sub channel: "this process just finished"
 ``{p}:wb``                            stream: write-behind entries for Postgres
 ``{p}:wb:dead``                       stream: entries Postgres refused too often
@@ -33,6 +35,10 @@ class Keys:
     @property
     def index(self) -> str:
         return f"{self.prefix}:index"
+
+    @property
+    def starts(self) -> str:
+        return f"{self.prefix}:starts"
 
     def done(self, correlation_id: str) -> str:
         return f"{self.prefix}:done:{correlation_id}"

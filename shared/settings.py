@@ -8,9 +8,16 @@ names the variable (see :func:`load_settings`).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import Field, PositiveInt, SecretStr, ValidationError, field_validator
+from pydantic import (
+    Field,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -27,6 +34,11 @@ class Settings(BaseSettings):
     # One engine REST call (not a long poll) gives up after this: a start then answers 503.
     # Generous: under a burst the engine queues starts on its few database connections.
     camunda_timeout_ms: PositiveInt = 30_000
+    # How long after it was sent an engine start may still create its instance (the engine's
+    # own bound: its DB connection wait plus its transaction timeout, see deploy/camunda).
+    # A start whose answer was lost is looked for this long before its claim is given up;
+    # it must exceed CAMUNDA_TIMEOUT_MS.
+    engine_start_window_ms: PositiveInt = 120_000
 
     # --- the API: how long a request waits ---------------------------------------------
     sync_timeout_ms: Annotated[int, Field(ge=0)] = 25_000
@@ -40,11 +52,16 @@ class Settings(BaseSettings):
     # Pending states expire after this (a run that never finished does not live forever).
     pending_ttl_s: PositiveInt = 7 * 86_400
     max_body_bytes: PositiveInt = 1_048_576
+    # A request body must arrive within this (a client that stops sending gets 408).
+    body_timeout_s: PositiveInt = 10
     max_variables_depth: PositiveInt = 32
     # Shared secret the completion callback must present as a bearer token (off when unset).
     complete_token: SecretStr | None = None
-    # Comma-separated client API keys for the client endpoints (off when empty).
+    # Comma-separated client API keys for the client endpoints (off when empty). When set,
+    # /api/process/complete and /metrics need a key too unless their own token is set.
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    # Bearer token for /metrics of the API replicas and the workers (off when unset).
+    metrics_token: SecretStr | None = None
     # Seconds uvicorn keeps idle connections: above common load-balancer idle timeouts.
     keepalive_s: PositiveInt = 75
     # Hard deadline for draining on SIGTERM (parked requests are answered at once).
@@ -65,10 +82,11 @@ class Settings(BaseSettings):
     worker_retry_timeout_ms: Annotated[int, Field(ge=0)] = 1_000
     worker_shutdown_grace_s: PositiveInt = 10
     worker_health_port: Annotated[int, Field(ge=0, le=65_535)] = 8081
+    # The interface of the worker's /healthz and /metrics port (0.0.0.0 for probes from
+    # outside the host, as in a container).
+    worker_health_host: str = "127.0.0.1"
     # Names the worker's restart slots (default: the host name; see services/worker/identity.py).
     worker_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
-    # Base URL of the onboarding system the example process calls (a local decision if unset).
-    onboarding_api_url: str | None = None
     log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error)$")
 
     # --- api server ----------------------------------------------------------------------
@@ -88,10 +106,19 @@ class Settings(BaseSettings):
             return tuple(key.strip() for key in value.split(",") if key.strip())
         return value
 
-    @field_validator("camunda_base_url", "onboarding_api_url")
+    @field_validator("camunda_base_url")
     @classmethod
-    def _strip_slash(cls, value: str | None) -> str | None:
-        return value.rstrip("/") if value else value
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _window_beyond_the_engine_timeout(self) -> Self:
+        if self.engine_start_window_ms <= self.camunda_timeout_ms:
+            raise ValueError(
+                "ENGINE_START_WINDOW_MS must exceed CAMUNDA_TIMEOUT_MS: an engine start is"
+                " looked for after its own call gave up"
+            )
+        return self
 
 
 class SettingsError(SystemExit):

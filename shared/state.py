@@ -35,6 +35,9 @@ class Status(StrEnum):
     PENDING = "pending"
     OK = "ok"
     ERROR = "error"
+    #: The start never reached the engine (``error`` holds its StartFailed answer); the
+    #: correlationId is free again: a new start with it claims it afresh.
+    ABANDONED = "abandoned"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,9 @@ class ProcessState:
     started_at: datetime
     updated_at: datetime
     version: int
+    #: When the starter sent the engine's start call (None: not sent yet). From then on an
+    #: engine instance may exist, so the claim is never given up without looking for it.
+    start_sent_at: datetime | None = None
 
     @property
     def finished(self) -> bool:
@@ -137,7 +143,7 @@ class Kind(StrEnum):
         return self.from_wire(text or None)
 
     def from_column(self, value: Any) -> Any:
-        if self is Kind.TIME:
+        if self is Kind.TIME and value is not None:
             return value.astimezone(UTC)
         return self.from_wire(value)
 
@@ -150,6 +156,8 @@ class Field:
 
 
 def _kind(hint: Any) -> Kind:
+    if args := [arg for arg in typing.get_args(hint) if arg is not type(None)]:
+        hint = args[0]  # `X | None`: the kind of X
     if hint is datetime:
         return Kind.TIME
     if hint is Status:

@@ -6,58 +6,103 @@ is no window in which a state is written but never persisted or never announced.
 subscriber that receives a message can read the new state at once: Redis delivers the
 publish only after the script has finished.
 
+A run's life in transitions: :meth:`~ProcessStore.claim` (``pending``), then
+:meth:`~ProcessStore.sending` (the engine start is about to be sent), then
+:meth:`~ProcessStore.attach_instance`, and at the end :meth:`~ProcessStore.finish` (``ok`` |
+``error``); or, for a start that never reached the engine, :meth:`~ProcessStore.abandon`.
+Claims without an instance sit in ``{p}:starts`` until attached, finished or abandoned, so
+that a replica that dies mid-start leaves nothing stranded (services/api/starter.py).
+
 The record and its shapes (hash, wire object, row) are in shared/state.py; the completion
 channel's messages in shared/contract.py. Stream entries have the fields ``kind``
-(``state`` | ``delete`` | ``event``) and ``body`` (JSON); a delete's body is
-``{"correlationId": ..., "version": n}``. The stream is never trimmed with MAXLEN (that would
-drop entries Postgres has not seen); the flusher deletes entries once they are committed.
+(``state`` | ``event``) and ``body`` (JSON). The stream is never trimmed with MAXLEN (that
+would drop entries Postgres has not seen); the flusher deletes entries once committed.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
 from shared.contract import StartFailed, SystemVariables
+from shared.eventlog import EventRecord
 from shared.keys import Keys
 from shared.state import STATE_JSON_LUA, ProcessState, Status, dump_json, iso
 
-# KEYS: proc, index, stream. ARGV: cid, index score (ms), pending TTL (s), oldest index score
-# worth keeping (ms), then the new hash's field/value pairs. Returns {created (0|1), state}.
+# KEYS: state, index, stream, starts. ARGV: cid, index score (ms), pending TTL (s), oldest
+# index score worth keeping (ms), when to look after the claim (ms), then the new hash's
+# field/value pairs. An abandoned run's record gives way (its version goes on). Returns
+# {created (0|1), state JSON}.
 _CLAIM_LUA = (
     STATE_JSON_LUA
     + """
-if redis.call('EXISTS', KEYS[1]) == 1 then
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and status ~= 'abandoned' then
   return {0, state_json(KEYS[1])}
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+local version = 1
+if status then
+  version = tonumber(redis.call('HGET', KEYS[1], 'version')) + 1
+  redis.call('DEL', KEYS[1])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], 'version', version)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
 local state = state_json(KEYS[1])
 redis.call('XADD', KEYS[3], '*', 'kind', 'state', 'body', state)
 return {1, state}
 """
 )
 
-# KEYS: proc, stream. ARGV: instance id, now (ISO). Returns 1 if recorded.
+# KEYS: state, stream, starts. ARGV: version, now (ISO), when to look after it (ms), cid.
+# Marks the engine start as sent, only for a pending claim at that version that has neither
+# an instance nor a start sent. Returns the new version, or false.
+_SENDING_LUA = (
+    STATE_JSON_LUA
+    + """
+local f = redis.call('HMGET', KEYS[1], 'status', 'version', 'instanceId', 'startSentAt')
+if f[1] ~= 'pending' or f[2] ~= ARGV[1] or (f[3] or '') ~= '' or (f[4] or '') ~= '' then
+  return false
+end
+redis.call('HSET', KEYS[1], 'startSentAt', ARGV[2], 'updatedAt', ARGV[2])
+local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('XADD', KEYS[2], '*', 'kind', 'state', 'body', state_json(KEYS[1]))
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+return version
+"""
+)
+
+# KEYS: state, stream, starts. ARGV: instance id, now (ISO), event body ('' = none), cid.
+# Returns 1 if recorded (or recorded before), 0 if the run is gone, -1 if it was abandoned.
 _ATTACH_LUA = (
     STATE_JSON_LUA
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local f = redis.call('HMGET', KEYS[1], 'status', 'instanceId')
+if not f[1] then
+  redis.call('ZREM', KEYS[3], ARGV[4])
+  return 0
+end
+if f[1] == 'abandoned' then return -1 end
+if f[2] == ARGV[1] then return 1 end
 redis.call('HSET', KEYS[1], 'instanceId', ARGV[1], 'updatedAt', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('XADD', KEYS[2], '*', 'kind', 'state', 'body', state_json(KEYS[1]))
+if ARGV[3] ~= '' then redis.call('XADD', KEYS[2], '*', 'kind', 'event', 'body', ARGV[3]) end
+redis.call('ZREM', KEYS[3], ARGV[4])
 return 1
 """
 )
 
-# KEYS: proc, stream. ARGV: status, data JSON, error JSON, now (ISO), result TTL (s), channel.
-# Returns 1 if the state changed.
+# KEYS: state, stream, starts. ARGV: status, data JSON, error JSON, now (ISO), result TTL (s),
+# channel, event body ('' = none), cid. Returns 1 if the state changed.
 _FINISH_LUA = (
     STATE_JSON_LUA
     + """
@@ -68,20 +113,39 @@ redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 local state = state_json(KEYS[1])
 redis.call('XADD', KEYS[2], '*', 'kind', 'state', 'body', state)
+if ARGV[7] ~= '' then redis.call('XADD', KEYS[2], '*', 'kind', 'event', 'body', ARGV[7]) end
+redis.call('ZREM', KEYS[3], ARGV[8])
 redis.call('PUBLISH', ARGV[6], state)
 return 1
 """
 )
 
-# KEYS: proc, index, stream. ARGV: cid, version, StartFailed JSON, channel. 1 if deleted.
-_ABANDON_LUA = """
-local flat = redis.call('HMGET', KEYS[1], 'status', 'version')
-if flat[1] ~= 'pending' or flat[2] ~= ARGV[2] then return 0 end
-redis.call('DEL', KEYS[1])
+# KEYS: state, index, stream, starts. ARGV: cid, version, StartFailed JSON, channel, now
+# (ISO), TTL (s), '1' to require that no engine start was sent. Only a pending claim at that
+# version without an instance. Returns 1 if abandoned.
+_ABANDON_LUA = (
+    STATE_JSON_LUA
+    + """
+local f = redis.call('HMGET', KEYS[1], 'status', 'version', 'instanceId', 'startSentAt')
+if f[1] ~= 'pending' or f[2] ~= ARGV[2] or (f[3] or '') ~= '' then return 0 end
+if ARGV[7] == '1' and (f[4] or '') ~= '' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'abandoned', 'error', ARGV[3], 'updatedAt', ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('XADD', KEYS[3], '*', 'kind', 'delete',
-  'body', '{"correlationId":' .. cjson.encode(ARGV[1]) .. ',"version":' .. ARGV[2] .. '}')
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('XADD', KEYS[3], '*', 'kind', 'state', 'body', state_json(KEYS[1]))
 redis.call('PUBLISH', ARGV[4], ARGV[3])
+return 1
+"""
+)
+
+# KEYS: starts. ARGV: cid, now (ms), next look (ms). Takes a due claim for one look (so
+# replicas do not all look after the same one). Returns 1 if taken.
+_TAKE_LUA = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
 return 1
 """
 
@@ -164,6 +228,10 @@ def _decode_cursor(cursor: str) -> tuple[int, str]:
         raise InvalidCursor(f"invalid cursor {cursor!r}") from exc
 
 
+class Abandoned(Exception):
+    """An engine instance arrived for a run whose claim was given up meanwhile."""
+
+
 class ProcessStore:
     """Run state transitions; see the module docstring.
 
@@ -176,20 +244,28 @@ class ProcessStore:
         self._result_ttl_s = result_ttl_s
         self._pending_ttl_s = pending_ttl_s
         self._claim = redis.register_script(_CLAIM_LUA)
+        self._sending = redis.register_script(_SENDING_LUA)
         self._attach = redis.register_script(_ATTACH_LUA)
         self._finish = redis.register_script(_FINISH_LUA)
         self._abandon = redis.register_script(_ABANDON_LUA)
+        self._take = redis.register_script(_TAKE_LUA)
         self._page = redis.register_script(_PAGE_LUA)
 
     async def claim(
-        self, ids: SystemVariables, process_key: str, request_hash: str
+        self,
+        ids: SystemVariables,
+        process_key: str,
+        request_hash: str,
+        *,
+        look_after_s: float = 5.0,
     ) -> tuple[ProcessState, bool]:
-        """Create the ``pending`` state (version 1), or return the one that exists.
+        """Create the ``pending`` state, or return the one that exists.
 
         Exactly one of any number of concurrent callers gets ``created=True``; the others
         join it (and must compare ``request_hash`` themselves). The index entry lets
         :meth:`page` list newest first; entries older than any hash can live are dropped
-        here, so the index stays bounded without a sweeper.
+        here, so the index stays bounded without a sweeper. The claim is due for a look
+        (:meth:`due`) after ``look_after_s`` unless its start goes on by then.
         """
         now = datetime.now(UTC)
         state = ProcessState(
@@ -207,36 +283,65 @@ class ProcessStore:
             updated_at=now,
             version=1,
         )
-        now_ms = int(now.timestamp() * 1000)
+        now_ms = _ms(now)
         oldest_ms = now_ms - (self._pending_ttl_s + self._result_ttl_s) * 1000
         fields = [text for pair in state.to_hash().items() for text in pair]
         created, stored = await self._claim(
-            keys=[self._keys.state(ids.correlation_id), self._keys.index, self._keys.writebehind],
-            args=[ids.correlation_id, now_ms, self._pending_ttl_s, oldest_ms, *fields],
-        )
+            keys=[self._state(ids.correlation_id), self._keys.index, self._keys.writebehind,
+                  self._keys.starts],
+            args=[ids.correlation_id, now_ms, self._pending_ttl_s, oldest_ms,
+                  now_ms + int(look_after_s * 1000), *fields],
+        )  # fmt: skip
         return ProcessState.from_json(stored), bool(created)
 
-    async def attach_instance(self, correlation_id: str, instance_id: str) -> None:
+    async def sending(self, state: ProcessState, *, look_after_s: float) -> ProcessState | None:
+        """Mark the engine start of a fresh claim as sent; the state now, or None when the
+        claim changed meanwhile (abandoned by recovery: do not send)."""
+        now = datetime.now(UTC)
+        version = await self._sending(
+            keys=[self._state(state.correlation_id), self._keys.writebehind, self._keys.starts],
+            args=[state.version, iso(now), _ms(now) + int(look_after_s * 1000),
+                  state.correlation_id],
+        )  # fmt: skip
+        if not version:
+            return None
+        return dataclasses.replace(state, start_sent_at=now, updated_at=now, version=int(version))
+
+    async def attach_instance(
+        self, correlation_id: str, instance_id: str, event: EventRecord | None = None
+    ) -> bool:
         """Record the engine's instance id (also after a finish that beat the start's
-        response); ignored when the state no longer exists."""
-        await self._attach(
-            keys=[self._keys.state(correlation_id), self._keys.writebehind],
-            args=[instance_id, iso(datetime.now(UTC))],
-        )
+        response) and, in the same step, its audit ``event``; False when the run no longer
+        exists. Raises :class:`Abandoned` when its claim was given up meanwhile."""
+        attached = await self._attach(
+            keys=[self._state(correlation_id), self._keys.writebehind, self._keys.starts],
+            args=[instance_id, iso(datetime.now(UTC)), event.to_json() if event else "",
+                  correlation_id],
+        )  # fmt: skip
+        if attached == -1:
+            raise Abandoned(correlation_id)
+        return bool(attached)
 
     async def finish(
-        self, correlation_id: str, status: Status, *, data: Any = None, error: Any = None
+        self,
+        correlation_id: str,
+        status: Status,
+        *,
+        data: Any = None,
+        error: Any = None,
+        event: EventRecord | None = None,
     ) -> bool:
         """End a ``pending`` run and wake its waiters; True if this call changed it.
 
         The one way a run ends, whoever ends it (the ``/complete`` endpoint, a worker's
-        finishing step, an incident). A second finish, or one for an unknown (never claimed
-        or expired) id, changes nothing and returns False: the first outcome wins.
+        finishing step, an incident). ``event`` is its audit row, written in the same step.
+        A second finish, or one for an unknown (never claimed or expired) id, changes
+        nothing and returns False: the first outcome wins.
         """
-        if status is Status.PENDING:
+        if status not in (Status.OK, Status.ERROR):
             raise ValueError("finish() needs a terminal status (ok or error)")
         changed = await self._finish(
-            keys=[self._keys.state(correlation_id), self._keys.writebehind],
+            keys=[self._state(correlation_id), self._keys.writebehind, self._keys.starts],
             args=[
                 status.value,
                 dump_json(data),
@@ -244,27 +349,51 @@ class ProcessStore:
                 iso(datetime.now(UTC)),
                 self._result_ttl_s,
                 self._keys.done(correlation_id),
+                event.to_json() if event else "",
+                correlation_id,
             ],
         )
         return bool(changed)
 
-    async def abandon(self, version: int, failed: StartFailed) -> bool:
-        """Undo a claim whose start never reached the engine, so the caller may retry.
+    async def abandon(self, version: int, failed: StartFailed, *, unsent: bool = False) -> bool:
+        """Give up a claim whose start did not reach the engine; True if it was given up.
 
-        Only when the state is still ``pending`` at ``version`` (a finish or another change
-        wins). Publishes ``failed`` so requests that joined this start answer the same.
-        True if the state was deleted.
+        Only while the state is ``pending`` at ``version`` without an instance (a finish or
+        an attach wins), and with ``unsent`` only if no engine start was sent. The record
+        stays (``abandoned``, with ``failed`` as its error) so that status answers what
+        happened; a new start with the same id claims it afresh. Requests that joined are
+        told ``failed``.
         """
         cid = failed.correlation_id
-        deleted = await self._abandon(
-            keys=[self._keys.state(cid), self._keys.index, self._keys.writebehind],
-            args=[cid, version, failed.to_json(), self._keys.done(cid)],
+        abandoned = await self._abandon(
+            keys=[self._state(cid), self._keys.index, self._keys.writebehind, self._keys.starts],
+            args=[cid, version, failed.to_json(), self._keys.done(cid), iso(datetime.now(UTC)),
+                  self._result_ttl_s, "1" if unsent else "0"],
+        )  # fmt: skip
+        return bool(abandoned)
+
+    async def due(self, limit: int) -> list[str]:
+        """Claims without an instance whose time to be looked after has come."""
+        now_ms = _ms(datetime.now(UTC))
+        ids = await self._redis.zrangebyscore(self._keys.starts, "-inf", now_ms, 0, limit)
+        return [_text(cid) for cid in cast(list[bytes | str], ids)]
+
+    async def take(self, correlation_id: str, *, look_again_s: float) -> bool:
+        """Take a due claim for one look; False if another replica took it first."""
+        now_ms = _ms(datetime.now(UTC))
+        taken = await self._take(
+            keys=[self._keys.starts],
+            args=[correlation_id, now_ms, now_ms + int(look_again_s * 1000)],
         )
-        return bool(deleted)
+        return bool(taken)
+
+    async def forget_start(self, correlation_id: str) -> None:
+        """Nothing is left to look after for this claim."""
+        await self._redis.zrem(self._keys.starts, correlation_id)
 
     async def get(self, correlation_id: str) -> ProcessState | None:
         """The state in Redis, or None (never existed, or aged out: try Postgres)."""
-        fields = await self._redis.hgetall(self._keys.state(correlation_id))
+        fields = await self._redis.hgetall(self._state(correlation_id))
         return ProcessState.from_hash(fields) if fields else None
 
     async def page(
@@ -281,6 +410,13 @@ class ProcessStore:
         )
         next_cursor = _encode_cursor(_text(next_score), _text(next_member)) if next_score else None
         return [ProcessState.from_json(s) for s in states], next_cursor
+
+    def _state(self, correlation_id: str) -> str:
+        return self._keys.state(correlation_id)
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
 
 
 def _text(value: bytes | str) -> str:

@@ -34,7 +34,12 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, *, drain: DrainHook | None = None) -> Starlette:
-    auth = Auth(settings.api_keys, settings.complete_token)
+    auth = Auth(settings.api_keys, settings.complete_token, settings.metrics_token)
+    if auth.open_writes:
+        log.warning(
+            "neither API_KEYS nor COMPLETE_TOKEN is set: any client may finish any run "
+            "through /api/process/complete"
+        )
     drain = drain or DrainHook()
     metrics = ApiMetrics()
     replica_id = (

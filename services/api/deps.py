@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import resource
 from collections.abc import AsyncIterator
@@ -28,9 +27,8 @@ from services.api.persistence.writebehind import Flusher
 from services.api.runs import Runs
 from services.api.starter import Starter
 from services.api.waitroom import WaitRoom
-from shared.aio import Backoff, cancel_and_wait, sleep_or_stop
+from shared.aio import Backoff, Spawner, cancel_and_wait, sleep_or_stop, stop_and_wait
 from shared.camunda import CamundaClient
-from shared.eventlog import EventSink, append_event
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.store import ProcessStore
@@ -56,6 +54,7 @@ class ApiOptions:
     max_wait_ms: int = 60_000  # MAX_WAIT_MS
     retry_after_s: int = 2  # RETRY_AFTER_S
     max_body_bytes: int = 1_048_576  # MAX_BODY_BYTES
+    body_timeout_s: float = 10.0  # BODY_TIMEOUT_S
     max_variables_depth: int = 32  # MAX_VARIABLES_DEPTH
 
     @classmethod
@@ -65,6 +64,7 @@ class ApiOptions:
             max_wait_ms=settings.max_wait_ms,
             retry_after_s=settings.retry_after_s,
             max_body_bytes=settings.max_body_bytes,
+            body_timeout_s=settings.body_timeout_s,
             max_variables_depth=settings.max_variables_depth,
         )
 
@@ -83,7 +83,8 @@ class Deps:
     starter: Starter
     waitroom: WaitRoom
     flusher: Flusher
-    events: EventSink
+    #: Work that outlives its request (an engine start whose client stopped waiting).
+    spawner: Spawner
 
 
 def deps(request: Request) -> Deps:
@@ -129,18 +130,19 @@ async def open_deps(
             block_ms=settings.writebehind_block_ms,
             claim_idle_ms=settings.writebehind_claim_idle_ms,
         )
-        events = functools.partial(append_event, redis, keys)
         starter = Starter(
             store,
             camunda,
-            events,
             metrics,
-            engine_timeout_ms=settings.camunda_timeout_ms,
+            engine_timeout_s=settings.camunda_timeout_ms / 1000,
+            start_window_s=settings.engine_start_window_ms / 1000,
         )
         stop, migrated = asyncio.Event(), asyncio.Event()
         async with asyncio.TaskGroup() as tasks:
-            listening = tasks.create_task(waitroom.listen(), name="waitroom")
+            spawner = Spawner(tasks)
+            listening = tasks.create_task(waitroom.listen(stop), name="waitroom")
             persisting = tasks.create_task(_persist(pool, flusher, stop, migrated), name="persist")
+            recovering = tasks.create_task(starter.recover(stop), name="recover-starts")
             try:
                 await waitroom.subscribed(_SUBSCRIBE_TIMEOUT_S)
                 # Serve with the schema in place when Postgres answers; if it does not, serve
@@ -162,13 +164,15 @@ async def open_deps(
                     starter=starter,
                     waitroom=waitroom,
                     flusher=flusher,
-                    events=events,
+                    spawner=spawner,
                 )
             finally:
-                # Anything still parked is answered now, before the flush.
+                # Anything still parked is answered now; engine starts in flight get the
+                # grace to attach (what does not, recovery on another replica settles).
                 waitroom.release_all()
+                await spawner.drain(settings.shutdown_grace_s)
                 await _stop_persist(persisting, stop, flusher, settings.shutdown_grace_s)
-                await cancel_and_wait([listening])
+                await stop_and_wait(stop, [listening, recovering])
 
 
 async def _persist(

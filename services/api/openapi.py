@@ -128,8 +128,8 @@ def _operation(endpoint: Endpoint, auth: Auth) -> dict[str, Any]:
             "required": True,
             "content": {"application/json": {"schema": _ref(endpoint.body)}},
         }
-    if auth.required(endpoint.access):
-        operation["security"] = [{_SCHEMES[endpoint.access][0]: []}]
+    if name := _scheme_name(endpoint.access, auth):
+        operation["security"] = [{name: []}]
         errors.append(401)
     operation["responses"] = {
         **{str(code): _reply(reply) for code, reply in endpoint.replies.items()},
@@ -138,18 +138,22 @@ def _operation(endpoint: Endpoint, auth: Auth) -> dict[str, Any]:
     return operation
 
 
-_SCHEMES: dict[Access, tuple[str, dict[str, Any]]] = {
-    Access.CLIENT: (
-        "apiKey",
-        {
-            "type": "apiKey",
-            "in": "header",
-            "name": "X-API-Key",
-            "description": "One of API_KEYS; `Authorization: Bearer <key>` works as well.",
-        },
-    ),
-    Access.COMPLETER: ("completeToken", {"type": "http", "scheme": "bearer"}),
+_SCHEMES: dict[str, dict[str, Any]] = {
+    "apiKey": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "One of API_KEYS; `Authorization: Bearer <key>` works as well.",
+    },
+    "completeToken": {"type": "http", "scheme": "bearer", "description": "COMPLETE_TOKEN."},
+    "metricsToken": {"type": "http", "scheme": "bearer", "description": "METRICS_TOKEN."},
 }
+_TOKENS = {Access.COMPLETER: "completeToken", Access.OPERATOR: "metricsToken"}
+
+
+def _scheme_name(access: Access, auth: Auth) -> str | None:
+    scheme = auth.scheme(access)
+    return _TOKENS[access] if scheme == "token" else "apiKey" if scheme == "key" else None
 
 
 def build_openapi(endpoints: Sequence[Endpoint], auth: Auth) -> dict[str, Any]:
@@ -171,11 +175,8 @@ def build_openapi(endpoints: Sequence[Endpoint], auth: Auth) -> dict[str, Any]:
     for endpoint in documented:
         paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(endpoint, auth)
     components: dict[str, Any] = {"schemas": top["$defs"]}
-    schemes = {
-        name: scheme
-        for access, (name, scheme) in _SCHEMES.items()
-        if any(auth.required(access) and e.access is access for e in documented)
-    }
+    used = {_scheme_name(e.access, auth) for e in documented}
+    schemes = {name: scheme for name, scheme in _SCHEMES.items() if name in used}
     if schemes:
         components["securitySchemes"] = schemes
     return {

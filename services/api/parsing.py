@@ -6,6 +6,9 @@ field, 413, 415), so endpoints only read and answer.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 from typing import Any, TypeVar
 
 import orjson
@@ -18,9 +21,10 @@ from services.api.prefer import parse_prefer
 Model = TypeVar("Model", bound=BaseModel)
 
 
-async def read_json(request: Request, limit: int) -> Any:
+async def read_json(request: Request, limit: int, *, timeout_s: float) -> Any:
     """The body as JSON: 415 unless it is declared JSON, 413 beyond ``limit`` bytes (checked
-    while reading, so a lying or missing Content-Length cannot get past it), 400 if broken."""
+    while reading, so a lying or missing Content-Length cannot get past it), 408 when it does
+    not arrive within ``timeout_s``, 400 if broken."""
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise ApiError(415, "Content-Type must be application/json")
@@ -30,15 +34,36 @@ async def read_json(request: Request, limit: int) -> Any:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
     try:
-        return orjson.loads(b"".join(chunks))
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise ApiError(408, f"the body did not arrive within {timeout_s:g} s") from exc
+    body = b"".join(chunks)
+    try:
+        value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, f"malformed JSON: {exc}") from exc
+    if _LONG_NUMBER.search(body):
+        # orjson turns an integer beyond 64 bits into an inexact float without a word; read
+        # such a body again with exact integers, so that a variable holding one is refused
+        # by name (shared/variables.py) instead of silently changed.
+        value = json.loads(body, parse_int=_exact_int)
+    return value
+
+
+#: 20 or more digits in a row: possibly an integer beyond 64 bits (rare, so only then is
+#: the body read twice).
+_LONG_NUMBER = re.compile(rb"\d{20,}")
+
+
+def _exact_int(text: str) -> int:
+    # int() refuses texts of thousands of digits; any such number is far out of range.
+    return int(text) if len(text) <= 40 else 2**64
 
 
 def parse_model(model: type[Model], obj: Any, context: dict[str, Any] | None = None) -> Model:

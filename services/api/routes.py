@@ -10,6 +10,7 @@ path whether the result came at once or not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -24,7 +25,7 @@ from starlette.routing import Route
 
 from services.api.auth import Access, Auth
 from services.api.deps import Deps, deps
-from services.api.errors import ApiError
+from services.api.errors import RETRY_LATER_S, ApiError
 from services.api.metrics import CONTENT_TYPE
 from services.api.parsing import int_param, parse_model, read_json, wait_budget
 from services.api.persistence import db
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 _CORRELATION_ID = re.compile(CORRELATION_ID_PATTERN)
 _STATUS_CODES = {Status.OK: 200, Status.PENDING: 202, Status.ERROR: 500}
 MAX_PAGE = 500
+#: A start may take this long for its engine call even when the client asked not to wait.
+START_MIN_WAIT_S = 2.0
+_RETRY = {"Retry-After": str(RETRY_LATER_S)}
 _READY_TIMEOUT_S = 2.0
 
 
@@ -66,22 +70,38 @@ async def start_process(request: Request) -> Response:
     d = deps(request)
     body = parse_model(
         StartRequest,
-        await read_json(request, d.options.max_body_bytes),
+        await read_json(request, d.options.max_body_bytes, timeout_s=d.options.body_timeout_s),
         context={"max_depth": d.options.max_variables_depth},
     )
     wait_s, applied = wait_budget(
         request, default_ms=d.options.sync_timeout_ms, max_ms=d.options.max_wait_ms
     )
     command = StartCommand(body.processKey, body.correlationId, body.variables or {})
+    # The client's wait bounds the start as well as the wait for its end. Without one
+    # (respond-async), a short one still lets the engine's refusal (404, 400) come back.
+    now = asyncio.get_running_loop().time()
+    deadline, start_deadline = now + wait_s, now + max(wait_s, START_MIN_WAIT_S)
     try:
-        state, created = await d.starter.claim(command)
-        if created:
-            # Shielded: a client that goes away must not cancel the engine call half-way,
-            # which would leave a claim nobody started or abandoned.
-            await asyncio.shield(d.starter.begin(state, command.variables))
+        async with asyncio.timeout_at(start_deadline):
+            state, created = await d.starter.claim(command)
+    except TimeoutError as exc:
+        raise ApiError(
+            503, "the start could not be recorded in time; retry", headers=_RETRY
+        ) from exc
     except StartRefused as exc:
         raise ApiError.of(exc.failed) from exc
-    result = await d.waitroom.wait(command.correlation_id, wait_s)
+    if created:
+        # In the app's task group: neither the end of this wait nor a client that goes away
+        # interrupts the engine call; a late answer still attaches (or abandons) the claim.
+        begun = d.spawner.spawn(
+            d.starter.begin(state, command.variables), name=f"start:{command.correlation_id}"
+        )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(start_deadline):
+                if failed := await asyncio.shield(begun):
+                    raise ApiError.of(failed)
+    remaining_s = max(0.0, deadline - asyncio.get_running_loop().time())
+    result = await d.waitroom.wait(command.correlation_id, remaining_s)
     return _start_answer(d, command.correlation_id, result, applied)
 
 
@@ -90,13 +110,15 @@ async def process_status(request: Request) -> Response:
     correlation_id = _path_id(request, "correlationId")
     wait_s, applied = wait_budget(request, default_ms=0, max_ms=d.options.max_wait_ms)
     result = await d.waitroom.wait(correlation_id, wait_s)
-    state = result.outcome if isinstance(result.outcome, ProcessState) else None
-    if state is None:
-        state = await d.runs.stored(correlation_id)
+    if isinstance(result.outcome, StartFailed):  # its start never reached the engine
+        raise ApiError.of(result.outcome)
+    state = result.outcome or await d.runs.stored(correlation_id)
     if state is None:
         raise ApiError(
             404, f"no process with correlationId {correlation_id!r}", field="correlationId"
         )
+    if state.status is Status.ABANDONED:  # its start never reached the engine: say why
+        raise ApiError.of(StartFailed.of(state))
     url = status_url(correlation_id)
     headers = {"Content-Location": url, **applied}
     if state.status is Status.PENDING:  # same headers as the start's 202: one client path
@@ -121,13 +143,17 @@ async def list_processes(request: Request) -> Response:
 
 async def complete_process(request: Request) -> Response:
     d = deps(request)
-    body = parse_model(CompleteRequest, await read_json(request, d.options.max_body_bytes))
-    changed = await d.store.finish(
-        body.correlationId, Status(body.status), data=body.data, error=body.error
+    raw = await read_json(request, d.options.max_body_bytes, timeout_s=d.options.body_timeout_s)
+    body = parse_model(CompleteRequest, raw)
+    state = await d.store.get(body.correlationId)
+    changed = state is not None and await d.store.finish(
+        body.correlationId,
+        Status(body.status),
+        data=body.data,
+        error=body.error,
+        event=_completion_event(state, body),
     )
-    if changed:
-        await _log_completion(d, body)
-    elif await d.runs.get(body.correlationId) is None:
+    if not changed and await d.runs.get(body.correlationId) is None:
         raise ApiError(
             404, f"no process with correlationId {body.correlationId!r}", field="correlationId"
         )
@@ -209,6 +235,8 @@ def _start_answer(d: Deps, cid: str, result: WaitResult, applied: dict[str, str]
     headers = dict(applied)
     if result.end is WaitEnd.DRAINED:
         headers["Connection"] = "close"  # this replica is going away
+    if isinstance(outcome, ProcessState) and outcome.status is Status.ABANDONED:
+        outcome = StartFailed.of(outcome)
     if isinstance(outcome, StartFailed):
         error = ApiError.of(outcome)
         return JSONResponse(error.body, error.status_code, {**headers, **error.headers})
@@ -232,22 +260,19 @@ def _start_answer(d: Deps, cid: str, result: WaitResult, applied: dict[str, str]
     return JSONResponse(Pending(correlationId=cid, statusUrl=url), 202, headers)
 
 
-async def _log_completion(d: Deps, body: CompleteRequest) -> None:
-    state = await d.store.get(body.correlationId)
-    await d.events(
-        EventRecord(
-            correlation_id=body.correlationId,
-            status=body.status,
-            step_name="complete",
-            process_name=state.process_key if state else None,
-            http_method="POST",
-            endpoint="/api/process/complete",
-            result=body.data,
-            error_message=None if body.error is None else str(body.error),
-            batch_id=state.batch_id if state else None,
-            traceability_id=state.traceability_id if state else None,
-            application_id=state.application_id if state else None,
-        )
+def _completion_event(state: ProcessState, body: CompleteRequest) -> EventRecord:
+    return EventRecord(
+        correlation_id=body.correlationId,
+        status=body.status,
+        step_name="complete",
+        process_name=state.process_key,
+        http_method="POST",
+        endpoint="/api/process/complete",
+        result=body.data,
+        error_message=None if body.error is None else str(body.error),
+        batch_id=state.batch_id,
+        traceability_id=state.traceability_id,
+        application_id=state.application_id,
     )
 
 
@@ -389,7 +414,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "GET",
         "/metrics",
         metrics,
-        Access.PUBLIC,
+        Access.OPERATOR,
         "Prometheus metrics of this replica.",
         replies={200: Reply("Text exposition format.", media_type="text/plain")},
     ),

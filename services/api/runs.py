@@ -10,7 +10,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.api.persistence import db
 from shared.eventlog import EventRecord
-from shared.state import ProcessState, Status
+from shared.state import ProcessState
 from shared.store import ProcessStore
 
 
@@ -24,15 +24,8 @@ class Runs:
         return await self._store.get(correlation_id) or await self.stored(correlation_id)
 
     async def stored(self, correlation_id: str) -> ProcessState | None:
-        """Postgres's copy of a run Redis no longer holds.
-
-        A ``pending`` row without an engine instance is a start that failed: its claim was
-        abandoned in Redis and the tombstone is still on its way through the write-behind.
-        """
-        state = await db.get_process(self._pool, correlation_id)
-        if state is not None and state.status is Status.PENDING and state.instance_id is None:
-            return None
-        return state
+        """Postgres's copy of a run Redis no longer holds."""
+        return await db.get_process(self._pool, correlation_id)
 
     async def events(self, key: str, by: str) -> list[EventRecord]:
         """The audit trail by traceabilityId, by correlationId, or (``by="any"``) by

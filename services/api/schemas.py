@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from shared.eventlog import EventRecord
 from shared.state import ProcessState, iso
+from shared.variables import VariableError, to_camunda
 
 #: Becomes part of Redis keys, channel names and URLs: no glob characters (the wait room's
 #: PSUBSCRIBE pattern), no hash-tag braces, no slash, no whitespace.
@@ -68,12 +69,24 @@ class StartRequest(BaseModel):
 
     @field_validator("variables")
     @classmethod
-    def _limit_depth(
-        cls, value: dict[str, Any] | None, info: ValidationInfo
-    ) -> dict[str, Any] | None:
+    def _storable(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        """Refuse here what the engine's database (or the audit table) would refuse later."""
+        if value is None:
+            return None
         limit = (info.context or {}).get("max_depth")
-        if value is not None and limit is not None and json_depth(value) > limit:
+        if limit is not None and json_depth(value) > limit:
             raise ValueError(f"nested deeper than {limit} levels")
+        for name, variable in value.items():
+            if len(name) > MAX_VARIABLE_NAME_CHARS:
+                raise ValueError(
+                    f"the name {name[:40]!r}... is longer than {MAX_VARIABLE_NAME_CHARS} characters"
+                )
+            if "\x00" in name or _holds_nul(variable):
+                raise ValueError(f"variable {name!r} contains a NUL character")
+        try:
+            to_camunda(value)
+        except VariableError as exc:
+            raise ValueError(str(exc)) from exc
         return value
 
 
@@ -82,6 +95,34 @@ class CompleteRequest(BaseModel):
     status: Literal["ok", "error"]
     data: Any = Field(default=None, description="The result (any JSON); kept for `ok`.")
     error: Any = Field(default=None, description="What went wrong (any JSON) for `error`.")
+
+    @field_validator("data", "error")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        if _holds_nul(value):
+            raise ValueError("contains a NUL character")
+        return value
+
+
+#: The engine stores variable names in a 255-character column.
+MAX_VARIABLE_NAME_CHARS = 255
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a NUL hides in a JSON value's strings or keys (Postgres text refuses it)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            if any("\x00" in key for key in item):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def json_depth(value: Any) -> int:

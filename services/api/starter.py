@@ -1,28 +1,40 @@
 """Where a run is started: claim its correlationId, start its engine instance, record it.
 
-:meth:`Starter.start` is the use case behind ``POST /api/process/start`` (the endpoint only
-parses the body and answers from the wait room):
+:class:`Starter` is the use case behind ``POST /api/process/start`` (the endpoint only parses
+the body and answers from the wait room):
 
 1. **claim** the correlationId in Redis (shared/store.py): exactly one of any number of
    concurrent starts creates the ``pending`` state, the others join it;
-2. for a fresh claim, **start** the engine instance with the system variables
-   (shared/contract.py) and the correlationId as business key;
-3. **attach** the instance id and write the ``started`` audit row; or, when the engine did
-   not take the start, **abandon** the claim so that nothing stays ``pending`` and a retry
-   with the same id starts afresh; requests that joined get the same answer.
+2. for a fresh claim, mark the engine start as **sending**, then **start** the engine
+   instance with the system variables (shared/contract.py), the correlationId as business
+   key;
+3. **attach** the instance id together with the ``started`` audit row; or, when the engine
+   refused the start, **abandon** the claim so that nothing stays ``pending`` and a retry
+   with the same id starts afresh (requests that joined get the same answer).
+
+**Never a second engine instance for one correlationId.** A claim is only given up when no
+instance can exist: the engine refused the start, or no start was ever sent. A start whose
+answer was lost (a timeout, a dropped connection) may still create its instance later, so
+its claim stays ``pending`` and :meth:`Starter.recover` looks the instance up by the run's
+traceability id until it is found or ``ENGINE_START_WINDOW_MS`` has passed since the start
+was sent (the engine's own bound on a start; see deploy/camunda). The same recovery settles
+every claim a dying or stalled replica left behind: not sent after a few seconds, it is
+given up; sent, it is looked for. No client has to come back for any of this.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from services.api.metrics import ApiMetrics
+from shared.aio import sleep_or_stop
 from shared.camunda import (
     CamundaClient,
     CamundaError,
@@ -31,17 +43,21 @@ from shared.camunda import (
     EngineUnavailable,
 )
 from shared.contract import StartFailed, SystemVariables
-from shared.eventlog import EventRecord, EventSink
+from shared.eventlog import EventRecord
 from shared.state import ProcessState, Status
-from shared.store import ProcessStore
+from shared.store import Abandoned, ProcessStore
 from shared.variables import VariableError
 
 log = logging.getLogger(__name__)
 
-#: A claim still without an engine instance this many engine timeouts after it was made
-#: was orphaned by a replica that died mid-start: the start call and the lost-answer
-#: lookup are each bounded by CAMUNDA_TIMEOUT_MS, so no call of the claimant is in flight.
-ORPHANED_AFTER_TIMEOUTS = 3
+#: A claim whose engine start has not been sent this long after the claim was left by a
+#: starter that died or stalled: nothing can have reached the engine, so it is given up.
+UNSENT_GRACE_S = 5.0
+#: How often recovery looks for due claims, how many it takes per pass, and how soon it
+#: looks again for an instance it did not find.
+RECOVERY_INTERVAL_S = 1.0
+RECOVERY_BATCH = 100
+LOOK_AGAIN_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +76,7 @@ class StartCommand:
 
 
 class StartRefused(Exception):
-    """The start did not reach the engine, or asked for something else than the run its
-    correlationId already names; ``failed`` is the answer (and what joiners were told)."""
+    """The correlationId names a run of another request (422)."""
 
     def __init__(self, failed: StartFailed) -> None:
         super().__init__(failed.error)
@@ -73,23 +88,28 @@ class Starter:
         self,
         store: ProcessStore,
         camunda: CamundaClient,
-        events: EventSink,
         metrics: ApiMetrics,
         *,
-        engine_timeout_ms: int,
+        engine_timeout_s: float,
+        start_window_s: float,
     ) -> None:
         self._store = store
         self._camunda = camunda
-        self._events = events
         self._metrics = metrics
-        self._orphaned_after = timedelta(milliseconds=ORPHANED_AFTER_TIMEOUTS * engine_timeout_ms)
+        self._engine_timeout_s = engine_timeout_s
+        self._start_window_s = start_window_s
 
     async def claim(self, command: StartCommand) -> tuple[ProcessState, bool]:
         """Claim the id (or join its claim); True when this call created it.
 
         Raises :class:`StartRefused` (422) when the id names a run of another request.
         """
-        state, created = await self._claim(command)
+        state, created = await self._store.claim(
+            SystemVariables.new(command.correlation_id),
+            command.process_key,
+            command.request_hash,
+            look_after_s=UNSENT_GRACE_S,
+        )
         if not created and state.request_hash != command.request_hash:
             raise StartRefused(
                 StartFailed(
@@ -102,87 +122,139 @@ class Starter:
             )
         return state, created
 
-    async def begin(self, state: ProcessState, variables: dict[str, Any]) -> None:
-        """Start the engine instance of a fresh claim and attach it; on failure abandon the
-        claim and raise :class:`StartRefused` with the answer."""
-        ids = SystemVariables.of(state)
-        try:
-            instance_id = await self._start_instance(state, {**variables, **ids.to_variables()})
-        except (CamundaError, VariableError) as exc:
-            failed = _refusal(exc, state)
-            await self._store.abandon(state.version, failed)
-            raise StartRefused(failed) from exc
-        await self._store.attach_instance(state.correlation_id, instance_id)
-        await self._events(
-            EventRecord(
-                correlation_id=state.correlation_id,
-                status="started",
-                step=0,
-                step_name="start",
-                process_name=state.process_key,
-                http_method="POST",
-                endpoint="/api/process/start",
-                request_data=variables,
-                batch_id=ids.batch_id,
-                traceability_id=ids.traceability_id,
-                application_id=ids.application_id,
-                identifiers=ids.identifiers,
-                metadata={"instanceId": instance_id},
-            )
-        )
+    async def begin(self, state: ProcessState, variables: dict[str, Any]) -> StartFailed | None:
+        """Start the engine instance of a fresh claim and attach it.
 
-    async def _claim(self, command: StartCommand) -> tuple[ProcessState, bool]:
-        """Claim, taking over a claim orphaned before the engine call."""
-        for _ in range(2):
-            state, created = await self._store.claim(
-                SystemVariables.new(command.correlation_id),
-                command.process_key,
-                command.request_hash,
-            )
-            orphaned = (
-                not created
-                and state.status is Status.PENDING
-                and state.instance_id is None
-                and datetime.now(UTC) - state.started_at > self._orphaned_after
-            )
-            if not orphaned:
-                break
-            # The replica that claimed it died between its claim and the engine's answer: no
-            # engine call of its can still be in flight (they time out long before), so
-            # nobody would ever finish this run. Version-guarded, so a late attach wins.
-            log.warning(
-                "taking over an orphaned claim", extra={"correlationId": command.correlation_id}
-            )
-            error = "the start this request joined was interrupted; retry"
-            await self._store.abandon(state.version, StartFailed(state.correlation_id, 503, error))
-        return state, created
-
-    async def _start_instance(self, state: ProcessState, variables: dict[str, Any]) -> str:
-        """Start the engine instance; its id.
-
-        A start whose answer was lost (a read timeout, a dropped connection) may still have
-        started the instance. Before calling it failed, and so letting a retry start a second
-        one, look the instance up by this attempt's traceability id.
+        Returns the answer when the engine refused the start (the claim is then abandoned),
+        None otherwise: attached, or unconfirmed and left to :meth:`recover`.
         """
         cid = state.correlation_id
+        sent = await self._store.sending(state, look_after_s=self._engine_timeout_s + 1)
+        if sent is None:  # recovery gave the claim up while this replica stalled
+            now = await self._store.get(cid)
+            return StartFailed.of(now) if now and now.status is Status.ABANDONED else None
+        ids = SystemVariables.of(sent)
         try:
             with self._metrics.engine_start_seconds.time():
                 instance = await self._camunda.start_process(
-                    state.process_key, business_key=cid, variables=variables
+                    sent.process_key,
+                    business_key=cid,
+                    variables={**variables, **ids.to_variables()},
                 )
-        except EngineUnavailable:
-            if state.traceability_id is None:  # every claim sets it; nothing to look up by
-                raise
+        except EngineUnavailable as exc:
+            if exc.request_sent:  # the engine may still create the instance
+                log.warning(
+                    "engine start unconfirmed; looking for its instance",
+                    extra={"correlationId": cid, "error": str(exc)},
+                )
+                await self.look_for_instance(sent)
+                return None
+            return await self._refused(sent, exc)
+        except (CamundaError, VariableError) as exc:
+            return await self._refused(sent, exc)
+        await self._attach(sent, instance.id, request=variables)
+        return None
+
+    async def look_for_instance(self, state: ProcessState) -> bool:
+        """Attach the instance of an unconfirmed start if the engine has it; True if so."""
+        try:
             found = await self._camunda.historic_process_instances_with(
-                business_key=cid, variables_equal={"traceability_id": state.traceability_id}
+                business_key=state.correlation_id,
+                variables_equal={"traceability_id": state.traceability_id or ""},
             )
-            if not found:
-                raise
+        except CamundaError as exc:
+            extra = {"correlationId": state.correlation_id, "error": str(exc)}
+            log.warning("could not look for an instance", extra=extra)
+            return False
+        if not found:
+            return False
+        await self._attach(state, str(found[0]["id"]), request=None)
+        extra = {"correlationId": state.correlation_id}
+        log.info("found the instance of an unconfirmed start", extra=extra)
+        return True
+
+    # --- recovery ------------------------------------------------------------------------------
+
+    async def recover(self, stop: asyncio.Event) -> None:
+        """Until ``stop``: settle the claims whose starter died, stalled or lost its answer.
+
+        Every replica runs this; :meth:`ProcessStore.take` lets one of them look at a claim
+        at a time. Never raises for Redis or engine trouble: it logs and carries on.
+        """
+        while not await sleep_or_stop(stop, RECOVERY_INTERVAL_S):
+            try:
+                for cid in await self._store.due(RECOVERY_BATCH):
+                    if await self._store.take(cid, look_again_s=LOOK_AGAIN_S):
+                        await self._recover(cid)
+            except Exception:
+                log.exception("start recovery pass failed; trying again")
+
+    async def _recover(self, cid: str) -> None:
+        state = await self._store.get(cid)
+        if state is None or state.status is not Status.PENDING or state.instance_id:
+            await self._store.forget_start(cid)
+            return
+        if state.start_sent_at is None:
+            failed = StartFailed(cid, 503, "the start was interrupted before it reached the "
+                                 "process engine; retry")  # fmt: skip
+            if await self._store.abandon(state.version, failed, unsent=True):
+                log.warning(
+                    "gave up a claim whose start was never sent", extra={"correlationId": cid}
+                )
+            return
+        if await self.look_for_instance(state):
+            return
+        waited_s = (datetime.now(UTC) - state.start_sent_at).total_seconds()
+        if waited_s > self._start_window_s:
+            failed = StartFailed(cid, 503, "the process engine did not confirm the start; retry")
+            if await self._store.abandon(state.version, failed):
+                log.error(
+                    "gave up an unconfirmed start after its window",
+                    extra={"correlationId": cid, "waitedS": round(waited_s)},
+                )
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    async def _attach(
+        self, state: ProcessState, instance_id: str, *, request: dict[str, Any] | None
+    ) -> None:
+        ids = SystemVariables.of(state)
+        event = EventRecord(
+            correlation_id=state.correlation_id,
+            status="started",
+            step=0,
+            step_name="start",
+            process_name=state.process_key,
+            http_method="POST",
+            endpoint="/api/process/start",
+            request_data=request,
+            batch_id=ids.batch_id,
+            traceability_id=ids.traceability_id,
+            application_id=ids.application_id,
+            identifiers=ids.identifiers,
+            # Recovered: found by recovery, without the request that started it.
+            metadata={"instanceId": instance_id, "recovered": request is None},
+        )
+        try:
+            await self._store.attach_instance(state.correlation_id, instance_id, event)
+        except Abandoned:
+            # Cannot happen within the window's promise; if it does, the run was given up
+            # and a retry may start another instance: remove this late one.
+            log.error(
+                "an instance arrived for an abandoned run; deleting it",
+                extra={"correlationId": state.correlation_id, "instanceId": instance_id},
+            )
+            await self._camunda.delete_process_instance(instance_id)
+
+    async def _refused(self, state: ProcessState, exc: CamundaError | VariableError) -> StartFailed:
+        failed = _refusal(exc, state)
+        if failed.status_code >= 500:
+            extra = {"statusCode": failed.status_code, "engine": str(exc)}
             log.warning(
-                "recovered an instance whose start answer was lost", extra={"correlationId": cid}
+                "engine start failed", extra={"correlationId": state.correlation_id, **extra}
             )
-            return str(found[0]["id"])
-        return instance.id
+        await self._store.abandon(state.version, failed)
+        return failed
 
 
 def _refusal(exc: CamundaError | VariableError, state: ProcessState) -> StartFailed:

@@ -34,7 +34,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from services.api.metrics import ApiMetrics
-from shared.aio import Backoff
+from shared.aio import Backoff, sleep_or_stop
 from shared.contract import StartFailed, decode_message
 from shared.keys import Keys
 from shared.state import ProcessState
@@ -110,13 +110,13 @@ class WaitRoom:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    async def listen(self) -> None:
-        """Hold the subscription and dispatch its messages until cancelled (run it in the
+    async def listen(self, stop: asyncio.Event) -> None:
+        """Hold the subscription and dispatch its messages until ``stop`` (run it in the
         owner's task group; :meth:`subscribed` says when the room may open)."""
         pubsub = self._redis.pubsub()
         try:
             await pubsub.psubscribe(self._keys.done_pattern)
-            await self._read(pubsub)
+            await self._read(pubsub, stop)
         finally:
             self._subscribed.clear()
             with contextlib.suppress(RedisError, OSError):
@@ -222,18 +222,18 @@ class WaitRoom:
 
     # --- the one subscription -------------------------------------------------------------
 
-    async def _read(self, pubsub: PubSub) -> None:
-        """Dispatch messages until cancelled; survives Redis outages (redis-py resubscribes
+    async def _read(self, pubsub: PubSub, stop: asyncio.Event) -> None:
+        """Dispatch messages until ``stop``; survives Redis outages (redis-py resubscribes
         on reconnect, and each confirmation makes every waiter read the state again)."""
         backoff = Backoff(base_s=_BACKOFF_MIN_S, cap_s=_BACKOFF_MAX_S)
-        while True:
+        while not stop.is_set():
             try:
                 message = await pubsub.get_message(timeout=_READ_TIMEOUT_S)
             except (RedisError, OSError) as exc:
                 if self._subscribed.is_set():
                     log.warning("wait room lost its subscription", extra={"error": repr(exc)})
                 self._subscribed.clear()
-                await asyncio.sleep(backoff.next_delay_s())
+                await sleep_or_stop(stop, backoff.next_delay_s())
                 continue
             backoff.reset()
             if message is None:

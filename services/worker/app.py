@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 
 import httpx
 from redis.asyncio import Redis
@@ -18,10 +17,10 @@ from services.worker.health import serve_health
 from services.worker.identity import claim_identity
 from services.worker.locks import Locks
 from services.worker.metrics import WorkerMetrics
+from services.worker.recorder import Recorder
 from services.worker.registry import Registry
 from services.worker.worker import Worker, WorkerOptions
 from shared.camunda import CamundaClient
-from shared.eventlog import append_event
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.store import ProcessStore
@@ -62,6 +61,7 @@ async def serve(
         store = ProcessStore(
             redis, keys, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s
         )
+        recorder = Recorder(redis, keys, store, metrics)
         worker = Worker(
             options=options,
             registry=registry,
@@ -73,8 +73,7 @@ async def serve(
                     retries=settings.worker_retries,
                     first_delay_ms=settings.worker_retry_timeout_ms,
                 ),
-                runs=store,
-                events=functools.partial(append_event, redis, keys),
+                recorder=recorder,
                 metrics=metrics,
             ),
             locks=Locks(
@@ -85,12 +84,19 @@ async def serve(
                 topics=Worker.topics(registry, options),
                 poll_window_s=options.poll_timeout_ms / 1000,
             ),
+            recorder=recorder,
             http=http,
             metrics=metrics,
             worker_id=identity.worker_id,
             previous_id=identity.previous_id,
         )
         await stack.enter_async_context(
-            serve_health(settings.worker_health_port, status=worker.health, metrics=metrics.render)
+            serve_health(
+                settings.worker_health_port,
+                host=settings.worker_health_host,
+                status=worker.health,
+                metrics=metrics.render,
+                metrics_token=settings.metrics_token,
+            )
         )
         await worker.run(stop, force=force)

@@ -37,7 +37,6 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
-from redis.exceptions import RedisError
 
 from services.worker.context import TaskContext
 from services.worker.metrics import WorkerMetrics
@@ -53,14 +52,13 @@ from shared.camunda import (
     NotFound,
 )
 from shared.contract import correlation_id_of, system_value
-from shared.eventlog import EventRecord, EventSink
+from shared.eventlog import EventRecord
 from shared.state import Status
 
 log = logging.getLogger(__name__)
 
 #: complete/failure/bpmnError are tried this often on retryable answers.
 ENGINE_CALL_ATTEMPTS = 5
-EVENT_WRITE_TIMEOUT_S = 5.0
 VALIDATION_ERROR = "VALIDATION_ERROR"
 
 
@@ -103,12 +101,22 @@ class _Row:
         )
 
 
-class RunFinisher(Protocol):
-    """How the executor ends a run (:meth:`shared.store.ProcessStore.finish`)."""
+class Outcomes(Protocol):
+    """Where the executor records what happened (services/worker/recorder.py)."""
+
+    async def ready(self) -> None: ...
 
     async def finish(
-        self, correlation_id: str, status: Status, *, data: Any = None, error: Any = None
-    ) -> bool: ...
+        self,
+        correlation_id: str,
+        status: Status,
+        *,
+        data: Any = None,
+        error: Any = None,
+        event: EventRecord | None = None,
+    ) -> None: ...
+
+    async def record(self, event: EventRecord) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +138,7 @@ class Executor:
     camunda: CamundaClient
     worker_id: str
     retry: RetryPolicy
-    runs: RunFinisher
-    events: EventSink
+    recorder: Outcomes
     metrics: WorkerMetrics
 
     async def run(self, handler: Handler, ctx: TaskContext[Any]) -> Outcome:
@@ -185,20 +192,21 @@ class Executor:
             return await self._failure(ctx, row, exc, request=_dump(data))
         if answer is not None:
             return answer
+        event = row.record(
+            "success",
+            request_data=_dump(data),
+            response_data=output.variables,
+            identifiers=identifiers,
+            result=handler.step.success,
+            http_status_code=output.http_status_code or 200,
+        )
         if handler.step.finishes_run:
             status = Status.OK if output.run_error is None else Status.ERROR
-            await self._finish_run(ctx, status, data=output.variables, error=output.run_error)
-        await self._log_event(
-            ctx,
-            row.record(
-                "success",
-                request_data=_dump(data),
-                response_data=output.variables,
-                identifiers=identifiers,
-                result=handler.step.success,
-                http_status_code=output.http_status_code or 200,
-            ),
-        )
+            await self._finish_run(
+                ctx, status, data=output.variables, error=output.run_error, event=event
+            )
+        else:
+            await self.recorder.record(event)
         return Outcome.COMPLETED
 
     async def _bpmn_error(
@@ -227,8 +235,7 @@ class Executor:
         if answer is not None:
             return answer
         ctx.log.info("business error %s: %s", error.code, error.message)
-        await self._log_event(
-            ctx,
+        await self.recorder.record(
             row.record(
                 "error",
                 request_data=request,
@@ -238,7 +245,7 @@ class Executor:
                 result=row.handler.step.error,
                 metadata={"errorCode": error.code, "errorType": error.error_type, **error.details},
                 http_status_code=422 if error.error_type == VALIDATION_ERROR else 400,
-            ),
+            )
         )
         return Outcome.BPMN_ERROR
 
@@ -266,29 +273,25 @@ class Executor:
         if answer is not None:
             return answer
         step = row.handler.step
+        event = row.record(
+            "retry" if retries else "incident",
+            request_data=request,
+            response_data={"error": message},
+            error_message=message,
+            identifiers=_identifiers(task.variables, {}),
+            result=step.error,
+            metadata={"retriesLeft": retries, "retryTimeoutMs": timeout_ms if retries else 0},
+            http_status_code=500,
+        )
         if retries:
             self.metrics.retries.labels(row.handler.topic).inc()
-            outcome, status = Outcome.FAILED, "retry"
-        else:
-            # The engine now shows an incident; the client must not wait for a run that
-            # will not go on until someone resolves it.
-            outcome, status = Outcome.INCIDENT, "incident"
-            ctx.log.error("retries exhausted, incident raised: %s", message)
-            await self._finish_run(ctx, Status.ERROR, error=f"{step.error}: {error}")
-        await self._log_event(
-            ctx,
-            row.record(
-                status,
-                request_data=request,
-                response_data={"error": message},
-                error_message=message,
-                identifiers=_identifiers(task.variables, {}),
-                result=step.error,
-                metadata={"retriesLeft": retries, "retryTimeoutMs": timeout_ms if retries else 0},
-                http_status_code=500,
-            ),
-        )
-        return outcome
+            await self.recorder.record(event)
+            return Outcome.FAILED
+        # The engine now shows an incident; the client must not wait for a run that will
+        # not go on until someone resolves it.
+        ctx.log.error("retries exhausted, incident raised: %s", message)
+        await self._finish_run(ctx, Status.ERROR, error=f"{step.error}: {error}", event=event)
+        return Outcome.INCIDENT
 
     async def _call(
         self, name: str, call: Callable[[], Awaitable[None]], ctx: TaskContext[Any]
@@ -298,6 +301,8 @@ class Executor:
         Raises :class:`EngineError` for a refusal that repeating cannot fix, and
         :class:`EngineUnavailable` when the engine stayed unreachable.
         """
+        # The engine hears of nothing that could not be recorded (services/worker/recorder.py).
+        await self.recorder.ready()
         backoff = Backoff(base_s=0.1, cap_s=2.0)
         for attempt in range(1, ENGINE_CALL_ATTEMPTS + 1):
             try:
@@ -328,25 +333,21 @@ class Executor:
         raise AssertionError("unreachable")  # the loop returns or raises
 
     async def _finish_run(
-        self, ctx: TaskContext[Any], status: Status, *, data: Any = None, error: Any = None
+        self,
+        ctx: TaskContext[Any],
+        status: Status,
+        *,
+        data: Any = None,
+        error: Any = None,
+        event: EventRecord,
     ) -> None:
-        """End the task's run (a no-op for a run that has ended already, or none at all)."""
+        """End the task's run with ``event``, its audit row (a run that has ended already
+        stays as it is; a task of no run only gets the row)."""
         if ctx.correlation_id is None:
             ctx.log.warning("this step ends a run, but the task names none")
+            await self.recorder.record(event)
             return
-        try:
-            async with asyncio.timeout(EVENT_WRITE_TIMEOUT_S):
-                await self.runs.finish(ctx.correlation_id, status, data=data, error=error)
-        except (RedisError, TimeoutError) as exc:
-            ctx.log.error("could not record the run's end: %s", exc)
-
-    async def _log_event(self, ctx: TaskContext[Any], record: EventRecord) -> None:
-        """Queue the row; a Redis outage costs the row, never the (already reported) task."""
-        try:
-            async with asyncio.timeout(EVENT_WRITE_TIMEOUT_S):
-                await self.events(record)
-        except (RedisError, TimeoutError) as exc:
-            ctx.log.error("event-log row lost: %s", exc)
+        await self.recorder.finish(ctx.correlation_id, status, data=data, error=error, event=event)
 
 
 @dataclass(frozen=True, slots=True)

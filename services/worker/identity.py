@@ -35,7 +35,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared.aio import cancel_and_wait
+from shared.aio import sleep_or_stop, stop_and_wait
 from shared.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -96,12 +96,15 @@ async def claim_identity(
         extra={"workerId": worker_id, "slot": f"{name}/{slot}", "previousId": identity.previous_id},
     )
     lease = keys.worker_slot(name, slot, "lease")
+    done = asyncio.Event()
     async with asyncio.TaskGroup() as tasks:
-        refresher = tasks.create_task(_refresh(redis, lease, holder, lease_s), name="slot-lease")
+        refresher = tasks.create_task(
+            _refresh(redis, lease, holder, lease_s, done), name="slot-lease"
+        )
         try:
             yield identity
         finally:
-            await cancel_and_wait([refresher])
+            await stop_and_wait(done, [refresher])
             # A failed release only means the slot frees itself when the lease expires.
             with contextlib.suppress(RedisError, TimeoutError):
                 async with asyncio.timeout(2):
@@ -128,10 +131,12 @@ async def _acquire(
     raise RuntimeError(f"all {MAX_SLOTS} worker slots of {name!r} are taken")
 
 
-async def _refresh(redis: Redis, lease: str, holder: str, lease_s: float) -> None:
-    """Renew the lease at a third of its TTL; errors are logged and retried, never fatal."""
-    while True:
-        await asyncio.sleep(lease_s / 3)
+async def _refresh(
+    redis: Redis, lease: str, holder: str, lease_s: float, done: asyncio.Event
+) -> None:
+    """Renew the lease at a third of its TTL until ``done``; errors are logged and retried,
+    never fatal."""
+    while not await sleep_or_stop(done, lease_s / 3):
         try:
             async with asyncio.timeout(lease_s / 3):
                 ours = await redis.eval(_REFRESH_LUA, 1, lease, holder, int(lease_s * 1000))

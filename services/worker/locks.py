@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.aio import sleep_or_stop
 from shared.camunda import (
     BadRequest,
     CamundaClient,
@@ -51,12 +52,13 @@ async def keep_lock(
     camunda: CamundaClient,
     task: LockedTask,
     *,
+    done: asyncio.Event,
     worker_id: str,
     lock_ms: int,
     on_extended: Callable[[], None],
     on_lost: Callable[[str], None],
 ) -> None:
-    """Extend ``task``'s lock at half its duration until cancelled.
+    """Extend ``task``'s lock at half its duration until ``done``.
 
     A refusal (404: the task is gone; 400: the lock expired or another worker has it) means
     the lock is lost: ``on_lost(why)`` and return. A transient error is retried until the
@@ -65,8 +67,7 @@ async def keep_lock(
     lock_s = lock_ms / 1000
     expires = time.monotonic() + lock_s
     next_try = expires - lock_s / 2
-    while True:
-        await asyncio.sleep(max(0.0, next_try - time.monotonic()))
+    while not await sleep_or_stop(done, max(0.0, next_try - time.monotonic())):
         sent = time.monotonic()
         try:
             async with asyncio.timeout(max(0.1, expires - sent)):
@@ -130,10 +131,10 @@ class Locks:
         except (RedisError, TimeoutError) as exc:
             log.warning("could not record departed worker %s: %s", worker_id, exc)
 
-    async def sweep_departed(self) -> None:
-        """Every second, unlock what departed workers hold (until their window closes)."""
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
+    async def sweep_departed(self, stop: asyncio.Event) -> None:
+        """Every second until ``stop``, unlock what departed workers hold (until their window
+        closes)."""
+        while not await sleep_or_stop(stop, SWEEP_INTERVAL_S):
             try:
                 async with asyncio.timeout(2):
                     now = time.time()

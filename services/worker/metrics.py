@@ -29,7 +29,9 @@ class WorkerMetrics:
     lock_lost: Counter = field(init=False)
     retries: Counter = field(init=False)
     engine_call_retries: Counter = field(init=False)
+    record_retries: Counter = field(init=False)
     in_flight: Gauge = field(init=False)
+    redis_up: Gauge = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -64,7 +66,16 @@ class WorkerMetrics:
             ["call"],
             registry=r,
         )
+        self.record_retries = Counter(
+            f"{p}_record_retries",
+            "Writes of a run's end or an audit row repeated while Redis was unreachable",
+            registry=r,
+        )
         self.in_flight = Gauge(f"{p}_tasks_in_flight", "Handlers running now", registry=r)
+        self.redis_up = Gauge(
+            f"{p}_redis_up", "1 while Redis answers (no new work is fetched otherwise)", registry=r
+        )
+        self.redis_up.set(1)
 
     def render(self) -> bytes:
         """The text exposition format for ``/metrics``."""

@@ -29,8 +29,9 @@ from services.worker.context import TaskContext, task_logger
 from services.worker.executor import Executor, Outcome
 from services.worker.locks import Locks, keep_lock
 from services.worker.metrics import WorkerMetrics
+from services.worker.recorder import Recorder
 from services.worker.registry import Handler, Registry
-from shared.aio import Backoff, cancel_and_wait, race_stop, sleep_or_stop
+from shared.aio import Backoff, cancel_and_wait, race_stop, sleep_or_stop, stop_and_wait
 from shared.camunda import CamundaClient, CamundaError, LockedTask, TopicRequest
 from shared.settings import Settings
 
@@ -71,6 +72,7 @@ class Worker:
         camunda: CamundaClient,
         executor: Executor,
         locks: Locks,
+        recorder: Recorder,
         http: httpx.AsyncClient,
         metrics: WorkerMetrics,
         worker_id: str,
@@ -84,6 +86,7 @@ class Worker:
         self._camunda = camunda
         self._executor = executor
         self._locks = locks
+        self._recorder = recorder
         self._http = http
         self._metrics = metrics
         self._previous_id = previous_id if previous_id != worker_id else None
@@ -116,14 +119,18 @@ class Worker:
         )
         try:
             async with asyncio.TaskGroup() as group:
-                sweeper = group.create_task(self._locks.sweep_departed(), name="sweep-departed")
+                upkeep_stop = asyncio.Event()
+                upkeep = [
+                    group.create_task(self._locks.sweep_departed(upkeep_stop), name="sweep"),
+                    group.create_task(self._recorder.watch(upkeep_stop), name="watch-redis"),
+                ]
                 self._polling = True
                 try:
                     await self._poll(group, stop, topics)
                 finally:
                     self._polling = False
                 await self._drain(force)
-                await cancel_and_wait([sweeper])
+                await stop_and_wait(upkeep_stop, upkeep)
         finally:
             await self._locks.departed(self.worker_id)
             await self._locks.release_all(self.worker_id, "own")
@@ -135,6 +142,7 @@ class Worker:
             "workerId": self.worker_id,
             "inFlight": len(self._running),
             "consecutiveFetchErrors": self._fetch_errors,
+            "redisUp": self._recorder.up,
         }
 
     # --- polling ---------------------------------------------------------------------------
@@ -145,6 +153,10 @@ class Worker:
         options = self._options
         errors, empties = Backoff(base_s=0.5, cap_s=30.0), Backoff(base_s=0.1, cap_s=5.0)
         while await self._free_slot(stop):
+            if not self._recorder.up:  # nothing starts whose outcome could not be recorded
+                log.warning("Redis unreachable: not fetching until it answers")
+                await race_stop(stop, self._recorder.ready())
+                continue
             max_tasks = min(options.concurrency - len(self._running), options.max_tasks)
             started = time.monotonic()
             try:
@@ -208,12 +220,14 @@ class Worker:
             config=self._configs[handler.process.key],
         )
         outcome = Outcome.UNREPORTED
+        handled = asyncio.Event()
         try:
             async with asyncio.TaskGroup() as group:
                 keeper = group.create_task(
                     keep_lock(
                         self._camunda,
                         task,
+                        done=handled,
                         worker_id=self.worker_id,
                         lock_ms=handler.lock_duration_ms or self._options.lock_duration_ms,
                         on_extended=self._metrics.lock_extensions.labels(task.topic_name).inc,
@@ -224,7 +238,7 @@ class Worker:
                 try:
                     outcome = await self._executor.run(handler, ctx)
                 finally:
-                    keeper.cancel()
+                    await stop_and_wait(handled, [keeper])
         except asyncio.CancelledError:
             outcome = Outcome.ABANDONED  # shutdown: the final sweep unlocks it
             ctx.log.info("handler cancelled at shutdown; the task will be unlocked")

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from deploy.local import servers
-from tests.e2e.conftest import Stack, engine_instances, wait_until
+from tests.helpers.stack import Stack, engine_instances, wait_until
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 

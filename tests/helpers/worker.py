@@ -25,17 +25,31 @@ from shared.store import ProcessStore
 from tests.helpers.streams import entries
 
 
-class RecordedRuns:
-    """Records how an executor ends runs (instead of ProcessStore.finish)."""
+class RecordedOutcomes:
+    """Records what an executor records (instead of services/worker/recorder.py)."""
 
     def __init__(self) -> None:
         self.finished: list[tuple[str, Status, Any, Any]] = []
+        self.rows: list[EventRecord] = []
+
+    async def ready(self) -> None:
+        return None
 
     async def finish(
-        self, correlation_id: str, status: Status, *, data: Any = None, error: Any = None
-    ) -> bool:
+        self,
+        correlation_id: str,
+        status: Status,
+        *,
+        data: Any = None,
+        error: Any = None,
+        event: EventRecord | None = None,
+    ) -> None:
         self.finished.append((correlation_id, status, data, error))
-        return True
+        if event is not None:
+            self.rows.append(event)
+
+    async def record(self, event: EventRecord) -> None:
+        self.rows.append(event)
 
 
 @contextlib.asynccontextmanager

@@ -18,10 +18,9 @@ import pytest
 from services.api.drain import DrainHook
 from services.api.persistence import db
 from shared.camunda import CamundaClient, EngineUnavailable
-from shared.contract import SystemVariables
 from shared.settings import Settings
 from shared.state import Status
-from tests.helpers.api import BENCHMARK, Api, cid, running_app, start_body
+from tests.helpers.api import Api, cid, running_app, start_body
 from tests.helpers.engine import deploy_bpmn as deploy
 from tests.helpers.waiting import until
 
@@ -220,9 +219,13 @@ async def test_unknown_process_key_is_404_naming_it_and_leaves_nothing_pending(
         "error": "no process definition with key 'no-such-process'",
         "field": "processKey",
     }
-    assert await api.deps.store.get(correlation_id) is None
+    state = await api.deps.store.get(correlation_id)
+    assert state is not None
+    assert state.status is Status.ABANDONED
+    # Whoever follows the status URL learns why, not that the run never existed.
     status = await api.client.get(f"/api/process/status/{correlation_id}")
     assert status.status_code == 404
+    assert status.json()["field"] == "processKey"
     # The id is free again: a corrected start succeeds.
     retry = await api.client.post(
         "/api/process/start", json=start_body(correlation_id), headers={"Prefer": "respond-async"}
@@ -240,7 +243,9 @@ async def test_an_unreachable_engine_is_503_with_retry_after_and_leaves_nothing_
         assert response.status_code == 503
         assert response.headers["retry-after"].isdigit()
         assert "unreachable" in response.json()["error"]
-        assert await api.deps.store.get(correlation_id) is None
+        state = await api.deps.store.get(correlation_id)
+        assert state is not None
+        assert state.status is Status.ABANDONED  # nothing left pending
 
 
 async def test_a_start_whose_answer_was_lost_is_found_not_started_twice(
@@ -279,21 +284,61 @@ async def test_a_variable_the_engine_cannot_take_is_400_naming_variables(api: Ap
     assert await api.deps.store.get(correlation_id) is None
 
 
-async def test_a_claim_orphaned_by_a_dead_replica_is_taken_over(api: Api, engine_url: str) -> None:
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        (b'{"' + b"n" * 256 + b'": 1}', "longer than 255"),
+        (b'{"a\\u0000b": 1}', "'a\\x00b'"),
+        (b'{"note": "nul \\u0000 here"}', "'note'"),
+        (b'{"doc": {"deep": ["x\\u0000"]}}', "'doc'"),
+        (b'{"doc": {"k\\u0000": 1}}', "'doc'"),
+        (b'{"big": 18446744073709551616}', "'big'"),
+        (b'{"big": 123456789012345678901234567890}', "'big'"),
+        (b'{"long": 9223372036854775808}', "'long'"),
+    ],
+)
+async def test_variables_the_engine_or_the_audit_table_would_refuse_are_400_at_once(
+    api: Api, variables: bytes, named: str
+) -> None:
     correlation_id = cid()
-    # A replica claimed the id and died before the engine answered: no instance, long ago.
-    await api.deps.store.claim(SystemVariables(correlation_id, "b", "t", "a"), BENCHMARK, "h")
-    await api.deps.redis.hset(
-        api.deps.keys.state(correlation_id), "startedAt", "2020-01-01T00:00:00.000+00:00"
+    content = b'{"processKey": "benchmark", "correlationId": "%s", "variables": %s}' % (
+        correlation_id.encode(),
+        variables,
     )
     response = await api.client.post(
-        "/api/process/start", json=start_body(correlation_id), headers={"Prefer": "respond-async"}
+        "/api/process/start", content=content, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["field"] == "variables"
+    assert named in response.json()["error"]
+    assert "retry-after" not in response.headers
+    assert await api.deps.store.get(correlation_id) is None  # nothing claimed
+
+
+async def test_a_huge_integer_outside_the_variables_changes_nothing(api: Api) -> None:
+    content = b'{"processKey": "benchmark", "correlationId": "%s", "extra": %s}' % (
+        cid().encode(),
+        b"9" * 30,
+    )
+    response = await api.client.post(
+        "/api/process/start",
+        content=content,
+        headers={"content-type": "application/json", "Prefer": "respond-async"},
     )
     assert response.status_code == 202
-    state = await api.deps.store.get(correlation_id)
-    assert state is not None
-    assert state.instance_id is not None
-    assert state.traceability_id != "t"
+
+
+async def test_a_completion_postgres_could_not_store_is_400(api: Api) -> None:
+    correlation_id = cid()
+    await api.client.post(
+        "/api/process/start", json=start_body(correlation_id), headers={"Prefer": "respond-async"}
+    )
+    response = await api.client.post(
+        "/api/process/complete",
+        json={"correlationId": correlation_id, "status": "ok", "data": {"x": "a\u0000b"}},
+    )
+    assert response.status_code == 400
+    assert response.json()["field"] == "data"
 
 
 # --- bad input -----------------------------------------------------------------------------
@@ -578,9 +623,48 @@ async def test_complete_token_and_api_keys(make_settings: MakeSettings, engine_u
             "/api/process/complete", json=completion, headers={"Authorization": "Bearer s3cret"}
         )
         assert allowed.status_code == 200
-        # Operations stay open: probes and scrapers carry no keys.
+        # Probes carry no keys; metrics need a key when there is no METRICS_TOKEN.
         assert (await api.client.get("/healthz")).status_code == 200
-        assert (await api.client.get("/metrics")).status_code == 200
+        assert (await api.client.get("/metrics")).status_code == 401
+        metrics = await api.client.get("/metrics", headers={"X-API-Key": "k1"})
+        assert metrics.status_code == 200
+
+
+async def test_client_keys_alone_protect_completion_and_metrics(
+    make_settings: MakeSettings, engine_url: str
+) -> None:
+    """With API_KEYS and no COMPLETE_TOKEN, nobody without a key can finish a run."""
+    settings = make_settings(camunda_base_url=engine_url, api_keys="k1")
+    async with running_app(settings) as api:
+        correlation_id = cid()
+        started = await api.client.post(
+            "/api/process/start",
+            json=start_body(correlation_id),
+            headers={"X-API-Key": "k1", "Prefer": "respond-async"},
+        )
+        assert started.status_code == 202
+        forged = {"correlationId": correlation_id, "status": "ok", "data": {"forged": True}}
+        anonymous = await api.client.post("/api/process/complete", json=forged)
+        assert anonymous.status_code == 401
+        state = await api.deps.store.get(correlation_id)
+        assert state is not None
+        assert state.status is Status.PENDING
+        assert (await api.client.get("/metrics")).status_code == 401
+        keyed = await api.client.post(
+            "/api/process/complete", json=forged, headers={"X-API-Key": "k1"}
+        )
+        assert keyed.status_code == 200
+
+
+async def test_a_metrics_token_guards_metrics_on_its_own(
+    make_settings: MakeSettings, engine_url: str
+) -> None:
+    settings = make_settings(camunda_base_url=engine_url, metrics_token="m3trics")
+    async with running_app(settings) as api:
+        assert (await api.client.get("/metrics")).status_code == 401
+        scraped = await api.client.get("/metrics", headers={"Authorization": "Bearer m3trics"})
+        assert scraped.status_code == 200
+        assert b"flowgate_api_parked_requests" in scraped.content
 
 
 # --- event log -----------------------------------------------------------------------------

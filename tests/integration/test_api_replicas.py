@@ -3,87 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import re
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 
-from deploy.local.servers import free_port
 from shared.settings import Settings
 from tests.helpers.api import cid, start_body
 from tests.helpers.engine import deploy_bpmn as deploy
+from tests.helpers.replica import replica
 from tests.helpers.waiting import until
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
 MakeSettings = Callable[..., Settings]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Replica:
-    url: str
-    process: asyncio.subprocess.Process
-    log: Path
-
-    async def parked(self, client: httpx.AsyncClient) -> float:
-        text = (await client.get(f"{self.url}/metrics")).text
-        match = re.search(r"^flowgate_api_parked_requests (\S+)$", text, re.MULTILINE)
-        assert match, text
-        return float(match[1])
-
-
-@contextlib.asynccontextmanager
-async def replica(
-    settings: Settings, tmp_path: Path, name: str, **env: str
-) -> AsyncIterator[Replica]:
-    """``python -m services.api`` on a free port with ``settings``; stopped afterwards."""
-    port = free_port()
-    environment = {
-        **os.environ,
-        "REDIS_URL": settings.redis_url,
-        "DATABASE_URL": settings.database_url,
-        "REDIS_PREFIX": settings.redis_prefix,
-        "CAMUNDA_BASE_URL": settings.camunda_base_url,
-        "SYNC_TIMEOUT_MS": str(settings.sync_timeout_ms),
-        "API_HOST": "127.0.0.1",
-        "API_PORT": str(port),
-        "REPLICA_ID": name,
-        "LOG_LEVEL": "INFO",
-        **env,
-    }
-    log = tmp_path / f"{name}.log"
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.api", cwd=ROOT, env=environment, stdout=out, stderr=out
-        )
-    running = Replica(f"http://127.0.0.1:{port}", process, log)
-    try:
-        async with httpx.AsyncClient(timeout=2) as client:
-
-            async def ready() -> bool:
-                assert process.returncode is None, log.read_text()
-                try:
-                    return (await client.get(f"{running.url}/readyz")).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            await until(ready, timeout_s=60)
-        yield running
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            async with asyncio.timeout(30):
-                await process.wait()
 
 
 async def test_two_replicas_share_waits_and_state(
@@ -197,3 +135,52 @@ async def test_sigterm_answers_every_parked_request_with_202_then_flushes_and_ex
 async def _is(value: object, expected: float) -> bool:
     assert asyncio.iscoroutine(value)
     return bool(await value == expected)
+
+
+async def test_a_client_gone_mid_body_is_no_error_and_a_stalled_body_gets_408(
+    make_settings: MakeSettings, engine_url: str, tmp_path: Path
+) -> None:
+    """Reached directly (no load balancer to buffer bodies), a replica neither treats a
+    client that left as a bug nor keeps an incomplete body forever."""
+    settings = make_settings(camunda_base_url=engine_url)
+    async with replica(settings, tmp_path, "bodies", BODY_TIMEOUT_S="1") as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        head = (
+            b"POST /api/process/start HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"processKey":'
+        )
+        # Gone mid-body.
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head)
+        await writer.drain()
+        writer.close()
+        # Stalled mid-body: answered 408 within the body timeout.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            status_line = await reader.readline()
+        writer.close()
+        assert status_line.startswith(b"HTTP/1.1 408")
+        async with httpx.AsyncClient(timeout=5) as client:
+            assert (await client.get(f"{server.url}/healthz")).status_code == 200
+    log = server.log.read_text()
+    assert "Traceback" not in log
+    assert "unhandled error" not in log
+
+
+async def test_a_start_failing_with_503_is_logged_with_its_run(
+    make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    settings = make_settings(camunda_base_url="http://127.0.0.1:9/engine-rest")
+    correlation_id = cid()
+    async with (
+        replica(settings, tmp_path, "logs", ready_path="/healthz") as server,
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        answer = await client.post(
+            f"{server.url}/api/process/start", json=start_body(correlation_id)
+        )
+        assert answer.status_code == 503
+    lines = [line for line in server.log.read_text().splitlines() if correlation_id in line]
+    assert any("engine start failed" in line and "Connect" in line for line in lines), lines

@@ -10,7 +10,7 @@ import uuid
 import redis.asyncio as aioredis
 
 from services.worker.locks import Locks
-from shared.aio import cancel_and_wait
+from shared.aio import stop_and_wait
 from shared.camunda import CamundaClient, TopicRequest
 from shared.keys import Keys
 from tests.helpers.engine import one_task_bpmn
@@ -37,14 +37,15 @@ async def test_tasks_locked_to_a_departed_worker_are_unlocked_by_a_live_one(
 
         await locks("gone-1").departed("gone-1")
         began = time.monotonic()
+        stop = asyncio.Event()
         async with asyncio.TaskGroup() as tasks:
-            sweeping = tasks.create_task(locks("live-1").sweep_departed())
+            sweeping = tasks.create_task(locks("live-1").sweep_departed(stop))
             try:
                 again = await camunda.fetch_and_lock(
                     "live-1", [topic], max_tasks=1, async_response_timeout_ms=5_000
                 )
             finally:
-                await cancel_and_wait([sweeping])
+                await stop_and_wait(stop, [sweeping])
         assert [t.id for t in again] == [task.id]
         assert time.monotonic() - began < 5  # not the ten minutes of the lock
         await camunda.complete(task.id, worker_id="live-1")

@@ -11,7 +11,7 @@ import pytest
 
 from shared.settings import Settings
 from tests.helpers.engine import deploy_bpmn as deploy
-from tests.integration.test_api_replicas import replica
+from tests.helpers.replica import replica
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from shared.contract import StartFailed, SystemVariables, decode_message
 from shared.keys import Keys
 from shared.state import ProcessState, Status
-from shared.store import InvalidCursor, ProcessStore
+from shared.store import Abandoned, InvalidCursor, ProcessStore
 from tests.helpers.streams import entries
 
 RESULT_TTL_S = 60
@@ -45,10 +45,13 @@ async def subscriber(redis_url: str, keys: Keys) -> AsyncIterator[aioredis.clien
 
 
 async def claim(
-    store: ProcessStore, cid: str, request_hash: str = "h1"
+    store: ProcessStore, cid: str, request_hash: str = "h1", look_after_s: float = 5.0
 ) -> tuple[ProcessState, bool]:
     return await store.claim(
-        SystemVariables(cid, "b", f"t-{cid}", "a"), "onboard-user", request_hash
+        SystemVariables(cid, "b", f"t-{cid}", "a"),
+        "onboard-user",
+        request_hash,
+        look_after_s=look_after_s,
     )
 
 
@@ -159,7 +162,7 @@ async def test_completion_is_published_after_the_state_is_readable(
     assert published.error == {"message": "boom"}
 
 
-async def test_abandon_deletes_and_tells_joined_waiters(
+async def test_abandon_keeps_the_answer_tells_joined_waiters_and_frees_the_id(
     store: ProcessStore,
     subscriber: aioredis.client.PubSub,
     redis_client: aioredis.Redis,
@@ -173,15 +176,47 @@ async def test_abandon_deletes_and_tells_joined_waiters(
 
     message = decode_message((await next_message(subscriber))["data"])
     assert message == failed
-    assert await store.get("cid-5") is None
+    abandoned = await store.get("cid-5")
+    assert abandoned is not None
+    assert abandoned.status is Status.ABANDONED
+    assert StartFailed.of(abandoned) == failed
     assert await redis_client.zscore(keys.index, "cid-5") is None
-    assert (await stream_entries(redis_client, keys))[-1] == (
-        "delete",
-        {"correlationId": "cid-5", "version": 1},
-    )
-    # The caller may retry with the same id.
-    _, created = await claim(store, "cid-5")
+    assert await redis_client.zscore(keys.starts, "cid-5") is None
+    kind, body = (await stream_entries(redis_client, keys))[-1]
+    assert (kind, body["status"], body["version"]) == ("state", "abandoned", 2)
+    # The caller may retry with the same id; versions go on.
+    again, created = await claim(store, "cid-5")
     assert created
+    assert (again.status, again.version) == (Status.PENDING, 3)
+
+
+async def test_an_unsent_claim_is_abandoned_only_while_unsent(store: ProcessStore) -> None:
+    state, _ = await claim(store, "cid-7")
+    sent = await store.sending(state, look_after_s=10)
+    assert sent is not None
+    assert sent.start_sent_at is not None
+    assert await store.sending(state, look_after_s=10) is None  # once only
+    failed = StartFailed("cid-7", 503, "interrupted")
+    assert not await store.abandon(sent.version, failed, unsent=True)
+    assert await store.abandon(sent.version, failed)
+
+
+async def test_an_instance_arriving_for_an_abandoned_run_is_refused(store: ProcessStore) -> None:
+    state, _ = await claim(store, "cid-8")
+    assert await store.abandon(state.version, StartFailed("cid-8", 503, "gone"))
+    with pytest.raises(Abandoned):
+        await store.attach_instance("cid-8", "instance-1")
+
+
+async def test_claims_without_an_instance_are_due_until_attached(store: ProcessStore) -> None:
+    await claim(store, "cid-9", look_after_s=0)
+    await asyncio.sleep(0.01)
+    assert "cid-9" in await store.due(100)
+    assert await store.take("cid-9", look_again_s=60)
+    assert not await store.take("cid-9", look_again_s=60)  # one replica at a time
+    assert "cid-9" not in await store.due(100)
+    await store.attach_instance("cid-9", "instance-9")
+    assert await store.take("cid-9", look_again_s=0) is False
 
 
 async def test_abandon_after_completion_changes_nothing(store: ProcessStore) -> None:

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from services.api.metrics import ApiMetrics
 from services.api.waitroom import WaitEnd, WaitRoom
-from shared.aio import cancel_and_wait
+from shared.aio import stop_and_wait
 from shared.contract import StartFailed, SystemVariables
 from shared.keys import Keys
 from shared.settings import Settings
@@ -48,14 +48,15 @@ async def open_room(
 ) -> AsyncIterator[WaitRoom]:
     options.setdefault("max_parked", 10_000)
     room = WaitRoom(redis, Keys(prefix), store, metrics=ApiMetrics(), **options)
+    stop = asyncio.Event()
     async with asyncio.TaskGroup() as tasks:
-        listening = tasks.create_task(room.listen())
+        listening = tasks.create_task(room.listen(stop))
         try:
             await room.subscribed(timeout_s=10)
             yield room
         finally:
             room.release_all()
-            await cancel_and_wait([listening])
+            await stop_and_wait(stop, [listening])
 
 
 @pytest.fixture

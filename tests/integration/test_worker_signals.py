@@ -42,6 +42,8 @@ class OnboardingServer:
     def __init__(self) -> None:
         self.gate = asyncio.Event()
         self.requests: list[bytes] = []
+        #: The Idempotency-Key of each request, in the same order.
+        self.idempotency_keys: list[bytes] = []
         self.received = asyncio.Event()
         self.delay_s = 0.0
         self.url = ""
@@ -70,6 +72,16 @@ class OnboardingServer:
                 )
                 body = await reader.readexactly(length)
                 self.requests.append(body)
+                self.idempotency_keys.append(
+                    next(
+                        (
+                            line.partition(b":")[2].strip()
+                            for line in head.split(b"\r\n")
+                            if line.lower().startswith(b"idempotency-key:")
+                        ),
+                        b"",
+                    )
+                )
                 self.received.set()
                 await self.gate.wait()
                 await asyncio.sleep(self.delay_s)
@@ -226,8 +238,17 @@ async def test_sigkill_mid_task_redelivers_after_the_lock_expires(
     state = await client.outcome(cid, timeout_s=20)
     assert state.status is Status.OK
     assert time.monotonic() - killed_at >= 1.5  # it waited for the dead worker's lock
-    # The step ran again, on the survivor (requests of other runs are not this test's).
-    assert len([r for r in onboarding_server.requests if b'"user-kill"' in r]) == 2
+    # The step ran again, on the survivor (requests of other runs are not this test's),
+    # with the same idempotency key, so the system on the other side can drop the repeat.
+    keys = [
+        key
+        for body, key in zip(
+            onboarding_server.requests, onboarding_server.idempotency_keys, strict=True
+        )
+        if b'"user-kill"' in body
+    ]
+    assert len(keys) == 2
+    assert keys[0] == keys[1] != b""
     assert (
         await second.metric(
             "flowgate_worker_tasks_total", {"topic": CALL_ONBOARDING, "outcome": "completed"}

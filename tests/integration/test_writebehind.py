@@ -24,6 +24,7 @@ from shared.eventlog import EventRecord, append_event
 from shared.keys import WRITEBEHIND_GROUP, Keys
 from shared.state import Status
 from shared.store import ProcessStore
+from tests.helpers.net import TcpProxy
 from tests.helpers.streams import entries
 
 
@@ -79,7 +80,9 @@ async def test_migrate_is_versioned_and_safe_to_run_concurrently(
     versions = await asyncio.gather(*(db.migrate(pool) for _ in range(3)))
 
     assert versions == [len(db.MIGRATIONS)] * 3
-    assert await rows(pool, "SELECT version FROM schema_version") == [(1,)]
+    assert await rows(pool, "SELECT version FROM schema_version ORDER BY 1") == [
+        (v,) for v in range(1, len(db.MIGRATIONS) + 1)
+    ]
     tables = await rows(
         pool, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY 1"
     )
@@ -169,7 +172,7 @@ async def test_a_stale_entry_never_overwrites_a_newer_row(
     assert (row.status, row.data, row.version) == (Status.OK, "final", 2)
 
 
-async def test_an_abandoned_start_reads_as_gone_even_if_its_claim_arrives_late(
+async def test_an_abandoned_start_stays_abandoned_even_if_its_claim_arrives_late(
     store: ProcessStore,
     redis_client: aioredis.Redis,
     keys: Keys,
@@ -184,14 +187,18 @@ async def test_an_abandoned_start_reads_as_gone_even_if_its_claim_arrives_late(
 
     assert await store.abandon(1, StartFailed("a-1", 503, "engine down"))
     assert await flusher.drain(timeout_s=10)
-    assert await db.get_process(pool, "a-1") is None
+    row = await db.get_process(pool, "a-1")
+    assert row is not None
+    assert (row.status, row.error["error"]) == (Status.ABANDONED, "engine down")
 
-    # A dead replica's claimed entry for the same version lands after the tombstone.
+    # A dead replica's claimed entry for the same version lands after the abandonment.
     await redis_client.xadd(keys.writebehind, claimed_entry)
     assert await flusher.drain(timeout_s=10)
-    assert await db.get_process(pool, "a-1") is None
+    row = await db.get_process(pool, "a-1")
+    assert row is not None
+    assert row.status is Status.ABANDONED
 
-    # The same id claimed again: once it has moved past the tombstone it reads normally.
+    # The same id claimed again: its versions go on, so every step of it is kept.
     await claim(store, "a-1")
     await store.finish("a-1", Status.OK, data="second try")
     assert await flusher.drain(timeout_s=10)
@@ -261,9 +268,10 @@ async def test_poison_entries_are_isolated_then_dead_lettered(
     keys: Keys,
     pool: AsyncConnectionPool,
     make_flusher: Callable[..., Flusher],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     await claim(store, "ok-1")
-    bad = EventRecord(correlation_id="bad-1", status="ok", request_data="nul \x00 byte")
+    bad = EventRecord(correlation_id="bad-1", status="ok", request_data="s3cr3t \x00 byte")
     await append_event(redis_client, keys, bad)  # Postgres jsonb refuses \u0000
     await append_event(redis_client, keys, EventRecord(correlation_id="ok-1", status="ok"))
     await redis_client.xadd(keys.writebehind, {"kind": "state", "body": b"{not json"})
@@ -288,49 +296,12 @@ async def test_poison_entries_are_isolated_then_dead_lettered(
     assert EventRecord.from_json(fields[b"body"]) == bad
     assert await flusher.backlog() == 0
     assert await db.events_by_correlation(pool, "bad-1") == []
+    # What a row carries (process variables) never reaches the logs.
+    assert "rejected" in caplog.text
+    assert "s3cr3t" not in caplog.text
 
 
 # --- Postgres outage ---------------------------------------------------------------------
-
-
-class TcpProxy:
-    """Loopback TCP proxy to Postgres that can go down and come back on the same port:
-    the outage for an external database the test cannot stop."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self.port = 0
-
-    async def up(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def down(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers |= {writer, up_writer}
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-        self._writers -= {writer, up_writer}
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.transport.abort()
 
 
 def stop_postgres_fast(server: servers.Server) -> None:

@@ -23,7 +23,7 @@ EXPECTED_ACCESS = {
     ("GET", "/api/event-log/{id}"): Access.CLIENT,
     ("GET", "/healthz"): Access.PUBLIC,
     ("GET", "/readyz"): Access.PUBLIC,
-    ("GET", "/metrics"): Access.PUBLIC,
+    ("GET", "/metrics"): Access.OPERATOR,
     ("GET", "/openapi.json"): Access.PUBLIC,
     ("GET", "/docs"): Access.PUBLIC,
 }

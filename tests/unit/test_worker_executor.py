@@ -16,10 +16,9 @@ from services.worker.executor import Executor, Outcome, RetryPolicy
 from services.worker.metrics import WorkerMetrics
 from services.worker.registry import BusinessRuleError, Handler, Process, Step, StepResult
 from shared.camunda import CamundaClient, LockedTask
-from shared.eventlog import EventRecord
 from shared.state import Status
 from tests.helpers.engine import FakeEngine, engine_error, locked_task
-from tests.helpers.worker import RecordedRuns
+from tests.helpers.worker import RecordedOutcomes
 
 
 class In(BaseModel):
@@ -35,19 +34,14 @@ class Out(BaseModel):
 class Harness:
     def __init__(self, engine: FakeEngine, camunda: CamundaClient) -> None:
         self.engine = engine
-        self.runs = RecordedRuns()
-        self.rows: list[EventRecord] = []
+        self.runs = RecordedOutcomes()
+        self.rows = self.runs.rows
         self.metrics = WorkerMetrics()
-
-        async def events(record: EventRecord) -> None:
-            self.rows.append(record)
-
         self.executor = Executor(
             camunda=camunda,
             worker_id="w1",
             retry=RetryPolicy(retries=3, first_delay_ms=1_000),
-            runs=self.runs,
-            events=events,
+            recorder=self.runs,
             metrics=self.metrics,
         )
 

@@ -70,6 +70,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX event_log_correlation_id_idx ON event_log (correlation_id);
     CREATE INDEX event_log_traceability_id_idx ON event_log (traceability_id);
     """,
+    # A start's engine call is recorded when sent (shared/state.py start_sent_at).
+    "ALTER TABLE process_store ADD COLUMN start_sent_at timestamptz;",
 )
 
 # First key of the two-int advisory lock taken while migrating; the second is the schema.
@@ -135,9 +137,7 @@ async def get_process(pool: AsyncConnectionPool, correlation_id: str) -> Process
     """The last state the write-behind stored, for a process Redis no longer holds."""
     async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
-            # `abandoned` rows are tombstones of starts the engine never took (writebehind.py).
-            "SELECT * FROM process_store WHERE correlation_id = %s AND status <> 'abandoned'",
-            (correlation_id,),
+            "SELECT * FROM process_store WHERE correlation_id = %s", (correlation_id,)
         )
         row = await cur.fetchone()
     return None if row is None else ProcessState.from_row(row)

@@ -6,10 +6,6 @@ the stream. A :class:`Flusher` per API replica reads it through the consumer gro
 
 * ``state``  -> ``process_store`` upsert that only moves forward (``version`` guard), so a
   replay or a late, out-of-order entry never overwrites a newer row;
-* ``delete`` -> an ``abandoned`` tombstone at that version (a start the engine never took).
-  A tombstone rather than a DELETE: entries taken over from a dead replica can arrive after
-  newer ones, and a late ``state`` entry must not bring the abandoned row back as
-  ``pending``. Readers treat ``abandoned`` as "no such process";
 * ``event``  -> ``event_log`` insert keyed by the stream entry id (``ON CONFLICT DO NOTHING``).
 
 Entries are acknowledged and deleted from the stream only after the commit. While Postgres
@@ -30,7 +26,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -56,15 +51,6 @@ def _upsert_state() -> str:
     )
 
 
-_ABANDON_STATE = """
-INSERT INTO process_store (correlation_id, process_key, status, started_at, updated_at, version)
-VALUES (%s, '', 'abandoned', now(), now(), %s)
-ON CONFLICT (correlation_id) DO UPDATE SET
-    status = 'abandoned', data = NULL, error = NULL, instance_id = NULL,
-    updated_at = EXCLUDED.updated_at, version = EXCLUDED.version
-WHERE process_store.version <= EXCLUDED.version
-"""
-
 # The seed's column is `execution_time` (milliseconds); `stream_id` makes replays idempotent.
 _INSERT_EVENT = (
     f"INSERT INTO event_log (stream_id, {', '.join(EVENT_COLUMNS)})"
@@ -72,7 +58,7 @@ _INSERT_EVENT = (
     " ON CONFLICT (stream_id) DO NOTHING"
 )
 
-_SQL = {"state": _upsert_state(), "delete": _ABANDON_STATE, "event": _INSERT_EVENT}
+_SQL = {"state": _upsert_state(), "event": _INSERT_EVENT}
 
 # Postgres refused the data itself (bad value, constraint): retrying the batch cannot help,
 # retrying row by row isolates the culprit. Everything else is treated as an outage.
@@ -386,9 +372,6 @@ def _decode(entry: _Entry) -> _Op:
         if entry.kind == "state":
             row = ProcessState.from_json(entry.body).to_row()
             params: tuple[Any, ...] = tuple(_params(COLUMNS, JSON_COLUMNS, row))
-        elif entry.kind == "delete":
-            body = orjson.loads(entry.body)
-            params = (str(body["correlationId"]), int(body["version"]))
         elif entry.kind == "event":
             event = EventRecord.from_json(entry.body).to_row()
             params = (entry.id, *_params(EVENT_COLUMNS, EVENT_JSON_COLUMNS, event))

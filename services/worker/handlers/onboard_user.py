@@ -34,7 +34,8 @@ class OnboardingConfig(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True)
 
-    #: Base URL of the onboarding system; without one the decision is local.
+    #: Base URL of the onboarding system (ONBOARDING_API_URL); without one the decision
+    #: is local.
     onboarding_api_url: str | None = None
 
 
@@ -158,22 +159,27 @@ async def call_onboarding_api(
         raise BusinessRuleError("VALIDATION_REQUIRED", "User must be validated before onboarding")
     if not data.backgroundCheckPassed:
         return OnboardingOutput(onboarded=False, reason="Background check failed")
-    base_url = ctx.config.onboarding_api_url
+    base_url = (ctx.config.onboarding_api_url or "").rstrip("/")
     if not base_url:
         onboarded = data.riskScore < ONBOARD_BELOW
         return OnboardingOutput(
             onboarded=onboarded, reason=None if onboarded else "Risk score too high to onboard"
         )
-    return await _call_onboarding(ctx.http, base_url, data)
+    return await _call_onboarding(ctx.http, base_url, data, ctx.idempotency_key)
 
 
 async def _call_onboarding(
-    http: httpx.AsyncClient, base_url: str, data: OnboardingInput
+    http: httpx.AsyncClient, base_url: str, data: OnboardingInput, idempotency_key: str
 ) -> StepResult[OnboardingOutput]:
-    """POST to the onboarding system: 4xx is its decision (BPMN error), 5xx/network retried."""
+    """POST to the onboarding system: 4xx is its decision (BPMN error), 5xx/network retried.
+
+    The same ``Idempotency-Key`` on every delivery of the task: a worker that crashed after
+    this call made it once already, and the system drops the repeat.
+    """
     response = await http.post(
         f"{base_url}{process.steps[2].endpoint}",
         json={"userId": data.userId, "riskScore": data.riskScore},
+        headers={"Idempotency-Key": idempotency_key},
         timeout=ONBOARDING_TIMEOUT_S,
     )
     if response.is_client_error:

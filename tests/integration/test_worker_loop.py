@@ -1,26 +1,32 @@
-"""The poll loop over a scripted engine: backpressure, backoff, shutdown, lock extension."""
+"""The poll loop over a scripted engine and a real Redis: backpressure, backoff, shutdown,
+lock extension, and no fetching while Redis is away."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
-import fakeredis
 import httpx
+import redis.asyncio as aioredis
 from pydantic import BaseModel
 
 from services.worker.context import TaskContext
 from services.worker.executor import Executor, RetryPolicy
 from services.worker.locks import Locks
 from services.worker.metrics import WorkerMetrics
+from services.worker.recorder import Recorder
 from services.worker.registry import Process, Registry, Step
 from services.worker.worker import Worker, WorkerOptions
 from shared.camunda import CamundaClient
 from shared.keys import Keys
+from shared.store import ProcessStore
 from tests.helpers.engine import FakeEngine, task_json
-from tests.helpers.worker import RecordedRuns
+from tests.helpers.net import TcpProxy
+from tests.helpers.waiting import until
 
 
 class In(BaseModel):
@@ -29,6 +35,7 @@ class In(BaseModel):
 
 def worker_for(
     camunda: CamundaClient,
+    redis: aioredis.Redis,
     handler: Callable[..., Awaitable[Any]],
     *,
     concurrency: int = 10,
@@ -46,18 +53,20 @@ def worker_for(
     process.handler("work")(handler)
     registry = Registry.of([process])
     metrics = WorkerMetrics()
+    keys = Keys(f"t{uuid.uuid4().hex[:8]}")
+    store = ProcessStore(redis, keys, result_ttl_s=60, pending_ttl_s=60)
+    recorder = Recorder(redis, keys, store, metrics)
     executor = Executor(
         camunda=camunda,
         worker_id="w1",
         retry=RetryPolicy(),
-        runs=RecordedRuns(),
-        events=_discard,
+        recorder=recorder,
         metrics=metrics,
     )
     locks = Locks(
         camunda,
-        fakeredis.aioredis.FakeRedis(),
-        Keys("t"),
+        redis,
+        keys,
         worker_id="w1",
         topics=Worker.topics(registry, options),
         poll_window_s=1,
@@ -68,6 +77,7 @@ def worker_for(
         camunda=camunda,
         executor=executor,
         locks=locks,
+        recorder=recorder,
         http=httpx.AsyncClient(),
         metrics=metrics,
         worker_id="w1",
@@ -75,15 +85,11 @@ def worker_for(
     return worker, metrics
 
 
-async def _discard(record: object) -> None:
-    return None
-
-
 async def empty_list(request: httpx.Request, body: Any) -> httpx.Response:
     return httpx.Response(200, json=[])
 
 
-async def test_max_tasks_is_the_number_of_free_slots() -> None:
+async def test_max_tasks_is_the_number_of_free_slots(redis_client: aioredis.Redis) -> None:
     release = asyncio.Event()
     handed_out = 0
 
@@ -100,7 +106,7 @@ async def test_max_tasks_is_the_number_of_free_slots() -> None:
 
     engine = FakeEngine({"fetchAndLock": fetch, "external-task": empty_list})
     async with engine.client() as camunda:
-        worker, _ = worker_for(camunda, work, concurrency=3, max_tasks=10)
+        worker, _ = worker_for(camunda, redis_client, work, concurrency=3, max_tasks=10)
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         await asyncio.sleep(0.3)
@@ -115,7 +121,7 @@ async def test_max_tasks_is_the_number_of_free_slots() -> None:
     )
 
 
-async def test_fetch_errors_back_off_and_the_loop_recovers() -> None:
+async def test_fetch_errors_back_off_and_the_loop_recovers(redis_client: aioredis.Redis) -> None:
     answers = [
         httpx.Response(
             500, json={"type": "InvalidRequestException", "message": "too many requests"}
@@ -137,7 +143,7 @@ async def test_fetch_errors_back_off_and_the_loop_recovers() -> None:
 
     engine = FakeEngine({"fetchAndLock": fetch, "external-task": empty_list})
     async with engine.client() as camunda:
-        worker, metrics = worker_for(camunda, work)
+        worker, metrics = worker_for(camunda, redis_client, work)
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         await asyncio.wait_for(done.wait(), 10)
@@ -147,7 +153,9 @@ async def test_fetch_errors_back_off_and_the_loop_recovers() -> None:
     assert metrics.count("p.work", "completed") == 1
 
 
-async def test_stop_cancels_the_long_poll_and_unlocks_what_is_still_held() -> None:
+async def test_stop_cancels_the_long_poll_and_unlocks_what_is_still_held(
+    redis_client: aioredis.Redis,
+) -> None:
     polling = asyncio.Event()
     sweeps = 0
 
@@ -168,7 +176,7 @@ async def test_stop_cancels_the_long_poll_and_unlocks_what_is_still_held() -> No
 
     engine = FakeEngine({"fetchAndLock": fetch, "external-task": held})
     async with engine.client() as camunda:
-        worker, _ = worker_for(camunda, work)
+        worker, _ = worker_for(camunda, redis_client, work)
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         await asyncio.wait_for(polling.wait(), 5)
@@ -179,7 +187,7 @@ async def test_stop_cancels_the_long_poll_and_unlocks_what_is_still_held() -> No
     assert [name for name in engine.actions() if name == "unlock"] == ["unlock"]
 
 
-async def test_a_refused_lock_extension_marks_the_lock_lost() -> None:
+async def test_a_refused_lock_extension_marks_the_lock_lost(redis_client: aioredis.Redis) -> None:
     seen_lost: list[bool] = []
     finished = asyncio.Event()
     handed_out = False
@@ -203,7 +211,7 @@ async def test_a_refused_lock_extension_marks_the_lock_lost() -> None:
 
     engine = FakeEngine({"fetchAndLock": fetch, "extendLock": extend, "external-task": empty_list})
     async with engine.client() as camunda:
-        worker, metrics = worker_for(camunda, work, lock_duration_ms=200)
+        worker, metrics = worker_for(camunda, redis_client, work, lock_duration_ms=200)
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         await asyncio.wait_for(finished.wait(), 5)
@@ -214,3 +222,41 @@ async def test_a_refused_lock_extension_marks_the_lock_lost() -> None:
         metrics.registry.get_sample_value("flowgate_worker_lock_lost_total", {"topic": "p.work"})
         == 1
     )
+
+
+async def test_no_work_is_fetched_while_redis_is_away_and_it_resumes_after(redis_url: str) -> None:
+    """A worker that could not record an outcome must not take work (nor burn retries)."""
+    target = urlsplit(redis_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
+    await proxy.up()
+    redis = aioredis.Redis(port=proxy.port, socket_timeout=1, socket_connect_timeout=1)
+    fetched = 0
+
+    async def fetch(request: httpx.Request, body: Any) -> httpx.Response:
+        nonlocal fetched
+        fetched += 1
+        await asyncio.sleep(0.05)
+        return httpx.Response(200, json=[])
+
+    async def work(data: In) -> None: ...
+
+    engine = FakeEngine({"fetchAndLock": fetch, "external-task": empty_list})
+    try:
+        async with engine.client() as camunda:
+            worker, metrics = worker_for(camunda, redis, work)
+            stop = asyncio.Event()
+            running = asyncio.create_task(worker.run(stop))
+            await until(lambda: fetched > 0, what="a first poll")
+            await proxy.down()
+            await until(lambda: not worker.health()[1]["redisUp"], what="Redis missed")
+            during = fetched
+            await asyncio.sleep(1.5)
+            assert fetched <= during + 1  # at most the poll already on its way
+            assert metrics.registry.get_sample_value("flowgate_worker_redis_up") == 0
+            await proxy.up()
+            await until(lambda: fetched > during + 1, timeout_s=10, what="polling again")
+            stop.set()
+            await asyncio.wait_for(running, 10)
+    finally:
+        await redis.aclose()
+        await proxy.down()
