@@ -7,9 +7,14 @@ KUSTOMIZE_VERSION := v5.5.0
 # Tools installed into the venv (kustomize) are found by the tests.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install engine up down ps logs deploy-bpmn test test-fast lint format bench bench-smoke clean
+.PHONY: bootstrap install engine up down ps logs deploy-bpmn test test-fast lint format bench bench-smoke clean
 
-install: $(STAMP)
+# System packages (Redis, PostgreSQL, nginx, wrk, JDK, Maven, venv): installs what is missing
+# as root, or prints the one command to run (deploy/local/bootstrap.py holds the list).
+bootstrap:
+	@python3 deploy/local/bootstrap.py
+
+install: bootstrap $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,7 +30,7 @@ engine: $(STAMP)
 	$(PY) -c "from deploy.local.servers import build_engine; print(build_engine())"
 
 # The whole local stack as native background processes (see deploy/local/stack.py).
-up: $(STAMP)
+up: bootstrap $(STAMP)
 	$(PY) -m deploy.local.stack up
 
 down:
@@ -42,7 +47,7 @@ deploy-bpmn: $(STAMP)
 	$(PY) -m shared.deployment
 
 # Every test, starting the real servers it needs (Redis, Postgres, the Camunda engine).
-test: $(STAMP) engine
+test: bootstrap $(STAMP) engine
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
@@ -57,10 +62,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: $(STAMP) engine
+bench: bootstrap $(STAMP) engine
 	$(PY) -m bench
 
-bench-smoke: $(STAMP) engine
+bench-smoke: bootstrap $(STAMP) engine
 	$(PY) -m bench --smoke
 
 clean:

@@ -23,6 +23,8 @@ from shared.state import ProcessState
 
 #: The variable holding the run's correlationId (the engine's businessKey holds it too).
 CORRELATION_ID = "correlationId"
+#: A pending run's ``data`` until a step reports progress (the seed's).
+QUEUED: dict[str, Any] = {"step": "queued"}
 
 
 @dataclass(frozen=True, slots=True)

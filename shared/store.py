@@ -29,7 +29,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from shared.contract import StartFailed, SystemVariables
+from shared.contract import QUEUED, StartFailed, SystemVariables
 from shared.eventlog import EventRecord
 from shared.keys import Keys
 from shared.state import STATE_JSON_LUA, ProcessState, Status, dump_json, iso
@@ -277,7 +277,7 @@ class ProcessStore:
             traceability_id=ids.traceability_id,
             batch_id=ids.batch_id,
             application_id=ids.application_id,
-            data=None,
+            data=QUEUED,
             error=None,
             started_at=now,
             updated_at=now,

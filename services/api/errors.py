@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -24,20 +25,32 @@ RETRY_LATER_S = 5
 
 
 class ApiError(Exception):
-    """Raised anywhere in a request; answered as :class:`ErrorBody`."""
+    """Raised anywhere in a request; answered as :class:`ErrorBody` (Fastify's shape)."""
 
     def __init__(
         self,
         status_code: int,
-        error: str,
+        message: str,
         *,
         field: str | None = None,
         headers: dict[str, str] | None = None,
+        **extra: Any,
     ) -> None:
-        super().__init__(error)
+        super().__init__(message)
         self.status_code = status_code
-        self.body = ErrorBody(error=error, field=field)
+        self.body = ErrorBody.of(status_code, message, field=field, **extra)
         self.headers = headers or {}
+
+    @classmethod
+    def unknown_run(cls, correlation_id: str) -> ApiError:
+        """404 for a correlationId no store knows, as the seed's clients read it."""
+        return cls(
+            404,
+            f"no process with correlationId {correlation_id!r}",
+            field="correlationId",
+            status="not_found",
+            correlationId=correlation_id,
+        )
 
     @classmethod
     def of(cls, failed: StartFailed) -> ApiError:
@@ -61,7 +74,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
         404: f"no such endpoint: {request.url.path}",
         405: f"method {request.method} not allowed",
     }
-    body = ErrorBody(error=message.get(exc.status_code, str(exc.detail)))
+    body = ErrorBody.of(exc.status_code, message.get(exc.status_code, str(exc.detail)))
     return JSONResponse(body, status_code=exc.status_code, headers=dict(exc.headers or {}))
 
 
@@ -70,7 +83,7 @@ def unavailable(name: str) -> Handler:
 
     async def handler(request: Request, exc: Exception) -> Response:
         log.warning("%s unavailable", name, extra={"error": repr(exc), "path": request.url.path})
-        body = ErrorBody(error=f"{name} is unavailable; retry later")
+        body = ErrorBody.of(503, f"{name} is unavailable; retry later")
         return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_LATER_S)})
 
     return handler
@@ -79,7 +92,7 @@ def unavailable(name: str) -> Handler:
 async def internal_error(request: Request, exc: Exception) -> Response:
     """A bug: logged with its traceback, answered as JSON like every other error."""
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
-    return JSONResponse(ErrorBody(error="internal error"), status_code=500)
+    return JSONResponse(ErrorBody.of(500, "internal error"), status_code=500)
 
 
 async def client_gone(request: Request, exc: Exception) -> Response:

@@ -20,7 +20,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from services.api.auth import Access, Auth
 from services.api.routes import MAX_PAGE, Endpoint, Reply
-from services.api.schemas import CORRELATION_ID_PATTERN, ErrorBody
+from services.api.schemas import ID_PATTERN, ErrorBody
 
 _ERRORS = {
     400: "Malformed JSON, or a missing or invalid field (named in `field`).",
@@ -59,9 +59,9 @@ PARAMETERS: dict[str, dict[str, Any]] = {
     "correlationId": {
         "in": "path",
         # `all` is the list endpoint's path, not an id.
-        "schema": {"type": "string", "pattern": r"^(?!all$)" + CORRELATION_ID_PATTERN[1:]},
+        "schema": {"type": "string", "pattern": r"^(?!all$)" + ID_PATTERN[1:]},
     },
-    "id": {"in": "path", "schema": {"type": "string", "pattern": CORRELATION_ID_PATTERN}},
+    "id": {"in": "path", "schema": {"type": "string", "pattern": ID_PATTERN}},
     "by": {
         "in": "query",
         "schema": {"type": "string", "enum": ["traceabilityId", "correlationId"]},
@@ -116,7 +116,7 @@ def _parameter(name: str) -> dict[str, Any]:
 def _operation(endpoint: Endpoint, auth: Auth) -> dict[str, Any]:
     errors = list(endpoint.errors)
     operation: dict[str, Any] = {
-        "operationId": _camel(endpoint.handler.__name__),
+        "operationId": endpoint.operation or _camel(endpoint.handler.__name__),
         "summary": endpoint.summary,
     }
     if endpoint.description:

@@ -30,7 +30,7 @@ from services.api.metrics import CONTENT_TYPE
 from services.api.parsing import int_param, parse_model, read_json, wait_budget
 from services.api.persistence import db
 from services.api.schemas import (
-    CORRELATION_ID_PATTERN,
+    ID_PATTERN,
     CompleteAck,
     CompleteRequest,
     EventLog,
@@ -54,7 +54,7 @@ from shared.store import InvalidCursor
 
 log = logging.getLogger(__name__)
 
-_CORRELATION_ID = re.compile(CORRELATION_ID_PATTERN)
+_ID = re.compile(ID_PATTERN)
 _STATUS_CODES = {Status.OK: 200, Status.PENDING: 202, Status.ERROR: 500}
 MAX_PAGE = 500
 #: A start may take this long for its engine call even when the client asked not to wait.
@@ -114,9 +114,7 @@ async def process_status(request: Request) -> Response:
         raise ApiError.of(result.outcome)
     state = result.outcome or await d.runs.stored(correlation_id)
     if state is None:
-        raise ApiError(
-            404, f"no process with correlationId {correlation_id!r}", field="correlationId"
-        )
+        raise ApiError.unknown_run(correlation_id)
     if state.status is Status.ABANDONED:  # its start never reached the engine: say why
         raise ApiError.of(StartFailed.of(state))
     url = status_url(correlation_id)
@@ -137,8 +135,7 @@ async def list_processes(request: Request) -> Response:
         states, next_cursor = await d.store.page(cursor=cursor, limit=limit)
     except InvalidCursor as exc:
         raise ApiError(400, str(exc), field="cursor") from exc
-    page = StatusPage(items=[ProcessStatus.of(s) for s in states], nextCursor=next_cursor)
-    return JSONResponse(page)
+    return JSONResponse(StatusPage.of(states, next_cursor))
 
 
 async def complete_process(request: Request) -> Response:
@@ -154,9 +151,7 @@ async def complete_process(request: Request) -> Response:
         event=_completion_event(state, body),
     )
     if not changed and await d.runs.get(body.correlationId) is None:
-        raise ApiError(
-            404, f"no process with correlationId {body.correlationId!r}", field="correlationId"
-        )
+        raise ApiError.unknown_run(body.correlationId)
     return JSONResponse(CompleteAck(changed=changed))
 
 
@@ -168,7 +163,7 @@ async def event_log(request: Request) -> Response:
     by = request.query_params.get("by", "any")
     if by not in ("any", "traceabilityId", "correlationId"):
         raise ApiError(400, "by must be traceabilityId or correlationId", field="by")
-    return JSONResponse(EventLog(events=await d.runs.events(key, by)))
+    return JSONResponse(EventLog(eventLog=await d.runs.events(key, by)))
 
 
 # --- operations --------------------------------------------------------------------------------
@@ -224,8 +219,8 @@ async def docs(request: Request) -> Response:
 
 def _path_id(request: Request, name: str) -> str:
     value: str = request.path_params[name]
-    if not _CORRELATION_ID.fullmatch(value):
-        raise ApiError(400, f"{name} must match {CORRELATION_ID_PATTERN}", field=name)
+    if not _ID.fullmatch(value):
+        raise ApiError(400, f"{name}: no control characters, at most 255", field=name)
     return value
 
 
@@ -314,6 +309,8 @@ class Endpoint:
     replies: Mapping[int, Reply] = field(default_factory=dict)
     #: Error statuses answered with an ErrorBody (401 is added where credentials apply).
     errors: tuple[int, ...] = ()
+    #: The OpenAPI operationId, when the handler's name is taken by another path.
+    operation: str | None = None
 
 
 _RUN_HEADERS = ("Content-Location",)
@@ -384,17 +381,24 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         replies={200: Reply("Received.", CompleteAck)},
         errors=(400, 404, 413, 415, 503),
     ),
-    Endpoint(
-        "GET",
-        "/api/event-log/{id}",
-        event_log,
-        Access.CLIENT,
-        "The audit trail of one run, in step order.",
-        "By traceabilityId; by correlationId when no run has that traceabilityId, or with "
-        "`?by=correlationId`.",
-        parameters=("id", "by"),
-        replies={200: Reply("The events.", EventLog)},
-        errors=(400, 503),
+    *(
+        Endpoint(
+            "GET",
+            path,
+            event_log,
+            Access.CLIENT,
+            "The audit trail of one run, in step order (an unknown id has none).",
+            "By traceabilityId; by correlationId when no run has that traceabilityId, or with "
+            "`?by=correlationId`. The seed serves it under both paths.",
+            parameters=("id", "by"),
+            replies={200: Reply("The events.", EventLog)},
+            errors=(400, 503),
+            operation=operation,
+        )
+        for path, operation in (
+            ("/api/event-log/{id}", None),
+            ("/api/process/event-log/{id}", "processEventLog"),
+        )
     ),
     Endpoint(
         "GET", "/healthz", healthz, Access.PUBLIC, "Alive.", replies={200: Reply("Alive.", Health)}

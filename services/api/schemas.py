@@ -1,48 +1,82 @@
 """HTTP bodies: pydantic models at the edge, orjson on the wire.
 
 Field names are the wire names (camelCase, the seed's), so the models, the OpenAPI document
-(services/api/openapi.py) and the JSON a client sees are the same thing.
+(services/api/openapi.py) and the JSON a client sees are the same thing. Where the seed's
+clients read a shape (CONTRACT.md "Compatibility with the seed's clients"), flowgate keeps
+it and only adds beside it.
 """
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import orjson
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_serializer,
+    field_validator,
+)
 from starlette.responses import Response
 
 from shared.eventlog import EventRecord
 from shared.state import ProcessState, iso
 from shared.variables import VariableError, to_camunda
 
-#: Becomes part of Redis keys, channel names and URLs: no glob characters (the wait room's
-#: PSUBSCRIBE pattern), no hash-tag braces, no slash, no whitespace.
-CORRELATION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
-#: Engine process keys are NCName-like: letters, digits, ``._-``.
-PROCESS_KEY_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+#: Any text the seed accepts (its clients use business ids: an e-mail, ``order 42``), but
+#: what cannot be one URL path segment or a sane key: a slash, control characters, more
+#: than 255 characters. Every URL flowgate returns percent-encodes it.
+ID_PATTERN = r"^[^/\x00-\x1f\x7f-\x9f]{1,255}$"
+
+
+def _number_as_text(value: Any) -> Any:
+    """The seed's schema coerces a number to its string (Fastify/ajv ``coerceTypes``)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def _text_or_number(description: str, example: str) -> WithJsonSchema:
+    """What a client may send: the text, or a number that stands for it."""
+    return WithJsonSchema(
+        {
+            "anyOf": [{"type": "string", "pattern": ID_PATTERN}, {"type": "number"}],
+            "description": description,
+            "examples": [example],
+        },
+        mode="validation",
+    )
+
 
 CorrelationId = Annotated[
     str,
-    Field(
-        pattern=CORRELATION_ID_PATTERN,
-        description="Client-chosen id of one run: letters, digits and `._:-`, 1-128 chars.",
-        examples=["user-123-2025-10-28"],
+    Field(pattern=ID_PATTERN),
+    BeforeValidator(_number_as_text),
+    _text_or_number(
+        "Client-chosen id of one run (a business id: `user@example.com`, `order 42`); no `/`"
+        " or control characters, at most 255 characters; a number stands for its string.",
+        "user-123-2025-10-28",
     ),
 ]
 ProcessKey = Annotated[
     str,
-    Field(
-        pattern=PROCESS_KEY_PATTERN,
-        description="Key of a deployed BPMN process definition.",
-        examples=["onboard-user"],
-    ),
+    Field(pattern=ID_PATTERN),
+    BeforeValidator(_number_as_text),
+    _text_or_number("Key of a deployed BPMN process definition.", "onboard-user"),
 ]
-Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+Timestamp = Annotated[
+    str, Field(json_schema_extra={"format": "date-time"}, examples=["2025-01-31T12:00:00.123Z"])
+]
 
 
 def status_url(correlation_id: str) -> str:
-    return f"/api/process/status/{correlation_id}"
+    """The run's status URL, its id percent-encoded (a path segment of any text)."""
+    return f"/api/process/status/{quote(correlation_id, safe='')}"
 
 
 # --- requests ------------------------------------------------------------------------------
@@ -193,10 +227,18 @@ class ProcessStatus(BaseModel):
 
 
 class StatusPage(BaseModel):
-    items: list[ProcessStatus]
+    """The seed's list (``count``, ``processes``), a page at a time."""
+
+    count: int = Field(description="How many processes this page holds.")
+    processes: list[ProcessStatus]
     nextCursor: str | None = Field(
         description="Pass as `cursor` for the next page; null at the end."
     )
+
+    @classmethod
+    def of(cls, states: list[ProcessState], next_cursor: str | None) -> StatusPage:
+        processes = [ProcessStatus.of(state) for state in states]
+        return cls(count=len(processes), processes=processes, nextCursor=next_cursor)
 
 
 class CompleteAck(BaseModel):
@@ -205,13 +247,31 @@ class CompleteAck(BaseModel):
 
 
 class EventLog(BaseModel):
-    # The seed's event_log columns, snake_case as in the table (shared/eventlog.py).
-    events: list[EventRecord] = Field(description="In step order.")
+    """The seed's answer: its ``event_log`` rows, snake_case as in the table."""
+
+    eventLog: list[EventRecord] = Field(description="In step order.")
+
+    @field_serializer("eventLog")
+    def _rows(self, rows: list[EventRecord]) -> list[dict[str, Any]]:
+        return [{**row.to_dict(), "created_at": iso(row.created_at)} for row in rows]
 
 
 class ErrorBody(BaseModel):
-    error: str = Field(description="What is wrong, in words.")
+    """Fastify's error shape (``statusCode``, ``error``, ``message``), which the seed's
+    clients log, plus the field at fault; an unknown run also says ``status: not_found``."""
+
+    statusCode: int
+    error: str = Field(description="The status's reason phrase (`Bad Request`).")
+    message: str = Field(description="What is wrong, in words; names the field at fault.")
     field: str | None = Field(default=None, description="The request field at fault, if one.")
+    status: Literal["not_found"] | None = None
+    correlationId: str | None = None
+
+    @classmethod
+    def of(cls, status_code: int, message: str, **extra: Any) -> ErrorBody:
+        return cls(
+            statusCode=status_code, error=HTTPStatus(status_code).phrase, message=message, **extra
+        )
 
 
 class Health(BaseModel):

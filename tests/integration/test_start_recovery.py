@@ -100,7 +100,7 @@ async def test_a_start_the_engine_never_took_is_given_up_after_its_window(
                 f"/api/process/status/{correlation_id}", params={"wait": 20}
             )
             assert status.status_code == 503
-            assert "did not confirm" in status.json()["error"]
+            assert "did not confirm" in status.json()["message"]
             assert status.headers["retry-after"].isdigit()
     assert await instances(engine_url, correlation_id) == []
     # Retrying with the same id now starts exactly one instance.
@@ -128,7 +128,7 @@ async def test_a_claim_whose_start_was_never_sent_is_given_up_within_seconds(
         status = await api.client.get(f"/api/process/status/{correlation_id}", params={"wait": 20})
         assert asyncio.get_running_loop().time() - began < 5
         assert status.status_code == 503
-        assert "interrupted" in status.json()["error"]
+        assert "interrupted" in status.json()["message"]
         retry = await api.client.post(
             "/api/process/start", json=start_body(correlation_id), headers={"Prefer": "wait=0"}
         )

@@ -76,7 +76,7 @@ async def test_claim_creates_exactly_once_under_concurrency(
     results = await asyncio.gather(*(claim(store, "cid-1") for _ in range(50)))
 
     assert sum(created for _, created in results) == 1
-    assert len({state for state, _ in results}) == 1
+    assert all(state == results[0][0] for state, _ in results)
     state = results[0][0]
     assert state.status is Status.PENDING
     assert state.version == 1

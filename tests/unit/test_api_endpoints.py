@@ -21,6 +21,7 @@ EXPECTED_ACCESS = {
     ("GET", "/api/process/status/{correlationId}"): Access.CLIENT,
     ("POST", "/api/process/complete"): Access.COMPLETER,
     ("GET", "/api/event-log/{id}"): Access.CLIENT,
+    ("GET", "/api/process/event-log/{id}"): Access.CLIENT,
     ("GET", "/healthz"): Access.PUBLIC,
     ("GET", "/readyz"): Access.PUBLIC,
     ("GET", "/metrics"): Access.OPERATOR,
