@@ -7,7 +7,8 @@ KUSTOMIZE_VERSION := v5.5.0
 # Tools installed into the venv (kustomize) are found by the tests.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: bootstrap install engine up down ps logs deploy-bpmn test test-fast lint format bench bench-smoke clean
+.PHONY: bootstrap install engine engine-operaton up down ps logs deploy-bpmn test test-operaton \
+	test-fast lint format bench bench-smoke clean
 
 # System packages (Redis, PostgreSQL, nginx, wrk, JDK, Maven, venv): installs what is missing
 # as root, or prints the one command to run (deploy/local/bootstrap.py holds the list).
@@ -27,7 +28,10 @@ $(STAMP): pyproject.toml
 
 # The Camunda engine jar (deploy/camunda); rebuilt only when its sources change.
 engine: $(STAMP)
-	$(PY) -c "from deploy.local.servers import build_engine; print(build_engine())"
+	$(PY) -c "from deploy.local.servers import build_engine; print(build_engine('camunda'))"
+
+engine-operaton: $(STAMP)
+	$(PY) -c "from deploy.local.servers import build_engine; print(build_engine('operaton'))"
 
 # The whole local stack as native background processes (see deploy/local/stack.py).
 up: bootstrap $(STAMP)
@@ -49,6 +53,10 @@ deploy-bpmn: $(STAMP)
 # Every test, starting the real servers it needs (Redis, Postgres, the Camunda engine).
 test: bootstrap $(STAMP) engine
 	$(PY) -m pytest
+
+# The engine-facing tests against Operaton (deploy/camunda/pom.xml, profile `operaton`).
+test-operaton: bootstrap $(STAMP) engine-operaton
+	FLOWGATE_ENGINE=operaton $(PY) -m pytest -m engine
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit

@@ -32,7 +32,7 @@ from urllib.parse import quote
 import httpx
 import orjson
 
-from shared.variables import from_camunda, parse_date, to_camunda
+from shared.variables import format_date, from_camunda, parse_date, to_camunda
 
 #: Added to ``asyncResponseTimeout`` for the HTTP read timeout of a long poll, so the
 #: engine's empty answer arrives before our own timeout fires.
@@ -147,6 +147,7 @@ class LockedTask:
     priority: int
     lock_expiration_time: datetime | None
     variables: dict[str, Any] = field(default_factory=dict)
+    activity_instance_id: str | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> LockedTask:
@@ -163,6 +164,7 @@ class LockedTask:
             priority=body.get("priority") or 0,
             lock_expiration_time=parse_date(lock_expiration) if lock_expiration else None,
             variables=from_camunda(body.get("variables") or {}),
+            activity_instance_id=body.get("activityInstanceId"),
         )
 
 
@@ -174,6 +176,86 @@ class ProcessInstance:
     definition_id: str
     business_key: str | None
     ended: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EndedInstance:
+    """A process instance's history record once it has ended.
+
+    ``state``: COMPLETED (reached an end), EXTERNALLY_TERMINATED (deleted), or
+    INTERNALLY_TERMINATED (ended by a terminate event or an unhandled error).
+    """
+
+    id: str
+    business_key: str | None
+    state: str
+    end_time: datetime
+    delete_reason: str | None
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> EndedInstance:
+        return cls(
+            id=body["id"],
+            business_key=body.get("businessKey"),
+            state=str(body.get("state")),
+            end_time=parse_date(body["endTime"]),
+            delete_reason=body.get("deleteReason"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EndedActivity:
+    """One activity instance (a step: a task, an event, a gateway) once it has ended."""
+
+    id: str
+    activity_id: str
+    activity_name: str | None
+    activity_type: str
+    process_definition_key: str | None
+    process_instance_id: str
+    root_process_instance_id: str
+    end_time: datetime
+    canceled: bool
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> EndedActivity:
+        return cls(
+            id=body["id"],
+            activity_id=body["activityId"],
+            activity_name=body.get("activityName"),
+            activity_type=str(body.get("activityType")),
+            process_definition_key=body.get("processDefinitionKey"),
+            process_instance_id=body["processInstanceId"],
+            root_process_instance_id=body.get("rootProcessInstanceId") or body["processInstanceId"],
+            end_time=parse_date(body["endTime"]),
+            canceled=bool(body.get("canceled")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """An incident's history record (a job or external task out of retries, ...)."""
+
+    id: str
+    process_instance_id: str | None
+    root_process_instance_id: str | None
+    activity_id: str | None
+    incident_type: str
+    message: str | None
+    create_time: datetime
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> Incident:
+        return cls(
+            id=body["id"],
+            process_instance_id=body.get("processInstanceId"),
+            root_process_instance_id=body.get("rootProcessInstanceId")
+            or body.get("processInstanceId"),
+            activity_id=body.get("activityId"),
+            incident_type=str(body.get("incidentType")),
+            message=body.get("incidentMessage"),
+            create_time=parse_date(body["createTime"]),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,24 +480,7 @@ class CamundaClient:
         response = await self._send("GET", "/external-task", params=params)
         return [LockedTask.from_json(task) for task in _body(response)]
 
-    async def set_retries(self, task_id: str, retries: int) -> None:
-        """Set a task's retries; above 0 this resolves its incident."""
-        body = {"retries": retries}
-        await self._send("PUT", f"/external-task/{_segment(task_id)}/retries", json=body)
-
-    # --- queries (filters use the engine's query parameter names) ------------------------
-
-    async def process_instance(self, instance_id: str) -> JsonObject | None:
-        """The running instance, or ``None`` once it has ended (or never existed)."""
-        return await self._get_or_none(f"/process-instance/{_segment(instance_id)}")
-
-    async def historic_process_instance(self, instance_id: str) -> JsonObject | None:
-        """The instance's history record (``state``: ACTIVE, COMPLETED, ...) or ``None``."""
-        return await self._get_or_none(f"/history/process-instance/{_segment(instance_id)}")
-
-    async def historic_process_instances(self, **filters: QueryValue) -> list[JsonObject]:
-        """History records, e.g. ``historic_process_instances(processInstanceBusinessKey=…)``."""
-        return _objects(await self._send("GET", "/history/process-instance", params=filters))
+    # --- queries -----------------------------------------------------------------------
 
     async def historic_process_instances_with(
         self, *, business_key: str, variables_equal: Mapping[str, str]
@@ -434,47 +499,47 @@ class CamundaClient:
         }
         return _objects(await self._send("POST", "/history/process-instance", json=body))
 
-    async def process_variables(self, instance_id: str) -> dict[str, Any]:
-        """The running instance's variables, decoded."""
-        path = f"/process-instance/{_segment(instance_id)}/variables"
-        response = await self._send("GET", path, params={"deserializeValues": False})
-        return from_camunda(_body(response))
+    # --- what happened: history, for the runs whose steps flowgate did not run ----------
 
-    async def historic_variables(self, instance_id: str) -> dict[str, Any]:
-        """The instance's variables from history, decoded: works after it has ended."""
-        params: dict[str, QueryValue] = {
-            "processInstanceId": instance_id,
-            "deserializeValues": False,
-        }
-        response = await self._send("GET", "/history/variable-instance", params=params)
-        return from_camunda({variable["name"]: variable for variable in _body(response)})
+    async def ended_instances(self, after: datetime, *, max_results: int) -> list[EndedInstance]:
+        """Process instances that ended at or after ``after``, oldest end first."""
+        params = _since("finishedAfter", after, max_results, "endTime")
+        response = await self._send("GET", "/history/process-instance", params=params)
+        return [EndedInstance.from_json(item) for item in _body(response)]
 
-    async def incidents(self, *, process_instance_id: str | None = None) -> list[JsonObject]:
-        params: dict[str, QueryValue] = {}
-        if process_instance_id is not None:
-            params["processInstanceId"] = process_instance_id
-        return _objects(await self._send("GET", "/incident", params=params))
+    async def ended_activities(self, after: datetime, *, max_results: int) -> list[EndedActivity]:
+        """Activity instances (of every process) that ended at or after ``after``."""
+        params = _since("finishedAfter", after, max_results, "endTime")
+        response = await self._send("GET", "/history/activity-instance", params=params)
+        return [EndedActivity.from_json(item) for item in _body(response)]
 
-    async def external_tasks(self, **filters: QueryValue) -> list[JsonObject]:
-        """External tasks, e.g. ``external_tasks(processInstanceId=…, topicName=…)``."""
-        return _objects(await self._send("GET", "/external-task", params=filters))
+    async def incidents_since(self, after: datetime, *, max_results: int) -> list[Incident]:
+        """Incidents (open, or resolved since) created at or after ``after``."""
+        params = _since("createTimeAfter", after, max_results, "createTime")
+        response = await self._send("GET", "/history/incident", params=params)
+        return [Incident.from_json(item) for item in _body(response)]
 
-    async def process_definitions(self, key: str | None = None) -> list[JsonObject]:
-        params: dict[str, QueryValue] = {} if key is None else {"key": key}
-        return _objects(await self._send("GET", "/process-definition", params=params))
+    async def root_variables(self, instance_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Each instance's process-level variables (not those of its inner scopes), decoded,
+        from history: this works for instances that have ended."""
+        if not instance_ids:
+            return {}
+        body = {"processInstanceIdIn": list(instance_ids)}
+        response = await self._send(
+            "POST", "/history/variable-instance", json=body, params={"deserializeValues": False}
+        )
+        found: dict[str, dict[str, Mapping[str, Any]]] = {i: {} for i in instance_ids}
+        for variable in _body(response):
+            instance = variable.get("processInstanceId")
+            if instance in found and variable.get("activityInstanceId") == instance:
+                found[instance][variable["name"]] = variable
+        return {instance: from_camunda(variables) for instance, variables in found.items()}
 
     async def delete_process_instance(self, instance_id: str) -> None:
+        """Delete a running instance (its history stays, EXTERNALLY_TERMINATED)."""
         await self._send("DELETE", f"/process-instance/{_segment(instance_id)}")
 
     # --- plumbing -----------------------------------------------------------------------
-
-    async def _get_or_none(self, path: str) -> JsonObject | None:
-        try:
-            response = await self._send("GET", path)
-        except NotFound:
-            return None
-        found: JsonObject = _body(response)
-        return found
 
     async def _send(
         self,
@@ -549,6 +614,16 @@ def _objects(response: httpx.Response) -> list[JsonObject]:
     """A query's answer: a JSON array of objects."""
     objects: list[JsonObject] = _body(response)
     return objects
+
+
+def _since(name: str, after: datetime, max_results: int, sort_by: str) -> dict[str, QueryValue]:
+    """A history query's parameters: from ``after`` on, oldest first, one page."""
+    return {
+        name: format_date(after),
+        "sortBy": sort_by,
+        "sortOrder": "asc",
+        "maxResults": max_results,
+    }
 
 
 def _segment(value: str) -> str:

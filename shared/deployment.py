@@ -1,4 +1,5 @@
-"""Deploy every ``bpmn/*.bpmn``: ``python -m shared.deployment``, or ``flowgate-deploy``.
+"""Deploy every ``*.bpmn`` of ``BPMN_DIR`` (default ``bpmn/``): ``python -m shared.deployment``,
+``flowgate-deploy`` or ``make deploy-bpmn``.
 
 All files go in one deployment named ``flowgate`` with duplicate filtering and
 deploy-changed-only, so running it again (every ``make up``, every replica start) creates
@@ -13,16 +14,15 @@ import time
 from pathlib import Path
 
 from shared.camunda import CamundaClient, CamundaError, EngineUnavailable
-from shared.settings import load_settings
+from shared.settings import BUNDLED_BPMN, load_settings
 
 DEPLOYMENT_NAME = "flowgate"
-BPMN_DIRECTORY = Path(__file__).resolve().parent.parent / "bpmn"
 #: How long main() waits for the engine to answer (it may still be starting).
 ENGINE_WAIT_S = 60.0
 _RETRY_INTERVAL_S = 1.0
 
 
-async def deploy_directory(client: CamundaClient, directory: Path = BPMN_DIRECTORY) -> list[str]:
+async def deploy_directory(client: CamundaClient, directory: Path = BUNDLED_BPMN) -> list[str]:
     """Deploy ``directory/*.bpmn``; return the definitions created, as ``key:version``.
 
     An empty list means the engine already had every file unchanged.
@@ -40,13 +40,13 @@ def _read_bpmn(directory: Path) -> dict[str, bytes]:
     return files
 
 
-async def _deploy_when_ready(base_url: str, wait_s: float) -> list[str]:
+async def _deploy_when_ready(base_url: str, directory: Path, wait_s: float) -> list[str]:
     """Retry while the engine is unreachable (it may be starting), up to ``wait_s``."""
     deadline = time.monotonic() + wait_s
     async with CamundaClient(base_url) as client:
         while True:
             try:
-                return await deploy_directory(client)
+                return await deploy_directory(client, directory)
             except EngineUnavailable:
                 if time.monotonic() >= deadline:
                     raise
@@ -57,9 +57,13 @@ def main() -> None:
     """CLI: deploy to ``CAMUNDA_BASE_URL`` and say what changed."""
     settings = load_settings()
     try:
-        created = asyncio.run(_deploy_when_ready(settings.camunda_base_url, ENGINE_WAIT_S))
+        created = asyncio.run(
+            _deploy_when_ready(settings.camunda_base_url, settings.bpmn_dir, ENGINE_WAIT_S)
+        )
     except CamundaError as exc:  # unreachable for ENGINE_WAIT_S, or a file the engine rejects
         sys.exit(f"flowgate-deploy: {settings.camunda_base_url}: {exc}")
+    except FileNotFoundError as exc:
+        sys.exit(f"flowgate-deploy: BPMN_DIR: {exc}")
     if created:
         print(f"deployed to {settings.camunda_base_url}: {', '.join(created)}")  # noqa: T201
     else:

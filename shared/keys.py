@@ -8,6 +8,14 @@ several environments can share one Redis server.
 ``{p}:index``                         sorted set: correlationIds by start time (paging)
 ``{p}:starts``                        sorted set: claims without an engine instance yet,
                                       scored by when to look after them (starter.py)
+``{p}:instances``                     hash: engine instance id -> correlationId of the
+                                      runs the watcher reads the history of
+``{p}:instances:ended``               sorted set: ended instances, scored by when the
+                                      watcher stops reading their history
+``{p}:steps:{correlationId}``         stream: the run's steps as they end (shared/steps.py)
+``{p}:steps:{correlationId}:seen``    set: activity instance ids recorded there already
+``{p}:watcher``                       string: the replica that watches the engine (lease)
+``{p}:watcher:mark``                  string: how far the watcher has read the history
 ``{p}:done:{correlationId}``          pub/sub channel: "this process just finished"
 ``{p}:wb``                            stream: write-behind entries for Postgres
 ``{p}:wb:dead``                       stream: entries Postgres refused too often
@@ -39,6 +47,28 @@ class Keys:
     @property
     def starts(self) -> str:
         return f"{self.prefix}:starts"
+
+    @property
+    def instances(self) -> str:
+        return f"{self.prefix}:instances"
+
+    @property
+    def instances_ended(self) -> str:
+        return f"{self.prefix}:instances:ended"
+
+    def steps(self, correlation_id: str) -> str:
+        return f"{self.prefix}:steps:{correlation_id}"
+
+    def steps_seen(self, correlation_id: str) -> str:
+        return f"{self.prefix}:steps:{correlation_id}:seen"
+
+    @property
+    def watcher(self) -> str:
+        return f"{self.prefix}:watcher"
+
+    @property
+    def watcher_mark(self) -> str:
+        return f"{self.prefix}:watcher:mark"
 
     def done(self, correlation_id: str) -> str:
         return f"{self.prefix}:done:{correlation_id}"

@@ -8,6 +8,7 @@ names the variable (see :func:`load_settings`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Self
 
 from pydantic import (
@@ -19,6 +20,10 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: What a worker serves and deploys unless told otherwise: the bundled examples.
+DEFAULT_PROCESSES = "services.worker.handlers:PROCESSES"
+BUNDLED_BPMN = Path(__file__).resolve().parent.parent / "bpmn"
 
 
 class Settings(BaseSettings):
@@ -39,9 +44,15 @@ class Settings(BaseSettings):
     # A start whose answer was lost is looked for this long before its claim is given up;
     # it must exceed CAMUNDA_TIMEOUT_MS.
     engine_start_window_ms: PositiveInt = 120_000
+    # How often the replica that watches the engine's history reads it (runs whose steps
+    # flowgate did not run end when their instance does; see services/api/watcher.py).
+    watch_interval_ms: PositiveInt = 100
 
     # --- the API: how long a request waits ---------------------------------------------
     sync_timeout_ms: Annotated[int, Field(ge=0)] = 25_000
+    # Where `make deploy-bpmn` / `flowgate-deploy` finds the *.bpmn files it deploys
+    # (default: the bundled examples, bpmn/).
+    bpmn_dir: Path = BUNDLED_BPMN
     # Upper bound for `Prefer: wait=N` and `?wait=N`; keep it under the load balancer's
     # read timeout (deploy/ sets those to 75 s).
     max_wait_ms: PositiveInt = 60_000
@@ -85,6 +96,9 @@ class Settings(BaseSettings):
     # The interface of the worker's /healthz and /metrics port (0.0.0.0 for probes from
     # outside the host, as in a container).
     worker_health_host: str = "127.0.0.1"
+    # The processes a worker serves: comma-separated `module:attribute` names of Process
+    # objects, registries or sequences of processes (services/worker/registry.py).
+    worker_processes: str = Field(default=DEFAULT_PROCESSES, min_length=1)
     # Names the worker's restart slots (default: the host name; see services/worker/identity.py).
     worker_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
     log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error)$")

@@ -60,6 +60,9 @@ class ProcessState:
     #: When the starter sent the engine's start call (None: not sent yet). From then on an
     #: engine instance may exist, so the claim is never given up without looking for it.
     start_sent_at: datetime | None = None
+    #: The start's ``fetchVariables``: the root variables a run the engine ends returns
+    #: (None: all of them but the system variables).
+    fetch_variables: Any = None
 
     @property
     def finished(self) -> bool:

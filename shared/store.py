@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -33,6 +34,11 @@ from shared.contract import QUEUED, StartFailed, SystemVariables
 from shared.eventlog import EventRecord
 from shared.keys import Keys
 from shared.state import STATE_JSON_LUA, ProcessState, Status, dump_json, iso
+from shared.steps import MAX_STEPS, StepEvent
+
+#: How long an ended run's engine instance stays watched: the engine's history of its last
+#: steps (the end event after the finishing task) is still recorded meanwhile.
+INSTANCE_LINGER_S = 10.0
 
 # KEYS: state, index, stream, starts. ARGV: cid, index score (ms), pending TTL (s), oldest
 # index score worth keeping (ms), when to look after the claim (ms), then the new hash's
@@ -80,8 +86,26 @@ return version
 """
 )
 
-# KEYS: state, stream, starts. ARGV: instance id, now (ISO), event body ('' = none), cid.
-# Returns 1 if recorded (or recorded before), 0 if the run is gone, -1 if it was abandoned.
+# record_step(state, steps, seen, stream, activity instance id, step JSON, audit JSON, max):
+# a step is recorded once (the worker and the history may both report it), with its audit
+# row, and lives as long as the run's state. Returns 1 if it was new.
+_RECORD_STEP_LUA = """
+local function record_step(state, steps, seen, stream, aid, step, audit, max)
+  if redis.call('SADD', seen, aid) == 0 then return 0 end
+  redis.call('XADD', steps, 'MAXLEN', '~', max, '*', 'step', step)
+  local ttl = redis.call('PTTL', state)
+  if ttl > 0 then
+    redis.call('PEXPIRE', steps, ttl)
+    redis.call('PEXPIRE', seen, ttl)
+  end
+  if audit ~= '' then redis.call('XADD', stream, '*', 'kind', 'event', 'body', audit) end
+  return 1
+end
+"""
+
+# KEYS: state, stream, starts, instances. ARGV: instance id, now (ISO), event body ('' =
+# none), cid. Returns 1 if recorded (or recorded before), 0 if the run is gone, -1 if it was
+# abandoned.
 _ATTACH_LUA = (
     STATE_JSON_LUA
     + """
@@ -97,14 +121,18 @@ redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('XADD', KEYS[2], '*', 'kind', 'state', 'body', state_json(KEYS[1]))
 if ARGV[3] ~= '' then redis.call('XADD', KEYS[2], '*', 'kind', 'event', 'body', ARGV[3]) end
 redis.call('ZREM', KEYS[3], ARGV[4])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[4])
 return 1
 """
 )
 
-# KEYS: state, stream, starts. ARGV: status, data JSON, error JSON, now (ISO), result TTL (s),
-# channel, event body ('' = none), cid. Returns 1 if the state changed.
+# KEYS: state, stream, starts, steps, steps seen, instances ended. ARGV: status, data JSON,
+# error JSON, now (ISO), result TTL (s), channel, audit body ('' = none), cid, step JSON ('' =
+# none), its activity instance id, max steps, when to forget the instance (ms). Returns 1 if
+# the state changed.
 _FINISH_LUA = (
     STATE_JSON_LUA
+    + _RECORD_STEP_LUA
     + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'data', ARGV[2], 'error', ARGV[3],
@@ -113,10 +141,28 @@ redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 local state = state_json(KEYS[1])
 redis.call('XADD', KEYS[2], '*', 'kind', 'state', 'body', state)
-if ARGV[7] ~= '' then redis.call('XADD', KEYS[2], '*', 'kind', 'event', 'body', ARGV[7]) end
+if ARGV[9] ~= '' then
+  record_step(KEYS[1], KEYS[4], KEYS[5], KEYS[2], ARGV[10], ARGV[9], ARGV[7], ARGV[11])
+elseif ARGV[7] ~= '' then
+  redis.call('XADD', KEYS[2], '*', 'kind', 'event', 'body', ARGV[7])
+end
+redis.call('EXPIRE', KEYS[4], ARGV[5])
+redis.call('EXPIRE', KEYS[5], ARGV[5])
 redis.call('ZREM', KEYS[3], ARGV[8])
+local instance = redis.call('HGET', KEYS[1], 'instanceId')
+if instance and instance ~= '' then redis.call('ZADD', KEYS[6], 'NX', ARGV[12], instance) end
 redis.call('PUBLISH', ARGV[6], state)
 return 1
+"""
+)
+
+# KEYS: state, steps, steps seen, stream. ARGV: activity instance id, step JSON, audit body
+# ('' = none), max steps. Returns 1 if the step was new, 0 if known or the run is gone.
+_STEP_LUA = (
+    _RECORD_STEP_LUA
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return record_step(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 """
 )
 
@@ -247,6 +293,7 @@ class ProcessStore:
         self._sending = redis.register_script(_SENDING_LUA)
         self._attach = redis.register_script(_ATTACH_LUA)
         self._finish = redis.register_script(_FINISH_LUA)
+        self._step = redis.register_script(_STEP_LUA)
         self._abandon = redis.register_script(_ABANDON_LUA)
         self._take = redis.register_script(_TAKE_LUA)
         self._page = redis.register_script(_PAGE_LUA)
@@ -257,6 +304,7 @@ class ProcessStore:
         process_key: str,
         request_hash: str,
         *,
+        fetch_variables: list[str] | None = None,
         look_after_s: float = 5.0,
     ) -> tuple[ProcessState, bool]:
         """Create the ``pending`` state, or return the one that exists.
@@ -282,6 +330,7 @@ class ProcessStore:
             started_at=now,
             updated_at=now,
             version=1,
+            fetch_variables=fetch_variables,
         )
         now_ms = _ms(now)
         oldest_ms = now_ms - (self._pending_ttl_s + self._result_ttl_s) * 1000
@@ -314,7 +363,8 @@ class ProcessStore:
         response) and, in the same step, its audit ``event``; False when the run no longer
         exists. Raises :class:`Abandoned` when its claim was given up meanwhile."""
         attached = await self._attach(
-            keys=[self._state(correlation_id), self._keys.writebehind, self._keys.starts],
+            keys=[self._state(correlation_id), self._keys.writebehind, self._keys.starts,
+                  self._keys.instances],
             args=[instance_id, iso(datetime.now(UTC)), event.to_json() if event else "",
                   correlation_id],
         )  # fmt: skip
@@ -330,30 +380,100 @@ class ProcessStore:
         data: Any = None,
         error: Any = None,
         event: EventRecord | None = None,
+        step: StepEvent | None = None,
     ) -> bool:
         """End a ``pending`` run and wake its waiters; True if this call changed it.
 
         The one way a run ends, whoever ends it (the ``/complete`` endpoint, a worker's
-        finishing step, an incident). ``event`` is its audit row, written in the same step.
-        A second finish, or one for an unknown (never claimed or expired) id, changes
-        nothing and returns False: the first outcome wins.
+        finishing step, an incident, the engine's end). ``event`` is its audit row and
+        ``step`` the step that ended it, both written in the same step. A second finish,
+        or one for an unknown (never claimed or expired) id, changes nothing and returns
+        False: the first outcome wins. The run's engine instance stays watched for
+        :data:`INSTANCE_LINGER_S` more, for its last steps.
         """
         if status not in (Status.OK, Status.ERROR):
             raise ValueError("finish() needs a terminal status (ok or error)")
+        cid = correlation_id
         changed = await self._finish(
-            keys=[self._state(correlation_id), self._keys.writebehind, self._keys.starts],
+            keys=[self._state(cid), self._keys.writebehind, self._keys.starts,
+                  self._keys.steps(cid), self._keys.steps_seen(cid),
+                  self._keys.instances_ended],
             args=[
                 status.value,
                 dump_json(data),
                 dump_json(error),
                 iso(datetime.now(UTC)),
                 self._result_ttl_s,
-                self._keys.done(correlation_id),
+                self._keys.done(cid),
                 event.to_json() if event else "",
-                correlation_id,
+                cid,
+                step.to_json() if step else "",
+                step.activity_instance_id if step else "",
+                MAX_STEPS,
+                _ms(datetime.now(UTC)) + int(INSTANCE_LINGER_S * 1000),
             ],
-        )
+        )  # fmt: skip
         return bool(changed)
+
+    async def record_step(
+        self, correlation_id: str, step: StepEvent, event: EventRecord | None = None
+    ) -> bool:
+        """Add a step to the run's record (once per activity instance), with its audit row;
+        True if it was new."""
+        cid = correlation_id
+        recorded = await self._step(
+            keys=[self._state(cid), self._keys.steps(cid), self._keys.steps_seen(cid),
+                  self._keys.writebehind],
+            args=[step.activity_instance_id, step.to_json(), event.to_json() if event else "",
+                  MAX_STEPS],
+        )  # fmt: skip
+        return bool(recorded)
+
+    async def steps(
+        self, correlation_id: str, *, after: str = "-", count: int = MAX_STEPS
+    ) -> list[tuple[str, StepEvent]]:
+        """The run's steps after stream id ``after`` (exclusive), oldest first, with ids."""
+        start = after if after == "-" else f"({after}"
+        entries = await self._redis.xrange(self._keys.steps(correlation_id), start, "+", count)
+        return [(_text(entry_id), _step_of(fields)) for entry_id, fields in _entries(entries)]
+
+    async def last_step(self, correlation_id: str) -> StepEvent | None:
+        """The step the run recorded last, or None (nothing has run yet)."""
+        entries = await self._redis.xrevrange(self._keys.steps(correlation_id), "+", "-", 1)
+        return next((_step_of(fields) for _, fields in _entries(entries)), None)
+
+    async def runs_of(self, instance_ids: Sequence[str]) -> dict[str, str]:
+        """The correlationIds of those engine instances that are runs not ended yet."""
+        if not instance_ids:
+            return {}
+        found = await self._redis.hmget(self._keys.instances, list(instance_ids))
+        return {
+            instance: _text(cid)
+            for instance, cid in zip(instance_ids, found, strict=True)
+            if cid is not None
+        }
+
+    async def watched(self) -> int:
+        """How many engine instances the watcher maps to runs now."""
+        return int(await self._redis.hlen(self._keys.instances))
+
+    async def forget_instances(self, instance_ids: Sequence[str]) -> None:
+        """Stop mapping these (ended) instances to their runs in :data:`INSTANCE_LINGER_S`:
+        history the engine commits late for them is still read meanwhile."""
+        if instance_ids:
+            at = _ms(datetime.now(UTC)) + int(INSTANCE_LINGER_S * 1000)
+            await self._redis.zadd(self._keys.instances_ended, dict.fromkeys(instance_ids, at))
+
+    async def forget_ended(self) -> int:
+        """Drop the instances whose time to be forgotten has come; how many."""
+        now = _ms(datetime.now(UTC))
+        due = await self._redis.zrangebyscore(self._keys.instances_ended, "-inf", now, 0, 1000)
+        if due:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hdel(self._keys.instances, *due)
+                pipe.zrem(self._keys.instances_ended, *due)
+                await pipe.execute()
+        return len(due)
 
     async def abandon(self, version: int, failed: StartFailed, *, unsent: bool = False) -> bool:
         """Give up a claim whose start did not reach the engine; True if it was given up.
@@ -396,6 +516,18 @@ class ProcessStore:
         fields = await self._redis.hgetall(self._state(correlation_id))
         return ProcessState.from_hash(fields) if fields else None
 
+    async def get_many(self, correlation_ids: Sequence[str]) -> dict[str, ProcessState]:
+        """The states Redis holds of these runs (one round trip)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for cid in correlation_ids:
+                pipe.hgetall(self._state(cid))
+            found = await pipe.execute()
+        return {
+            cid: ProcessState.from_hash(fields)
+            for cid, fields in zip(correlation_ids, found, strict=True)
+            if fields
+        }
+
     async def page(
         self, *, cursor: str | None, limit: int
     ) -> tuple[list[ProcessState], str | None]:
@@ -413,6 +545,15 @@ class ProcessStore:
 
     def _state(self, correlation_id: str) -> str:
         return self._keys.state(correlation_id)
+
+
+def _entries(response: Any) -> list[tuple[Any, dict[Any, Any]]]:
+    return cast(list[tuple[Any, dict[Any, Any]]], response)
+
+
+def _step_of(fields: dict[Any, Any]) -> StepEvent:
+    """The step of a steps-stream entry (read with or without decode_responses)."""
+    return StepEvent.from_json(fields.get(b"step") or fields["step"])
 
 
 def _ms(moment: datetime) -> int:

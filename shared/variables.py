@@ -68,7 +68,7 @@ def parse_date(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f%z")
 
 
-def _format_date(value: datetime) -> str:
+def format_date(value: datetime) -> str:
     """The engine's date format (Java ``yyyy-MM-dd'T'HH:mm:ss.SSSZ``): ms and ``+0200``."""
     return f"{value:%Y-%m-%dT%H:%M:%S}.{value.microsecond // 1000:03d}{value:%z}"
 
@@ -92,7 +92,7 @@ def _typed(name: str, value: Any) -> dict[str, Any]:  # noqa: C901 - one branch 
     if isinstance(value, datetime):
         if value.utcoffset() is None:
             raise VariableError(f"variable {name!r}: naive datetime; give it a time zone")
-        return {"type": "Date", "value": _format_date(value)}
+        return {"type": "Date", "value": format_date(value)}
     if isinstance(value, date):
         return {"type": "String", "value": value.isoformat()}
     if isinstance(value, bytes | bytearray):

@@ -27,7 +27,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE_DIR = ROOT / "deploy" / "camunda"
-ENGINE_JAR = ENGINE_DIR / "target" / "engine.jar"
+#: The engines deploy/camunda/pom.xml builds (one Maven profile each).
+ENGINES = ("camunda", "operaton")
+#: Which one the tests and the local stack run: ``FLOWGATE_ENGINE`` (default camunda).
+ENGINE = os.environ.get("FLOWGATE_ENGINE", "camunda")
 
 
 class ServerError(RuntimeError):
@@ -286,25 +289,38 @@ def _psql(workdir: Path, port: int, sql: str) -> str:
 # --- the Camunda engine ------------------------------------------------------------------
 
 
-def build_engine() -> Path:
-    """Build the engine jar with Maven unless it is newer than its sources."""
+def engine_jar(engine: str = ENGINE) -> Path:
+    if engine not in ENGINES:
+        raise ServerError(f"FLOWGATE_ENGINE={engine!r}: choose one of {', '.join(ENGINES)}")
+    return ENGINE_DIR / "target" / engine / "engine.jar"
+
+
+def build_engine(engine: str = ENGINE) -> Path:
+    """Build the engine's jar with Maven unless it is newer than its sources."""
+    jar = engine_jar(engine)
     sources = [ENGINE_DIR / "pom.xml", *ENGINE_DIR.joinpath("src").rglob("*")]
     newest = max(path.stat().st_mtime for path in sources if path.is_file())
-    if ENGINE_JAR.exists() and ENGINE_JAR.stat().st_mtime >= newest:
-        return ENGINE_JAR
-    mvn = require("mvn", "install Maven (apt-get install maven) to build the Camunda engine")
-    argv = [mvn, "-q", "-B", "-f", str(ENGINE_DIR / "pom.xml"), "package", "-DskipTests"]
+    if jar.exists() and jar.stat().st_mtime >= newest:
+        return jar
+    mvn = require("mvn", "install Maven (apt-get install maven) to build the engine")
+    argv = [mvn, "-q", "-B", "-f", str(ENGINE_DIR / "pom.xml"), "package", "-DskipTests",
+            "-P", engine]  # fmt: skip
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if result.returncode != 0 or not ENGINE_JAR.exists():
-        raise ServerError(f"building the engine failed:\n{result.stdout[-4000:]}\n{result.stderr}")
-    ENGINE_JAR.touch()
-    return ENGINE_JAR
+    if result.returncode != 0 or not jar.exists():
+        raise ServerError(f"building {engine} failed:\n{result.stdout[-4000:]}\n{result.stderr}")
+    jar.touch()
+    return jar
 
 
-def engine_server(workdir: Path, port: int, datasource: Mapping[str, str] | None = None) -> Server:
+def engine_server(
+    workdir: Path,
+    port: int,
+    datasource: Mapping[str, str] | None = None,
+    engine: str = ENGINE,
+) -> Server:
     """The engine on ``port``: in-memory H2 unless ``datasource`` gives SPRING_DATASOURCE_*."""
-    java = require("java", "install a Java 17+ runtime to run the Camunda engine")
-    jar = build_engine()
+    java = require("java", "install a Java 17+ runtime to run the engine")
+    jar = build_engine(engine)
     argv = [java, "-Xms256m", "-Xmx1g", "-XX:+UseSerialGC",
             "-jar", str(jar)]  # fmt: skip
     env = {"ENGINE_PORT": str(port), **(datasource or {})}

@@ -27,6 +27,7 @@ from services.api.persistence.writebehind import Flusher
 from services.api.runs import Runs
 from services.api.starter import Starter
 from services.api.waitroom import WaitRoom
+from services.api.watcher import Watcher
 from shared.aio import Backoff, Spawner, cancel_and_wait, sleep_or_stop, stop_and_wait
 from shared.camunda import CamundaClient
 from shared.keys import Keys
@@ -143,6 +144,16 @@ async def open_deps(
             listening = tasks.create_task(waitroom.listen(stop), name="waitroom")
             persisting = tasks.create_task(_persist(pool, flusher, stop, migrated), name="persist")
             recovering = tasks.create_task(starter.recover(stop), name="recover-starts")
+            watcher = Watcher(
+                store,
+                camunda,
+                redis,
+                keys,
+                metrics,
+                replica_id=replica_id,
+                interval_s=settings.watch_interval_ms / 1000,
+            )
+            watching = tasks.create_task(watcher.run(stop), name="watch-engine")
             try:
                 await waitroom.subscribed(_SUBSCRIBE_TIMEOUT_S)
                 # Serve with the schema in place when Postgres answers; if it does not, serve
@@ -172,7 +183,7 @@ async def open_deps(
                 waitroom.release_all()
                 await spawner.drain(settings.shutdown_grace_s)
                 await _stop_persist(persisting, stop, flusher, settings.shutdown_grace_s)
-                await stop_and_wait(stop, [listening, recovering])
+                await stop_and_wait(stop, [listening, recovering, watching])
 
 
 async def _persist(

@@ -61,6 +61,18 @@ class ApiMetrics:
             "Confirmed PSUBSCRIBEs of the wait room (more than one means reconnects).",
             registry=self.registry,
         )
+        self.engine_ends = Counter(
+            "flowgate_api_engine_ends_total",
+            "Runs the watcher ended from the engine's history, by how the instance ended "
+            "(completed, externally_terminated, internally_terminated, incident).",
+            ["how"],
+            registry=self.registry,
+        )
+        self.watching = Gauge(
+            "flowgate_api_watching",
+            "1 while this replica is the one that watches the engine's history.",
+            registry=self.registry,
+        )
         self.writebehind_backlog = Gauge(
             "flowgate_writebehind_backlog",
             "Write-behind stream entries not yet in Postgres (read at scrape time).",

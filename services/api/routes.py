@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import re
@@ -76,7 +77,9 @@ async def start_process(request: Request) -> Response:
     wait_s, applied = wait_budget(
         request, default_ms=d.options.sync_timeout_ms, max_ms=d.options.max_wait_ms
     )
-    command = StartCommand(body.processKey, body.correlationId, body.variables or {})
+    command = StartCommand(
+        body.processKey, body.correlationId, body.variables or {}, body.fetchVariables
+    )
     # The client's wait bounds the start as well as the wait for its end. Without one
     # (respond-async), a short one still lets the engine's refusal (404, 400) come back.
     now = asyncio.get_running_loop().time()
@@ -121,6 +124,8 @@ async def process_status(request: Request) -> Response:
     headers = {"Content-Location": url, **applied}
     if state.status is Status.PENDING:  # same headers as the start's 202: one client path
         headers.update({"Location": url, "Retry-After": str(d.options.retry_after_s)})
+        if last := await d.store.last_step(correlation_id):  # progress, as the seed shows it
+            state = dataclasses.replace(state, data={"step": last.step})
     if result.end is WaitEnd.DRAINED:
         headers["Connection"] = "close"
     code = _STATUS_CODES[state.status]

@@ -93,6 +93,13 @@ class StartRequest(BaseModel):
         description="Process variables (a JSON object); nesting is limited in depth.",
         examples=[{"userId": "user-123"}],
     )
+    fetchVariables: list[Annotated[str, Field(min_length=1, max_length=255)]] | None = Field(
+        default=None,
+        max_length=1000,
+        description="When the engine ends the run (not a step that returns the result), the "
+        "result holds only these root variables; without it, all but the system variables.",
+        examples=[["userId", "approved"]],
+    )
 
     @field_validator("correlationId")
     @classmethod

@@ -67,12 +67,16 @@ class StartCommand:
     process_key: str
     correlation_id: str
     variables: dict[str, Any]
+    #: The root variables the run's result holds when the engine ends it (None: all).
+    fetch_variables: list[str] | None = None
 
     @property
     def request_hash(self) -> str:
         """Identifies the request: a repeated start must ask for the same thing."""
-        canonical = orjson.dumps(self.variables, option=orjson.OPT_SORT_KEYS)
-        return hashlib.sha256(self.process_key.encode() + b"\0" + canonical).hexdigest()
+        canonical = orjson.dumps(
+            [self.process_key, self.variables, self.fetch_variables], option=orjson.OPT_SORT_KEYS
+        )
+        return hashlib.sha256(canonical).hexdigest()
 
 
 class StartRefused(Exception):
@@ -108,6 +112,7 @@ class Starter:
             SystemVariables.new(command.correlation_id),
             command.process_key,
             command.request_hash,
+            fetch_variables=command.fetch_variables,
             look_after_s=UNSENT_GRACE_S,
         )
         if not created and state.request_hash != command.request_hash:
@@ -153,7 +158,14 @@ class Starter:
         except (CamundaError, VariableError) as exc:
             return await self._refused(sent, exc)
         await self._attach(sent, instance.id, request=variables)
+        if instance.ended:  # no wait state: the run is over already, answer at once
+            await self._finish_ended(sent, instance.id)
         return None
+
+    async def _finish_ended(self, state: ProcessState, instance_id: str) -> None:
+        variables = await self._camunda.root_variables([instance_id])
+        result = run_result(variables.get(instance_id, {}), state.fetch_variables)
+        await self._store.finish(state.correlation_id, Status.OK, data=result)
 
     async def look_for_instance(self, state: ProcessState) -> bool:
         """Attach the instance of an unconfirmed start if the engine has it; True if so."""
@@ -255,6 +267,14 @@ class Starter:
             )
         await self._store.abandon(state.version, failed)
         return failed
+
+
+def run_result(variables: dict[str, Any], fetch: list[str] | None) -> dict[str, Any]:
+    """A run's result from its root variables: those named in ``fetch``, or all of them
+    but the system variables flowgate set."""
+    if fetch is not None:
+        return {name: variables[name] for name in fetch if name in variables}
+    return {k: v for k, v in variables.items() if k not in SystemVariables.NAMES}
 
 
 def _refusal(exc: CamundaError | VariableError, state: ProcessState) -> StartFailed:

@@ -13,8 +13,7 @@ import logging
 import signal
 
 from services.worker.app import serve
-from services.worker.handlers import build_registry
-from services.worker.registry import Registry
+from services.worker.registry import Registry, load_registry
 from shared.logs import configure_logging
 from shared.settings import Settings, load_settings
 
@@ -26,7 +25,9 @@ def main() -> None:
     configure_logging(settings.log_level)
     # httpx logs every request at INFO: one line per poll and per task call is noise.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
-    registry = build_registry()  # a duplicate or missing handler stops start-up here
+    # A module that cannot be imported, a topic served twice or a step without a handler
+    # stops start-up here, naming it.
+    registry = load_registry(settings.worker_processes)
     asyncio.run(_run(settings, registry, name=settings.worker_name))
 
 

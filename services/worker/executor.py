@@ -33,6 +33,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -54,12 +55,15 @@ from shared.camunda import (
 from shared.contract import correlation_id_of, system_value
 from shared.eventlog import EventRecord
 from shared.state import Status
+from shared.steps import StepEvent, StepStatus
 
 log = logging.getLogger(__name__)
 
 #: complete/failure/bpmnError are tried this often on retryable answers.
 ENGINE_CALL_ATTEMPTS = 5
 VALIDATION_ERROR = "VALIDATION_ERROR"
+#: The activity type a worker knows its steps by (the engine's history says which kind).
+EXTERNAL_TASK = "externalTask"
 
 
 class Outcome(StrEnum):
@@ -80,6 +84,22 @@ class _Row:
     handler: Handler
     task: LockedTask
     started: float
+
+    def step(self, status: StepStatus, *, data: Any = None, error: Any = None) -> StepEvent:
+        """The step event of this task's activity instance."""
+        task = self.task
+        return StepEvent(
+            step=self.handler.step.name,
+            status=status,
+            activity_id=task.activity_id,
+            # Redelivered tasks keep their activity instance; a task without one (an old
+            # engine) is still one step.
+            activity_instance_id=task.activity_instance_id or task.id,
+            activity_type=EXTERNAL_TASK,
+            at=datetime.now(UTC),
+            data=data,
+            error=error,
+        )
 
     def record(self, status: str, **fields: Any) -> EventRecord:
         variables, step = self.task.variables, self.handler.step
@@ -114,7 +134,10 @@ class Outcomes(Protocol):
         data: Any = None,
         error: Any = None,
         event: EventRecord | None = None,
+        step: StepEvent | None = None,
     ) -> None: ...
+
+    async def step(self, correlation_id: str, step: StepEvent, event: EventRecord) -> None: ...
 
     async def record(self, event: EventRecord) -> None: ...
 
@@ -200,13 +223,14 @@ class Executor:
             result=handler.step.success,
             http_status_code=output.http_status_code or 200,
         )
+        step = row.step(StepStatus.OK, data=output.variables)
         if handler.step.finishes_run:
             status = Status.OK if output.run_error is None else Status.ERROR
             await self._finish_run(
-                ctx, status, data=output.variables, error=output.run_error, event=event
+                ctx, status, data=output.variables, error=output.run_error, event=event, step=step
             )
         else:
-            await self.recorder.record(event)
+            await self._record_step(ctx, step, event)
         return Outcome.COMPLETED
 
     async def _bpmn_error(
@@ -235,18 +259,17 @@ class Executor:
         if answer is not None:
             return answer
         ctx.log.info("business error %s: %s", error.code, error.message)
-        await self.recorder.record(
-            row.record(
-                "error",
-                request_data=request,
-                response_data={"error": error.message},
-                error_message=error.message,
-                identifiers=_identifiers(ctx.task.variables, {}),
-                result=row.handler.step.error,
-                metadata={"errorCode": error.code, "errorType": error.error_type, **error.details},
-                http_status_code=422 if error.error_type == VALIDATION_ERROR else 400,
-            )
+        event = row.record(
+            "error",
+            request_data=request,
+            response_data={"error": error.message},
+            error_message=error.message,
+            identifiers=_identifiers(ctx.task.variables, {}),
+            result=row.handler.step.error,
+            metadata={"errorCode": error.code, "errorType": error.error_type, **error.details},
+            http_status_code=422 if error.error_type == VALIDATION_ERROR else 400,
         )
+        await self._record_step(ctx, row.step(StepStatus.ERROR, error=error.message), event)
         return Outcome.BPMN_ERROR
 
     async def _failure(
@@ -290,7 +313,9 @@ class Executor:
         # The engine now shows an incident; the client must not wait for a run that will
         # not go on until someone resolves it.
         ctx.log.error("retries exhausted, incident raised: %s", message)
-        await self._finish_run(ctx, Status.ERROR, error=f"{step.error}: {error}", event=event)
+        client_error = f"{step.error}: {error}"
+        failed = row.step(StepStatus.ERROR, error=client_error)
+        await self._finish_run(ctx, Status.ERROR, error=client_error, event=event, step=failed)
         return Outcome.INCIDENT
 
     async def _call(
@@ -340,14 +365,26 @@ class Executor:
         data: Any = None,
         error: Any = None,
         event: EventRecord,
+        step: StepEvent,
     ) -> None:
-        """End the task's run with ``event``, its audit row (a run that has ended already
-        stays as it is; a task of no run only gets the row)."""
+        """End the task's run with ``event``, its audit row, and ``step`` (a run that has
+        ended already stays as it is; a task of no run only gets the row)."""
         if ctx.correlation_id is None:
             ctx.log.warning("this step ends a run, but the task names none")
             await self.recorder.record(event)
             return
-        await self.recorder.finish(ctx.correlation_id, status, data=data, error=error, event=event)
+        await self.recorder.finish(
+            ctx.correlation_id, status, data=data, error=error, event=event, step=step
+        )
+
+    async def _record_step(
+        self, ctx: TaskContext[Any], step: StepEvent, event: EventRecord
+    ) -> None:
+        """The step in its run's record, with its audit row (only the row without a run)."""
+        if ctx.correlation_id is None:
+            await self.recorder.record(event)
+        else:
+            await self.recorder.step(ctx.correlation_id, step, event)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from shared.aio import Backoff, sleep_or_stop
 from shared.eventlog import EventRecord, append_event
 from shared.keys import Keys
 from shared.state import Status
+from shared.steps import StepEvent
 from shared.store import ProcessStore
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,18 @@ class Recorder:
         data: Any = None,
         error: Any = None,
         event: EventRecord | None = None,
+        step: StepEvent | None = None,
     ) -> None:
-        """End the run (with its audit row), retrying until Redis takes it."""
+        """End the run (with its audit row and its last step), retrying until Redis takes it."""
         await self._until_written(
-            lambda: self._store.finish(correlation_id, status, data=data, error=error, event=event)
+            lambda: self._store.finish(
+                correlation_id, status, data=data, error=error, event=event, step=step
+            )
         )
+
+    async def step(self, correlation_id: str, step: StepEvent, event: EventRecord) -> None:
+        """Add a step to the run's record with its audit row, retrying until Redis takes it."""
+        await self._until_written(lambda: self._store.record_step(correlation_id, step, event))
 
     async def record(self, event: EventRecord) -> None:
         """Queue an audit row, retrying until Redis takes it."""

@@ -34,6 +34,7 @@ processes claim or a declared step without a handler.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -294,3 +295,58 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._handlers)
+
+
+class RegistryError(SystemExit):
+    """``WORKER_PROCESSES`` names what cannot be served: the message says what and why.
+
+    A ``SystemExit`` with a text: left uncaught, Python prints it and exits with 1.
+    """
+
+
+def load_registry(spec: str) -> Registry:
+    """The processes ``spec`` names, as one registry: comma-separated ``module:attribute``
+    names of a :class:`Process`, a :class:`Registry`, or a sequence of processes.
+
+    A module that cannot be imported, a name it lacks, something else than processes, a
+    topic served twice or a step without a handler raise :class:`RegistryError`.
+    """
+    processes: list[Process] = []
+    for name in (part.strip() for part in spec.split(",") if part.strip()):
+        module_name, _, attribute = name.partition(":")
+        if not attribute:
+            raise RegistryError(f"WORKER_PROCESSES: {name!r} is not module:attribute")
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:
+            raise RegistryError(
+                f"WORKER_PROCESSES: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        try:
+            found = getattr(module, attribute)
+        except AttributeError as exc:
+            raise RegistryError(
+                f"WORKER_PROCESSES: module {module_name!r} has no {attribute!r}"
+            ) from exc
+        processes.extend(_processes(name, found))
+    if not processes:
+        raise RegistryError("WORKER_PROCESSES names no process")
+    try:
+        return Registry.of(processes)
+    except ValueError as exc:
+        raise RegistryError(f"WORKER_PROCESSES: {exc}") from exc
+
+
+def _processes(name: str, found: object) -> list[Process]:
+    if isinstance(found, Process):
+        return [found]
+    if isinstance(found, Registry):
+        return list(found.processes)
+    if isinstance(found, Iterable) and not isinstance(found, str | bytes):
+        items = list(found)
+        if all(isinstance(item, Process) for item in items):
+            return items
+    raise RegistryError(
+        f"WORKER_PROCESSES: {name!r} is a {type(found).__name__}, not a Process, a Registry "
+        "or a sequence of processes"
+    )

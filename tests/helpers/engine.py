@@ -19,6 +19,7 @@ import orjson
 from services.worker.registry import Process
 from shared.camunda import CamundaClient, LockedTask
 from shared.deployment import deploy_directory
+from shared.variables import from_camunda, to_camunda
 
 BPMN_DIR = Path(__file__).resolve().parents[2] / "bpmn"
 BASE_URL = "http://engine.test/engine-rest"
@@ -175,3 +176,84 @@ async def deploy_bpmn(engine_url: str) -> None:
     """Deploy bpmn/ to a real engine (idempotent: unchanged files create no new versions)."""
     async with CamundaClient(engine_url) as camunda:
         await deploy_directory(camunda)
+
+
+class EngineAdmin:
+    """What tests ask a real engine and flowgate never does (plain REST, for assertions
+    and clean-up): ``async with EngineAdmin(engine_url) as admin:``."""
+
+    def __init__(self, base_url: str) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=30)
+
+    async def __aenter__(self) -> EngineAdmin:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._http.aclose()
+
+    async def process_instance(self, instance_id: str) -> dict[str, Any] | None:
+        """The running instance, or None once it has ended (or never existed)."""
+        return await self._one(f"/process-instance/{instance_id}")
+
+    async def historic_process_instance(self, instance_id: str) -> dict[str, Any] | None:
+        return await self._one(f"/history/process-instance/{instance_id}")
+
+    async def historic_process_instances(self, **filters: str | int | bool) -> list[Any]:
+        return await self._list("/history/process-instance", filters)
+
+    async def process_variables(self, instance_id: str) -> dict[str, Any]:
+        variables = await self._get(
+            f"/process-instance/{instance_id}/variables", {"deserializeValues": False}
+        )
+        return from_camunda(variables)
+
+    async def historic_variables(self, instance_id: str) -> dict[str, Any]:
+        found = await self._list(
+            "/history/variable-instance",
+            {"processInstanceId": instance_id, "deserializeValues": False},
+        )
+        return from_camunda({variable["name"]: variable for variable in found})
+
+    async def incidents(self, process_instance_id: str) -> list[Any]:
+        return await self._list("/incident", {"processInstanceId": process_instance_id})
+
+    async def process_definitions(self, key: str) -> list[Any]:
+        return await self._list("/process-definition", {"key": key})
+
+    async def set_retries(self, task_id: str, retries: int) -> None:
+        response = await self._http.put(
+            f"/external-task/{task_id}/retries", json={"retries": retries}
+        )
+        response.raise_for_status()
+
+    async def delete_process_instance(self, instance_id: str) -> None:
+        response = await self._http.delete(f"/process-instance/{instance_id}")
+        if response.status_code != 404:
+            response.raise_for_status()
+
+    async def user_tasks(self, process_instance_id: str) -> list[Any]:
+        return await self._list("/task", {"processInstanceId": process_instance_id})
+
+    async def complete_user_task(self, task_id: str, variables: dict[str, Any]) -> None:
+        response = await self._http.post(
+            f"/task/{task_id}/complete", json={"variables": to_camunda(variables)}
+        )
+        response.raise_for_status()
+
+    async def _one(self, path: str) -> dict[str, Any] | None:
+        response = await self._http.get(path)
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        found: dict[str, Any] = response.json()
+        return found
+
+    async def _list(self, path: str, params: Mapping[str, str | int | bool]) -> list[Any]:
+        found: list[Any] = await self._get(path, params)
+        return found
+
+    async def _get(self, path: str, params: Mapping[str, str | int | bool]) -> Any:
+        query = {k: str(v).lower() if isinstance(v, bool) else v for k, v in params.items()}
+        response = await self._http.get(path, params=query)
+        response.raise_for_status()
+        return response.json()

@@ -5,24 +5,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from services.worker.app import serve
 from services.worker.metrics import WorkerMetrics
 from services.worker.registry import Registry
-from shared.camunda import CamundaClient
+from shared.camunda import CamundaClient, NotFound
 from shared.contract import SystemVariables
 from shared.eventlog import EventRecord
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.state import ProcessState, Status
+from shared.steps import StepEvent
 from shared.store import ProcessStore
 from tests.helpers.streams import entries
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class RecordedOutcomes:
@@ -31,6 +40,7 @@ class RecordedOutcomes:
     def __init__(self) -> None:
         self.finished: list[tuple[str, Status, Any, Any]] = []
         self.rows: list[EventRecord] = []
+        self.steps: list[StepEvent] = []
 
     async def ready(self) -> None:
         return None
@@ -43,10 +53,17 @@ class RecordedOutcomes:
         data: Any = None,
         error: Any = None,
         event: EventRecord | None = None,
+        step: StepEvent | None = None,
     ) -> None:
         self.finished.append((correlation_id, status, data, error))
         if event is not None:
             self.rows.append(event)
+        if step is not None:
+            self.steps.append(step)
+
+    async def step(self, correlation_id: str, step: StepEvent, event: EventRecord) -> None:
+        self.steps.append(step)
+        self.rows.append(event)
 
     async def record(self, event: EventRecord) -> None:
         self.rows.append(event)
@@ -101,9 +118,8 @@ class RunClient:
 
     async def cleanup(self) -> None:
         for instance_id in self.instances:
-            with contextlib.suppress(Exception):
-                if await self.camunda.process_instance(instance_id) is not None:
-                    await self.camunda.delete_process_instance(instance_id)
+            with contextlib.suppress(NotFound):  # ended already
+                await self.camunda.delete_process_instance(instance_id)
 
 
 async def event_rows(redis: Redis, keys: Keys, cid: str) -> list[EventRecord]:
@@ -115,3 +131,64 @@ async def event_rows(redis: Redis, keys: Keys, cid: str) -> list[EventRecord]:
             if record.correlation_id == cid:
                 rows.append(record)
     return rows
+
+
+class WorkerProcess:
+    """One ``python -m services.worker`` subprocess; its stderr goes to a log file."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.health_port = int(env["WORKER_HEALTH_PORT"])
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "services.worker"],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    async def ready(self, timeout_s: float = 20.0) -> None:
+        async with httpx.AsyncClient() as http:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, f"worker exited:\n{self.log.read_text()[-3000:]}"
+                with contextlib.suppress(httpx.HTTPError):
+                    response = await http.get(f"http://127.0.0.1:{self.health_port}/healthz")
+                    if response.status_code == 200:
+                        return
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"worker not healthy:\n{self.log.read_text()[-3000:]}")
+
+    async def metric(self, name: str, labels: dict[str, str]) -> float:
+        async with httpx.AsyncClient() as http:
+            response = await http.get(f"http://127.0.0.1:{self.health_port}/metrics")
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return sample.value
+        return 0.0
+
+    async def exited(self, timeout_s: float) -> int:
+        deadline = time.monotonic() + timeout_s
+        while (code := self.proc.poll()) is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker still running after {timeout_s} s")
+            await asyncio.sleep(0.05)
+        return code
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

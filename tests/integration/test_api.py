@@ -18,11 +18,11 @@ import pytest
 
 from services.api.drain import DrainHook
 from services.api.persistence import db
-from shared.camunda import CamundaClient, EngineUnavailable
+from shared.camunda import EngineUnavailable
 from shared.settings import Settings
 from shared.state import Status
 from tests.helpers.api import Api, cid, running_app, start_body
-from tests.helpers.engine import deploy_bpmn as deploy
+from tests.helpers.engine import EngineAdmin, deploy_bpmn as deploy
 from tests.helpers.waiting import until
 
 pytestmark = pytest.mark.engine
@@ -89,7 +89,7 @@ async def test_start_sets_the_system_variables_and_the_business_key(
     state = await api.deps.store.get(correlation_id)
     assert state is not None
     assert state.instance_id is not None
-    async with CamundaClient(engine_url) as camunda:
+    async with EngineAdmin(engine_url) as camunda:
         instances = await camunda.historic_process_instances(
             processInstanceBusinessKey=correlation_id
         )
@@ -178,7 +178,7 @@ async def test_concurrent_duplicates_start_one_instance_and_share_the_outcome(
     responses = await asyncio.gather(*starts)
     assert {r.status_code for r in responses} == {200}
     assert all(r.json()["result"] == {"n": 1} for r in responses)
-    async with CamundaClient(engine_url) as camunda:
+    async with EngineAdmin(engine_url) as camunda:
         instances = await camunda.historic_process_instances(
             processInstanceBusinessKey=correlation_id
         )
@@ -272,7 +272,7 @@ async def test_a_start_whose_answer_was_lost_is_found_not_started_twice(
     state = await api.deps.store.get(correlation_id)
     assert state is not None
     assert state.instance_id is not None
-    async with CamundaClient(engine_url) as camunda:
+    async with EngineAdmin(engine_url) as camunda:
         found = await camunda.historic_process_instances(processInstanceBusinessKey=correlation_id)
     assert [instance["id"] for instance in found] == [state.instance_id]
 

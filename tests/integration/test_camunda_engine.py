@@ -26,6 +26,7 @@ from shared.camunda import (
     TopicRequest,
 )
 from shared.deployment import deploy_directory
+from tests.helpers.engine import EngineAdmin
 
 pytestmark = pytest.mark.engine
 
@@ -37,8 +38,9 @@ HANDLE_ERROR = "onboard-user.handle-error"
 class Run:
     """One test's view of the engine: its business key, its worker, its instances."""
 
-    def __init__(self, camunda: CamundaClient) -> None:
+    def __init__(self, camunda: CamundaClient, admin: EngineAdmin) -> None:
         self.camunda = camunda
+        self.admin = admin
         self.business_key = f"it-{uuid.uuid4().hex[:12]}"
         self.worker_id = f"it-worker-{uuid.uuid4().hex[:8]}"
         self.instances: list[str] = []
@@ -75,12 +77,12 @@ async def camunda(engine_url: str) -> AsyncIterator[CamundaClient]:
 
 
 @pytest.fixture
-async def run(camunda: CamundaClient) -> AsyncIterator[Run]:
-    run = Run(camunda)
-    yield run
-    for instance_id in run.instances:
-        if await camunda.process_instance(instance_id) is not None:
-            await camunda.delete_process_instance(instance_id)
+async def run(camunda: CamundaClient, engine_url: str) -> AsyncIterator[Run]:
+    async with EngineAdmin(engine_url) as admin:
+        run = Run(camunda, admin)
+        yield run
+        for instance_id in run.instances:
+            await admin.delete_process_instance(instance_id)
 
 
 async def engine_types(engine_url: str, instance_id: str) -> dict[str, str]:
@@ -94,10 +96,11 @@ async def engine_types(engine_url: str, instance_id: str) -> dict[str, str]:
     return {name: variable["type"] for name, variable in response.json().items()}
 
 
-async def test_deploying_again_is_filtered_as_duplicate(camunda: CamundaClient) -> None:
+async def test_deploying_again_is_filtered_as_duplicate(run: Run) -> None:
     """The fixture deployed bpmn/ already; unchanged files create no new versions."""
+    camunda = run.camunda
     for key in ("onboard-user", "benchmark"):
-        definitions = await camunda.process_definitions(key)
+        definitions = await run.admin.process_definitions(key)
         assert definitions
         assert {d["historyTimeToLive"] for d in definitions} == {7}
     assert await deploy_directory(camunda) == []
@@ -171,7 +174,7 @@ async def test_complete_hands_typed_variables_to_the_next_step(run: Run, engine_
         "checkedAt": checked_at,
         "note": None,
     }
-    assert await run.camunda.process_variables(instance.id) == next_task.variables
+    assert await run.admin.process_variables(instance.id) == next_task.variables
     types = await engine_types(engine_url, instance.id)
     assert (types["budget"], types["profile"], types["checkedAt"]) == ("Long", "Json", "Date")
 
@@ -184,7 +187,7 @@ async def test_failures_count_retries_down_to_an_incident(run: Run) -> None:
     )
     again = await run.fetch_one(VALIDATE)
     assert (again.id, again.retries) == (task.id, 1)
-    assert await run.camunda.incidents(process_instance_id=instance.id) == []
+    assert await run.admin.incidents(instance.id) == []
 
     await run.camunda.handle_failure(
         task.id,
@@ -194,13 +197,13 @@ async def test_failures_count_retries_down_to_an_incident(run: Run) -> None:
         retries=0,
         retry_timeout_ms=0,
     )
-    [incident] = await run.camunda.incidents(process_instance_id=instance.id)
+    [incident] = await run.admin.incidents(instance.id)
     assert incident["incidentType"] == "failedExternalTask"
     assert incident["incidentMessage"] == "x" * 666
     assert await run.fetch(VALIDATE, wait_ms=None) == []
 
-    await run.camunda.set_retries(task.id, 1)  # resolves the incident
-    assert await run.camunda.incidents(process_instance_id=instance.id) == []
+    await run.admin.set_retries(task.id, 1)  # resolves the incident
+    assert await run.admin.incidents(instance.id) == []
     assert [t.id for t in await run.fetch(VALIDATE)] == [task.id]
 
 
@@ -224,11 +227,11 @@ async def test_bpmn_error_routes_to_handle_error(run: Run) -> None:
     assert handler.variables["reason"] == "record found"
     await run.camunda.complete(handler.id, worker_id=run.worker_id)
 
-    history = await run.camunda.historic_process_instance(instance.id)
+    history = await run.admin.historic_process_instance(instance.id)
     assert history is not None
     assert history["state"] == "COMPLETED"
-    assert await run.camunda.process_instance(instance.id) is None
-    assert (await run.camunda.historic_variables(instance.id))["reason"] == "record found"
+    assert await run.admin.process_instance(instance.id) is None
+    assert (await run.admin.historic_variables(instance.id))["reason"] == "record found"
 
 
 async def test_extend_lock_and_only_by_the_owner(run: Run) -> None:

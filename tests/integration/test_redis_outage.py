@@ -23,7 +23,7 @@ from shared.keys import Keys
 from shared.settings import Settings
 from shared.state import Status
 from shared.store import ProcessStore
-from tests.helpers.engine import one_task_bpmn
+from tests.helpers.engine import EngineAdmin, one_task_bpmn
 from tests.helpers.net import TcpProxy
 from tests.helpers.waiting import until
 from tests.helpers.worker import RunClient, event_rows, running_worker
@@ -91,7 +91,8 @@ async def test_a_finishing_step_waits_out_the_outage_and_ends_its_run_after(
             state = await client.store.get(cid)
             assert state is not None
             assert state.status is Status.PENDING
-            assert await camunda.incidents(process_instance_id=client.instances[0]) == []
+            async with EngineAdmin(engine_url) as admin:
+                assert await admin.incidents(client.instances[0]) == []
             await redis_proxy.up()
             finished = await client.outcome(cid, timeout_s=15)
         assert finished.status is Status.OK

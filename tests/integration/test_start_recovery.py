@@ -15,13 +15,12 @@ from urllib.parse import urlsplit
 import pytest
 
 from services.api.persistence import db
-from shared.camunda import CamundaClient
 from shared.contract import SystemVariables
 from shared.eventlog import EventRecord
 from shared.settings import Settings
 from shared.state import ProcessState, Status
 from tests.helpers.api import BENCHMARK, Api, cid, running_app, start_body
-from tests.helpers.engine import deploy_bpmn
+from tests.helpers.engine import EngineAdmin, deploy_bpmn
 from tests.helpers.net import SlowProxy
 from tests.helpers.waiting import until
 
@@ -56,8 +55,8 @@ def slow_engine_settings(make_settings: MakeSettings, url: str, **overrides: obj
 
 
 async def instances(engine_url: str, correlation_id: str) -> list[str]:
-    async with CamundaClient(engine_url) as camunda:
-        found = await camunda.historic_process_instances(processInstanceBusinessKey=correlation_id)
+    async with EngineAdmin(engine_url) as admin:
+        found = await admin.historic_process_instances(processInstanceBusinessKey=correlation_id)
     return [str(instance["id"]) for instance in found]
 
 

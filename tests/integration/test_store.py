@@ -122,6 +122,24 @@ async def test_complete_changes_a_pending_state_once(
     assert versions == [1, 2, 3]
 
 
+async def test_an_instance_stays_watched_a_while_after_its_run_ends(
+    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+) -> None:
+    await claim(store, "cid-w")
+    await store.attach_instance("cid-w", "instance-w")
+    assert await store.runs_of(["instance-w", "other"]) == {"instance-w": "cid-w"}
+    assert await store.finish("cid-w", Status.OK, data=None)
+    # Still mapped (its last steps are still read), and due to be forgotten later.
+    assert await store.watched() == 1
+    assert await store.forget_ended() == 0
+    forget_at = await redis_client.zscore(keys.instances_ended, "instance-w")
+    assert forget_at is not None
+    await redis_client.zadd(keys.instances_ended, {"instance-w": 0})
+    assert await store.forget_ended() == 1
+    assert await store.watched() == 0
+    assert await store.runs_of(["instance-w"]) == {}
+
+
 async def test_complete_of_an_unknown_id_is_ignored(
     store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
 ) -> None:

@@ -29,7 +29,7 @@ from shared.keys import Keys
 from shared.settings import Settings
 from shared.state import Status
 from shared.store import ProcessStore
-from tests.helpers.engine import clone, onboard_user_bpmn, one_task_bpmn
+from tests.helpers.engine import EngineAdmin, clone, onboard_user_bpmn, one_task_bpmn
 from tests.helpers.waiting import until
 from tests.helpers.worker import RunClient, event_rows, running_worker
 
@@ -169,7 +169,7 @@ async def deploy_one_task(camunda: CamundaClient) -> tuple[Process, str]:
 
 async def test_exhausted_retries_raise_an_incident_and_tell_the_client_at_once(
     camunda: CamundaClient, client: RunClient, make_settings: Callable[..., Settings],
-    settings: Settings, redis_client: aioredis.Redis,
+    settings: Settings, redis_client: aioredis.Redis, engine_url: str,
 ) -> None:  # fmt: skip
     process, key = await deploy_one_task(camunda)
     calls: list[float] = []
@@ -191,7 +191,8 @@ async def test_exhausted_retries_raise_an_incident_and_tell_the_client_at_once(
     # At least the retryTimeout apart (its doubling is checked in test_worker_executor.py;
     # here the engine's re-poll cadence dominates the spacing).
     assert min(b - a for a, b in itertools.pairwise(calls)) >= 0.1
-    incidents = await camunda.incidents(process_instance_id=client.instances[0])
+    async with EngineAdmin(engine_url) as admin:
+        incidents = await admin.incidents(client.instances[0])
     assert [i["incidentType"] for i in incidents] == ["failedExternalTask"]
     assert "downstream is down" in incidents[0]["incidentMessage"]
     rows = await event_rows(redis_client, Keys(settings.redis_prefix), cid)
@@ -200,7 +201,7 @@ async def test_exhausted_retries_raise_an_incident_and_tell_the_client_at_once(
 
 async def test_a_handler_running_three_times_its_lock_keeps_the_task(
     camunda: CamundaClient, client: RunClient, make_settings: Callable[..., Settings],
-    settings: Settings,
+    settings: Settings, engine_url: str,
 ) -> None:  # fmt: skip
     process, key = await deploy_one_task(camunda)
     calls = 0
@@ -222,7 +223,7 @@ async def test_a_handler_running_three_times_its_lock_keeps_the_task(
     ):
         await client.start(key)
         instance = client.instances[0]
-        await until(lambda: _ended(camunda, instance), timeout_s=15, what="the instance to end")
+        await until(lambda: _ended(engine_url, instance), timeout_s=15, what="the instance to end")
 
     assert calls == 1
     topic = process.topic("work")
@@ -234,8 +235,9 @@ async def test_a_handler_running_three_times_its_lock_keeps_the_task(
     assert extensions >= 4  # every 0.5 s for 3 s
 
 
-async def _ended(camunda: CamundaClient, instance_id: str) -> bool:
-    history = await camunda.historic_process_instance(instance_id)
+async def _ended(engine_url: str, instance_id: str) -> bool:
+    async with EngineAdmin(engine_url) as admin:
+        history = await admin.historic_process_instance(instance_id)
     return history is not None and history["state"] == "COMPLETED"
 
 

@@ -11,24 +11,21 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.local.servers import free_port
-from shared.camunda import CamundaClient, NotFound
+from shared.camunda import CamundaClient
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.state import Status
 from shared.store import ProcessStore
-from tests.helpers.worker import RunClient
+from tests.helpers.engine import EngineAdmin
+from tests.helpers.worker import RunClient, WorkerProcess
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 
@@ -94,67 +91,6 @@ class OnboardingServer:
         writer.close()
 
 
-class WorkerProcess:
-    """One ``python -m services.worker`` subprocess; its stderr goes to a log file."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self.health_port = int(env["WORKER_HEALTH_PORT"])
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.worker"],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-    async def ready(self, timeout_s: float = 20.0) -> None:
-        async with httpx.AsyncClient() as http:
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                assert self.proc.poll() is None, f"worker exited:\n{self.log.read_text()[-3000:]}"
-                with contextlib.suppress(httpx.HTTPError):
-                    response = await http.get(f"http://127.0.0.1:{self.health_port}/healthz")
-                    if response.status_code == 200:
-                        return
-                await asyncio.sleep(0.1)
-        raise AssertionError(f"worker not healthy:\n{self.log.read_text()[-3000:]}")
-
-    async def metric(self, name: str, labels: dict[str, str]) -> float:
-        async with httpx.AsyncClient() as http:
-            response = await http.get(f"http://127.0.0.1:{self.health_port}/metrics")
-        for family in text_string_to_metric_families(response.text):
-            for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    return sample.value
-        return 0.0
-
-    async def exited(self, timeout_s: float) -> int:
-        deadline = time.monotonic() + timeout_s
-        while (code := self.proc.poll()) is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"worker still running after {timeout_s} s")
-            await asyncio.sleep(0.05)
-        return code
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture
 async def onboarding_server() -> AsyncIterator[OnboardingServer]:
     async with OnboardingServer() as server:
@@ -211,11 +147,11 @@ async def client(
         # The engine is shared by the session and these workers run the real processes:
         # runs other tests left unfinished (the API's, schemathesis's) are not ours to work.
         for key in ("onboard-user", "benchmark"):
-            for run in await camunda.historic_process_instances(
-                processDefinitionKey=key, unfinished=True
-            ):
-                with contextlib.suppress(NotFound):
-                    await camunda.delete_process_instance(run["id"])
+            async with EngineAdmin(engine_url) as admin:
+                for run in await admin.historic_process_instances(
+                    processDefinitionKey=key, unfinished=True
+                ):
+                    await admin.delete_process_instance(run["id"])
         client = RunClient(
             camunda, ProcessStore(redis_client, keys, result_ttl_s=600, pending_ttl_s=600)
         )

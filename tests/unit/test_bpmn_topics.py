@@ -6,7 +6,8 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-from services.worker.handlers import build_registry
+from services.worker.handlers import PROCESSES
+from services.worker.registry import Registry
 
 BPMN_DIR = Path(__file__).resolve().parents[2] / "bpmn"
 CAMUNDA_TOPIC = "{http://camunda.org/schema/1.0/bpmn}topic"
@@ -24,7 +25,7 @@ def bpmn_topics() -> list[str]:
 def test_every_bpmn_topic_has_exactly_one_handler_and_every_handler_a_topic() -> None:
     topics = bpmn_topics()
     assert topics, "no camunda:topic found in bpmn/"
-    handled = Counter(handler.topic for handler in build_registry())
+    handled = Counter(handler.topic for handler in Registry.of(PROCESSES))
     assert all(count == 1 for count in handled.values())
     assert set(topics) - set(handled) == set(), "topics without a handler"
     assert set(handled) - set(topics) == set(), "handlers without a topic in bpmn/"

@@ -290,18 +290,38 @@ async def test_duplicate_deployment_has_no_new_definitions(
     assert deployment.process_definitions == ()
 
 
-async def test_queries_that_find_nothing_return_none(
+async def test_history_queries_read_from_a_moment_on_oldest_first(
     engine: FakeEngine, client: CamundaClient
 ) -> None:
-    engine.answer_all(404, {"type": "InvalidRequestException", "message": "does not exist"})
-    assert await client.process_instance("p1") is None
-    assert await client.historic_process_instance("p1") is None
+    ended = {"id": "p1", "businessKey": "c1", "state": "COMPLETED",
+             "endTime": "2025-01-31T12:00:00.123+0000", "deleteReason": None}  # fmt: skip
+    engine.answer_all(200, [ended])
+    after = datetime(2025, 1, 31, 11, 59, tzinfo=UTC)
+    [instance] = await client.ended_instances(after, max_results=50)
+    assert (instance.id, instance.state) == ("p1", "COMPLETED")
+    assert instance.end_time == datetime(2025, 1, 31, 12, 0, 0, 123000, tzinfo=UTC)
+    assert dict(engine.last.url.params) == {
+        "finishedAfter": "2025-01-31T11:59:00.000+0000",
+        "sortBy": "endTime",
+        "sortOrder": "asc",
+        "maxResults": "50",
+    }
 
 
-async def test_process_variables_are_decoded(engine: FakeEngine, client: CamundaClient) -> None:
-    engine.answer_all(200, {"doc": {"type": "Json", "value": "[1]", "valueInfo": {}}})
-    assert await client.process_variables("p1") == {"doc": [1]}
-    assert dict(engine.last.url.params) == {"deserializeValues": "false"}
+async def test_root_variables_leave_out_inner_scopes(
+    engine: FakeEngine, client: CamundaClient
+) -> None:
+    engine.answer_all(
+        200,
+        [
+            {"name": "doc", "type": "Json", "value": "[1]", "processInstanceId": "p1",
+             "activityInstanceId": "p1"},
+            {"name": "inner", "type": "String", "value": "x", "processInstanceId": "p1",
+             "activityInstanceId": "task:1"},
+        ],
+    )  # fmt: skip
+    assert await client.root_variables(["p1", "p2"]) == {"p1": {"doc": [1]}, "p2": {}}
+    assert engine.last_body == {"processInstanceIdIn": ["p1", "p2"]}
 
 
 # --- errors -------------------------------------------------------------------------------

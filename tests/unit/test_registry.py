@@ -6,7 +6,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from services.worker.context import TaskContext
-from services.worker.handlers import build_registry
+from services.worker.handlers import PROCESSES
 from services.worker.registry import Process, Registry, Step
 from shared.contract import SystemVariables
 
@@ -95,6 +95,6 @@ def test_declaration_mistakes_fail_loudly() -> None:
 
 
 def test_the_production_registry_builds() -> None:
-    registry = build_registry()
+    registry = Registry.of(PROCESSES)
     assert "onboard-user.validate-user-information" in registry.topics
     assert "benchmark.noop" in registry.topics

@@ -72,6 +72,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # A start's engine call is recorded when sent (shared/state.py start_sent_at).
     "ALTER TABLE process_store ADD COLUMN start_sent_at timestamptz;",
+    # What a run the engine ends returns (shared/state.py fetch_variables).
+    "ALTER TABLE process_store ADD COLUMN fetch_variables jsonb;",
 )
 
 # First key of the two-int advisory lock taken while migrating; the second is the schema.

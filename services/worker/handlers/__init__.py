@@ -1,11 +1,11 @@
-"""The processes this worker serves: one module per BPMN process, declared with the registry."""
+"""The example processes, one module per BPMN process in ``bpmn/``, declared with the registry.
+
+A worker serves them unless ``WORKER_PROCESSES`` names others (services/worker/registry.py
+``load_registry``): a team installs flowgate and points it at its own modules.
+"""
 
 from __future__ import annotations
 
 from services.worker.handlers import benchmark, onboard_user
-from services.worker.registry import Registry
 
-
-def build_registry() -> Registry:
-    """Every process in ``bpmn/``; a topic registered twice fails here, at start-up."""
-    return Registry.of([onboard_user.process, benchmark.process])
+PROCESSES = (onboard_user.process, benchmark.process)

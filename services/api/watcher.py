@@ -1,0 +1,301 @@
+"""Where a run ends when the engine says so, whatever ran its steps.
+
+A flowgate worker ends a run at once when a step declared ``finishes_run`` is accepted (the
+fast path). Every other run ends here: processes whose steps are user tasks, Java
+delegates, timers or other teams' workers. :class:`Watcher` reads the engine's history and:
+
+* records each step that ended in a run's record (shared/steps.py), with its audit row,
+  unless a worker recorded it already;
+* ends a run whose instance **completed** as ``ok``, its result the root variables less the
+  system variables (or only the start's ``fetchVariables``);
+* ends a run whose instance was **deleted** outside flowgate, or ended by an unhandled error
+  or a terminate event, as ``error`` naming that;
+* ends a run as ``error`` when an **incident** appears anywhere in it (a job or an external
+  task out of retries), with the incident's message.
+
+Its cost does not grow with the runs in flight: each pass is three history queries (steps,
+ends, incidents) from a watermark on, however many runs wait, and none while no run is
+watched. One replica watches at a time, holding a lease in Redis (``{p}:watcher``); when it
+dies another takes over within seconds, from the watermark it left (``{p}:watcher:mark``).
+Every few seconds a pass reads back before the mark, so what the engine committed late is
+read too; finishing and recording steps are idempotent (shared/store.py), so reading
+something twice is harmless. An instance stays mapped to its run until a while after its
+end, so that its last steps are recorded even when a worker ended the run first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Protocol, TypeVar
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from services.api.metrics import ApiMetrics
+from services.api.starter import run_result
+from shared.aio import Backoff, sleep_or_stop
+from shared.camunda import CamundaClient, CamundaError, EndedActivity, EndedInstance, Incident
+from shared.eventlog import EventRecord
+from shared.keys import Keys
+from shared.state import ProcessState, Status, iso, parse_iso
+from shared.steps import StepEvent, StepStatus
+from shared.store import INSTANCE_LINGER_S, ProcessStore
+
+log = logging.getLogger(__name__)
+
+#: How far a deep pass reads back before the watermark, for what the engine committed late
+#: with an earlier time; one pass in DEEP_EVERY_S is deep, the others read from the mark.
+#: An ended run's instance stays watched through two of them.
+OVERLAP = timedelta(seconds=INSTANCE_LINGER_S / 2)
+DEEP_EVERY_S = 5.0
+#: Activity types that get an audit row (the event log lists work done, as the seed's did);
+#: every activity, events and gateways too, goes in the run's step record.
+AUDITED_TYPES = frozenset({"task", "callActivity"})
+#: Where a watcher with no watermark starts reading (the overlap goes back further): with
+#: no watermark there has been no watcher, and so no run it could have missed.
+FIRST_LOOK_BACK = timedelta(0)
+#: History records one query returns (more are read page by page).
+PAGE = 500
+LEASE_S = 3.0
+#: How often a replica that does not watch checks whether the watcher is gone.
+FOLLOWER_INTERVAL_S = 1.0
+
+# KEYS: lease. ARGV: holder, lease ms. Takes a free lease or renews one's own; 1 if held.
+_LEAD_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+# KEYS: lease. ARGV: holder.
+_RESIGN_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class _Record(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+R = TypeVar("R", bound=_Record)
+
+
+class Watcher:
+    def __init__(
+        self,
+        store: ProcessStore,
+        camunda: CamundaClient,
+        redis: Redis,
+        keys: Keys,
+        metrics: ApiMetrics,
+        *,
+        replica_id: str,
+        interval_s: float,
+    ) -> None:
+        self._store = store
+        self._camunda = camunda
+        self._redis = redis
+        self._keys = keys
+        self._metrics = metrics
+        self._replica_id = replica_id
+        self._interval_s = interval_s
+        self._lead = redis.register_script(_LEAD_LUA)
+        self._resign = redis.register_script(_RESIGN_LUA)
+        #: History records handled within the overlap, by id: not handled again.
+        self._handled: dict[str, datetime] = {}
+        self._deep_at = 0.0
+        self.leading = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Watch while this replica holds the lease, until ``stop``; never raises for Redis
+        or engine trouble (it logs, backs off and carries on)."""
+        backoff = Backoff(base_s=self._interval_s, cap_s=5.0)
+        try:
+            while not stop.is_set():
+                pause = FOLLOWER_INTERVAL_S
+                try:
+                    self._lead_changed(bool(await self._lead(
+                        keys=[self._keys.watcher],
+                        args=[self._replica_id, int(LEASE_S * 1000)],
+                    )))  # fmt: skip
+                    if self.leading:
+                        await self.watch_once()
+                        pause = self._interval_s
+                    backoff.reset()
+                except (CamundaError, RedisError, OSError, TimeoutError) as exc:
+                    log.warning("engine watch failed; trying again", extra={"error": str(exc)})
+                    pause = backoff.next_delay_s()
+                await sleep_or_stop(stop, pause)
+        finally:
+            if self.leading:
+                await self._resign_quietly()
+
+    async def watch_once(self) -> None:
+        """One pass: steps, ends and incidents since the watermark."""
+        await self._store.forget_ended()
+        if not await self._store.watched():
+            return
+        mark, marked = await self._mark()
+        now = asyncio.get_running_loop().time()
+        deep = now >= self._deep_at
+        if deep:
+            self._deep_at = now + DEEP_EVERY_S
+        since = mark - OVERLAP if deep else mark
+        activities = await self._read(self._camunda.ended_activities, since)
+        instances = await self._read(self._camunda.ended_instances, since)
+        incidents = await self._read(self._camunda.incidents_since, since)
+        roots = {a.root_process_instance_id for a in activities}
+        roots |= {i.id for i in instances}
+        roots |= {i.root_process_instance_id for i in incidents if i.root_process_instance_id}
+        runs = await self._store.runs_of(sorted(roots))
+        states = await self._store.get_many(sorted(set(runs.values())))
+        for activity in activities:
+            await self._step(activity, runs, states)
+        await self._ended([i for i in instances if i.id in runs], runs, states)
+        for incident in incidents:
+            await self._incident(incident, runs)
+        for handled in (activities, instances, incidents):
+            self._handled.update((record.id, mark) for record in handled)
+        times = [
+            *(a.end_time for a in activities),
+            *(i.end_time for i in instances),
+            *(i.create_time for i in incidents),
+        ]
+        newest = max([mark, *times])
+        if newest > mark or not marked:
+            await self._redis.set(self._keys.watcher_mark, iso(newest))
+        self._handled = {k: at for k, at in self._handled.items() if at >= newest - 2 * OVERLAP}
+
+    # --- what happened ---------------------------------------------------------------------
+
+    async def _step(
+        self, activity: EndedActivity, runs: dict[str, str], states: dict[str, ProcessState]
+    ) -> None:
+        cid = runs.get(activity.root_process_instance_id)
+        state = states.get(cid) if cid else None
+        if cid is None or state is None:
+            return
+        status = StepStatus.CANCELED if activity.canceled else StepStatus.OK
+        step = StepEvent(
+            step=activity.activity_id,
+            status=status,
+            activity_id=activity.activity_id,
+            activity_instance_id=activity.id,
+            activity_type=activity.activity_type,
+            at=activity.end_time,
+        )
+        event = (
+            None
+            if not _audited(activity.activity_type)
+            else EventRecord(
+                correlation_id=cid,
+                status=status.value,
+                step_name=activity.activity_id,
+                process_name=activity.process_definition_key or state.process_key,
+                batch_id=state.batch_id,
+                traceability_id=state.traceability_id,
+                application_id=state.application_id,
+                target_system="CamundaEngine",
+                originating_system="engine",
+                result=activity.activity_name,
+                metadata={"activityType": activity.activity_type, "source": "engine history"},
+                created_at=activity.end_time,
+            )
+        )
+        await self._store.record_step(cid, step, event)
+
+    async def _ended(
+        self,
+        instances: Sequence[EndedInstance],
+        runs: dict[str, str],
+        states: dict[str, ProcessState],
+    ) -> None:
+        completed = [i.id for i in instances if i.state == "COMPLETED"]
+        variables = await self._camunda.root_variables(completed) if completed else {}
+        await self._store.forget_instances([i.id for i in instances])
+        for instance in instances:
+            cid = runs[instance.id]
+            state = states.get(cid)
+            if state is None:  # the run aged out of Redis: nothing left to end
+                continue
+            if instance.state == "COMPLETED":
+                result = run_result(variables.get(instance.id, {}), state.fetch_variables)
+                changed = await self._store.finish(cid, Status.OK, data=result)
+            else:
+                changed = await self._store.finish(cid, Status.ERROR, error=_why(instance))
+            if changed:
+                self._metrics.engine_ends.labels(instance.state.lower()).inc()
+
+    async def _incident(self, incident: Incident, runs: dict[str, str]) -> None:
+        cid = runs.get(incident.root_process_instance_id or "")
+        if cid is None:
+            return
+        where = f" at {incident.activity_id}" if incident.activity_id else ""
+        error = f"incident{where}: {incident.message or incident.incident_type}"
+        if await self._store.finish(cid, Status.ERROR, error=error):
+            self._metrics.engine_ends.labels("incident").inc()
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    async def _read(self, query: Callable[..., Awaitable[list[R]]], since: datetime) -> list[R]:
+        """Every record from ``since`` on, page by page, less those handled already."""
+        found: dict[str, R] = {}
+        after = since
+        while True:
+            page = await query(after, max_results=PAGE)
+            found.update((r.id, r) for r in page if r.id not in self._handled)
+            last = _time(page[-1]) if page else after
+            if len(page) < PAGE or last <= after:
+                return list(found.values())
+            after = last
+
+    async def _mark(self) -> tuple[datetime, bool]:
+        """The watermark, and whether one was stored (else one starts now)."""
+        raw = await self._redis.get(self._keys.watcher_mark)
+        if raw is None:
+            return datetime.now(UTC) - FIRST_LOOK_BACK, False
+        return parse_iso(raw.decode() if isinstance(raw, bytes) else str(raw)), True
+
+    def _lead_changed(self, leading: bool) -> None:
+        if leading != self.leading:
+            log.info("watching the engine" if leading else "no longer watching the engine")
+            self._metrics.watching.set(int(leading))
+            self._handled.clear()
+        self.leading = leading
+
+    async def _resign_quietly(self) -> None:
+        try:
+            async with asyncio.timeout(2):
+                await self._resign(keys=[self._keys.watcher], args=[self._replica_id])
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("could not hand the watch over; it lapses", extra={"error": str(exc)})
+        self._lead_changed(False)
+
+
+def _time(record: object) -> datetime:
+    if isinstance(record, Incident):
+        return record.create_time
+    assert isinstance(record, EndedActivity | EndedInstance)
+    return record.end_time
+
+
+def _audited(activity_type: str) -> bool:
+    return activity_type.endswith("Task") or activity_type in AUDITED_TYPES
+
+
+def _why(instance: EndedInstance) -> str:
+    if instance.state == "EXTERNALLY_TERMINATED":
+        reason = f" ({instance.delete_reason})" if instance.delete_reason else ""
+        return f"the process instance was deleted outside flowgate{reason}"
+    return f"the process instance ended without completing ({instance.state.lower()})"

@@ -1,0 +1,370 @@
+"""Any process the engine runs, started through the API, ends when its engine instance ends:
+user tasks, Java expressions, failing jobs, other teams' workers, deletions.
+
+Each test deploys its own BPMN, from its own folder, under a unique key: nothing here is
+part of flowgate, and no flowgate worker serves these processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from deploy.local.servers import free_port
+from services.api.persistence import db
+from shared.camunda import CamundaClient, TopicRequest
+from shared.deployment import deploy_directory
+from shared.settings import Settings
+from tests.helpers.api import Api, cid, running_app
+from tests.helpers.engine import EngineAdmin
+from tests.helpers.waiting import until
+from tests.helpers.worker import ROOT, WorkerProcess
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]
+
+MakeSettings = Callable[..., Settings]
+
+
+def bpmn(key: str, body: str) -> str:
+    """A process ``key``: start -> ``body`` (elements whose first takes flow ``f1`` in and
+    whose last sends ``f_end`` out) -> end."""
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"
+    xmlns:camunda="http://camunda.org/schema/1.0/bpmn" id="d_{key}" targetNamespace="test">
+  <bpmn:process id="{key}" isExecutable="true" camunda:historyTimeToLive="P1D">
+    <bpmn:startEvent id="start"><bpmn:outgoing>f1</bpmn:outgoing></bpmn:startEvent>
+    {body}
+    <bpmn:endEvent id="end"><bpmn:incoming>f_end</bpmn:incoming></bpmn:endEvent>
+  </bpmn:process>
+</bpmn:definitions>"""
+
+
+def single(key: str, element: str) -> str:
+    """One activity between start and end: ``element`` holds its opening tag's name and
+    attributes, e.g. ``userTask id="approve"``."""
+    name = element.split()[0]
+    return bpmn(
+        key,
+        f"""<bpmn:sequenceFlow id="s1" sourceRef="start" targetRef="step" />
+    <bpmn:{element}><bpmn:incoming>s1</bpmn:incoming><bpmn:outgoing>f_end</bpmn:outgoing>
+    </bpmn:{name}>
+    <bpmn:sequenceFlow id="f_end" sourceRef="step" targetRef="end" />""",
+    ).replace("<bpmn:outgoing>f1</bpmn:outgoing>", "<bpmn:outgoing>s1</bpmn:outgoing>")
+
+
+@pytest.fixture
+def folder(tmp_path: Path, engine_url: str) -> Callable[..., Any]:
+    """Deploys BPMN from a folder of the test's own (as BPMN_DIR would)."""
+    directory = tmp_path / "bpmn"
+    directory.mkdir()
+
+    async def deploy(key: str, text: str) -> str:
+        (directory / f"{key}.bpmn").write_text(text)
+        async with CamundaClient(engine_url) as camunda:
+            await deploy_directory(camunda, directory)
+        return key
+
+    return deploy
+
+
+@pytest.fixture
+async def api(make_settings: MakeSettings, engine_url: str) -> AsyncIterator[Api]:
+    settings = make_settings(camunda_base_url=engine_url, sync_timeout_ms=1_000)
+    async with running_app(settings) as running:
+        yield running
+
+
+def key_of(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+async def start(api: Api, key: str, correlation_id: str, **body: Any) -> Any:
+    return await api.client.post(
+        "/api/process/start",
+        json={"processKey": key, "correlationId": correlation_id, **body},
+        headers={"Prefer": "wait=1"},
+    )
+
+
+async def status(api: Api, correlation_id: str, wait_s: int = 30) -> Any:
+    return await api.client.get(
+        f"/api/process/status/{quote(correlation_id, safe='')}", params={"wait": wait_s}
+    )
+
+
+async def test_a_user_task_run_ends_ok_with_its_variables_when_the_task_is_done(
+    api: Api, folder: Callable[..., Any], engine_url: str
+) -> None:
+    key = key_of("approval")
+    await folder(key, single(key, 'userTask id="step" name="Approve"'))
+    correlation_id = cid()
+    accepted = await start(api, key, correlation_id, variables={"userId": "u-7"})
+    assert accepted.status_code == 202
+    state = await api.deps.store.get(correlation_id)
+    assert state is not None
+    async with EngineAdmin(engine_url) as admin:
+        [task] = await admin.user_tasks(str(state.instance_id))
+        await admin.complete_user_task(task["id"], {"approved": True})
+    done = await status(api, correlation_id)
+    assert done.status_code == 200
+    assert done.json()["data"] == {"userId": "u-7", "approved": True}  # no system variables
+
+    # Every step is in the run's record, though no worker ran any; the audit trail lists
+    # the work done: the start call and the user task, not the BPMN's events.
+    async def recorded() -> bool:
+        steps = await api.deps.store.steps(correlation_id)
+        return [step.step for _, step in steps] == ["start", "step", "end"]
+
+    await until(recorded, timeout_s=15, what="the run's steps")
+
+    async def audited() -> bool:
+        rows = await db.events_by_correlation(api.deps.pool, correlation_id)
+        return [row.step_name for row in rows] == ["start", "step"]
+
+    await until(audited, timeout_s=15, what="the user task's audit row")
+
+
+async def test_a_run_without_a_wait_state_answers_200_at_once(
+    api: Api, folder: Callable[..., Any]
+) -> None:
+    key = key_of("compute")
+    await folder(
+        key,
+        single(
+            key,
+            'serviceTask id="step" camunda:expression="${execution.setVariable(\'answer\', 42)}"',
+        ),
+    )
+    answer = await start(api, key, cid(), variables={"question": "life"})
+    assert answer.status_code == 200
+    assert answer.json()["result"] == {"question": "life", "answer": 42}
+    only = await start(api, key, cid(), variables={"question": "x"}, fetchVariables=["answer"])
+    assert only.json()["result"] == {"answer": 42}
+
+
+async def test_a_failing_engine_job_ends_the_run_as_error(
+    api: Api, folder: Callable[..., Any]
+) -> None:
+    key = key_of("failing")
+    await folder(
+        key,
+        single(
+            key,
+            'serviceTask id="step" camunda:asyncBefore="true" '
+            'camunda:expression="${noSuchBean.call()}"><bpmn:extensionElements>'
+            "<camunda:failedJobRetryTimeCycle>R1/PT1S</camunda:failedJobRetryTimeCycle>"
+            "</bpmn:extensionElements",
+        ),
+    )
+    correlation_id = cid()
+    assert (await start(api, key, correlation_id)).status_code in (202, 500)  # fails fast
+    failed = await status(api, correlation_id, wait_s=60)
+    assert failed.status_code == 500
+    assert failed.json()["error"].startswith("incident at step:")
+
+
+async def test_an_instance_deleted_outside_flowgate_ends_its_run_as_error(
+    api: Api, folder: Callable[..., Any], engine_url: str
+) -> None:
+    key = key_of("deleted")
+    await folder(key, single(key, 'userTask id="step"'))
+    correlation_id = cid()
+    await start(api, key, correlation_id)
+    state = await api.deps.store.get(correlation_id)
+    assert state is not None
+    async with EngineAdmin(engine_url) as admin:
+        await admin.delete_process_instance(str(state.instance_id))
+    ended = await status(api, correlation_id)
+    assert ended.status_code == 500
+    assert "deleted outside flowgate" in ended.json()["error"]
+
+
+async def test_another_teams_worker_does_the_step_and_its_incident_ends_the_run(
+    api: Api, folder: Callable[..., Any], engine_url: str
+) -> None:
+    """Their steps are recorded from the engine's history, audit row included: also the
+    step of a worker that died after the engine accepted it, before it wrote its row."""
+    key = key_of("other-team")
+    topic = TopicRequest(f"{key}.work", lock_duration_ms=60_000)
+    await folder(
+        key,
+        single(key, f'serviceTask id="step" camunda:type="external" camunda:topic="{key}.work"'),
+    )
+    ok_id, failing_id = cid(), cid()
+    await start(api, key, ok_id, variables={"n": 1})
+    await start(api, key, failing_id, variables={"n": 2})
+    async with CamundaClient(engine_url) as camunda:
+        tasks = await camunda.fetch_and_lock("other-team", [topic], max_tasks=2,
+                                             async_response_timeout_ms=5_000)  # fmt: skip
+        assert len(tasks) == 2
+        for task in tasks:
+            if task.business_key == ok_id:
+                await camunda.complete(task.id, worker_id="other-team", variables={"done": 1})
+            else:
+                await camunda.handle_failure(
+                    task.id, worker_id="other-team", error_message="their system is down",
+                    retries=0, retry_timeout_ms=0,
+                )  # fmt: skip
+    done, failed = await status(api, ok_id), await status(api, failing_id)
+    assert (done.status_code, done.json()["data"]) == (200, {"n": 1, "done": 1})
+    assert failed.status_code == 500
+    assert "their system is down" in failed.json()["error"]
+
+    async def audited() -> bool:
+        rows = await db.events_by_correlation(api.deps.pool, ok_id)
+        return any(r.step_name == "step" and r.originating_system == "engine" for r in rows)
+
+    await until(audited, timeout_s=15, what="the other team's step in the audit trail")
+
+
+def watching(api: Api) -> bool:
+    return api.deps.metrics.registry.get_sample_value("flowgate_api_watching") == 1
+
+
+async def test_when_the_watching_replica_stops_another_takes_the_watch_over(
+    make_settings: MakeSettings, folder: Callable[..., Any], engine_url: str
+) -> None:
+    settings = make_settings(camunda_base_url=engine_url)
+    key = key_of("handover")
+    await folder(key, single(key, 'userTask id="step"'))
+    first_up, first_stop = asyncio.Event(), asyncio.Event()
+    holder: list[Api] = []
+
+    async def first_replica() -> None:
+        async with running_app(settings) as api:
+            holder.append(api)
+            first_up.set()
+            await first_stop.wait()
+
+    first = asyncio.create_task(first_replica())
+    await asyncio.wait_for(first_up.wait(), 30)
+    await until(lambda: watching(holder[0]), what="the first replica to watch")
+    async with running_app(settings) as second:
+        assert not watching(second)
+        correlation_id = cid()
+        await start(second, key, correlation_id)
+        first_stop.set()
+        await first
+        state = await second.deps.store.get(correlation_id)
+        assert state is not None
+        async with EngineAdmin(engine_url) as admin:
+            [task] = await admin.user_tasks(str(state.instance_id))
+            await admin.complete_user_task(task["id"], {"late": True})
+        ended = await status(second, correlation_id, wait_s=15)
+        assert (ended.status_code, ended.json()["data"]) == (200, {"late": True})
+        assert watching(second)
+
+
+# --- your handlers, your BPMN ---------------------------------------------------------------
+
+
+def package(root: Path, name: str, key: str) -> Path:
+    """A package outside the repository with one process and its BPMN, as a team has it."""
+    source = root / name
+    source.mkdir(parents=True)
+    (source / "__init__.py").write_text(
+        textwrap.dedent(f'''
+        from pydantic import BaseModel
+
+        from services.worker.registry import Process, Step
+
+        process = Process(
+            "{key}", [Step("greet", success="greeted", error="no greeting", finishes_run=True)]
+        )
+
+
+        class Name(BaseModel):
+            name: str
+
+
+        @process.handler("greet")
+        async def greet(data: Name) -> dict[str, str]:
+            return {{"greeting": f"hello, {{data.name}}"}}
+        ''')
+    )
+    bpmn_dir = root / "bpmn"
+    bpmn_dir.mkdir()
+    (bpmn_dir / f"{key}.bpmn").write_text(
+        single(key, f'serviceTask id="step" camunda:type="external" camunda:topic="{key}.greet"')
+    )
+    return bpmn_dir
+
+
+async def test_a_teams_own_package_and_bpmn_run_through_the_real_stack(
+    make_settings: MakeSettings, engine_url: str, tmp_path: Path
+) -> None:
+    key, name = key_of("greeter"), f"team_{uuid.uuid4().hex[:6]}"
+    bpmn_dir = package(tmp_path, name, key)
+    settings = make_settings(camunda_base_url=engine_url)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "REDIS_PREFIX": settings.redis_prefix,
+        "CAMUNDA_BASE_URL": engine_url,
+        "BPMN_DIR": str(bpmn_dir),
+        "WORKER_PROCESSES": f"{name}:process",
+        "WORKER_HEALTH_PORT": str(free_port()),
+        "CAMUNDA_ASYNC_RESPONSE_TIMEOUT_MS": "1000",
+    }
+    deployed = subprocess_run([sys.executable, "-m", "shared.deployment"], env)
+    assert key in deployed
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    try:
+        await worker.ready()
+        async with running_app(settings) as api:
+            answer = await api.client.post(
+                "/api/process/start",
+                json={"processKey": key, "correlationId": cid(), "variables": {"name": "Ada"}},
+                headers={"Prefer": "wait=20"},
+            )
+        assert answer.status_code == 200
+        assert answer.json()["result"] == {"greeting": "hello, Ada"}
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize(
+    ("processes", "named"),
+    [
+        ("no_such_module_xyz:process", "cannot import 'no_such_module_xyz'"),
+        ("services.worker.handlers:NOPE", "has no 'NOPE'"),
+        ("services.worker.handlers.onboard_user:ONBOARD_BELOW", "is a int"),
+        (
+            "services.worker.handlers:PROCESSES,services.worker.handlers.benchmark:process",
+            "topic 'benchmark.noop' is registered twice",
+        ),
+        ("nocolon", "is not module:attribute"),
+    ],
+)
+async def test_a_worker_that_cannot_serve_what_it_is_told_stops_naming_it(
+    make_settings: MakeSettings, engine_url: str, tmp_path: Path, processes: str, named: str
+) -> None:
+    settings = make_settings(camunda_base_url=engine_url)
+    env = {
+        **os.environ,
+        "REDIS_URL": settings.redis_url,
+        "CAMUNDA_BASE_URL": engine_url,
+        "WORKER_PROCESSES": processes,
+        "WORKER_HEALTH_PORT": str(free_port()),
+    }
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    assert await worker.exited(timeout_s=30) == 1
+    assert named in (tmp_path / "worker.log").read_text()
+
+
+def subprocess_run(argv: list[str], env: dict[str, str]) -> str:
+    result = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
