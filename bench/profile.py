@@ -28,6 +28,9 @@ class Profile:
     # 5. workers: instances to drain per client run, and the longest a client may take
     worker_instances: int
     worker_deadline_s: float
+    # 7. end detection: probes per round, clients ending other runs meanwhile (busy side)
+    ends_probes: int
+    ends_background: int
     # pyinstrument/py-spy profiles of the API under load (full run only)
     profile_api: bool
 
@@ -44,6 +47,8 @@ FULL = Profile(
     outage_seconds=5.0,
     worker_instances=1_000,
     worker_deadline_s=12.0,
+    ends_probes=100,
+    ends_background=4,
     profile_api=True,
 )
 
@@ -59,5 +64,7 @@ SMOKE = Profile(
     outage_seconds=0.5,
     worker_instances=20,
     worker_deadline_s=3.0,
+    ends_probes=4,
+    ends_background=1,
     profile_api=False,
 )

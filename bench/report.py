@@ -106,8 +106,8 @@ def _verdict(ok: bool | None) -> str:
 
 def bar(results: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
-    parked, thr, gw, wk = (
-        results.get(k) or {} for k in ("parked", "throughput", "gateway", "workers")
+    parked, thr, gw, wk, ends = (
+        results.get(k) or {} for k in ("parked", "throughput", "gateway", "workers", "ends")
     )
 
     # Zero lost wake-ups.
@@ -217,6 +217,20 @@ def bar(results: dict[str, Any]) -> list[Row]:
             )
         else:
             rows.append((goal, f"≥ {factor:g}x", "-", NOT_RUN))
+
+    p99s: dict[str, float] = {
+        side: float(p)
+        for side in ("quiet", "busy")
+        if (p := _get(ends, "by_side", side, "latency_ms", "p99")) is not None
+    }
+    rows.append(
+        (
+            "end detection p99 (runs the engine ends, no flowgate worker)",
+            "≤ 300 ms",
+            " / ".join(f"{side} {_n(p, 0)} ms" for side, p in p99s.items()) or "-",
+            _verdict(max(p99s.values()) <= 300 if p99s else None),
+        )
+    )
     return rows
 
 
@@ -512,12 +526,54 @@ def _workers(r: dict[str, Any]) -> list[str]:
     return parts
 
 
+def _ends(r: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            side,
+            _n(s["latency_ms"].get("median"), 1),
+            _n(s["latency_ms"].get("p90"), 1),
+            _n(s["latency_ms"].get("p99"), 1),
+            _n(s["latency_ms"].get("max"), 1),
+            " / ".join(_n(m, 1) for m in s["round_medians_ms"]),
+            _n(s["other_ends_per_s"].get("median"), 0),
+            _n(s["latency_ms"].get("n")),
+            _n(s["failed"]),
+        ]
+        for side, s in r["by_side"].items()
+    ]
+    return [
+        "## 7. End detection (real engine, no flowgate worker)",
+        "",
+        _table(
+            [
+                "engine",
+                "p50 ms",
+                "p90",
+                "p99",
+                "max",
+                "round medians",
+                "other ends/s",
+                "n",
+                "failed",
+            ],
+            rows,
+        ),
+        "",
+        "From the engine's `endTime` of a `bench-approval` instance (its user task completed "
+        "through the engine's REST API) to the client's 200 on a parked long-poll; the API's "
+        "watcher reads the history every 100 ms. Busy: "
+        f"{_n(r['background_clients'])} other clients end runs as fast as they can meanwhile.",
+        "",
+    ]
+
+
 SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("gateway", _gateway),
     ("parked", _parked),
     ("throughput", _throughput),
     ("workers", _workers),
     ("writebehind", _writebehind),
+    ("ends", _ends),
 ]
 
 

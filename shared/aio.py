@@ -5,7 +5,9 @@
 * :func:`race_stop` — await some work unless a stop event comes first;
 * :func:`cancel_and_wait` — cancel tasks and wait until they have really finished;
 * :func:`stop_and_wait` — end loops by their stop event first, by cancellation last;
-* :class:`Spawner` — work that outlives the request that started it, in a task group.
+* :class:`Spawner` — work that outlives the request that started it, in a task group;
+* :func:`concurrently` — a task group for a few awaits at once, whose failure is raised as
+  itself (callers handle errors by type, not as an ExceptionGroup).
 
 Background tasks themselves always live in an :class:`asyncio.TaskGroup` owned by a
 lifespan (the API's ``open_deps``, the worker's ``serve``), so none can outlive its owner.
@@ -21,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -87,6 +89,17 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
         task.cancel()
     if pending:
         await asyncio.wait(pending)
+
+
+@contextlib.asynccontextmanager
+async def concurrently() -> AsyncIterator[asyncio.TaskGroup]:
+    """``async with concurrently() as group:`` a TaskGroup that raises its first failure as
+    itself; the other tasks are cancelled and awaited, as in any TaskGroup."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            yield group
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
 
 
 async def stop_and_wait(

@@ -1,9 +1,12 @@
 """Real servers for the test suite.
 
-Redis, PostgreSQL and the Camunda engine come from, in order of preference:
+Redis, PostgreSQL and the engine come from, in order of preference:
 1. ``REDIS_URL`` / ``DATABASE_URL`` / ``CAMUNDA_BASE_URL`` when set;
-2. testcontainers, where a Docker engine answers;
+2. testcontainers, where a Docker engine answers (the engine: Camunda's official image);
 3. native processes on free ports (deploy/local/servers.py), started once per session.
+
+The engine is Camunda 7 unless ``FLOWGATE_ENGINE=operaton``; every test that uses it is
+marked ``engine``, so ``pytest -m engine`` (``make test-operaton``) runs them all.
 
 A server that cannot start fails the run with a message saying what is missing: a
 missing server is never a skip in this project.
@@ -30,6 +33,12 @@ from deploy.local import servers
 from shared.settings import Settings
 
 ENGINE_IMAGE = "camunda/camunda-bpm-platform:run-7.24.0"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "engine_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.engine)
 
 
 @pytest.fixture(scope="session")
@@ -93,10 +102,10 @@ def database_url(postgres_service: tuple[str, servers.Server | None]) -> str:
 
 @pytest.fixture(scope="session")
 def engine_url(server_dir: Path, docker_available: bool) -> Iterator[str]:
-    """Base URL of a real Camunda 7 engine's REST API (…/engine-rest), once per session."""
+    """Base URL of a real engine's REST API (…/engine-rest), once per session."""
     if url := os.environ.get("CAMUNDA_BASE_URL"):
         yield url.rstrip("/")
-    elif docker_available:
+    elif docker_available and servers.ENGINE == "camunda":
         from testcontainers.core.container import DockerContainer
         from testcontainers.core.waiting_utils import wait_for_logs
 

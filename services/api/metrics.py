@@ -68,6 +68,13 @@ class ApiMetrics:
             ["how"],
             registry=self.registry,
         )
+        self.watch_pass_seconds = Histogram(
+            "flowgate_api_watch_pass_seconds",
+            "Duration of one pass of the watcher over the engine's history (its queries and "
+            "the runs it ends); none while no run waits.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
         self.watching = Gauge(
             "flowgate_api_watching",
             "1 while this replica is the one that watches the engine's history.",

@@ -17,9 +17,11 @@ Its cost does not grow with the runs in flight: each pass is three history queri
 ends, incidents) from a watermark on, however many runs wait, and none while no run is
 watched. One replica watches at a time, holding a lease in Redis (``{p}:watcher``); when it
 dies another takes over within seconds, from the watermark it left (``{p}:watcher:mark``).
-Every few seconds a pass reads back before the mark, so what the engine committed late is
-read too; finishing and recording steps are idempotent (shared/store.py), so reading
-something twice is harmless. An instance stays mapped to its run until a while after its
+Records become visible at commit, not in the order of their times, so each pass reads back
+a second before the mark and every few seconds a pass reads back further; finishing and
+recording steps are idempotent (shared/store.py), so reading something twice is harmless.
+Its cost grows with the engine's rate of ends instead (``make bench``, "End detection").
+An instance stays mapped to its run until a while after its
 end, so that its last steps are recorded even when a worker ended the run first.
 """
 
@@ -29,14 +31,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.api.metrics import ApiMetrics
 from services.api.starter import run_result
-from shared.aio import Backoff, sleep_or_stop
+from shared.aio import Backoff, concurrently, sleep_or_stop
 from shared.camunda import CamundaClient, CamundaError, EndedActivity, EndedInstance, Incident
 from shared.eventlog import EventRecord
 from shared.keys import Keys
@@ -46,11 +48,15 @@ from shared.store import INSTANCE_LINGER_S, ProcessStore
 
 log = logging.getLogger(__name__)
 
-#: How far a deep pass reads back before the watermark, for what the engine committed late
-#: with an earlier time; one pass in DEEP_EVERY_S is deep, the others read from the mark.
+#: How far a pass reads back before the watermark. The engine stamps a record when its
+#: transaction ends it and it becomes visible at commit, so records appear out of time order:
+#: every pass reads the last RECENT again (a commit a little slower than the one before),
+#: one pass in DEEP_EVERY_S reads the last OVERLAP (a commit much slower).
 #: An ended run's instance stays watched through two of them.
 OVERLAP = timedelta(seconds=INSTANCE_LINGER_S / 2)
 DEEP_EVERY_S = 5.0
+RECENT = timedelta(seconds=1)
+WRITES_AT_ONCE = 16
 #: Activity types that get an audit row (the event log lists work done, as the seed's did);
 #: every activity, events and gateways too, goes in the run's step record.
 AUDITED_TYPES = frozenset({"task", "callActivity"})
@@ -115,6 +121,8 @@ class Watcher:
         #: History records handled within the overlap, by id: not handled again.
         self._handled: dict[str, datetime] = {}
         self._deep_at = 0.0
+        #: Bounds the Redis writes of one pass in flight at once.
+        self._writes = asyncio.Semaphore(WRITES_AT_ONCE)
         self.leading = False
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -130,8 +138,11 @@ class Watcher:
                         args=[self._replica_id, int(LEASE_S * 1000)],
                     )))  # fmt: skip
                     if self.leading:
+                        began = asyncio.get_running_loop().time()
                         await self.watch_once()
-                        pause = self._interval_s
+                        # Passes start every interval, however long one took.
+                        took = asyncio.get_running_loop().time() - began
+                        pause = max(self._interval_s - took, 0.0)
                     backoff.reset()
                 except (CamundaError, RedisError, OSError, TimeoutError) as exc:
                     log.warning("engine watch failed; trying again", extra={"error": str(exc)})
@@ -146,23 +157,39 @@ class Watcher:
         await self._store.forget_ended()
         if not await self._store.watched():
             return
+        with self._metrics.watch_pass_seconds.time():
+            await self._pass()
+
+    async def _pass(self) -> None:
         mark, marked = await self._mark()
         now = asyncio.get_running_loop().time()
         deep = now >= self._deep_at
         if deep:
             self._deep_at = now + DEEP_EVERY_S
-        since = mark - OVERLAP if deep else mark
-        activities = await self._read(self._camunda.ended_activities, since)
-        instances = await self._read(self._camunda.ended_instances, since)
-        incidents = await self._read(self._camunda.incidents_since, since)
+        since = mark - (OVERLAP if deep else RECENT)
+        async with concurrently() as reads:
+            reading_activities = reads.create_task(
+                self._read(self._camunda.ended_activities, since)
+            )
+            reading_instances = reads.create_task(self._read(self._camunda.ended_instances, since))
+            reading_incidents = reads.create_task(self._read(self._camunda.incidents_since, since))
+        activities = reading_activities.result()
+        instances = reading_instances.result()
+        incidents = reading_incidents.result()
         roots = {a.root_process_instance_id for a in activities}
         roots |= {i.id for i in instances}
         roots |= {i.root_process_instance_id for i in incidents if i.root_process_instance_id}
         runs = await self._store.runs_of(sorted(roots))
         states = await self._store.get_many(sorted(set(runs.values())))
-        for activity in activities:
-            await self._step(activity, runs, states)
-        await self._ended([i for i in instances if i.id in runs], runs, states)
+        ended = [i for i in instances if i.id in runs]
+        completed = [i.id for i in ended if i.state == "COMPLETED"]
+        # A run's steps are in its record before it ends; its result is read meanwhile.
+        async with concurrently() as group:
+            for activity in activities:
+                if activity.root_process_instance_id in runs:
+                    group.create_task(self._step(activity, runs, states))
+            reading = group.create_task(self._camunda.root_variables(completed))
+        await self._ended(ended, runs, states, reading.result())
         for incident in incidents:
             await self._incident(incident, runs)
         for handled in (activities, instances, incidents):
@@ -182,9 +209,9 @@ class Watcher:
     async def _step(
         self, activity: EndedActivity, runs: dict[str, str], states: dict[str, ProcessState]
     ) -> None:
-        cid = runs.get(activity.root_process_instance_id)
-        state = states.get(cid) if cid else None
-        if cid is None or state is None:
+        cid = runs[activity.root_process_instance_id]
+        state = states.get(cid)
+        if state is None:
             return
         status = StepStatus.CANCELED if activity.canceled else StepStatus.OK
         step = StepEvent(
@@ -213,16 +240,16 @@ class Watcher:
                 created_at=activity.end_time,
             )
         )
-        await self._store.record_step(cid, step, event)
+        async with self._writes:
+            await self._store.record_step(cid, step, event)
 
     async def _ended(
         self,
         instances: Sequence[EndedInstance],
         runs: dict[str, str],
         states: dict[str, ProcessState],
+        variables: dict[str, dict[str, Any]],
     ) -> None:
-        completed = [i.id for i in instances if i.state == "COMPLETED"]
-        variables = await self._camunda.root_variables(completed) if completed else {}
         await self._store.forget_instances([i.id for i in instances])
         for instance in instances:
             cid = runs[instance.id]

@@ -15,7 +15,7 @@ import pytest
 
 from deploy.local.servers import ROOT
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.engine, pytest.mark.slow]  # their stack runs its own engine
 
 
 def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:

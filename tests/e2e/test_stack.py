@@ -23,7 +23,7 @@ import pytest
 from deploy.local import servers
 from tests.helpers.stack import Stack, engine_instances, wait_until
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.engine, pytest.mark.slow]  # their stack runs its own engine
 
 START = "/api/process/start"
 ONBOARD_RESULT = {"userId", "validated", "backgroundCheckPassed", "onboarded", "riskScore"}

@@ -30,7 +30,7 @@ from tests.helpers.engine import EngineAdmin
 from tests.helpers.waiting import until
 from tests.helpers.worker import ROOT, WorkerProcess
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 MakeSettings = Callable[..., Settings]
 

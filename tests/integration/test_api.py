@@ -25,8 +25,6 @@ from tests.helpers.api import Api, cid, running_app, start_body
 from tests.helpers.engine import EngineAdmin, deploy_bpmn as deploy
 from tests.helpers.waiting import until
 
-pytestmark = pytest.mark.engine
-
 MakeSettings = Callable[..., Settings]
 
 

@@ -18,7 +18,7 @@ from tests.helpers.engine import deploy_bpmn as deploy
 from tests.helpers.replica import replica
 from tests.helpers.waiting import until
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 MakeSettings = Callable[..., Settings]
 ROOT = Path(__file__).resolve().parents[2]

@@ -28,8 +28,6 @@ from shared.camunda import (
 from shared.deployment import deploy_directory
 from tests.helpers.engine import EngineAdmin
 
-pytestmark = pytest.mark.engine
-
 VALIDATE = "onboard-user.validate-user-information"
 BACKGROUND_CHECK = "onboard-user.run-background-check"
 HANDLE_ERROR = "onboard-user.handle-error"

@@ -28,7 +28,7 @@ from tests.helpers.net import TcpProxy
 from tests.helpers.waiting import until
 from tests.helpers.worker import RunClient, event_rows, running_worker
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 class NoInput(BaseModel):

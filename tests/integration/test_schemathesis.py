@@ -13,7 +13,7 @@ from shared.settings import Settings
 from tests.helpers.engine import deploy_bpmn as deploy
 from tests.helpers.replica import replica
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 MakeSettings = Callable[..., Settings]
 

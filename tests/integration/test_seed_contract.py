@@ -21,8 +21,6 @@ from tests.helpers.api import BENCHMARK, Api, running_app
 from tests.helpers.engine import deploy_bpmn
 from tests.helpers.waiting import until
 
-pytestmark = pytest.mark.engine
-
 MakeSettings = Callable[..., Settings]
 
 #: JavaScript's Date#toISOString: milliseconds and Z.

@@ -24,7 +24,7 @@ from tests.helpers.engine import EngineAdmin, deploy_bpmn
 from tests.helpers.net import SlowProxy
 from tests.helpers.waiting import until
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 MakeSettings = Callable[..., Settings]
 

@@ -33,9 +33,6 @@ from tests.helpers.engine import EngineAdmin, clone, onboard_user_bpmn, one_task
 from tests.helpers.waiting import until
 from tests.helpers.worker import RunClient, event_rows, running_worker
 
-pytestmark = pytest.mark.engine
-
-
 # --- fixtures -------------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ from shared.store import ProcessStore
 from tests.helpers.engine import EngineAdmin
 from tests.helpers.worker import RunClient, WorkerProcess
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 CALL_ONBOARDING = "onboard-user.call-onboarding-api"
