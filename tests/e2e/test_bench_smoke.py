@@ -18,22 +18,27 @@ from deploy.local.servers import ROOT
 pytestmark = [pytest.mark.engine, pytest.mark.slow]  # their stack runs its own engine
 
 
+@pytest.mark.timeout(450)
 def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=400,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert not results["errors"], results["errors"]
-    assert set(results["results"]) == {"throughput", "parked", "writebehind", "gateway", "workers"}
+    assert set(results["results"]) == {
+        "throughput", "parked", "writebehind", "gateway", "workers", "ends"
+    }  # fmt: skip
     skipped = {name: r["skipped"] for name, r in results["results"].items() if "skipped" in r}
     assert not skipped, f"benchmarks that could not run here: {skipped}"
     assert not results["results"]["workers"]["clients_not_run"], "a peer client did not run"
     assert results["results"]["parked"]["wake"], "no wake-latency samples"
+    ends = results["results"]["ends"]["by_side"]
+    assert [ends[side]["failed"] for side in ("quiet", "busy")] == [0, 0], ends
     assert (tmp_path / "benchmarks.md").read_text().startswith("#")
     assert sorted(p.name for p in (tmp_path / "bench").glob("*.png"))
