@@ -17,10 +17,10 @@ bootstrap:
 
 install: bootstrap $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e . --group dev --group bench
+	$(PY) -m pip install -q -e . -e clients/python --group dev --group bench
 	@# kustomize renders deploy/k8s for the manifest tests; built from the Go module proxy.
 	command -v kustomize >/dev/null || test -x $(VENV)/bin/kustomize || \
 	  GOBIN=$(abspath $(VENV)/bin) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)

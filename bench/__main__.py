@@ -3,8 +3,8 @@
     python -m bench                  the full run (``make bench``, < 15 min), writes docs/
     python -m bench --smoke          seconds-long version of every benchmark (CI)
     python -m bench --out DIR        write results.json, benchmarks.md and PNGs under DIR
-    python -m bench --only a,b       just these (gateway, parked, throughput, writebehind, workers,
-                                     ends)
+    python -m bench --only a,b       just these (gateway, parked, throughput, writebehind,
+                                     progress, workers, ends)
     python -m bench --render         regenerate benchmarks.md and the plots from results.json
 
 Every server and process is started here on free loopback ports and stopped on exit
@@ -26,7 +26,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench import ends, gateway, machine, parked, report, throughput, workers, writebehind
+from bench import (
+    ends,
+    gateway,
+    machine,
+    parked,
+    progress,
+    report,
+    throughput,
+    workers,
+    writebehind,
+)
 from bench.engine import deploy
 from bench.harness import LOAD_CPU, Run, Stack, pin_self, raise_fd_limit
 from bench.profile import FULL, SMOKE, Profile
@@ -40,6 +50,7 @@ SCENARIOS: dict[str, tuple[bool, Scenario]] = {
     "throughput": (False, throughput.run),
     "parked": (False, parked.run),
     "writebehind": (False, writebehind.run),
+    "progress": (False, progress.run),
     "gateway": (True, gateway.run),
     "workers": (True, workers.run),
     "ends": (True, ends.run),

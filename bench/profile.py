@@ -31,6 +31,9 @@ class Profile:
     # 7. end detection: probes per round, clients ending other runs meanwhile (busy side)
     ends_probes: int
     ends_background: int
+    # 8. live progress and callbacks: probes per round, other streams open (B side)
+    progress_probes: int
+    progress_streams: int
     # pyinstrument/py-spy profiles of the API under load (full run only)
     profile_api: bool
 
@@ -49,6 +52,8 @@ FULL = Profile(
     worker_deadline_s=12.0,
     ends_probes=100,
     ends_background=4,
+    progress_probes=100,
+    progress_streams=1_000,
     profile_api=True,
 )
 
@@ -66,5 +71,7 @@ SMOKE = Profile(
     worker_deadline_s=3.0,
     ends_probes=4,
     ends_background=1,
+    progress_probes=4,
+    progress_streams=20,
     profile_api=False,
 )

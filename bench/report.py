@@ -106,8 +106,9 @@ def _verdict(ok: bool | None) -> str:
 
 def bar(results: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
-    parked, thr, gw, wk, ends = (
-        results.get(k) or {} for k in ("parked", "throughput", "gateway", "workers", "ends")
+    parked, thr, gw, wk, ends, progress = (
+        results.get(k) or {}
+        for k in ("parked", "throughput", "gateway", "workers", "ends", "progress")
     )
 
     # Zero lost wake-ups.
@@ -231,6 +232,31 @@ def bar(results: dict[str, Any]) -> list[Row]:
             _verdict(max(p99s.values()) <= 300 if p99s else None),
         )
     )
+
+    targets = progress.get("target_p99_ms") or {"step": 50, "callback": 300}
+    for measure, goal in (
+        ("step", "live-progress step delivery p99"),
+        ("callback", "callback delivery p99"),
+    ):
+        p99 = _get(progress, "by_side", "streams", measure, "p99")
+        opened = progress.get("open_streams")
+        rows.append(
+            (
+                f"{goal} with {_n(opened)} streams open" if opened else goal,
+                f"≤ {targets[measure]} ms",
+                f"{_n(p99, 1)} ms" if p99 is not None else "-",
+                _verdict(p99 <= targets[measure] if p99 is not None else None),
+            )
+        )
+    if ended := progress.get("streams_ended"):
+        rows.append(
+            (
+                "every open stream reads its end",
+                f"{ended['streams']}",
+                f"{ended['ended']}",
+                _verdict(ended["ended"] == ended["streams"]),
+            )
+        )
     return rows
 
 
@@ -567,6 +593,35 @@ def _ends(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _progress(r: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            f"{side} ({_n(r['open_streams']) if side == 'streams' else 0} other streams)",
+            measure,
+            _n(s[measure].get("median"), 1),
+            _n(s[measure].get("p90"), 1),
+            _n(s[measure].get("p99"), 1),
+            _n(s[measure].get("max"), 1),
+            _n(s[measure].get("n")),
+        ]
+        for side, s in r["by_side"].items()
+        for measure in ("step", "end", "callback")
+    ]
+    ended = r["streams_ended"]
+    return [
+        "## 8. Live progress and callbacks (stand-in engine)",
+        "",
+        _table(["side", "delivery", "p50 ms", "p90", "p99", "max", "n"], rows),
+        "",
+        "step: from `ProcessStore.record_step` returning (the worker's call) to the client "
+        "reading `event: step` on its open stream; end: from `ProcessStore.finish` returning "
+        "to `event: end`; callback: from the same `finish` to the POST arriving at a loopback "
+        "receiver (replicas look for due callbacks every 100 ms). "
+        f"{ended['ended']} of {ended['streams']} background streams read their end.",
+        "",
+    ]
+
+
 SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("gateway", _gateway),
     ("parked", _parked),
@@ -574,6 +629,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("workers", _workers),
     ("writebehind", _writebehind),
     ("ends", _ends),
+    ("progress", _progress),
 ]
 
 

@@ -2,8 +2,9 @@
 
 * the **system variables** the API sets on every engine instance it starts (the seed's
   names), and how a task names the run it belongs to;
-* the **completion channel's messages**: a finished run's state, or the news that the start
-  a request joined has failed (:class:`StartFailed`).
+* the **run channel's messages** (``{p}:run:{cid}``): a finished run's state, the news that
+  the start a request joined has failed (:class:`StartFailed`), or that a step was recorded
+  (:class:`StepRecorded`, published by shared/store.py's Lua).
 
 Producers and consumers import these names from here, so a rename fails at import time in
 both services, not at runtime in one.
@@ -80,7 +81,7 @@ def system_value(variables: Mapping[str, Any], name: str) -> str | None:
     return None if value is None else str(value)
 
 
-# --- the completion channel --------------------------------------------------------------------
+# --- the run channel -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +122,23 @@ class StartFailed:
         )
 
 
-def decode_message(raw: bytes | str) -> ProcessState | StartFailed:
-    """A completion-channel message: a finished state, or a start that failed."""
+@dataclass(frozen=True, slots=True)
+class StepRecorded:
+    """A step was added to the run's record; ``id`` is its entry there (the message is
+    written by the store's Lua: ``{"kind":"step","id":...}``)."""
+
+    id: str
+
+
+Message = ProcessState | StartFailed | StepRecorded
+
+
+def decode_message(raw: bytes | str) -> Message:
+    """A run-channel message: a finished state, a start that failed, or a new step."""
     obj = orjson.loads(raw)
-    if obj.get("kind") == "startFailed":
+    kind = obj.get("kind")
+    if kind == "startFailed":
         return StartFailed._from_object(obj)
+    if kind == "step":
+        return StepRecorded(str(obj["id"]))
     return ProcessState.from_dict(obj)

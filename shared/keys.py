@@ -14,9 +14,14 @@ several environments can share one Redis server.
                                       watcher stops reading their history
 ``{p}:steps:{correlationId}``         stream: the run's steps as they end (shared/steps.py)
 ``{p}:steps:{correlationId}:seen``    set: activity instance ids recorded there already
+``{p}:callbacks``                     sorted set: runs whose end is to be delivered to their
+                                      callbackUrl, scored by when (services/api/callbacks.py)
+``{p}:callbacks:attempts``            hash: correlationId -> delivery attempts so far
+``{p}:cancel:{correlationId}``        string: the reason a cancel was asked for, until the run
+                                      ends (the watcher ends a deleted instance's run with it)
 ``{p}:watcher``                       string: the replica that watches the engine (lease)
 ``{p}:watcher:mark``                  string: how far the watcher has read the history
-``{p}:done:{correlationId}``          pub/sub channel: "this process just finished"
+``{p}:run:{correlationId}``           pub/sub channel: the run changed (a step, its end)
 ``{p}:wb``                            stream: write-behind entries for Postgres
 ``{p}:wb:dead``                       stream: entries Postgres refused too often
 ``{p}:worker:{name}:{slot}:lease``    string: which worker process holds a slot
@@ -62,6 +67,17 @@ class Keys:
     def steps_seen(self, correlation_id: str) -> str:
         return f"{self.prefix}:steps:{correlation_id}:seen"
 
+    def cancel(self, correlation_id: str) -> str:
+        return f"{self.prefix}:cancel:{correlation_id}"
+
+    @property
+    def callbacks(self) -> str:
+        return f"{self.prefix}:callbacks"
+
+    @property
+    def callback_attempts(self) -> str:
+        return f"{self.prefix}:callbacks:attempts"
+
     @property
     def watcher(self) -> str:
         return f"{self.prefix}:watcher"
@@ -70,16 +86,16 @@ class Keys:
     def watcher_mark(self) -> str:
         return f"{self.prefix}:watcher:mark"
 
-    def done(self, correlation_id: str) -> str:
-        return f"{self.prefix}:done:{correlation_id}"
+    def run_channel(self, correlation_id: str) -> str:
+        return f"{self.prefix}:run:{correlation_id}"
 
     @property
-    def done_pattern(self) -> str:
+    def run_pattern(self) -> str:
         """The one pattern each API replica subscribes to (see services/api/waitroom.py)."""
-        return f"{self.prefix}:done:*"
+        return f"{self.prefix}:run:*"
 
     def correlation_id_of(self, channel: str) -> str:
-        return channel[len(self.prefix) + len(":done:") :]
+        return channel[len(self.prefix) + len(":run:") :]
 
     @property
     def writebehind(self) -> str:

@@ -8,6 +8,8 @@ names the variable (see :func:`load_settings`).
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Self
 
@@ -24,6 +26,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 #: What a worker serves and deploys unless told otherwise: the bundled examples.
 DEFAULT_PROCESSES = "services.worker.handlers:PROCESSES"
 BUNDLED_BPMN = Path(__file__).resolve().parent.parent / "bpmn"
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
 
 
 class Settings(BaseSettings):
@@ -78,6 +83,16 @@ class Settings(BaseSettings):
     # Hard deadline for draining on SIGTERM (parked requests are answered at once).
     shutdown_grace_s: PositiveInt = 10
 
+    # --- callbacks (services/api/callbacks.py) -------------------------------------------
+    # Signs every callback (HMAC-SHA256 in the Flowgate-Signature header) when set.
+    callback_secret: SecretStr | None = None
+    # Comma-separated host names and CIDRs a callbackUrl may name (any host when empty).
+    callback_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+    # One delivery attempt gives up after this.
+    callback_timeout_ms: PositiveInt = 10_000
+    # Attempts before a callback is given up (backoff doubles from 1 s up to 10 min).
+    callback_max_attempts: PositiveInt = 15
+
     # --- write-behind to Postgres --------------------------------------------------------
     writebehind_batch: PositiveInt = 500
     writebehind_block_ms: PositiveInt = 1_000
@@ -113,11 +128,22 @@ class Settings(BaseSettings):
     # once (OWASP API4: a bounded resource, not a way to exhaust memory).
     max_parked: PositiveInt = 20_000
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "callback_allowed_hosts", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("callback_allowed_hosts")
+    @classmethod
+    def _hosts_or_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                if not _HOST_NAME.fullmatch(entry):
+                    raise ValueError(f"{entry!r} is neither a host name nor a CIDR") from None
         return value
 
     @field_validator("camunda_base_url")

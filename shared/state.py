@@ -38,6 +38,8 @@ class Status(StrEnum):
     #: The start never reached the engine (``error`` holds its StartFailed answer); the
     #: correlationId is free again: a new start with it claims it afresh.
     ABANDONED = "abandoned"
+    #: Cancelled by a client (POST /api/process/cancel): its engine instance was deleted.
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,8 @@ class ProcessState:
     #: The start's ``fetchVariables``: the root variables a run the engine ends returns
     #: (None: all of them but the system variables).
     fetch_variables: Any = None
+    #: Where the final status body is POSTed once the run ends (services/api/callbacks.py).
+    callback_url: str | None = None
 
     @property
     def finished(self) -> bool:

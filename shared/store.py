@@ -1,7 +1,7 @@
 """Process state in Redis: one hash per run, every transition one Lua script.
 
 A transition changes the hash, appends its write-behind entry to ``{p}:wb`` and (for a
-finish or an abandoned start) publishes on ``{p}:done:{cid}`` in the same script, so there
+finish or an abandoned start) publishes on ``{p}:run:{cid}`` in the same script, so there
 is no window in which a state is written but never persisted or never announced. A
 subscriber that receives a message can read the new state at once: Redis delivers the
 publish only after the script has finished.
@@ -86,19 +86,21 @@ return version
 """
 )
 
-# record_step(state, steps, seen, stream, activity instance id, step JSON, audit JSON, max):
-# a step is recorded once (the worker and the history may both report it), with its audit
-# row, and lives as long as the run's state. Returns 1 if it was new.
+# record_step(state, steps, seen, stream, activity instance id, step JSON, audit JSON, max,
+# channel): a step is recorded once (the worker and the history may both report it), with
+# its audit row, lives as long as the run's state, and is announced on the run's channel
+# (shared/contract.py StepRecorded). Returns 1 if it was new.
 _RECORD_STEP_LUA = """
-local function record_step(state, steps, seen, stream, aid, step, audit, max)
+local function record_step(state, steps, seen, stream, aid, step, audit, max, channel)
   if redis.call('SADD', seen, aid) == 0 then return 0 end
-  redis.call('XADD', steps, 'MAXLEN', '~', max, '*', 'step', step)
+  local id = redis.call('XADD', steps, 'MAXLEN', '~', max, '*', 'step', step)
   local ttl = redis.call('PTTL', state)
   if ttl > 0 then
     redis.call('PEXPIRE', steps, ttl)
     redis.call('PEXPIRE', seen, ttl)
   end
   if audit ~= '' then redis.call('XADD', stream, '*', 'kind', 'event', 'body', audit) end
+  redis.call('PUBLISH', channel, '{"kind":"step","id":"' .. id .. '"}')
   return 1
 end
 """
@@ -114,7 +116,7 @@ if not f[1] then
   redis.call('ZREM', KEYS[3], ARGV[4])
   return 0
 end
-if f[1] == 'abandoned' then return -1 end
+if f[1] == 'abandoned' or f[1] == 'cancelled' then return -1 end
 if f[2] == ARGV[1] then return 1 end
 redis.call('HSET', KEYS[1], 'instanceId', ARGV[1], 'updatedAt', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'version', 1)
@@ -126,10 +128,10 @@ return 1
 """
 )
 
-# KEYS: state, stream, starts, steps, steps seen, instances ended. ARGV: status, data JSON,
-# error JSON, now (ISO), result TTL (s), channel, audit body ('' = none), cid, step JSON ('' =
-# none), its activity instance id, max steps, when to forget the instance (ms). Returns 1 if
-# the state changed.
+# KEYS: state, stream, starts, steps, steps seen, instances ended, callbacks, cancel. ARGV: status,
+# data JSON, error JSON, now (ISO), result TTL (s), channel, audit body ('' = none), cid, step
+# JSON ('' = none), its activity instance id, max steps, when to forget the instance (ms),
+# now (ms). Returns 1 if the state changed.
 _FINISH_LUA = (
     STATE_JSON_LUA
     + _RECORD_STEP_LUA
@@ -142,27 +144,40 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 local state = state_json(KEYS[1])
 redis.call('XADD', KEYS[2], '*', 'kind', 'state', 'body', state)
 if ARGV[9] ~= '' then
-  record_step(KEYS[1], KEYS[4], KEYS[5], KEYS[2], ARGV[10], ARGV[9], ARGV[7], ARGV[11])
+  record_step(KEYS[1], KEYS[4], KEYS[5], KEYS[2], ARGV[10], ARGV[9], ARGV[7], ARGV[11],
+    ARGV[6])
 elseif ARGV[7] ~= '' then
   redis.call('XADD', KEYS[2], '*', 'kind', 'event', 'body', ARGV[7])
 end
 redis.call('EXPIRE', KEYS[4], ARGV[5])
 redis.call('EXPIRE', KEYS[5], ARGV[5])
 redis.call('ZREM', KEYS[3], ARGV[8])
-local instance = redis.call('HGET', KEYS[1], 'instanceId')
-if instance and instance ~= '' then redis.call('ZADD', KEYS[6], 'NX', ARGV[12], instance) end
+local f = redis.call('HMGET', KEYS[1], 'instanceId', 'callbackUrl')
+if f[1] and f[1] ~= '' then redis.call('ZADD', KEYS[6], 'NX', ARGV[12], f[1]) end
+if f[2] and f[2] ~= '' then redis.call('ZADD', KEYS[7], 'NX', ARGV[13], ARGV[8]) end
+redis.call('DEL', KEYS[8])
 redis.call('PUBLISH', ARGV[6], state)
 return 1
 """
 )
 
+# KEYS: state, cancel. ARGV: reason, TTL (s). Records that a cancel was asked for a pending
+# run. Returns 1 if the run is pending.
+_CANCELLING_LUA = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
 # KEYS: state, steps, steps seen, stream. ARGV: activity instance id, step JSON, audit body
-# ('' = none), max steps. Returns 1 if the step was new, 0 if known or the run is gone.
+# ('' = none), max steps, channel. Returns 1 if the step was new, 0 if known or the run is
+# gone.
 _STEP_LUA = (
     _RECORD_STEP_LUA
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-return record_step(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+return record_step(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+  ARGV[5])
 """
 )
 
@@ -186,8 +201,8 @@ return 1
 """
 )
 
-# KEYS: starts. ARGV: cid, now (ms), next look (ms). Takes a due claim for one look (so
-# replicas do not all look after the same one). Returns 1 if taken.
+# KEYS: schedule. ARGV: member, now (ms), when it is due again (ms). Takes a due item for a
+# while (so replicas do not all work on the same one). Returns 1 if taken.
 _TAKE_LUA = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end
@@ -275,7 +290,45 @@ def _decode_cursor(cursor: str) -> tuple[int, str]:
 
 
 class Abandoned(Exception):
-    """An engine instance arrived for a run whose claim was given up meanwhile."""
+    """An engine instance arrived for a run that must not have one: its claim was given up
+    meanwhile, or it was cancelled."""
+
+
+class Schedule:
+    """Work every replica shares: a sorted set of correlationIds scored by when each is due.
+
+    :meth:`take` hands a due item to one replica and makes it due again later, so an item
+    whose taker dies comes back by itself; the taker :meth:`drop` s it when done, or
+    :meth:`defer` s it to a time of its choosing.
+    """
+
+    def __init__(self, redis: Redis, key: str) -> None:
+        self._redis = redis
+        self._key = key
+        self._take = redis.register_script(_TAKE_LUA)
+
+    async def due(self, limit: int) -> list[str]:
+        """Items whose time has come, the longest due first."""
+        now_ms = _ms(datetime.now(UTC))
+        ids = await self._redis.zrangebyscore(self._key, "-inf", now_ms, 0, limit)
+        return [_text(cid) for cid in cast(list[bytes | str], ids)]
+
+    async def take(self, correlation_id: str, *, again_s: float) -> bool:
+        """Take a due item; it is due again in ``again_s`` unless dropped or deferred
+        meanwhile. False if another replica took it first (or it is gone)."""
+        now_ms = _ms(datetime.now(UTC))
+        taken = await self._take(
+            keys=[self._key], args=[correlation_id, now_ms, now_ms + int(again_s * 1000)]
+        )
+        return bool(taken)
+
+    async def defer(self, correlation_id: str, *, delay_s: float) -> None:
+        """Make a taken item due in ``delay_s`` (only if it is still scheduled)."""
+        at = _ms(datetime.now(UTC)) + int(delay_s * 1000)
+        await self._redis.zadd(self._key, {correlation_id: at}, xx=True)
+
+    async def drop(self, correlation_id: str) -> None:
+        await self._redis.zrem(self._key, correlation_id)
 
 
 class ProcessStore:
@@ -294,8 +347,12 @@ class ProcessStore:
         self._attach = redis.register_script(_ATTACH_LUA)
         self._finish = redis.register_script(_FINISH_LUA)
         self._step = redis.register_script(_STEP_LUA)
+        self._cancelling = redis.register_script(_CANCELLING_LUA)
         self._abandon = redis.register_script(_ABANDON_LUA)
-        self._take = redis.register_script(_TAKE_LUA)
+        #: Claims without an engine instance yet, due for a look (services/api/starter.py).
+        self.starts = Schedule(redis, keys.starts)
+        #: Ended runs whose end is to be delivered to their callbackUrl (callbacks.py).
+        self.callbacks = Schedule(redis, keys.callbacks)
         self._page = redis.register_script(_PAGE_LUA)
 
     async def claim(
@@ -305,6 +362,7 @@ class ProcessStore:
         request_hash: str,
         *,
         fetch_variables: list[str] | None = None,
+        callback_url: str | None = None,
         look_after_s: float = 5.0,
     ) -> tuple[ProcessState, bool]:
         """Create the ``pending`` state, or return the one that exists.
@@ -331,6 +389,7 @@ class ProcessStore:
             updated_at=now,
             version=1,
             fetch_variables=fetch_variables,
+            callback_url=callback_url,
         )
         now_ms = _ms(now)
         oldest_ms = now_ms - (self._pending_ttl_s + self._result_ttl_s) * 1000
@@ -391,29 +450,48 @@ class ProcessStore:
         False: the first outcome wins. The run's engine instance stays watched for
         :data:`INSTANCE_LINGER_S` more, for its last steps.
         """
-        if status not in (Status.OK, Status.ERROR):
-            raise ValueError("finish() needs a terminal status (ok or error)")
+        if status not in (Status.OK, Status.ERROR, Status.CANCELLED):
+            raise ValueError("finish() needs a terminal status (ok, error or cancelled)")
         cid = correlation_id
+        now = datetime.now(UTC)
         changed = await self._finish(
             keys=[self._state(cid), self._keys.writebehind, self._keys.starts,
                   self._keys.steps(cid), self._keys.steps_seen(cid),
-                  self._keys.instances_ended],
+                  self._keys.instances_ended, self._keys.callbacks, self._keys.cancel(cid)],
             args=[
                 status.value,
                 dump_json(data),
                 dump_json(error),
-                iso(datetime.now(UTC)),
+                iso(now),
                 self._result_ttl_s,
-                self._keys.done(cid),
+                self._keys.run_channel(cid),
                 event.to_json() if event else "",
                 cid,
                 step.to_json() if step else "",
                 step.activity_instance_id if step else "",
                 MAX_STEPS,
-                _ms(datetime.now(UTC)) + int(INSTANCE_LINGER_S * 1000),
+                _ms(now) + int(INSTANCE_LINGER_S * 1000),
+                _ms(now),
             ],
         )  # fmt: skip
         return bool(changed)
+
+    async def cancelling(self, correlation_id: str, reason: str) -> bool:
+        """Record that a cancel was asked for this pending run (before its engine instance is
+        deleted): whoever sees the deletion ends the run ``cancelled`` with ``reason``.
+        False when the run is not pending."""
+        cid = correlation_id
+        asked = await self._cancelling(
+            keys=[self._state(cid), self._keys.cancel(cid)], args=[reason, self._pending_ttl_s]
+        )
+        return bool(asked)
+
+    async def cancel_reasons(self, correlation_ids: Sequence[str]) -> dict[str, str]:
+        """The reasons of the cancels asked for among these runs (see :meth:`cancelling`)."""
+        if not correlation_ids:
+            return {}
+        found = await self._redis.mget([self._keys.cancel(cid) for cid in correlation_ids])
+        return {cid: _text(r) for cid, r in zip(correlation_ids, found, strict=True) if r}
 
     async def record_step(
         self, correlation_id: str, step: StepEvent, event: EventRecord | None = None
@@ -425,7 +503,7 @@ class ProcessStore:
             keys=[self._state(cid), self._keys.steps(cid), self._keys.steps_seen(cid),
                   self._keys.writebehind],
             args=[step.activity_instance_id, step.to_json(), event.to_json() if event else "",
-                  MAX_STEPS],
+                  MAX_STEPS, self._keys.run_channel(cid)],
         )  # fmt: skip
         return bool(recorded)
 
@@ -436,6 +514,13 @@ class ProcessStore:
         start = after if after == "-" else f"({after}"
         entries = await self._redis.xrange(self._keys.steps(correlation_id), start, "+", count)
         return [(_text(entry_id), _step_of(fields)) for entry_id, fields in _entries(entries)]
+
+    async def find_step(self, correlation_id: str, name: str) -> StepEvent | None:
+        """The first recorded step called ``name`` (its step name or activity id), or None."""
+        for _, step in await self.steps(correlation_id):
+            if name in step.names():
+                return step
+        return None
 
     async def last_step(self, correlation_id: str) -> StepEvent | None:
         """The step the run recorded last, or None (nothing has run yet)."""
@@ -487,29 +572,10 @@ class ProcessStore:
         cid = failed.correlation_id
         abandoned = await self._abandon(
             keys=[self._state(cid), self._keys.index, self._keys.writebehind, self._keys.starts],
-            args=[cid, version, failed.to_json(), self._keys.done(cid), iso(datetime.now(UTC)),
-                  self._result_ttl_s, "1" if unsent else "0"],
+            args=[cid, version, failed.to_json(), self._keys.run_channel(cid),
+                  iso(datetime.now(UTC)), self._result_ttl_s, "1" if unsent else "0"],
         )  # fmt: skip
         return bool(abandoned)
-
-    async def due(self, limit: int) -> list[str]:
-        """Claims without an instance whose time to be looked after has come."""
-        now_ms = _ms(datetime.now(UTC))
-        ids = await self._redis.zrangebyscore(self._keys.starts, "-inf", now_ms, 0, limit)
-        return [_text(cid) for cid in cast(list[bytes | str], ids)]
-
-    async def take(self, correlation_id: str, *, look_again_s: float) -> bool:
-        """Take a due claim for one look; False if another replica took it first."""
-        now_ms = _ms(datetime.now(UTC))
-        taken = await self._take(
-            keys=[self._keys.starts],
-            args=[correlation_id, now_ms, now_ms + int(look_again_s * 1000)],
-        )
-        return bool(taken)
-
-    async def forget_start(self, correlation_id: str) -> None:
-        """Nothing is left to look after for this claim."""
-        await self._redis.zrem(self._keys.starts, correlation_id)
 
     async def get(self, correlation_id: str) -> ProcessState | None:
         """The state in Redis, or None (never existed, or aged out: try Postgres)."""

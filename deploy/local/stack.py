@@ -129,6 +129,10 @@ class Config:
             "DATABASE_URL": f"postgresql://flowgate:flowgate@127.0.0.1:{self.postgres_port}/flowgate",
             "PYTHONPATH": pythonpath,
             "PYTHONUNBUFFERED": "1",
+            # Callbacks can be tried locally, and reach nothing else unless asked to.
+            "CALLBACK_ALLOWED_HOSTS": os.environ.get(
+                "CALLBACK_ALLOWED_HOSTS", "127.0.0.1,localhost"
+            ),
         }
 
 
@@ -324,24 +328,33 @@ http {{
         client_max_body_size {body_limit};
         keepalive_timeout 75s;
 
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $http_host;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_set_header X-Request-Id $request_id;
+        proxy_connect_timeout 2s;
+        # A parked request reads nothing until its outcome:
+        # above MAX_WAIT_MS ({settings.max_wait_ms} ms).
+        proxy_read_timeout {timeout}s;
+        proxy_send_timeout {timeout}s;
+        # nginx's default, spelled out: try another replica when one refuses or times
+        # out, but never resend a POST that already reached a replica (no
+        # non_idempotent): a start must not run twice.
+        proxy_next_upstream error timeout;
+        proxy_next_upstream_tries 2;
+
         location / {{
             proxy_pass http://flowgate_api;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $http_host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_set_header X-Request-Id $request_id;
-            proxy_connect_timeout 2s;
-            # A parked request reads nothing until its outcome:
-            # above MAX_WAIT_MS ({settings.max_wait_ms} ms).
-            proxy_read_timeout {timeout}s;
-            proxy_send_timeout {timeout}s;
-            # nginx's default, spelled out: try another replica when one refuses or times
-            # out, but never resend a POST that already reached a replica (no
-            # non_idempotent): a start must not run twice.
-            proxy_next_upstream error timeout;
-            proxy_next_upstream_tries 2;
+        }}
+
+        # Live progress: every event reaches the client as it is sent (the API also says
+        # so with X-Accel-Buffering: no); its 15 s pings keep it under the read timeout.
+        location /api/process/events/ {{
+            proxy_pass http://flowgate_api;
+            proxy_buffering off;
+            proxy_cache off;
         }}
     }}
 }}

@@ -15,12 +15,15 @@ import resource
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import httpx
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.requests import Request
 
 from services.api.auth import Auth
+from services.api.callbacks import Deliverer
+from services.api.cancel import Canceller
 from services.api.metrics import ApiMetrics
 from services.api.persistence import db
 from services.api.persistence.writebehind import Flusher
@@ -57,6 +60,7 @@ class ApiOptions:
     max_body_bytes: int = 1_048_576  # MAX_BODY_BYTES
     body_timeout_s: float = 10.0  # BODY_TIMEOUT_S
     max_variables_depth: int = 32  # MAX_VARIABLES_DEPTH
+    callback_allowed_hosts: tuple[str, ...] = ()  # CALLBACK_ALLOWED_HOSTS
 
     @classmethod
     def of(cls, settings: Settings) -> ApiOptions:
@@ -67,6 +71,7 @@ class ApiOptions:
             max_body_bytes=settings.max_body_bytes,
             body_timeout_s=settings.body_timeout_s,
             max_variables_depth=settings.max_variables_depth,
+            callback_allowed_hosts=settings.callback_allowed_hosts,
         )
 
 
@@ -83,6 +88,7 @@ class Deps:
     runs: Runs
     starter: Starter
     waitroom: WaitRoom
+    canceller: Canceller
     flusher: Flusher
     #: Work that outlives its request (an engine start whose client stopped waiting).
     spawner: Spawner
@@ -138,6 +144,23 @@ async def open_deps(
             engine_timeout_s=settings.camunda_timeout_ms / 1000,
             start_window_s=settings.engine_start_window_ms / 1000,
         )
+        runs = Runs(store, pool)
+        callback_http = await stack.enter_async_context(
+            httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        )
+        secret = settings.callback_secret
+        deliverer = Deliverer(
+            store,
+            runs,
+            redis,
+            keys,
+            metrics,
+            callback_http,
+            secret=secret.get_secret_value() if secret else None,
+            allowed_hosts=settings.callback_allowed_hosts,
+            max_attempts=settings.callback_max_attempts,
+            timeout_s=settings.callback_timeout_ms / 1000,
+        )
         stop, migrated = asyncio.Event(), asyncio.Event()
         async with asyncio.TaskGroup() as tasks:
             spawner = Spawner(tasks)
@@ -154,6 +177,7 @@ async def open_deps(
                 interval_s=settings.watch_interval_ms / 1000,
             )
             watching = tasks.create_task(watcher.run(stop), name="watch-engine")
+            delivering = tasks.create_task(deliverer.run(stop), name="deliver-callbacks")
             try:
                 await waitroom.subscribed(_SUBSCRIBE_TIMEOUT_S)
                 # Serve with the schema in place when Postgres answers; if it does not, serve
@@ -171,9 +195,10 @@ async def open_deps(
                     camunda=camunda,
                     pool=pool,
                     store=store,
-                    runs=Runs(store, pool),
+                    runs=runs,
                     starter=starter,
                     waitroom=waitroom,
+                    canceller=Canceller(store, runs, camunda, waitroom, metrics),
                     flusher=flusher,
                     spawner=spawner,
                 )
@@ -183,7 +208,7 @@ async def open_deps(
                 waitroom.release_all()
                 await spawner.drain(settings.shutdown_grace_s)
                 await _stop_persist(persisting, stop, flusher, settings.shutdown_grace_s)
-                await stop_and_wait(stop, [listening, recovering, watching])
+                await stop_and_wait(stop, [listening, recovering, watching, delivering])
 
 
 async def _persist(

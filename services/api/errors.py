@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from services.api.schemas import ErrorBody, JSONResponse
+from shared.camunda import CamundaError, EngineUnavailable
 from shared.contract import StartFailed
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,16 @@ def unavailable(name: str) -> Handler:
     return handler
 
 
+async def engine_failed(request: Request, exc: Exception) -> Response:
+    """The engine did not do what an endpoint asked (a start has its own answers, in
+    starter.py): 503 when it did not answer, 502 when it answered an error."""
+    log.warning("engine call failed", extra={"error": str(exc), "path": request.url.path})
+    if isinstance(exc, EngineUnavailable):
+        body = ErrorBody.of(503, "the process engine is unavailable; retry later")
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_LATER_S)})
+    return JSONResponse(ErrorBody.of(502, f"the process engine failed: {exc}"), status_code=502)
+
+
 async def internal_error(request: Request, exc: Exception) -> Response:
     """A bug: logged with its traceback, answered as JSON like every other error."""
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
@@ -105,4 +116,5 @@ HANDLERS: dict[type[Exception] | int, Handler] = {
     ApiError: api_error,
     HTTPException: http_error,
     ClientDisconnect: client_gone,
+    CamundaError: engine_failed,
 }

@@ -68,6 +68,37 @@ class ApiMetrics:
             ["how"],
             registry=self.registry,
         )
+        self.cancels = Counter(
+            "flowgate_api_cancels_total",
+            "Cancel requests by outcome: cancelled (by this request), already (cancelled "
+            "before), finished (ended another way), unknown (no such run).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.callbacks = Counter(
+            "flowgate_api_callbacks_total",
+            "Callback delivery attempts by result: delivered (2xx), failed (to be retried), "
+            "given_up (out of attempts, or the target was refused).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.callback_latency = Histogram(
+            "flowgate_api_callback_latency_seconds",
+            "From a run's end to its callback's delivery (2xx), retries included.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+            registry=self.registry,
+        )
+        self.streams = Gauge(
+            "flowgate_api_event_streams",
+            "Live-progress streams (Server-Sent Events) open on this replica.",
+            registry=self.registry,
+        )
+        self.stream_events = Counter(
+            "flowgate_api_stream_events_total",
+            "Events sent on live-progress streams, by kind (step, end).",
+            ["kind"],
+            registry=self.registry,
+        )
         self.watch_pass_seconds = Histogram(
             "flowgate_api_watch_pass_seconds",
             "Duration of one pass of the watcher over the engine's history (its queries and "

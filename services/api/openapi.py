@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from services.api.auth import Access, Auth
+from services.api.progress import EVENT_ID_PATTERN
 from services.api.routes import MAX_PAGE, Endpoint, Reply
 from services.api.schemas import ID_PATTERN, ErrorBody
 
@@ -29,6 +30,7 @@ _ERRORS = {
     413: "The body is larger than MAX_BODY_BYTES.",
     415: "The body is not declared as application/json.",
     422: "The correlationId is already used by a start with another processKey or variables.",
+    409: "The run had already ended another way.",
     502: "The process engine failed.",
     503: "A dependency (the engine, Redis or Postgres) is unreachable; retry after Retry-After.",
 }
@@ -62,6 +64,22 @@ PARAMETERS: dict[str, dict[str, Any]] = {
         "schema": {"type": "string", "pattern": r"^(?!all$)" + ID_PATTERN[1:]},
     },
     "id": {"in": "path", "schema": {"type": "string", "pattern": ID_PATTERN}},
+    "until": {
+        "in": "query",
+        "description": "With `wait`: answer as soon as this step (an activity id, or a "
+        "flowgate step name) has finished, with `milestone`, instead of at the end.",
+        "schema": {"type": "string", "pattern": ID_PATTERN},
+    },
+    "Last-Event-ID": {
+        "in": "header",
+        "description": "Resume after this event (an EventSource sends it on reconnect).",
+        "schema": {"type": "string", "pattern": EVENT_ID_PATTERN},
+    },
+    "lastEventId": {
+        "in": "query",
+        "description": "The same as the `Last-Event-ID` header, for clients that cannot set it.",
+        "schema": {"type": "string", "pattern": EVENT_ID_PATTERN},
+    },
     "by": {
         "in": "query",
         "schema": {"type": "string", "enum": ["traceabilityId", "correlationId"]},
@@ -87,14 +105,35 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
+#: One Server-Sent Event as clients parse it (OpenAPI 3.2's itemSchema, read by tools).
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "event": {"type": "string", "enum": ["step", "end"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": "`step`: the step (`step`, `status`, `data`, `error`, `at`, "
+            "`activityId`, `activityType`); `end`: the final status body.",
+        },
+        "retry": {"type": "integer"},
+    },
+}
+
+
 def _reply(reply: Reply) -> dict[str, Any]:
-    schema = _ref(reply.model) if reply.model else {"type": "object"}
-    if reply.media_type != "application/json":
+    refs = [_ref(model) for model in reply.models]
+    schema: dict[str, Any] = (
+        refs[0] if len(refs) == 1 else {"oneOf": refs} if refs else {"type": "object"}
+    )
+    if reply.media_type == "text/event-stream":
+        schema = _SSE_EVENT
+    elif reply.media_type != "application/json":
         schema = {"type": "string"}
-    answer: dict[str, Any] = {
-        "description": reply.description,
-        "content": {reply.media_type: {"schema": schema}},
-    }
+    answer: dict[str, Any] = {"description": reply.description}
+    if reply.media_type is not None:
+        answer["content"] = {reply.media_type: {"schema": schema}}
     if reply.headers:
         answer["headers"] = {
             name: {"schema": {"type": "string"}, "required": False, **HEADERS[name]}
@@ -125,7 +164,7 @@ def _operation(endpoint: Endpoint, auth: Auth) -> dict[str, Any]:
         operation["parameters"] = [_parameter(name) for name in endpoint.parameters]
     if endpoint.body:
         operation["requestBody"] = {
-            "required": True,
+            "required": endpoint.body_required,
             "content": {"application/json": {"schema": _ref(endpoint.body)}},
         }
     if name := _scheme_name(endpoint.access, auth):
@@ -161,12 +200,12 @@ def build_openapi(endpoints: Sequence[Endpoint], auth: Auth) -> dict[str, Any]:
     documented = list(endpoints)
     validation: JsonSchemaMode = "validation"
     serialization: JsonSchemaMode = "serialization"
-    pairs = [(e.body, validation) for e in documented if e.body is not None]
-    pairs += [
-        (model, serialization)
-        for model in {ErrorBody, *(r.model for e in documented for r in e.replies.values())}
-        if model is not None
+    pairs: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+        (e.body, validation) for e in documented if e.body is not None
     ]
+    replied: set[type[BaseModel]] = {ErrorBody}
+    replied.update(m for e in documented for r in e.replies.values() for m in r.models)
+    pairs += [(model, serialization) for model in replied]
     _, top = models_json_schema(
         sorted(pairs, key=lambda pair: pair[0].__name__),
         ref_template="#/components/schemas/{model}",

@@ -20,11 +20,15 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
+from services.api import progress
 from services.api.auth import Access, Auth
+from services.api.callbacks import check_target
+from services.api.cancel import CancelOutcome
 from services.api.deps import Deps, deps
 from services.api.errors import RETRY_LATER_S, ApiError
 from services.api.metrics import CONTENT_TYPE
@@ -32,11 +36,14 @@ from services.api.parsing import int_param, parse_model, read_json, wait_budget
 from services.api.persistence import db
 from services.api.schemas import (
     ID_PATTERN,
+    CancelRequest,
     CompleteAck,
     CompleteRequest,
     EventLog,
     Health,
     JSONResponse,
+    Milestone,
+    MilestoneReached,
     Pending,
     ProcessStatus,
     Readiness,
@@ -51,12 +58,13 @@ from services.api.waitroom import WaitEnd, WaitResult
 from shared.contract import StartFailed
 from shared.eventlog import EventRecord
 from shared.state import ProcessState, Status
+from shared.steps import StepEvent
 from shared.store import InvalidCursor
 
 log = logging.getLogger(__name__)
 
 _ID = re.compile(ID_PATTERN)
-_STATUS_CODES = {Status.OK: 200, Status.PENDING: 202, Status.ERROR: 500}
+_STATUS_CODES = {Status.OK: 200, Status.PENDING: 202, Status.ERROR: 500, Status.CANCELLED: 409}
 MAX_PAGE = 500
 #: A start may take this long for its engine call even when the client asked not to wait.
 START_MIN_WAIT_S = 2.0
@@ -77,8 +85,16 @@ async def start_process(request: Request) -> Response:
     wait_s, applied = wait_budget(
         request, default_ms=d.options.sync_timeout_ms, max_ms=d.options.max_wait_ms
     )
+    if body.callbackUrl is not None and (
+        refused := check_target(body.callbackUrl, d.options.callback_allowed_hosts)
+    ):
+        raise ApiError(400, refused, field="callbackUrl")
     command = StartCommand(
-        body.processKey, body.correlationId, body.variables or {}, body.fetchVariables
+        body.processKey,
+        body.correlationId,
+        body.variables or {},
+        body.fetchVariables,
+        body.callbackUrl,
     )
     # The client's wait bounds the start as well as the wait for its end. Without one
     # (respond-async), a short one still lets the engine's refusal (404, 400) come back.
@@ -104,17 +120,20 @@ async def start_process(request: Request) -> Response:
                 if failed := await asyncio.shield(begun):
                     raise ApiError.of(failed)
     remaining_s = max(0.0, deadline - asyncio.get_running_loop().time())
-    result = await d.waitroom.wait(command.correlation_id, remaining_s)
+    result = await d.waitroom.wait(command.correlation_id, remaining_s, until=body.waitUntil)
     return _start_answer(d, command.correlation_id, result, applied)
 
 
 async def process_status(request: Request) -> Response:
     d = deps(request)
     correlation_id = _path_id(request, "correlationId")
+    until = _query_id(request, "until")
     wait_s, applied = wait_budget(request, default_ms=0, max_ms=d.options.max_wait_ms)
-    result = await d.waitroom.wait(correlation_id, wait_s)
+    result = await d.waitroom.wait(correlation_id, wait_s, until=until)
     if isinstance(result.outcome, StartFailed):  # its start never reached the engine
         raise ApiError.of(result.outcome)
+    if result.milestone is not None:
+        return _milestone_answer(correlation_id, result.milestone, applied)
     state = result.outcome or await d.runs.stored(correlation_id)
     if state is None:
         raise ApiError.unknown_run(correlation_id)
@@ -130,6 +149,43 @@ async def process_status(request: Request) -> Response:
         headers["Connection"] = "close"
     code = _STATUS_CODES[state.status]
     return JSONResponse(ProcessStatus.of(state), status_code=code, headers=headers)
+
+
+async def cancel_process(request: Request) -> Response:
+    d = deps(request)
+    correlation_id = _path_id(request, "correlationId")
+    reason = None
+    if _has_body(request):
+        raw = await read_json(request, d.options.max_body_bytes, timeout_s=d.options.body_timeout_s)
+        reason = parse_model(CancelRequest, raw).reason
+    result = await d.canceller.cancel(correlation_id, reason)
+    if result.state is None:
+        raise ApiError.unknown_run(correlation_id)
+    code = 409 if result.outcome is CancelOutcome.FINISHED else 200
+    url = status_url(correlation_id)
+    return JSONResponse(
+        ProcessStatus.of(result.state), status_code=code, headers={"Content-Location": url}
+    )
+
+
+async def process_events(request: Request) -> Response:
+    d = deps(request)
+    correlation_id = _path_id(request, "correlationId")
+    after = request.headers.get("last-event-id") or request.query_params.get("lastEventId") or None
+    if after == progress.END_ID:
+        return Response(status_code=204)  # it has the end: an EventSource stops here
+    if after is not None and not progress.STEP_ID.fullmatch(after):
+        raise ApiError(400, "Last-Event-ID is not an id this stream sent", field="Last-Event-ID")
+    if await d.runs.get(correlation_id) is None:
+        raise ApiError.unknown_run(correlation_id)
+    if not d.waitroom.has_room:
+        raise ApiError(503, "this replica follows as many runs as it may", headers=_RETRY)
+    return EventSourceResponse(
+        progress.events(d, correlation_id, after),
+        ping=progress.PING_S,
+        send_timeout=progress.SEND_TIMEOUT_S,
+        headers={"Content-Location": status_url(correlation_id)},
+    )
 
 
 async def list_processes(request: Request) -> Response:
@@ -229,6 +285,26 @@ def _path_id(request: Request, name: str) -> str:
     return value
 
 
+def _query_id(request: Request, name: str) -> str | None:
+    value = request.query_params.get(name)
+    if value is not None and not _ID.fullmatch(value):
+        raise ApiError(400, f"{name}: no control characters, no /, at most 255", field=name)
+    return value
+
+
+def _has_body(request: Request) -> bool:
+    """Whether the client sent a body (an optional one may be left out)."""
+    length = request.headers.get("content-length")
+    chunked = "chunked" in request.headers.get("transfer-encoding", "")
+    return chunked or (length is not None and length != "0") or "content-type" in request.headers
+
+
+def _milestone_answer(cid: str, step: StepEvent, applied: dict[str, str]) -> Response:
+    url = status_url(cid)
+    body = MilestoneReached(correlationId=cid, milestone=Milestone.of(step), statusUrl=url)
+    return JSONResponse(body, headers={"Content-Location": url, **applied})
+
+
 def _start_answer(d: Deps, cid: str, result: WaitResult, applied: dict[str, str]) -> Response:
     outcome = result.outcome
     url = status_url(cid)
@@ -240,6 +316,8 @@ def _start_answer(d: Deps, cid: str, result: WaitResult, applied: dict[str, str]
     if isinstance(outcome, StartFailed):
         error = ApiError.of(outcome)
         return JSONResponse(error.body, error.status_code, {**headers, **error.headers})
+    if result.milestone is not None:
+        return _milestone_answer(cid, result.milestone, headers)
     if outcome is None:
         # Redis lost the claim (flushed, or abandoned and its message missed): retrying
         # claims afresh.
@@ -250,10 +328,12 @@ def _start_answer(d: Deps, cid: str, result: WaitResult, applied: dict[str, str]
         headers["Content-Location"] = url
         body = StartOk(correlationId=cid, result=outcome.data, statusUrl=url)
         return JSONResponse(body, headers=headers)
-    if outcome.status is Status.ERROR:
+    if outcome.status in (Status.ERROR, Status.CANCELLED):
         headers["Content-Location"] = url
-        failed = StartFailedBody(correlationId=cid, error=outcome.error, statusUrl=url)
-        return JSONResponse(failed, status_code=500, headers=headers)
+        failed = StartFailedBody(
+            status=outcome.status.value, correlationId=cid, error=outcome.error, statusUrl=url
+        )
+        return JSONResponse(failed, status_code=_STATUS_CODES[outcome.status], headers=headers)
     headers.update(
         {"Location": url, "Content-Location": url, "Retry-After": str(d.options.retry_after_s)}
     )
@@ -293,12 +373,18 @@ Endpoint_ = Callable[[Request], Awaitable[Response]]
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """One documented answer: a JSON model (or another media type) and its headers."""
+    """One documented answer: a JSON model (or another media type, or no body) and its headers."""
 
     description: str
     model: type[BaseModel] | None = None
-    media_type: str = "application/json"
+    media_type: str | None = "application/json"
     headers: tuple[str, ...] = ()
+    #: Other models the same status may carry (a milestone beside a final state).
+    also: tuple[type[BaseModel], ...] = ()
+
+    @property
+    def models(self) -> tuple[type[BaseModel], ...]:
+        return (self.model, *self.also) if self.model else self.also
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +397,8 @@ class Endpoint:
     description: str = ""
     parameters: tuple[str, ...] = ()
     body: type[BaseModel] | None = None
+    #: False where the body may be left out (cancel's reason).
+    body_required: bool = True
     replies: Mapping[int, Reply] = field(default_factory=dict)
     #: Error statuses answered with an ErrorBody (401 is added where credentials apply).
     errors: tuple[int, ...] = ()
@@ -334,9 +422,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         body=StartRequest,
         replies={
             200: Reply(
-                "The process finished `ok` within the wait.",
+                "The process finished `ok` within the wait (StartOk), or the step named in "
+                "`waitUntil` has finished (MilestoneReached).",
                 StartOk,
                 headers=(*_RUN_HEADERS, "Preference-Applied"),
+                also=(MilestoneReached,),
             ),
             202: Reply(
                 "Still running when the wait ended; poll `Location`.",
@@ -348,6 +438,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                 StartFailedBody,
                 headers=_RUN_HEADERS,
             ),
+            409: Reply("The run was cancelled.", StartFailedBody, headers=_RUN_HEADERS),
         },
         errors=(400, 404, 413, 415, 422, 502, 503),
     ),
@@ -367,13 +458,58 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         process_status,
         Access.CLIENT,
         "The state of one run (Redis, else Postgres); `?wait=N` long-polls.",
-        parameters=("correlationId", "wait", "Prefer"),
+        "With `until=<step>`, a long-poll answers as soon as that step has finished (200 with "
+        "`milestone`; the run goes on).",
+        parameters=("correlationId", "wait", "until", "Prefer"),
         replies={
-            200: Reply("The process is `ok`.", ProcessStatus, headers=_RUN_HEADERS),
+            200: Reply(
+                "The process is `ok` (ProcessStatus), or the step asked for with `until` has "
+                "finished (MilestoneReached).",
+                ProcessStatus,
+                headers=_RUN_HEADERS,
+                also=(MilestoneReached,),
+            ),
             202: Reply("The process is `pending`.", ProcessStatus, headers=_PENDING_HEADERS),
+            409: Reply("The process was `cancelled`.", ProcessStatus, headers=_RUN_HEADERS),
             500: Reply("The process is `error`.", ProcessStatus, headers=_RUN_HEADERS),
         },
         errors=(400, 404, 503),
+    ),
+    Endpoint(
+        "GET",
+        "/api/process/events/{correlationId}",
+        process_events,
+        Access.CLIENT,
+        "Live progress: the run's steps and its end as Server-Sent Events.",
+        "`event: step` (data: the step) for every step recorded, then `event: end` (data: the "
+        "final status body) and the stream closes. Every event has an `id`; reconnect with "
+        "`Last-Event-ID` to resume with nothing lost or repeated (on any replica). A client "
+        "that already had the end gets 204.",
+        parameters=("correlationId", "Last-Event-ID", "lastEventId"),
+        replies={
+            200: Reply("The event stream.", media_type="text/event-stream"),
+            204: Reply("The end was sent already: nothing follows.", media_type=None),
+        },
+        errors=(400, 404, 503),
+    ),
+    Endpoint(
+        "POST",
+        "/api/process/cancel/{correlationId}",
+        cancel_process,
+        Access.CLIENT,
+        "Cancel a pending run: its engine instance is deleted, its state becomes `cancelled`.",
+        "Every request waiting for it (starts, long-polls, event streams, on any replica) is "
+        "answered at once. Cancelling twice is harmless. The body is optional.",
+        parameters=("correlationId",),
+        body=CancelRequest,
+        body_required=False,
+        replies={
+            200: Reply("Cancelled (now or before).", ProcessStatus, headers=_RUN_HEADERS),
+            409: Reply(
+                "The run had already ended `ok` or `error`.", ProcessStatus, headers=_RUN_HEADERS
+            ),
+        },
+        errors=(400, 404, 413, 415, 502, 503),
     ),
     Endpoint(
         "POST",

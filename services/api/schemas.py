@@ -8,6 +8,7 @@ it and only adds beside it.
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
@@ -26,12 +27,17 @@ from starlette.responses import Response
 
 from shared.eventlog import EventRecord
 from shared.state import ProcessState, iso
+from shared.steps import StepEvent
 from shared.variables import VariableError, to_camunda
 
 #: Any text the seed accepts (its clients use business ids: an e-mail, ``order 42``), but
 #: what cannot be one URL path segment or a sane key: a slash, control characters, more
 #: than 255 characters. Every URL flowgate returns percent-encodes it.
 ID_PATTERN = r"^[^/\x00-\x1f\x7f-\x9f]{1,255}$"
+#: A process key goes into the engine's URL path, where a backslash is refused and ``.``
+#: or ``..`` is a path step; neither can be a BPMN process id (an XML name) anyway.
+_KEY_CHAR = r"[^/\\\x00-\x1f\x7f-\x9f]"
+PROCESS_KEY_PATTERN = rf"^{_KEY_CHAR}*[^/\\.\x00-\x1f\x7f-\x9f]{_KEY_CHAR}*$"
 
 
 def _number_as_text(value: Any) -> Any:
@@ -41,11 +47,12 @@ def _number_as_text(value: Any) -> Any:
     return value
 
 
-def _text_or_number(description: str, example: str) -> WithJsonSchema:
+def _text_or_number(description: str, example: str, pattern: str = ID_PATTERN) -> WithJsonSchema:
     """What a client may send: the text, or a number that stands for it."""
+    text = {"type": "string", "pattern": pattern, "maxLength": 255}
     return WithJsonSchema(
         {
-            "anyOf": [{"type": "string", "pattern": ID_PATTERN}, {"type": "number"}],
+            "anyOf": [text, {"type": "number"}],
             "description": description,
             "examples": [example],
         },
@@ -65,9 +72,26 @@ CorrelationId = Annotated[
 ]
 ProcessKey = Annotated[
     str,
-    Field(pattern=ID_PATTERN),
+    Field(pattern=PROCESS_KEY_PATTERN, max_length=255),
     BeforeValidator(_number_as_text),
-    _text_or_number("Key of a deployed BPMN process definition.", "onboard-user"),
+    _text_or_number(
+        "Key of a deployed BPMN process definition.", "onboard-user", PROCESS_KEY_PATTERN
+    ),
+]
+#: An absolute http(s) URL with a host (a name, IPv4 or [IPv6]) and at most a valid port.
+CALLBACK_URL_PATTERN = (
+    r"^https?://([A-Za-z0-9._~%!$&'()*+,;=-]+|\[[0-9A-Fa-f:.]+\])"
+    r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?"
+    r"([/?#]\S*)?$"
+)
+StepName = Annotated[
+    str,
+    Field(
+        pattern=ID_PATTERN,
+        description="A step of the run: an activity id of its BPMN, or for an external task "
+        "served by flowgate its step name.",
+        examples=["validate-user-information"],
+    ),
 ]
 Timestamp = Annotated[
     str, Field(json_schema_extra={"format": "date-time"}, examples=["2025-01-31T12:00:00.123Z"])
@@ -100,6 +124,27 @@ class StartRequest(BaseModel):
         "result holds only these root variables; without it, all but the system variables.",
         examples=[["userId", "approved"]],
     )
+    waitUntil: StepName | None = Field(
+        default=None,
+        description="Answer as soon as this step has finished (200 with `milestone`) instead "
+        "of at the end; the run's end or the wait's end still answer as usual.",
+    )
+    callbackUrl: str | None = Field(
+        default=None,
+        max_length=2048,
+        # Documented here, checked by _absolute_url with a message a person can act on.
+        json_schema_extra={"format": "uri", "pattern": CALLBACK_URL_PATTERN},
+        description="An http(s) URL the final status body is POSTed to once the run ends (at "
+        "least once; signed when the server has a CALLBACK_SECRET).",
+        examples=["https://example.com/hooks/flowgate"],
+    )
+
+    @field_validator("callbackUrl")
+    @classmethod
+    def _absolute_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(CALLBACK_URL_PATTERN, value):
+            raise ValueError("must be an absolute http:// or https:// URL with a host")
+        return value
 
     @field_validator("correlationId")
     @classmethod
@@ -128,6 +173,23 @@ class StartRequest(BaseModel):
             to_camunda(value)
         except VariableError as exc:
             raise ValueError(str(exc)) from exc
+        return value
+
+
+class CancelRequest(BaseModel):
+    reason: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1000,
+        description="Why (kept as the cancelled run's `error`).",
+        examples=["the customer withdrew"],
+    )
+
+    @field_validator("reason")
+    @classmethod
+    def _storable(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("contains a NUL character")
         return value
 
 
@@ -195,9 +257,10 @@ class StartOk(BaseModel):
 
 
 class StartFailedBody(BaseModel):
-    """The process finished with `error` (HTTP 500, as the seed answers)."""
+    """The process finished with `error` (HTTP 500, as the seed answers), or was cancelled
+    (409)."""
 
-    status: Literal["error"] = "error"
+    status: Literal["error", "cancelled"] = "error"
     correlationId: str
     error: Any = Field(description="What went wrong (`error` of the completion).")
     statusUrl: str
@@ -209,8 +272,34 @@ class Pending(BaseModel):
     statusUrl: str
 
 
+class Milestone(BaseModel):
+    """A step of the run that has finished."""
+
+    step: str
+    status: str = Field(description="`ok`, `error` (a BPMN error) or `canceled`.")
+    data: Any = Field(default=None, description="What the step returned (flowgate steps).")
+    error: Any = None
+    at: Timestamp
+
+    @classmethod
+    def of(cls, step: StepEvent) -> Milestone:
+        return cls(
+            step=step.step, status=step.status.value, data=step.data, error=step.error,
+            at=iso(step.at),
+        )  # fmt: skip
+
+
+class MilestoneReached(BaseModel):
+    """The step waited for has finished; the run goes on (follow `statusUrl`)."""
+
+    status: Literal["pending"] = "pending"
+    correlationId: str
+    milestone: Milestone
+    statusUrl: str
+
+
 class ProcessStatus(BaseModel):
-    status: Literal["pending", "ok", "error"]
+    status: Literal["pending", "ok", "error", "cancelled", "abandoned"]
     correlationId: str
     processKey: str | None = None
     data: Any = None

@@ -69,13 +69,16 @@ class StartCommand:
     variables: dict[str, Any]
     #: The root variables the run's result holds when the engine ends it (None: all).
     fetch_variables: list[str] | None = None
+    #: Where the final status body goes once the run ends (services/api/callbacks.py).
+    callback_url: str | None = None
 
     @property
     def request_hash(self) -> str:
         """Identifies the request: a repeated start must ask for the same thing."""
-        canonical = orjson.dumps(
-            [self.process_key, self.variables, self.fetch_variables], option=orjson.OPT_SORT_KEYS
-        )
+        asked: list[Any] = [self.process_key, self.variables, self.fetch_variables]
+        if self.callback_url is not None:  # (hashes of starts without one stay as they were)
+            asked.append(self.callback_url)
+        canonical = orjson.dumps(asked, option=orjson.OPT_SORT_KEYS)
         return hashlib.sha256(canonical).hexdigest()
 
 
@@ -113,6 +116,7 @@ class Starter:
             command.process_key,
             command.request_hash,
             fetch_variables=command.fetch_variables,
+            callback_url=command.callback_url,
             look_after_s=UNSENT_GRACE_S,
         )
         if not created and state.request_hash != command.request_hash:
@@ -121,7 +125,7 @@ class Starter:
                     command.correlation_id,
                     422,
                     f"correlationId {command.correlation_id!r} is already used by a start"
-                    " with another processKey or other variables",
+                    " with another processKey, other variables or another callbackUrl",
                     field="correlationId",
                 )
             )
@@ -190,13 +194,13 @@ class Starter:
     async def recover(self, stop: asyncio.Event) -> None:
         """Until ``stop``: settle the claims whose starter died, stalled or lost its answer.
 
-        Every replica runs this; :meth:`ProcessStore.take` lets one of them look at a claim
-        at a time. Never raises for Redis or engine trouble: it logs and carries on.
+        Every replica runs this; :meth:`Schedule.take` lets one of them look at a claim at
+        a time. Never raises for Redis or engine trouble: it logs and carries on.
         """
         while not await sleep_or_stop(stop, RECOVERY_INTERVAL_S):
             try:
-                for cid in await self._store.due(RECOVERY_BATCH):
-                    if await self._store.take(cid, look_again_s=LOOK_AGAIN_S):
+                for cid in await self._store.starts.due(RECOVERY_BATCH):
+                    if await self._store.starts.take(cid, again_s=LOOK_AGAIN_S):
                         await self._recover(cid)
             except Exception:
                 log.exception("start recovery pass failed; trying again")
@@ -204,7 +208,7 @@ class Starter:
     async def _recover(self, cid: str) -> None:
         state = await self._store.get(cid)
         if state is None or state.status is not Status.PENDING or state.instance_id:
-            await self._store.forget_start(cid)
+            await self._store.starts.drop(cid)
             return
         if state.start_sent_at is None:
             failed = StartFailed(cid, 503, "the start was interrupted before it reached the "
@@ -250,10 +254,10 @@ class Starter:
         try:
             await self._store.attach_instance(state.correlation_id, instance_id, event)
         except Abandoned:
-            # Cannot happen within the window's promise; if it does, the run was given up
-            # and a retry may start another instance: remove this late one.
-            log.error(
-                "an instance arrived for an abandoned run; deleting it",
+            # The run was cancelled while its start was in flight, or (beyond the window's
+            # promise) given up, when a retry may start another instance: remove this one.
+            log.warning(
+                "an instance arrived for a cancelled or abandoned run; deleting it",
                 extra={"correlationId": state.correlation_id, "instanceId": instance_id},
             )
             await self._camunda.delete_process_instance(instance_id)

@@ -1,8 +1,12 @@
-"""WaitRoom: where a request waits for its process to finish (one per replica).
+"""WaitRoom: where a request waits for its run to finish, or to reach a step (one per
+replica).
 
-One pub/sub connection per replica, ``PSUBSCRIBE {p}:done:*``, confirmed before the room
+One pub/sub connection per replica, ``PSUBSCRIBE {p}:run:*``, confirmed before the room
 opens; every parked request registers in a dict keyed by correlationId, so one message
-wakes every request of that id on this replica, whichever replica published it.
+wakes every request of that id on this replica, whichever replica published it. A run's
+end wakes every request for it; a recorded step (shared/contract.py ``StepRecorded``) wakes
+only those that wait for a step (a milestone, :meth:`WaitRoom.wait` ``until``) or follow
+the run's progress (:meth:`WaitRoom.follow`, the live event stream).
 
 Pub/sub is at-most-once, so the stored state is the truth and a message is only a shortcut:
 
@@ -25,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -35,9 +40,10 @@ from redis.exceptions import RedisError
 
 from services.api.metrics import ApiMetrics
 from shared.aio import Backoff, sleep_or_stop
-from shared.contract import StartFailed, decode_message
+from shared.contract import StartFailed, StepRecorded, decode_message
 from shared.keys import Keys
 from shared.state import ProcessState
+from shared.steps import StepEvent
 from shared.store import ProcessStore
 
 log = logging.getLogger(__name__)
@@ -48,11 +54,16 @@ _READ_TIMEOUT_S = 1.0
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.05, 2.0
 
 
+class RoomFull(Exception):
+    """``max_parked`` requests are registered already."""
+
+
 class WaitEnd(StrEnum):
     """Why a wait ended (also the ``how`` label of ``flowgate_api_waits_total``)."""
 
     SETTLED = "settled"  # the state read was final (or gone) already
     WOKEN = "woken"  # a completion message arrived
+    MILESTONE = "milestone"  # the step waited for was recorded
     TIMEOUT = "timeout"  # the deadline passed; the state was read again
     DRAINED = "drained"  # the replica is shutting down
     FULL = "full"  # max_parked requests were already waiting
@@ -69,19 +80,38 @@ class WaitResult:
 
     outcome: ProcessState | StartFailed | None
     end: WaitEnd
+    #: The step waited for (``end`` is MILESTONE).
+    milestone: StepEvent | None = None
 
 
 class _Waiter:
-    """One parked request: an event plus the message that set it (if any)."""
+    """One parked request: an event plus the final message that set it (if any); ``steps``:
+    recorded steps wake it too."""
 
-    __slots__ = ("event", "message")
+    __slots__ = ("event", "message", "steps")
 
-    def __init__(self) -> None:
+    def __init__(self, *, steps: bool = False) -> None:
         self.event = asyncio.Event()
         self.message: ProcessState | StartFailed | None = None
+        self.steps = steps
 
     def take(self) -> ProcessState | StartFailed | None:
         return self.message
+
+
+class Follower:
+    """A registration that follows one run (see :meth:`WaitRoom.follow`)."""
+
+    def __init__(self, room: WaitRoom, waiter: _Waiter) -> None:
+        self._room = room
+        self._waiter = waiter
+
+    async def changed(self, timeout_s: float) -> bool:
+        """Sleep until the run may have changed (a step, its end, a resubscription, the
+        drain: True) or ``timeout_s`` passes (False). Read the run again either way."""
+        woke = await self._room._park(self._waiter, asyncio.get_running_loop().time() + timeout_s)
+        self._waiter.event.clear()
+        return woke
 
 
 class WaitRoom:
@@ -115,7 +145,7 @@ class WaitRoom:
         owner's task group; :meth:`subscribed` says when the room may open)."""
         pubsub = self._redis.pubsub()
         try:
-            await pubsub.psubscribe(self._keys.done_pattern)
+            await pubsub.psubscribe(self._keys.run_pattern)
             await self._read(pubsub, stop)
         finally:
             self._subscribed.clear()
@@ -141,6 +171,11 @@ class WaitRoom:
         return self._draining
 
     @property
+    def has_room(self) -> bool:
+        """Whether another request may register now (``max_parked``)."""
+        return self._registered < self._max_parked
+
+    @property
     def parked(self) -> int:
         """Requests asleep in the room right now (registered, state read, still pending)."""
         return self._parked
@@ -157,30 +192,33 @@ class WaitRoom:
 
     # --- waiting --------------------------------------------------------------------------
 
-    async def wait(self, correlation_id: str, timeout_s: float) -> WaitResult:
-        """Wait up to ``timeout_s`` for ``correlation_id`` to finish; see :class:`WaitResult`.
+    async def wait(
+        self, correlation_id: str, timeout_s: float, *, until: str | None = None
+    ) -> WaitResult:
+        """Wait up to ``timeout_s`` for ``correlation_id`` to finish, or with ``until`` for
+        that step to be recorded, whichever comes first; see :class:`WaitResult`.
 
-        ``timeout_s <= 0`` only reads the state. Cancellation (client gone, shutdown
-        deadline) unregisters cleanly.
+        ``timeout_s <= 0`` only reads the state (and the steps). Cancellation (client gone,
+        shutdown deadline) unregisters cleanly.
         """
-        if timeout_s <= 0 or self._draining:
-            end = WaitEnd.DRAINED if self._draining else WaitEnd.SETTLED
-            return self._ended(await self._store.get(correlation_id), end)
+        if self._draining:
+            return await self._look(correlation_id, until, WaitEnd.DRAINED)
+        if timeout_s <= 0:
+            return await self._look(correlation_id, until, WaitEnd.SETTLED)
         if self._registered >= self._max_parked:
-            return self._ended(await self._store.get(correlation_id), WaitEnd.FULL)
-
+            return await self._look(correlation_id, until, WaitEnd.FULL)
         deadline = asyncio.get_running_loop().time() + timeout_s
-        waiter = _Waiter()
+        waiter = _Waiter(steps=until is not None)
         # Register before reading (subscribe-then-check): see the module docstring.
-        self._waiters.setdefault(correlation_id, set()).add(waiter)
-        self._registered += 1
-        try:
+        async with self._registration(correlation_id, waiter):
             while True:
                 state = await self._store.get(correlation_id)
                 if state is None or state.finished:
                     return self._ended(state, WaitEnd.SETTLED)
                 if (message := waiter.take()) is not None:  # arrived while we were reading
                     return self._woken(message)
+                if until and (step := await self._store.find_step(correlation_id, until)):
+                    return self._ended(state, WaitEnd.MILESTONE, step)
                 if self.draining:  # released while we were reading
                     return self._ended(state, WaitEnd.DRAINED)
                 if not await self._park(waiter, deadline):
@@ -188,7 +226,35 @@ class WaitRoom:
                 waiter.event.clear()
                 if (message := waiter.take()) is not None:
                     return self._woken(message)
-                # Otherwise a resubscription or the drain: read the state again.
+                # Otherwise a step, a resubscription or the drain: read the state again.
+
+    async def _look(self, correlation_id: str, until: str | None, end: WaitEnd) -> WaitResult:
+        """The run as it is, without waiting."""
+        state = await self._store.get(correlation_id)
+        pending = state is not None and not state.finished
+        if until and pending and (step := await self._store.find_step(correlation_id, until)):
+            return self._ended(state, WaitEnd.MILESTONE, step)
+        return self._ended(state, end)
+
+    @contextlib.asynccontextmanager
+    async def follow(self, correlation_id: str) -> AsyncIterator[Follower]:
+        """Register to hear of every change of one run (its steps and its end) for as long
+        as the block runs: read the run *after* entering (subscribe-then-check), then await
+        :meth:`Follower.changed` between reads. Counts as parked; raises
+        :class:`RoomFull` when ``max_parked`` are registered already."""
+        if self._registered >= self._max_parked:
+            self._metrics.waits.labels(WaitEnd.FULL.value).inc()
+            raise RoomFull
+        waiter = _Waiter(steps=True)
+        async with self._registration(correlation_id, waiter):
+            yield Follower(self, waiter)
+
+    @contextlib.asynccontextmanager
+    async def _registration(self, correlation_id: str, waiter: _Waiter) -> AsyncIterator[None]:
+        self._waiters.setdefault(correlation_id, set()).add(waiter)
+        self._registered += 1
+        try:
+            yield
         finally:
             waiters = self._waiters[correlation_id]
             waiters.discard(waiter)
@@ -210,9 +276,14 @@ class WaitRoom:
             self._metrics.parked.dec()
         return True
 
-    def _ended(self, outcome: ProcessState | StartFailed | None, end: WaitEnd) -> WaitResult:
+    def _ended(
+        self,
+        outcome: ProcessState | StartFailed | None,
+        end: WaitEnd,
+        milestone: StepEvent | None = None,
+    ) -> WaitResult:
         self._metrics.waits.labels(end.value).inc()
-        return WaitResult(outcome, end)
+        return WaitResult(outcome, end, milestone)
 
     def _woken(self, message: ProcessState | StartFailed) -> WaitResult:
         if isinstance(message, ProcessState):
@@ -267,6 +338,11 @@ class WaitRoom:
             )
             for waiter in waiters:
                 waiter.event.set()
+            return
+        if isinstance(message, StepRecorded):
+            for waiter in waiters:
+                if waiter.steps:
+                    waiter.event.set()
             return
         for waiter in waiters:
             waiter.message = message

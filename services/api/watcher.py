@@ -168,12 +168,12 @@ class Watcher:
             self._deep_at = now + DEEP_EVERY_S
         since = mark - (OVERLAP if deep else RECENT)
         async with concurrently() as reads:
-            reading_activities = reads.create_task(
-                self._read(self._camunda.ended_activities, since)
-            )
             reading_instances = reads.create_task(self._read(self._camunda.ended_instances, since))
             reading_incidents = reads.create_task(self._read(self._camunda.incidents_since, since))
-        activities = reading_activities.result()
+        # Activities after instances: an instance read as ended has its last steps committed
+        # (in its own transaction or before), so they are read too, and recorded before its
+        # run ends. Read at the same time, the activities could be read before that commit.
+        activities = await self._read(self._camunda.ended_activities, since)
         instances = reading_instances.result()
         incidents = reading_incidents.result()
         roots = {a.root_process_instance_id for a in activities}
@@ -251,6 +251,7 @@ class Watcher:
         variables: dict[str, dict[str, Any]],
     ) -> None:
         await self._store.forget_instances([i.id for i in instances])
+        cancels = await self._store.cancel_reasons([runs[i.id] for i in instances])
         for instance in instances:
             cid = runs[instance.id]
             state = states.get(cid)
@@ -259,6 +260,8 @@ class Watcher:
             if instance.state == "COMPLETED":
                 result = run_result(variables.get(instance.id, {}), state.fetch_variables)
                 changed = await self._store.finish(cid, Status.OK, data=result)
+            elif cid in cancels:  # deleted by a cancel whose replica did not get to end it
+                changed = await self._store.finish(cid, Status.CANCELLED, error=cancels[cid])
             else:
                 changed = await self._store.finish(cid, Status.ERROR, error=_why(instance))
             if changed:

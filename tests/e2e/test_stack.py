@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import socket
 import time
@@ -19,8 +20,10 @@ from typing import Any
 
 import httpx
 import pytest
+from flowgate_client import AsyncClient, Event
 
 from deploy.local import servers
+from tests.helpers.net import CallbackReceiver
 from tests.helpers.stack import Stack, engine_instances, wait_until
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]  # their stack runs its own engine
@@ -145,7 +148,8 @@ async def test_replica_killed_with_parked_requests(healthy_stack: Stack) -> None
             results = await asyncio.gather(*tasks, return_exceptions=True)
     for result in results:
         assert isinstance(result, httpx.TransportError), result
-    assert not servers.pid_alive(pid)
+    # Its sockets close a moment before the kernel has finished the process off.
+    await asyncio.to_thread(wait_until, lambda: not servers.pid_alive(pid), 5, "api-1 gone")
     async with client(stack.api_url) as c:
         await wait_finished(c, [f"{prefix}-{i}" for i in range(10)])
         # The balancer keeps serving on the other replica meanwhile.
@@ -205,6 +209,42 @@ async def test_worker_stopped_while_the_other_keeps_going(healthy_stack: Stack) 
         for response in later:
             assert response.status_code == 200, response.text
             assert set(response.json()["result"]) >= ONBOARD_RESULT
+
+
+async def test_live_progress_cancel_and_callback_through_the_balancer(
+    healthy_stack: Stack,
+) -> None:
+    """The events stream is not held in nginx's buffers: the first step arrives while the
+    run waits for a worker; a cancel (on whichever replica) ends the stream and is POSTed
+    to a callback on localhost, which `make up` allows."""
+    stack = healthy_stack
+    cid = _cid("live")
+    events: list[Event] = []
+    first_step = asyncio.Event()
+    async with CallbackReceiver([200]) as hook, AsyncClient(stack.api_url) as flowgate:
+
+        async def follow() -> None:
+            async for event in flowgate.events(cid):
+                events.append(event)
+                first_step.set()
+
+        with workers_paused(stack):
+            started = await flowgate.start("onboard-user", cid, {"userId": "u-1"}, wait=0,
+                                           callback_url=hook.url)  # fmt: skip
+            assert started.status == "pending"
+            async with asyncio.TaskGroup() as group:
+                stream = group.create_task(follow())
+                await asyncio.wait_for(first_step.wait(), timeout=30)
+                assert not stream.done()
+                cancelled = await flowgate.cancel(cid, reason="e2e")
+                await asyncio.wait_for(stream, timeout=30)
+        await asyncio.wait_for(hook.arrived.wait(), timeout=30)
+    assert cancelled.status == "cancelled"
+    assert (events[0].kind, events[0].data["step"]) == ("step", "start")
+    assert (events[-1].kind, events[-1].data["status"]) == ("end", "cancelled")
+    headers, body = hook.requests[0]
+    assert headers["flowgate-delivery"]
+    assert json.loads(body)["status"] == "cancelled"
 
 
 async def test_down_stops_everything_and_up_keeps_the_data(stack: Stack) -> None:

@@ -152,6 +152,33 @@ def one_task_bpmn(key: str, topic: str) -> bytes:
 </bpmn:definitions>""".encode()
 
 
+def bpmn(key: str, body: str) -> str:
+    """A process ``key``: start -> ``body`` (elements whose first takes flow ``f1`` in and
+    whose last sends ``f_end`` out) -> end."""
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"
+    xmlns:camunda="http://camunda.org/schema/1.0/bpmn" id="d_{key}" targetNamespace="test">
+  <bpmn:process id="{key}" isExecutable="true" camunda:historyTimeToLive="P1D">
+    <bpmn:startEvent id="start"><bpmn:outgoing>f1</bpmn:outgoing></bpmn:startEvent>
+    {body}
+    <bpmn:endEvent id="end"><bpmn:incoming>f_end</bpmn:incoming></bpmn:endEvent>
+  </bpmn:process>
+</bpmn:definitions>"""
+
+
+def single(key: str, element: str) -> str:
+    """One activity between start and end: ``element`` holds its opening tag's name and
+    attributes, e.g. ``userTask id="approve"``."""
+    name = element.split()[0]
+    return bpmn(
+        key,
+        f"""<bpmn:sequenceFlow id="s1" sourceRef="start" targetRef="step" />
+    <bpmn:{element}><bpmn:incoming>s1</bpmn:incoming><bpmn:outgoing>f_end</bpmn:outgoing>
+    </bpmn:{name}>
+    <bpmn:sequenceFlow id="f_end" sourceRef="step" targetRef="end" />""",
+    ).replace("<bpmn:outgoing>f1</bpmn:outgoing>", "<bpmn:outgoing>s1</bpmn:outgoing>")
+
+
 def onboard_user_bpmn(key: str) -> bytes:
     """bpmn/onboard-user.bpmn with its process id and topics renamed to ``key``."""
     text = (BPMN_DIR / "onboard-user.bpmn").read_text()

@@ -92,3 +92,59 @@ class SlowProxy(TcpProxy):
         # Half-close, not abort: a request passed on late must still reach the server.
         with contextlib.suppress(OSError):
             writer.write_eof()
+
+
+class CallbackReceiver:
+    """A loopback HTTP server that records what is POSTed to it and answers each request
+    with the next status of ``answers`` (the last one repeats); ``None`` never answers (a
+    receiver that hangs)."""
+
+    def __init__(self, answers: list[int | None]) -> None:
+        self._answers = answers
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.arrived = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._hanging: set[asyncio.StreamWriter] = set()
+        self._release = asyncio.Event()
+        self.url = ""
+
+    async def __aenter__(self) -> CallbackReceiver:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/hook"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self._release.set()
+        for writer in self._hanging:
+            writer.transport.abort()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._answer(reader, writer)
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            pass  # the client went away
+        finally:
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in head[1:] if line)
+        }
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        self.requests.append((headers, body))
+        self.arrived.set()
+        answer = self._answers[min(len(self.requests), len(self._answers)) - 1]
+        if answer is None:  # hang until the receiver closes
+            self._hanging.add(writer)
+            await self._release.wait()
+            return
+        writer.write(f"HTTP/1.1 {answer} X\r\ncontent-length: 0\r\n\r\n".encode())
+        await writer.drain()

@@ -26,40 +26,13 @@ from shared.camunda import CamundaClient, TopicRequest
 from shared.deployment import deploy_directory
 from shared.settings import Settings
 from tests.helpers.api import Api, cid, running_app
-from tests.helpers.engine import EngineAdmin
+from tests.helpers.engine import EngineAdmin, single
 from tests.helpers.waiting import until
 from tests.helpers.worker import ROOT, WorkerProcess
 
 pytestmark = pytest.mark.slow
 
 MakeSettings = Callable[..., Settings]
-
-
-def bpmn(key: str, body: str) -> str:
-    """A process ``key``: start -> ``body`` (elements whose first takes flow ``f1`` in and
-    whose last sends ``f_end`` out) -> end."""
-    return f"""<?xml version="1.0" encoding="UTF-8"?>
-<bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL"
-    xmlns:camunda="http://camunda.org/schema/1.0/bpmn" id="d_{key}" targetNamespace="test">
-  <bpmn:process id="{key}" isExecutable="true" camunda:historyTimeToLive="P1D">
-    <bpmn:startEvent id="start"><bpmn:outgoing>f1</bpmn:outgoing></bpmn:startEvent>
-    {body}
-    <bpmn:endEvent id="end"><bpmn:incoming>f_end</bpmn:incoming></bpmn:endEvent>
-  </bpmn:process>
-</bpmn:definitions>"""
-
-
-def single(key: str, element: str) -> str:
-    """One activity between start and end: ``element`` holds its opening tag's name and
-    attributes, e.g. ``userTask id="approve"``."""
-    name = element.split()[0]
-    return bpmn(
-        key,
-        f"""<bpmn:sequenceFlow id="s1" sourceRef="start" targetRef="step" />
-    <bpmn:{element}><bpmn:incoming>s1</bpmn:incoming><bpmn:outgoing>f_end</bpmn:outgoing>
-    </bpmn:{name}>
-    <bpmn:sequenceFlow id="f_end" sourceRef="step" targetRef="end" />""",
-    ).replace("<bpmn:outgoing>f1</bpmn:outgoing>", "<bpmn:outgoing>s1</bpmn:outgoing>")
 
 
 @pytest.fixture

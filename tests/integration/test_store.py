@@ -35,7 +35,7 @@ async def subscriber(redis_url: str, keys: Keys) -> AsyncIterator[aioredis.clien
     """A pub/sub connection on the done pattern, confirmed before the test acts."""
     client = aioredis.Redis.from_url(redis_url)
     pubsub = client.pubsub()
-    await pubsub.psubscribe(keys.done_pattern)
+    await pubsub.psubscribe(keys.run_pattern)
     confirm = await pubsub.get_message(timeout=5)
     assert confirm is not None
     assert confirm["type"] == "psubscribe"
@@ -171,7 +171,7 @@ async def test_completion_is_published_after_the_state_is_readable(
     message = await next_message(subscriber)
     state_now = await store.get("cid-4")  # read right on the message
 
-    assert message["channel"] == keys.done("cid-4").encode()
+    assert message["channel"] == keys.run_channel("cid-4").encode()
     assert keys.correlation_id_of(message["channel"].decode()) == "cid-4"
     published = decode_message(message["data"])
     assert isinstance(published, ProcessState)
@@ -229,12 +229,12 @@ async def test_an_instance_arriving_for_an_abandoned_run_is_refused(store: Proce
 async def test_claims_without_an_instance_are_due_until_attached(store: ProcessStore) -> None:
     await claim(store, "cid-9", look_after_s=0)
     await asyncio.sleep(0.01)
-    assert "cid-9" in await store.due(100)
-    assert await store.take("cid-9", look_again_s=60)
-    assert not await store.take("cid-9", look_again_s=60)  # one replica at a time
-    assert "cid-9" not in await store.due(100)
+    assert "cid-9" in await store.starts.due(100)
+    assert await store.starts.take("cid-9", again_s=60)
+    assert not await store.starts.take("cid-9", again_s=60)  # one replica at a time
+    assert "cid-9" not in await store.starts.due(100)
     await store.attach_instance("cid-9", "instance-9")
-    assert await store.take("cid-9", look_again_s=0) is False
+    assert await store.starts.take("cid-9", again_s=0) is False
 
 
 async def test_abandon_after_completion_changes_nothing(store: ProcessStore) -> None:

@@ -19,6 +19,8 @@ EXPECTED_ACCESS = {
     ("POST", "/api/process/start"): Access.CLIENT,
     ("GET", "/api/process/status/all"): Access.CLIENT,
     ("GET", "/api/process/status/{correlationId}"): Access.CLIENT,
+    ("GET", "/api/process/events/{correlationId}"): Access.CLIENT,
+    ("POST", "/api/process/cancel/{correlationId}"): Access.CLIENT,
     ("POST", "/api/process/complete"): Access.COMPLETER,
     ("GET", "/api/event-log/{id}"): Access.CLIENT,
     ("GET", "/api/process/event-log/{id}"): Access.CLIENT,

@@ -77,7 +77,7 @@ def test_all_is_reserved_as_a_correlation_id() -> None:
     assert schema["not"] == {"const": "all"}
 
 
-@pytest.mark.parametrize("key", ["", "a/b", "a\nb", "x" * 256])
+@pytest.mark.parametrize("key", ["", "a/b", "a\nb", "x" * 256, ".", "..", "a\\b"])
 def test_invalid_process_keys(key: str) -> None:
     with pytest.raises(ValidationError):
         StartRequest.model_validate({"processKey": key, "correlationId": "c"})
@@ -146,3 +146,8 @@ def test_the_docs_page_needs_nothing_from_the_network() -> None:
     assert 'fetch("openapi.json")' in page
     assert "src=" not in page
     assert "https://" not in page
+
+
+@pytest.mark.parametrize("key", ["onboard-user", "a.b", "ä_1", "order:v2"])
+def test_valid_process_keys(key: str) -> None:
+    assert StartRequest.model_validate({"processKey": key, "correlationId": "c"}).processKey == key

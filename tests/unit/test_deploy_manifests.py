@@ -189,6 +189,10 @@ def _check_nginx_conf(conf: str, max_wait_s: float, keepalive_s: float) -> None:
     assert _nginx_directives(conf, "proxy_http_version") == ["1.1"]
     upstream_idle = [_seconds(v) for v in _nginx_directives(conf, "keepalive_timeout")]
     assert min(upstream_idle) < keepalive_s
+    # Live progress: no event may wait in a proxy buffer.
+    events = re.search(r"location /api/process/events/ \{([^}]*)\}", conf)
+    assert events, "no location for /api/process/events/"
+    assert "proxy_buffering off;" in events.group(1)
 
 
 # --- the local stack's nginx (deploy/local/stack.py) ----------------------------------------
@@ -347,6 +351,7 @@ def test_k8s_ingress_waits_longer_than_max_wait(base: list[dict[str, Any]]) -> N
     for name in ("proxy-read-timeout", "proxy-send-timeout"):
         assert _seconds(annotations[prefix + name]) > max_wait_s
     assert annotations[prefix + "proxy-next-upstream"] == "error timeout"
+    assert annotations[prefix + "proxy-buffering"] == "off", "live progress must not be buffered"
     # The API keeps idle connections longer than ingress-nginx's upstream keep-alive (60 s).
     assert int(config["KEEPALIVE_S"]) > 60
     service = _by_kind(base, "Service", "flowgate-api")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from services.api.callbacks import signature
 from services.worker.registry import BusinessRuleError, Process, Registry
 
 README = Path(__file__).parents[2] / "README.md"
@@ -32,3 +33,17 @@ async def test_the_readme_example_declares_a_servable_process() -> None:
     with pytest.raises(BusinessRuleError, match="amount must be > 0"):
         await checked.fn(checked.input_model(invoiceId="i-1", amount=0))
     assert registry.get("approve-invoice.book-invoice").step.finishes_run
+
+
+def test_the_readme_signature_check_accepts_what_flowgate_signs() -> None:
+    section = README.read_text().split("### Milestones, live progress", 1)[1]
+    code = next(c for c in re.findall(r"```python\n(.*?)```", section, re.DOTALL) if "hmac" in c)
+    namespace: dict[str, object] = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    verified = namespace["verified"]
+    assert callable(verified)
+    body = b'{"status":"ok","correlationId":"c"}'
+    header = signature("s3cret", 1_764_367_200, body)
+    assert verified(b"s3cret", header, body)
+    assert not verified(b"other", header, body)
+    assert not verified(b"s3cret", header, body + b" ")

@@ -74,6 +74,8 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE process_store ADD COLUMN start_sent_at timestamptz;",
     # What a run the engine ends returns (shared/state.py fetch_variables).
     "ALTER TABLE process_store ADD COLUMN fetch_variables jsonb;",
+    # Where the run's end is delivered (shared/state.py callback_url).
+    "ALTER TABLE process_store ADD COLUMN callback_url text;",
 )
 
 # First key of the two-int advisory lock taken while migrating; the second is the schema.

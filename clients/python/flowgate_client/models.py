@@ -1,0 +1,89 @@
+"""What the server answers, as plain dataclasses (parsed from its JSON bodies)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Milestone:
+    """A step of the run that has finished."""
+
+    step: str
+    status: str
+    data: Any
+    error: Any
+    at: datetime | None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Milestone:
+        return cls(
+            step=str(body["step"]),
+            status=str(body.get("status", "ok")),
+            data=body.get("data"),
+            error=body.get("error"),
+            at=_time(body.get("at")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RunStatus:
+    """One run as the server last saw it: what a start, a status read or a cancel answers.
+
+    ``status`` is ``pending``, ``ok``, ``error`` or ``cancelled``; ``data`` the result (the
+    run's ``data``, or a start's ``result``); ``milestone`` the step a milestone wait asked
+    for, when that is what ended the wait (the run is still ``pending`` then).
+    """
+
+    status: str
+    correlation_id: str
+    data: Any = None
+    error: Any = None
+    status_url: str | None = None
+    milestone: Milestone | None = None
+    process_key: str | None = None
+    started_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status != "pending"
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> RunStatus:
+        milestone = body.get("milestone")
+        return cls(
+            status=str(body["status"]),
+            correlation_id=str(body["correlationId"]),
+            data=body["result"] if "result" in body else body.get("data"),
+            error=body.get("error"),
+            status_url=body.get("statusUrl"),
+            milestone=Milestone.from_json(milestone) if isinstance(milestone, dict) else None,
+            process_key=body.get("processKey"),
+            started_at=_time(body.get("startedAt")),
+            updated_at=_time(body.get("updatedAt")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One live-progress event: ``kind`` is ``step`` (``data`` the step) or ``end``
+    (``data`` the final status body, also as ``run``)."""
+
+    id: str
+    kind: str
+    data: Any
+
+    @property
+    def run(self) -> RunStatus | None:
+        return RunStatus.from_json(self.data) if self.kind == "end" else None
+
+    @property
+    def step(self) -> Milestone | None:
+        return Milestone.from_json(self.data) if self.kind == "step" else None
+
+
+def _time(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None

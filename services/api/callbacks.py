@@ -1,0 +1,231 @@
+"""Where a run's end is delivered to its ``callbackUrl``.
+
+A run started with a ``callbackUrl`` is put on a schedule (``{p}:callbacks``) by the same Lua
+step that ends it (shared/store.py ``finish``), so no end is missed, whoever ends the run.
+Every API replica runs a :class:`Deliverer`: it takes due deliveries from the schedule (one
+replica per delivery at a time; a delivery whose replica dies comes due again by itself),
+POSTs the final status body (what ``GET /api/process/status/{id}`` answers), and drops the
+delivery on a 2xx. Anything else is tried again with backoff (1 s, doubling, at most
+10 min apart) until ``CALLBACK_MAX_ATTEMPTS``; a target that is refused is given up at once.
+
+Delivery is **at least once**: a receiver may see one run's end twice (same
+``Flowgate-Delivery``) and must treat that as once. The request carries:
+
+``Flowgate-Delivery``   the run's correlationId, percent-encoded: the same on every attempt
+``Flowgate-Attempt``    1, 2, ...
+``Flowgate-Signature``  with ``CALLBACK_SECRET``: ``t=<unix seconds>,v1=<hex HMAC-SHA256 of
+                        "<t>.<body>" keyed with the secret>``; a receiver recomputes it and
+                        refuses an old ``t`` (replays)
+
+Each attempt is an audit row (step ``callback``: ``delivered``, ``failed`` or ``given_up``,
+with the receiver's HTTP status) and a ``flowgate_api_callbacks_total`` sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import logging
+import time
+from collections.abc import Sequence
+from urllib.parse import quote, urlsplit
+
+import httpx
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from services.api.metrics import ApiMetrics
+from services.api.runs import Runs
+from services.api.schemas import ProcessStatus
+from shared.aio import concurrently, sleep_or_stop
+from shared.eventlog import EventRecord, append_event
+from shared.keys import Keys
+from shared.state import ProcessState
+from shared.store import ProcessStore
+
+log = logging.getLogger(__name__)
+
+#: How often each replica looks for due deliveries (the latency of a first attempt).
+POLL_INTERVAL_S = 0.1
+#: Deliveries one replica takes per look, and sends at once.
+BATCH = 64
+AT_ONCE = 16
+FIRST_RETRY_S, MAX_RETRY_S = 1.0, 600.0
+
+
+def check_target(url: str, allowed: Sequence[str]) -> str | None:
+    """Why ``url`` may not be a callback target, or None when it may.
+
+    It must be an absolute http(s) URL; with ``allowed`` (CALLBACK_ALLOWED_HOSTS), its host
+    must be one of the names listed or an IP address inside one of the CIDRs listed.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError as exc:
+        return f"callbackUrl is not a URL: {exc}"
+    if parts.scheme not in ("http", "https") or not host:
+        return "callbackUrl must be an absolute http:// or https:// URL"
+    if allowed and not _allowed(host, allowed):
+        return f"callbackUrl: host {host!r} is not in CALLBACK_ALLOWED_HOSTS"
+    return None
+
+
+def _allowed(host: str, allowed: Sequence[str]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower().rstrip(".") in {entry.lower() for entry in allowed}
+    for entry in allowed:
+        try:
+            if address in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue  # a host name
+    return False
+
+
+def signature(secret: str, timestamp: int, body: bytes) -> str:
+    """The ``Flowgate-Signature`` header value for ``body`` sent at ``timestamp``."""
+    signed = str(timestamp).encode() + b"." + body
+    digest = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+class Deliverer:
+    """Run :meth:`run` in the app's task group; see the module docstring."""
+
+    def __init__(
+        self,
+        store: ProcessStore,
+        runs: Runs,
+        redis: Redis,
+        keys: Keys,
+        metrics: ApiMetrics,
+        http: httpx.AsyncClient,
+        *,
+        secret: str | None,
+        allowed_hosts: Sequence[str],
+        max_attempts: int,
+        timeout_s: float,
+    ) -> None:
+        self._store = store
+        self._runs = runs
+        self._redis = redis
+        self._keys = keys
+        self._metrics = metrics
+        self._http = http
+        self._secret = secret
+        self._allowed = tuple(allowed_hosts)
+        self._max_attempts = max_attempts
+        self._timeout_s = timeout_s
+        self._at_once = asyncio.Semaphore(AT_ONCE)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver what is due until ``stop``; never raises for Redis or receiver trouble."""
+        while not await sleep_or_stop(stop, POLL_INTERVAL_S):
+            try:
+                due = await self._store.callbacks.due(BATCH)
+                async with concurrently() as group:
+                    for cid in due:
+                        group.create_task(self._take_and_deliver(cid))
+            except (RedisError, OSError) as exc:
+                log.warning("callback delivery paused", extra={"error": repr(exc)})
+            except Exception:
+                log.exception("callback delivery pass failed; trying again")
+
+    async def _take_and_deliver(self, cid: str) -> None:
+        async with self._at_once:
+            # The lease outlasts one attempt, so no other replica sends it meanwhile.
+            if await self._store.callbacks.take(cid, again_s=self._timeout_s + 5):
+                await self.deliver(cid)
+
+    async def deliver(self, cid: str) -> None:
+        """One attempt for a taken delivery, and what follows from its answer."""
+        state = await self._runs.get(cid)
+        if state is None or state.callback_url is None or not state.finished:
+            await self._done(cid)  # aged out of every store, or not ours to send
+            return
+        attempt = int(await self._redis.hincrby(self._keys.callback_attempts, cid, 1))
+        if refused := check_target(state.callback_url, self._allowed):
+            await self._given_up(state, attempt, refused, status_code=None)
+            return
+        status_code, error = await self._post(state, attempt)
+        if status_code is not None and 200 <= status_code < 300:
+            await self._done(cid)
+            self._metrics.callbacks.labels("delivered").inc()
+            waited = time.time() - state.updated_at.timestamp()
+            self._metrics.callback_latency.observe(max(waited, 0.0))
+            await self._audit(state, "delivered", attempt, status_code, None)
+        elif attempt >= self._max_attempts:
+            await self._given_up(state, attempt, error, status_code=status_code)
+        else:
+            delay = min(FIRST_RETRY_S * 2 ** (attempt - 1), MAX_RETRY_S)
+            await self._store.callbacks.defer(cid, delay_s=delay)
+            self._metrics.callbacks.labels("failed").inc()
+            await self._audit(state, "failed", attempt, status_code, error)
+
+    async def _post(self, state: ProcessState, attempt: int) -> tuple[int | None, str]:
+        assert state.callback_url is not None
+        body = orjson.dumps(ProcessStatus.of(state).model_dump(mode="json"))
+        headers = {
+            "Content-Type": "application/json",
+            "Flowgate-Delivery": quote(state.correlation_id, safe=""),
+            "Flowgate-Attempt": str(attempt),
+        }
+        if self._secret:
+            headers["Flowgate-Signature"] = signature(self._secret, int(time.time()), body)
+        try:
+            response = await self._http.post(
+                state.callback_url, content=body, headers=headers, timeout=self._timeout_s
+            )
+        except httpx.HTTPError as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+        return response.status_code, f"the receiver answered {response.status_code}"
+
+    async def _given_up(
+        self, state: ProcessState, attempt: int, error: str, *, status_code: int | None
+    ) -> None:
+        await self._done(state.correlation_id)
+        self._metrics.callbacks.labels("given_up").inc()
+        log.warning(
+            "callback given up",
+            extra={"correlationId": state.correlation_id, "attempts": attempt, "error": error},
+        )
+        await self._audit(state, "given_up", attempt, status_code, error)
+
+    async def _done(self, cid: str) -> None:
+        await self._store.callbacks.drop(cid)
+        await self._redis.hdel(self._keys.callback_attempts, cid)
+
+    async def _audit(
+        self,
+        state: ProcessState,
+        status: str,
+        attempt: int,
+        status_code: int | None,
+        error: str | None,
+    ) -> None:
+        await append_event(
+            self._redis,
+            self._keys,
+            EventRecord(
+                correlation_id=state.correlation_id,
+                status=status,
+                step_name="callback",
+                process_name=state.process_key,
+                http_method="POST",
+                endpoint=state.callback_url,
+                http_status_code=status_code,
+                error_message=error,
+                batch_id=state.batch_id,
+                traceability_id=state.traceability_id,
+                application_id=state.application_id,
+                target_system="callback",
+                metadata={"attempt": attempt},
+            ),
+        )

@@ -1,0 +1,92 @@
+"""Where a run's progress is streamed: Server-Sent Events from its step record.
+
+``GET /api/process/events/{correlationId}`` answers ``text/event-stream``:
+
+* ``event: step``, one per step the run recorded (shared/steps.py), its ``id`` the step's
+  entry in the run's record in Redis (``{p}:steps:{cid}``), its data the step's wire object;
+* ``event: end``, ``id: end``, the final status body (what status answers), then the
+  stream closes.
+
+The record is the truth and the run channel only a wake-up, as in the wait room: the
+stream registers with the wait room first, then reads the record and the state, then sleeps
+until a step or the end is announced (or a while passes), and reads again from the last id
+it sent. So nothing recorded is skipped, and nothing is sent twice. A reconnect with
+``Last-Event-ID`` starts after that id, on any replica; a client that comes after the end
+gets every step and the end at once; one that already had the end gets 204 (an
+EventSource stops reconnecting). A replica that drains ends its streams with a ``retry``
+hint, and the client reconnects elsewhere with its last id. Heartbeat comments
+(sse-starlette's pings) keep proxies from closing a quiet stream; ``X-Accel-Buffering: no``
+keeps nginx from buffering it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import orjson
+from sse_starlette import ServerSentEvent
+
+from services.api.deps import Deps
+from services.api.schemas import ProcessStatus
+from services.api.waitroom import RoomFull
+from shared.state import ProcessState
+
+#: The ``id`` of the last event; a ``Last-Event-ID`` of it means "I have everything".
+END_ID = "end"
+#: What a ``Last-Event-ID`` of a step looks like (a Redis stream entry id), and any
+#: (empty is "from the start", as EventSource sends after an event without an id).
+STEP_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+EVENT_ID_PATTERN = rf"^({END_ID}|[0-9]{{1,20}}-[0-9]{{1,20}})?$"
+#: Steps read from the record at once (a long record is sent a page at a time).
+PAGE = 100
+#: Between wake-ups, the stream reads the record again anyway after this.
+REREAD_S = 30.0
+#: Heartbeat comments: well within common proxies' 60 s read timeouts.
+PING_S = 15
+#: A client that takes no event for this long is dropped (its buffer stays bounded).
+SEND_TIMEOUT_S = 30.0
+#: What a drained stream asks its client to wait before reconnecting (ms).
+RECONNECT_MS = 500
+
+
+async def events(d: Deps, correlation_id: str, after: str | None) -> AsyncIterator[ServerSentEvent]:
+    """The stream's events from after ``after`` (a step id, or None for all)."""
+    yield ServerSentEvent(comment="connected")  # the first byte at once, through any proxy
+    last = after or "-"
+    try:
+        async with d.waitroom.follow(correlation_id) as follower:
+            d.metrics.streams.inc()
+            try:
+                while True:
+                    page = await d.store.steps(correlation_id, after=last, count=PAGE)
+                    for entry_id, step in page:
+                        last = entry_id
+                        yield _event("step", entry_id, step.to_dict(), d)
+                    if len(page) == PAGE:
+                        continue  # more may wait in the record: read on before sleeping
+                    state = await d.runs.get(correlation_id)
+                    if state is None or state.finished:
+                        # The steps recorded up to the end (its own step came with it).
+                        for entry_id, step in await d.store.steps(correlation_id, after=last):
+                            yield _event("step", entry_id, step.to_dict(), d)
+                        if state is not None:
+                            yield _end(state, d)
+                        return
+                    if d.waitroom.draining:
+                        yield ServerSentEvent(comment="replica going away", retry=RECONNECT_MS)
+                        return
+                    await follower.changed(REREAD_S)
+            finally:
+                d.metrics.streams.dec()
+    except RoomFull:
+        yield ServerSentEvent(comment="replica full", retry=RECONNECT_MS * 10)
+
+
+def _event(kind: str, event_id: str, body: object, d: Deps) -> ServerSentEvent:
+    d.metrics.stream_events.labels(kind).inc()
+    return ServerSentEvent(data=orjson.dumps(body).decode(), event=kind, id=event_id)
+
+
+def _end(state: ProcessState, d: Deps) -> ServerSentEvent:
+    return _event("end", END_ID, ProcessStatus.of(state).model_dump(mode="json"), d)

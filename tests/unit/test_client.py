@@ -1,0 +1,101 @@
+"""flowgate_client's protocol: SSE decoding, reconnecting with Last-Event-ID, run's retries.
+
+The server is an httpx.MockTransport here; tests/integration/test_progress.py runs the same
+client against real replicas.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import httpx
+import pytest
+from flowgate_client import AsyncClient, Client, NotFound, RunCancelled, RunFailed
+from flowgate_client.sse import Decoder, RawEvent
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def _client(handler: Handler) -> AsyncClient:
+    http = httpx.AsyncClient(base_url="http://flowgate", transport=httpx.MockTransport(handler))
+    return AsyncClient("http://flowgate", http=http)
+
+
+def _run(status: str, **extra: object) -> dict[str, object]:
+    return {"status": status, "correlationId": "c-1", **extra}
+
+
+def test_the_decoder_follows_the_whatwg_rules_it_needs() -> None:
+    decoder = Decoder()
+    lines = [
+        ": connected", "retry: 250", "id: 1-0", "event: step", "data: {\"a\":", "data: 1}", "",
+        "", "id: bad\0id", "data:plain", "",
+    ]  # fmt: skip
+    events = [event for line in lines if (event := decoder.feed(line))]
+    assert events == [RawEvent("1-0", "step", '{"a":\n1}'), RawEvent(None, "message", "plain")]
+    assert decoder.retry_ms == 250
+
+
+async def test_events_reconnect_after_the_last_id_and_stop_at_the_end() -> None:
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("last-event-id"))
+        if len(seen) == 1:  # the connection breaks after one step
+            body = 'retry: 10\nid: 5-0\nevent: step\ndata: {"step":"a"}\n\n'
+        else:
+            body = f"id: end\nevent: end\ndata: {json.dumps(_run('ok', data={'n': 1}))}\n\n"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    async with _client(handler) as flowgate:
+        events = [event async for event in flowgate.events("c-1")]
+    assert seen == [None, "5-0"]
+    assert [(e.id, e.kind) for e in events] == [("5-0", "step"), ("end", "end")]
+    assert events[0].step is not None
+    assert events[0].step.step == "a"
+    assert events[1].run is not None
+    assert events[1].run.data == {"n": 1}
+
+
+async def test_events_after_the_end_yield_nothing_and_unknown_runs_raise() -> None:
+    async with _client(lambda _: httpx.Response(204)) as flowgate:
+        assert [e async for e in flowgate.events("c-1", last_event_id="end")] == []
+    missing = httpx.Response(404, json={"status": "not_found", "correlationId": "c-1"})
+    async with _client(lambda _: missing) as flowgate:
+        with pytest.raises(NotFound):
+            [e async for e in flowgate.events("c-1")]
+
+
+async def test_run_polls_until_the_end_and_retries_an_unavailable_engine() -> None:
+    answers = [
+        httpx.Response(503, json={"message": "engine down"}, headers={"retry-after": "0"}),
+        httpx.Response(202, json=_run("pending")),
+        httpx.Response(200, json=_run("ok", data={"n": 2})),
+    ]
+    requests: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(f"{request.method} {request.url.path}")
+        return answers.pop(0)
+
+    async with _client(handler) as flowgate:
+        assert await flowgate.run("p", "c-1", {"x": 1}) == {"n": 2}
+    assert requests == [
+        "POST /api/process/start",  # 503: the same start again is safe
+        "POST /api/process/start",
+        "GET /api/process/status/c-1",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("answer", "raised"),
+    [
+        (httpx.Response(500, json=_run("error", error={"message": "no"})), RunFailed),
+        (httpx.Response(409, json=_run("cancelled", error="withdrawn")), RunCancelled),
+    ],
+)
+def test_run_raises_for_another_end(answer: httpx.Response, raised: type[Exception]) -> None:
+    http = httpx.Client(base_url="http://flowgate", transport=httpx.MockTransport(lambda _: answer))
+    with Client("http://flowgate", http=http) as flowgate, pytest.raises(raised):
+        flowgate.run("p", "c-1")
