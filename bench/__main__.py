@@ -4,7 +4,7 @@
     python -m bench --smoke          seconds-long version of every benchmark (CI)
     python -m bench --out DIR        write results.json, benchmarks.md and PNGs under DIR
     python -m bench --only a,b       just these (gateway, parked, throughput, writebehind,
-                                     progress, workers, ends)
+                                     progress, clients, workers, ends, cost)
     python -m bench --render         regenerate benchmarks.md and the plots from results.json
 
 Every server and process is started here on free loopback ports and stopped on exit
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    clients,
+    cost,
     ends,
     gateway,
     machine,
@@ -51,9 +53,11 @@ SCENARIOS: dict[str, tuple[bool, Scenario]] = {
     "parked": (False, parked.run),
     "writebehind": (False, writebehind.run),
     "progress": (False, progress.run),
+    "clients": (False, clients.run),
     "gateway": (True, gateway.run),
     "workers": (True, workers.run),
     "ends": (True, ends.run),
+    "cost": (True, cost.run),
 }
 
 

@@ -34,6 +34,11 @@ class Profile:
     # 8. live progress and callbacks: probes per round, other streams open (B side)
     progress_probes: int
     progress_streams: int
+    # 9. engine HTTP clients: calls per client per round, in flight at once
+    client_calls: int
+    client_concurrency: int
+    # 10. CPU per run: onboard-user runs measured (after a tenth as many to warm up)
+    cost_runs: int
     # pyinstrument/py-spy profiles of the API under load (full run only)
     profile_api: bool
 
@@ -54,6 +59,9 @@ FULL = Profile(
     ends_background=4,
     progress_probes=100,
     progress_streams=1_000,
+    client_calls=5_000,
+    client_concurrency=16,
+    cost_runs=1_000,
     profile_api=True,
 )
 
@@ -73,5 +81,8 @@ SMOKE = Profile(
     ends_background=1,
     progress_probes=4,
     progress_streams=20,
+    client_calls=50,
+    client_concurrency=4,
+    cost_runs=20,
     profile_api=False,
 )

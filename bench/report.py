@@ -106,9 +106,9 @@ def _verdict(ok: bool | None) -> str:
 
 def bar(results: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
-    parked, thr, gw, wk, ends, progress = (
+    parked, thr, gw, wk, ends, progress, cost = (
         results.get(k) or {}
-        for k in ("parked", "throughput", "gateway", "workers", "ends", "progress")
+        for k in ("parked", "throughput", "gateway", "workers", "ends", "progress", "cost")
     )
 
     # Zero lost wake-ups.
@@ -248,6 +248,15 @@ def bar(results: dict[str, Any]) -> list[Row]:
                 _verdict(p99 <= targets[measure] if p99 is not None else None),
             )
         )
+    flowgate_ms = cost.get("flowgate_cpu_ms_per_run")
+    rows.append(
+        (
+            "CPU per completed onboard-user run, API + worker",
+            f"≤ {cost.get('target_flowgate_cpu_ms_per_run', 15)} ms",
+            f"{_n(flowgate_ms, 1)} ms" if flowgate_ms is not None else "-",
+            _verdict(flowgate_ms <= cost["target_flowgate_cpu_ms_per_run"] if cost else None),
+        )
+    )
     if ended := progress.get("streams_ended"):
         rows.append(
             (
@@ -622,6 +631,49 @@ def _progress(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _clients(r: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            name,
+            _n(s["cpu_us"].get("median"), 1),
+            f"{_n(s['cpu_us'].get('min'), 1)} / {_n(s['cpu_us'].get('max'), 1)}",
+            _n(s["calls_per_s"].get("median"), 0),
+        ]
+        for name, s in r["by_client"].items()
+    ]
+    return [
+        "## 9. The engine call's HTTP client (stand-in engine)",
+        "",
+        _table(["client", "CPU µs per call (median of rounds)", "min / max", "calls/s"], rows),
+        "",
+        f"{_n(r['calls_per_round'])} calls per round, {r['concurrency']} in flight, kept-alive "
+        "connections; the body a start sends (orjson), its JSON answer decoded. CPU is the "
+        "whole client process, every thread.",
+        "",
+    ]
+
+
+def _cost(r: dict[str, Any]) -> list[str]:
+    per_run = r["cpu_ms_per_run"]
+    total = sum(per_run.values())
+    rows = [
+        [name, _n(ms, 2), f"{ms / total * 100:.0f} %" if total else "-"]
+        for name, ms in per_run.items()
+    ]
+    rows.append(["all", _n(total, 2), "100 %"])
+    return [
+        "## 10. CPU per run (real engine)",
+        "",
+        _table(["process", "CPU ms per onboard-user run", "share"], rows),
+        "",
+        f"{_n(r['completed_ok'])} of {_n(r['runs'])} runs ended `ok` "
+        f"({_n(r['runs_per_s'], 1)} runs/s, 16 in flight); each run is four external tasks "
+        "handled by flowgate's worker. flowgate's own processes (API + worker): "
+        f"{_n(r['flowgate_cpu_ms_per_run'], 1)} ms per run.",
+        "",
+    ]
+
+
 SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("gateway", _gateway),
     ("parked", _parked),
@@ -630,6 +682,8 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("writebehind", _writebehind),
     ("ends", _ends),
     ("progress", _progress),
+    ("clients", _clients),
+    ("cost", _cost),
 ]
 
 

@@ -32,7 +32,8 @@ def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert not results["errors"], results["errors"]
     assert set(results["results"]) == {
-        "throughput", "parked", "writebehind", "progress", "gateway", "workers", "ends"
+        "throughput", "parked", "writebehind", "progress", "clients", "gateway", "workers",
+        "ends", "cost",
     }  # fmt: skip
     skipped = {name: r["skipped"] for name, r in results["results"].items() if "skipped" in r}
     assert not skipped, f"benchmarks that could not run here: {skipped}"
@@ -40,6 +41,8 @@ def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
     assert results["results"]["parked"]["wake"], "no wake-latency samples"
     ends = results["results"]["ends"]["by_side"]
     assert [ends[side]["failed"] for side in ("quiet", "busy")] == [0, 0], ends
+    cost = results["results"]["cost"]
+    assert cost["completed_ok"] == cost["runs"], cost
     streams = results["results"]["progress"]["streams_ended"]
     assert streams["ended"] == streams["streams"] > 0, streams
     assert (tmp_path / "benchmarks.md").read_text().startswith("#")
