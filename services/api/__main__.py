@@ -43,7 +43,7 @@ def main() -> None:
     settings = load_settings()
     configure_logging(settings.log_level)
     raise_open_files_limit()
-    # httpx logs every engine call at INFO: one line per start is noise, not news.
+    # httpx (callbacks) logs every request at INFO: one line per delivery is noise, not news.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     drain = DrainHook()
     config = uvicorn.Config(

@@ -23,7 +23,7 @@ log = logging.getLogger("services.worker")
 def main() -> None:
     settings = load_settings()
     configure_logging(settings.log_level)
-    # httpx logs every request at INFO: one line per poll and per task call is noise.
+    # httpx (handlers' ctx.http) logs every request at INFO: one line per call is noise.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     # A module that cannot be imported, a topic served twice or a step without a handler
     # stops start-up here, naming it.

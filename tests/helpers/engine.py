@@ -1,20 +1,26 @@
-"""Engines for tests: one fake over ``httpx.MockTransport``, and builders of tasks and BPMN.
+"""Engines for tests: one fake behind a pyreqwest middleware, and builders of tasks and BPMN.
 
 :class:`FakeEngine` answers by the request's last path segment (its *action*:
 ``fetchAndLock``, ``complete``, ``start``, ...): first any response queued for the action,
 then its route, then the default (204). It records every request, so a test asserts on what
 went over the wire, while the real :class:`~shared.camunda.CamundaClient` runs unchanged.
+Requests and answers are httpx's ``Request``/``Response``, used as plain values.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+from pyreqwest.middleware import Next
+from pyreqwest.middleware.types import Middleware
+from pyreqwest.request import Request
+from pyreqwest.response import Response, ResponseBuilder
 
 from services.worker.registry import Process
 from shared.camunda import CamundaClient, LockedTask
@@ -73,8 +79,34 @@ class FakeEngine:
     @contextlib.asynccontextmanager
     async def client(self, timeout_s: float = 3.0) -> AsyncIterator[CamundaClient]:
         """A real CamundaClient whose requests this engine answers."""
-        async with httpx.AsyncClient(transport=httpx.MockTransport(self)) as http:
-            yield CamundaClient(BASE_URL, http=http, timeout_s=timeout_s)
+        async with CamundaClient(BASE_URL, timeout_s=timeout_s, middleware=answering(self)) as c:
+            yield c
+
+
+Handler = Callable[[httpx.Request], Awaitable[httpx.Response] | httpx.Response]
+
+
+def answering(handler: Handler) -> Middleware:
+    """A pyreqwest middleware that lets ``handler`` answer every request: nothing goes out."""
+
+    async def middleware(request: Request, _next: Next) -> Response:
+        body = request.body.copy_bytes() if request.body is not None else None
+        sent = httpx.Request(
+            request.method, str(request.url), headers=list(request.headers.items()),
+            content=bytes(body) if body is not None else b"",
+        )  # fmt: skip
+        answer = handler(sent)
+        if inspect.isawaitable(answer):
+            answer = await answer
+        return await (
+            ResponseBuilder()
+            .status(answer.status_code)
+            .headers(list(answer.headers.items()))
+            .body_bytes(answer.content)
+            .build()
+        )
+
+    return middleware
 
 
 def engine_error(status_code: int, message: str, code: int | None = None) -> httpx.Response:

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
+from pyreqwest.exceptions import (
+    CauseErrorDetails,
+    ConnectError,
+    ConnectTimeoutError,
+    ReadError,
+    ReadTimeoutError,
+    RequestError,
+)
+from pyreqwest.middleware import Next
+from pyreqwest.request import Request
+from pyreqwest.response import Response
 
+from deploy.local.servers import free_port
 from shared.camunda import (
-    LONG_POLL_MARGIN_S,
     BadRequest,
     CamundaClient,
     CamundaError,
@@ -126,9 +138,31 @@ async def test_fetch_and_lock_read_timeout_exceeds_the_long_poll(
             },
         ],
     }
-    read_s = engine.last.extensions["timeout"]["read"]
-    assert read_s == 30 + LONG_POLL_MARGIN_S
-    assert engine.last.extensions["timeout"]["connect"] == 3.0
+
+
+async def test_a_long_poll_may_take_its_async_response_timeout_beyond_the_timeout() -> None:
+    """Over a real socket: the engine holds the poll longer than ``timeout_s``."""
+
+    async def holding(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        await asyncio.sleep(0.5)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n")
+        writer.write(b"content-length: 2\r\n\r\n[]")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(holding, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    topics = [TopicRequest("a", lock_duration_ms=1_000)]
+    async with server, CamundaClient(f"http://127.0.0.1:{port}", timeout_s=0.2) as client:
+        tasks = await client.fetch_and_lock(
+            "w1", topics, max_tasks=1, async_response_timeout_ms=400
+        )
+        assert tasks == []
+        with pytest.raises(EngineUnavailable):  # no long poll: timeout_s holds
+            await client.fetch_and_lock("w1", topics, max_tasks=1, async_response_timeout_ms=None)
 
 
 async def test_fetch_and_lock_without_long_poll_answers_at_once(
@@ -139,7 +173,6 @@ async def test_fetch_and_lock_without_long_poll_answers_at_once(
         "w1", [TopicRequest("a", 1_000)], max_tasks=1, async_response_timeout_ms=None
     )
     assert "asyncResponseTimeout" not in engine.last_body
-    assert engine.last.extensions["timeout"]["read"] == 3.0
 
 
 async def test_fetched_tasks_are_decoded(engine: FakeEngine, client: CamundaClient) -> None:
@@ -389,41 +422,59 @@ async def test_other_errors_without_engine_body_keep_the_text(
     assert caught.value.message == "Internal Server Error"
 
 
+NO_CAUSE: CauseErrorDetails = {"causes": None}
+
+
 @pytest.mark.parametrize(
-    "transport_error",
-    [httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), httpx.RemoteProtocolError("eof")],
+    ("transport_error", "sent"),
+    [
+        (ConnectError("refused", NO_CAUSE), False),
+        # pyreqwest 0.15 says "connect timeout" also for a request the server has read.
+        (ConnectTimeoutError("connection timeout", NO_CAUSE), True),
+        (ReadTimeoutError("slow", NO_CAUSE), True),
+        (ReadError("eof", NO_CAUSE), True),
+    ],
 )
-async def test_transport_errors_are_unavailable(transport_error: httpx.TransportError) -> None:
-    def fail(request: httpx.Request) -> httpx.Response:
+async def test_transport_errors_are_unavailable(transport_error: RequestError, sent: bool) -> None:
+    async def fail(request: Request, _next: Next) -> Response:
         raise transport_error
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(fail)) as http:
-        client = CamundaClient(BASE, http=http)
+    async with CamundaClient(BASE, middleware=fail) as client:
         with pytest.raises(EngineUnavailable) as caught:
             await client.start_process("k")
         assert caught.value.__cause__ is transport_error
+        assert caught.value.request_sent is sent
         assert isinstance(caught.value, CamundaError)
         assert await client.engine_ok() is False
+
+
+async def test_a_refused_connection_is_a_start_the_engine_never_saw() -> None:
+    async with CamundaClient(f"http://127.0.0.1:{free_port()}/engine-rest") as client:
+        with pytest.raises(EngineUnavailable) as caught:
+            await client.start_process("k")
+    assert caught.value.request_sent is False
+
+
+async def test_a_start_the_engine_read_but_never_answered_may_have_been_received() -> None:
+    """Over a real socket: the request arrives, no answer comes, the timeout fires."""
+    received = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        received.set()
+        await reader.read()  # until the client gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, CamundaClient(f"http://127.0.0.1:{port}", timeout_s=0.3) as client:
+        with pytest.raises(EngineUnavailable) as caught:
+            await client.start_process("k")
+    assert received.is_set()
+    assert caught.value.request_sent is True
 
 
 async def test_engine_ok(engine: FakeEngine, client: CamundaClient) -> None:
     engine.answer_all(200, [{"name": "default"}])
     assert await client.engine_ok() is True
     assert engine.last.url == f"{BASE}/engine"
-
-
-# --- lifecycle ----------------------------------------------------------------------------
-
-
-async def test_injected_http_client_is_left_open(engine: FakeEngine) -> None:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(engine)) as http:
-        async with CamundaClient(BASE, http=http):
-            pass
-        assert not http.is_closed
-
-
-async def test_own_http_client_is_closed() -> None:
-    client = CamundaClient(BASE + "/")
-    async with client:
-        pass
-    assert client._http.is_closed
