@@ -105,6 +105,7 @@ def _verdict(ok: bool | None) -> str:
 
 
 def bar(results: dict[str, Any]) -> list[Row]:
+    """Each figure beside its target (the performance issue's table)."""
     rows: list[Row] = []
     parked, thr, gw, wk, ends, progress, cost = (
         results.get(k) or {}
@@ -136,32 +137,32 @@ def bar(results: dict[str, Any]) -> list[Row]:
     if wake:
         top = max(wake, key=lambda k: int(k))
         w = wake[top]["wake_ms"]
-        ok = w.get("median", 1e9) <= 2 and w.get("p99", 1e9) <= 10
+        ok = w.get("p99", 1e9) <= 2
         rows.append(
             (
                 f"wake latency with {int(top):,} parked",
-                "p50 ≤ 2 ms, p99 ≤ 10 ms",
+                "p99 ≤ 2 ms",
                 f"p50 {_n(w.get('median'), 2)} ms, p99 {_n(w.get('p99'), 2)} ms",
                 _verdict(ok),
             )
         )
     else:
-        rows.append(("wake latency with 10,000 parked", "p50 ≤ 2 ms, p99 ≤ 10 ms", "-", NOT_RUN))
+        rows.append(("wake latency with 10,000 parked", "p99 ≤ 2 ms", "-", NOT_RUN))
 
     mem = parked.get("memory") or {}
     per = mem.get("per_request_kb")
     rows.append(
         (
             "memory per parked request",
-            "≤ 20 KB",
+            "≤ 16 KB",
             f"{_n(per)} KB ({_n(mem.get('parked'))} parked)" if per is not None else "-",
-            _verdict(per <= 20 if per is not None else None),
+            _verdict(per <= 16 if per is not None else None),
         )
     )
 
     for key, goal, target in (
-        ("start_and_wake", "start-and-wake per API core (instant completion)", 4_000),
-        ("status_reads", "status reads per API core", 10_000),
+        ("start_and_wake", "start-and-wake per API core (instant completion)", 1_500),
+        ("status_reads", "status reads per API core", 8_000),
     ):
         rps = _get(thr, key, "requests_per_s", "median")
         rows.append(
@@ -177,9 +178,9 @@ def bar(results: dict[str, Any]) -> list[Row]:
     rows.append(
         (
             "gateway overhead p50 at concurrency 16",
-            "≤ 5 ms",
+            "≤ 3 ms",
             f"{_n(over, 2)} ms" if over is not None else "-",
-            _verdict(over <= 5 if over is not None else None),
+            _verdict(over <= 3 if over is not None else None),
         )
     )
 
@@ -192,7 +193,7 @@ def bar(results: dict[str, Any]) -> list[Row]:
     # Ours: the better single-process configuration (default 10 slots, or 32).
     ours = max((r for r in (rate("ours-1"), rate("ours-1-32")) if r), default=None)
     for goal, other, factor in (
-        ("worker throughput vs the Python client", rate("python3-client"), 2.0),
+        ("worker throughput vs the Python client", rate("python3-client"), 1.5),
         (
             "worker throughput vs the Node client (best config)",
             max(
