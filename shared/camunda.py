@@ -40,6 +40,8 @@ from shared.variables import format_date, from_camunda, parse_date, to_camunda
 #: Added to ``asyncResponseTimeout`` for the HTTP read timeout of a long poll, so the
 #: engine's empty answer arrives before our own timeout fires.
 LONG_POLL_MARGIN_S = 5.0
+#: Idle pooled connections are dropped after this, long before the engine's server would.
+IDLE_CONNECTION_S = 5.0
 #: The engine keeps only this many characters of a failure's errorMessage.
 MAX_ERROR_MESSAGE_CHARS = 666
 
@@ -601,10 +603,6 @@ class _Answer:
     @property
     def text(self) -> str:
         return self.content.decode(errors="replace")
-
-
-#: Idle pooled connections are dropped after this (the engine's Tomcat keeps them 20 s).
-IDLE_CONNECTION_S = 5.0
 
 
 def _query_value(value: QueryValue) -> str:
