@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import ours
-from bench.harness import SERVER_CPU, Run, Stack, cpu_seconds
+from bench.harness import Run, Stack, cpu_seconds
 from bench.profile import Profile
 from bench.rawhttp import Pool
 
@@ -77,16 +77,7 @@ async def _writebehind_idle(api: ours.Api, timeout_s: float = 60) -> None:
 async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
     if why := ours.available("services.api") or ours.available("services.worker"):
         return {"skipped": why}
-    prefix = f"bk{uuid.uuid4().hex[:6]}"
-    database_url = ours.new_schema(stack, "cost")
-    api = ours.start_api(
-        run_, stack, engine_url=stack.engine_url, prefix=prefix, database_url=database_url,
-        cpu=SERVER_CPU,
-    )  # fmt: skip
-    worker = ours.start_worker(
-        run_, stack, engine_url=stack.engine_url, prefix=prefix, database_url=database_url,
-        cpu=None,
-    )  # fmt: skip
+    api, worker = ours.start_gateway(run_, stack, name="cost")
     processes = {
         "api": api.pid,
         "worker": worker.pid,
@@ -97,11 +88,12 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
     }
     pool = Pool("127.0.0.1", api.port, CONCURRENCY)
     try:
-        await _batch(pool, f"warm{prefix}", max(CONCURRENCY, profile.cost_runs // 10))
+        tag = uuid.uuid4().hex[:6]
+        await _batch(pool, f"warm{tag}", max(CONCURRENCY, profile.cost_runs // 10))
         await _writebehind_idle(api)
         before = {name: tree_cpu_seconds(pid) for name, pid in processes.items()}
         t0 = time.perf_counter()
-        completed = await _batch(pool, f"run{prefix}", profile.cost_runs)
+        completed = await _batch(pool, f"run{tag}", profile.cost_runs)
         elapsed = time.perf_counter() - t0
         await _writebehind_idle(api)
         used = {name: tree_cpu_seconds(pid) - before[name] for name, pid in processes.items()}

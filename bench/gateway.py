@@ -29,7 +29,7 @@ from typing import Any
 
 from bench import ours
 from bench.engine import Engine
-from bench.harness import SERVER_CPU, Run, Stack, summary
+from bench.harness import Run, Stack, summary
 from bench.profile import Profile
 from bench.rawhttp import Pool
 
@@ -128,24 +128,16 @@ def _summarize(rounds: list[Round]) -> dict[str, Any]:
 async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
     if why := ours.available("services.api") or ours.available("services.worker"):
         return {"skipped": why}
-    prefix = f"bg{uuid.uuid4().hex[:6]}"
-    database_url = ours.new_schema(stack, "gateway")
-    api = ours.start_api(
-        run_, stack, engine_url=stack.engine_url, prefix=prefix, database_url=database_url,
-        cpu=SERVER_CPU,
-    )  # fmt: skip
-    ours.start_worker(
-        run_, stack, engine_url=stack.engine_url, prefix=prefix, database_url=database_url,
-        cpu=None,
-    )  # fmt: skip
+    warm_tag = uuid.uuid4().hex[:6]
+    api, _ = ours.start_gateway(run_, stack, name="gateway")
     engine = Engine(stack.engine_url, connections=max(profile.gateway_requests) + 4)
     pools: dict[int, Pool] = {}
     sides: dict[str, dict[int, list[Round]]] = {"gateway": {}, "engine_only": {}}
     try:
         warm = Pool("127.0.0.1", api.port, 16)
         pools[0] = warm
-        await _batch(partial(_gateway_one, warm), f"warm{prefix}", profile.gateway_warmup, 16)
-        await _batch(partial(_direct_one, engine), f"warmd{prefix}", profile.gateway_warmup, 16)
+        await _batch(partial(_gateway_one, warm), f"warm{warm_tag}", profile.gateway_warmup, 16)
+        await _batch(partial(_direct_one, engine), f"warmd{warm_tag}", profile.gateway_warmup, 16)
         for concurrency, count in profile.gateway_requests.items():
             pool = pools[concurrency] = Pool("127.0.0.1", api.port, concurrency)
             for round_no in range(profile.rounds):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from bench.harness import Run, Stack
+from bench.harness import SERVER_CPU, Run, Stack
 from deploy.local import servers
 from deploy.local.servers import Server
 
@@ -112,6 +112,19 @@ def start_worker(
         **(extra_env or {}),
     }
     return run.python("worker", "services.worker", env=env, cpu=cpu)
+
+
+def start_gateway(run: Run, stack: Stack, *, name: str) -> tuple[Api, Server]:
+    """flowgate on the real engine: one API (CPU 0) and one worker (floating), sharing a
+    fresh Redis prefix and Postgres schema."""
+    prefix = f"{name[:2]}{uuid.uuid4().hex[:6]}"
+    database_url = new_schema(stack, name)
+    engine_url = stack.engine_url
+    api = start_api(run, stack, engine_url=engine_url, prefix=prefix, database_url=database_url,
+                    cpu=SERVER_CPU)  # fmt: skip
+    worker = start_worker(run, stack, engine_url=engine_url, prefix=prefix,
+                          database_url=database_url, cpu=None)  # fmt: skip
+    return api, worker
 
 
 @dataclass
