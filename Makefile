@@ -8,7 +8,7 @@ KUSTOMIZE_VERSION := v5.5.0
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: bootstrap install engine engine-operaton up down ps logs deploy-bpmn test test-operaton \
-	test-fast lint format bench bench-smoke clean
+	test-fast test-cluster lint format bench bench-smoke clean
 
 # System packages (Redis, PostgreSQL, nginx, wrk, JDK, Maven, venv): installs what is missing
 # as root, or prints the one command to run (deploy/local/bootstrap.py holds the list).
@@ -60,6 +60,10 @@ test-operaton: bootstrap $(STAMP) engine-operaton
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit
+
+# Every test on a native Redis Cluster (three masters, a replica each) instead of one Redis.
+test-cluster: bootstrap $(STAMP) engine
+	FLOWGATE_TEST_REDIS=cluster $(PY) -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -4,7 +4,7 @@
     python -m bench --smoke          seconds-long version of every benchmark (CI)
     python -m bench --out DIR        write results.json, benchmarks.md and PNGs under DIR
     python -m bench --only a,b       just these (gateway, parked, throughput, writebehind,
-                                     progress, clients, workers, ends, cost)
+                                     progress, clients, cluster, workers, ends, cost)
     python -m bench --render         regenerate benchmarks.md and the plots from results.json
 
 Every server and process is started here on free loopback ports and stopped on exit
@@ -28,6 +28,7 @@ from typing import Any
 
 from bench import (
     clients,
+    cluster,
     cost,
     ends,
     gateway,
@@ -54,6 +55,7 @@ SCENARIOS: dict[str, tuple[bool, Scenario]] = {
     "writebehind": (False, writebehind.run),
     "progress": (False, progress.run),
     "clients": (False, clients.run),
+    "cluster": (False, cluster.run),
     "gateway": (True, gateway.run),
     "workers": (True, workers.run),
     "ends": (True, ends.run),

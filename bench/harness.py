@@ -158,6 +158,8 @@ class Stack:
     redis: Server
     postgres: Server
     extra: dict[str, Server] = field(default_factory=dict)
+    #: ``redis_url`` names a node of a Redis Cluster (see :meth:`Run.start_redis_cluster`).
+    redis_cluster: bool = False
 
     def schema_url(self, schema: str) -> str:
         """``database_url`` with ``schema`` first on the search path (created by the caller)."""
@@ -297,6 +299,19 @@ class Run:
         if engine:
             self.stack.engine_url = self.start_engine(data)
         return self.stack
+
+    def start_redis_cluster(self, masters: int = 3) -> tuple[str, list[Server]]:
+        """A native Redis Cluster (``masters`` masters, a replica each) for the rest of the
+        run: its URL and its nodes."""
+        ports = [servers.free_port() for _ in range(masters * 2)]
+        nodes = [
+            self.start(self.share(servers.cluster_node(
+                self.workdir / "data" / f"redis-cluster-{port}", port, bus_port=servers.free_port()
+            )))
+            for port in ports
+        ]  # fmt: skip
+        servers.form_cluster(ports)
+        return f"redis://127.0.0.1:{ports[0]}/0", nodes
 
     def start_engine(self, data: Path) -> str:
         port = servers.free_port()

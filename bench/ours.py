@@ -73,6 +73,7 @@ def start_api(
         "API_HOST": "127.0.0.1",
         "API_PORT": str(port),
         "REDIS_URL": stack.redis_url,
+        "REDIS_CLUSTER": str(stack.redis_cluster).lower(),
         "REDIS_PREFIX": prefix,
         "DATABASE_URL": database_url,
         "CAMUNDA_BASE_URL": engine_url,
@@ -104,6 +105,7 @@ def start_worker(
 ) -> Server:
     env = {
         "REDIS_URL": stack.redis_url,
+        "REDIS_CLUSTER": str(stack.redis_cluster).lower(),
         "REDIS_PREFIX": prefix,
         "DATABASE_URL": database_url,
         "CAMUNDA_BASE_URL": engine_url,
@@ -143,6 +145,7 @@ def start_stub(run: Run, stack: Stack, *, prefix: str, mode: str, cpu: int | Non
         stack.redis_url,
         prefix,
         mode,
+        *(["cluster"] if stack.redis_cluster else []),
         cpu=cpu,
         ready=lambda: servers.port_open(port),
     )

@@ -32,6 +32,7 @@ from bench.harness import LOAD_CPU, SERVER_CPU, CpuMeter, Run, Stack, rss_kb, su
 from bench.profile import Profile
 from bench.rawhttp import Connection, Response
 from shared.keys import Keys
+from shared.redis_client import RedisClient
 from shared.state import Status
 from shared.store import ProcessStore
 
@@ -43,13 +44,11 @@ CONNECT_CONCURRENCY = 200
 class Parker:
     """Parks requests on the API and completes them."""
 
-    def __init__(self, api: ours.Api, redis: Redis, keys: Keys) -> None:
+    def __init__(self, api: ours.Api, redis: RedisClient, keys: Keys) -> None:
         self.api = api
+        self.redis = redis
+        self.keys = keys
         self.store = ProcessStore(redis, keys, result_ttl_s=3600, pending_ttl_s=3600)
-        # The same ProcessStore.finish, queued on a pipeline: a burst of completions
-        # goes out in one round trip instead of costing this process one each.
-        self.pipeline = redis.pipeline(transaction=False)
-        self.batch = ProcessStore(self.pipeline, keys, result_ttl_s=3600, pending_ttl_s=3600)
         self.waiting: dict[str, tuple[Connection, asyncio.Task[Response]]] = {}
 
     async def park(self, cid: str) -> None:
@@ -101,7 +100,7 @@ def _check(cid: str, response: Response, marker: Any) -> bool:
     )
 
 
-async def _probe(parker: Parker, background: int) -> tuple[float, float, float, bool]:
+async def probe(parker: Parker, background: int) -> tuple[float, float, float, bool]:
     """Park one more request and complete it. Returns (wake ms from the completion call's
     return, wake ms from its start, the call's ms, whether the answer was right)."""
     cid = f"probe-{uuid.uuid4().hex[:16]}"
@@ -123,6 +122,12 @@ async def _probe(parker: Parker, background: int) -> tuple[float, float, float, 
 async def _complete_all(parker: Parker, spread_s: float) -> dict[str, Any]:
     """Complete every parked request, evenly over ``spread_s``; check every answer."""
     items = list(parker.waiting.items())
+    # The same ProcessStore.finish, queued on a pipeline: a burst of completions goes out in
+    # one round trip instead of costing this process one each (a single Redis's pipeline:
+    # a cluster's cannot run scripts).
+    assert isinstance(parker.redis, Redis)
+    pipeline = parker.redis.pipeline(transaction=False)
+    queued = ProcessStore(pipeline, parker.keys, result_ttl_s=3600, pending_ttl_s=3600)
     completed_at: dict[str, float] = {}
     ticks = max(1, int(spread_s / 0.01))
     per_tick = -(-len(items) // ticks)
@@ -135,11 +140,11 @@ async def _complete_all(parker: Parker, spread_s: float) -> dict[str, Any]:
         if (delay := target - time.perf_counter()) > 0:
             await asyncio.sleep(delay)
         for cid, _ in batch:
-            await parker.batch.finish(cid, Status.OK, data={"marker": cid})
+            await queued.finish(cid, Status.OK, data={"marker": cid})
         now = time.perf_counter()
         for cid, _ in batch:
             completed_at[cid] = now
-        await parker.pipeline.execute()
+        await pipeline.execute()
     t_completed = time.perf_counter()
     tasks = [task for _, (_, task) in items]
     done, pending = await asyncio.wait(tasks, timeout=60)
@@ -242,7 +247,7 @@ async def _wake_level(parker: Parker, probes: int) -> dict[str, Any]:
     background = len(parker.waiting)
     wakes, upper, calls, wrong = [], [], [], 0
     for _ in range(probes):
-        wake_ms, upper_ms, call_ms, correct = await _probe(parker, background)
+        wake_ms, upper_ms, call_ms, correct = await probe(parker, background)
         wakes.append(wake_ms)
         upper.append(upper_ms)
         calls.append(call_ms)

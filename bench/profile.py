@@ -39,6 +39,10 @@ class Profile:
     client_concurrency: int
     # 10. CPU per run: onboard-user runs measured (after a tenth as many to warm up)
     cost_runs: int
+    # 11. Redis Cluster: requests parked while probing wake latency, runs finished to count
+    # each replica's messages
+    cluster_parked: int
+    cluster_messages: int
     # pyinstrument/py-spy profiles of the API under load (full run only)
     profile_api: bool
 
@@ -62,6 +66,8 @@ FULL = Profile(
     client_calls=5_000,
     client_concurrency=16,
     cost_runs=1_000,
+    cluster_parked=1_000,
+    cluster_messages=2_000,
     profile_api=True,
 )
 
@@ -84,5 +90,7 @@ SMOKE = Profile(
     client_calls=50,
     client_concurrency=4,
     cost_runs=20,
+    cluster_parked=50,
+    cluster_messages=50,
     profile_api=False,
 )

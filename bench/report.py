@@ -675,6 +675,35 @@ def _cost(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _cluster(r: dict[str, Any]) -> list[str]:
+    rows = []
+    for side, rounds in r["rounds"].items():
+        for number, measured in enumerate(rounds, 1):
+            wake = measured["wake"]["wake_ms"]
+            load = measured["messages_per_run"]
+            rows.append([
+                side, number, _n(measured["start_and_wake"]["rps"], 0),
+                _n(wake.get("median"), 2), _n(wake.get("p99"), 2), measured["wake"]["wrong"],
+                " / ".join(f"{_n(load[k], 2)}" for k in sorted(load, key=int)),
+            ])  # fmt: skip
+    parked = r["rounds"]["single"][0]["wake"]["parked"] if r["rounds"]["single"] else "-"
+    header = [
+        "Redis", "round", "start-and-wake/s (1 API core)", f"wake p50 ms ({parked} parked)",
+        "wake p99 ms", "wrong", "messages per run per replica (1 / 2 / 3 replicas)",
+    ]  # fmt: skip
+    return [
+        "## 11. Redis Cluster beside a single Redis (stand-in engine)",
+        "",
+        _table(header, rows),
+        "",
+        f"The cluster: {r['masters']} masters with a replica each, native processes on this "
+        "machine. Every replica receives each run's end once on either Redis, so the "
+        "messages per run and replica stay at 1 as replicas are added; on the cluster each "
+        "master delivers only its partitions' channels.",
+        "",
+    ]
+
+
 SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("gateway", _gateway),
     ("parked", _parked),
@@ -685,6 +714,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("progress", _progress),
     ("clients", _clients),
     ("cost", _cost),
+    ("cluster", _cluster),
 ]
 
 

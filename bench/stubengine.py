@@ -22,9 +22,9 @@ import uuid
 from typing import cast
 
 import orjson
-from redis.asyncio import Redis
 
 from shared.keys import Keys
+from shared.redis_client import connect
 from shared.state import Status
 from shared.store import ProcessStore
 
@@ -109,8 +109,8 @@ class _Protocol(asyncio.Protocol):
             self.transport.write(self.engine.answer(method, path, body))
 
 
-async def serve(port: int, redis_url: str, prefix: str, mode: str) -> None:
-    redis = Redis.from_url(redis_url, max_connections=256)
+async def serve(port: int, redis_url: str, prefix: str, mode: str, cluster: bool) -> None:
+    redis = connect(redis_url, cluster=cluster, max_connections=256)
     store = ProcessStore(redis, Keys(prefix), result_ttl_s=3600, pending_ttl_s=3600)
     engine = StubEngine(store, mode)
     loop = asyncio.get_running_loop()
@@ -121,14 +121,15 @@ async def serve(port: int, redis_url: str, prefix: str, mode: str) -> None:
 
 def main() -> None:
     port, redis_url, prefix, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    cluster = sys.argv[5:] == ["cluster"]
     if mode not in ("instant", "park"):
         raise SystemExit(f"mode must be instant or park, not {mode!r}")
     try:
         import uvloop
 
-        uvloop.run(serve(port, redis_url, prefix, mode))
+        uvloop.run(serve(port, redis_url, prefix, mode, cluster))
     except ImportError:
-        asyncio.run(serve(port, redis_url, prefix, mode))
+        asyncio.run(serve(port, redis_url, prefix, mode, cluster))
 
 
 if __name__ == "__main__":

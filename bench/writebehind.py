@@ -5,9 +5,9 @@ Same set-up as item 4 (one API on CPU 0, the stand-in engine completing at once,
 finished, lag = commit time of its ``process_store`` row (``pg_xact_commit_timestamp(xmin)``)
 minus the ``updatedAt`` of its final state (set when the completion was written to Redis),
 so every row is a sample and nothing polls. Outage: Postgres is stopped (fast shutdown), the
-same load runs against the API, the stream backlog (XLEN of ``{p}:wb``) is read, Postgres is
-started again, and the backlog is sampled every 50 ms until it is empty. Every process the
-load finished must then have its final row.
+same load runs against the API, the streams' backlog (XLEN of every ``{p:n}:wb``) is read,
+Postgres is started again, and the backlog is sampled every 50 ms until it is empty. Every
+process the load finished must then have its final row.
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ FROM process_store WHERE correlation_id LIKE %s AND status = 'ok'
 
 
 async def _backlog(redis: Redis, keys: Keys) -> int:
-    return int(await redis.xlen(keys.writebehind))
+    """Entries not in Postgres yet, over every partition's stream."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for partition in keys.partitions:
+            pipe.xlen(partition.writebehind)
+        return sum(await pipe.execute())
 
 
 async def _until_empty(redis: Redis, keys: Keys, timeout_s: float) -> list[tuple[float, int]]:

@@ -2,9 +2,10 @@
 
 * the **system variables** the API sets on every engine instance it starts (the seed's
   names), and how a task names the run it belongs to;
-* the **run channel's messages** (``{p}:run:{cid}``): a finished run's state, the news that
-  the start a request joined has failed (:class:`StartFailed`), or that a step was recorded
-  (:class:`StepRecorded`, published by shared/store.py's Lua).
+* the **run channel's messages** (a partition's channel ``{p:n}:run``, shared/keys.py): the
+  run's correlationId, a newline, then a finished run's state, the news that the start a
+  request joined has failed (:class:`StartFailed`), or that a step was recorded
+  (:class:`StepRecorded`); shared/store.py's Lua publishes them.
 
 Producers and consumers import these names from here, so a rename fails at import time in
 both services, not at runtime in one.
@@ -133,8 +134,15 @@ class StepRecorded:
 Message = ProcessState | StartFailed | StepRecorded
 
 
+def correlation_id_of_message(raw: bytes) -> tuple[str, bytes]:
+    """Split a run-channel message into its run's correlationId and its body, so that a
+    replica decodes only the messages of runs it has waiting."""
+    cid, _, body = raw.partition(b"\n")
+    return cid.decode(), body
+
+
 def decode_message(raw: bytes | str) -> Message:
-    """A run-channel message: a finished state, a start that failed, or a new step."""
+    """A run-channel message's body: a finished state, a start that failed, or a new step."""
     obj = orjson.loads(raw)
     kind = obj.get("kind")
     if kind == "startFailed":

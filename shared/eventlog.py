@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from shared.keys import Keys
+from shared.redis_client import RedisClient
 from shared.state import dump_json, parse_iso
 
 
@@ -86,9 +86,11 @@ EVENT_JSON_COLUMNS = frozenset(
 )
 
 
-async def append_event(redis: Redis, keys: Keys, record: EventRecord) -> None:
-    """Queue ``record`` for ``event_log`` (one XADD; the flusher writes it to Postgres)."""
-    await redis.xadd(keys.writebehind, {"kind": "event", "body": record.to_json()})
+async def append_event(redis: RedisClient, keys: Keys, record: EventRecord) -> None:
+    """Queue ``record`` for ``event_log`` (one XADD to its run's partition; the flusher
+    writes it to Postgres)."""
+    stream = keys.of(record.correlation_id).writebehind
+    await redis.xadd(stream, {"kind": "event", "body": record.to_json()})
 
 
 #: Where a component hands its audit rows (``append_event`` bound to a Redis client).

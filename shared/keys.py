@@ -1,31 +1,36 @@
 """Every Redis key and channel name, in one place, so producers and consumers agree.
 
 All names start with the configured prefix (``REDIS_PREFIX``, default ``fg``), so
-several environments can share one Redis server.
+several environments can share one Redis.
+
+Runs are spread over :data:`PARTITIONS` partitions by their correlationId. Every key of a
+partition carries its hash tag ``{p:n}``, so each Lua transition touches one hash slot and
+runs as it is on a Redis Cluster; on a single Redis the tags are just part of the names.
 
 ====================================  =========================================
-``{p}:proc:{correlationId}``          hash: a run's state (shared/state.py, shared/store.py)
-``{p}:index``                         sorted set: correlationIds by start time (paging)
-``{p}:starts``                        sorted set: claims without an engine instance yet,
+``{p:n}:proc:{correlationId}``        hash: a run's state (shared/state.py, shared/store.py)
+``{p:n}:index``                       sorted set: the partition's runs by start time (paging)
+``{p:n}:starts``                      sorted set: claims without an engine instance yet,
                                       scored by when to look after them (starter.py)
-``{p}:instances``                     hash: engine instance id -> correlationId of the
+``{p:n}:instances``                   hash: engine instance id -> correlationId of the
                                       runs the watcher reads the history of
-``{p}:instances:ended``               sorted set: ended instances, scored by when the
+``{p:n}:instances:ended``             sorted set: ended instances, scored by when the
                                       watcher stops reading their history
-``{p}:steps:{correlationId}``         stream: the run's steps as they end (shared/steps.py)
-``{p}:steps:{correlationId}:seen``    set: activity instance ids recorded there already
-``{p}:callbacks``                     sorted set: runs whose end is to be delivered to their
+``{p:n}:steps:{correlationId}``       stream: the run's steps as they end (shared/steps.py)
+``{p:n}:steps:{correlationId}:seen``  set: activity instance ids recorded there already
+``{p:n}:callbacks``                   sorted set: runs whose end is to be delivered to their
                                       callbackUrl, scored by when (services/api/callbacks.py)
-``{p}:callbacks:attempts``            hash: correlationId -> delivery attempts so far
-``{p}:cancel:{correlationId}``        string: the reason a cancel was asked for, until the run
+``{p:n}:cancel:{correlationId}``      string: the reason a cancel was asked for, until the run
                                       ends (the watcher ends a deleted instance's run with it)
+``{p:n}:run``                         pub/sub channel (sharded on a cluster): a run of the
+                                      partition changed (shared/contract.py messages)
+``{p:n}:wb``                          stream: write-behind entries for Postgres
+``{p:n}:wb:dead``                     stream: entries Postgres refused too often
+``{p}:callbacks:attempts``            hash: correlationId -> delivery attempts so far
 ``{p}:watcher``                       string: the replica that watches the engine (lease)
 ``{p}:watcher:mark``                  string: how far the watcher has read the history
-``{p}:run:{correlationId}``           pub/sub channel: the run changed (a step, its end)
-``{p}:wb``                            stream: write-behind entries for Postgres
-``{p}:wb:dead``                       stream: entries Postgres refused too often
-``{p}:worker:{name}:{slot}:lease``    string: which worker process holds a slot
-``{p}:worker:{name}:{slot}:last``     string: the last worker id that held the slot
+``{p:worker:{name}:{slot}}:lease``    string: which worker process holds a slot
+``{p:worker:{name}:{slot}}:last``     string: the last worker id that held the slot
 ``{p}:worker:departed``               sorted set: departed worker ids, scored by when their
                                       abandoned polls end (services/worker/locks.py)
 ====================================  =========================================
@@ -33,46 +38,87 @@ several environments can share one Redis server.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
+#: How many partitions the runs are spread over. Fixed: a different number would look for
+#: the runs Redis holds in the wrong partitions.
+PARTITIONS = 16
+
 WRITEBEHIND_GROUP = "flusher"
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """The keys a partition's runs share, all in one hash slot."""
+
+    number: int
+    tag: str  # "{fg:3}"
+
+    @property
+    def state_prefix(self) -> str:
+        """A run's state is this followed by its correlationId."""
+        return f"{self.tag}:proc:"
+
+    @property
+    def index(self) -> str:
+        return f"{self.tag}:index"
+
+    @property
+    def starts(self) -> str:
+        return f"{self.tag}:starts"
+
+    @property
+    def instances(self) -> str:
+        return f"{self.tag}:instances"
+
+    @property
+    def instances_ended(self) -> str:
+        return f"{self.tag}:instances:ended"
+
+    @property
+    def callbacks(self) -> str:
+        return f"{self.tag}:callbacks"
+
+    @property
+    def channel(self) -> str:
+        return f"{self.tag}:run"
+
+    @property
+    def writebehind(self) -> str:
+        return f"{self.tag}:wb"
+
+    @property
+    def writebehind_dead(self) -> str:
+        return f"{self.tag}:wb:dead"
 
 
 @dataclass(frozen=True, slots=True)
 class Keys:
     prefix: str = "fg"
 
+    @property
+    def partitions(self) -> list[Partition]:
+        return [self.partition(n) for n in range(PARTITIONS)]
+
+    def partition(self, number: int) -> Partition:
+        return Partition(number, f"{{{self.prefix}:{number}}}")
+
+    def of(self, correlation_id: str) -> Partition:
+        """The partition a run belongs to."""
+        return self.partition(zlib.crc32(correlation_id.encode()) % PARTITIONS)
+
     def state(self, correlation_id: str) -> str:
-        return f"{self.prefix}:proc:{correlation_id}"
-
-    @property
-    def index(self) -> str:
-        return f"{self.prefix}:index"
-
-    @property
-    def starts(self) -> str:
-        return f"{self.prefix}:starts"
-
-    @property
-    def instances(self) -> str:
-        return f"{self.prefix}:instances"
-
-    @property
-    def instances_ended(self) -> str:
-        return f"{self.prefix}:instances:ended"
+        return self.of(correlation_id).state_prefix + correlation_id
 
     def steps(self, correlation_id: str) -> str:
-        return f"{self.prefix}:steps:{correlation_id}"
+        return f"{self.of(correlation_id).tag}:steps:{correlation_id}"
 
     def steps_seen(self, correlation_id: str) -> str:
-        return f"{self.prefix}:steps:{correlation_id}:seen"
+        return f"{self.steps(correlation_id)}:seen"
 
     def cancel(self, correlation_id: str) -> str:
-        return f"{self.prefix}:cancel:{correlation_id}"
-
-    @property
-    def callbacks(self) -> str:
-        return f"{self.prefix}:callbacks"
+        return f"{self.of(correlation_id).tag}:cancel:{correlation_id}"
 
     @property
     def callback_attempts(self) -> str:
@@ -86,28 +132,10 @@ class Keys:
     def watcher_mark(self) -> str:
         return f"{self.prefix}:watcher:mark"
 
-    def run_channel(self, correlation_id: str) -> str:
-        return f"{self.prefix}:run:{correlation_id}"
-
-    @property
-    def run_pattern(self) -> str:
-        """The one pattern each API replica subscribes to (see services/api/waitroom.py)."""
-        return f"{self.prefix}:run:*"
-
-    def correlation_id_of(self, channel: str) -> str:
-        return channel[len(self.prefix) + len(":run:") :]
-
-    @property
-    def writebehind(self) -> str:
-        return f"{self.prefix}:wb"
-
-    @property
-    def writebehind_dead(self) -> str:
-        return f"{self.prefix}:wb:dead"
-
     def worker_slot(self, name: str, slot: int, part: str) -> str:
-        """``part`` is ``lease`` or ``last`` (see services/worker/identity.py)."""
-        return f"{self.prefix}:worker:{name}:{slot}:{part}"
+        """``part`` is ``lease`` or ``last`` (see services/worker/identity.py); a slot's two
+        keys share a hash slot, for the script that moves them together."""
+        return f"{{{self.prefix}:worker:{name}:{slot}}}:{part}"
 
     @property
     def departed_workers(self) -> str:

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     # --- where the other parts live -------------------------------------------------
     camunda_base_url: str = "http://127.0.0.1:8080/engine-rest"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # REDIS_URL names a node of a Redis Cluster (any one: the rest are discovered).
+    redis_cluster: bool = False
     database_url: str = "postgresql://flowgate:flowgate@127.0.0.1:5432/flowgate"
     # Every Redis key and channel starts with this, so environments can share a server.
     redis_prefix: str = Field(default="fg", pattern=r"^[A-Za-z0-9_-]{1,32}$")
@@ -95,7 +97,8 @@ class Settings(BaseSettings):
 
     # --- write-behind to Postgres --------------------------------------------------------
     writebehind_batch: PositiveInt = 500
-    writebehind_block_ms: PositiveInt = 1_000
+    # How long a flusher pauses when every partition's stream is empty.
+    writebehind_idle_ms: PositiveInt = 200
     # Entries a consumer left unacknowledged this long are claimed by another.
     writebehind_claim_idle_ms: PositiveInt = 30_000
 

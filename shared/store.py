@@ -1,10 +1,13 @@
 """Process state in Redis: one hash per run, every transition one Lua script.
 
-A transition changes the hash, appends its write-behind entry to ``{p}:wb`` and (for a
-finish or an abandoned start) publishes on ``{p}:run:{cid}`` in the same script, so there
-is no window in which a state is written but never persisted or never announced. A
-subscriber that receives a message can read the new state at once: Redis delivers the
-publish only after the script has finished.
+A transition changes the hash, appends its write-behind entry to its partition's stream
+``{p:n}:wb`` and (for a finish, a step or an abandoned start) publishes on the partition's
+channel ``{p:n}:run`` in the same script, so there is no window in which a state is written
+but never persisted or never announced. A subscriber that receives a message can read the
+new state at once: Redis delivers the publish only after the script has finished. Every key
+a script touches is in the run's partition (shared/keys.py), so each script runs on a Redis
+Cluster as it does on one Redis; what spans partitions (paging, the schedules, the
+instance map) is read partition by partition, pipelined.
 
 A run's life in transitions: :meth:`~ProcessStore.claim` (``pending``), then
 :meth:`~ProcessStore.sending` (the engine start is about to be sent), then
@@ -21,18 +24,19 @@ would drop entries Postgres has not seen); the flusher deletes entries once comm
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
-from collections.abc import Sequence
+import heapq
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from redis.asyncio import Redis
-
 from shared.contract import QUEUED, StartFailed, SystemVariables
 from shared.eventlog import EventRecord
-from shared.keys import Keys
+from shared.keys import Keys, Partition
+from shared.redis_client import RedisClient, publish_verb
 from shared.state import STATE_JSON_LUA, ProcessState, Status, dump_json, iso
 from shared.steps import MAX_STEPS, StepEvent
 
@@ -87,11 +91,11 @@ return version
 )
 
 # record_step(state, steps, seen, stream, activity instance id, step JSON, audit JSON, max,
-# channel): a step is recorded once (the worker and the history may both report it), with
-# its audit row, lives as long as the run's state, and is announced on the run's channel
-# (shared/contract.py StepRecorded). Returns 1 if it was new.
+# channel, cid): a step is recorded once (the worker and the history may both report it),
+# with its audit row, lives as long as the run's state, and is announced on the run's
+# channel (shared/contract.py StepRecorded). Returns 1 if it was new.
 _RECORD_STEP_LUA = """
-local function record_step(state, steps, seen, stream, aid, step, audit, max, channel)
+local function record_step(state, steps, seen, stream, aid, step, audit, max, channel, cid)
   if redis.call('SADD', seen, aid) == 0 then return 0 end
   local id = redis.call('XADD', steps, 'MAXLEN', '~', max, '*', 'step', step)
   local ttl = redis.call('PTTL', state)
@@ -100,7 +104,7 @@ local function record_step(state, steps, seen, stream, aid, step, audit, max, ch
     redis.call('PEXPIRE', seen, ttl)
   end
   if audit ~= '' then redis.call('XADD', stream, '*', 'kind', 'event', 'body', audit) end
-  redis.call('PUBLISH', channel, '{"kind":"step","id":"' .. id .. '"}')
+  redis.call(PUBLISH, channel, cid .. '\\n{"kind":"step","id":"' .. id .. '"}')
   return 1
 end
 """
@@ -145,7 +149,7 @@ local state = state_json(KEYS[1])
 redis.call('XADD', KEYS[2], '*', 'kind', 'state', 'body', state)
 if ARGV[9] ~= '' then
   record_step(KEYS[1], KEYS[4], KEYS[5], KEYS[2], ARGV[10], ARGV[9], ARGV[7], ARGV[11],
-    ARGV[6])
+    ARGV[6], ARGV[8])
 elseif ARGV[7] ~= '' then
   redis.call('XADD', KEYS[2], '*', 'kind', 'event', 'body', ARGV[7])
 end
@@ -156,7 +160,7 @@ local f = redis.call('HMGET', KEYS[1], 'instanceId', 'callbackUrl')
 if f[1] and f[1] ~= '' then redis.call('ZADD', KEYS[6], 'NX', ARGV[12], f[1]) end
 if f[2] and f[2] ~= '' then redis.call('ZADD', KEYS[7], 'NX', ARGV[13], ARGV[8]) end
 redis.call('DEL', KEYS[8])
-redis.call('PUBLISH', ARGV[6], state)
+redis.call(PUBLISH, ARGV[6], ARGV[8] .. '\\n' .. state)
 return 1
 """
 )
@@ -170,14 +174,14 @@ return 1
 """
 
 # KEYS: state, steps, steps seen, stream. ARGV: activity instance id, step JSON, audit body
-# ('' = none), max steps, channel. Returns 1 if the step was new, 0 if known or the run is
+# ('' = none), max steps, channel, cid. Returns 1 if the step was new, 0 if known or the run is
 # gone.
 _STEP_LUA = (
     _RECORD_STEP_LUA
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 return record_step(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
-  ARGV[5])
+  ARGV[5], ARGV[6])
 """
 )
 
@@ -196,7 +200,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('XADD', KEYS[3], '*', 'kind', 'state', 'body', state_json(KEYS[1]))
-redis.call('PUBLISH', ARGV[4], ARGV[3])
+redis.call(PUBLISH, ARGV[4], ARGV[1] .. '\\n' .. ARGV[3])
 return 1
 """
 )
@@ -210,12 +214,11 @@ redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
 return 1
 """
 
-# KEYS: index. ARGV: proc key prefix, max score ('+inf' or ms), cursor member ('' = none),
-# limit, scan cap. Newest first; index entries whose hash is gone are removed as met.
-# The scan cap bounds one call's work: at the cap it answers short, with a cursor.
-# Returns {next score or false, next member or false, state JSON...}.
-# Reads the hashes by computed names: fine on a single Redis (the deployment this targets);
-# Redis Cluster would need the hashes and the index in one hash slot.
+# KEYS: a partition's index. ARGV: its proc key prefix, max score ('+inf' or ms), cursor
+# member ('' = none), limit, scan cap. Newest first; index entries whose hash is gone are
+# removed as met. The scan cap bounds one call's work: at the cap it answers short, with a
+# cursor. Returns {next score or false, next member or false, (score, state JSON)...}. Reads the
+# hashes by computed names, which share the index's hash slot.
 _PAGE_LUA = (
     STATE_JSON_LUA
     + """
@@ -249,6 +252,7 @@ while true do
           return out
         end
         found = found + 1
+        out[#out + 1] = score
         out[#out + 1] = state_json(key)
       else
         redis.call('ZREM', KEYS[1], member)
@@ -295,40 +299,51 @@ class Abandoned(Exception):
 
 
 class Schedule:
-    """Work every replica shares: a sorted set of correlationIds scored by when each is due.
+    """Work every replica shares: a sorted set per partition of correlationIds scored by
+    when each is due (``key`` names a partition's set).
 
     :meth:`take` hands a due item to one replica and makes it due again later, so an item
     whose taker dies comes back by itself; the taker :meth:`drop` s it when done, or
     :meth:`defer` s it to a time of its choosing.
     """
 
-    def __init__(self, redis: Redis, key: str) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, key: Callable[[Partition], str]) -> None:
         self._redis = redis
+        self._keys = keys
         self._key = key
         self._take = redis.register_script(_TAKE_LUA)
 
     async def due(self, limit: int) -> list[str]:
-        """Items whose time has come, the longest due first."""
+        """Items whose time has come, the longest due first (at most ``limit`` of each
+        partition are looked at)."""
         now_ms = _ms(datetime.now(UTC))
-        ids = await self._redis.zrangebyscore(self._key, "-inf", now_ms, 0, limit)
-        return [_text(cid) for cid in cast(list[bytes | str], ids)]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for partition in self._keys.partitions:
+                pipe.zrangebyscore(self._key(partition), "-inf", now_ms, 0, limit, withscores=True)
+            found: list[list[tuple[bytes | str, float]]] = await pipe.execute()
+        merged = heapq.merge(*found, key=lambda item: item[1])
+        return [_text(cid) for cid, _ in merged][:limit]
 
     async def take(self, correlation_id: str, *, again_s: float) -> bool:
         """Take a due item; it is due again in ``again_s`` unless dropped or deferred
         meanwhile. False if another replica took it first (or it is gone)."""
         now_ms = _ms(datetime.now(UTC))
         taken = await self._take(
-            keys=[self._key], args=[correlation_id, now_ms, now_ms + int(again_s * 1000)]
+            keys=[self._key_of(correlation_id)],
+            args=[correlation_id, now_ms, now_ms + int(again_s * 1000)],
         )
         return bool(taken)
 
     async def defer(self, correlation_id: str, *, delay_s: float) -> None:
         """Make a taken item due in ``delay_s`` (only if it is still scheduled)."""
         at = _ms(datetime.now(UTC)) + int(delay_s * 1000)
-        await self._redis.zadd(self._key, {correlation_id: at}, xx=True)
+        await self._redis.zadd(self._key_of(correlation_id), {correlation_id: at}, xx=True)
 
     async def drop(self, correlation_id: str) -> None:
-        await self._redis.zrem(self._key, correlation_id)
+        await self._redis.zrem(self._key_of(correlation_id), correlation_id)
+
+    def _key_of(self, correlation_id: str) -> str:
+        return self._key(self._keys.of(correlation_id))
 
 
 class ProcessStore:
@@ -337,22 +352,26 @@ class ProcessStore:
     Works with a client created with or without ``decode_responses``.
     """
 
-    def __init__(self, redis: Redis, keys: Keys, *, result_ttl_s: int, pending_ttl_s: int) -> None:
+    def __init__(
+        self, redis: RedisClient, keys: Keys, *, result_ttl_s: int, pending_ttl_s: int
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._result_ttl_s = result_ttl_s
         self._pending_ttl_s = pending_ttl_s
+        # The scripts that announce a change publish with the verb this Redis wants.
+        publishing = f"local PUBLISH = '{publish_verb(redis)}'\n"
         self._claim = redis.register_script(_CLAIM_LUA)
         self._sending = redis.register_script(_SENDING_LUA)
         self._attach = redis.register_script(_ATTACH_LUA)
-        self._finish = redis.register_script(_FINISH_LUA)
-        self._step = redis.register_script(_STEP_LUA)
+        self._finish = redis.register_script(publishing + _FINISH_LUA)
+        self._step = redis.register_script(publishing + _STEP_LUA)
         self._cancelling = redis.register_script(_CANCELLING_LUA)
-        self._abandon = redis.register_script(_ABANDON_LUA)
+        self._abandon = redis.register_script(publishing + _ABANDON_LUA)
         #: Claims without an engine instance yet, due for a look (services/api/starter.py).
-        self.starts = Schedule(redis, keys.starts)
+        self.starts = Schedule(redis, keys, lambda partition: partition.starts)
         #: Ended runs whose end is to be delivered to their callbackUrl (callbacks.py).
-        self.callbacks = Schedule(redis, keys.callbacks)
+        self.callbacks = Schedule(redis, keys, lambda partition: partition.callbacks)
         self._page = redis.register_script(_PAGE_LUA)
 
     async def claim(
@@ -394,9 +413,9 @@ class ProcessStore:
         now_ms = _ms(now)
         oldest_ms = now_ms - (self._pending_ttl_s + self._result_ttl_s) * 1000
         fields = [text for pair in state.to_hash().items() for text in pair]
+        part = self._keys.of(ids.correlation_id)
         created, stored = await self._claim(
-            keys=[self._state(ids.correlation_id), self._keys.index, self._keys.writebehind,
-                  self._keys.starts],
+            keys=[self._state(ids.correlation_id), part.index, part.writebehind, part.starts],
             args=[ids.correlation_id, now_ms, self._pending_ttl_s, oldest_ms,
                   now_ms + int(look_after_s * 1000), *fields],
         )  # fmt: skip
@@ -406,8 +425,9 @@ class ProcessStore:
         """Mark the engine start of a fresh claim as sent; the state now, or None when the
         claim changed meanwhile (abandoned by recovery: do not send)."""
         now = datetime.now(UTC)
+        part = self._keys.of(state.correlation_id)
         version = await self._sending(
-            keys=[self._state(state.correlation_id), self._keys.writebehind, self._keys.starts],
+            keys=[self._state(state.correlation_id), part.writebehind, part.starts],
             args=[state.version, iso(now), _ms(now) + int(look_after_s * 1000),
                   state.correlation_id],
         )  # fmt: skip
@@ -421,9 +441,9 @@ class ProcessStore:
         """Record the engine's instance id (also after a finish that beat the start's
         response) and, in the same step, its audit ``event``; False when the run no longer
         exists. Raises :class:`Abandoned` when its claim was given up meanwhile."""
+        part = self._keys.of(correlation_id)
         attached = await self._attach(
-            keys=[self._state(correlation_id), self._keys.writebehind, self._keys.starts,
-                  self._keys.instances],
+            keys=[self._state(correlation_id), part.writebehind, part.starts, part.instances],
             args=[instance_id, iso(datetime.now(UTC)), event.to_json() if event else "",
                   correlation_id],
         )  # fmt: skip
@@ -454,17 +474,18 @@ class ProcessStore:
             raise ValueError("finish() needs a terminal status (ok, error or cancelled)")
         cid = correlation_id
         now = datetime.now(UTC)
+        part = self._keys.of(cid)
         changed = await self._finish(
-            keys=[self._state(cid), self._keys.writebehind, self._keys.starts,
-                  self._keys.steps(cid), self._keys.steps_seen(cid),
-                  self._keys.instances_ended, self._keys.callbacks, self._keys.cancel(cid)],
+            keys=[self._state(cid), part.writebehind, part.starts, self._keys.steps(cid),
+                  self._keys.steps_seen(cid), part.instances_ended, part.callbacks,
+                  self._keys.cancel(cid)],
             args=[
                 status.value,
                 dump_json(data),
                 dump_json(error),
                 iso(now),
                 self._result_ttl_s,
-                self._keys.run_channel(cid),
+                part.channel,
                 event.to_json() if event else "",
                 cid,
                 step.to_json() if step else "",
@@ -490,7 +511,10 @@ class ProcessStore:
         """The reasons of the cancels asked for among these runs (see :meth:`cancelling`)."""
         if not correlation_ids:
             return {}
-        found = await self._redis.mget([self._keys.cancel(cid) for cid in correlation_ids])
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for cid in correlation_ids:
+                pipe.get(self._keys.cancel(cid))
+            found = await pipe.execute()
         return {cid: _text(r) for cid, r in zip(correlation_ids, found, strict=True) if r}
 
     async def record_step(
@@ -499,11 +523,12 @@ class ProcessStore:
         """Add a step to the run's record (once per activity instance), with its audit row;
         True if it was new."""
         cid = correlation_id
+        part = self._keys.of(cid)
         recorded = await self._step(
             keys=[self._state(cid), self._keys.steps(cid), self._keys.steps_seen(cid),
-                  self._keys.writebehind],
+                  part.writebehind],
             args=[step.activity_instance_id, step.to_json(), event.to_json() if event else "",
-                  MAX_STEPS, self._keys.run_channel(cid)],
+                  MAX_STEPS, part.channel, cid],
         )  # fmt: skip
         return bool(recorded)
 
@@ -531,34 +556,50 @@ class ProcessStore:
         """The correlationIds of those engine instances that are runs not ended yet."""
         if not instance_ids:
             return {}
-        found = await self._redis.hmget(self._keys.instances, list(instance_ids))
+        ids = list(instance_ids)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for partition in self._keys.partitions:
+                pipe.hmget(partition.instances, ids)
+            found: list[list[bytes | str | None]] = await pipe.execute()
         return {
             instance: _text(cid)
-            for instance, cid in zip(instance_ids, found, strict=True)
+            for in_partition in found
+            for instance, cid in zip(ids, in_partition, strict=True)
             if cid is not None
         }
 
     async def watched(self) -> int:
         """How many engine instances the watcher maps to runs now."""
-        return int(await self._redis.hlen(self._keys.instances))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for partition in self._keys.partitions:
+                pipe.hlen(partition.instances)
+            return sum(await pipe.execute())
 
-    async def forget_instances(self, instance_ids: Sequence[str]) -> None:
-        """Stop mapping these (ended) instances to their runs in :data:`INSTANCE_LINGER_S`:
-        history the engine commits late for them is still read meanwhile."""
-        if instance_ids:
-            at = _ms(datetime.now(UTC)) + int(INSTANCE_LINGER_S * 1000)
-            await self._redis.zadd(self._keys.instances_ended, dict.fromkeys(instance_ids, at))
+    async def forget_instances(self, runs: Mapping[str, str]) -> None:
+        """Stop mapping these (ended) instances (instance id -> correlationId, as
+        :meth:`runs_of` gives them) to their runs in :data:`INSTANCE_LINGER_S`: history the
+        engine commits late for them is still read meanwhile."""
+        at = _ms(datetime.now(UTC)) + int(INSTANCE_LINGER_S * 1000)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for instance, cid in runs.items():
+                pipe.zadd(self._keys.of(cid).instances_ended, {instance: at})
+            await pipe.execute()
 
     async def forget_ended(self) -> int:
         """Drop the instances whose time to be forgotten has come; how many."""
         now = _ms(datetime.now(UTC))
-        due = await self._redis.zrangebyscore(self._keys.instances_ended, "-inf", now, 0, 1000)
-        if due:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hdel(self._keys.instances, *due)
-                pipe.zrem(self._keys.instances_ended, *due)
-                await pipe.execute()
-        return len(due)
+        partitions = self._keys.partitions
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for partition in partitions:
+                pipe.zrangebyscore(partition.instances_ended, "-inf", now, 0, 1000)
+            found: list[list[bytes]] = await pipe.execute()
+        for partition, due in zip(partitions, found, strict=True):
+            if due:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.hdel(partition.instances, *due)
+                    pipe.zrem(partition.instances_ended, *due)
+                    await pipe.execute()
+        return sum(len(due) for due in found)
 
     async def abandon(self, version: int, failed: StartFailed, *, unsent: bool = False) -> bool:
         """Give up a claim whose start did not reach the engine; True if it was given up.
@@ -570,9 +611,10 @@ class ProcessStore:
         told ``failed``.
         """
         cid = failed.correlation_id
+        part = self._keys.of(cid)
         abandoned = await self._abandon(
-            keys=[self._state(cid), self._keys.index, self._keys.writebehind, self._keys.starts],
-            args=[cid, version, failed.to_json(), self._keys.run_channel(cid),
+            keys=[self._state(cid), part.index, part.writebehind, part.starts],
+            args=[cid, version, failed.to_json(), part.channel,
                   iso(datetime.now(UTC)), self._result_ttl_s, "1" if unsent else "0"],
         )  # fmt: skip
         return bool(abandoned)
@@ -598,19 +640,52 @@ class ProcessStore:
         self, *, cursor: str | None, limit: int
     ) -> tuple[list[ProcessState], str | None]:
         """Newest first by start time; returns the page and the cursor of the next (None at
-        the end). Walks the index, never the keyspace. Raises :class:`InvalidCursor`."""
+        the end). Walks the partitions' indexes, never the keyspace, and merges them.
+        Raises :class:`InvalidCursor`."""
         if limit < 1:
             raise ValueError("limit must be at least 1")
         max_score, member = ("+inf", "") if cursor is None else _decode_cursor(cursor)
-        next_score, next_member, *states = await self._page(
-            keys=[self._keys.index],
-            args=[self._keys.state(""), max_score, member, limit, _PAGE_SCAN_CAP],
+        pages = await asyncio.gather(
+            *(
+                self._page(
+                    keys=[partition.index],
+                    args=[partition.state_prefix, max_score, member, limit, _PAGE_SCAN_CAP],
+                )
+                for partition in self._keys.partitions
+            )
         )
-        next_cursor = _encode_cursor(_text(next_score), _text(next_member)) if next_score else None
-        return [ProcessState.from_json(s) for s in states], next_cursor
+        return _merge_pages(pages, limit)
 
     def _state(self, correlation_id: str) -> str:
         return self._keys.state(correlation_id)
+
+
+def _merge_pages(
+    pages: Sequence[Sequence[Any]], limit: int
+) -> tuple[list[ProcessState], str | None]:
+    """One page of at most ``limit`` runs from the partitions' pages, newest first, and the
+    cursor of the next. A partition that answered short (it has more, or hit the scan cap)
+    has been read down to its own cursor only, so the merged page ends where the highest
+    of those cursors is: below it, that partition's runs are not known yet."""
+    found: list[tuple[tuple[int, bytes], ProcessState]] = []
+    read_down_to: list[tuple[int, bytes]] = []
+    for next_score, next_member, *rest in pages:
+        for score, raw in zip(rest[::2], rest[1::2], strict=True):
+            state = ProcessState.from_json(raw)
+            found.append(((int(float(_text(score))), state.correlation_id.encode()), state))
+        if next_score:
+            read_down_to.append((int(float(_text(next_score))), _text(next_member).encode()))
+    found.sort(key=lambda item: item[0], reverse=True)
+    cut = max(read_down_to, default=None)
+    if cut is not None:
+        found = [item for item in found if item[0] >= cut]
+    page = found[:limit]
+    if len(found) > limit or (page and cut is not None and len(page) == limit):
+        position: tuple[int, bytes] | None = page[-1][0]
+    else:
+        position = cut
+    cursor = _encode_cursor(str(position[0]), position[1].decode()) if position else None
+    return [state for _, state in page], cursor
 
 
 def _entries(response: Any) -> list[tuple[Any, dict[Any, Any]]]:

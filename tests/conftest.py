@@ -13,6 +13,12 @@ missing server is never a skip in this project.
 
 Each test gets its own Redis key prefix and its own Postgres schema, so tests never see
 each other's state while sharing one set of servers.
+
+A module marked ``redis_both`` runs each of its tests twice: on the single Redis and on a
+native Redis Cluster of three masters with a replica each (``REDIS_CLUSTER_URL`` names one
+to use instead), through :func:`redis_target`, which ``make_settings`` and ``redis_client``
+follow. ``FLOWGATE_TEST_REDIS=cluster`` (``make test-cluster``) runs every other test on
+the cluster too.
 """
 
 from __future__ import annotations
@@ -21,15 +27,16 @@ import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import psycopg
 import pytest
-import redis.asyncio as aioredis
 
 from deploy.local import servers
+from shared.redis_client import RedisClient, connect
 from shared.settings import Settings
 
 ENGINE_IMAGE = "camunda/camunda-bpm-platform:run-7.24.0"
@@ -39,6 +46,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "engine_url" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.engine)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "redis_kind" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "redis_both"
+    ):
+        metafunc.parametrize("redis_kind", ["single", "cluster"], indirect=True)
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +88,38 @@ def redis_service(
 @pytest.fixture(scope="session")
 def redis_url(redis_service: tuple[str, servers.Server | None]) -> str:
     return redis_service[0]
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(server_dir: Path) -> Iterator[str]:
+    """A Redis Cluster for the session (three masters, one replica each)."""
+    if url := os.environ.get("REDIS_CLUSTER_URL"):
+        yield url
+    else:
+        cluster = servers.redis_cluster(server_dir / "redis-cluster")
+        yield cluster.url
+        cluster.stop()
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    url: str
+    cluster: bool
+
+
+@pytest.fixture
+def redis_kind(request: pytest.FixtureRequest) -> str:
+    """``single`` or ``cluster``; ``cluster`` too in modules marked ``redis_both``."""
+    kind: str = getattr(request, "param", os.environ.get("FLOWGATE_TEST_REDIS", "single"))
+    return kind
+
+
+@pytest.fixture
+def redis_target(request: pytest.FixtureRequest, redis_kind: str) -> RedisTarget:
+    """The Redis this test runs on (the cluster is started only if a test asks for it)."""
+    if redis_kind == "cluster":
+        return RedisTarget(request.getfixturevalue("redis_cluster_url"), cluster=True)
+    return RedisTarget(request.getfixturevalue("redis_url"), cluster=False)
 
 
 @pytest.fixture(scope="session")
@@ -144,7 +190,9 @@ def schema_url(database_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def make_settings(redis_url: str, schema_url: str, redis_prefix: str) -> Callable[..., Settings]:
+def make_settings(
+    redis_target: RedisTarget, schema_url: str, redis_prefix: str
+) -> Callable[..., Settings]:
     """Settings pointing at the test servers; keyword arguments override any field.
 
     The engine URL is filled in only by tests that ask for ``engine_url`` (so unit
@@ -153,7 +201,8 @@ def make_settings(redis_url: str, schema_url: str, redis_prefix: str) -> Callabl
 
     def build(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "redis_url": redis_url,
+            "redis_url": redis_target.url,
+            "redis_cluster": redis_target.cluster,
             "database_url": schema_url,
             "redis_prefix": redis_prefix,
             **overrides,
@@ -164,11 +213,11 @@ def make_settings(redis_url: str, schema_url: str, redis_prefix: str) -> Callabl
 
 
 @pytest.fixture
-async def redis_client(redis_url: str, redis_prefix: str) -> AsyncIterator[aioredis.Redis]:
-    """A client on the test Redis; keys under this test's prefix are deleted afterwards."""
-    client = aioredis.Redis.from_url(redis_url)
+async def redis_client(redis_target: RedisTarget, redis_prefix: str) -> AsyncIterator[RedisClient]:
+    """A client on the test's Redis; keys under this test's prefix are deleted afterwards."""
+    client = connect(redis_target.url, cluster=redis_target.cluster)
     yield client
-    keys = [key async for key in client.scan_iter(match=f"{redis_prefix}:*", count=1000)]
-    if keys:
-        await client.delete(*keys)
+    keys = [key async for key in client.scan_iter(match=f"*{redis_prefix}*", count=1000)]
+    for start in range(0, len(keys), 1000):
+        await client.delete(*keys[start : start + 1000])  # a cluster client splits by slot
     await client.aclose()

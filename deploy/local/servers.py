@@ -158,7 +158,7 @@ def require(binary: str, hint: str) -> str:
 # --- Redis -------------------------------------------------------------------------------
 
 
-def redis_server(workdir: Path, port: int) -> Server:
+def redis_server(workdir: Path, port: int, *extra: str) -> Server:
     binary = require("redis-server", "apt-get install redis-server (or set REDIS_URL)")
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -171,8 +171,107 @@ def redis_server(workdir: Path, port: int) -> Server:
         "--appendfsync", "everysec",
         "--save", "",
         "--daemonize", "no",
+        *extra,
     ]  # fmt: skip
     return Server("redis", argv, workdir / "redis.log", lambda: _redis_ping(port))
+
+
+@dataclass
+class RedisCluster:
+    """A native Redis Cluster: three masters, each with one replica, on free ports."""
+
+    nodes: list[Server]
+    ports: list[int]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+#: How long a master may be unreachable before its replica takes over (redis.conf
+#: ``cluster-node-timeout``; Redis's default is 15 s, which would only slow the tests).
+CLUSTER_NODE_TIMEOUT_MS = 2_000
+
+
+def redis_cluster(workdir: Path, masters: int = 3, replicas: int = 1) -> RedisCluster:
+    """Start ``masters * (1 + replicas)`` nodes on free ports and join them; returns once
+    every slot is served."""
+    ports = [free_port() for _ in range(masters * (1 + replicas))]
+    nodes: list[Server] = []
+    try:
+        for port in ports:
+            # The bus port defaults to port + 10000, which a free port may not allow.
+            nodes.append(cluster_node(workdir / str(port), port, bus_port=free_port()).start())
+        form_cluster(ports, replicas)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return RedisCluster(nodes, ports)
+
+
+def cluster_node(workdir: Path, port: int, bus_port: int | None = None) -> Server:
+    """A Redis with ``--cluster-enabled yes``; its view of the cluster is kept in
+    ``nodes.conf`` in ``workdir``, so a restarted node rejoins by itself."""
+    options = [
+        "--cluster-enabled", "yes",
+        "--cluster-config-file", "nodes.conf",
+        "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS),
+    ]  # fmt: skip
+    if bus_port is not None:
+        options += ["--cluster-port", str(bus_port)]
+    return redis_server(workdir, port, *options)
+
+
+def form_cluster(ports: list[int], replicas: int = 1, timeout_s: float = 60) -> None:
+    """Join the nodes on ``ports`` into one cluster (``redis-cli --cluster create``: the
+    first ones become masters) unless they form it already; wait until every slot is
+    served and every replica has synced with its master (until then it could not take
+    over: it would have no data)."""
+    cli = require("redis-cli", "apt-get install redis-tools (or set REDIS_URL)")
+    never_formed = _cluster_info(ports[0]).get("cluster_known_nodes") == "1"
+    if never_formed:
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    while not all(cluster_ok(port) and _in_sync(port) for port in ports):
+        if time.monotonic() > deadline:
+            raise ServerError(f"the Redis Cluster on ports {ports} did not become ok")
+        time.sleep(0.2)
+
+
+def cluster_ok(port: int) -> bool:
+    """The node on ``port`` sees a cluster that serves every slot."""
+    info = _cluster_info(port)
+    return info.get("cluster_state") == "ok" and info.get("cluster_slots_ok") == "16384"
+
+
+def _in_sync(port: int) -> bool:
+    """A master, or a replica whose link to its master is up (initial sync done)."""
+    info = _info(port, "info", "replication")
+    return info.get("role") == "master" or info.get("master_link_status") == "up"
+
+
+def _cluster_info(port: int) -> dict[str, str]:
+    return _info(port, "cluster", "info")
+
+
+def _info(port: int, *command: str) -> dict[str, str]:
+    cli = require("redis-cli", "apt-get install redis-tools (or set REDIS_URL)")
+    try:
+        out = subprocess.run(
+            [cli, "-p", str(port), *command], capture_output=True, text=True, timeout=5
+        ).stdout
+    except subprocess.TimeoutExpired:
+        return {}
+    return dict(line.strip().split(":", 1) for line in out.splitlines() if ":" in line)
 
 
 def _redis_ping(port: int) -> bool:

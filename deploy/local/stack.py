@@ -7,7 +7,9 @@
 
 What runs, in start order: Redis, PostgreSQL (databases `flowgate` and `camunda`), the
 Camunda engine on PostgreSQL, a one-shot deployment of bpmn/, the API replicas, the workers,
-and nginx in front of the replicas. `up` returns once every one of them is ready.
+and nginx in front of the replicas. `up` returns once every one of them is ready. With
+`REDIS_CLUSTER=true`, Redis is a Redis Cluster instead: six nodes (three masters with a
+replica each, joined once by `redis-cli --cluster create`; they rejoin by themselves).
 
 Everything lives in one run directory (default `.run/` at the repo root): `stack.json`
 records each process (pid + kernel start time, so a recycled pid is never taken for ours),
@@ -23,6 +25,7 @@ naming the variable to change):
     STACK_API_PORT (8000: nginx)       STACK_API_REPLICA_PORTS (8001,8002)
     STACK_ENGINE_PORT (8080)           STACK_WORKER_HEALTH_PORTS (8091,8092)
     STACK_REDIS_PORT (6379)            STACK_POSTGRES_PORT (5432)
+    STACK_REDIS_CLUSTER_PORTS (7001,...,7006; bus ports are these + 10000)
 
 Other settings (SYNC_TIMEOUT_MS, MAX_WAIT_MS, ...) pass through to the API and workers.
 
@@ -90,10 +93,13 @@ class Config:
     postgres_port: int
     replica_ports: list[int]
     worker_health_ports: list[int]
+    #: The Redis Cluster's nodes (``REDIS_CLUSTER=true``), or empty: one Redis.
+    redis_cluster_ports: list[int] = field(default_factory=list)
 
     @classmethod
     def from_env(cls, run_dir: Path | None = None) -> Config:
         api = _port("STACK_API_PORT", 8000)
+        cluster = _settings().redis_cluster
         return cls(
             run_dir=(run_dir or Path(os.environ.get("STACK_RUN_DIR", ROOT / ".run"))).resolve(),
             api_port=api,
@@ -102,6 +108,9 @@ class Config:
             postgres_port=_port("STACK_POSTGRES_PORT", 5432),
             replica_ports=_ports("STACK_API_REPLICA_PORTS", [api + 1, api + 2]),
             worker_health_ports=_ports("STACK_WORKER_HEALTH_PORTS", [8091, 8092]),
+            redis_cluster_ports=(
+                _ports("STACK_REDIS_CLUSTER_PORTS", list(range(7001, 7007))) if cluster else []
+            ),
         )
 
     @property
@@ -123,9 +132,11 @@ class Config:
     def service_env(self) -> dict[str, str]:
         """What the API replicas and workers need to find the stack's servers."""
         pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        redis_port = self.redis_cluster_ports[0] if self.redis_cluster_ports else self.redis_port
         return {
             "CAMUNDA_BASE_URL": self.engine_url,
-            "REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "REDIS_CLUSTER": "true" if self.redis_cluster_ports else "false",
             "DATABASE_URL": f"postgresql://flowgate:flowgate@127.0.0.1:{self.postgres_port}/flowgate",
             "PYTHONPATH": pythonpath,
             "PYTHONUNBUFFERED": "1",
@@ -151,13 +162,15 @@ class Component:
     stop_timeout_s: float = 20.0
     # Health URL for `ps` (None: the port answering is enough).
     health_url: str | None = None
+    # A one-shot step once it is ready (deploying bpmn/, forming the Redis Cluster).
+    then: Callable[[], None] | None = None
 
 
 def components(cfg: Config) -> list[Component]:
     """The stack in start order (stopped in reverse)."""
     env = cfg.service_env()
-    items = [
-        Component("redis", cfg.redis_port, "STACK_REDIS_PORT", lambda: _redis(cfg)),
+    items = _redis_components(cfg)
+    items += [
         Component(
             "postgres",
             cfg.postgres_port,
@@ -173,6 +186,7 @@ def components(cfg: Config) -> list[Component]:
             start_timeout_s=300,
             stop_timeout_s=30,
             health_url=f"{cfg.engine_url}/engine",
+            then=lambda: deploy_bpmn(cfg),
         ),
     ]
     for i, port in enumerate(cfg.replica_ports, 1):
@@ -218,10 +232,35 @@ def _log(cfg: Config, name: str) -> Path:
     return cfg.logs / f"{name}.log"
 
 
+def _redis_components(cfg: Config) -> list[Component]:
+    if not cfg.redis_cluster_ports:
+        return [Component("redis", cfg.redis_port, "STACK_REDIS_PORT", lambda: _redis(cfg))]
+    nodes = [
+        Component(f"redis-{i}", port, "STACK_REDIS_CLUSTER_PORTS", _cluster_node(cfg, i, port))
+        for i, port in enumerate(cfg.redis_cluster_ports, 1)
+    ]
+    nodes[-1].then = lambda: _form_cluster(cfg)
+    return nodes
+
+
 def _redis(cfg: Config) -> Server:
     server = servers.redis_server(cfg.data / "redis", cfg.redis_port)
     server.log = _log(cfg, "redis")
     return server
+
+
+def _cluster_node(cfg: Config, i: int, port: int) -> Callable[[], Server]:
+    def build() -> Server:
+        server = servers.cluster_node(cfg.data / "redis-cluster" / str(port), port)
+        server.log = _log(cfg, f"redis-{i}")
+        return server
+
+    return build
+
+
+def _form_cluster(cfg: Config) -> None:
+    servers.form_cluster(cfg.redis_cluster_ports)
+    _say(f"  {'cluster':<10} every slot served by {len(cfg.redis_cluster_ports)} nodes")
 
 
 def _postgres(cfg: Config) -> Server:
@@ -471,8 +510,8 @@ def up(cfg: Config, names: Sequence[str] = ()) -> None:
                 record = _start(cfg, comp, state)
                 if record is not None:
                     started.append(record)
-                if comp.name == "engine":
-                    deploy_bpmn(cfg)
+                if comp.then:
+                    comp.then()
         except BaseException:
             for record in reversed(started):  # leave nothing half-started behind
                 servers.stop_pid(record.pid, 10)

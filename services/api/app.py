@@ -17,7 +17,6 @@ from typing import Any
 
 import psycopg
 from psycopg_pool import PoolTimeout
-from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
@@ -28,6 +27,7 @@ from services.api.drain import DrainHook
 from services.api.metrics import ApiMetrics, OutcomeMiddleware
 from services.api.openapi import docs_html, render_openapi
 from services.api.routes import ENDPOINTS, routes
+from shared.redis_client import REDIS_ERRORS
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def create_app(settings: Settings, *, drain: DrainHook | None = None) -> Starlet
         middleware=[Middleware(OutcomeMiddleware, metrics=metrics)],
         exception_handlers={
             **errors.HANDLERS,
-            RedisError: errors.unavailable("Redis"),
+            **dict.fromkeys(REDIS_ERRORS, errors.unavailable("Redis")),
             psycopg.Error: errors.unavailable("Postgres"),
             PoolTimeout: errors.unavailable("Postgres"),
             Exception: errors.internal_error,

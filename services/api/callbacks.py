@@ -34,8 +34,6 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 import orjson
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from services.api.metrics import ApiMetrics
 from services.api.runs import Runs
@@ -43,6 +41,7 @@ from services.api.schemas import ProcessStatus
 from shared.aio import concurrently, sleep_or_stop
 from shared.eventlog import EventRecord, append_event
 from shared.keys import Keys
+from shared.redis_client import REDIS_ERRORS, RedisClient
 from shared.state import ProcessState
 from shared.store import ProcessStore
 
@@ -103,7 +102,7 @@ class Deliverer:
         self,
         store: ProcessStore,
         runs: Runs,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         metrics: ApiMetrics,
         http: httpx.AsyncClient,
@@ -133,7 +132,7 @@ class Deliverer:
                 async with concurrently() as group:
                     for cid in due:
                         group.create_task(self._take_and_deliver(cid))
-            except (RedisError, OSError) as exc:
+            except (*REDIS_ERRORS, OSError) as exc:
                 log.warning("callback delivery paused", extra={"error": repr(exc)})
             except Exception:
                 log.exception("callback delivery pass failed; trying again")

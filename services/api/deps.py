@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import httpx
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
-from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.requests import Request
 
 from services.api.auth import Auth
@@ -34,6 +33,7 @@ from services.api.watcher import Watcher
 from shared.aio import Backoff, Spawner, cancel_and_wait, sleep_or_stop, stop_and_wait
 from shared.camunda import CamundaClient
 from shared.keys import Keys
+from shared.redis_client import RedisClient, connect
 from shared.settings import Settings
 from shared.store import ProcessStore
 
@@ -81,7 +81,7 @@ class Deps:
     auth: Auth
     metrics: ApiMetrics
     keys: Keys
-    redis: Redis
+    redis: RedisClient
     camunda: CamundaClient
     pool: AsyncConnectionPool
     store: ProcessStore
@@ -107,14 +107,13 @@ async def open_deps(
     """Everything the endpoints use, open for the duration of the block."""
     keys = Keys(settings.redis_prefix)
     async with contextlib.AsyncExitStack() as stack:
-        redis = Redis.from_pool(
-            BlockingConnectionPool.from_url(
-                settings.redis_url,
-                max_connections=REDIS_MAX_CONNECTIONS,
-                timeout=_REDIS_POOL_TIMEOUT_S,
-                # Detects a silently dead pub/sub connection (no RST) within ~30 s.
-                health_check_interval=15,
-            )
+        redis = connect(
+            settings.redis_url,
+            cluster=settings.redis_cluster,
+            max_connections=REDIS_MAX_CONNECTIONS,
+            pool_timeout_s=_REDIS_POOL_TIMEOUT_S,
+            # Detects a silently dead pub/sub connection (no RST) within ~30 s.
+            health_check_interval=15,
         )
         stack.push_async_callback(redis.aclose)
         camunda = await stack.enter_async_context(
@@ -134,7 +133,7 @@ async def open_deps(
             pool,
             consumer=replica_id,
             batch=settings.writebehind_batch,
-            block_ms=settings.writebehind_block_ms,
+            idle_ms=settings.writebehind_idle_ms,
             claim_idle_ms=settings.writebehind_claim_idle_ms,
         )
         starter = Starter(

@@ -58,7 +58,12 @@ class ApiMetrics:
         )
         self.pubsub_subscriptions = Counter(
             "flowgate_api_pubsub_subscriptions_total",
-            "Confirmed PSUBSCRIBEs of the wait room (more than one means reconnects).",
+            "Times the wait room had every run channel confirmed (more than one: resubscriptions).",
+            registry=self.registry,
+        )
+        self.pubsub_messages = Counter(
+            "flowgate_api_pubsub_messages_total",
+            "Run-channel messages this replica received (every replica receives every run's).",
             registry=self.registry,
         )
         self.engine_ends = Counter(

@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
-from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
@@ -57,6 +56,7 @@ from services.api.starter import StartCommand, StartRefused
 from services.api.waitroom import WaitEnd, WaitResult
 from shared.contract import StartFailed
 from shared.eventlog import EventRecord
+from shared.redis_client import REDIS_ERRORS
 from shared.state import ProcessState, Status
 from shared.steps import StepEvent
 from shared.store import InvalidCursor
@@ -260,7 +260,7 @@ async def metrics(request: Request) -> Response:
     try:
         async with asyncio.timeout(_READY_TIMEOUT_S):
             d.metrics.writebehind_backlog.set(await d.flusher.backlog())
-    except (TimeoutError, OSError, RedisError) as exc:  # a stale backlog beats a failed scrape
+    except (TimeoutError, OSError, *REDIS_ERRORS) as exc:  # a stale backlog beats a failed scrape
         log.warning("write-behind backlog unavailable", extra={"error": repr(exc)})
     return Response(d.metrics.render(), media_type=CONTENT_TYPE)
 

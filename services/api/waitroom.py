@@ -1,9 +1,12 @@
 """WaitRoom: where a request waits for its run to finish, or to reach a step (one per
 replica).
 
-One pub/sub connection per replica, ``PSUBSCRIBE {p}:run:*``, confirmed before the room
-opens; every parked request registers in a dict keyed by correlationId, so one message
-wakes every request of that id on this replica, whichever replica published it. A run's
+The room subscribes to every partition's run channel (shared/keys.py) before it opens:
+on a single Redis on one pub/sub connection, on a Redis Cluster with ``SSUBSCRIBE`` on one
+connection per shard (the master that owns those partitions' slots). Every parked request
+registers in a dict keyed by correlationId, so one message wakes every request of that id
+on this replica, whichever replica published it; a message names its run first, so the
+room decodes only those of runs waited for here. A run's
 end wakes every request for it; a recorded step (shared/contract.py ``StepRecorded``) wakes
 only those that wait for a step (a milestone, :meth:`WaitRoom.wait` ``until``) or follow
 the run's progress (:meth:`WaitRoom.follow`, the live event stream).
@@ -12,9 +15,11 @@ Pub/sub is at-most-once, so the stored state is the truth and a message is only 
 
 1. a request registers first, *then* reads the state (subscribe-then-check): a completion
    that lands before the read is seen by the read, one that lands after it is delivered to
-   the registration, because the pattern subscription was confirmed before the room opened;
-2. every (re)subscription confirmation makes every parked request read the state again
-   (messages published while the connection was down are lost);
+   the registration, because every subscription was confirmed before the room opened;
+2. every (re)subscription makes every parked request read the state again (messages
+   published while a connection was down are lost). A shard that fails, or tells the room
+   its slots moved (a failover), makes the room subscribe afresh on the shards the cluster
+   names now;
 3. a request whose wait runs out reads the state once more before it answers 202.
 
 A lost message therefore costs latency, never a wrong answer.
@@ -27,21 +32,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
 
 from services.api.metrics import ApiMetrics
 from shared.aio import Backoff, sleep_or_stop
-from shared.contract import StartFailed, StepRecorded, decode_message
+from shared.contract import StartFailed, StepRecorded, correlation_id_of_message, decode_message
 from shared.keys import Keys
+from shared.redis_client import REDIS_ERRORS, RedisClient
 from shared.state import ProcessState
 from shared.steps import StepEvent
 from shared.store import ProcessStore
@@ -119,7 +124,7 @@ class WaitRoom:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         store: ProcessStore,
         *,
@@ -141,21 +146,25 @@ class WaitRoom:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def listen(self, stop: asyncio.Event) -> None:
-        """Hold the subscription and dispatch its messages until ``stop`` (run it in the
-        owner's task group; :meth:`subscribed` says when the room may open)."""
-        pubsub = self._redis.pubsub()
-        try:
-            await pubsub.psubscribe(self._keys.run_pattern)
-            await self._read(pubsub, stop)
-        finally:
-            self._subscribed.clear()
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        """Hold the subscriptions and dispatch their messages until ``stop`` (run it in the
+        owner's task group; :meth:`subscribed` says when the room may open). Survives Redis
+        outages and failovers: it subscribes afresh, with a backoff between attempts."""
+        backoff = Backoff(base_s=_BACKOFF_MIN_S, cap_s=_BACKOFF_MAX_S)
+        while not stop.is_set():
+            try:
+                await self._listen(stop, backoff)
+            except* (*REDIS_ERRORS, OSError, _SlotsMoved) as group:
+                if self._subscribed.is_set():
+                    errors = repr(group.exceptions[0])
+                    log.warning("wait room lost a subscription", extra={"error": errors})
+            finally:
+                self._subscribed.clear()
+            await sleep_or_stop(stop, backoff.next_delay_s())
 
     async def subscribed(self, timeout_s: float) -> None:
-        """Return once the subscription is confirmed (TimeoutError after ``timeout_s``).
+        """Return once every subscription is confirmed (TimeoutError after ``timeout_s``).
 
-        ``psubscribe`` returns once the command is written, not when Redis has applied it;
+        ``subscribe`` returns once the command is written, not when Redis has applied it;
         until the confirmation arrives a publish could still be missed.
         """
         async with asyncio.timeout(timeout_s):
@@ -291,28 +300,53 @@ class WaitRoom:
             self._metrics.wake_latency.observe(max(latency, 0.0))
         return self._ended(message, WaitEnd.WOKEN)
 
-    # --- the one subscription -------------------------------------------------------------
+    # --- the subscriptions ----------------------------------------------------------------
 
-    async def _read(self, pubsub: PubSub, stop: asyncio.Event) -> None:
-        """Dispatch messages until ``stop``; survives Redis outages (redis-py resubscribes
-        on reconnect, and each confirmation makes every waiter read the state again)."""
-        backoff = Backoff(base_s=_BACKOFF_MIN_S, cap_s=_BACKOFF_MAX_S)
+    async def _listen(self, stop: asyncio.Event, backoff: Backoff) -> None:
+        """Subscribe on every shard and read them all until ``stop``, or until one fails."""
+        shards = await _shards(self._redis, [p.channel for p in self._keys.partitions])
+        sharded = isinstance(self._redis, RedisCluster)
+        unconfirmed = set(range(len(shards)))
+
+        def confirmed(shard: int) -> None:
+            unconfirmed.discard(shard)
+            if not unconfirmed:
+                backoff.reset()
+                self._on_subscribed()
+
+        async with contextlib.AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
+            for number, shard in enumerate(shards):
+                pubsub = shard.client.pubsub()
+                stack.push_async_callback(shard.close, pubsub)
+                if sharded:  # one SSUBSCRIBE per channel: each is in a slot of its own
+                    for channel in shard.channels:
+                        await pubsub.ssubscribe(channel)
+                else:
+                    await pubsub.subscribe(*shard.channels)
+                on_confirmed = functools.partial(confirmed, number)
+                reading = self._read(pubsub, len(shard.channels), on_confirmed, stop)
+                tasks.create_task(reading, name=f"waitroom-shard-{number}")
+
+    async def _read(
+        self, pubsub: PubSub, channels: int, on_confirmed: Callable[[], None], stop: asyncio.Event
+    ) -> None:
+        """Dispatch one connection's messages until ``stop``. Every round of ``channels``
+        confirmations (redis-py resubscribes by itself after a brief reconnect) makes every
+        waiter read the state again."""
+        confirmations = 0
         while not stop.is_set():
-            try:
-                message = await pubsub.get_message(timeout=_READ_TIMEOUT_S)
-            except (RedisError, OSError) as exc:
-                if self._subscribed.is_set():
-                    log.warning("wait room lost its subscription", extra={"error": repr(exc)})
-                self._subscribed.clear()
-                await sleep_or_stop(stop, backoff.next_delay_s())
-                continue
-            backoff.reset()
+            message = await pubsub.get_message(timeout=_READ_TIMEOUT_S)
             if message is None:
                 continue
-            if message["type"] == "pmessage":
-                self._dispatch(message["channel"], message["data"])
-            elif message["type"] == "psubscribe":
-                self._on_subscribed()
+            kind = message["type"]
+            if kind in ("message", "smessage"):
+                self._dispatch(message["data"])
+            elif kind in ("subscribe", "ssubscribe"):
+                confirmations += 1
+                if confirmations % channels == 0:
+                    on_confirmed()
+            elif kind == "sunsubscribe":  # the shard no longer owns the slot: a failover
+                raise _SlotsMoved(message["channel"])
 
     def _on_subscribed(self) -> None:
         self._subscriptions += 1
@@ -324,17 +358,19 @@ class WaitRoom:
             for waiter in waiters:
                 waiter.event.set()
 
-    def _dispatch(self, channel: Any, data: Any) -> None:
-        name = channel.decode() if isinstance(channel, bytes) else str(channel)
-        waiters = self._waiters.get(self._keys.correlation_id_of(name))
+    def _dispatch(self, data: bytes) -> None:
+        self._metrics.pubsub_messages.inc()
+        correlation_id, body = correlation_id_of_message(data)
+        waiters = self._waiters.get(correlation_id)
         if not waiters:
             return  # parked on another replica, or nobody waits: nothing to decode
         try:
-            message = decode_message(data)
+            message = decode_message(body)
         except (ValueError, KeyError, TypeError) as exc:
             # Not ours to judge: wake them anyway, they read the stored state.
             log.warning(
-                "undecodable completion message", extra={"channel": name, "error": repr(exc)}
+                "undecodable completion message",
+                extra={"correlationId": correlation_id, "error": repr(exc)},
             )
             for waiter in waiters:
                 waiter.event.set()
@@ -347,3 +383,40 @@ class WaitRoom:
         for waiter in waiters:
             waiter.message = message
             waiter.event.set()
+
+
+class _SlotsMoved(Exception):
+    """A shard told the room it no longer serves a channel (its slots moved)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Shard:
+    """A Redis that delivers some of the run channels; ``own``: a client of the room's."""
+
+    client: Redis
+    channels: list[str]
+    own: bool
+
+    async def close(self, pubsub: PubSub) -> None:
+        with contextlib.suppress(*REDIS_ERRORS, OSError):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            if self.own:
+                await self.client.aclose()
+
+
+async def _shards(redis: RedisClient, channels: list[str]) -> list[_Shard]:
+    """Which Redis delivers which channels: the one Redis all of them; on a cluster, each
+    master those whose slots it owns, as the cluster says now."""
+    if not isinstance(redis, RedisCluster):
+        return [_Shard(redis, channels, own=False)]
+    await redis.nodes_manager.initialize()
+    by_node: dict[str, _Shard] = {}
+    for channel in channels:
+        node = redis.get_node_from_key(channel)
+        if node is None:  # no master owns the slot now: mid-failover
+            raise _SlotsMoved(channel)
+        if node.name not in by_node:
+            pool = ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+            by_node[node.name] = _Shard(Redis(connection_pool=pool), [], own=True)
+        by_node[node.name].channels.append(channel)
+    return list(by_node.values())

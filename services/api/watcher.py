@@ -33,15 +33,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
 from services.api.metrics import ApiMetrics
 from services.api.starter import run_result
 from shared.aio import Backoff, concurrently, sleep_or_stop
 from shared.camunda import CamundaClient, CamundaError, EndedActivity, EndedInstance, Incident
 from shared.eventlog import EventRecord
 from shared.keys import Keys
+from shared.redis_client import REDIS_ERRORS, RedisClient
 from shared.state import ProcessState, Status, iso, parse_iso
 from shared.steps import StepEvent, StepStatus
 from shared.store import INSTANCE_LINGER_S, ProcessStore
@@ -102,7 +100,7 @@ class Watcher:
         self,
         store: ProcessStore,
         camunda: CamundaClient,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         metrics: ApiMetrics,
         *,
@@ -144,7 +142,7 @@ class Watcher:
                         took = asyncio.get_running_loop().time() - began
                         pause = max(self._interval_s - took, 0.0)
                     backoff.reset()
-                except (CamundaError, RedisError, OSError, TimeoutError) as exc:
+                except (CamundaError, *REDIS_ERRORS, OSError, TimeoutError) as exc:
                     log.warning("engine watch failed; trying again", extra={"error": str(exc)})
                     pause = backoff.next_delay_s()
                 await sleep_or_stop(stop, pause)
@@ -250,7 +248,7 @@ class Watcher:
         states: dict[str, ProcessState],
         variables: dict[str, dict[str, Any]],
     ) -> None:
-        await self._store.forget_instances([i.id for i in instances])
+        await self._store.forget_instances({i.id: runs[i.id] for i in instances})
         cancels = await self._store.cancel_reasons([runs[i.id] for i in instances])
         for instance in instances:
             cid = runs[instance.id]
@@ -308,7 +306,7 @@ class Watcher:
         try:
             async with asyncio.timeout(2):
                 await self._resign(keys=[self._keys.watcher], args=[self._replica_id])
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (*REDIS_ERRORS, OSError, TimeoutError) as exc:
             log.warning("could not hand the watch over; it lapses", extra={"error": str(exc)})
         self._lead_changed(False)
 

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 
 import httpx
-from redis.asyncio import Redis
 
 from services.worker.executor import Executor, RetryPolicy
 from services.worker.health import serve_health
@@ -22,6 +21,7 @@ from services.worker.registry import Registry
 from services.worker.worker import Worker, WorkerOptions
 from shared.camunda import CamundaClient
 from shared.keys import Keys
+from shared.redis_client import connect
 from shared.settings import Settings
 from shared.store import ProcessStore
 
@@ -47,10 +47,8 @@ async def serve(
     keys = Keys(settings.redis_prefix)
     options = WorkerOptions.of(settings)
     async with contextlib.AsyncExitStack() as stack:
-        redis = Redis.from_url(
-            settings.redis_url,
-            socket_timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
+        redis = connect(
+            settings.redis_url, cluster=settings.redis_cluster, socket_timeout_s=REDIS_TIMEOUT_S
         )
         stack.push_async_callback(redis.aclose)
         camunda = await stack.enter_async_context(

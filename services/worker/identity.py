@@ -32,11 +32,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
 from shared.aio import sleep_or_stop, stop_and_wait
 from shared.keys import Keys
+from shared.redis_client import REDIS_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +81,7 @@ def new_worker_id() -> str:
 
 @contextlib.asynccontextmanager
 async def claim_identity(
-    redis: Redis, keys: Keys, *, name: str | None = None, lease_s: float = LEASE_S
+    redis: RedisClient, keys: Keys, *, name: str | None = None, lease_s: float = LEASE_S
 ) -> AsyncIterator[Identity]:
     """Hold a slot of ``name`` for the duration of the block (lease refreshed meanwhile)."""
     name = name or socket.gethostname()
@@ -106,13 +104,13 @@ async def claim_identity(
         finally:
             await stop_and_wait(done, [refresher])
             # A failed release only means the slot frees itself when the lease expires.
-            with contextlib.suppress(RedisError, TimeoutError):
+            with contextlib.suppress(*REDIS_ERRORS, TimeoutError):
                 async with asyncio.timeout(2):
                     await redis.eval(_RELEASE_LUA, 1, lease, holder)
 
 
 async def _acquire(
-    redis: Redis, keys: Keys, name: str, holder: str, lease_s: float
+    redis: RedisClient, keys: Keys, name: str, holder: str, lease_s: float
 ) -> tuple[int, str | None]:
     lease_ms = int(lease_s * 1000)
     for slot in range(MAX_SLOTS):
@@ -132,7 +130,7 @@ async def _acquire(
 
 
 async def _refresh(
-    redis: Redis, lease: str, holder: str, lease_s: float, done: asyncio.Event
+    redis: RedisClient, lease: str, holder: str, lease_s: float, done: asyncio.Event
 ) -> None:
     """Renew the lease at a third of its TTL until ``done``; errors are logged and retried,
     never fatal."""
@@ -142,7 +140,7 @@ async def _refresh(
                 ours = await redis.eval(_REFRESH_LUA, 1, lease, holder, int(lease_s * 1000))
             if not ours:
                 log.error("worker slot lease taken by another process", extra={"lease": lease})
-        except (RedisError, TimeoutError) as exc:
+        except (*REDIS_ERRORS, TimeoutError) as exc:
             log.warning("worker slot lease not renewed: %s", exc)
 
 

@@ -22,9 +22,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
 from shared.aio import sleep_or_stop
 from shared.camunda import (
     BadRequest,
@@ -35,6 +32,7 @@ from shared.camunda import (
     TopicRequest,
 )
 from shared.keys import Keys
+from shared.redis_client import REDIS_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +91,7 @@ class Locks:
     def __init__(
         self,
         camunda: CamundaClient,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         *,
         worker_id: str,
@@ -128,7 +126,7 @@ class Locks:
                 await self._redis.zadd(
                     self._departed_key, {worker_id: time.time() + self._window_s}
                 )
-        except (RedisError, TimeoutError) as exc:
+        except (*REDIS_ERRORS, TimeoutError) as exc:
             log.warning("could not record departed worker %s: %s", worker_id, exc)
 
     async def sweep_departed(self, stop: asyncio.Event) -> None:
@@ -140,7 +138,7 @@ class Locks:
                     now = time.time()
                     await self._redis.zremrangebyscore(self._departed_key, "-inf", now)
                     departed = await self._redis.zrangebyscore(self._departed_key, now, "+inf")
-            except (RedisError, TimeoutError) as exc:
+            except (*REDIS_ERRORS, TimeoutError) as exc:
                 log.warning("departed workers not read: %s", exc)
                 continue
             for raw in departed:

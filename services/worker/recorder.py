@@ -21,13 +21,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
 from services.worker.metrics import WorkerMetrics
 from shared.aio import Backoff, sleep_or_stop
 from shared.eventlog import EventRecord, append_event
 from shared.keys import Keys
+from shared.redis_client import REDIS_ERRORS, RedisClient
 from shared.state import Status
 from shared.steps import StepEvent
 from shared.store import ProcessStore
@@ -39,7 +37,7 @@ WATCH_INTERVAL_S = 1.0
 
 class Recorder:
     def __init__(
-        self, redis: Redis, keys: Keys, store: ProcessStore, metrics: WorkerMetrics
+        self, redis: RedisClient, keys: Keys, store: ProcessStore, metrics: WorkerMetrics
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -61,7 +59,7 @@ class Recorder:
         while True:
             try:
                 await self._redis.ping()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except (*REDIS_ERRORS, OSError, TimeoutError) as exc:
                 self._down(exc)
             else:
                 self._back()
@@ -98,7 +96,7 @@ class Recorder:
         while True:
             try:
                 await write()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except (*REDIS_ERRORS, OSError, TimeoutError) as exc:
                 self._down(exc)
                 self._metrics.record_retries.inc()
                 await asyncio.sleep(backoff.next_delay_s())

@@ -32,8 +32,8 @@ def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert not results["errors"], results["errors"]
     assert set(results["results"]) == {
-        "throughput", "parked", "writebehind", "progress", "clients", "gateway", "workers",
-        "ends", "cost",
+        "throughput", "parked", "writebehind", "progress", "clients", "cluster", "gateway",
+        "workers", "ends", "cost",
     }  # fmt: skip
     skipped = {name: r["skipped"] for name, r in results["results"].items() if "skipped" in r}
     assert not skipped, f"benchmarks that could not run here: {skipped}"
@@ -43,6 +43,11 @@ def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
     assert [ends[side]["failed"] for side in ("quiet", "busy")] == [0, 0], ends
     cost = results["results"]["cost"]
     assert cost["completed_ok"] == cost["runs"], cost
+    for side, rounds in results["results"]["cluster"]["rounds"].items():
+        for measured in rounds:
+            assert measured["wake"]["wrong"] == 0, (side, measured)
+            # Every replica received every run's end, once: no loss, no duplicates.
+            assert set(measured["messages_per_run"].values()) == {1.0}, (side, measured)
     streams = results["results"]["progress"]["streams_ended"]
     assert streams["ended"] == streams["streams"] > 0, streams
     assert (tmp_path / "benchmarks.md").read_text().startswith("#")

@@ -43,6 +43,7 @@ async def replica(
     environment = {
         **os.environ,
         "REDIS_URL": settings.redis_url,
+        "REDIS_CLUSTER": str(settings.redis_cluster).lower(),
         "DATABASE_URL": settings.database_url,
         "REDIS_PREFIX": settings.redis_prefix,
         "CAMUNDA_BASE_URL": settings.camunda_base_url,

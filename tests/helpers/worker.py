@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from redis.asyncio import Redis
 
 from services.worker.app import serve
 from services.worker.metrics import WorkerMetrics
@@ -25,6 +24,7 @@ from shared.camunda import CamundaClient, NotFound
 from shared.contract import SystemVariables
 from shared.eventlog import EventRecord
 from shared.keys import Keys
+from shared.redis_client import RedisClient
 from shared.settings import Settings
 from shared.state import ProcessState, Status
 from shared.steps import StepEvent
@@ -122,10 +122,10 @@ class RunClient:
                 await self.camunda.delete_process_instance(instance_id)
 
 
-async def event_rows(redis: Redis, keys: Keys, cid: str) -> list[EventRecord]:
+async def event_rows(redis: RedisClient, keys: Keys, cid: str) -> list[EventRecord]:
     """The event-log rows of ``cid`` queued in the write-behind stream, in stream order."""
     rows = []
-    for _, fields in await entries(redis, keys.writebehind):
+    for _, fields in await entries(redis, keys.of(cid).writebehind):
         if fields[b"kind"] == b"event":
             record = EventRecord.from_json(fields[b"body"])
             if record.correlation_id == cid:

@@ -283,6 +283,7 @@ async def test_a_teams_own_package_and_bpmn_run_through_the_real_stack(
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
         "REDIS_URL": settings.redis_url,
+        "REDIS_CLUSTER": str(settings.redis_cluster).lower(),
         "DATABASE_URL": settings.database_url,
         "REDIS_PREFIX": settings.redis_prefix,
         "CAMUNDA_BASE_URL": engine_url,
@@ -328,6 +329,7 @@ async def test_a_worker_that_cannot_serve_what_it_is_told_stops_naming_it(
     env = {
         **os.environ,
         "REDIS_URL": settings.redis_url,
+        "REDIS_CLUSTER": str(settings.redis_cluster).lower(),
         "CAMUNDA_BASE_URL": engine_url,
         "WORKER_PROCESSES": processes,
         "WORKER_HEALTH_PORT": str(free_port()),

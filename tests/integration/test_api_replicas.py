@@ -1,4 +1,5 @@
-"""Real ``python -m services.api`` processes: two replicas on one Redis, and SIGTERM."""
+"""Real ``python -m services.api`` processes: two replicas on one Redis (and on a Redis
+Cluster), and SIGTERM."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ MakeSettings = Callable[..., Settings]
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.redis_both
 async def test_two_replicas_share_waits_and_state(
     make_settings: MakeSettings, engine_url: str, tmp_path: Path
 ) -> None:

@@ -1,20 +1,25 @@
-"""ProcessStore against a real Redis: transitions, their stream entries, publishes, paging."""
+"""ProcessStore against a real Redis and a Redis Cluster: transitions, their stream entries,
+publishes, paging."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
 
 from shared.contract import StartFailed, SystemVariables, decode_message
 from shared.keys import Keys
+from shared.redis_client import RedisClient
 from shared.state import ProcessState, Status
 from shared.store import Abandoned, InvalidCursor, ProcessStore
-from tests.helpers.streams import entries
+from tests.helpers.streams import entries, run_messages
+
+pytestmark = pytest.mark.redis_both
+
+Subscriber = Callable[[], Awaitable[tuple[str, bytes]]]
 
 RESULT_TTL_S = 60
 PENDING_TTL_S = 600
@@ -26,22 +31,15 @@ def keys(redis_prefix: str) -> Keys:
 
 
 @pytest.fixture
-def store(redis_client: aioredis.Redis, keys: Keys) -> ProcessStore:
+def store(redis_client: RedisClient, keys: Keys) -> ProcessStore:
     return ProcessStore(redis_client, keys, result_ttl_s=RESULT_TTL_S, pending_ttl_s=PENDING_TTL_S)
 
 
 @pytest.fixture
-async def subscriber(redis_url: str, keys: Keys) -> AsyncIterator[aioredis.client.PubSub]:
-    """A pub/sub connection on the done pattern, confirmed before the test acts."""
-    client = aioredis.Redis.from_url(redis_url)
-    pubsub = client.pubsub()
-    await pubsub.psubscribe(keys.run_pattern)
-    confirm = await pubsub.get_message(timeout=5)
-    assert confirm is not None
-    assert confirm["type"] == "psubscribe"
-    yield pubsub
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
-    await client.aclose()
+async def subscriber(redis_client: RedisClient, keys: Keys) -> AsyncIterator[Subscriber]:
+    """The run channels, subscribed and confirmed before the test acts."""
+    async with run_messages(redis_client, keys) as next_message:
+        yield next_message
 
 
 async def claim(
@@ -55,23 +53,27 @@ async def claim(
     )
 
 
-async def stream_entries(redis: aioredis.Redis, keys: Keys) -> list[tuple[str, dict[str, Any]]]:
+async def stream_entries(
+    redis: RedisClient, keys: Keys, cid: str
+) -> list[tuple[str, dict[str, Any]]]:
+    """The write-behind entries of ``cid``'s partition."""
     return [
         (kind_body[b"kind"].decode(), orjson.loads(kind_body[b"body"]))
-        for _, kind_body in await entries(redis, keys.writebehind)
+        for _, kind_body in await entries(redis, keys.of(cid).writebehind)
     ]
 
 
-async def next_message(pubsub: aioredis.client.PubSub) -> dict[str, Any]:
-    async with asyncio.timeout(5):
-        while True:
-            message: dict[str, Any] | None = await pubsub.get_message(timeout=1)
-            if message is not None and message["type"] == "pmessage":
-                return message
+async def index_members(redis: RedisClient, keys: Keys) -> set[str]:
+    members: set[str] = set()
+    for partition in keys.partitions:
+        members.update(
+            m.decode() for m in cast(list[bytes], await redis.zrange(partition.index, 0, -1))
+        )
+    return members
 
 
 async def test_claim_creates_exactly_once_under_concurrency(
-    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+    store: ProcessStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     results = await asyncio.gather(*(claim(store, "cid-1") for _ in range(50)))
 
@@ -82,12 +84,12 @@ async def test_claim_creates_exactly_once_under_concurrency(
     assert state.version == 1
     assert (state.process_key, state.request_hash) == ("onboard-user", "h1")
     assert state.started_at.tzinfo is not None
-    assert await stream_entries(redis_client, keys) == [("state", state.to_dict())]
-    assert await redis_client.zrange(keys.index, 0, -1) == [b"cid-1"]
+    assert await stream_entries(redis_client, keys, "cid-1") == [("state", state.to_dict())]
+    assert await redis_client.zrange(keys.of("cid-1").index, 0, -1) == [b"cid-1"]
 
 
 async def test_claim_sets_pending_ttl_and_joins_with_the_first_hash(
-    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+    store: ProcessStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     first, created = await claim(store, "cid-2", "h1")
     joined, created_again = await claim(store, "cid-2", "other-hash")
@@ -101,7 +103,7 @@ async def test_claim_sets_pending_ttl_and_joins_with_the_first_hash(
 
 
 async def test_complete_changes_a_pending_state_once(
-    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+    store: ProcessStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     await claim(store, "cid-3")
     await store.attach_instance("cid-3", "instance-1")
@@ -118,12 +120,12 @@ async def test_complete_changes_a_pending_state_once(
     assert state.version == 3
     assert state.updated_at >= state.started_at
     assert RESULT_TTL_S - 5 < await redis_client.ttl(keys.state("cid-3")) <= RESULT_TTL_S
-    versions = [body["version"] for _, body in await stream_entries(redis_client, keys)]
+    versions = [body["version"] for _, body in await stream_entries(redis_client, keys, "cid-3")]
     assert versions == [1, 2, 3]
 
 
 async def test_an_instance_stays_watched_a_while_after_its_run_ends(
-    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+    store: ProcessStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     await claim(store, "cid-w")
     await store.attach_instance("cid-w", "instance-w")
@@ -132,21 +134,22 @@ async def test_an_instance_stays_watched_a_while_after_its_run_ends(
     # Still mapped (its last steps are still read), and due to be forgotten later.
     assert await store.watched() == 1
     assert await store.forget_ended() == 0
-    forget_at = await redis_client.zscore(keys.instances_ended, "instance-w")
+    ended = keys.of("cid-w").instances_ended
+    forget_at = await redis_client.zscore(ended, "instance-w")
     assert forget_at is not None
-    await redis_client.zadd(keys.instances_ended, {"instance-w": 0})
+    await redis_client.zadd(ended, {"instance-w": 0})
     assert await store.forget_ended() == 1
     assert await store.watched() == 0
     assert await store.runs_of(["instance-w"]) == {}
 
 
 async def test_complete_of_an_unknown_id_is_ignored(
-    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+    store: ProcessStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     assert not await store.finish("never-claimed", Status.OK, data=1)
     assert await store.get("never-claimed") is None
     assert await redis_client.exists(keys.state("never-claimed")) == 0
-    assert await redis_client.xlen(keys.writebehind) == 0
+    assert await redis_client.xlen(keys.of("never-claimed").writebehind) == 0
 
 
 async def test_complete_refuses_pending_as_an_outcome(store: ProcessStore) -> None:
@@ -156,24 +159,23 @@ async def test_complete_refuses_pending_as_an_outcome(store: ProcessStore) -> No
 
 
 async def test_attach_instance_of_an_unknown_id_is_ignored(
-    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+    store: ProcessStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     await store.attach_instance("nobody", "instance-1")
     assert await redis_client.exists(keys.state("nobody")) == 0
 
 
 async def test_completion_is_published_after_the_state_is_readable(
-    store: ProcessStore, subscriber: aioredis.client.PubSub, keys: Keys
+    store: ProcessStore, subscriber: Subscriber
 ) -> None:
     await claim(store, "cid-4")
 
     assert await store.finish("cid-4", Status.ERROR, error={"message": "boom"})
-    message = await next_message(subscriber)
+    cid, body = await subscriber()
     state_now = await store.get("cid-4")  # read right on the message
 
-    assert message["channel"] == keys.run_channel("cid-4").encode()
-    assert keys.correlation_id_of(message["channel"].decode()) == "cid-4"
-    published = decode_message(message["data"])
+    assert cid == "cid-4"
+    published = decode_message(body)
     assert isinstance(published, ProcessState)
     assert published == state_now
     assert published.status is Status.ERROR
@@ -182,8 +184,8 @@ async def test_completion_is_published_after_the_state_is_readable(
 
 async def test_abandon_keeps_the_answer_tells_joined_waiters_and_frees_the_id(
     store: ProcessStore,
-    subscriber: aioredis.client.PubSub,
-    redis_client: aioredis.Redis,
+    subscriber: Subscriber,
+    redis_client: RedisClient,
     keys: Keys,
 ) -> None:
     state, _ = await claim(store, "cid-5")
@@ -192,16 +194,16 @@ async def test_abandon_keeps_the_answer_tells_joined_waiters_and_frees_the_id(
     assert not await store.abandon(state.version + 1, failed)
     assert await store.abandon(state.version, failed)
 
-    message = decode_message((await next_message(subscriber))["data"])
-    assert message == failed
+    cid, body = await subscriber()
+    assert (cid, decode_message(body)) == ("cid-5", failed)
     abandoned = await store.get("cid-5")
     assert abandoned is not None
     assert abandoned.status is Status.ABANDONED
     assert StartFailed.of(abandoned) == failed
-    assert await redis_client.zscore(keys.index, "cid-5") is None
-    assert await redis_client.zscore(keys.starts, "cid-5") is None
-    kind, body = (await stream_entries(redis_client, keys))[-1]
-    assert (kind, body["status"], body["version"]) == ("state", "abandoned", 2)
+    assert await redis_client.zscore(keys.of("cid-5").index, "cid-5") is None
+    assert await redis_client.zscore(keys.of("cid-5").starts, "cid-5") is None
+    kind, entry = (await stream_entries(redis_client, keys, "cid-5"))[-1]
+    assert (kind, entry["status"], entry["version"]) == ("state", "abandoned", 2)
     # The caller may retry with the same id; versions go on.
     again, created = await claim(store, "cid-5")
     assert created
@@ -258,7 +260,7 @@ async def page_all(store: ProcessStore, limit: int) -> list[list[str]]:
 
 
 async def test_page_is_newest_first_and_skips_and_removes_stale_entries(
-    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+    store: ProcessStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     ids = [f"p{i:03}" for i in range(23)]
     for cid in ids:
@@ -272,17 +274,17 @@ async def test_page_is_newest_first_and_skips_and_removes_stale_entries(
     assert [cid for page in pages for cid in page] == live
     assert all(len(page) == 5 for page in pages[:-1])
     assert 0 < len(pages[-1]) <= 5
-    members = cast(list[bytes], await redis_client.zrange(keys.index, 0, -1))
-    assert {m.decode() for m in members} == set(live)
+    assert await index_members(redis_client, keys) == set(live)
 
 
 async def test_page_walks_large_groups_of_equal_start_times(
-    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+    store: ProcessStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     ids = [f"q{i:03}" for i in range(250)]
     for cid in ids:
         await claim(store, cid)
-    await redis_client.zadd(keys.index, dict.fromkeys(ids, 1_000))  # one millisecond for all
+    for cid in ids:  # one millisecond for all
+        await redis_client.zadd(keys.of(cid).index, {cid: 1_000})
     stale = {f"q{i:03}" for i in range(0, 250, 7)}
     await redis_client.delete(*(keys.state(cid) for cid in stale))
 
@@ -302,8 +304,9 @@ async def test_page_of_an_empty_index_and_bad_input(store: ProcessStore) -> None
 
 
 async def test_claim_drops_index_entries_older_than_any_state_can_live(
-    store: ProcessStore, redis_client: aioredis.Redis, keys: Keys
+    store: ProcessStore, redis_client: RedisClient, keys: Keys
 ) -> None:
-    await redis_client.zadd(keys.index, {"ancient": 1_000})
+    index = keys.of("fresh").index
+    await redis_client.zadd(index, {"ancient": 1_000})
     await claim(store, "fresh")
-    assert await redis_client.zrange(keys.index, 0, -1) == [b"fresh"]
+    assert await redis_client.zrange(index, 0, -1) == [b"fresh"]

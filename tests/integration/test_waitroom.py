@@ -1,4 +1,5 @@
-"""The wait room against a real Redis: no lost wake-ups, one connection, re-reads."""
+"""The wait room against a real Redis and a Redis Cluster: no lost wake-ups, one connection
+(per shard), re-reads."""
 
 from __future__ import annotations
 
@@ -7,44 +8,50 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
-import redis.asyncio as aioredis
+from redis.asyncio import RedisCluster
 
 from services.api.metrics import ApiMetrics
 from services.api.waitroom import WaitEnd, WaitRoom
 from shared.aio import stop_and_wait
 from shared.contract import StartFailed, SystemVariables
 from shared.keys import Keys
+from shared.redis_client import RedisClient, connect
 from shared.settings import Settings
 from shared.state import ProcessState, Status
 from shared.store import ProcessStore
+from tests.conftest import RedisTarget
 from tests.helpers.api import cid, running_app
 from tests.helpers.waiting import until
+
+pytestmark = pytest.mark.redis_both
 
 MakeSettings = Callable[..., Settings]
 
 
 @pytest.fixture
-async def pooled(redis_url: str, redis_client: aioredis.Redis) -> AsyncIterator[aioredis.Redis]:
-    """A client like the app's: a bounded pool that queues instead of failing at its limit
-    (``redis_client`` only cleans up the test's keys afterwards)."""
-    client = aioredis.Redis.from_pool(
-        aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=64, timeout=10)
+async def pooled(
+    redis_target: RedisTarget, redis_client: RedisClient
+) -> AsyncIterator[RedisClient]:
+    """A client like the app's: on a single Redis a bounded pool that queues instead of
+    failing at its limit (``redis_client`` only cleans up the test's keys afterwards)."""
+    client = connect(
+        redis_target.url, cluster=redis_target.cluster, max_connections=64, pool_timeout_s=10
     )
     yield client
     await client.aclose()
 
 
 @pytest.fixture
-def store(pooled: aioredis.Redis, redis_prefix: str) -> ProcessStore:
+def store(pooled: RedisClient, redis_prefix: str) -> ProcessStore:
     return ProcessStore(pooled, Keys(redis_prefix), result_ttl_s=600, pending_ttl_s=600)
 
 
 @contextlib.asynccontextmanager
 async def open_room(
-    redis: aioredis.Redis, prefix: str, store: ProcessStore, **options: Any
+    redis: RedisClient, prefix: str, store: ProcessStore, **options: Any
 ) -> AsyncIterator[WaitRoom]:
     options.setdefault("max_parked", 10_000)
     room = WaitRoom(redis, Keys(prefix), store, metrics=ApiMetrics(), **options)
@@ -61,7 +68,7 @@ async def open_room(
 
 @pytest.fixture
 async def room(
-    pooled: aioredis.Redis, redis_prefix: str, store: ProcessStore
+    pooled: RedisClient, redis_prefix: str, store: ProcessStore
 ) -> AsyncIterator[WaitRoom]:
     async with open_room(pooled, redis_prefix, store) as opened:
         yield opened
@@ -75,19 +82,40 @@ async def claim(store: ProcessStore, correlation_id: str) -> ProcessState:
     return state
 
 
-async def pubsub_ids(redis: aioredis.Redis) -> set[int]:
-    clients = await redis.client_list(_type="pubsub")
-    return {int(client["id"]) for client in clients}
+async def pubsub_ids(redis: RedisClient) -> set[str]:
+    """The pub/sub connections (on a cluster: of every master, as ``node/id``)."""
+    if isinstance(redis, RedisCluster):
+        by_node = cast(
+            dict[str, list[dict[str, Any]]],
+            await redis.client_list(_type="pubsub", target_nodes=RedisCluster.PRIMARIES),
+        )
+        return {f"{node}/{c['id']}" for node, clients in by_node.items() for c in clients}
+    return {str(client["id"]) for client in await redis.client_list(_type="pubsub")}
+
+
+def shards(redis: RedisClient) -> int:
+    """How many pub/sub connections a wait room holds: one per master."""
+    return len(redis.get_primaries()) if isinstance(redis, RedisCluster) else 1
+
+
+async def kill_pubsub_connections(redis: RedisClient, ids: set[str]) -> None:
+    for connection in ids:
+        if isinstance(redis, RedisCluster):
+            node_name, client_id = connection.rsplit("/", 1)
+            node = redis.get_node(node_name=node_name)
+            await redis.client_kill_filter(_id=client_id, target_nodes=node)
+        else:
+            await redis.client_kill_filter(_id=connection)
 
 
 async def test_the_room_is_ready_once_its_subscription_is_confirmed(
-    redis_client: aioredis.Redis, redis_prefix: str, store: ProcessStore
+    redis_client: RedisClient, redis_prefix: str, store: ProcessStore
 ) -> None:
     before = await pubsub_ids(redis_client)
     async with open_room(redis_client, redis_prefix, store) as room:
         assert room.ready
-        assert len(await pubsub_ids(redis_client) - before) == 1
-        assert await redis_client.pubsub_numpat() >= 1
+        assert len(await pubsub_ids(redis_client) - before) == shards(redis_client)
+    assert await pubsub_ids(redis_client) == before  # closed with the room
     assert not room.ready
 
 
@@ -130,7 +158,7 @@ async def test_completions_racing_the_wait_are_never_missed(
 
 
 async def test_a_thousand_parked_waits_on_one_connection_all_get_their_own_result(
-    redis_client: aioredis.Redis, room: WaitRoom, store: ProcessStore
+    redis_client: RedisClient, room: WaitRoom, store: ProcessStore
 ) -> None:
     ids = [cid() for _ in range(1_000)]
     for correlation_id in ids:
@@ -173,7 +201,7 @@ async def test_a_failed_start_wakes_its_joiners_with_the_reason(
 
 
 async def test_a_timed_out_wait_reads_the_state_again(
-    redis_client: aioredis.Redis, room: WaitRoom, store: ProcessStore, redis_prefix: str
+    redis_client: RedisClient, room: WaitRoom, store: ProcessStore, redis_prefix: str
 ) -> None:
     correlation_id = cid()
     await claim(store, correlation_id)
@@ -195,18 +223,18 @@ async def test_a_timed_out_wait_reads_the_state_again(
 
 
 async def test_after_a_reconnect_every_waiter_reads_the_state_again(
-    redis_client: aioredis.Redis, redis_prefix: str, store: ProcessStore
+    redis_client: RedisClient, redis_prefix: str, store: ProcessStore
 ) -> None:
     before = await pubsub_ids(redis_client)
     async with open_room(redis_client, redis_prefix, store) as room:
-        (connection,) = await pubsub_ids(redis_client) - before
+        connections = await pubsub_ids(redis_client) - before
         correlation_id = cid()
         await claim(store, correlation_id)
         wait = asyncio.create_task(room.wait(correlation_id, timeout_s=30))
         await until(lambda: room.parked == 1)
         # Finished while the connection is down: the message is lost, the state is not.
         await redis_client.hset(Keys(redis_prefix).state(correlation_id), "status", "ok")
-        await redis_client.client_kill_filter(_id=str(connection))
+        await kill_pubsub_connections(redis_client, connections)
         began = time.monotonic()
         result = await wait
         assert time.monotonic() - began < 10  # the reconnect, not the 30 s deadline
@@ -214,7 +242,7 @@ async def test_after_a_reconnect_every_waiter_reads_the_state_again(
         assert isinstance(result.outcome, ProcessState)
         assert result.outcome.status is Status.OK
         await until(lambda: room.ready)
-        assert len(await pubsub_ids(redis_client) - before) == 1
+        assert len(await pubsub_ids(redis_client) - before) == shards(redis_client)
 
 
 async def test_release_all_answers_parked_waits_at_once_and_later_ones_immediately(
@@ -237,7 +265,7 @@ async def test_release_all_answers_parked_waits_at_once_and_later_ones_immediate
 
 
 async def test_beyond_max_parked_a_wait_answers_at_once(
-    redis_client: aioredis.Redis, redis_prefix: str, store: ProcessStore
+    redis_client: RedisClient, redis_prefix: str, store: ProcessStore
 ) -> None:
     async with open_room(redis_client, redis_prefix, store, max_parked=2) as room:
         correlation_id = cid()

@@ -113,6 +113,7 @@ def spawn(
         env = {
             **os.environ,
             "REDIS_URL": base.redis_url,
+            "REDIS_CLUSTER": str(base.redis_cluster).lower(),
             "DATABASE_URL": base.database_url,
             "REDIS_PREFIX": base.redis_prefix,
             "CAMUNDA_BASE_URL": engine_url,

@@ -12,7 +12,6 @@ from typing import Any, cast
 import orjson
 import psycopg
 import pytest
-import redis.asyncio as aioredis
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
@@ -22,10 +21,13 @@ from services.api.persistence.writebehind import Flusher
 from shared.contract import StartFailed, SystemVariables
 from shared.eventlog import EventRecord, append_event
 from shared.keys import WRITEBEHIND_GROUP, Keys
+from shared.redis_client import RedisClient
 from shared.state import Status
 from shared.store import ProcessStore
 from tests.helpers.net import TcpProxy
-from tests.helpers.streams import entries
+from tests.helpers.streams import Entry, entries
+
+pytestmark = pytest.mark.redis_both
 
 
 @pytest.fixture
@@ -34,7 +36,7 @@ def keys(redis_prefix: str) -> Keys:
 
 
 @pytest.fixture
-def store(redis_client: aioredis.Redis, keys: Keys) -> ProcessStore:
+def store(redis_client: RedisClient, keys: Keys) -> ProcessStore:
     return ProcessStore(redis_client, keys, result_ttl_s=600, pending_ttl_s=600)
 
 
@@ -48,10 +50,10 @@ async def pool(schema_url: str) -> AsyncIterator[AsyncConnectionPool]:
 
 @pytest.fixture
 def make_flusher(
-    redis_client: aioredis.Redis, keys: Keys, pool: AsyncConnectionPool
+    redis_client: RedisClient, keys: Keys, pool: AsyncConnectionPool
 ) -> Callable[..., Flusher]:
     def build(consumer: str = "c1", **options: Any) -> Flusher:
-        settings: dict[str, Any] = {"batch": 100, "block_ms": 100, "claim_idle_ms": 30_000}
+        settings: dict[str, Any] = {"batch": 100, "idle_ms": 50, "claim_idle_ms": 30_000}
         return Flusher(redis_client, keys, pool, consumer=consumer, **(settings | options))
 
     return build
@@ -63,11 +65,17 @@ async def rows(pool: AsyncConnectionPool, query: str) -> list[tuple[Any, ...]]:
         return await cur.fetchall()
 
 
+async def dead_letters(redis: RedisClient, keys: Keys) -> list[Entry]:
+    """Every partition's dead letters, oldest first."""
+    found = [entry for p in keys.partitions for entry in await entries(redis, p.writebehind_dead)]
+    return sorted(found, key=lambda entry: tuple(int(n) for n in entry[0].split(b"-")))
+
+
 async def claim(store: ProcessStore, cid: str) -> None:
     await store.claim(SystemVariables(cid, "b", f"t-{cid}", "a"), "onboard-user", "hash")
 
 
-async def run_one_process(store: ProcessStore, redis: aioredis.Redis, keys: Keys, cid: str) -> None:
+async def run_one_process(store: ProcessStore, redis: RedisClient, keys: Keys, cid: str) -> None:
     await claim(store, cid)
     await store.attach_instance(cid, f"instance-{cid}")
     await append_event(redis, keys, EventRecord(correlation_id=cid, status="ok", step=1))
@@ -91,7 +99,7 @@ async def test_migrate_is_versioned_and_safe_to_run_concurrently(
 
 async def test_states_and_events_arrive(
     store: ProcessStore,
-    redis_client: aioredis.Redis,
+    redis_client: RedisClient,
     keys: Keys,
     pool: AsyncConnectionPool,
     make_flusher: Callable[..., Flusher],
@@ -109,7 +117,7 @@ async def test_states_and_events_arrive(
     assert [(e.correlation_id, e.status, e.step) for e in events] == [("w-1", "ok", 1)]
     assert await db.events_by_traceability(pool, "t-w-1") == []  # the event carried none
     assert await flusher.backlog() == 0
-    assert await redis_client.xpending(keys.writebehind, WRITEBEHIND_GROUP) == {
+    assert await redis_client.xpending(keys.of("w-1").writebehind, WRITEBEHIND_GROUP) == {
         "pending": 0,
         "min": None,
         "max": None,
@@ -119,7 +127,7 @@ async def test_states_and_events_arrive(
 
 async def test_replayed_entries_leave_identical_rows(
     store: ProcessStore,
-    redis_client: aioredis.Redis,
+    redis_client: RedisClient,
     keys: Keys,
     pool: AsyncConnectionPool,
     make_flusher: Callable[..., Flusher],
@@ -150,21 +158,22 @@ async def test_replayed_entries_leave_identical_rows(
 
 async def test_a_stale_entry_never_overwrites_a_newer_row(
     store: ProcessStore,
-    redis_client: aioredis.Redis,
+    redis_client: RedisClient,
     keys: Keys,
     pool: AsyncConnectionPool,
     make_flusher: Callable[..., Flusher],
 ) -> None:
     await claim(store, "s-1")
-    (_, claimed_entry), *_ = await entries(redis_client, keys.writebehind)
+    stream = keys.of("s-1").writebehind
+    (_, claimed_entry), *_ = await entries(redis_client, stream)
     await store.finish("s-1", Status.OK, data="final")
     flusher = make_flusher()
     assert await flusher.drain(timeout_s=10)
 
     # Late, out-of-order deliveries: the version-1 state, and a delete of version 1.
-    await redis_client.xadd(keys.writebehind, claimed_entry)
+    await redis_client.xadd(stream, claimed_entry)
     body = orjson.dumps({"correlationId": "s-1", "version": 1})
-    await redis_client.xadd(keys.writebehind, {"kind": "delete", "body": body})
+    await redis_client.xadd(stream, {"kind": "delete", "body": body})
     assert await flusher.drain(timeout_s=10)
 
     row = await db.get_process(pool, "s-1")
@@ -174,13 +183,14 @@ async def test_a_stale_entry_never_overwrites_a_newer_row(
 
 async def test_an_abandoned_start_stays_abandoned_even_if_its_claim_arrives_late(
     store: ProcessStore,
-    redis_client: aioredis.Redis,
+    redis_client: RedisClient,
     keys: Keys,
     pool: AsyncConnectionPool,
     make_flusher: Callable[..., Flusher],
 ) -> None:
     await claim(store, "a-1")
-    (_, claimed_entry), *_ = await entries(redis_client, keys.writebehind)
+    stream = keys.of("a-1").writebehind
+    (_, claimed_entry), *_ = await entries(redis_client, stream)
     flusher = make_flusher()
     assert await flusher.drain(timeout_s=10)
     assert await db.get_process(pool, "a-1") is not None
@@ -192,7 +202,7 @@ async def test_an_abandoned_start_stays_abandoned_even_if_its_claim_arrives_late
     assert (row.status, row.error["error"]) == (Status.ABANDONED, "engine down")
 
     # A dead replica's claimed entry for the same version lands after the abandonment.
-    await redis_client.xadd(keys.writebehind, claimed_entry)
+    await redis_client.xadd(stream, claimed_entry)
     assert await flusher.drain(timeout_s=10)
     row = await db.get_process(pool, "a-1")
     assert row is not None
@@ -208,7 +218,7 @@ async def test_an_abandoned_start_stays_abandoned_even_if_its_claim_arrives_late
 
 
 async def test_events_come_back_in_step_order(
-    redis_client: aioredis.Redis,
+    redis_client: RedisClient,
     keys: Keys,
     pool: AsyncConnectionPool,
     make_flusher: Callable[..., Flusher],
@@ -237,21 +247,23 @@ async def test_events_come_back_in_step_order(
 
 async def test_a_dead_consumers_entries_are_claimed_by_another(
     store: ProcessStore,
-    redis_client: aioredis.Redis,
+    redis_client: RedisClient,
     keys: Keys,
     pool: AsyncConnectionPool,
     make_flusher: Callable[..., Flusher],
 ) -> None:
     for i in range(10):
         await run_one_process(store, redis_client, keys, f"d-{i}")
-    await redis_client.xgroup_create(keys.writebehind, WRITEBEHIND_GROUP, id="0", mkstream=True)
-    delivered = cast(
-        list[Any],
-        await redis_client.xreadgroup(
-            WRITEBEHIND_GROUP, "dead", {keys.writebehind: ">"}, count=1000
-        ),
-    )
-    assert len(delivered[0][1]) == 40  # now pending on "dead", which never comes back
+    delivered = 0
+    for partition in keys.partitions:
+        stream = partition.writebehind
+        await redis_client.xgroup_create(stream, WRITEBEHIND_GROUP, id="0", mkstream=True)
+        found = cast(
+            list[Any],
+            await redis_client.xreadgroup(WRITEBEHIND_GROUP, "dead", {stream: ">"}, count=1000),
+        )
+        delivered += sum(len(items) for _, items in found)
+    assert delivered == 40  # now pending on "dead", which never comes back
     await asyncio.sleep(0.3)
 
     assert await make_flusher("alive", claim_idle_ms=200).drain(timeout_s=10)
@@ -259,12 +271,14 @@ async def test_a_dead_consumers_entries_are_claimed_by_another(
     states = await rows(pool, "SELECT correlation_id, status, version FROM process_store")
     assert sorted(states) == sorted((f"d-{i}", "ok", 3) for i in range(10))
     assert await rows(pool, "SELECT count(*) FROM event_log") == [(10,)]
-    assert (await redis_client.xpending(keys.writebehind, WRITEBEHIND_GROUP))["pending"] == 0
+    for partition in keys.partitions:
+        pending = await redis_client.xpending(partition.writebehind, WRITEBEHIND_GROUP)
+        assert pending["pending"] == 0
 
 
 async def test_poison_entries_are_isolated_then_dead_lettered(
     store: ProcessStore,
-    redis_client: aioredis.Redis,
+    redis_client: RedisClient,
     keys: Keys,
     pool: AsyncConnectionPool,
     make_flusher: Callable[..., Flusher],
@@ -274,7 +288,7 @@ async def test_poison_entries_are_isolated_then_dead_lettered(
     bad = EventRecord(correlation_id="bad-1", status="ok", request_data="s3cr3t \x00 byte")
     await append_event(redis_client, keys, bad)  # Postgres jsonb refuses \u0000
     await append_event(redis_client, keys, EventRecord(correlation_id="ok-1", status="ok"))
-    await redis_client.xadd(keys.writebehind, {"kind": "state", "body": b"{not json"})
+    await redis_client.xadd(keys.of("ok-1").writebehind, {"kind": "state", "body": b"{not json"})
     flusher = make_flusher(max_deliveries=2)
 
     assert await flusher.drain(timeout_s=10)
@@ -282,13 +296,13 @@ async def test_poison_entries_are_isolated_then_dead_lettered(
     # The good rows are in; the undecodable entry is dead at once; the rejected one waits.
     assert await db.get_process(pool, "ok-1") is not None
     assert len(await db.events_by_correlation(pool, "ok-1")) == 1
-    dead = await entries(redis_client, keys.writebehind_dead)
+    dead = await dead_letters(redis_client, keys)
     assert [fields[b"reason"].startswith(b"undecodable") for _, fields in dead] == [True]
     assert await flusher.backlog() == 1
 
     assert await flusher.drain(timeout_s=10)  # second delivery: rejected again -> dead
 
-    dead = await entries(redis_client, keys.writebehind_dead)
+    dead = await dead_letters(redis_client, keys)
     assert len(dead) == 2
     _, fields = dead[1]
     assert fields[b"kind"] == b"event"
@@ -323,7 +337,7 @@ async def wait_for(condition: Callable[[], Awaitable[bool]], timeout_s: float) -
 @pytest.mark.slow
 async def test_postgres_outage_loses_nothing_and_duplicates_nothing(
     store: ProcessStore,
-    redis_client: aioredis.Redis,
+    redis_client: RedisClient,
     keys: Keys,
     schema_url: str,
     postgres_service: tuple[str, servers.Server | None],
@@ -337,7 +351,7 @@ async def test_postgres_outage_loses_nothing_and_duplicates_nothing(
         url = make_conninfo(schema_url, host="127.0.0.1", port=proxy.port)
     pool = await db.open_pool(url, max_size=4, timeout_s=2)
     await db.migrate(pool)
-    flusher = Flusher(redis_client, keys, pool, consumer="c1", batch=100, block_ms=100,
+    flusher = Flusher(redis_client, keys, pool, consumer="c1", batch=100, idle_ms=50,
                       claim_idle_ms=30_000, max_backoff_s=1)  # fmt: skip
     stop = asyncio.Event()
     task = asyncio.create_task(flusher.run(stop))
@@ -389,7 +403,7 @@ async def has_backlog(flusher: Flusher, expected: int) -> bool:
 
 async def test_run_stops_promptly(make_flusher: Callable[..., Flusher]) -> None:
     stop = asyncio.Event()
-    task = asyncio.create_task(make_flusher(block_ms=100).run(stop))
+    task = asyncio.create_task(make_flusher(idle_ms=1_000).run(stop))
     await asyncio.sleep(0.3)
     stop.set()
     await asyncio.wait_for(task, timeout=2)

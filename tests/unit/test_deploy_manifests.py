@@ -139,6 +139,40 @@ def test_compose_settings_exist(compose: dict[str, Any]) -> None:
         assert unknown == set(), f"{name}: not in shared/settings.py: {unknown}"
 
 
+def _merged(base: Any, override: Any) -> Any:
+    """What ``docker compose -f a -f b`` makes of two files: maps merge, the rest is
+    replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {k: _merged(base.get(k), v) for k, v in override.items()} | {
+            k: v for k, v in base.items() if k not in override
+        }
+    return override
+
+
+def test_compose_redis_cluster_variant(
+    compose: dict[str, Any], compose_schema: dict[str, Any]
+) -> None:
+    override = yaml.safe_load((COMPOSE / "redis-cluster.yaml").read_text())
+    merged = _merged(compose, override)
+    validator = jsonschema.Draft202012Validator(compose_schema)
+    assert [f"{e.json_path}: {e.message}" for e in validator.iter_errors(merged)] == []
+    services = merged["services"]
+    nodes = ["redis", *(f"redis-{n}" for n in range(2, 7))]
+    for name in nodes:
+        assert "/etc/redis/cluster.conf" in services[name]["command"], name
+        assert "healthcheck" in services[name], name
+    # Services that wait for `redis` wait for the formed cluster.
+    assert "cluster_state:ok" in str(services["redis"]["healthcheck"]["test"])
+    create = services["redis-cluster-create"]
+    assert set(create["depends_on"]) == set(nodes[1:])
+    assert "--cluster-replicas 1" in create["command"][0]
+    for name in ("api", "worker", "deploy-bpmn"):
+        env = services[name]["environment"]
+        assert (env["REDIS_URL"], env["REDIS_CLUSTER"]) == ("redis://redis:6379/0", "true")
+        assert set(env) - SETTING_NAMES == set()
+    assert "cluster-enabled yes" in (COMPOSE / "redis-cluster.conf").read_text()
+
+
 def test_compose_nginx_waits_longer_than_max_wait(compose: dict[str, Any]) -> None:
     conf = (COMPOSE / "nginx.conf").read_text()
     env = compose["services"]["api"]["environment"]
@@ -273,7 +307,9 @@ def example() -> list[dict[str, Any]]:
     return _render(K8S / "overlays" / "example")
 
 
-@pytest.mark.parametrize("directory", ["base", "dependencies", "overlays/example"])
+@pytest.mark.parametrize(
+    "directory", ["base", "dependencies", "overlays/example", "overlays/redis-cluster"]
+)
 def test_k8s_manifests_follow_the_kubernetes_schemas(directory: str) -> None:
     docs = _render(K8S / directory)
     assert docs
@@ -376,6 +412,25 @@ def test_k8s_settings_exist_and_secrets_are_secrets(example: list[dict[str, Any]
             refs = {next(iter(ref)): next(iter(ref.values()))["name"]
                     for ref in container["envFrom"]}  # fmt: skip
             assert refs == {"configMapRef": "flowgate-config", "secretRef": "flowgate-secrets"}
+
+
+def test_k8s_redis_cluster_variant_replaces_the_single_redis() -> None:
+    docs = _render(K8S / "overlays" / "redis-cluster")
+    names = {(doc["kind"], doc["metadata"]["name"]) for doc in docs}
+    assert ("StatefulSet", "redis") not in names
+    assert ("Service", "redis") not in names
+    nodes = _by_kind(docs, "StatefulSet", "redis-cluster")
+    assert nodes["spec"]["replicas"] == 6  # three masters, a replica each
+    assert "--cluster-replicas 1" in str(_by_kind(docs, "Job", "redis-cluster-create"))
+    conf = _by_kind(docs, "ConfigMap", "redis-cluster")["data"]["redis.conf"]
+    assert "cluster-enabled yes" in conf
+    config = _by_kind(docs, "ConfigMap", "flowgate-config")["data"]
+    assert config["REDIS_CLUSTER"] == "true"
+    assert config["REDIS_URL"] == "redis://redis-cluster:6379/0"
+    assert set(config) - SETTING_NAMES == set()
+    assert {doc["metadata"].get("namespace") for doc in docs if doc["kind"] != "Namespace"} == {
+        "flowgate"
+    }
 
 
 def test_k8s_engine_config_matches_compose() -> None:

@@ -1,20 +1,26 @@
-"""Write-behind: copy the ``{p}:wb`` stream into Postgres, at least once, idempotently.
+"""Write-behind: copy the ``{p:n}:wb`` streams into Postgres, at least once, idempotently.
 
 Every state change (shared/store.py) and audit event (shared/eventlog.py) is an entry in
-the stream. A :class:`Flusher` per API replica reads it through the consumer group
-``flusher`` and writes each batch in one transaction:
+its run's partition's stream. A :class:`Flusher` per API replica reads every partition
+through its consumer group ``flusher`` (one pipelined read for all of them; a Redis Cluster
+answers it shard by shard), so the replicas share each partition's entries, and writes each
+batch in one transaction:
 
 * ``state``  -> ``process_store`` upsert that only moves forward (``version`` guard), so a
   replay or a late, out-of-order entry never overwrites a newer row;
-* ``event``  -> ``event_log`` insert keyed by the stream entry id (``ON CONFLICT DO NOTHING``).
+* ``event``  -> ``event_log`` insert keyed by the stream and entry id (``ON CONFLICT DO
+  NOTHING``).
 
 Entries are acknowledged and deleted from the stream only after the commit. While Postgres
 is down the same batch is retried with a bounded exponential back-off and everything else
 waits in the stream. A batch that Postgres rejects for its data is retried row by row; a
 row rejected on its own is retried on later deliveries and, after ``max_deliveries``,
-moved to ``{p}:wb:dead`` (fields ``id kind body reason consumer``) so it cannot block the
-rest. An entry that cannot be decoded goes there at once: no retry can fix its bytes.
-Entries a dead replica left unacknowledged are taken over with XAUTOCLAIM.
+moved to its partition's ``{p:n}:wb:dead`` (fields ``id kind body reason consumer``) so it
+cannot block the rest. An entry that cannot be decoded goes there at once: no retry can
+fix its bytes.
+Entries a dead replica left unacknowledged, in any partition, are taken over with
+XAUTOCLAIM. When every stream is empty the flusher pauses ``idle_ms`` before it reads
+again: a blocking read cannot wait on streams in different hash slots.
 """
 
 from __future__ import annotations
@@ -29,12 +35,11 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from shared.aio import Backoff, sleep_or_stop
 from shared.eventlog import EVENT_COLUMNS, EVENT_JSON_COLUMNS, EventRecord
-from shared.keys import WRITEBEHIND_GROUP, Keys
+from shared.keys import WRITEBEHIND_GROUP, Keys, Partition
+from shared.redis_client import RedisClient
 from shared.state import COLUMNS, JSON_COLUMNS, ProcessState, dump_json
 
 log = logging.getLogger(__name__)
@@ -69,6 +74,7 @@ _DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
 class _Entry:
     """One stream entry as read (raw body kept for the dead-letter stream)."""
 
+    partition: Partition
     id: str
     kind: str
     body: bytes
@@ -96,13 +102,13 @@ class Flusher:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         pool: AsyncConnectionPool,
         *,
         consumer: str,
         batch: int = 500,
-        block_ms: int = 1_000,
+        idle_ms: int = 200,
         claim_idle_ms: int = 30_000,
         max_deliveries: int = 5,
         max_backoff_s: float = 30.0,
@@ -112,7 +118,8 @@ class Flusher:
         self._pool = pool
         self._consumer = consumer
         self._batch = batch
-        self._block_ms = block_ms
+        self._idle_s = idle_ms / 1000
+        self._partitions = keys.partitions
         self._claim_idle_ms = claim_idle_ms
         self._max_deliveries = max_deliveries
         self._max_backoff_s = max_backoff_s
@@ -146,7 +153,7 @@ class Flusher:
                 await self._ensure_group()
                 await self._claim_idle(stop)
                 await self._read_own_pending(stop)
-                while entries := await self._read(">", block_ms=None):
+                while entries := await self._read(dict.fromkeys(self._partitions, ">")):
                     await self._flush(entries, stop)
         except TimeoutError:
             return False
@@ -155,68 +162,82 @@ class Flusher:
     async def backlog(self) -> int:
         """Entries not yet in Postgres: undelivered plus delivered-but-unacknowledged.
 
-        That is the stream's length, since entries are deleted once committed.
+        That is the streams' length, since entries are deleted once committed.
         """
-        return int(await self._redis.xlen(self._keys.writebehind))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for partition in self._partitions:
+                pipe.xlen(partition.writebehind)
+            return sum(await pipe.execute())
 
     # --- reading ------------------------------------------------------------------------
 
     async def _ensure_group(self) -> None:
-        """Create the group at the start of the stream (entries added before any flusher
-        existed are delivered too); an existing group is fine."""
-        try:
-            await self._redis.xgroup_create(
-                self._keys.writebehind, WRITEBEHIND_GROUP, id="0", mkstream=True
-            )
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create each partition's group at the start of its stream (entries added before
+        any flusher existed are delivered too); an existing group is fine."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for partition in self._partitions:
+                pipe.xgroup_create(partition.writebehind, WRITEBEHIND_GROUP, id="0", mkstream=True)
+            answers = await pipe.execute(raise_on_error=False)
+        for answer in answers:
+            if isinstance(answer, Exception) and "BUSYGROUP" not in str(answer):
+                raise answer
 
     async def _follow(self, stop: asyncio.Event) -> None:
-        """New entries, blocking between them, until stop or it is time to claim."""
+        """New entries, pausing while there are none, until stop or it is time to claim."""
         claim_at = time.monotonic() + self._claim_idle_ms / 2000
         while not stop.is_set() and time.monotonic() < claim_at:
-            entries = await self._read(">", block_ms=self._block_ms)
-            await self._flush(entries, stop)
+            if entries := await self._read(dict.fromkeys(self._partitions, ">")):
+                await self._flush(entries, stop)
+            else:
+                await sleep_or_stop(stop, self._idle_s)
 
     async def _read_own_pending(self, stop: asyncio.Event) -> None:
         """Entries delivered to this consumer earlier but never acknowledged (a crash, a
         cancelled batch, a failed ack); each is visited once per call."""
-        cursor = "0"
-        while not stop.is_set() and (entries := await self._read(cursor, block_ms=None)):
+        cursors = dict.fromkeys(self._partitions, "0")
+        while not stop.is_set() and (entries := await self._read(cursors)):
             await self._flush(entries, stop)
-            cursor = entries[-1].id
+            # A stream that returned nothing has no more; the others go on past their last.
+            cursors = {entry.partition: entry.id for entry in entries}
 
     async def _claim_idle(self, stop: asyncio.Event) -> None:
         """Take over entries idle longer than ``claim_idle_ms`` (their consumer died or is
-        stuck) and write them; one pass over the group's pending list."""
-        start = "0-0"
-        while not stop.is_set():
-            next_start, claimed, *_ = await self._redis.xautoclaim(
-                self._keys.writebehind,
-                WRITEBEHIND_GROUP,
-                self._consumer,
-                min_idle_time=self._claim_idle_ms,
-                start_id=start,
-                count=self._batch,
-            )
-            await self._flush([_entry(item) for item in claimed if item], stop)
-            start = _text(next_start)
-            if start == "0-0":
-                return
+        stuck) and write them; one pass over each group's pending list."""
+        for partition in self._partitions:
+            start = "0-0"
+            while not stop.is_set():
+                next_start, claimed, *_ = await self._redis.xautoclaim(
+                    partition.writebehind,
+                    WRITEBEHIND_GROUP,
+                    self._consumer,
+                    min_idle_time=self._claim_idle_ms,
+                    start_id=start,
+                    count=self._batch,
+                )
+                await self._flush([_entry(partition, item) for item in claimed if item], stop)
+                start = _text(next_start)
+                if start == "0-0":
+                    break
 
-    async def _read(self, from_id: str, *, block_ms: int | None) -> list[_Entry]:
-        response = await self._redis.xreadgroup(
-            WRITEBEHIND_GROUP,
-            self._consumer,
-            {self._keys.writebehind: from_id},
-            count=self._batch,
-            block=block_ms,
-        )
-        streams = (
-            response.values() if isinstance(response, dict) else (s[1] for s in response or [])
-        )
-        return [_entry(item) for items in streams for item in items]
+    async def _read(self, from_ids: dict[Partition, str]) -> list[_Entry]:
+        """Up to ``batch`` entries of each partition's stream after its id (``>``: never
+        delivered)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for partition, from_id in from_ids.items():
+                pipe.xreadgroup(
+                    WRITEBEHIND_GROUP,
+                    self._consumer,
+                    {partition.writebehind: from_id},
+                    count=self._batch,
+                )
+            responses = await pipe.execute()
+        entries: list[_Entry] = []
+        for partition, response in zip(from_ids, responses, strict=True):
+            found = (
+                response.values() if isinstance(response, dict) else (s[1] for s in response or [])
+            )
+            entries.extend(_entry(partition, item) for items in found for item in items)
+        return entries
 
     # --- writing ------------------------------------------------------------------------
 
@@ -276,7 +297,7 @@ class Flusher:
                     bad.append((op, exc))
         await self._ack([op.entry for op in good])
         for op, error in bad:
-            deliveries = await self._deliveries(op.entry.id)
+            deliveries = await self._deliveries(op.entry)
             if deliveries >= self._max_deliveries:
                 reason = f"rejected {deliveries} times: {_without_values(error)}"
                 await self._dead_letter(op.entry, reason)
@@ -291,22 +312,24 @@ class Flusher:
                 )
 
     async def _ack(self, entries: Iterable[_Entry]) -> None:
-        ids = [entry.id for entry in entries]
-        if not ids:
-            return
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self._keys.writebehind, WRITEBEHIND_GROUP, *ids)
-            pipe.xdel(self._keys.writebehind, *ids)
-            await pipe.execute()
+        by_stream: dict[str, list[str]] = {}
+        for entry in entries:
+            by_stream.setdefault(entry.partition.writebehind, []).append(entry.id)
+        for stream, ids in by_stream.items():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xack(stream, WRITEBEHIND_GROUP, *ids)
+                pipe.xdel(stream, *ids)
+                await pipe.execute()
 
     async def _dead_letter(self, entry: _Entry, reason: str) -> None:
         log.error(
             "write-behind: entry moved to the dead-letter stream",
             extra={"streamId": entry.id, "kind": entry.kind, "reason": reason},
         )
+        stream = entry.partition.writebehind
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.xadd(
-                self._keys.writebehind_dead,
+                entry.partition.writebehind_dead,
                 {
                     "id": entry.id,
                     "kind": entry.kind,
@@ -315,13 +338,13 @@ class Flusher:
                     "consumer": self._consumer,
                 },
             )
-            pipe.xack(self._keys.writebehind, WRITEBEHIND_GROUP, entry.id)
-            pipe.xdel(self._keys.writebehind, entry.id)
+            pipe.xack(stream, WRITEBEHIND_GROUP, entry.id)
+            pipe.xdel(stream, entry.id)
             await pipe.execute()
 
-    async def _deliveries(self, entry_id: str) -> int:
+    async def _deliveries(self, entry: _Entry) -> int:
         pending = await self._redis.xpending_range(
-            self._keys.writebehind, WRITEBEHIND_GROUP, min=entry_id, max=entry_id, count=1
+            entry.partition.writebehind, WRITEBEHIND_GROUP, min=entry.id, max=entry.id, count=1
         )
         return int(pending[0]["times_delivered"]) if pending else 0
 
@@ -343,12 +366,13 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _entry(item: Any) -> _Entry:
+def _entry(partition: Partition, item: Any) -> _Entry:
     """A (id, fields) pair from XREADGROUP/XAUTOCLAIM, with or without decode_responses."""
     entry_id, fields = item
     by_name = {_text(k): v for k, v in (fields or {}).items()}
     body = by_name.get("body", b"")
     return _Entry(
+        partition=partition,
         id=_text(entry_id),
         kind=_text(by_name.get("kind", b"")),
         body=body.encode() if isinstance(body, str) else body,
@@ -374,7 +398,9 @@ def _decode(entry: _Entry) -> _Op:
             params: tuple[Any, ...] = tuple(_params(COLUMNS, JSON_COLUMNS, row))
         elif entry.kind == "event":
             event = EventRecord.from_json(entry.body).to_row()
-            params = (entry.id, *_params(EVENT_COLUMNS, EVENT_JSON_COLUMNS, event))
+            # Entry ids are unique per stream only.
+            stream_id = f"{entry.partition.writebehind}/{entry.id}"
+            params = (stream_id, *_params(EVENT_COLUMNS, EVENT_JSON_COLUMNS, event))
         else:
             raise _Undecodable(f"unknown kind {entry.kind!r}")
     except (KeyError, TypeError, ValueError) as exc:
