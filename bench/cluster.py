@@ -29,7 +29,7 @@ from bench.harness import LOAD_CPU, SERVER_CPU, CpuMeter, Run, Stack, summary
 from bench.profile import Profile
 from shared.contract import SystemVariables
 from shared.keys import Keys
-from shared.redis_client import connect
+from shared.redis_client import connect, read_topology
 from shared.state import Status
 from shared.store import ProcessStore
 
@@ -141,6 +141,7 @@ async def _finish_runs(stack: Stack, prefix: str, count: int) -> None:
             await store.finish(ids.correlation_id, Status.OK, data={"n": n})
 
     try:
+        await read_topology(redis)
         await asyncio.gather(*(one(n) for n in range(count)))
     finally:
         await redis.aclose()

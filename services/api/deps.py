@@ -33,7 +33,7 @@ from services.api.watcher import Watcher
 from shared.aio import Backoff, Spawner, cancel_and_wait, sleep_or_stop, stop_and_wait
 from shared.camunda import CamundaClient
 from shared.keys import Keys
-from shared.redis_client import RedisClient, connect
+from shared.redis_client import RedisClient, connect, read_topology
 from shared.settings import Settings
 from shared.store import ProcessStore
 
@@ -116,6 +116,7 @@ async def open_deps(
             health_check_interval=15,
         )
         stack.push_async_callback(redis.aclose)
+        await read_topology(redis)
         camunda = await stack.enter_async_context(
             CamundaClient(settings.camunda_base_url, timeout_s=settings.camunda_timeout_ms / 1000)
         )

@@ -21,7 +21,7 @@ from services.worker.registry import Registry
 from services.worker.worker import Worker, WorkerOptions
 from shared.camunda import CamundaClient
 from shared.keys import Keys
-from shared.redis_client import connect
+from shared.redis_client import connect, read_topology
 from shared.settings import Settings
 from shared.store import ProcessStore
 
@@ -51,6 +51,7 @@ async def serve(
             settings.redis_url, cluster=settings.redis_cluster, socket_timeout_s=REDIS_TIMEOUT_S
         )
         stack.push_async_callback(redis.aclose)
+        await read_topology(redis)
         camunda = await stack.enter_async_context(
             CamundaClient(settings.camunda_base_url, timeout_s=settings.camunda_timeout_ms / 1000)
         )
