@@ -18,7 +18,8 @@ A module marked ``redis_both`` runs each of its tests twice: on the single Redis
 native Redis Cluster of three masters with a replica each (``REDIS_CLUSTER_URL`` names one
 to use instead), through :func:`redis_target`, which ``make_settings`` and ``redis_client``
 follow. ``FLOWGATE_TEST_REDIS=cluster`` (``make test-cluster``) runs every other test on
-the cluster too.
+the cluster too, except those marked ``single_redis`` (they cut one Redis off through a
+proxy; a cluster client would follow the nodes' own addresses around it).
 """
 
 from __future__ import annotations
@@ -109,7 +110,10 @@ class RedisTarget:
 
 @pytest.fixture
 def redis_kind(request: pytest.FixtureRequest) -> str:
-    """``single`` or ``cluster``; ``cluster`` too in modules marked ``redis_both``."""
+    """``single`` or ``cluster``; ``cluster`` too in modules marked ``redis_both``, and
+    never in those marked ``single_redis``."""
+    if request.node.get_closest_marker("single_redis"):
+        return "single"
     kind: str = getattr(request, "param", os.environ.get("FLOWGATE_TEST_REDIS", "single"))
     return kind
 

@@ -28,7 +28,8 @@ from tests.helpers.net import TcpProxy
 from tests.helpers.waiting import until
 from tests.helpers.worker import RunClient, event_rows, running_worker
 
-pytestmark = pytest.mark.slow
+# A Redis Cluster losing a master: test_redis_failover.py.
+pytestmark = [pytest.mark.slow, pytest.mark.single_redis]
 
 
 class NoInput(BaseModel):
