@@ -49,7 +49,7 @@ async def test_a_master_killed_under_load_loses_and_doubles_nothing(
             replica(settings, tmp_path, "b") as b,
             httpx.AsyncClient(timeout=120) as client,
         ):
-            load = _Load(client, [a, b])
+            load = _Load(client, [a, b], engine_url)
             ids = [cid() for _ in range(PARKED + STARTED_DURING)]
             parked = [asyncio.create_task(load.start(n, c)) for n, c in enumerate(ids[:PARKED])]
             await until(lambda: load.parked_total(PARKED), timeout_s=30)
@@ -85,9 +85,10 @@ class _Load:
     """What the clients do: start (retrying a 503 with the same id), complete (retrying
     until it is accepted), read a run's final answer."""
 
-    def __init__(self, client: httpx.AsyncClient, replicas: list[Replica]) -> None:
+    def __init__(self, client: httpx.AsyncClient, replicas: list[Replica], engine_url: str) -> None:
         self._client = client
         self._replicas = replicas
+        self._engine_url = engine_url
 
     async def start(self, n: int, correlation_id: str) -> httpx.Response:
         url = self._replicas[n % 2].url
@@ -102,10 +103,12 @@ class _Load:
             await asyncio.sleep(0.2)
 
     async def complete(self, n: int, correlation_id: str) -> None:
-        """Complete the run through the other replica once it exists (a start made during
-        the failover may still be retrying)."""
+        """Complete the run through the other replica once its engine instance exists, as
+        a worker would (a start made during the failover may still be retrying; completing
+        a claim whose start was never sent would end it without an instance)."""
         url = self._replicas[(n + 1) % 2].url
         body = {"correlationId": correlation_id, "status": "ok", "data": {"n": n}}
+        await until(lambda: self._has_instance(correlation_id), timeout_s=60)
         while True:
             try:
                 response = await self._client.post(f"{url}/api/process/complete", json=body)
@@ -116,6 +119,12 @@ class _Load:
             except httpx.TransportError:
                 pass
             await asyncio.sleep(0.2)
+
+    async def _has_instance(self, correlation_id: str) -> bool:
+        count = await self._client.get(
+            f"{self._engine_url}/process-instance/count", params={"businessKey": correlation_id}
+        )
+        return bool(count.json()["count"])
 
     async def result_of(self, correlation_id: str, answer: httpx.Response) -> Any:
         """The run's result as its client learns it: at once (200), or from the status URL
