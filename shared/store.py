@@ -547,10 +547,15 @@ class ProcessStore:
                 return step
         return None
 
-    async def last_step(self, correlation_id: str) -> StepEvent | None:
-        """The step the run recorded last, or None (nothing has run yet)."""
-        entries = await self._redis.xrevrange(self._keys.steps(correlation_id), "+", "-", 1)
-        return next((_step_of(fields) for _, fields in _entries(entries)), None)
+    async def look(self, correlation_id: str) -> tuple[ProcessState | None, StepEvent | None]:
+        """The state in Redis (as :meth:`get`) and the step the run recorded last (None:
+        nothing has run yet), in one round trip: what a status read shows."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._state(correlation_id))
+            pipe.xrevrange(self._keys.steps(correlation_id), "+", "-", 1)
+            fields, entries = await pipe.execute()
+        state = ProcessState.from_hash(fields) if fields else None
+        return state, next((_step_of(found) for _, found in _entries(entries)), None)
 
     async def runs_of(self, instance_ids: Sequence[str]) -> dict[str, str]:
         """The correlationIds of those engine instances that are runs not ended yet."""

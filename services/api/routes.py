@@ -143,7 +143,7 @@ async def process_status(request: Request) -> Response:
     headers = {"Content-Location": url, **applied}
     if state.status is Status.PENDING:  # same headers as the start's 202: one client path
         headers.update({"Location": url, "Retry-After": str(d.options.retry_after_s)})
-        if last := await d.store.last_step(correlation_id):  # progress, as the seed shows it
+        if last := result.last_step:  # progress, as the seed shows it
             state = dataclasses.replace(state, data={"step": last.step})
     if result.end is WaitEnd.DRAINED:
         headers["Connection"] = "close"

@@ -87,6 +87,8 @@ class WaitResult:
     end: WaitEnd
     #: The step waited for (``end`` is MILESTONE).
     milestone: StepEvent | None = None
+    #: The step the run recorded last, read with a pending ``outcome`` (its progress).
+    last_step: StepEvent | None = None
 
 
 class _Waiter:
@@ -229,21 +231,21 @@ class WaitRoom:
                 if until and (step := await self._store.find_step(correlation_id, until)):
                     return self._ended(state, WaitEnd.MILESTONE, step)
                 if self.draining:  # released while we were reading
-                    return self._ended(state, WaitEnd.DRAINED)
+                    return await self._look(correlation_id, None, WaitEnd.DRAINED)
                 if not await self._park(waiter, deadline):
-                    return self._ended(await self._store.get(correlation_id), WaitEnd.TIMEOUT)
+                    return await self._look(correlation_id, None, WaitEnd.TIMEOUT)
                 waiter.event.clear()
                 if (message := waiter.take()) is not None:
                     return self._woken(message)
                 # Otherwise a step, a resubscription or the drain: read the state again.
 
     async def _look(self, correlation_id: str, until: str | None, end: WaitEnd) -> WaitResult:
-        """The run as it is, without waiting."""
-        state = await self._store.get(correlation_id)
+        """The run as it is, without waiting (and its progress, in the same round trip)."""
+        state, last_step = await self._store.look(correlation_id)
         pending = state is not None and not state.finished
         if until and pending and (step := await self._store.find_step(correlation_id, until)):
             return self._ended(state, WaitEnd.MILESTONE, step)
-        return self._ended(state, end)
+        return self._ended(state, end, last_step=last_step)
 
     @contextlib.asynccontextmanager
     async def follow(self, correlation_id: str) -> AsyncIterator[Follower]:
@@ -290,9 +292,11 @@ class WaitRoom:
         outcome: ProcessState | StartFailed | None,
         end: WaitEnd,
         milestone: StepEvent | None = None,
+        *,
+        last_step: StepEvent | None = None,
     ) -> WaitResult:
         self._metrics.waits.labels(end.value).inc()
-        return WaitResult(outcome, end, milestone)
+        return WaitResult(outcome, end, milestone, last_step)
 
     def _woken(self, message: ProcessState | StartFailed) -> WaitResult:
         if isinstance(message, ProcessState):

@@ -11,6 +11,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 
@@ -21,6 +22,7 @@ from services.api.persistence import db
 from shared.camunda import EngineUnavailable
 from shared.settings import Settings
 from shared.state import Status
+from shared.steps import StepEvent, StepStatus
 from tests.helpers.api import Api, cid, running_app, start_body
 from tests.helpers.engine import EngineAdmin, deploy_bpmn as deploy
 from tests.helpers.waiting import until
@@ -461,6 +463,21 @@ async def test_status_reads_pending_ok_error_and_404(api: Api) -> None:
     assert body["status"] == "pending"
     assert body["data"] == {"step": "queued"}  # the seed's, until a step reports
     assert body["startedAt"] == body["updatedAt"] or body["startedAt"] < body["updatedAt"]
+
+    # A recorded step is the progress a pending status shows, read or waited for. (The engine
+    # watcher records the start event first; the run then waits on a task nobody works.)
+    async def started() -> bool:
+        return await api.deps.store.find_step(ok_id, "start") is not None
+
+    await until(started, timeout_s=10)
+    at = datetime.now(UTC)
+    step = StepEvent("validate", StepStatus.OK, "validate", "validate:1", "serviceTask", at)
+    assert await api.deps.store.record_step(ok_id, step)
+    for query in ("", "?wait=1"):
+        pending = await api.client.get(f"/api/process/status/{ok_id}{query}")
+        assert (pending.status_code, pending.json().get("data")) == (202, {"step": "validate"}), (
+            pending.text
+        )
 
     await api.deps.store.finish(ok_id, Status.OK, data=[1, 2])
     await api.deps.store.finish(error_id, Status.ERROR, error={"code": "E1"})
