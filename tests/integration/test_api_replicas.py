@@ -45,7 +45,14 @@ async def test_two_replicas_share_waits_and_state(
             )
         )
         await until(lambda: _is(a.parked(client), 1), timeout_s=30)
-        # Pending reads the same on both.
+
+        # Pending reads the same on both, once the watcher has recorded the start event
+        # (until then a read on each side of that moment would differ in its progress).
+        async def start_recorded() -> bool:
+            status = await client.get(f"{b.url}/api/process/status/{correlation_id}")
+            return bool(status.json()["data"] == {"step": "start"})
+
+        await until(start_recorded, timeout_s=30)
         on_a = await client.get(f"{a.url}/api/process/status/{correlation_id}")
         on_b = await client.get(f"{b.url}/api/process/status/{correlation_id}")
         assert on_a.status_code == on_b.status_code == 202
