@@ -1,5 +1,6 @@
-"""Starting our own services for a benchmark: the API (``python -m services.api``) and the
-worker (``python -m services.worker``), each its own subprocess on a free port."""
+"""Starting our own services for a benchmark: the API (``python -m services.api``), the
+worker (``python -m services.worker``) and the standalone write-behind flusher (``python -m
+services.api.persistence``), each its own subprocess."""
 
 from __future__ import annotations
 
@@ -91,6 +92,22 @@ def start_api(
         ready=lambda: servers.http_ok(f"http://127.0.0.1:{port}/healthz"),
     )
     return Api(server, port, prefix, database_url)
+
+
+def start_flusher(run: Run, stack: Stack, *, prefix: str, database_url: str) -> Server:
+    """The write-behind on its own (for an API started with WRITEBEHIND_IN_API=false),
+    floating, as ``make up`` runs it beside the replicas."""
+    port = servers.free_port()
+    env = {
+        "REDIS_URL": stack.redis_url,
+        "REDIS_CLUSTER": str(stack.redis_cluster).lower(),
+        "REDIS_PREFIX": prefix,
+        "DATABASE_URL": database_url,
+        "FLUSHER_HEALTH_PORT": str(port),
+        "LOG_LEVEL": "warning",
+    }
+    ready = lambda: servers.http_ok(f"http://127.0.0.1:{port}/healthz")  # noqa: E731
+    return run.python("flusher", "services.api.persistence", env=env, cpu=None, ready=ready)
 
 
 def start_worker(

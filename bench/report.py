@@ -448,9 +448,12 @@ def _throughput(r: dict[str, Any]) -> list[str]:
     rows = []
     for key, label in (
         ("start_and_wake", "start-and-wake (POST start, wait; completed at once)"),
+        ("start_and_wake_flusher_inside", "start-and-wake, the flusher inside the API process"),
         ("status_reads", "status reads"),
         ("healthz", "GET /healthz (HTTP ceiling)"),
     ):
+        if key not in r:  # (reports from before the flusher could run apart)
+            continue
         s = r[key]
         cpu = s["runs"][-1].get("cpu_cores", {}) if s["runs"] else {}
         rows.append(
@@ -481,6 +484,9 @@ def _throughput(r: dict[str, Any]) -> list[str]:
         ),
         "",
         f"wrk, 1 thread, {r['connections']} connections, {r['seconds_per_run']} s per run. "
+        "The API leaves the write-behind to a flowgate-flusher process (floating), as "
+        "`make up`, compose and Kubernetes run it; the second row's API runs the flusher "
+        "inside (WRITEBEHIND_IN_API=true), in the same rounds. "
         f"How the parked starts ended: {r.get('waits')} (woken = by a message; settled = the "
         "state was already final when the request looked).",
         "",

@@ -8,8 +8,10 @@ on CPU 1 with the stand-in; Redis and PostgreSQL float. Per round (A B C A B C):
 start-and-wake; status reads of the states that run created; GET /healthz, the HTTP stack's
 own ceiling on this core. (Under load the instant completion lands before the request looks,
 so these starts end "settled"; the pub/sub wake path is measured by bench/parked.py.)
-The CPU share of every process during each run shows who was the limit (1.0 = a saturated
-core).
+The API runs as ``make up`` runs it, its write-behind in a flowgate-flusher process of its
+own (floating); a second API with the flusher inside (WRITEBEHIND_IN_API=true, the
+setting's default) takes start-and-wake in the same rounds, for the difference. The CPU
+share of every process during each run shows who was the limit (1.0 = a saturated core).
 """
 
 from __future__ import annotations
@@ -27,22 +29,41 @@ WAIT_S = "30"
 async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
     if why := wrk.available() or ours.available("services.api"):
         return {"skipped": why}
-    prefix = f"bt{uuid.uuid4().hex[:6]}"
+    prefix, inline_prefix = f"bt{uuid.uuid4().hex[:6]}", f"bi{uuid.uuid4().hex[:6]}"
     stub = ours.start_stub(run_, stack, prefix=prefix, mode="instant", cpu=LOAD_CPU)
+    database_url = ours.new_schema(stack, "throughput")
     api = ours.start_api(
-        run_, stack, engine_url=stub.url, prefix=prefix,
-        database_url=ours.new_schema(stack, "throughput"), cpu=SERVER_CPU,
+        run_, stack, engine_url=stub.url, prefix=prefix, database_url=database_url,
+        cpu=SERVER_CPU, extra_env={"WRITEBEHIND_IN_API": "false"},
+    )  # fmt: skip
+    flusher = ours.start_flusher(run_, stack, prefix=prefix, database_url=database_url)
+    inline_stub = ours.start_stub(run_, stack, prefix=inline_prefix, mode="instant", cpu=LOAD_CPU)
+    inline = ours.start_api(
+        run_, stack, engine_url=inline_stub.url, prefix=inline_prefix,
+        database_url=ours.new_schema(stack, "throughput_inline"), cpu=SERVER_CPU,
+        extra_env={"WRITEBEHIND_IN_API": "true"},
     )  # fmt: skip
     pids = {
         "api": api.pid,
+        "flusher": flusher.pid,
         "stand-in engine": stub.pid,
+        "redis": stack.redis.pid,
+        "postgres": stack.postgres.pid,
+    }
+    inline_pids = {
+        "api (flusher inside)": inline.pid,
+        "stand-in engine": inline_stub.pid,
         "redis": stack.redis.pid,
         "postgres": stack.postgres.pid,
     }
     conns, seconds = profile.wrk_connections, profile.wrk_seconds
     # Warm-up: imports, connection pools, the first Postgres batches.
-    wrk.run("start", api.url, seconds=min(2, seconds), connections=conns, args=("warm", WAIT_S))
-    runs: dict[str, list[dict[str, Any]]] = {"start": [], "status": [], "plain": []}
+    for warming in (api, inline):
+        wrk.run("start", warming.url, seconds=min(2, seconds), connections=conns,
+                args=("warm", WAIT_S))  # fmt: skip
+    runs: dict[str, list[dict[str, Any]]] = {
+        "start": [], "start_inline": [], "status": [], "plain": []
+    }  # fmt: skip
     waits_before = ours.waits(api)
     for round_no in range(profile.rounds):
         tag = f"r{round_no}{uuid.uuid4().hex[:6]}"
@@ -52,6 +73,14 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
             )
         runs["start"].append({**started.to_dict(), "cpu_cores": meter.share(), "ok": started.ok()})
         print(f"  start-and-wake: {started.rps:.0f}/s, p99 {started.latency_ms['p99']} ms")
+        with CpuMeter(inline_pids) as meter:
+            in_api = wrk.run(
+                "start", inline.url, seconds=seconds, connections=conns, args=(tag, WAIT_S)
+            )
+        runs["start_inline"].append(
+            {**in_api.to_dict(), "cpu_cores": meter.share(), "ok": in_api.ok()}
+        )
+        print(f"  start-and-wake, flusher in the API: {in_api.rps:.0f}/s")
         # The last `conns` ids may have been in flight when wrk stopped: leave them out.
         ids = str(max(1, min(started.ok() - conns, 50_000)))
         with CpuMeter(pids) as meter:
@@ -72,6 +101,7 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
     }
     for kind, label in (
         ("start", "start_and_wake"),
+        ("start_inline", "start_and_wake_flusher_inside"),
         ("status", "status_reads"),
         ("plain", "healthz"),
     ):

@@ -101,12 +101,21 @@ class Settings(BaseSettings):
     writebehind_idle_ms: PositiveInt = 200
     # Entries a consumer left unacknowledged this long are claimed by another.
     writebehind_claim_idle_ms: PositiveInt = 30_000
+    # Whether each API replica runs a flusher; false when `flowgate-flusher` processes do
+    # (services/api/persistence/__main__.py), so the flusher takes no API core under load.
+    writebehind_in_api: bool = True
+    # The standalone flusher's /healthz and /metrics (0 = off), and their interface.
+    flusher_health_port: Annotated[int, Field(ge=0, le=65_535)] = 8082
+    flusher_health_host: str = "127.0.0.1"
 
     # --- the worker ----------------------------------------------------------------------
     camunda_max_tasks: PositiveInt = 10
     camunda_lock_duration_ms: PositiveInt = 20_000
     camunda_async_response_timeout_ms: Annotated[int, Field(ge=0, le=1_800_000)] = 30_000
     worker_concurrency: PositiveInt = 10
+    # Tasks a worker locks ahead of its free slots, so its next poll is open while a batch
+    # runs (0: fetch only for free slots).
+    worker_prefetch: Annotated[int, Field(ge=0, le=1_000)] = 10
     worker_retries: Annotated[int, Field(ge=0)] = 3
     worker_retry_timeout_ms: Annotated[int, Field(ge=0)] = 1_000
     worker_shutdown_grace_s: PositiveInt = 10

@@ -93,6 +93,8 @@ class Config:
     postgres_port: int
     replica_ports: list[int]
     worker_health_ports: list[int]
+    #: The write-behind flusher's /healthz (the replicas leave the flushing to it).
+    flusher_port: int = 8093
     #: The Redis Cluster's nodes (``REDIS_CLUSTER=true``), or empty: one Redis.
     redis_cluster_ports: list[int] = field(default_factory=list)
 
@@ -108,6 +110,7 @@ class Config:
             postgres_port=_port("STACK_POSTGRES_PORT", 5432),
             replica_ports=_ports("STACK_API_REPLICA_PORTS", [api + 1, api + 2]),
             worker_health_ports=_ports("STACK_WORKER_HEALTH_PORTS", [8091, 8092]),
+            flusher_port=_port("STACK_FLUSHER_PORT", 8093),
             redis_cluster_ports=(
                 _ports("STACK_REDIS_CLUSTER_PORTS", list(range(7001, 7007))) if cluster else []
             ),
@@ -200,7 +203,12 @@ def components(cfg: Config) -> list[Component]:
                     f"api-{i}",
                     "services.api",
                     f"http://127.0.0.1:{port}/readyz",
-                    {**env, "API_HOST": "127.0.0.1", "API_PORT": str(port)},
+                    {
+                        **env,
+                        "API_HOST": "127.0.0.1",
+                        "API_PORT": str(port),
+                        "WRITEBEHIND_IN_API": "false",  # the flusher below does it
+                    },
                 ),
                 health_url=f"http://127.0.0.1:{port}/readyz",
                 stop_timeout_s=_shutdown_grace_s() + 10,
@@ -223,6 +231,23 @@ def components(cfg: Config) -> list[Component]:
                 stop_timeout_s=_worker_grace_s() + 10,
             )
         )
+    flusher_health = f"http://127.0.0.1:{cfg.flusher_port}/healthz"
+    items.append(
+        Component(
+            "flusher",
+            cfg.flusher_port,
+            "STACK_FLUSHER_PORT",
+            _service(
+                cfg,
+                "flusher",
+                "services.api.persistence",
+                flusher_health,
+                {**env, "FLUSHER_HEALTH_PORT": str(cfg.flusher_port)},
+            ),
+            health_url=flusher_health,
+            stop_timeout_s=_shutdown_grace_s() + 10,
+        )
+    )
     # nginx is ready when it listens; whether replicas answer behind it is theirs to say.
     items.append(Component("nginx", cfg.api_port, "STACK_API_PORT", lambda: _nginx(cfg)))
     return items

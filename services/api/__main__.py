@@ -56,6 +56,9 @@ def main() -> None:
         log_config=None,  # configure_logging() owns the handlers (JSON lines)
         access_log=False,
         server_header=False,
+        # No client address is read anywhere: rewriting it from proxy headers is work for
+        # nothing on every request.
+        proxy_headers=False,
         # Longer than the load balancer's idle timeout, so it never reuses a socket we
         # have just closed (a 502 otherwise).
         timeout_keep_alive=settings.keepalive_s,

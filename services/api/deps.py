@@ -16,8 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
-import psycopg
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
 
 from services.api.auth import Auth
@@ -25,12 +24,12 @@ from services.api.callbacks import Deliverer
 from services.api.cancel import Canceller
 from services.api.metrics import ApiMetrics
 from services.api.persistence import db
-from services.api.persistence.writebehind import Flusher
+from services.api.persistence.writebehind import Flusher, flush_until, stop_flushing
 from services.api.runs import Runs
 from services.api.starter import Starter
 from services.api.waitroom import WaitRoom
 from services.api.watcher import Watcher
-from shared.aio import Backoff, Spawner, cancel_and_wait, sleep_or_stop, stop_and_wait
+from shared.aio import Spawner, stop_and_wait
 from shared.camunda import CamundaClient
 from shared.keys import Keys
 from shared.redis_client import RedisClient, connect, read_topology
@@ -165,7 +164,11 @@ async def open_deps(
         async with asyncio.TaskGroup() as tasks:
             spawner = Spawner(tasks)
             listening = tasks.create_task(waitroom.listen(stop), name="waitroom")
-            persisting = tasks.create_task(_persist(pool, flusher, stop, migrated), name="persist")
+            # The flusher runs here unless flowgate-flusher processes copy the streams.
+            persisting = tasks.create_task(
+                flush_until(pool, flusher if settings.writebehind_in_api else None, stop, migrated),
+                name="persist",
+            )
             recovering = tasks.create_task(starter.recover(stop), name="recover-starts")
             watcher = Watcher(
                 store,
@@ -207,40 +210,13 @@ async def open_deps(
                 # grace to attach (what does not, recovery on another replica settles).
                 waitroom.release_all()
                 await spawner.drain(settings.shutdown_grace_s)
-                await _stop_persist(persisting, stop, flusher, settings.shutdown_grace_s)
+                await stop_flushing(
+                    persisting,
+                    stop,
+                    flusher if settings.writebehind_in_api else None,
+                    settings.shutdown_grace_s,
+                )
                 await stop_and_wait(stop, [listening, recovering, watching, delivering])
-
-
-async def _persist(
-    pool: AsyncConnectionPool, flusher: Flusher, stop: asyncio.Event, migrated: asyncio.Event
-) -> None:
-    """Migrate (retrying while Postgres is down: the API serves from Redis meanwhile and the
-    stream keeps every entry), then run the flusher until ``stop``."""
-    backoff = Backoff(base_s=0.5, cap_s=10.0)
-    while not stop.is_set():
-        try:
-            version = await db.migrate(pool)
-        except (psycopg.Error, PoolTimeout) as exc:
-            log.warning("migrations not applied yet; retrying", extra={"error": repr(exc)})
-            await sleep_or_stop(stop, backoff.next_delay_s())
-        else:
-            log.info("postgres schema ready", extra={"version": version})
-            migrated.set()
-            await flusher.run(stop)
-            return
-
-
-async def _stop_persist(
-    task: asyncio.Task[None], stop: asyncio.Event, flusher: Flusher, grace_s: float
-) -> None:
-    """Stop following the stream, then write what this replica owes within the grace."""
-    stop.set()
-    done, _ = await asyncio.wait({task}, timeout=grace_s)
-    if not done:
-        log.warning("flusher did not stop in time; cancelling it")
-        await cancel_and_wait([task])
-    if not await flusher.drain(grace_s):
-        log.warning("write-behind not drained; the rest stays in the stream for other replicas")
 
 
 def _parking_places(settings: Settings) -> int:

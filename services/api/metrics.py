@@ -136,6 +136,8 @@ class OutcomeMiddleware:
     def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Labelled children by (endpoint, status): looking them up costs more than counting.
+        self._children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -154,5 +156,11 @@ class OutcomeMiddleware:
             await self.app(scope, receive, send_and_note)
         finally:
             endpoint = getattr(scope.get("endpoint"), "__name__", "unmatched")
-            self.metrics.outcomes.labels(endpoint, str(status)).inc()
-            self.metrics.duration.labels(endpoint).observe(time.perf_counter() - began)
+            if (children := self._children.get((endpoint, status))) is None:
+                children = self._children[endpoint, status] = (
+                    self.metrics.outcomes.labels(endpoint, str(status)),
+                    self.metrics.duration.labels(endpoint),
+                )
+            outcome, duration = children
+            outcome.inc()
+            duration.observe(time.perf_counter() - began)

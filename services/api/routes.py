@@ -89,19 +89,26 @@ async def start_process(request: Request) -> Response:
         refused := check_target(body.callbackUrl, d.options.callback_allowed_hosts)
     ):
         raise ApiError(400, refused, field="callbackUrl")
+    cid, until = body.correlationId, body.waitUntil
     command = StartCommand(
-        body.processKey,
-        body.correlationId,
-        body.variables or {},
-        body.fetchVariables,
-        body.callbackUrl,
+        body.processKey, cid, body.variables or {}, body.fetchVariables, body.callbackUrl
     )
+    del body  # parked, a request holds its id and its wait, not its variables
     # The client's wait bounds the start as well as the wait for its end. Without one
     # (respond-async), a short one still lets the engine's refusal (404, 400) come back.
-    now = asyncio.get_running_loop().time()
-    deadline, start_deadline = now + wait_s, now + max(wait_s, START_MIN_WAIT_S)
+    start_deadline = asyncio.get_running_loop().time() + max(wait_s, START_MIN_WAIT_S)
+    # Registered before the claim, so the state the attach reads back is the wait's first.
+    async with d.waitroom.expect(cid, wait_s, until=until) as wait:
+        result = await wait.result(await _start(d, command, start_deadline))
+    return _start_answer(d, cid, result, applied)
+
+
+async def _start(d: Deps, command: StartCommand, deadline: float) -> ProcessState | None:
+    """Claim the id and, for a fresh claim, start the engine instance: the state as
+    attached, or None (joined another start, or the engine call goes on past ``deadline``).
+    The engine's refusal is raised as its answer."""
     try:
-        async with asyncio.timeout_at(start_deadline):
+        async with asyncio.timeout_at(deadline):
             state, created = await d.starter.claim(command)
     except TimeoutError as exc:
         raise ApiError(
@@ -109,19 +116,20 @@ async def start_process(request: Request) -> Response:
         ) from exc
     except StartRefused as exc:
         raise ApiError.of(exc.failed) from exc
-    if created:
-        # In the app's task group: neither the end of this wait nor a client that goes away
-        # interrupts the engine call; a late answer still attaches (or abandons) the claim.
-        begun = d.spawner.spawn(
-            d.starter.begin(state, command.variables), name=f"start:{command.correlation_id}"
-        )
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout_at(start_deadline):
-                if failed := await asyncio.shield(begun):
-                    raise ApiError.of(failed)
-    remaining_s = max(0.0, deadline - asyncio.get_running_loop().time())
-    result = await d.waitroom.wait(command.correlation_id, remaining_s, until=body.waitUntil)
-    return _start_answer(d, command.correlation_id, result, applied)
+    if not created:
+        return None
+    # In the app's task group: neither the end of this wait nor a client that goes away
+    # interrupts the engine call; a late answer still attaches (or abandons) the claim.
+    begun = d.spawner.spawn(
+        d.starter.begin(state, command.variables), name=f"start:{command.correlation_id}"
+    )
+    attached = None
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout_at(deadline):
+            attached = await asyncio.shield(begun)
+    if isinstance(attached, StartFailed):
+        raise ApiError.of(attached)
+    return attached
 
 
 async def process_status(request: Request) -> Response:
@@ -148,7 +156,7 @@ async def process_status(request: Request) -> Response:
     if result.end is WaitEnd.DRAINED:
         headers["Connection"] = "close"
     code = _STATUS_CODES[state.status]
-    return JSONResponse(ProcessStatus.of(state), status_code=code, headers=headers)
+    return JSONResponse(ProcessStatus.body(state), status_code=code, headers=headers)
 
 
 async def cancel_process(request: Request) -> Response:

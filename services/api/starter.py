@@ -8,9 +8,16 @@ the body and answers from the wait room):
 2. for a fresh claim, mark the engine start as **sending**, then **start** the engine
    instance with the system variables (shared/contract.py), the correlationId as business
    key;
-3. **attach** the instance id together with the ``started`` audit row; or, when the engine
-   refused the start, **abandon** the claim so that nothing stays ``pending`` and a retry
-   with the same id starts afresh (requests that joined get the same answer).
+3. **attach** the instance id together with the ``started`` audit row, reading the state
+   back in the same script (the start's wait begins from it: services/api/waitroom.py
+   :meth:`~WaitRoom.expect`); or, when the engine refused the start, **abandon** the claim
+   so that nothing stays ``pending`` and a retry with the same id starts afresh (requests
+   that joined get the same answer).
+
+Three Redis round trips. ``sending`` is one of them on purpose: it is what lets recovery
+give up, within seconds, a claim whose start never left (its replica died, or Redis ran
+the claim after the client had been answered 503); a claim recorded as sent has to be
+looked for in the engine until the start window has passed.
 
 **Never a second engine instance for one correlationId.** A claim is only given up when no
 instance can exist: the engine refused the start, or no start was ever sent. A start whose
@@ -131,11 +138,14 @@ class Starter:
             )
         return state, created
 
-    async def begin(self, state: ProcessState, variables: dict[str, Any]) -> StartFailed | None:
+    async def begin(
+        self, state: ProcessState, variables: dict[str, Any]
+    ) -> ProcessState | StartFailed | None:
         """Start the engine instance of a fresh claim and attach it.
 
-        Returns the answer when the engine refused the start (the claim is then abandoned),
-        None otherwise: attached, or unconfirmed and left to :meth:`recover`.
+        Returns the state as attached, the answer when the engine refused the start (the
+        claim is then abandoned), or None: unconfirmed and left to :meth:`recover`, or
+        changed meanwhile (given up, ended at once, cancelled).
         """
         cid = state.correlation_id
         sent = await self._store.sending(state, look_after_s=self._engine_timeout_s + 1)
@@ -161,10 +171,11 @@ class Starter:
             return await self._refused(sent, exc)
         except (CamundaError, VariableError) as exc:
             return await self._refused(sent, exc)
-        await self._attach(sent, instance.id, request=variables)
+        attached = await self._attach(sent, instance.id, request=variables)
         if instance.ended:  # no wait state: the run is over already, answer at once
             await self._finish_ended(sent, instance.id)
-        return None
+            return None
+        return attached
 
     async def _finish_ended(self, state: ProcessState, instance_id: str) -> None:
         variables = await self._camunda.root_variables([instance_id])
@@ -233,7 +244,7 @@ class Starter:
 
     async def _attach(
         self, state: ProcessState, instance_id: str, *, request: dict[str, Any] | None
-    ) -> None:
+    ) -> ProcessState | None:
         ids = SystemVariables.of(state)
         event = EventRecord(
             correlation_id=state.correlation_id,
@@ -252,7 +263,7 @@ class Starter:
             metadata={"instanceId": instance_id, "recovered": request is None},
         )
         try:
-            await self._store.attach_instance(state.correlation_id, instance_id, event)
+            return await self._store.attach_instance(state.correlation_id, instance_id, event)
         except Abandoned:
             # The run was cancelled while its start was in flight, or (beyond the window's
             # promise) given up, when a retry may start another instance: remove this one.
@@ -261,6 +272,7 @@ class Starter:
                 extra={"correlationId": state.correlation_id, "instanceId": instance_id},
             )
             await self._camunda.delete_process_instance(instance_id)
+            return None
 
     async def _refused(self, state: ProcessState, exc: CamundaError | VariableError) -> StartFailed:
         failed = _refusal(exc, state)

@@ -92,15 +92,38 @@ class WaitResult:
 
 
 class _Waiter:
-    """One parked request: an event plus the final message that set it (if any); ``steps``:
-    recorded steps wake it too."""
+    """One parked request: a flag plus the final message that set it (if any); ``steps``:
+    recorded steps wake it too.
 
-    __slots__ = ("event", "message", "steps")
+    Not an :class:`asyncio.Event`: each of those allocates a deque (~0.7 KB) for waiters it
+    will never have more than one of; a bare future, made only while asleep, is all a
+    parked request needs.
+    """
+
+    __slots__ = ("_future", "_set", "message", "steps")
 
     def __init__(self, *, steps: bool = False) -> None:
-        self.event = asyncio.Event()
+        self._set = False
+        self._future: asyncio.Future[None] | None = None
         self.message: ProcessState | StartFailed | None = None
         self.steps = steps
+
+    def set(self) -> None:
+        self._set = True
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        self._future = asyncio.get_running_loop().create_future()
+        try:
+            await self._future
+        finally:
+            self._future = None
 
     def take(self) -> ProcessState | StartFailed | None:
         return self.message
@@ -117,8 +140,42 @@ class Follower:
         """Sleep until the run may have changed (a step, its end, a resubscription, the
         drain: True) or ``timeout_s`` passes (False). Read the run again either way."""
         woke = await self._room._park(self._waiter, asyncio.get_running_loop().time() + timeout_s)
-        self._waiter.event.clear()
+        self._waiter.clear()
         return woke
+
+
+class Expected:
+    """A wait registered by :meth:`WaitRoom.expect` (or, with ``unregistered``, one that
+    only reads: no time to wait, the room full or draining)."""
+
+    def __init__(
+        self,
+        room: WaitRoom,
+        correlation_id: str,
+        until: str | None,
+        *,
+        unregistered: WaitEnd | None = None,
+        waiter: _Waiter | None = None,
+        deadline: float = 0.0,
+    ) -> None:
+        self._room = room
+        self._correlation_id = correlation_id
+        self._until = until
+        self._unregistered = unregistered
+        self._waiter = waiter
+        self._deadline = deadline
+
+    async def result(self, known: ProcessState | None = None) -> WaitResult:
+        """Wait as :meth:`WaitRoom.wait` does; ``known``: the run as read since entering
+        (None: read it now)."""
+        room, cid, until = self._room, self._correlation_id, self._until
+        if self._waiter is None:
+            assert self._unregistered is not None
+            if known is not None and until is None:
+                return room._ended(known, self._unregistered)
+            return await room._look(cid, until, self._unregistered)
+        state = known if known is not None else await room._store.get(cid)
+        return await room._await(cid, until, self._waiter, self._deadline, state)
 
 
 class WaitRoom:
@@ -137,6 +194,7 @@ class WaitRoom:
         self._keys = keys
         self._store = store
         self._metrics = metrics
+        self._ends = {end: metrics.waits.labels(end.value) for end in WaitEnd}
         self._max_parked = max_parked
         self._waiters: dict[str, set[_Waiter]] = {}
         self._registered = 0  # waits in progress (bounded by max_parked)
@@ -199,7 +257,7 @@ class WaitRoom:
         self._draining = True
         for waiters in self._waiters.values():
             for waiter in waiters:
-                waiter.event.set()
+                waiter.set()
 
     # --- waiting --------------------------------------------------------------------------
 
@@ -212,32 +270,55 @@ class WaitRoom:
         ``timeout_s <= 0`` only reads the state (and the steps). Cancellation (client gone,
         shutdown deadline) unregisters cleanly.
         """
+        async with self.expect(correlation_id, timeout_s, until=until) as expected:
+            return await expected.result()
+
+    @contextlib.asynccontextmanager
+    async def expect(
+        self, correlation_id: str, timeout_s: float, *, until: str | None = None
+    ) -> AsyncIterator[Expected]:
+        """:meth:`wait` in two halves, for a caller that reads the run itself: register on
+        entering (the deadline counts from here), read the state, then await
+        :meth:`Expected.result` with it. A start reads the state back as it attaches its
+        engine instance, so its wait needs no read of its own."""
         if self._draining:
-            return await self._look(correlation_id, until, WaitEnd.DRAINED)
-        if timeout_s <= 0:
-            return await self._look(correlation_id, until, WaitEnd.SETTLED)
-        if self._registered >= self._max_parked:
-            return await self._look(correlation_id, until, WaitEnd.FULL)
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        waiter = _Waiter(steps=until is not None)
-        # Register before reading (subscribe-then-check): see the module docstring.
-        async with self._registration(correlation_id, waiter):
-            while True:
-                state = await self._store.get(correlation_id)
-                if state is None or state.finished:
-                    return self._ended(state, WaitEnd.SETTLED)
-                if (message := waiter.take()) is not None:  # arrived while we were reading
-                    return self._woken(message)
-                if until and (step := await self._store.find_step(correlation_id, until)):
-                    return self._ended(state, WaitEnd.MILESTONE, step)
-                if self.draining:  # released while we were reading
-                    return await self._look(correlation_id, None, WaitEnd.DRAINED)
-                if not await self._park(waiter, deadline):
-                    return await self._look(correlation_id, None, WaitEnd.TIMEOUT)
-                waiter.event.clear()
-                if (message := waiter.take()) is not None:
-                    return self._woken(message)
-                # Otherwise a step, a resubscription or the drain: read the state again.
+            yield Expected(self, correlation_id, until, unregistered=WaitEnd.DRAINED)
+        elif timeout_s <= 0:
+            yield Expected(self, correlation_id, until, unregistered=WaitEnd.SETTLED)
+        elif self._registered >= self._max_parked:
+            yield Expected(self, correlation_id, until, unregistered=WaitEnd.FULL)
+        else:
+            deadline = asyncio.get_running_loop().time() + timeout_s
+            waiter = _Waiter(steps=until is not None)
+            async with self._registration(correlation_id, waiter):
+                yield Expected(self, correlation_id, until, waiter=waiter, deadline=deadline)
+
+    async def _await(
+        self,
+        correlation_id: str,
+        until: str | None,
+        waiter: _Waiter,
+        deadline: float,
+        state: ProcessState | None,
+    ) -> WaitResult:
+        """Park a registered ``waiter`` from ``state``, the run as read after registering
+        (subscribe-then-check: see the module docstring)."""
+        while True:
+            if state is None or state.finished:
+                return self._ended(state, WaitEnd.SETTLED)
+            if (message := waiter.take()) is not None:  # arrived while the state was read
+                return self._woken(message)
+            if until and (step := await self._store.find_step(correlation_id, until)):
+                return self._ended(state, WaitEnd.MILESTONE, step)
+            if self.draining:  # released while the state was read
+                return await self._look(correlation_id, None, WaitEnd.DRAINED)
+            if not await self._park(waiter, deadline):
+                return await self._look(correlation_id, None, WaitEnd.TIMEOUT)
+            waiter.clear()
+            if (message := waiter.take()) is not None:
+                return self._woken(message)
+            # Otherwise a step, a resubscription or the drain: read the state again.
+            state = await self._store.get(correlation_id)
 
     async def _look(self, correlation_id: str, until: str | None, end: WaitEnd) -> WaitResult:
         """The run as it is, without waiting (and its progress, in the same round trip)."""
@@ -254,7 +335,7 @@ class WaitRoom:
         :meth:`Follower.changed` between reads. Counts as parked; raises
         :class:`RoomFull` when ``max_parked`` are registered already."""
         if self._registered >= self._max_parked:
-            self._metrics.waits.labels(WaitEnd.FULL.value).inc()
+            self._ends[WaitEnd.FULL].inc()
             raise RoomFull
         waiter = _Waiter(steps=True)
         async with self._registration(correlation_id, waiter):
@@ -279,7 +360,7 @@ class WaitRoom:
         self._metrics.parked.inc()
         try:
             async with asyncio.timeout_at(deadline):
-                await waiter.event.wait()
+                await waiter.wait()
         except TimeoutError:
             return False
         finally:
@@ -295,7 +376,7 @@ class WaitRoom:
         *,
         last_step: StepEvent | None = None,
     ) -> WaitResult:
-        self._metrics.waits.labels(end.value).inc()
+        self._ends[end].inc()
         return WaitResult(outcome, end, milestone, last_step)
 
     def _woken(self, message: ProcessState | StartFailed) -> WaitResult:
@@ -360,7 +441,7 @@ class WaitRoom:
             log.info("wait room resubscribed; parked requests re-read their state")
         for waiters in self._waiters.values():
             for waiter in waiters:
-                waiter.event.set()
+                waiter.set()
 
     def _dispatch(self, data: bytes) -> None:
         self._metrics.pubsub_messages.inc()
@@ -377,16 +458,16 @@ class WaitRoom:
                 extra={"correlationId": correlation_id, "error": repr(exc)},
             )
             for waiter in waiters:
-                waiter.event.set()
+                waiter.set()
             return
         if isinstance(message, StepRecorded):
             for waiter in waiters:
                 if waiter.steps:
-                    waiter.event.set()
+                    waiter.set()
             return
         for waiter in waiters:
             waiter.message = message
-            waiter.event.set()
+            waiter.set()
 
 
 class _SlotsMoved(Exception):

@@ -12,7 +12,6 @@ import contextlib
 import httpx
 
 from services.worker.executor import Executor, RetryPolicy
-from services.worker.health import serve_health
 from services.worker.identity import claim_identity
 from services.worker.locks import Locks
 from services.worker.metrics import WorkerMetrics
@@ -20,6 +19,7 @@ from services.worker.recorder import Recorder
 from services.worker.registry import Registry
 from services.worker.worker import Worker, WorkerOptions
 from shared.camunda import CamundaClient
+from shared.health import serve_health
 from shared.keys import Keys
 from shared.redis_client import connect, read_topology
 from shared.settings import Settings

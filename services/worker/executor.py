@@ -28,6 +28,7 @@ so the log never claims what did not happen.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import traceback
@@ -164,18 +165,31 @@ class Executor:
     recorder: Outcomes
     metrics: WorkerMetrics
 
-    async def run(self, handler: Handler, ctx: TaskContext[Any]) -> Outcome:
-        """Run the task to an outcome; raises only CancelledError (shutdown)."""
+    async def run(
+        self,
+        handler: Handler,
+        ctx: TaskContext[Any],
+        slot: contextlib.AbstractAsyncContextManager[Any] | None = None,
+    ) -> Outcome:
+        """Run the task to an outcome; raises only CancelledError (shutdown). The handler
+        runs inside ``slot`` (the worker's concurrency); reporting its outcome does not
+        hold one, so engine round trips do not keep business logic waiting."""
         row = _Row(handler, ctx.task, time.monotonic())
         try:
-            return await self._run(handler, ctx, row)
+            return await self._run(handler, ctx, row, slot or contextlib.nullcontext())
         except CamundaError as exc:
             # Even the fallback failure report did not get through: the lock expires and
             # the task is fetched again, so nothing is lost but time.
             ctx.log.error("could not report the outcome to the engine: %s", exc)
             return Outcome.UNREPORTED
 
-    async def _run(self, handler: Handler, ctx: TaskContext[Any], row: _Row) -> Outcome:
+    async def _run(
+        self,
+        handler: Handler,
+        ctx: TaskContext[Any],
+        row: _Row,
+        slot: contextlib.AbstractAsyncContextManager[Any],
+    ) -> Outcome:
         try:
             data = handler.input_model.model_validate(ctx.task.variables)
         except ValidationError as exc:
@@ -190,8 +204,11 @@ class Executor:
 
         topic = handler.topic
         try:
-            with self.metrics.handler_seconds.labels(topic).time():
-                raw = await (handler.fn(data, ctx) if handler.takes_context else handler.fn(data))
+            async with slot:
+                with self.metrics.handler_seconds.labels(topic).time():
+                    raw = await (
+                        handler.fn(data, ctx) if handler.takes_context else handler.fn(data)
+                    )
             output = _output(raw)
         except BusinessRuleError as exc:
             return await self._bpmn_error(ctx, row, exc, request=_dump(data))

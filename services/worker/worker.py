@@ -3,12 +3,19 @@
 Life of a worker (:meth:`Worker.run`):
 
 1. unlock the tasks its predecessor in the same slot still holds (services/worker/identity.py);
-2. until ``stop`` is set: wait for a free slot, then one ``fetchAndLock`` for all topics
-   with ``maxTasks`` = free slots (never more work than it can start), raced against
-   ``stop`` so a shutdown cancels the long poll instead of waiting it out; each task runs
-   in the task group beside a keeper that extends its lock (services/worker/locks.py);
-3. on stop: give running handlers ``WORKER_SHUTDOWN_GRACE_S``, cancel the rest, and unlock
-   every task still locked to this worker id, so another worker takes them at once.
+2. until ``stop`` is set: wait for room, then one ``fetchAndLock`` for all topics with
+   ``maxTasks`` = the room left, raced against ``stop`` so a shutdown cancels the long poll
+   instead of waiting it out. Room is ``WORKER_CONCURRENCY`` + ``WORKER_PREFETCH`` tasks
+   held: at most ``WORKER_CONCURRENCY`` handlers run (a slot each), the others wait for a
+   slot or report their outcome to the engine, which holds no slot. So the next poll is
+   open while a batch runs, a freed slot starts its next task without a round trip to the
+   engine, and engine latency stops costing handler time (hidden, as the Node client hides
+   it, but with the work held bounded). Each task runs in the task group beside a keeper
+   that extends its lock (services/worker/locks.py) from the fetch on, so a task waiting
+   for a slot keeps it;
+3. on stop: drop the tasks still waiting for a slot (they never start), give running
+   handlers ``WORKER_SHUTDOWN_GRACE_S``, cancel the rest, and unlock every task still
+   locked to this worker id, so another worker takes them at once.
 
 Fetch errors (engine down, "too many requests", 5xx) back off exponentially with jitter
 and the loop carries on: a worker never needs a restart because the engine had one.
@@ -20,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +55,7 @@ class WorkerOptions:
     """What the poll loop needs from the settings (their environment names in comments)."""
 
     concurrency: int = 10  # WORKER_CONCURRENCY
+    prefetch: int = 10  # WORKER_PREFETCH
     max_tasks: int = 10  # CAMUNDA_MAX_TASKS
     lock_duration_ms: int = 20_000  # CAMUNDA_LOCK_DURATION_MS
     poll_timeout_ms: int = 30_000  # CAMUNDA_ASYNC_RESPONSE_TIMEOUT_MS
@@ -56,6 +65,7 @@ class WorkerOptions:
     def of(cls, settings: Settings) -> WorkerOptions:
         return cls(
             concurrency=settings.worker_concurrency,
+            prefetch=settings.worker_prefetch,
             max_tasks=settings.camunda_max_tasks,
             lock_duration_ms=settings.camunda_lock_duration_ms,
             poll_timeout_ms=settings.camunda_async_response_timeout_ms,
@@ -91,7 +101,11 @@ class Worker:
         self._metrics = metrics
         self._previous_id = previous_id if previous_id != worker_id else None
         self._configs = registry.configs()
+        #: Every task fetched and not done; of those, the ones still waiting for a slot.
         self._running: set[asyncio.Task[None]] = set()
+        self._waiting: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(options.concurrency)
+        self._handling = 0  # handlers running (slots taken)
         self._slot_freed = asyncio.Event()
         self._polling = False
         self._fetch_errors = 0
@@ -140,7 +154,8 @@ class Worker:
         """For ``/healthz``: alive while the poll loop runs (engine trouble is not death)."""
         return self._polling, {
             "workerId": self.worker_id,
-            "inFlight": len(self._running),
+            "inFlight": self._handling,
+            "prefetched": len(self._waiting),
             "consecutiveFetchErrors": self._fetch_errors,
             "redisUp": self._recorder.up,
         }
@@ -152,12 +167,13 @@ class Worker:
     ) -> None:
         options = self._options
         errors, empties = Backoff(base_s=0.5, cap_s=30.0), Backoff(base_s=0.1, cap_s=5.0)
-        while await self._free_slot(stop):
+        room = options.concurrency + options.prefetch
+        while await self._free_room(stop, room):
             if not self._recorder.up:  # nothing starts whose outcome could not be recorded
                 log.warning("Redis unreachable: not fetching until it answers")
                 await race_stop(stop, self._recorder.ready())
                 continue
-            max_tasks = min(options.concurrency - len(self._running), options.max_tasks)
+            max_tasks = min(room - len(self._running), options.max_tasks)
             started = time.monotonic()
             try:
                 tasks = await race_stop(
@@ -191,9 +207,9 @@ class Worker:
             else:
                 empties.reset()
 
-    async def _free_slot(self, stop: asyncio.Event) -> bool:
-        """Wait until a handler slot is free; False once ``stop`` is set."""
-        while not stop.is_set() and len(self._running) >= self._options.concurrency:
+    async def _free_room(self, stop: asyncio.Event, room: int) -> bool:
+        """Wait until fewer than ``room`` tasks are held; False once ``stop`` is set."""
+        while not stop.is_set() and len(self._running) >= room:
             self._slot_freed.clear()
             await race_stop(stop, self._slot_freed.wait())
         return not stop.is_set()
@@ -202,12 +218,12 @@ class Worker:
         handler = self._registry.get(task.topic_name)
         running = group.create_task(self._process(handler, task), name=f"task:{task.id}")
         self._running.add(running)
-        self._metrics.in_flight.inc()
+        self._waiting.add(running)
         running.add_done_callback(self._finished)
 
     def _finished(self, running: asyncio.Task[None]) -> None:
         self._running.discard(running)
-        self._metrics.in_flight.dec()
+        self._waiting.discard(running)
         self._slot_freed.set()
 
     # --- one task --------------------------------------------------------------------------
@@ -236,7 +252,7 @@ class Worker:
                     name=f"lock:{task.id}",
                 )
                 try:
-                    outcome = await self._executor.run(handler, ctx)
+                    outcome = await self._executor.run(handler, ctx, self._slot())
                 finally:
                     await stop_and_wait(handled, [keeper])
         except asyncio.CancelledError:
@@ -249,6 +265,22 @@ class Worker:
             self._metrics.tasks.labels(task.topic_name, outcome.value).inc()
         ctx.log.info("task %s", outcome.value, extra={"outcome": outcome.value})
 
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """Hold one of the ``WORKER_CONCURRENCY`` handler slots while the handler runs (a
+        prefetched task waits here, its lock kept)."""
+        async with self._slots:
+            current = asyncio.current_task()
+            assert current is not None
+            self._waiting.discard(current)
+            self._handling += 1
+            self._metrics.in_flight.inc()
+            try:
+                yield
+            finally:
+                self._handling -= 1
+                self._metrics.in_flight.dec()
+
     def _lose_lock(self, ctx: TaskContext[Any], why: str) -> None:
         ctx.log.warning("lock lost: %s", why)
         ctx.lock_lost.set()
@@ -257,7 +289,9 @@ class Worker:
     # --- shutdown --------------------------------------------------------------------------
 
     async def _drain(self, force: asyncio.Event | None) -> None:
-        """Give running handlers the grace period (unless ``force``), then cancel the rest."""
+        """Drop what never started; give running handlers the grace period (unless
+        ``force``), then cancel the rest."""
+        await cancel_and_wait(list(self._waiting))
         if not self._running:
             return
         grace_s = self._options.shutdown_grace_s

@@ -30,6 +30,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "STACK_POSTGRES_PORT": str(servers.free_port()),
         "STACK_API_REPLICA_PORTS": ",".join(map(str, replica_ports)),
         "STACK_WORKER_HEALTH_PORTS": f"{servers.free_port()},{servers.free_port()}",
+        "STACK_FLUSHER_PORT": str(servers.free_port()),
         "SHUTDOWN_GRACE_S": "10",
     }
     for name in ("REDIS_URL", "DATABASE_URL", "CAMUNDA_BASE_URL", "API_KEYS", "COMPLETE_TOKEN"):

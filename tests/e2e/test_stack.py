@@ -102,7 +102,8 @@ def test_make_up_brings_up_the_whole_stack(healthy_stack: Stack) -> None:
     definitions = httpx.get(f"{stack.engine_url}/process-definition", timeout=10).json()
     assert {"onboard-user", "benchmark"} <= {d["key"] for d in definitions}
     status = stack.command("ps")
-    for name in ("redis", "postgres", "engine", "api-1", "api-2", "worker-1", "worker-2", "nginx"):
+    names = ("redis", "postgres", "engine", "api-1", "api-2", "worker-1", "worker-2", "flusher")
+    for name in (*names, "nginx"):
         assert any(line.startswith(name) and " ready " in line for line in status.splitlines()), (
             status
         )
@@ -111,6 +112,18 @@ def test_make_up_brings_up_the_whole_stack(healthy_stack: Stack) -> None:
     again = stack.command("up")
     assert "already running" in again
     assert pids == {name: stack.pid(name) for name in pids}
+    # The replicas leave the write-behind to the flusher process: the audit trail (read
+    # from Postgres) fills in all the same.
+    cid = _cid("flush")
+    started = httpx.post(f"{stack.api_url}{START}", json=_onboard(cid), timeout=60)
+    assert started.status_code == 200, started.text
+
+    def audited() -> bool:
+        log = httpx.get(f"{stack.api_url}/api/event-log/{cid}", timeout=10).json()["eventLog"]
+        steps = {row["step_name"] for row in log}
+        return "start" in steps and any(row["status"] == "success" for row in log)
+
+    wait_until(audited, 20, "the run's audit rows in Postgres")
 
 
 async def test_200_concurrent_starts_spread_over_both_replicas(healthy_stack: Stack) -> None:

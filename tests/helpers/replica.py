@@ -1,4 +1,5 @@
-"""A real ``python -m services.api`` process on a free port, as a test's replica."""
+"""A real ``python -m services.api`` process on a free port, as a test's replica (or
+another of the services, such as the standalone flusher)."""
 
 from __future__ import annotations
 
@@ -35,10 +36,17 @@ class Replica:
 
 @contextlib.asynccontextmanager
 async def replica(
-    settings: Settings, tmp_path: Path, name: str, *, ready_path: str = "/readyz", **env: str
+    settings: Settings,
+    tmp_path: Path,
+    name: str,
+    *,
+    module: str = "services.api",
+    port_setting: str = "API_PORT",
+    ready_path: str = "/readyz",
+    **env: str,
 ) -> AsyncIterator[Replica]:
-    """``python -m services.api`` on a free port with ``settings``, once ``ready_path``
-    answers 200; stopped afterwards."""
+    """``python -m <module>`` with ``settings``, its ``port_setting`` a free port, once
+    ``ready_path`` answers 200 there; stopped afterwards."""
     port = free_port()
     environment = {
         **os.environ,
@@ -49,7 +57,7 @@ async def replica(
         "CAMUNDA_BASE_URL": settings.camunda_base_url,
         "SYNC_TIMEOUT_MS": str(settings.sync_timeout_ms),
         "API_HOST": "127.0.0.1",
-        "API_PORT": str(port),
+        port_setting: str(port),
         "REPLICA_ID": name,
         "LOG_LEVEL": "INFO",
         **env,
@@ -57,7 +65,7 @@ async def replica(
     log = tmp_path / f"{name}.log"
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.api", cwd=ROOT, env=environment, stdout=out, stderr=out
+            sys.executable, "-m", module, cwd=ROOT, env=environment, stdout=out, stderr=out
         )
     running = Replica(f"http://127.0.0.1:{port}", process, log)
     try:

@@ -161,7 +161,7 @@ async def test_complete_refuses_pending_as_an_outcome(store: ProcessStore) -> No
 async def test_attach_instance_of_an_unknown_id_is_ignored(
     store: ProcessStore, redis_client: RedisClient, keys: Keys
 ) -> None:
-    await store.attach_instance("nobody", "instance-1")
+    assert await store.attach_instance("nobody", "instance-1") is None
     assert await redis_client.exists(keys.state("nobody")) == 0
 
 
@@ -219,6 +219,19 @@ async def test_an_unsent_claim_is_abandoned_only_while_unsent(store: ProcessStor
     failed = StartFailed("cid-7", 503, "interrupted")
     assert not await store.abandon(sent.version, failed, unsent=True)
     assert await store.abandon(sent.version, failed)
+
+
+async def test_attach_reads_the_state_back(store: ProcessStore) -> None:
+    state, _ = await claim(store, "cid-a")
+    attached = await store.attach_instance("cid-a", "instance-a")
+    assert attached is not None
+    assert (attached.instance_id, attached.version) == ("instance-a", state.version + 1)
+    assert attached == await store.get("cid-a")
+    assert await store.attach_instance("cid-a", "instance-a") == attached  # once
+    await store.finish("cid-a", Status.OK, data="done")
+    late = await store.attach_instance("cid-a", "instance-a")  # a finish that beat it
+    assert late is not None
+    assert (late.status, late.data) == (Status.OK, "done")
 
 
 async def test_an_instance_arriving_for_an_abandoned_run_is_refused(store: ProcessStore) -> None:

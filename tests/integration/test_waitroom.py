@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import RedisCluster
 
 from services.api.metrics import ApiMetrics
-from services.api.waitroom import WaitEnd, WaitRoom
+from services.api.waitroom import WaitEnd, WaitResult, WaitRoom
 from shared.aio import stop_and_wait
 from shared.contract import StartFailed, SystemVariables
 from shared.keys import Keys
@@ -155,6 +155,42 @@ async def test_completions_racing_the_wait_are_never_missed(
     ends = await asyncio.gather(*(race(c, (i % 4) * 0.0005) for i, c in enumerate(ids)))
     assert WaitEnd.TIMEOUT not in ends
     assert set(ends) <= {WaitEnd.SETTLED, WaitEnd.WOKEN}
+
+
+async def test_a_wait_from_a_state_read_after_registering_misses_no_completion(
+    room: WaitRoom, store: ProcessStore
+) -> None:
+    """A start registers, then reads the run as it attaches its instance, then waits from
+    that state without reading again: a completion racing the attach is still seen."""
+    ids = [cid() for _ in range(200)]
+    for correlation_id in ids:
+        await claim(store, correlation_id)
+
+    async def start(correlation_id: str, delay_s: float) -> WaitEnd:
+        async def complete() -> None:
+            await asyncio.sleep(delay_s)
+            await store.finish(correlation_id, Status.OK, data=correlation_id)
+
+        async def attach_then_wait() -> WaitResult:
+            attached = await store.attach_instance(correlation_id, f"i-{correlation_id}")
+            return await expected.result(attached)
+
+        async with room.expect(correlation_id, timeout_s=5) as expected:
+            result, _ = await asyncio.gather(attach_then_wait(), complete())
+        assert isinstance(result.outcome, ProcessState)
+        assert result.outcome.data == correlation_id
+        return result.end
+
+    ends = await asyncio.gather(*(start(c, (i % 4) * 0.0005) for i, c in enumerate(ids)))
+    assert WaitEnd.TIMEOUT not in ends
+    assert set(ends) <= {WaitEnd.SETTLED, WaitEnd.WOKEN}
+    # Without time to wait it answers from the state it was given, reading nothing.
+    correlation_id = cid()
+    known = await claim(store, correlation_id)
+    async with room.expect(correlation_id, timeout_s=0) as expected:
+        await store.finish(correlation_id, Status.OK, data="later")
+        result = await expected.result(known)
+    assert (result.end, result.outcome) == (WaitEnd.SETTLED, known)
 
 
 async def test_a_thousand_parked_waits_on_one_connection_all_get_their_own_result(

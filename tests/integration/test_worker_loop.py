@@ -39,11 +39,13 @@ def worker_for(
     handler: Callable[..., Awaitable[Any]],
     *,
     concurrency: int = 10,
+    prefetch: int = 0,
     max_tasks: int = 10,
     lock_duration_ms: int = 20_000,
 ) -> tuple[Worker, WorkerMetrics]:
     options = WorkerOptions(
         concurrency=concurrency,
+        prefetch=prefetch,
         max_tasks=max_tasks,
         lock_duration_ms=lock_duration_ms,
         poll_timeout_ms=1_000,
@@ -119,6 +121,46 @@ async def test_max_tasks_is_the_number_of_free_slots(redis_client: aioredis.Redi
     assert all(
         topic["topicName"] == "p.work" for topic in engine.bodies("fetchAndLock")[0]["topics"]
     )
+
+
+async def test_prefetched_tasks_wait_for_a_slot_and_never_start_after_stop(
+    redis_client: aioredis.Redis,
+) -> None:
+    """Two slots and two tasks locked ahead: a poll asks for up to four; two run, two
+    wait (locks kept) and start as slots free; at stop, what still waits never starts."""
+    waiting = [task_json(f"t{i}") for i in range(8)]
+    started: list[str] = []
+
+    async def fetch(request: httpx.Request, body: Any) -> httpx.Response:
+        if waiting:
+            handed = waiting[: body["maxTasks"]]
+            del waiting[: len(handed)]
+            return httpx.Response(200, json=handed)
+        await asyncio.sleep(0.05)
+        return httpx.Response(200, json=[])
+
+    async def work(data: In, ctx: TaskContext[None]) -> None:
+        started.append(ctx.task.id)
+        if int(ctx.task.id[1:]) >= 4:  # t4 on: hold the slot until stopped
+            await asyncio.Event().wait()
+
+    engine = FakeEngine({"fetchAndLock": fetch, "external-task": empty_list})
+    async with engine.client() as camunda:
+        worker, metrics = worker_for(camunda, redis_client, work, concurrency=2, prefetch=2)
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        await until(lambda: not waiting and len(started) == 6, timeout_s=5)
+        await asyncio.sleep(0.2)
+        assert sorted(started) == [f"t{i}" for i in range(6)]
+        health = worker.health()[1]
+        assert (health["inFlight"], health["prefetched"]) == (2, 2)
+        stop.set()
+        await asyncio.wait_for(running, 5)
+    assert len(started) == 6  # t6 and t7 never started
+    asked = [body["maxTasks"] for body in engine.bodies("fetchAndLock")]
+    assert asked[0] == 4  # two slots and two ahead
+    assert max(asked) == 4, asked  # (a 0: the lock sweeper's probe)
+    assert metrics.count("p.work", "completed") == 4
 
 
 async def test_fetch_errors_back_off_and_the_loop_recovers(redis_client: aioredis.Redis) -> None:

@@ -7,8 +7,10 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, cast
 
+import httpx
 import orjson
 import psycopg
 import pytest
@@ -22,10 +24,13 @@ from shared.contract import StartFailed, SystemVariables
 from shared.eventlog import EventRecord, append_event
 from shared.keys import WRITEBEHIND_GROUP, Keys
 from shared.redis_client import RedisClient
+from shared.settings import Settings
 from shared.state import Status
 from shared.store import ProcessStore
 from tests.helpers.net import TcpProxy
+from tests.helpers.replica import replica
 from tests.helpers.streams import Entry, entries
+from tests.helpers.waiting import until
 
 pytestmark = pytest.mark.redis_both
 
@@ -69,6 +74,59 @@ async def dead_letters(redis: RedisClient, keys: Keys) -> list[Entry]:
     """Every partition's dead letters, oldest first."""
     found = [entry for p in keys.partitions for entry in await entries(redis, p.writebehind_dead)]
     return sorted(found, key=lambda entry: tuple(int(n) for n in entry[0].split(b"-")))
+
+
+async def test_a_flusher_process_writes_what_the_replicas_leave_to_it(
+    make_settings: Callable[..., Settings],
+    store: ProcessStore,
+    pool: AsyncConnectionPool,
+    redis_client: RedisClient,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    """``flowgate-flusher`` (WRITEBEHIND_IN_API=false in the replicas): the rows arrive
+    through its consumer, and SIGTERM ends it cleanly once it has written what it owes."""
+    flushing = replica(
+        make_settings(),
+        tmp_path,
+        "flusher",
+        module="services.api.persistence",
+        port_setting="FLUSHER_HEALTH_PORT",
+        ready_path="/healthz",
+        WRITEBEHIND_IDLE_MS="50",
+    )
+    async with flushing as flusher, httpx.AsyncClient(timeout=5) as client:
+        await until(lambda: _migrated(client, flusher.url), timeout_s=30)
+        cids = [f"fp-{i}" for i in range(20)]
+        for i, cid in enumerate(cids):
+            await claim(store, cid)
+            await store.finish(cid, Status.OK, data={"n": i})
+
+        async def written() -> bool:
+            found = await rows(pool, "SELECT count(*) FROM process_store WHERE status = 'ok'")
+            return found == [(len(cids),)]
+
+        await until(written, timeout_s=20)
+        consumers = {
+            _text(c["name"])
+            for p in keys.partitions
+            for c in await redis_client.xinfo_consumers(p.writebehind, WRITEBEHIND_GROUP)
+        }
+        assert consumers
+        assert all(name.startswith("flusher-") for name in consumers), consumers
+        flusher.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await flusher.process.wait() == 0, flusher.log.read_text()
+    assert "flusher stopped" in flusher.log.read_text()
+
+
+async def _migrated(client: httpx.AsyncClient, url: str) -> bool:
+    health = (await client.get(f"{url}/healthz")).json()
+    return bool(health["migrated"])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def claim(store: ProcessStore, cid: str) -> None:

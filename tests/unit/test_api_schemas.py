@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 from pydantic import SecretStr, ValidationError
 
@@ -14,9 +16,11 @@ from services.api.schemas import (
     CompleteRequest,
     ErrorBody,
     JSONResponse,
+    ProcessStatus,
     StartRequest,
     json_depth,
 )
+from shared.state import ProcessState, Status
 
 
 @pytest.mark.parametrize(
@@ -151,3 +155,28 @@ def test_the_docs_page_needs_nothing_from_the_network() -> None:
 @pytest.mark.parametrize("key", ["onboard-user", "a.b", "ä_1", "order:v2"])
 def test_valid_process_keys(key: str) -> None:
     assert StartRequest.model_validate({"processKey": key, "correlationId": "c"}).processKey == key
+
+
+@pytest.mark.parametrize("status", list(Status))
+def test_a_status_body_is_the_models_json(status: Status) -> None:
+    """ProcessStatus.body (the status read's fast path) and the model the OpenAPI document
+    describes must not drift apart."""
+    now = datetime(2026, 11, 29, 4, 5, 6, 789000, tzinfo=UTC)
+    state = ProcessState(
+        correlation_id="order-7",
+        status=status,
+        process_key="onboard-user",
+        request_hash="h",
+        instance_id="i-1",
+        traceability_id="t",
+        batch_id="b",
+        application_id="a",
+        data={"nested": [1, {"x": None}]} if status is Status.OK else None,
+        error={"message": "no"} if status is Status.ERROR else None,
+        started_at=now,
+        updated_at=now,
+        version=2,
+    )
+    model = ProcessStatus.of(state).model_dump(mode="json")
+    assert ProcessStatus.body(state) == model
+    assert orjson.dumps(ProcessStatus.body(state)) == orjson.dumps(model)

@@ -114,6 +114,13 @@ def test_compose_runs_the_whole_stack(compose: dict[str, Any]) -> None:
     assert services["api"]["deploy"]["replicas"] == 2
     assert services["worker"]["deploy"]["replicas"] == 2
     assert "ports" not in services["api"], "the replicas are reached through nginx only"
+    # The write-behind runs in its own process, and only there.
+    assert services["flusher"]["command"] == ["python", "-m", "services.api.persistence"]
+    assert services["api"]["environment"]["WRITEBEHIND_IN_API"] == "false"
+    assert "WRITEBEHIND_IN_API" not in services["flusher"]["environment"]
+    assert str(DEFAULTS["flusher_health_port"].default) in str(
+        services["flusher"]["healthcheck"]["test"]
+    )
 
 
 def test_compose_start_order_waits_for_health(compose: dict[str, Any]) -> None:
@@ -342,6 +349,18 @@ def test_k8s_probes_hit_the_health_endpoints(base: list[dict[str, Any]]) -> None
     assert env["WORKER_HEALTH_PORT"] == "8081"
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+
+    flusher = _by_kind(base, "Deployment", "flowgate-flusher")["spec"]["template"]["spec"]
+    (container,) = flusher["containers"]
+    assert container["command"] == ["python", "-m", "services.api.persistence"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"health": 8082}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert (env["FLUSHER_HEALTH_PORT"], env["FLUSHER_HEALTH_HOST"]) == ("8082", "0.0.0.0")
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    # The replicas leave the write-behind to it.
+    config = _by_kind(base, "ConfigMap", "flowgate-config")["data"]
+    assert config["WRITEBEHIND_IN_API"] == "false"
 
 
 def test_k8s_every_container_has_requests_and_limits(example: list[dict[str, Any]]) -> None:

@@ -6,7 +6,7 @@ import httpx
 from pydantic import SecretStr
 
 from deploy.local.servers import free_port
-from services.worker.health import serve_health
+from shared.health import serve_health
 
 
 def healthy() -> tuple[bool, dict[str, object]]:

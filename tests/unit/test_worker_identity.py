@@ -11,8 +11,8 @@ import httpx
 import redis.asyncio as aioredis
 
 from services.worker import identity
-from services.worker.health import serve_health
 from services.worker.identity import claim_identity
+from shared.health import serve_health
 from shared.keys import Keys
 
 

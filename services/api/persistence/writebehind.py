@@ -34,9 +34,10 @@ from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from shared.aio import Backoff, sleep_or_stop
+from services.api.persistence import db
+from shared.aio import Backoff, cancel_and_wait, sleep_or_stop
 from shared.eventlog import EVENT_COLUMNS, EVENT_JSON_COLUMNS, EventRecord
 from shared.keys import WRITEBEHIND_GROUP, Keys, Partition
 from shared.redis_client import RedisClient
@@ -350,6 +351,42 @@ class Flusher:
 
     def _backoff(self) -> Backoff:
         return Backoff(base_s=0.2, cap_s=self._max_backoff_s)
+
+
+async def flush_until(
+    pool: AsyncConnectionPool,
+    flusher: Flusher | None,
+    stop: asyncio.Event,
+    migrated: asyncio.Event,
+) -> None:
+    """Migrate (retrying while Postgres is down: the API serves from Redis meanwhile and
+    the streams keep every entry), then run ``flusher`` (if any) until ``stop``."""
+    backoff = Backoff(base_s=0.5, cap_s=10.0)
+    while not stop.is_set():
+        try:
+            version = await db.migrate(pool)
+        except (psycopg.Error, PoolTimeout) as exc:
+            log.warning("migrations not applied yet; retrying", extra={"error": repr(exc)})
+            await sleep_or_stop(stop, backoff.next_delay_s())
+        else:
+            log.info("postgres schema ready", extra={"version": version})
+            migrated.set()
+            if flusher is not None:
+                await flusher.run(stop)
+            return
+
+
+async def stop_flushing(
+    task: asyncio.Task[None], stop: asyncio.Event, flusher: Flusher | None, grace_s: float
+) -> None:
+    """Stop following the streams, then write what this consumer owes within the grace."""
+    stop.set()
+    done, _ = await asyncio.wait({task}, timeout=grace_s)
+    if not done:
+        log.warning("flusher did not stop in time; cancelling it")
+        await cancel_and_wait([task])
+    if flusher is not None and not await flusher.drain(grace_s):
+        log.warning("write-behind not drained; the rest stays in the stream for other consumers")
 
 
 def _without_values(exc: psycopg.Error) -> str:

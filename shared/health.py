@@ -1,8 +1,9 @@
-"""``/healthz`` and ``/metrics`` on a small port, with a bare asyncio server.
+"""``/healthz`` and ``/metrics`` on a small port, with a bare asyncio server (the worker's
+and the standalone flusher's).
 
-Two read-only GET routes do not justify a web framework in the worker: this answers HTTP/1.0
+Two read-only GET routes do not justify a web framework there: this answers HTTP/1.0
 style (one request per connection, ``Connection: close``), which is all probes and
-Prometheus need. Port 0 turns it off. It listens on loopback unless ``WORKER_HEALTH_HOST``
+Prometheus need. Port 0 turns it off. It listens on loopback unless its ``*_HEALTH_HOST``
 says otherwise (a container's probes come from outside: 0.0.0.0 there), and ``/metrics``
 asks for ``METRICS_TOKEN`` when it is set.
 """
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 5.0
 MAX_REQUEST_BYTES = 8192
 
-#: Says whether the worker is healthy, and the details ``/healthz`` shows.
+#: Says whether the process is healthy, and the details ``/healthz`` shows.
 HealthCheck = Callable[[], tuple[bool, dict[str, object]]]
 Metrics = Callable[[], bytes]
 
