@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    asgi,
     clients,
     cluster,
     cost,
@@ -56,6 +57,7 @@ SCENARIOS: dict[str, tuple[bool, Scenario]] = {
     "progress": (False, progress.run),
     "clients": (False, clients.run),
     "cluster": (False, cluster.run),
+    "http": (False, asgi.run),
     "gateway": (True, gateway.run),
     "workers": (True, workers.run),
     "ends": (True, ends.run),

@@ -1,4 +1,5 @@
-"""``create_app(settings)``: the Starlette app, its routes, its errors and its lifespan.
+"""``create_app(settings)``: the Starlette app, its routes, its errors and its lifespan;
+:func:`from_environment` for ASGI servers that import a factory.
 
 The lifespan is :func:`services.api.deps.open_deps`; its bundle reaches the endpoints as
 ``request.state.deps``. Parked requests are released by the :class:`DrainHook` (SIGTERM,
@@ -27,8 +28,9 @@ from services.api.drain import DrainHook
 from services.api.metrics import ApiMetrics, OutcomeMiddleware
 from services.api.openapi import docs_html, render_openapi
 from services.api.routes import ENDPOINTS, routes
+from shared.logs import configure_logging
 from shared.redis_client import REDIS_ERRORS
-from shared.settings import Settings
+from shared.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +73,13 @@ def create_app(settings: Settings, *, drain: DrainHook | None = None) -> Starlet
     app.state.openapi = render_openapi(ENDPOINTS, auth)
     app.state.docs_html = docs_html()
     return app
+
+
+def from_environment() -> Starlette:
+    """The app with the settings of the environment, for an ASGI server other than the
+    one ``python -m services.api`` runs (``granian --interface asgi --factory
+    services.api.app:from_environment``; the benchmark compares them). Parked requests are
+    then answered when the lifespan closes, not at the signal."""
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -32,8 +32,8 @@ def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert not results["errors"], results["errors"]
     assert set(results["results"]) == {
-        "throughput", "parked", "writebehind", "progress", "clients", "cluster", "gateway",
-        "workers", "ends", "cost",
+        "throughput", "parked", "writebehind", "progress", "clients", "cluster", "http",
+        "gateway", "workers", "ends", "cost",
     }  # fmt: skip
     skipped = {name: r["skipped"] for name, r in results["results"].items() if "skipped" in r}
     assert not skipped, f"benchmarks that could not run here: {skipped}"
