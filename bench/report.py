@@ -521,8 +521,20 @@ def _writebehind(r: dict[str, Any]) -> list[str]:
         f"state in Redis to its committed row, over {_n(lag['rows'])} rows "
         f"(of {_n(lag['finished_by_load'])} finished): "
         f"p50 **{_n(lag['lag_ms'].get('median'), 2)} ms**, "
-        f"p99 {_n(lag['lag_ms'].get('p99'), 2)} ms, max {_n(lag['lag_ms'].get('max'), 2)} ms.",
+        f"p99 {_n(lag['lag_ms'].get('p99'), 2)} ms, max {_n(lag['lag_ms'].get('max'), 2)} ms "
+        "(the flusher in a process of its own, as `make up` runs it).",
         "",
+        *(
+            [
+                f"With the flusher inside the API process instead: "
+                f"{_n(inside['load_starts_per_s'], 0)} starts/s, lag p50 "
+                f"{_n(inside['lag_ms'].get('median'), 2)} ms, p99 "
+                f"{_n(inside['lag_ms'].get('p99'), 2)} ms over {_n(inside['rows'])} rows.",
+                "",
+            ]
+            if (inside := r.get("lag_flusher_inside"))
+            else []
+        ),
         f"Postgres outage: {_n(out['finished_by_load'])} processes finished while it was down "
         f"({_n(out['backlog_entries'])} stream entries backlogged). After the restart "
         f"({_n(out['postgres_restart_s'], 2)} s) the first write came "

@@ -1,13 +1,16 @@
 """6. Write-behind: lag from a state change to its row in Postgres, and drain after an outage.
 
 Same set-up as item 4 (one API on CPU 0, the stand-in engine completing at once, wrk on CPU
-1). Lag: PostgreSQL runs with ``track_commit_timestamp=on``; for every process the load
-finished, lag = commit time of its ``process_store`` row (``pg_xact_commit_timestamp(xmin)``)
-minus the ``updatedAt`` of its final state (set when the completion was written to Redis),
-so every row is a sample and nothing polls. Outage: Postgres is stopped (fast shutdown), the
-same load runs against the API, the streams' backlog (XLEN of every ``{p:n}:wb``) is read,
-Postgres is started again, and the backlog is sampled every 50 ms until it is empty. Every
-process the load finished must then have its final row.
+1), the write-behind in a flowgate-flusher process of its own as ``make up`` runs it; the
+lag is measured again with a second API that runs its flusher inside (the setting's
+default), after the first. Lag: PostgreSQL runs with ``track_commit_timestamp=on``; for
+every process the load finished, lag = commit time of its ``process_store`` row
+(``pg_xact_commit_timestamp(xmin)``) minus the ``updatedAt`` of its final state (set when
+the completion was written to Redis), so every row is a sample and nothing polls. Outage:
+Postgres is stopped (fast shutdown), the same load runs against the API, the streams'
+backlog (XLEN of every ``{p:n}:wb``) is read, Postgres is started again, and the backlog
+is sampled every 50 ms until it is empty. Every process the load finished must then have
+its final row.
 """
 
 from __future__ import annotations
@@ -83,6 +86,44 @@ def _stop_postgres(run_: Run, stack: Stack) -> None:
     run_.stop(server)
 
 
+async def _lag(
+    api: ours.Api, redis: Redis, keys: Keys, conns: int, seconds: int
+) -> tuple[wrk.WrkResult, list[float]]:
+    tag = f"lag{uuid.uuid4().hex[:6]}"
+    load = wrk.run("start", api.url, seconds=seconds, connections=conns, args=(tag, WAIT_S))
+    await _until_empty(redis, keys, 60)
+    return load, await asyncio.to_thread(_lags_ms, api.database_url, tag)
+
+
+def _lag_result(load: wrk.WrkResult, lags: list[float]) -> dict[str, Any]:
+    return {
+        "load_starts_per_s": round(load.rps, 1),
+        "rows": len(lags),
+        "finished_by_load": load.ok(),
+        "lag_ms": summary(lags),
+    }
+
+
+async def _lag_flusher_inside(
+    run_: Run, stack: Stack, redis: Redis, conns: int, seconds: int
+) -> dict[str, Any]:
+    """The same lag with the flusher inside the API process (WRITEBEHIND_IN_API=true)."""
+    prefix = f"bi{uuid.uuid4().hex[:6]}"
+    stub = ours.start_stub(run_, stack, prefix=prefix, mode="instant", cpu=LOAD_CPU)
+    api = ours.start_api(
+        run_, stack, engine_url=stub.url, prefix=prefix,
+        database_url=ours.new_schema(stack, "writebehind_inside"), cpu=SERVER_CPU,
+        extra_env={"WRITEBEHIND_IN_API": "true"},
+    )  # fmt: skip
+    await asyncio.to_thread(_wait_for_table, api.database_url)
+    load, lags = await _lag(api, redis, Keys(prefix), conns, seconds)
+    median = summary(lags).get("median")
+    print(f"  ... with the flusher inside the API: {load.rps:.0f} starts/s, lag {median} ms")
+    run_.stop(api.server)
+    run_.stop(stub.server)
+    return _lag_result(load, lags)
+
+
 async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
     if why := wrk.available() or ours.available("services.api"):
         return {"skipped": why}
@@ -92,18 +133,17 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
     database_url = ours.new_schema(stack, "writebehind")
     api = ours.start_api(
         run_, stack, engine_url=stub.url, prefix=prefix, database_url=database_url,
-        cpu=SERVER_CPU,
+        cpu=SERVER_CPU, extra_env={"WRITEBEHIND_IN_API": "false"},
     )  # fmt: skip
+    ours.start_flusher(run_, stack, prefix=prefix, database_url=database_url)
     await asyncio.to_thread(_wait_for_table, database_url)
     redis = Redis.from_url(stack.redis_url)
     conns, seconds = profile.wrk_connections, profile.wrk_seconds
     try:
         # Lag under the load of item 4.
-        tag = f"lag{uuid.uuid4().hex[:6]}"
-        load = wrk.run("start", api.url, seconds=seconds, connections=conns, args=(tag, WAIT_S))
-        await _until_empty(redis, keys, 60)
-        lags = await asyncio.to_thread(_lags_ms, database_url, tag)
+        load, lags = await _lag(api, redis, keys, conns, seconds)
         print(f"  write-behind lag under {load.rps:.0f} starts/s: {summary(lags).get('median')} ms")
+        inside = await _lag_flusher_inside(run_, stack, redis, conns, seconds)
 
         # Outage: Postgres down while the same load runs, then back.
         _stop_postgres(run_, stack)
@@ -128,12 +168,8 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
     return {
         "method": __doc__,
         "engine": "stand-in (bench/stubengine.py), not Camunda",
-        "lag": {
-            "load_starts_per_s": round(load.rps, 1),
-            "rows": len(lags),
-            "finished_by_load": load.ok(),
-            "lag_ms": summary(lags),
-        },
+        "lag": _lag_result(load, lags),
+        "lag_flusher_inside": inside,
         "outage": {
             "load_starts_per_s": round(outage.rps, 1),
             "finished_by_load": outage.ok(),
