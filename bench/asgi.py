@@ -20,15 +20,12 @@ from typing import Any
 from bench import ours, wrk
 from bench.harness import LOAD_CPU, SERVER_CPU, CpuMeter, Run, Stack, rss_kb, summary
 from bench.profile import Profile
-from deploy.local import servers
 
 WAIT_S = "30"
 SERVERS = ("uvicorn", "granian")
 
 
-def _argv(server: str, port: int) -> list[str]:
-    if server == "uvicorn":
-        return [sys.executable, "-m", "services.api"]
+def _granian(port: int) -> list[str]:
     granian = shutil.which("granian", path=str(Path(sys.executable).parent))
     assert granian, "granian is not installed (dependency group bench)"
     return [
@@ -50,24 +47,12 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
     for server in SERVERS:
         prefix = f"h{server[0]}{uuid.uuid4().hex[:6]}"
         stub = ours.start_stub(run_, stack, prefix=prefix, mode="instant", cpu=LOAD_CPU)
-        port = servers.free_port()
-        env = {
-            "API_HOST": "127.0.0.1",
-            "API_PORT": str(port),
-            "REDIS_URL": stack.redis_url,
-            "REDIS_CLUSTER": str(stack.redis_cluster).lower(),
-            "REDIS_PREFIX": prefix,
-            "DATABASE_URL": ours.new_schema(stack, f"http_{server}"),
-            "CAMUNDA_BASE_URL": stub.url,
-            "LOG_LEVEL": "warning",
-            "REPLICA_ID": f"bench-{server}",
-        }
-        url = f"http://127.0.0.1:{port}"
-        process = run_.spawn(
-            server, _argv(server, port), env=env, cpu=SERVER_CPU,
-            ready=lambda url=url: servers.http_ok(f"{url}/readyz"),
+        api = ours.start_api(
+            run_, stack, engine_url=stub.url, prefix=prefix,
+            database_url=ours.new_schema(stack, f"http_{server}"), cpu=SERVER_CPU,
+            argv=_granian if server == "granian" else None,
         )  # fmt: skip
-        apis[server] = (url, [process.pid, *_children(process.pid)])
+        apis[server] = (api.url, [api.pid, *_children(api.pid)])
     conns, seconds = profile.wrk_connections, profile.wrk_seconds
     for url, _ in apis.values():  # imports, pools, the first Postgres batches
         wrk.run("start", url, seconds=min(2, seconds), connections=conns, args=("warm", WAIT_S))

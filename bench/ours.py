@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import sys
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -68,7 +70,9 @@ def start_api(
     database_url: str,
     cpu: int | None,
     extra_env: dict[str, str] | None = None,
+    argv: Callable[[int], list[str]] | None = None,
 ) -> Api:
+    """``python -m services.api`` on a free port, or ``argv(port)`` (another server)."""
     port = servers.free_port()
     env = {
         "API_HOST": "127.0.0.1",
@@ -84,13 +88,9 @@ def start_api(
         "REPLICA_ID": f"bench-{port}",
         **(extra_env or {}),
     }
-    server = run.python(
-        "api",
-        "services.api",
-        env=env,
-        cpu=cpu,
-        ready=lambda: servers.http_ok(f"http://127.0.0.1:{port}/healthz"),
-    )
+    command = argv(port) if argv else [sys.executable, "-m", "services.api"]
+    ready = lambda: servers.http_ok(f"http://127.0.0.1:{port}/healthz")  # noqa: E731
+    server = run.spawn("api", command, env=env, cpu=cpu, ready=ready)
     return Api(server, port, prefix, database_url)
 
 
