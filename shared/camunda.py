@@ -554,6 +554,14 @@ class CamundaClient:
         """Delete a running instance (its history stays, EXTERNALLY_TERMINATED)."""
         await self._send("DELETE", f"/process-instance/{_segment(instance_id)}")
 
+    async def instance_running(self, instance_id: str) -> bool:
+        """Whether the instance still runs (False once it has ended or never existed)."""
+        try:
+            await self._send("GET", f"/process-instance/{_segment(instance_id)}")
+        except NotFound:
+            return False
+        return True
+
     # --- plumbing -----------------------------------------------------------------------
 
     async def _send(

@@ -403,14 +403,25 @@ http {{
         # above MAX_WAIT_MS ({settings.max_wait_ms} ms).
         proxy_read_timeout {timeout}s;
         proxy_send_timeout {timeout}s;
-        # nginx's default, spelled out: try another replica when one refuses or times
-        # out, but never resend a POST that already reached a replica (no
-        # non_idempotent): a start must not run twice.
+        # Another replica when one refuses, fails or times out. nginx resends only what is
+        # safe to repeat: reads, and (below) the POSTs that are idempotent by their id.
         proxy_next_upstream error timeout;
         proxy_next_upstream_tries 2;
 
         location / {{
             proxy_pass http://flowgate_api;
+        }}
+
+        # A start is idempotent by its correlationId (a resent one joins the run the first
+        # made) and a cancel harmless twice: resent when their replica dies mid-request,
+        # its clients never see the death.
+        location = /api/process/start {{
+            proxy_pass http://flowgate_api;
+            proxy_next_upstream error timeout non_idempotent;
+        }}
+        location /api/process/cancel/ {{
+            proxy_pass http://flowgate_api;
+            proxy_next_upstream error timeout non_idempotent;
         }}
 
         # Live progress: every event reaches the client as it is sent (the API also says

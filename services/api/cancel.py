@@ -24,6 +24,7 @@ from enum import StrEnum
 from services.api.metrics import ApiMetrics
 from services.api.runs import Runs
 from services.api.waitroom import WaitRoom
+from shared.aio import Backoff
 from shared.camunda import CamundaClient, EngineError, NotFound
 from shared.eventlog import EventRecord
 from shared.state import ProcessState, Status
@@ -100,16 +101,26 @@ class Canceller:
 
     async def _delete(self, instance_id: str) -> None:
         """Delete the instance, again while it races a step that changes it (the engine
-        refuses one of two concurrent changes; a moment later the delete goes through)."""
+        refuses one of two concurrent changes; a moment later the delete goes through).
+
+        Raises NotFound when the instance is gone, also when the engine refused the delete
+        because the instance was ending meanwhile (it answers 500 "cannot restore state of
+        process instance" then): its own end is the truth.
+        """
+        backoff = Backoff(base_s=0.05, cap_s=1.0)
         for attempt in range(DELETE_ATTEMPTS):
             try:
                 await self._camunda.delete_process_instance(instance_id)
                 return
+            except NotFound:
+                raise
             except EngineError as exc:
+                if not await self._camunda.instance_running(instance_id):
+                    raise NotFound(404, exc.type, exc.message, exc.code) from exc
                 retry = exc.is_optimistic_locking or exc.is_deadlock
                 if not retry or attempt == DELETE_ATTEMPTS - 1:
                     raise
-            await asyncio.sleep(0.05 * 2**attempt)
+            await asyncio.sleep(backoff.next_delay_s())
 
 
 def _settled(state: ProcessState | None) -> CancelResult:

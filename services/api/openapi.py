@@ -21,7 +21,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from services.api.auth import Access, Auth
 from services.api.progress import EVENT_ID_PATTERN
 from services.api.routes import MAX_PAGE, Endpoint, Reply
-from services.api.schemas import ID_PATTERN, ErrorBody
+from services.api.schemas import ID_PATTERN, RUN_STATUS, ErrorBody
 
 _ERRORS = {
     400: "Malformed JSON, or a missing or invalid field (named in `field`).",
@@ -97,6 +97,12 @@ HEADERS: dict[str, dict[str, Any]] = {
     },
     "Preference-Applied": {
         "description": "RFC 7240: the preference honoured (`wait=N` or `respond-async`)."
+    },
+    RUN_STATUS: {
+        "description": "The run's status (`pending`, `ok`, `error`, `cancelled`): a run that "
+        "ended `error` is HTTP 500 as in the seed, a fault of the server is 500 without it.",
+        "required": True,
+        "schema": {"type": "string", "enum": ["pending", "ok", "error", "cancelled"]},
     },
 }
 

@@ -56,9 +56,9 @@ async def read_json(request: Request, limit: int, *, timeout_s: float) -> Any:
     return value
 
 
-#: 20 or more digits in a row: possibly an integer beyond 64 bits (rare, so only then is
-#: the body read twice).
-_LONG_NUMBER = re.compile(rb"\d{20,}")
+#: 19 or more digits in a row: possibly an integer beyond 64 bits (the shortest such is
+#: -9223372036854775809; rare, so only then is the body read twice).
+_LONG_NUMBER = re.compile(rb"\d{19,}")
 
 
 def _exact_int(text: str) -> int:

@@ -34,10 +34,12 @@ from shared.state import ProcessState
 
 #: The ``id`` of the last event; a ``Last-Event-ID`` of it means "I have everything".
 END_ID = "end"
-#: What a ``Last-Event-ID`` of a step looks like (a Redis stream entry id), and any
-#: (empty is "from the start", as EventSource sends after an event without an id).
-STEP_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
-EVENT_ID_PATTERN = rf"^({END_ID}|[0-9]{{1,20}}-[0-9]{{1,20}})?$"
+#: What a ``Last-Event-ID`` of a step looks like (a Redis stream entry id: two 64-bit
+#: numbers; at most 19 digits each keeps any match within them, where Redis would refuse
+#: the read mid-stream), and any (empty is "from the start", as EventSource sends after an
+#: event without an id).
+STEP_ID = re.compile(r"^[0-9]{1,19}-[0-9]{1,19}$")
+EVENT_ID_PATTERN = rf"^({END_ID}|[0-9]{{1,19}}-[0-9]{{1,19}})?$"
 #: Steps read from the record at once (a long record is sent a page at a time).
 PAGE = 100
 #: Between wake-ups, the stream reads the record again anyway after this.

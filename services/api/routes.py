@@ -35,6 +35,7 @@ from services.api.parsing import int_param, parse_model, read_json, wait_budget
 from services.api.persistence import db
 from services.api.schemas import (
     ID_PATTERN,
+    RUN_STATUS,
     CancelRequest,
     CompleteAck,
     CompleteRequest,
@@ -91,7 +92,7 @@ async def start_process(request: Request) -> Response:
         raise ApiError(400, refused, field="callbackUrl")
     cid, until = body.correlationId, body.waitUntil
     command = StartCommand(
-        body.processKey, cid, body.variables or {}, body.fetchVariables, body.callbackUrl
+        body.processKey, cid, body.variables, body.fetchVariables, body.callbackUrl
     )
     del body  # parked, a request holds its id and its wait, not its variables
     # The client's wait bounds the start as well as the wait for its end. Without one
@@ -148,7 +149,7 @@ async def process_status(request: Request) -> Response:
     if state.status is Status.ABANDONED:  # its start never reached the engine: say why
         raise ApiError.of(StartFailed.of(state))
     url = status_url(correlation_id)
-    headers = {"Content-Location": url, **applied}
+    headers = {"Content-Location": url, RUN_STATUS: state.status.value, **applied}
     if state.status is Status.PENDING:  # same headers as the start's 202: one client path
         headers.update({"Location": url, "Retry-After": str(d.options.retry_after_s)})
         if last := result.last_step:  # progress, as the seed shows it
@@ -170,20 +171,20 @@ async def cancel_process(request: Request) -> Response:
     if result.state is None:
         raise ApiError.unknown_run(correlation_id)
     code = 409 if result.outcome is CancelOutcome.FINISHED else 200
-    url = status_url(correlation_id)
-    return JSONResponse(
-        ProcessStatus.of(result.state), status_code=code, headers={"Content-Location": url}
-    )
+    headers = {"Content-Location": status_url(correlation_id), RUN_STATUS: result.state.status}
+    return JSONResponse(ProcessStatus.of(result.state), status_code=code, headers=headers)
 
 
 async def process_events(request: Request) -> Response:
     d = deps(request)
     correlation_id = _path_id(request, "correlationId")
-    after = request.headers.get("last-event-id") or request.query_params.get("lastEventId") or None
+    header, query = request.headers.get("last-event-id"), request.query_params.get("lastEventId")
+    for name, given in (("Last-Event-ID", header), ("lastEventId", query)):
+        if given and given != progress.END_ID and not progress.STEP_ID.fullmatch(given):
+            raise ApiError(400, f"{name} is not an id this stream sent", field=name)
+    after = header or query or None
     if after == progress.END_ID:
         return Response(status_code=204)  # it has the end: an EventSource stops here
-    if after is not None and not progress.STEP_ID.fullmatch(after):
-        raise ApiError(400, "Last-Event-ID is not an id this stream sent", field="Last-Event-ID")
     if await d.runs.get(correlation_id) is None:
         raise ApiError.unknown_run(correlation_id)
     if not d.waitroom.has_room:
@@ -310,7 +311,8 @@ def _has_body(request: Request) -> bool:
 def _milestone_answer(cid: str, step: StepEvent, applied: dict[str, str]) -> Response:
     url = status_url(cid)
     body = MilestoneReached(correlationId=cid, milestone=Milestone.of(step), statusUrl=url)
-    return JSONResponse(body, headers={"Content-Location": url, **applied})
+    headers = {"Content-Location": url, RUN_STATUS: Status.PENDING.value, **applied}
+    return JSONResponse(body, headers=headers)
 
 
 def _start_answer(d: Deps, cid: str, result: WaitResult, applied: dict[str, str]) -> Response:
@@ -332,6 +334,7 @@ def _start_answer(d: Deps, cid: str, result: WaitResult, applied: dict[str, str]
         error = ApiError(503, "the run of this correlationId vanished; retry the start")
         headers["Retry-After"] = str(d.options.retry_after_s)
         return JSONResponse(error.body, status_code=503, headers=headers)
+    headers[RUN_STATUS] = outcome.status.value
     if outcome.status is Status.OK:
         headers["Content-Location"] = url
         body = StartOk(correlationId=cid, result=outcome.data, statusUrl=url)
@@ -414,8 +417,8 @@ class Endpoint:
     operation: str | None = None
 
 
-_RUN_HEADERS = ("Content-Location",)
-_PENDING_HEADERS = ("Location", "Retry-After", "Content-Location")
+_RUN_HEADERS = ("Content-Location", RUN_STATUS)
+_PENDING_HEADERS = ("Location", "Retry-After", "Content-Location", RUN_STATUS)
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(

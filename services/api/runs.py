@@ -29,10 +29,17 @@ class Runs:
 
     async def events(self, key: str, by: str) -> list[EventRecord]:
         """The audit trail by traceabilityId, by correlationId, or (``by="any"``) by
-        traceabilityId and else by correlationId."""
+        traceabilityId and else by correlationId.
+
+        By correlationId it is the trail of the id's latest run: an id used again once its
+        record left Redis names a new run, whose trail is its own (the earlier run's rows
+        stay readable by that run's traceabilityId).
+        """
         events: list[EventRecord] = []
         if by in ("any", "traceabilityId"):
             events = await db.events_by_traceability(self._pool, key)
         if not events and by in ("any", "correlationId"):
-            events = await db.events_by_correlation(self._pool, key)
+            run = await self.get(key)
+            latest = run.traceability_id if run else None
+            events = await db.events_by_correlation(self._pool, key, traceability_id=latest)
         return events

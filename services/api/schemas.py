@@ -9,8 +9,9 @@ it and only adds beside it.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from http import HTTPStatus
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from urllib.parse import quote
 
 import orjson
@@ -18,12 +19,14 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     Field,
+    SkipValidation,
     ValidationInfo,
     WithJsonSchema,
     field_serializer,
     field_validator,
 )
 from starlette.responses import Response
+from typing_extensions import TypeAliasType
 
 from shared.eventlog import EventRecord
 from shared.state import ProcessState, iso
@@ -97,6 +100,39 @@ Timestamp = Annotated[
     str, Field(json_schema_extra={"format": "date-time"}, examples=["2025-01-31T12:00:00.123Z"])
 ]
 
+#: The engine stores variable names in a 255-character column.
+MAX_VARIABLE_NAME_CHARS = 255
+_NO_NUL = "^[^\\u0000]*$"
+_Key = Annotated[str, Field(pattern=_NO_NUL)]
+_Name = Annotated[str, Field(max_length=MAX_VARIABLE_NAME_CHARS, pattern=_NO_NUL)]
+_CLOSED = Field(json_schema_extra={"additionalProperties": False})
+#: What a stored JSON value may hold, as the schema documents it (``JsonValue``): no NUL
+#: in a string or a key (Postgres text refuses it), integers within 64 bits (a longer one
+#: cannot become a variable). Nesting is limited too (MAX_VARIABLES_DEPTH), which a schema
+#: cannot say. Documentation only: the validators below check a body in one pass
+#: (``SkipValidation`` spares the recursive walk).
+if TYPE_CHECKING:  # the fields below skip its validation: to a type checker it is Any
+    JsonValue = Any
+else:
+    JsonValue = TypeAliasType(
+        "JsonValue",
+        Union[  # noqa: UP007 - a recursive alias needs the Union form
+            bool,
+            Annotated[int, Field(ge=-(2**63), le=2**63 - 1)],
+            Annotated[float, WithJsonSchema({"type": "number", "not": {"type": "integer"}})],
+            Annotated[str, Field(pattern=_NO_NUL)],
+            list["JsonValue"],
+            Annotated[dict[_Key, "JsonValue"], _CLOSED],
+            None,
+        ],
+    )
+
+
+#: The header on every answer that carries a run's status (start, status, cancel): the
+#: run's status, so a client tells a run that ended ``error`` (HTTP 500, as the seed
+#: answers) from a fault of the server (500 without it) without reading the body.
+RUN_STATUS = "Flowgate-Run-Status"
+
 
 def status_url(correlation_id: str) -> str:
     """The run's status URL, its id percent-encoded (a path segment of any text)."""
@@ -112,8 +148,9 @@ class StartRequest(BaseModel):
     processKey: ProcessKey
     # `all` would have /api/process/status/all as its status URL: the list's path.
     correlationId: Annotated[CorrelationId, Field(json_schema_extra={"not": {"const": "all"}})]
-    variables: dict[str, Any] | None = Field(
-        default=None,
+    # An object when given (the seed's schema refuses `null` too).
+    variables: SkipValidation[Annotated[dict[_Name, JsonValue], _CLOSED]] = Field(
+        default_factory=dict,
         description="Process variables (a JSON object); nesting is limited in depth.",
         examples=[{"userId": "user-123"}],
     )
@@ -155,10 +192,10 @@ class StartRequest(BaseModel):
 
     @field_validator("variables")
     @classmethod
-    def _storable(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+    def _storable(cls, value: Any, info: ValidationInfo) -> dict[str, Any]:
         """Refuse here what the engine's database (or the audit table) would refuse later."""
-        if value is None:
-            return None
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON object")
         limit = (info.context or {}).get("max_depth")
         if limit is not None and json_depth(value) > limit:
             raise ValueError(f"nested deeper than {limit} levels")
@@ -181,6 +218,7 @@ class CancelRequest(BaseModel):
         default=None,
         min_length=1,
         max_length=1000,
+        pattern=_NO_NUL,
         description="Why (kept as the cancelled run's `error`).",
         examples=["the customer withdrew"],
     )
@@ -196,36 +234,51 @@ class CancelRequest(BaseModel):
 class CompleteRequest(BaseModel):
     correlationId: CorrelationId
     status: Literal["ok", "error"]
-    data: Any = Field(default=None, description="The result (any JSON); kept for `ok`.")
-    error: Any = Field(default=None, description="What went wrong (any JSON) for `error`.")
+    data: SkipValidation[JsonValue] = Field(
+        default=None, description="The result (any JSON); kept for `ok`."
+    )
+    # A string, as the seed's schema has it (its clients send a message).
+    error: str | None = Field(
+        default=None, pattern=_NO_NUL, description="What went wrong, for `error`."
+    )
 
-    @field_validator("data", "error")
+    @field_validator("data")
     @classmethod
     def _storable(cls, value: Any) -> Any:
         if _holds_nul(value):
             raise ValueError("contains a NUL character")
+        if _holds_long_integer(value):
+            raise ValueError("holds an integer beyond 64 bits")
         return value
-
-
-#: The engine stores variable names in a 255-character column.
-MAX_VARIABLE_NAME_CHARS = 255
 
 
 def _holds_nul(value: Any) -> bool:
     """Whether a NUL hides in a JSON value's strings or keys (Postgres text refuses it)."""
-    stack = [value]
+    return any(
+        "\x00" in text
+        for key, item in _leaves(value)
+        for text in (key, item)
+        if isinstance(text, str)
+    )
+
+
+def _holds_long_integer(value: Any) -> bool:
+    """Whether an integer beyond 64 bits hides in a JSON value (it cannot be stored as one:
+    the record's codec refuses it)."""
+    return any(isinstance(item, int) and not -(2**63) <= item < 2**63 for _, item in _leaves(value))
+
+
+def _leaves(value: Any) -> Iterator[tuple[str | None, Any]]:
+    """Every value of a JSON value with the key it sits under (iterative: a deep value
+    cannot exhaust the stack)."""
+    stack: list[tuple[str | None, Any]] = [(None, value)]
     while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return True
-        elif isinstance(item, dict):
-            if any("\x00" in key for key in item):
-                return True
-            stack.extend(item.values())
+        key, item = stack.pop()
+        yield key, item
+        if isinstance(item, dict):
+            stack.extend(item.items())
         elif isinstance(item, list):
-            stack.extend(item)
-    return False
+            stack.extend((None, child) for child in item)
 
 
 def json_depth(value: Any) -> int:
@@ -328,18 +381,54 @@ class ProcessStatus(BaseModel):
         }
 
 
+class StoredRecord(BaseModel):
+    """A run's record as the seed's list shows it (under ``data`` of each item)."""
+
+    status: Literal["pending", "ok", "error", "cancelled", "abandoned"]
+    data: Any = None
+    error: Any = None
+    startedAt: Timestamp
+    updatedAt: Timestamp
+
+
+class ListedProcess(BaseModel):
+    """One run of the list, in the seed's shape: its id and its record under ``data``
+    (``processes[i].data.status``), with flowgate's ``processKey`` and ``statusUrl`` beside."""
+
+    correlationId: str
+    data: StoredRecord
+    processKey: str
+    statusUrl: str
+
+    @classmethod
+    def of(cls, state: ProcessState) -> ListedProcess:
+        record = StoredRecord(
+            status=state.status.value,
+            data=state.data,
+            error=state.error,
+            startedAt=iso(state.started_at),
+            updatedAt=iso(state.updated_at),
+        )
+        return cls(
+            correlationId=state.correlation_id,
+            data=record,
+            processKey=state.process_key,
+            statusUrl=status_url(state.correlation_id),
+        )
+
+
 class StatusPage(BaseModel):
     """The seed's list (``count``, ``processes``), a page at a time."""
 
     count: int = Field(description="How many processes this page holds.")
-    processes: list[ProcessStatus]
+    processes: list[ListedProcess]
     nextCursor: str | None = Field(
         description="Pass as `cursor` for the next page; null at the end."
     )
 
     @classmethod
     def of(cls, states: list[ProcessState], next_cursor: str | None) -> StatusPage:
-        processes = [ProcessStatus.of(state) for state in states]
+        processes = [ListedProcess.of(state) for state in states]
         return cls(count=len(processes), processes=processes, nextCursor=next_cursor)
 
 

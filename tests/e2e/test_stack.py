@@ -170,6 +170,70 @@ async def test_replica_killed_with_parked_requests(healthy_stack: Stack) -> None
         assert response.status_code == 200, response.text
 
 
+async def test_a_replica_killed_behind_the_balancer_is_never_seen_by_its_clients(
+    healthy_stack: Stack,
+) -> None:
+    """SIGKILL with starts and status long-polls parked on both replicas: the balancer
+    resends the starts (idempotent by correlationId: each joins its run) and the reads to
+    the other replica, so every client gets its answer and none a 5xx."""
+    stack = healthy_stack
+    starts, polled = _cid("lb-kill"), _cid("lb-kill-poll")
+    async with client(stack.api_url) as lb:
+        await both_replicas_balanced(stack, lb)
+        with workers_paused(stack):
+            for i in range(12):
+                accepted = await lb.post(
+                    START, json=_onboard(f"{polled}-{i}"), headers={"Prefer": "respond-async"}
+                )
+                assert accepted.status_code == 202, accepted.text
+            polls = [
+                asyncio.create_task(lb.get(f"/api/process/status/{polled}-{i}?wait=50"))
+                for i in range(12)
+            ]
+            parked = await park(stack, lb, starts, 24)
+            before = len(stack.access_log())
+            pid = stack.signal("api-1", signal.SIGKILL)
+            await asyncio.to_thread(wait_until, lambda: not servers.pid_alive(pid), 5, "api-1")
+            await asyncio.sleep(1)  # the resent requests park on api-2 before the runs go on
+        answers = await asyncio.wait_for(asyncio.gather(*parked, *polls), timeout=80)
+    codes = Counter(answer.status_code for answer in answers)
+    assert set(codes) <= {200, 202}, [(a.status_code, a.text) for a in answers]
+    resent = [line for line in stack.access_log()[before:] if ", 127.0.0.1:" in line]
+    assert resent, "no request was parked on the killed replica: the test proved nothing"
+    async with client(stack.api_url) as lb:
+        cids = [f"{starts}-{i}" for i in range(24)] + [f"{polled}-{i}" for i in range(12)]
+        await wait_finished(lb, cids)
+        for cid in cids:  # one engine instance each: a resent start joined its run
+            assert _instances(stack, cid) == 1, cid
+
+
+async def both_replicas_balanced(stack: Stack, lb: httpx.AsyncClient) -> None:
+    """Until the balancer sends requests to both replicas again: after a replica's death
+    nginx leaves it out for its fail_timeout, even once it is back."""
+    replicas = {f"127.0.0.1:{port}" for port in stack.replica_ports}
+    deadline = time.monotonic() + 15
+    while True:
+        before = len(stack.access_log())
+        for _ in range(4):
+            assert (await lb.get("/healthz")).status_code == 200
+        used = {line.split("upstream=")[1].split()[0] for line in stack.access_log()[before:]}
+        if used == replicas:
+            return
+        assert time.monotonic() < deadline, f"the balancer uses only {used}"
+        await asyncio.sleep(0.5)
+
+
+def _instances(stack: Stack, correlation_id: str) -> int:
+    """Engine instances (running or ended) of one correlationId."""
+    response = httpx.get(
+        f"{stack.engine_url}/history/process-instance/count",
+        params={"processInstanceBusinessKey": correlation_id},
+        timeout=10,
+    )
+    response.raise_for_status()
+    return int(response.json()["count"])
+
+
 async def test_replica_sigterm_answers_parked_requests_with_202(healthy_stack: Stack) -> None:
     stack = healthy_stack
     prefix, via_lb = _cid("term"), _cid("term-lb")

@@ -552,6 +552,59 @@ async def test_status_falls_back_to_postgres_when_redis_forgot(api: Api) -> None
     assert late.json() == {"received": True, "changed": False}
 
 
+async def test_an_id_used_again_after_its_record_expired_is_a_run_of_its_own(
+    make_settings: MakeSettings, engine_url: str
+) -> None:
+    """Redis forgets a finished run after RESULT_TTL_S; the id then starts a new run, whose
+    versions count from 1 again. Postgres must hold the new run (status, audit trail) once
+    Redis forgets it too, and keep the old run's trail under its traceability id."""
+    await deploy(engine_url)
+    settings = make_settings(camunda_base_url=engine_url, result_ttl_s=1)
+    correlation_id = cid()
+    async with running_app(settings) as api:
+
+        async def one_run(n: int) -> str:
+            started = await api.client.post(
+                "/api/process/start",
+                json=start_body(correlation_id),
+                headers={"Prefer": "respond-async"},
+            )
+            assert started.status_code == 202, started.text
+            state = await api.deps.store.get(correlation_id)
+            assert state is not None
+            assert state.traceability_id
+            trace = state.traceability_id
+            done = await api.client.post(
+                "/api/process/complete",
+                json={"correlationId": correlation_id, "status": "ok", "data": {"run": n}},
+            )
+            assert done.json()["changed"] is True
+
+            async def persisted_and_forgotten() -> bool:
+                row = await db.get_process(api.deps.pool, correlation_id)
+                trail = await db.events_by_traceability(api.deps.pool, trace)
+                gone = not await api.deps.redis.exists(api.deps.keys.state(correlation_id))
+                return gone and row is not None and row.data == {"run": n} and len(trail) == 2
+
+            await until(persisted_and_forgotten, timeout_s=15)
+            return trace
+
+        first = await one_run(1)
+        second = await one_run(2)
+        status = await api.client.get(f"/api/process/status/{correlation_id}")
+        assert (status.status_code, status.json()["data"]) == (200, {"run": 2})
+        trail = (await api.client.get(f"/api/event-log/{correlation_id}")).json()["eventLog"]
+        assert [(row["step_name"], row["traceability_id"]) for row in trail] == [
+            ("start", second),
+            ("complete", second),
+        ]
+        old = (await api.client.get(f"/api/event-log/{first}")).json()["eventLog"]
+        assert [(row["step_name"], row["result"]) for row in old] == [
+            ("start", None),
+            ("complete", {"run": 1}),
+        ]
+
+
 async def test_status_all_pages_newest_first(api: Api) -> None:
     ids = []
     for _ in range(5):

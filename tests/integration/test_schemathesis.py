@@ -51,15 +51,28 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     settings = make_settings(camunda_base_url=engine_url, sync_timeout_ms=200)
     st = shutil.which("st")
     assert st, "schemathesis CLI (st) not installed"
-    async with replica(
-        settings,
-        tmp_path,
-        "fuzzed",
-        MAX_WAIT_MS="1000",
-        API_KEYS="client-key",
-        COMPLETE_TOKEN="internal-token",
-        LOG_LEVEL="WARNING",
-    ) as server:
+    # A worker ends the runs the fuzzer starts within moments, as a live deployment would:
+    # an event stream of a run that never ends would only end at the client's timeout.
+    async with (
+        replica(
+            settings,
+            tmp_path,
+            "fuzzed",
+            MAX_WAIT_MS="1000",
+            API_KEYS="client-key",
+            COMPLETE_TOKEN="internal-token",
+            LOG_LEVEL="WARNING",
+        ) as server,
+        replica(
+            settings,
+            tmp_path,
+            "worker",
+            module="services.worker",
+            port_setting="WORKER_HEALTH_PORT",
+            ready_path="/healthz",
+            LOG_LEVEL="WARNING",
+        ),
+    ):
         config = tmp_path / "schemathesis.toml"
         config.write_text(CONFIG)
         run = await asyncio.create_subprocess_exec(

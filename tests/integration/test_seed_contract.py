@@ -92,7 +92,11 @@ async def test_a_business_id_goes_through_start_wait_wake_status_list_and_event_
     assert polled.json()["correlationId"] == correlation_id
 
     listed = (await a.client.get("/api/process/status/all", params={"limit": 500})).json()
-    assert correlation_id in [p["correlationId"] for p in listed["processes"]]
+    # The seed lists each run's id and its stored record under `data`.
+    records = {p["correlationId"]: p["data"] for p in listed["processes"]}
+    assert records[correlation_id]["status"] == "ok"
+    assert records[correlation_id]["data"] == {"n": 1}
+    assert set(records[correlation_id]) == {"status", "data", "error", "startedAt", "updatedAt"}
 
     async def audited() -> bool:
         return len(await db.events_by_correlation(a.deps.pool, correlation_id)) == 2
@@ -178,6 +182,7 @@ async def test_a_numeric_correlation_id_is_its_string(replicas: tuple[Api, Api])
         ({"processKey": BENCHMARK}, "correlationId"),
         ({"processKey": BENCHMARK, "correlationId": ""}, "correlationId"),
         ({"processKey": BENCHMARK, "correlationId": "c", "variables": [1]}, "variables"),
+        ({"processKey": BENCHMARK, "correlationId": "c", "variables": None}, "variables"),
     ],
 )
 async def test_a_400_is_fastify_shaped_and_names_the_field(
@@ -189,3 +194,41 @@ async def test_a_400_is_fastify_shaped_and_names_the_field(
     error = answer.json()
     assert (error["statusCode"], error["error"]) == (400, "Bad Request")
     assert field in error["message"]
+
+
+async def test_a_completion_body_is_checked_before_its_run_is_looked_up(
+    replicas: tuple[Api, Api],
+) -> None:
+    a, _ = replicas
+    answer = await a.client.post(
+        "/api/process/complete",
+        json={"correlationId": "nobody", "status": "error", "error": {"code": 1}},
+    )
+    assert answer.status_code == 400
+    assert answer.json()["field"] == "error"
+
+
+async def test_a_run_that_ended_error_is_told_from_a_server_fault_by_a_header(
+    replicas: tuple[Api, Api],
+) -> None:
+    a, _ = replicas
+    correlation_id = f"order {asyncio.get_running_loop().time()}"
+    accepted = await a.client.post(
+        "/api/process/start", json=body(correlation_id), headers={"Prefer": "respond-async"}
+    )
+    assert accepted.headers["flowgate-run-status"] == "pending"
+    pending = await a.client.get(url(correlation_id))
+    assert (pending.status_code, pending.headers["flowgate-run-status"]) == (202, "pending")
+    await a.client.post(
+        "/api/process/complete",
+        json={"correlationId": correlation_id, "status": "error", "error": "declined"},
+    )
+    for answer in (
+        await a.client.get(url(correlation_id)),
+        await a.client.post("/api/process/start", json=body(correlation_id)),
+        await a.client.post(f"/api/process/cancel/{quote(correlation_id, safe='')}"),
+    ):
+        assert answer.headers["flowgate-run-status"] == "error", answer.text
+        assert answer.json()["status"] == "error"
+    unknown = await a.client.get(url("nobody"))
+    assert "flowgate-run-status" not in unknown.headers

@@ -94,15 +94,23 @@ def test_variables_depth_is_limited_by_the_validation_context() -> None:
         StartRequest.model_validate(body, context={"max_depth": 2})
 
 
-def test_unknown_fields_are_ignored_and_variables_may_be_null() -> None:
-    body = {"processKey": "p", "correlationId": "c", "variables": None, "legacy": 1}
-    assert StartRequest.model_validate(body).variables is None
+def test_unknown_fields_are_ignored_and_variables_may_be_left_out_but_not_null() -> None:
+    body = {"processKey": "p", "correlationId": "c", "legacy": 1}
+    assert StartRequest.model_validate(body).variables == {}
+    # The seed's schema: `variables` is an object when given.
+    with pytest.raises(ValidationError, match="variables"):
+        StartRequest.model_validate({**body, "variables": None})
 
 
-def test_complete_status_is_ok_or_error() -> None:
+def test_complete_status_is_ok_or_error_and_its_error_a_string() -> None:
     assert CompleteRequest.model_validate({"correlationId": "c", "status": "error"}).error is None
     with pytest.raises(ValidationError):
         CompleteRequest.model_validate({"correlationId": "c", "status": "pending"})
+    # The seed's schema refuses any other error (before it looks the run up).
+    with pytest.raises(ValidationError, match="error"):
+        CompleteRequest.model_validate(
+            {"correlationId": "c", "status": "error", "error": {"code": 1}}
+        )
 
 
 def test_error_bodies_are_fastify_shaped_and_leave_out_a_missing_field() -> None:

@@ -99,3 +99,54 @@ def test_run_raises_for_another_end(answer: httpx.Response, raised: type[Excepti
     http = httpx.Client(base_url="http://flowgate", transport=httpx.MockTransport(lambda _: answer))
     with Client("http://flowgate", http=http) as flowgate, pytest.raises(raised):
         flowgate.run("p", "c-1")
+
+
+def _given_up_then_ok() -> tuple[Handler, list[str]]:
+    """A start answered 202 whose start the server then gave up (its status answers the
+    start's 503, then its 404 "no such process definition" once Redis dropped the record),
+    and a new start that runs to the end."""
+    answers = [
+        httpx.Response(202, json=_run("pending")),
+        httpx.Response(503, json={"message": "interrupted; retry"}, headers={"retry-after": "0"}),
+        httpx.Response(202, json=_run("pending")),
+        httpx.Response(404, json={"status": "not_found", "correlationId": "c-1"}),
+        httpx.Response(200, json=_run("ok", data={"n": 3})),
+    ]
+    requests: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(f"{request.method} {request.url.path}")
+        return answers.pop(0)
+
+    return handler, requests
+
+
+_STARTED_AGAIN = [
+    "POST /api/process/start",
+    "GET /api/process/status/c-1",  # 503: the start was given up
+    "POST /api/process/start",
+    "GET /api/process/status/c-1",  # 404: Redis lost the run
+    "POST /api/process/start",
+]
+
+
+async def test_run_starts_again_after_a_given_up_start() -> None:
+    handler, requests = _given_up_then_ok()
+    async with _client(handler) as flowgate:
+        assert await flowgate.run("p", "c-1", timeout=30) == {"n": 3}
+    assert requests == _STARTED_AGAIN
+
+
+def test_run_starts_again_after_a_given_up_start_sync() -> None:
+    handler, requests = _given_up_then_ok()
+    http = httpx.Client(base_url="http://flowgate", transport=httpx.MockTransport(handler))
+    with Client("http://flowgate", http=http) as flowgate:
+        assert flowgate.run("p", "c-1", timeout=30) == {"n": 3}
+    assert requests == _STARTED_AGAIN
+
+
+async def test_run_raises_what_a_start_is_refused_for() -> None:
+    refused = httpx.Response(404, json={"message": "no process definition with key 'p'"})
+    async with _client(lambda _: refused) as flowgate:
+        with pytest.raises(NotFound, match="no process definition"):
+            await flowgate.run("p", "c-1")

@@ -224,8 +224,17 @@ def _check_nginx_conf(conf: str, max_wait_s: float, keepalive_s: float) -> None:
         values = [_seconds(v) for v in _nginx_directives(conf, name)]
         assert values, f"{name} is not set (nginx's default 60 s cuts parked requests)"
         assert min(values) > max_wait_s, f"{name} {values} must exceed MAX_WAIT_MS"
-    # Never resend a POST that reached a replica (a start would run twice).
-    assert _nginx_directives(conf, "proxy_next_upstream") == ["error timeout"]
+    # Resend what is safe to repeat: reads everywhere, and only the POSTs that are
+    # idempotent by their id (a start joins its run; a cancel is harmless twice).
+    assert _nginx_directives(conf, "proxy_next_upstream")[0] == "error timeout"
+    for path in ("= /api/process/start", "/api/process/cancel/"):
+        block = re.search(rf"location {re.escape(path)} \{{([^}}]*)\}}", conf)
+        assert block, f"no location {path}"
+        assert _nginx_directives(block[1], "proxy_next_upstream") == [
+            "error timeout non_idempotent"
+        ]
+    resent = re.findall(r"location ([^{]+)\{[^}]*non_idempotent", conf)
+    assert {r.strip() for r in resent} == {"= /api/process/start", "/api/process/cancel/"}
     # HTTP/1.1 keep-alive to the replicas, closed by nginx before the API closes it.
     assert _nginx_directives(conf, "proxy_http_version") == ["1.1"]
     upstream_idle = [_seconds(v) for v in _nginx_directives(conf, "keepalive_timeout")]
@@ -406,6 +415,16 @@ def test_k8s_ingress_waits_longer_than_max_wait(base: list[dict[str, Any]]) -> N
     for name in ("proxy-read-timeout", "proxy-send-timeout"):
         assert _seconds(annotations[prefix + name]) > max_wait_s
     assert annotations[prefix + "proxy-next-upstream"] == "error timeout"
+    # The POSTs idempotent by their id are resent when their replica dies; no other.
+    idempotent = _by_kind(base, "Ingress", "flowgate-idempotent")
+    resent = idempotent["metadata"]["annotations"]
+    assert resent[prefix + "proxy-next-upstream"] == "error timeout non_idempotent"
+    for name in ("proxy-read-timeout", "proxy-send-timeout"):
+        assert _seconds(resent[prefix + name]) > max_wait_s
+    assert {(p["path"], p["pathType"]) for r in idempotent["spec"]["rules"]
+            for p in r["http"]["paths"]} == {
+        ("/api/process/start", "Exact"), ("/api/process/cancel", "Prefix")
+    }  # fmt: skip
     assert annotations[prefix + "proxy-buffering"] == "off", "live progress must not be buffered"
     # The API keeps idle connections longer than ingress-nginx's upstream keep-alive (60 s).
     assert int(config["KEEPALIVE_S"]) > 60

@@ -118,10 +118,32 @@ def _outcome(run: RunStatus) -> Any:
 
 
 class _Run:
-    """Following one run to its end: what to ask next, and how long to wait for it."""
+    """Following one run to its end: what to ask next, and how long to wait for it.
+
+    It starts, then long-polls the status. A status read that answers an error after the
+    start was accepted means the start was given up (the engine never got it, or refused
+    it: the status answers what the start would have) or Redis lost the run: it starts
+    again, which is safe (a start with the same correlationId never starts a second run)
+    and answers for itself (the new run, or the engine's refusal, raised to the caller).
+    """
 
     def __init__(self, timeout: float | None) -> None:
         self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.last: RunStatus | None = None
+        #: The next request is a start (at first, and after a given-up start).
+        self.starting = True
+
+    @property
+    def finished(self) -> bool:
+        return self.last is not None and self.last.finished
+
+    def answered(self, run: RunStatus) -> None:
+        self.last = run
+        self.starting = False
+
+    def outcome(self) -> Any:
+        assert self.last is not None
+        return _outcome(self.last)
 
     def wait(self) -> float:
         """Seconds the next long-poll may wait; TimeoutError once the deadline passed."""
@@ -133,8 +155,15 @@ class _Run:
         return max(min(LONG_POLL_S, left), 1.0)
 
     def pause(self, error: Exception) -> float:
-        """How long to pause before asking again after ``error``; re-raises when the
-        deadline would pass meanwhile."""
+        """How long to pause before asking again after ``error``; re-raises an answer that
+        asking again cannot change, or when the deadline would pass meanwhile."""
+        if isinstance(error, ApiError) and not isinstance(error, Unavailable):
+            if self.starting:
+                raise error  # the start itself was refused (400, 404, 422, ...)
+            self.starting = True  # the start was given up: start again at once
+            return 0.0
+        if isinstance(error, Unavailable) and not self.starting:
+            self.starting = True  # a given-up start answers its 502/503 on status too
         pause = error.retry_after if isinstance(error, Unavailable) else RECONNECT_S
         if self.deadline is not None and time.monotonic() + pause >= self.deadline:
             raise error
@@ -279,19 +308,18 @@ class AsyncClient:
         :class:`RunCancelled` for another end, TimeoutError after ``timeout`` seconds (the
         run goes on). Engine or store outages are waited out."""
         follow = _Run(timeout)
-        answer: RunStatus | None = None
-        while answer is None or not answer.finished:
+        while not follow.finished:
             try:
-                if answer is None:
-                    answer = await self.start(
+                if follow.starting:
+                    follow.answered(await self.start(
                         process_key, correlation_id, variables,
                         wait=follow.wait(), fetch_variables=fetch_variables,
-                    )  # fmt: skip
+                    ))  # fmt: skip
                 else:
-                    answer = await self.status(correlation_id, wait=follow.wait())
-            except (Unavailable, httpx.TransportError) as error:
+                    follow.answered(await self.status(correlation_id, wait=follow.wait()))
+            except (ApiError, httpx.TransportError) as error:
                 await asyncio.sleep(follow.pause(error))
-        return _outcome(answer)
+        return follow.outcome()
 
     async def events(
         self, correlation_id: str, *, last_event_id: str | None = None
@@ -397,19 +425,18 @@ class Client:
     ) -> Any:
         """See :meth:`AsyncClient.run`."""
         follow = _Run(timeout)
-        answer: RunStatus | None = None
-        while answer is None or not answer.finished:
+        while not follow.finished:
             try:
-                if answer is None:
-                    answer = self.start(
+                if follow.starting:
+                    follow.answered(self.start(
                         process_key, correlation_id, variables,
                         wait=follow.wait(), fetch_variables=fetch_variables,
-                    )  # fmt: skip
+                    ))  # fmt: skip
                 else:
-                    answer = self.status(correlation_id, wait=follow.wait())
-            except (Unavailable, httpx.TransportError) as error:
+                    follow.answered(self.status(correlation_id, wait=follow.wait()))
+            except (ApiError, httpx.TransportError) as error:
                 time.sleep(follow.pause(error))
-        return _outcome(answer)
+        return follow.outcome()
 
     def events(self, correlation_id: str, *, last_event_id: str | None = None) -> Iterator[Event]:
         """See :meth:`AsyncClient.events`."""

@@ -151,24 +151,31 @@ async def events_by_traceability(
     pool: AsyncConnectionPool, traceability_id: str
 ) -> list[EventRecord]:
     """The audit trail of one run by its traceability id, in step order."""
-    return await _events(pool, "traceability_id", traceability_id)
+    return await _events(pool, {"traceability_id": traceability_id})
 
 
 async def events_by_correlation(
-    pool: AsyncConnectionPool, correlation_id: str
+    pool: AsyncConnectionPool, correlation_id: str, *, traceability_id: str | None = None
 ) -> list[EventRecord]:
-    """The audit trail of one run by its correlation id, in step order."""
-    return await _events(pool, "correlation_id", correlation_id)
+    """The audit trail by correlation id, in step order: of the run with
+    ``traceability_id`` when given, else of every run that used the id."""
+    if traceability_id is None:
+        return await _events(pool, {"correlation_id": correlation_id})
+    return await _events(
+        pool, {"correlation_id": correlation_id, "traceability_id": traceability_id}
+    )
 
 
-async def _events(pool: AsyncConnectionPool, column: str, value: str) -> list[EventRecord]:
-    query = sql.SQL("SELECT {columns} FROM event_log WHERE {column} = %s {order}").format(
+async def _events(pool: AsyncConnectionPool, where: dict[str, str]) -> list[EventRecord]:
+    query = sql.SQL("SELECT {columns} FROM event_log WHERE {where} {order}").format(
         columns=sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS)),
-        column=sql.Identifier(column),
+        where=sql.SQL(" AND ").join(
+            sql.SQL("{} = %s").format(sql.Identifier(column)) for column in where
+        ),
         order=sql.SQL(_EVENT_ORDER),
     )
     async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(query, (value,))
+        await cur.execute(query, tuple(where.values()))
         rows = await cur.fetchall()
     return [EventRecord(**{**row, "created_at": row["created_at"].astimezone(UTC)}) for row in rows]
 

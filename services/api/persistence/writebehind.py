@@ -6,8 +6,8 @@ through its consumer group ``flusher`` (one pipelined read for all of them; a Re
 answers it shard by shard), so the replicas share each partition's entries, and writes each
 batch in one transaction:
 
-* ``state``  -> ``process_store`` upsert that only moves forward (``version`` guard), so a
-  replay or a late, out-of-order entry never overwrites a newer row;
+* ``state``  -> ``process_store`` upsert that only moves forward (a later run, then a later
+  ``version``), so a replay or a late, out-of-order entry never overwrites a newer row;
 * ``event``  -> ``event_log`` insert keyed by the stream and entry id (``ON CONFLICT DO
   NOTHING``).
 
@@ -47,13 +47,19 @@ log = logging.getLogger(__name__)
 
 
 def _upsert_state() -> str:
-    """An upsert that only moves forward: a replayed or late entry never overwrites newer."""
+    """An upsert that only moves forward: a replayed or late entry never overwrites newer.
+
+    Newer is a later run first (a correlationId used again once its record left Redis
+    starts a run whose versions count from 1 again, and which must replace the old run's
+    row), then a later version of the same run.
+    """
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS if c != "correlation_id")
     return (
         f"INSERT INTO process_store ({', '.join(COLUMNS)})"
         f" VALUES ({', '.join(['%s'] * len(COLUMNS))})"
         f" ON CONFLICT (correlation_id) DO UPDATE SET {updates}"
-        " WHERE process_store.version < EXCLUDED.version"
+        " WHERE (process_store.started_at, process_store.version)"
+        " < (EXCLUDED.started_at, EXCLUDED.version)"
     )
 
 
