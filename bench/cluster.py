@@ -7,7 +7,7 @@ Redis; the same API code runs on both (``REDIS_CLUSTER``). Per round, single the
 * start-and-wake per API process: wrk against one API (CPU 0) with the stand-in engine in
   ``instant`` mode, as in item 4;
 * wake latency with ``cluster_parked`` requests parked on one API, as in item 2: each probe
-  is completed with ``ProcessStore.finish`` (its publish is an ``SPUBLISH`` on the cluster),
+  is completed with ``RunStore.finish`` (its publish is an ``SPUBLISH`` on the cluster),
   timed from the call's return to the probe's response;
 * message load per replica: 1, 2 and 3 API replicas on one prefix, ``cluster_messages`` runs
   claimed and finished from this process; each replica's
@@ -31,7 +31,7 @@ from shared.contract import SystemVariables
 from shared.keys import Keys
 from shared.redis_client import connect, read_topology
 from shared.state import Status
-from shared.store import ProcessStore
+from shared.store.runs import RunStore
 
 MESSAGES = "flowgate_api_pubsub_messages_total"
 REPLICAS = (1, 2, 3)
@@ -131,7 +131,7 @@ async def _message_load(run_: Run, stack: Stack, profile: Profile) -> dict[int, 
 
 async def _finish_runs(stack: Stack, prefix: str, count: int) -> None:
     redis = connect(stack.redis_url, cluster=stack.redis_cluster, max_connections=64)
-    store = ProcessStore(redis, Keys(prefix), result_ttl_s=600, pending_ttl_s=600)
+    store = RunStore(redis, Keys(prefix), result_ttl_s=600, pending_ttl_s=600)
     gate = asyncio.Semaphore(32)
 
     async def one(n: int) -> None:

@@ -3,7 +3,7 @@
 The API is pinned to CPU 0; this process (the clients and the completer) to CPU 1. Requests
 are started through the API (``Prefer: wait=120``) against the stand-in engine in ``park``
 mode, which never completes anything, so they stay parked until the benchmark completes
-their state itself with ``ProcessStore.finish`` (the worker's path: state write + PUBLISH
+their state itself with ``RunStore.finish`` (the worker's path: state write + PUBLISH
 in one Lua script).
 
 * Wake latency: with L requests parked (L - 1 in the background plus one probe), the probe
@@ -34,7 +34,7 @@ from bench.rawhttp import Connection, Response
 from shared.keys import Keys
 from shared.redis_client import RedisClient
 from shared.state import Status
-from shared.store import ProcessStore
+from shared.store.runs import RunStore
 
 WAIT_HEADER = {"Prefer": "wait=120"}
 PARKED_GAUGE = "flowgate_api_parked_requests"
@@ -48,7 +48,7 @@ class Parker:
         self.api = api
         self.redis = redis
         self.keys = keys
-        self.store = ProcessStore(redis, keys, result_ttl_s=3600, pending_ttl_s=3600)
+        self.store = RunStore(redis, keys, result_ttl_s=3600, pending_ttl_s=3600)
         self.waiting: dict[str, tuple[Connection, asyncio.Task[Response]]] = {}
 
     async def park(self, cid: str) -> None:
@@ -122,12 +122,12 @@ async def probe(parker: Parker, background: int) -> tuple[float, float, float, b
 async def _complete_all(parker: Parker, spread_s: float) -> dict[str, Any]:
     """Complete every parked request, evenly over ``spread_s``; check every answer."""
     items = list(parker.waiting.items())
-    # The same ProcessStore.finish, queued on a pipeline: a burst of completions goes out in
+    # The same RunStore.finish, queued on a pipeline: a burst of completions goes out in
     # one round trip instead of costing this process one each (a single Redis's pipeline:
     # a cluster's cannot run scripts).
     assert isinstance(parker.redis, Redis)
     pipeline = parker.redis.pipeline(transaction=False)
-    queued = ProcessStore(pipeline, parker.keys, result_ttl_s=3600, pending_ttl_s=3600)
+    queued = RunStore(pipeline, parker.keys, result_ttl_s=3600, pending_ttl_s=3600)
     completed_at: dict[str, float] = {}
     ticks = max(1, int(spread_s / 0.01))
     per_tick = -(-len(items) // ticks)

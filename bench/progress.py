@@ -3,14 +3,14 @@
 The API is pinned to CPU 0; this process (the streams, the receiver, the recorder) to CPU 1.
 Runs are started through the API (``Prefer: respond-async``) against the stand-in engine in
 ``park`` mode, which never ends anything; this process plays the worker with the worker's
-own calls on ``ProcessStore``.
+own calls on ``RunStore``.
 
 * Step delivery: a probe run has a live-progress stream open
-  (``GET /api/process/events/{id}``); ``ProcessStore.record_step`` records a step for it
+  (``GET /api/process/events/{id}``); ``RunStore.record_step`` records a step for it
   (stream entry + PUBLISH in one Lua script, as a worker does) and the latency is from that
   call's return to the client reading the ``event: step``.
 * Callback delivery: the probe run was started with a ``callbackUrl`` on a loopback receiver
-  here; ``ProcessStore.finish`` ends it (as a worker does) and the latency is from that call's
+  here; ``RunStore.finish`` ends it (as a worker does) and the latency is from that call's
   return to the POST arriving. Replicas look for due callbacks every 100 ms, so most of it is
   that poll; the stream's ``event: end`` latency is recorded too.
 
@@ -42,7 +42,7 @@ from services.api.callbacks import POLL_INTERVAL_S
 from shared.keys import Keys
 from shared.state import Status
 from shared.steps import StepEvent, StepStatus
-from shared.store import ProcessStore
+from shared.store.runs import RunStore
 
 ASYNC = {"Prefer": "respond-async"}
 STREAMS_GAUGE = "flowgate_api_event_streams"
@@ -158,7 +158,7 @@ def _step(n: int) -> StepEvent:
 class _Bench:
     api: ours.Api
     starts: Pool
-    store: ProcessStore
+    store: RunStore
     receiver: Receiver
 
     async def start(self, cid: str, callback: bool = False) -> None:
@@ -202,7 +202,7 @@ class _Bench:
         await stream.open(self.api.port)
         try:
             await self.following(background + 1)  # not measured
-            await self.store.record_step(cid, _step(1))
+            await self.store.steps.record(cid, _step(1))
             recorded = time.perf_counter()
             step_at = await stream.next("step")
             callback = self.receiver.expect(cid)
@@ -257,7 +257,7 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
         database_url=ours.new_schema(stack, "progress"), cpu=SERVER_CPU,
     )  # fmt: skip
     redis = Redis.from_url(stack.redis_url)
-    store = ProcessStore(redis, Keys(prefix), result_ttl_s=3600, pending_ttl_s=3600)
+    store = RunStore(redis, Keys(prefix), result_ttl_s=3600, pending_ttl_s=3600)
     background: list[Stream] = []
     rounds: dict[str, list[dict[str, list[float]]]] = {"quiet": [], "streams": []}
     closings: list[dict[str, int]] = []

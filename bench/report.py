@@ -422,7 +422,7 @@ def _parked(r: dict[str, Any]) -> list[str]:
             wake_rows,
         ),
         "",
-        "Wake = `ProcessStore.complete` (state write + PUBLISH, one Lua script) has returned "
+        "Wake = `RunStore.complete` (state write + PUBLISH, one Lua script) has returned "
         "-> the response headers at the client. `From call start` adds the completer's own "
         "Redis round trip (an upper bound).",
         "",
@@ -641,8 +641,8 @@ def _progress(r: dict[str, Any]) -> list[str]:
         "",
         _table(["side", "delivery", "p50 ms", "p90", "p99", "max", "n"], rows),
         "",
-        "step: from `ProcessStore.record_step` returning (the worker's call) to the client "
-        "reading `event: step` on its open stream; end: from `ProcessStore.finish` returning "
+        "step: from `RunStore.record_step` returning (the worker's call) to the client "
+        "reading `event: step` on its open stream; end: from `RunStore.finish` returning "
         "to `event: end`; callback: from the same `finish` to the POST arriving at a loopback "
         "receiver (replicas look for due callbacks every 100 ms). "
         f"{ended['ended']} of {ended['streams']} background streams read their end.",

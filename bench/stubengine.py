@@ -5,7 +5,7 @@
 It answers ``POST …/process-definition/key/{key}/start`` with a new instance id and:
 
 * ``instant``: then completes the process state at once through
-  ``shared.store.ProcessStore.finish`` (the worker's own completion path), so a start
+  ``shared.store.runs.RunStore.finish`` (the worker's own completion path), so a start
   through the API measures the wait room and the state path without the engine;
 * ``park``:    does nothing more; the benchmark completes states itself when it wants to.
 
@@ -26,7 +26,7 @@ import orjson
 from shared.keys import Keys
 from shared.redis_client import connect
 from shared.state import Status
-from shared.store import ProcessStore
+from shared.store.runs import RunStore
 
 _HEADER_END = b"\r\n\r\n"
 
@@ -46,7 +46,7 @@ _VERSION = _response(b'{"version":"stand-in"}')
 
 
 class StubEngine:
-    def __init__(self, store: ProcessStore, mode: str) -> None:
+    def __init__(self, store: RunStore, mode: str) -> None:
         self.store = store
         self.instant = mode == "instant"
         self.tasks: set[asyncio.Task[bool]] = set()
@@ -111,7 +111,7 @@ class _Protocol(asyncio.Protocol):
 
 async def serve(port: int, redis_url: str, prefix: str, mode: str, cluster: bool) -> None:
     redis = connect(redis_url, cluster=cluster, max_connections=256)
-    store = ProcessStore(redis, Keys(prefix), result_ttl_s=3600, pending_ttl_s=3600)
+    store = RunStore(redis, Keys(prefix), result_ttl_s=3600, pending_ttl_s=3600)
     engine = StubEngine(store, mode)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: _Protocol(engine), "127.0.0.1", port, backlog=4096)

@@ -2,7 +2,7 @@
 
 One API process pinned to CPU 0, against the stand-in engine (bench/stubengine.py, mode
 ``instant``: its start call returns an instance id and completes the state at once through
-``ProcessStore.complete``), so what is measured is the API's HTTP handling, the state path
+``RunStore.complete``), so what is measured is the API's HTTP handling, the state path
 (claim, attach, complete) and the wait room, not Camunda. wrk (one thread, 64 connections)
 on CPU 1 with the stand-in; Redis and PostgreSQL float. Per round (A B C A B C):
 start-and-wake; status reads of the states that run created; GET /healthz, the HTTP stack's

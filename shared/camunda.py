@@ -118,7 +118,8 @@ class TopicRequest:
     business_key: str | None = None
     process_definition_key: str | None = None
 
-    def to_json(self) -> JsonObject:
+    def to_body(self) -> JsonObject:
+        """The topic as the request body holds it."""
         body: JsonObject = {
             "topicName": self.topic_name,
             "lockDuration": self.lock_duration_ms,
@@ -410,7 +411,7 @@ class CamundaClient:
             "maxTasks": max_tasks,
             "usePriority": use_priority,
             "sorting": [{"sortBy": "createTime", "sortOrder": "asc"}],
-            "topics": [topic.to_json() for topic in topics],
+            "topics": [topic.to_body() for topic in topics],
         }
         read_s = self._timeout_s
         if async_response_timeout_ms is not None:

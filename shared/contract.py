@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from shared.camunda import LockedTask
-from shared.state import ProcessState
+from shared.state import RunState
 
 #: The variable holding the run's correlationId (the engine's businessKey holds it too).
 CORRELATION_ID = "correlationId"
@@ -47,7 +47,7 @@ class SystemVariables:
         return cls(correlation_id, str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))
 
     @classmethod
-    def of(cls, state: ProcessState) -> SystemVariables:
+    def of(cls, state: RunState) -> SystemVariables:
         return cls(
             state.correlation_id,
             state.batch_id or "",
@@ -94,7 +94,7 @@ class StartFailed:
     error: str
     field: str | None = None
 
-    def to_json(self) -> str:
+    def to_json(self) -> bytes:
         return orjson.dumps(
             {
                 "kind": "startFailed",
@@ -103,10 +103,10 @@ class StartFailed:
                 "error": self.error,
                 "field": self.field,
             }
-        ).decode()
+        )
 
     @classmethod
-    def of(cls, state: ProcessState) -> StartFailed:
+    def of(cls, state: RunState) -> StartFailed:
         """The answer an abandoned run's starter gave (kept as the run's ``error``)."""
         error = state.error if isinstance(state.error, dict) else {}
         return cls._from_object({**error, "correlationId": state.correlation_id})
@@ -131,7 +131,7 @@ class StepRecorded:
     id: str
 
 
-Message = ProcessState | StartFailed | StepRecorded
+Message = RunState | StartFailed | StepRecorded
 
 
 def correlation_id_of_message(raw: bytes) -> tuple[str, bytes]:
@@ -149,4 +149,4 @@ def decode_message(raw: bytes | str) -> Message:
         return StartFailed._from_object(obj)
     if kind == "step":
         return StepRecorded(str(obj["id"]))
-    return ProcessState.from_dict(obj)
+    return RunState.from_dict(obj)

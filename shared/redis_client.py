@@ -84,3 +84,10 @@ def is_cluster(redis: RedisClient) -> bool:
 def publish_verb(redis: RedisClient) -> str:
     """The command the store's scripts publish run changes with."""
     return "SPUBLISH" if is_cluster(redis) else "PUBLISH"
+
+
+def text(raw: bytes | str) -> str:
+    """A value Redis answered, as text. The clients never decode answers themselves (most
+    are JSON, which orjson reads from bytes as they come), so this is bytes; redis-py's
+    types allow text as well."""
+    return raw.decode() if isinstance(raw, bytes) else raw

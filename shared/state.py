@@ -1,4 +1,4 @@
-"""The run's record, :class:`ProcessState`, and its one codec.
+"""The run's record, :class:`RunState`, and its one codec.
 
 One record, four shapes, all derived from the dataclass below so that none can drift:
 
@@ -14,7 +14,7 @@ Lua            ``state_json(key)`` (:data:`STATE_JSON_LUA`) builds the wire obje
 Postgres row   snake_case columns (:data:`COLUMNS`), ``data``/``error`` as jsonb
 =============  ==============================================================================
 
-A field added to :class:`ProcessState` appears in all four; a migration adds its column
+A field added to :class:`RunState` appears in all four; a migration adds its column
 (tests/integration/test_state_columns.py fails until it does).
 """
 
@@ -30,6 +30,8 @@ from typing import Any
 
 import orjson
 
+from shared.redis_client import text
+
 
 class Status(StrEnum):
     PENDING = "pending"
@@ -43,7 +45,7 @@ class Status(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class ProcessState:
+class RunState:
     """One run as Redis holds it; times are aware UTC datetimes (millisecond precision)."""
 
     correlation_id: str
@@ -88,21 +90,21 @@ class ProcessState:
         return tuple(getattr(self, f.attr) for f in FIELDS)
 
     @classmethod
-    def from_dict(cls, obj: Mapping[str, Any]) -> ProcessState:
+    def from_dict(cls, obj: Mapping[str, Any]) -> RunState:
         return cls(**{f.attr: f.kind.from_wire(obj.get(f.wire)) for f in FIELDS})
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> ProcessState:
+    def from_json(cls, raw: bytes | str) -> RunState:
         return cls.from_dict(orjson.loads(raw))
 
     @classmethod
-    def from_hash(cls, fields: Mapping[Any, Any]) -> ProcessState:
-        """From the hash as redis-py reads it (bytes, or text with decode_responses)."""
-        text = {_text(k): _text(v) for k, v in fields.items()}
-        return cls(**{f.attr: f.kind.from_text(text.get(f.wire, "")) for f in FIELDS})
+    def from_hash(cls, fields: Mapping[Any, Any]) -> RunState:
+        """From the hash as redis-py reads it."""
+        hashed = {text(k): text(v) for k, v in fields.items()}
+        return cls(**{f.attr: f.kind.from_text(hashed.get(f.wire, "")) for f in FIELDS})
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> ProcessState:
+    def from_row(cls, row: Mapping[str, Any]) -> RunState:
         return cls(**{f.attr: f.kind.from_column(row[f.attr]) for f in FIELDS})
 
 
@@ -189,7 +191,7 @@ def fields_of(record: type) -> tuple[Field, ...]:
     )
 
 
-FIELDS = fields_of(ProcessState)
+FIELDS = fields_of(RunState)
 COLUMNS = tuple(f.attr for f in FIELDS)
 #: Fields written as JSON values (``data``, ``error``): jsonb in Postgres.
 JSON_COLUMNS = frozenset(f.attr for f in FIELDS if f.kind is Kind.JSON)
@@ -236,7 +238,3 @@ def parse_iso(text: str) -> datetime:
 def dump_json(value: Any) -> str:
     """JSON text for ``data``/``error`` and audit values; unknown types become their ``str``."""
     return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -63,8 +63,8 @@ class StepEvent:
             body["error"] = self.error
         return body
 
-    def to_json(self) -> str:
-        return dump_json(self.to_dict())
+    def to_json(self) -> bytes:
+        return dump_json(self.to_dict()).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> StepEvent:

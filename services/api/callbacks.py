@@ -42,8 +42,8 @@ from shared.aio import concurrently, sleep_or_stop
 from shared.eventlog import EventRecord, append_event
 from shared.keys import Keys
 from shared.redis_client import REDIS_ERRORS, RedisClient
-from shared.state import ProcessState
-from shared.store import ProcessStore
+from shared.state import RunState
+from shared.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Deliverer:
 
     def __init__(
         self,
-        store: ProcessStore,
+        store: RunStore,
         runs: Runs,
         redis: RedisClient,
         keys: Keys,
@@ -168,7 +168,7 @@ class Deliverer:
             self._metrics.callbacks.labels("failed").inc()
             await self._audit(state, "failed", attempt, status_code, error)
 
-    async def _post(self, state: ProcessState, attempt: int) -> tuple[int | None, str]:
+    async def _post(self, state: RunState, attempt: int) -> tuple[int | None, str]:
         assert state.callback_url is not None
         body = orjson.dumps(ProcessStatus.of(state).model_dump(mode="json"))
         headers = {
@@ -187,7 +187,7 @@ class Deliverer:
         return response.status_code, f"the receiver answered {response.status_code}"
 
     async def _given_up(
-        self, state: ProcessState, attempt: int, error: str, *, status_code: int | None
+        self, state: RunState, attempt: int, error: str, *, status_code: int | None
     ) -> None:
         await self._done(state.correlation_id)
         self._metrics.callbacks.labels("given_up").inc()
@@ -203,7 +203,7 @@ class Deliverer:
 
     async def _audit(
         self,
-        state: ProcessState,
+        state: RunState,
         status: str,
         attempt: int,
         status_code: int | None,

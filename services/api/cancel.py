@@ -27,8 +27,8 @@ from services.api.waitroom import WaitRoom
 from shared.aio import Backoff
 from shared.camunda import CamundaClient, EngineError, NotFound
 from shared.eventlog import EventRecord
-from shared.state import ProcessState, Status
-from shared.store import ProcessStore
+from shared.state import RunState, Status
+from shared.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,13 @@ class CancelOutcome(StrEnum):
 @dataclass(frozen=True, slots=True)
 class CancelResult:
     outcome: CancelOutcome
-    state: ProcessState | None
+    state: RunState | None
 
 
 class Canceller:
     def __init__(
         self,
-        store: ProcessStore,
+        store: RunStore,
         runs: Runs,
         camunda: CamundaClient,
         waitroom: WaitRoom,
@@ -88,7 +88,7 @@ class Canceller:
             except NotFound:
                 # Ended in the engine a moment ago: its own end is the truth.
                 ended = await self._waitroom.wait(cid, ENDING_WAIT_S)
-                if isinstance(ended.outcome, ProcessState) and ended.outcome.finished:
+                if isinstance(ended.outcome, RunState) and ended.outcome.finished:
                     return _settled(ended.outcome)
         changed = await self._store.finish(
             cid, Status.CANCELLED, error=reason, event=_cancel_event(state, reason)
@@ -123,7 +123,7 @@ class Canceller:
             await asyncio.sleep(backoff.next_delay_s())
 
 
-def _settled(state: ProcessState | None) -> CancelResult:
+def _settled(state: RunState | None) -> CancelResult:
     """What a cancel answers for a run that is not (or no longer) pending."""
     if state is None:
         return CancelResult(CancelOutcome.UNKNOWN, None)
@@ -132,7 +132,7 @@ def _settled(state: ProcessState | None) -> CancelResult:
     return CancelResult(CancelOutcome.FINISHED, state)
 
 
-def _cancel_event(state: ProcessState, reason: str) -> EventRecord:
+def _cancel_event(state: RunState, reason: str) -> EventRecord:
     return EventRecord(
         correlation_id=state.correlation_id,
         status=Status.CANCELLED.value,

@@ -34,7 +34,7 @@ from shared.camunda import CamundaClient
 from shared.keys import Keys
 from shared.redis_client import RedisClient, connect, read_topology
 from shared.settings import Settings
-from shared.store import ProcessStore
+from shared.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Deps:
     redis: RedisClient
     camunda: CamundaClient
     pool: AsyncConnectionPool
-    store: ProcessStore
+    store: RunStore
     runs: Runs
     starter: Starter
     waitroom: WaitRoom
@@ -121,7 +121,7 @@ async def open_deps(
         )
         pool = await db.open_pool(settings.database_url)
         stack.push_async_callback(pool.close)
-        store = ProcessStore(
+        store = RunStore(
             redis, keys, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s
         )
         waitroom = WaitRoom(

@@ -30,7 +30,7 @@ from sse_starlette import ServerSentEvent
 from services.api.deps import Deps
 from services.api.schemas import ProcessStatus
 from services.api.waitroom import RoomFull
-from shared.state import ProcessState
+from shared.state import RunState
 
 #: The ``id`` of the last event; a ``Last-Event-ID`` of it means "I have everything".
 END_ID = "end"
@@ -61,7 +61,7 @@ async def events(d: Deps, correlation_id: str, after: str | None) -> AsyncIterat
             d.metrics.streams.inc()
             try:
                 while True:
-                    page = await d.store.steps(correlation_id, after=last, count=PAGE)
+                    page = await d.store.steps.after(correlation_id, after=last, count=PAGE)
                     for entry_id, step in page:
                         last = entry_id
                         yield _event("step", entry_id, step.to_dict(), d)
@@ -70,7 +70,7 @@ async def events(d: Deps, correlation_id: str, after: str | None) -> AsyncIterat
                     state = await d.runs.get(correlation_id)
                     if state is None or state.finished:
                         # The steps recorded up to the end (its own step came with it).
-                        for entry_id, step in await d.store.steps(correlation_id, after=last):
+                        for entry_id, step in await d.store.steps.after(correlation_id, after=last):
                             yield _event("step", entry_id, step.to_dict(), d)
                         if state is not None:
                             yield _end(state, d)
@@ -90,5 +90,5 @@ def _event(kind: str, event_id: str, body: object, d: Deps) -> ServerSentEvent:
     return ServerSentEvent(data=orjson.dumps(body).decode(), event=kind, id=event_id)
 
 
-def _end(state: ProcessState, d: Deps) -> ServerSentEvent:
+def _end(state: RunState, d: Deps) -> ServerSentEvent:
     return _event("end", END_ID, ProcessStatus.of(state).model_dump(mode="json"), d)

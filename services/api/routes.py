@@ -58,9 +58,9 @@ from services.api.waitroom import WaitEnd, WaitResult
 from shared.contract import StartFailed
 from shared.eventlog import EventRecord
 from shared.redis_client import REDIS_ERRORS
-from shared.state import ProcessState, Status
+from shared.state import RunState, Status
 from shared.steps import StepEvent
-from shared.store import InvalidCursor
+from shared.store.pages import InvalidCursor
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ async def start_process(request: Request) -> Response:
     return _start_answer(d, cid, result, applied)
 
 
-async def _start(d: Deps, command: StartCommand, deadline: float) -> ProcessState | None:
+async def _start(d: Deps, command: StartCommand, deadline: float) -> RunState | None:
     """Claim the id and, for a fresh claim, start the engine instance: the state as
     attached, or None (joined another start, or the engine call goes on past ``deadline``).
     The engine's refusal is raised as its answer."""
@@ -202,7 +202,7 @@ async def list_processes(request: Request) -> Response:
     limit = int_param(request, "limit", default=50, low=1, high=MAX_PAGE)
     cursor = request.query_params.get("cursor") or None
     try:
-        states, next_cursor = await d.store.page(cursor=cursor, limit=limit)
+        states, next_cursor = await d.store.pages.page(cursor=cursor, limit=limit)
     except InvalidCursor as exc:
         raise ApiError(400, str(exc), field="cursor") from exc
     return JSONResponse(StatusPage.of(states, next_cursor))
@@ -321,7 +321,7 @@ def _start_answer(d: Deps, cid: str, result: WaitResult, applied: dict[str, str]
     headers = dict(applied)
     if result.end is WaitEnd.DRAINED:
         headers["Connection"] = "close"  # this replica is going away
-    if isinstance(outcome, ProcessState) and outcome.status is Status.ABANDONED:
+    if isinstance(outcome, RunState) and outcome.status is Status.ABANDONED:
         outcome = StartFailed.of(outcome)
     if isinstance(outcome, StartFailed):
         error = ApiError.of(outcome)
@@ -351,7 +351,7 @@ def _start_answer(d: Deps, cid: str, result: WaitResult, applied: dict[str, str]
     return JSONResponse(Pending(correlationId=cid, statusUrl=url), 202, headers)
 
 
-def _completion_event(state: ProcessState, body: CompleteRequest) -> EventRecord:
+def _completion_event(state: RunState, body: CompleteRequest) -> EventRecord:
     return EventRecord(
         correlation_id=body.correlationId,
         status=body.status,

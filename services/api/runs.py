@@ -10,20 +10,20 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.api.persistence import db
 from shared.eventlog import EventRecord
-from shared.state import ProcessState
-from shared.store import ProcessStore
+from shared.state import RunState
+from shared.store.runs import RunStore
 
 
 class Runs:
-    def __init__(self, store: ProcessStore, pool: AsyncConnectionPool) -> None:
+    def __init__(self, store: RunStore, pool: AsyncConnectionPool) -> None:
         self._store = store
         self._pool = pool
 
-    async def get(self, correlation_id: str) -> ProcessState | None:
+    async def get(self, correlation_id: str) -> RunState | None:
         """The run's latest state, or None when no store knows it."""
         return await self._store.get(correlation_id) or await self.stored(correlation_id)
 
-    async def stored(self, correlation_id: str) -> ProcessState | None:
+    async def stored(self, correlation_id: str) -> RunState | None:
         """Postgres's copy of a run Redis no longer holds."""
         return await db.get_process(self._pool, correlation_id)
 

@@ -29,7 +29,7 @@ from starlette.responses import Response
 from typing_extensions import TypeAliasType
 
 from shared.eventlog import EventRecord
-from shared.state import ProcessState, iso
+from shared.state import RunState, iso
 from shared.steps import StepEvent
 from shared.variables import VariableError, to_camunda
 
@@ -362,11 +362,11 @@ class ProcessStatus(BaseModel):
     statusUrl: str
 
     @classmethod
-    def of(cls, state: ProcessState) -> ProcessStatus:
+    def of(cls, state: RunState) -> ProcessStatus:
         return cls(**cls.body(state))
 
     @staticmethod
-    def body(state: ProcessState) -> dict[str, Any]:
+    def body(state: RunState) -> dict[str, Any]:
         """The model's JSON, built without the model: status reads are the hottest path
         (tests/unit/test_api_schemas.py holds the two alike)."""
         return {
@@ -401,7 +401,7 @@ class ListedProcess(BaseModel):
     statusUrl: str
 
     @classmethod
-    def of(cls, state: ProcessState) -> ListedProcess:
+    def of(cls, state: RunState) -> ListedProcess:
         record = StoredRecord(
             status=state.status.value,
             data=state.data,
@@ -427,7 +427,7 @@ class StatusPage(BaseModel):
     )
 
     @classmethod
-    def of(cls, states: list[ProcessState], next_cursor: str | None) -> StatusPage:
+    def of(cls, states: list[RunState], next_cursor: str | None) -> StatusPage:
         processes = [ListedProcess.of(state) for state in states]
         return cls(count=len(processes), processes=processes, nextCursor=next_cursor)
 

@@ -51,8 +51,8 @@ from shared.camunda import (
 )
 from shared.contract import StartFailed, SystemVariables
 from shared.eventlog import EventRecord
-from shared.state import ProcessState, Status
-from shared.store import Abandoned, ProcessStore
+from shared.state import RunState, Status
+from shared.store.runs import Abandoned, RunStore
 from shared.variables import VariableError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class StartRefused(Exception):
 class Starter:
     def __init__(
         self,
-        store: ProcessStore,
+        store: RunStore,
         camunda: CamundaClient,
         metrics: ApiMetrics,
         *,
@@ -113,7 +113,7 @@ class Starter:
         self._engine_timeout_s = engine_timeout_s
         self._start_window_s = start_window_s
 
-    async def claim(self, command: StartCommand) -> tuple[ProcessState, bool]:
+    async def claim(self, command: StartCommand) -> tuple[RunState, bool]:
         """Claim the id (or join its claim); True when this call created it.
 
         Raises :class:`StartRefused` (422) when the id names a run of another request.
@@ -139,8 +139,8 @@ class Starter:
         return state, created
 
     async def begin(
-        self, state: ProcessState, variables: dict[str, Any]
-    ) -> ProcessState | StartFailed | None:
+        self, state: RunState, variables: dict[str, Any]
+    ) -> RunState | StartFailed | None:
         """Start the engine instance of a fresh claim and attach it.
 
         Returns the state as attached, the answer when the engine refused the start (the
@@ -177,12 +177,12 @@ class Starter:
             return None
         return attached
 
-    async def _finish_ended(self, state: ProcessState, instance_id: str) -> None:
+    async def _finish_ended(self, state: RunState, instance_id: str) -> None:
         variables = await self._camunda.root_variables([instance_id])
         result = run_result(variables.get(instance_id, {}), state.fetch_variables)
         await self._store.finish(state.correlation_id, Status.OK, data=result)
 
-    async def look_for_instance(self, state: ProcessState) -> bool:
+    async def look_for_instance(self, state: RunState) -> bool:
         """Attach the instance of an unconfirmed start if the engine has it; True if so."""
         try:
             found = await self._camunda.historic_process_instances_with(
@@ -243,8 +243,8 @@ class Starter:
     # --- helpers -------------------------------------------------------------------------------
 
     async def _attach(
-        self, state: ProcessState, instance_id: str, *, request: dict[str, Any] | None
-    ) -> ProcessState | None:
+        self, state: RunState, instance_id: str, *, request: dict[str, Any] | None
+    ) -> RunState | None:
         ids = SystemVariables.of(state)
         event = EventRecord(
             correlation_id=state.correlation_id,
@@ -274,7 +274,7 @@ class Starter:
             await self._camunda.delete_process_instance(instance_id)
             return None
 
-    async def _refused(self, state: ProcessState, exc: CamundaError | VariableError) -> StartFailed:
+    async def _refused(self, state: RunState, exc: CamundaError | VariableError) -> StartFailed:
         failed = _refusal(exc, state)
         if failed.status_code >= 500:
             extra = {"statusCode": failed.status_code, "engine": str(exc)}
@@ -293,7 +293,7 @@ def run_result(variables: dict[str, Any], fetch: list[str] | None) -> dict[str, 
     return {k: v for k, v in variables.items() if k not in SystemVariables.NAMES}
 
 
-def _refusal(exc: CamundaError | VariableError, state: ProcessState) -> StartFailed:
+def _refusal(exc: CamundaError | VariableError, state: RunState) -> StartFailed:
     """The caller's mistakes are 4xx naming the field; the engine's are 502/503."""
     cid = state.correlation_id
     if isinstance(exc, VariableError):

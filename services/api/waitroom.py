@@ -47,9 +47,9 @@ from shared.aio import Backoff, sleep_or_stop
 from shared.contract import StartFailed, StepRecorded, correlation_id_of_message, decode_message
 from shared.keys import Keys
 from shared.redis_client import REDIS_ERRORS, RedisClient
-from shared.state import ProcessState
+from shared.state import RunState
 from shared.steps import StepEvent
-from shared.store import ProcessStore
+from shared.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,12 @@ class WaitEnd(StrEnum):
 class WaitResult:
     """The latest known state when the wait ended.
 
-    ``outcome`` is a :class:`ProcessState` (final, or still pending after a timeout),
+    ``outcome`` is a :class:`RunState` (final, or still pending after a timeout),
     a :class:`StartFailed` (the start this request joined was abandoned), or ``None``
     (Redis holds nothing for the id: never existed, aged out, or abandoned).
     """
 
-    outcome: ProcessState | StartFailed | None
+    outcome: RunState | StartFailed | None
     end: WaitEnd
     #: The step waited for (``end`` is MILESTONE).
     milestone: StepEvent | None = None
@@ -105,7 +105,7 @@ class _Waiter:
     def __init__(self, *, steps: bool = False) -> None:
         self._set = False
         self._future: asyncio.Future[None] | None = None
-        self.message: ProcessState | StartFailed | None = None
+        self.message: RunState | StartFailed | None = None
         self.steps = steps
 
     def set(self) -> None:
@@ -125,7 +125,7 @@ class _Waiter:
         finally:
             self._future = None
 
-    def take(self) -> ProcessState | StartFailed | None:
+    def take(self) -> RunState | StartFailed | None:
         return self.message
 
 
@@ -165,7 +165,7 @@ class Expected:
         self._waiter = waiter
         self._deadline = deadline
 
-    async def result(self, known: ProcessState | None = None) -> WaitResult:
+    async def result(self, known: RunState | None = None) -> WaitResult:
         """Wait as :meth:`WaitRoom.wait` does; ``known``: the run as read since entering
         (None: read it now)."""
         room, cid, until = self._room, self._correlation_id, self._until
@@ -185,7 +185,7 @@ class WaitRoom:
         self,
         redis: RedisClient,
         keys: Keys,
-        store: ProcessStore,
+        store: RunStore,
         *,
         metrics: ApiMetrics,
         max_parked: int,
@@ -299,7 +299,7 @@ class WaitRoom:
         until: str | None,
         waiter: _Waiter,
         deadline: float,
-        state: ProcessState | None,
+        state: RunState | None,
     ) -> WaitResult:
         """Park a registered ``waiter`` from ``state``, the run as read after registering
         (subscribe-then-check: see the module docstring)."""
@@ -308,7 +308,7 @@ class WaitRoom:
                 return self._ended(state, WaitEnd.SETTLED)
             if (message := waiter.take()) is not None:  # arrived while the state was read
                 return self._woken(message)
-            if until and (step := await self._store.find_step(correlation_id, until)):
+            if until and (step := await self._store.steps.find(correlation_id, until)):
                 return self._ended(state, WaitEnd.MILESTONE, step)
             if self.draining:  # released while the state was read
                 return await self._look(correlation_id, None, WaitEnd.DRAINED)
@@ -324,7 +324,7 @@ class WaitRoom:
         """The run as it is, without waiting (and its progress, in the same round trip)."""
         state, last_step = await self._store.look(correlation_id)
         pending = state is not None and not state.finished
-        if until and pending and (step := await self._store.find_step(correlation_id, until)):
+        if until and pending and (step := await self._store.steps.find(correlation_id, until)):
             return self._ended(state, WaitEnd.MILESTONE, step)
         return self._ended(state, end, last_step=last_step)
 
@@ -370,7 +370,7 @@ class WaitRoom:
 
     def _ended(
         self,
-        outcome: ProcessState | StartFailed | None,
+        outcome: RunState | StartFailed | None,
         end: WaitEnd,
         milestone: StepEvent | None = None,
         *,
@@ -379,8 +379,8 @@ class WaitRoom:
         self._ends[end].inc()
         return WaitResult(outcome, end, milestone, last_step)
 
-    def _woken(self, message: ProcessState | StartFailed) -> WaitResult:
-        if isinstance(message, ProcessState):
+    def _woken(self, message: RunState | StartFailed) -> WaitResult:
+        if isinstance(message, RunState):
             latency = time.time() - message.updated_at.timestamp()
             self._metrics.wake_latency.observe(max(latency, 0.0))
         return self._ended(message, WaitEnd.WOKEN)

@@ -39,10 +39,11 @@ from shared.aio import Backoff, concurrently, sleep_or_stop
 from shared.camunda import CamundaClient, CamundaError, EndedActivity, EndedInstance, Incident
 from shared.eventlog import EventRecord
 from shared.keys import Keys
-from shared.redis_client import REDIS_ERRORS, RedisClient
-from shared.state import ProcessState, Status, iso, parse_iso
+from shared.redis_client import REDIS_ERRORS, RedisClient, text
+from shared.state import RunState, Status, iso, parse_iso
 from shared.steps import StepEvent, StepStatus
-from shared.store import INSTANCE_LINGER_S, ProcessStore
+from shared.store.instances import INSTANCE_LINGER_S
+from shared.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ R = TypeVar("R", bound=_Record)
 class Watcher:
     def __init__(
         self,
-        store: ProcessStore,
+        store: RunStore,
         camunda: CamundaClient,
         redis: RedisClient,
         keys: Keys,
@@ -152,8 +153,8 @@ class Watcher:
 
     async def watch_once(self) -> None:
         """One pass: steps, ends and incidents since the watermark."""
-        await self._store.forget_ended()
-        if not await self._store.watched():
+        await self._store.instances.forget_ended()
+        if not await self._store.instances.count():
             return
         with self._metrics.watch_pass_seconds.time():
             await self._pass()
@@ -177,7 +178,7 @@ class Watcher:
         roots = {a.root_process_instance_id for a in activities}
         roots |= {i.id for i in instances}
         roots |= {i.root_process_instance_id for i in incidents if i.root_process_instance_id}
-        runs = await self._store.runs_of(sorted(roots))
+        runs = await self._store.instances.runs_of(sorted(roots))
         states = await self._store.get_many(sorted(set(runs.values())))
         ended = [i for i in instances if i.id in runs]
         completed = [i.id for i in ended if i.state == "COMPLETED"]
@@ -205,7 +206,7 @@ class Watcher:
     # --- what happened ---------------------------------------------------------------------
 
     async def _step(
-        self, activity: EndedActivity, runs: dict[str, str], states: dict[str, ProcessState]
+        self, activity: EndedActivity, runs: dict[str, str], states: dict[str, RunState]
     ) -> None:
         cid = runs[activity.root_process_instance_id]
         state = states.get(cid)
@@ -239,16 +240,16 @@ class Watcher:
             )
         )
         async with self._writes:
-            await self._store.record_step(cid, step, event)
+            await self._store.steps.record(cid, step, event)
 
     async def _ended(
         self,
         instances: Sequence[EndedInstance],
         runs: dict[str, str],
-        states: dict[str, ProcessState],
+        states: dict[str, RunState],
         variables: dict[str, dict[str, Any]],
     ) -> None:
-        await self._store.forget_instances({i.id: runs[i.id] for i in instances})
+        await self._store.instances.forget({i.id: runs[i.id] for i in instances})
         cancels = await self._store.cancel_reasons([runs[i.id] for i in instances])
         for instance in instances:
             cid = runs[instance.id]
@@ -293,7 +294,7 @@ class Watcher:
         raw = await self._redis.get(self._keys.watcher_mark)
         if raw is None:
             return datetime.now(UTC) - FIRST_LOOK_BACK, False
-        return parse_iso(raw.decode() if isinstance(raw, bytes) else str(raw)), True
+        return parse_iso(text(raw)), True
 
     def _lead_changed(self, leading: bool) -> None:
         if leading != self.leading:

@@ -23,7 +23,7 @@ from shared.health import serve_health
 from shared.keys import Keys
 from shared.redis_client import connect, read_topology
 from shared.settings import Settings
-from shared.store import ProcessStore
+from shared.store.runs import RunStore
 
 #: Bound every Redis and outbound HTTP call (handlers may pass their own, shorter ones).
 REDIS_TIMEOUT_S = 5.0
@@ -57,7 +57,7 @@ async def serve(
         )
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=HTTP_TIMEOUT_S))
         identity = await stack.enter_async_context(claim_identity(redis, keys, name=name))
-        store = ProcessStore(
+        store = RunStore(
             redis, keys, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s
         )
         recorder = Recorder(redis, keys, store, metrics)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from shared.aio import sleep_or_stop, stop_and_wait
 from shared.keys import Keys
-from shared.redis_client import REDIS_ERRORS, RedisClient
+from shared.redis_client import REDIS_ERRORS, RedisClient, text
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ async def _acquire(
             ok, value = await redis.eval(
                 _ACQUIRE_LUA, 2, lease, last, holder, lease_ms, LAST_ID_TTL_S, replace
             )
-            value = value.decode() if isinstance(value, bytes) else str(value)
+            value = text(value)
             if ok:
                 return slot, value or None
             if replace or not _holder_is_dead(value):

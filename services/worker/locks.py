@@ -21,6 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from shared.aio import sleep_or_stop
 from shared.camunda import (
@@ -32,7 +33,7 @@ from shared.camunda import (
     TopicRequest,
 )
 from shared.keys import Keys
-from shared.redis_client import REDIS_ERRORS, RedisClient
+from shared.redis_client import REDIS_ERRORS, RedisClient, text
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +138,15 @@ class Locks:
                 async with asyncio.timeout(2):
                     now = time.time()
                     await self._redis.zremrangebyscore(self._departed_key, "-inf", now)
-                    departed = await self._redis.zrangebyscore(self._departed_key, now, "+inf")
+                    departed = cast(
+                        list[bytes],
+                        await self._redis.zrangebyscore(self._departed_key, now, "+inf"),
+                    )
             except (*REDIS_ERRORS, TimeoutError) as exc:
                 log.warning("departed workers not read: %s", exc)
                 continue
             for raw in departed:
-                worker_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+                worker_id = text(raw)
                 if worker_id != self._worker_id:
                     await self.unlock_held_by(worker_id, "departed")
 

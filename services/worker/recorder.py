@@ -28,7 +28,7 @@ from shared.keys import Keys
 from shared.redis_client import REDIS_ERRORS, RedisClient
 from shared.state import Status
 from shared.steps import StepEvent
-from shared.store import ProcessStore
+from shared.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ WATCH_INTERVAL_S = 1.0
 
 class Recorder:
     def __init__(
-        self, redis: RedisClient, keys: Keys, store: ProcessStore, metrics: WorkerMetrics
+        self, redis: RedisClient, keys: Keys, store: RunStore, metrics: WorkerMetrics
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -85,7 +85,7 @@ class Recorder:
 
     async def step(self, correlation_id: str, step: StepEvent, event: EventRecord) -> None:
         """Add a step to the run's record with its audit row, retrying until Redis takes it."""
-        await self._until_written(lambda: self._store.record_step(correlation_id, step, event))
+        await self._until_written(lambda: self._store.steps.record(correlation_id, step, event))
 
     async def record(self, event: EventRecord) -> None:
         """Queue an audit row, retrying until Redis takes it."""

@@ -26,9 +26,9 @@ from shared.eventlog import EventRecord
 from shared.keys import Keys
 from shared.redis_client import RedisClient
 from shared.settings import Settings
-from shared.state import ProcessState, Status
+from shared.state import RunState, Status
 from shared.steps import StepEvent
-from shared.store import ProcessStore
+from shared.store.runs import RunStore
 from tests.helpers.streams import entries
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,7 +89,7 @@ class RunClient:
     """What the API does around a run, without the API: claim the state, start the engine
     instance with the system variables, attach it, and await the run's end."""
 
-    def __init__(self, camunda: CamundaClient, store: ProcessStore) -> None:
+    def __init__(self, camunda: CamundaClient, store: RunStore) -> None:
         self.camunda = camunda
         self.store = store
         self.instances: list[str] = []
@@ -106,7 +106,7 @@ class RunClient:
         await self.store.attach_instance(ids.correlation_id, instance.id)
         return ids.correlation_id
 
-    async def outcome(self, cid: str, timeout_s: float) -> ProcessState:
+    async def outcome(self, cid: str, timeout_s: float) -> RunState:
         """The finished state, or fail after ``timeout_s`` (what a waiting client sees)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

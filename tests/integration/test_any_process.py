@@ -95,7 +95,7 @@ async def test_a_user_task_run_ends_ok_with_its_variables_when_the_task_is_done(
     # Every step is in the run's record, though no worker ran any; the audit trail lists
     # the work done: the start call and the user task, not the BPMN's events.
     async def recorded() -> bool:
-        steps = await api.deps.store.steps(correlation_id)
+        steps = await api.deps.store.steps.after(correlation_id)
         return [step.step for _, step in steps] == ["start", "step", "end"]
 
     await until(recorded, timeout_s=15, what="the run's steps")

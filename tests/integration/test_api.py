@@ -2,7 +2,7 @@
 the Camunda engine.
 
 Nothing here runs a worker: a test finishes a run itself through ``/api/process/complete``
-(or ``ProcessStore.finish``), which is what the worker does too.
+(or ``RunStore.finish``), which is what the worker does too.
 """
 
 from __future__ import annotations
@@ -387,7 +387,7 @@ async def test_bad_start_bodies_are_answered_with_a_clear_error(
     assert body.get("field") == field
     if field:
         assert field in body["message"]
-    assert await api.deps.store.page(cursor=None, limit=10) == ([], None)
+    assert await api.deps.store.pages.page(cursor=None, limit=10) == ([], None)
 
 
 async def test_variables_nested_too_deep_are_400(
@@ -467,12 +467,12 @@ async def test_status_reads_pending_ok_error_and_404(api: Api) -> None:
     # A recorded step is the progress a pending status shows, read or waited for. (The engine
     # watcher records the start event first; the run then waits on a task nobody works.)
     async def started() -> bool:
-        return await api.deps.store.find_step(ok_id, "start") is not None
+        return await api.deps.store.steps.find(ok_id, "start") is not None
 
     await until(started, timeout_s=10)
     at = datetime.now(UTC)
     step = StepEvent("validate", StepStatus.OK, "validate", "validate:1", "serviceTask", at)
-    assert await api.deps.store.record_step(ok_id, step)
+    assert await api.deps.store.steps.record(ok_id, step)
     for query in ("", "?wait=1"):
         pending = await api.client.get(f"/api/process/status/{ok_id}{query}")
         assert (pending.status_code, pending.json().get("data")) == (202, {"step": "validate"}), (

@@ -22,7 +22,7 @@ from shared.eventlog import EventRecord
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.state import Status
-from shared.store import ProcessStore
+from shared.store.runs import RunStore
 from tests.helpers.engine import EngineAdmin, one_task_bpmn
 from tests.helpers.net import TcpProxy
 from tests.helpers.waiting import until
@@ -74,7 +74,7 @@ async def test_a_finishing_step_waits_out_the_outage_and_ends_its_run_after(
     async with CamundaClient(engine_url) as camunda:
         await camunda.deploy(key, {f"{key}.bpmn": one_task_bpmn(key, process.topic("work"))})
         keys = Keys(settings.redis_prefix)
-        store = ProcessStore(redis_client, keys, result_ttl_s=60, pending_ttl_s=60)
+        store = RunStore(redis_client, keys, result_ttl_s=60, pending_ttl_s=60)
         client = RunClient(camunda, store)
         metrics = WorkerMetrics()
         async with running_worker(settings, Registry.of([process]), metrics):
@@ -108,12 +108,12 @@ async def test_what_the_engine_accepted_reaches_the_run_once_redis_is_back(
 ) -> None:
     """A step the engine accepted (an incident, say) whose end could not be written at once."""
     keys = Keys(redis_prefix)
-    direct = ProcessStore(redis_client, keys, result_ttl_s=60, pending_ttl_s=60)
+    direct = RunStore(redis_client, keys, result_ttl_s=60, pending_ttl_s=60)
     cid = f"ro-{uuid.uuid4().hex[:8]}"
     await direct.claim(SystemVariables.new(cid), "p", "h")
 
     proxied = aioredis.Redis(port=redis_proxy.port, socket_timeout=1, socket_connect_timeout=1)
-    store = ProcessStore(proxied, keys, result_ttl_s=60, pending_ttl_s=60)
+    store = RunStore(proxied, keys, result_ttl_s=60, pending_ttl_s=60)
     recorder = Recorder(proxied, keys, store, WorkerMetrics())
     try:
         await redis_proxy.down()

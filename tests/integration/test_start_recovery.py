@@ -18,7 +18,7 @@ from services.api.persistence import db
 from shared.contract import SystemVariables
 from shared.eventlog import EventRecord
 from shared.settings import Settings
-from shared.state import ProcessState, Status
+from shared.state import RunState, Status
 from tests.helpers.api import BENCHMARK, Api, cid, running_app, start_body
 from tests.helpers.engine import EngineAdmin, deploy_bpmn
 from tests.helpers.net import SlowProxy
@@ -173,7 +173,7 @@ async def test_wait_bounds_a_start_when_the_engine_stalls(
             assert asyncio.get_running_loop().time() - began < 3
 
 
-async def _attached(api: Api, correlation_id: str) -> ProcessState:
+async def _attached(api: Api, correlation_id: str) -> RunState:
     async def attached() -> bool:
         state = await api.deps.store.get(correlation_id)
         return state is not None and state.instance_id is not None

@@ -1,4 +1,4 @@
-"""The records and the tables agree: a field added to ProcessState or EventRecord needs a
+"""The records and the tables agree: a field added to RunState or EventRecord needs a
 migration, and this fails until it has one."""
 
 from __future__ import annotations

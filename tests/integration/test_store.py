@@ -1,4 +1,4 @@
-"""ProcessStore against a real Redis and a Redis Cluster: transitions, their stream entries,
+"""RunStore against a real Redis and a Redis Cluster: transitions, their stream entries,
 publishes, paging."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import pytest
 from shared.contract import StartFailed, SystemVariables, decode_message
 from shared.keys import Keys
 from shared.redis_client import RedisClient
-from shared.state import ProcessState, Status
-from shared.store import Abandoned, InvalidCursor, ProcessStore
+from shared.state import RunState, Status
+from shared.store.pages import InvalidCursor
+from shared.store.runs import Abandoned, RunStore
 from tests.helpers.streams import entries, run_messages
 
 pytestmark = pytest.mark.redis_both
@@ -31,8 +32,8 @@ def keys(redis_prefix: str) -> Keys:
 
 
 @pytest.fixture
-def store(redis_client: RedisClient, keys: Keys) -> ProcessStore:
-    return ProcessStore(redis_client, keys, result_ttl_s=RESULT_TTL_S, pending_ttl_s=PENDING_TTL_S)
+def store(redis_client: RedisClient, keys: Keys) -> RunStore:
+    return RunStore(redis_client, keys, result_ttl_s=RESULT_TTL_S, pending_ttl_s=PENDING_TTL_S)
 
 
 @pytest.fixture
@@ -43,8 +44,8 @@ async def subscriber(redis_client: RedisClient, keys: Keys) -> AsyncIterator[Sub
 
 
 async def claim(
-    store: ProcessStore, cid: str, request_hash: str = "h1", look_after_s: float = 5.0
-) -> tuple[ProcessState, bool]:
+    store: RunStore, cid: str, request_hash: str = "h1", look_after_s: float = 5.0
+) -> tuple[RunState, bool]:
     return await store.claim(
         SystemVariables(cid, "b", f"t-{cid}", "a"),
         "onboard-user",
@@ -73,7 +74,7 @@ async def index_members(redis: RedisClient, keys: Keys) -> set[str]:
 
 
 async def test_claim_creates_exactly_once_under_concurrency(
-    store: ProcessStore, redis_client: RedisClient, keys: Keys
+    store: RunStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     results = await asyncio.gather(*(claim(store, "cid-1") for _ in range(50)))
 
@@ -89,7 +90,7 @@ async def test_claim_creates_exactly_once_under_concurrency(
 
 
 async def test_claim_sets_pending_ttl_and_joins_with_the_first_hash(
-    store: ProcessStore, redis_client: RedisClient, keys: Keys
+    store: RunStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     first, created = await claim(store, "cid-2", "h1")
     joined, created_again = await claim(store, "cid-2", "other-hash")
@@ -103,7 +104,7 @@ async def test_claim_sets_pending_ttl_and_joins_with_the_first_hash(
 
 
 async def test_complete_changes_a_pending_state_once(
-    store: ProcessStore, redis_client: RedisClient, keys: Keys
+    store: RunStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     await claim(store, "cid-3")
     await store.attach_instance("cid-3", "instance-1")
@@ -125,26 +126,26 @@ async def test_complete_changes_a_pending_state_once(
 
 
 async def test_an_instance_stays_watched_a_while_after_its_run_ends(
-    store: ProcessStore, redis_client: RedisClient, keys: Keys
+    store: RunStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     await claim(store, "cid-w")
     await store.attach_instance("cid-w", "instance-w")
-    assert await store.runs_of(["instance-w", "other"]) == {"instance-w": "cid-w"}
+    assert await store.instances.runs_of(["instance-w", "other"]) == {"instance-w": "cid-w"}
     assert await store.finish("cid-w", Status.OK, data=None)
     # Still mapped (its last steps are still read), and due to be forgotten later.
-    assert await store.watched() == 1
-    assert await store.forget_ended() == 0
+    assert await store.instances.count() == 1
+    assert await store.instances.forget_ended() == 0
     ended = keys.of("cid-w").instances_ended
     forget_at = await redis_client.zscore(ended, "instance-w")
     assert forget_at is not None
     await redis_client.zadd(ended, {"instance-w": 0})
-    assert await store.forget_ended() == 1
-    assert await store.watched() == 0
-    assert await store.runs_of(["instance-w"]) == {}
+    assert await store.instances.forget_ended() == 1
+    assert await store.instances.count() == 0
+    assert await store.instances.runs_of(["instance-w"]) == {}
 
 
 async def test_complete_of_an_unknown_id_is_ignored(
-    store: ProcessStore, redis_client: RedisClient, keys: Keys
+    store: RunStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     assert not await store.finish("never-claimed", Status.OK, data=1)
     assert await store.get("never-claimed") is None
@@ -152,21 +153,21 @@ async def test_complete_of_an_unknown_id_is_ignored(
     assert await redis_client.xlen(keys.of("never-claimed").writebehind) == 0
 
 
-async def test_complete_refuses_pending_as_an_outcome(store: ProcessStore) -> None:
+async def test_complete_refuses_pending_as_an_outcome(store: RunStore) -> None:
     await claim(store, "cid-p")
     with pytest.raises(ValueError, match="terminal"):
         await store.finish("cid-p", Status.PENDING)
 
 
 async def test_attach_instance_of_an_unknown_id_is_ignored(
-    store: ProcessStore, redis_client: RedisClient, keys: Keys
+    store: RunStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     assert await store.attach_instance("nobody", "instance-1") is None
     assert await redis_client.exists(keys.state("nobody")) == 0
 
 
 async def test_completion_is_published_after_the_state_is_readable(
-    store: ProcessStore, subscriber: Subscriber
+    store: RunStore, subscriber: Subscriber
 ) -> None:
     await claim(store, "cid-4")
 
@@ -176,14 +177,14 @@ async def test_completion_is_published_after_the_state_is_readable(
 
     assert cid == "cid-4"
     published = decode_message(body)
-    assert isinstance(published, ProcessState)
+    assert isinstance(published, RunState)
     assert published == state_now
     assert published.status is Status.ERROR
     assert published.error == {"message": "boom"}
 
 
 async def test_abandon_keeps_the_answer_tells_joined_waiters_and_frees_the_id(
-    store: ProcessStore,
+    store: RunStore,
     subscriber: Subscriber,
     redis_client: RedisClient,
     keys: Keys,
@@ -210,7 +211,7 @@ async def test_abandon_keeps_the_answer_tells_joined_waiters_and_frees_the_id(
     assert (again.status, again.version) == (Status.PENDING, 3)
 
 
-async def test_an_unsent_claim_is_abandoned_only_while_unsent(store: ProcessStore) -> None:
+async def test_an_unsent_claim_is_abandoned_only_while_unsent(store: RunStore) -> None:
     state, _ = await claim(store, "cid-7")
     sent = await store.sending(state, look_after_s=10)
     assert sent is not None
@@ -221,7 +222,7 @@ async def test_an_unsent_claim_is_abandoned_only_while_unsent(store: ProcessStor
     assert await store.abandon(sent.version, failed)
 
 
-async def test_attach_reads_the_state_back(store: ProcessStore) -> None:
+async def test_attach_reads_the_state_back(store: RunStore) -> None:
     state, _ = await claim(store, "cid-a")
     attached = await store.attach_instance("cid-a", "instance-a")
     assert attached is not None
@@ -234,14 +235,14 @@ async def test_attach_reads_the_state_back(store: ProcessStore) -> None:
     assert (late.status, late.data) == (Status.OK, "done")
 
 
-async def test_an_instance_arriving_for_an_abandoned_run_is_refused(store: ProcessStore) -> None:
+async def test_an_instance_arriving_for_an_abandoned_run_is_refused(store: RunStore) -> None:
     state, _ = await claim(store, "cid-8")
     assert await store.abandon(state.version, StartFailed("cid-8", 503, "gone"))
     with pytest.raises(Abandoned):
         await store.attach_instance("cid-8", "instance-1")
 
 
-async def test_claims_without_an_instance_are_due_until_attached(store: ProcessStore) -> None:
+async def test_claims_without_an_instance_are_due_until_attached(store: RunStore) -> None:
     await claim(store, "cid-9", look_after_s=0)
     await asyncio.sleep(0.01)
     assert "cid-9" in await store.starts.due(100)
@@ -252,7 +253,7 @@ async def test_claims_without_an_instance_are_due_until_attached(store: ProcessS
     assert await store.starts.take("cid-9", again_s=0) is False
 
 
-async def test_abandon_after_completion_changes_nothing(store: ProcessStore) -> None:
+async def test_abandon_after_completion_changes_nothing(store: RunStore) -> None:
     state, _ = await claim(store, "cid-6")
     await store.finish("cid-6", Status.OK, data="done")
 
@@ -262,18 +263,18 @@ async def test_abandon_after_completion_changes_nothing(store: ProcessStore) -> 
     assert finished.status is Status.OK
 
 
-async def page_all(store: ProcessStore, limit: int) -> list[list[str]]:
+async def page_all(store: RunStore, limit: int) -> list[list[str]]:
     pages: list[list[str]] = []
     cursor: str | None = None
     while True:
-        states, cursor = await store.page(cursor=cursor, limit=limit)
+        states, cursor = await store.pages.page(cursor=cursor, limit=limit)
         pages.append([s.correlation_id for s in states])
         if cursor is None:
             return pages
 
 
 async def test_page_is_newest_first_and_skips_and_removes_stale_entries(
-    store: ProcessStore, redis_client: RedisClient, keys: Keys
+    store: RunStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     ids = [f"p{i:03}" for i in range(23)]
     for cid in ids:
@@ -291,7 +292,7 @@ async def test_page_is_newest_first_and_skips_and_removes_stale_entries(
 
 
 async def test_page_walks_large_groups_of_equal_start_times(
-    store: ProcessStore, redis_client: RedisClient, keys: Keys
+    store: RunStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     ids = [f"q{i:03}" for i in range(250)]
     for cid in ids:
@@ -308,16 +309,16 @@ async def test_page_walks_large_groups_of_equal_start_times(
     ]
 
 
-async def test_page_of_an_empty_index_and_bad_input(store: ProcessStore) -> None:
-    assert await store.page(cursor=None, limit=10) == ([], None)
+async def test_page_of_an_empty_index_and_bad_input(store: RunStore) -> None:
+    assert await store.pages.page(cursor=None, limit=10) == ([], None)
     with pytest.raises(InvalidCursor):
-        await store.page(cursor="not a cursor!", limit=10)
+        await store.pages.page(cursor="not a cursor!", limit=10)
     with pytest.raises(ValueError, match="limit"):
-        await store.page(cursor=None, limit=0)
+        await store.pages.page(cursor=None, limit=0)
 
 
 async def test_claim_drops_index_entries_older_than_any_state_can_live(
-    store: ProcessStore, redis_client: RedisClient, keys: Keys
+    store: RunStore, redis_client: RedisClient, keys: Keys
 ) -> None:
     index = keys.of("fresh").index
     await redis_client.zadd(index, {"ancient": 1_000})

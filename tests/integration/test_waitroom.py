@@ -20,8 +20,8 @@ from shared.contract import StartFailed, SystemVariables
 from shared.keys import Keys
 from shared.redis_client import RedisClient, connect
 from shared.settings import Settings
-from shared.state import ProcessState, Status
-from shared.store import ProcessStore
+from shared.state import RunState, Status
+from shared.store.runs import RunStore
 from tests.conftest import RedisTarget
 from tests.helpers.api import cid, running_app
 from tests.helpers.waiting import until
@@ -45,13 +45,13 @@ async def pooled(
 
 
 @pytest.fixture
-def store(pooled: RedisClient, redis_prefix: str) -> ProcessStore:
-    return ProcessStore(pooled, Keys(redis_prefix), result_ttl_s=600, pending_ttl_s=600)
+def store(pooled: RedisClient, redis_prefix: str) -> RunStore:
+    return RunStore(pooled, Keys(redis_prefix), result_ttl_s=600, pending_ttl_s=600)
 
 
 @contextlib.asynccontextmanager
 async def open_room(
-    redis: RedisClient, prefix: str, store: ProcessStore, **options: Any
+    redis: RedisClient, prefix: str, store: RunStore, **options: Any
 ) -> AsyncIterator[WaitRoom]:
     options.setdefault("max_parked", 10_000)
     room = WaitRoom(redis, Keys(prefix), store, metrics=ApiMetrics(), **options)
@@ -67,14 +67,12 @@ async def open_room(
 
 
 @pytest.fixture
-async def room(
-    pooled: RedisClient, redis_prefix: str, store: ProcessStore
-) -> AsyncIterator[WaitRoom]:
+async def room(pooled: RedisClient, redis_prefix: str, store: RunStore) -> AsyncIterator[WaitRoom]:
     async with open_room(pooled, redis_prefix, store) as opened:
         yield opened
 
 
-async def claim(store: ProcessStore, correlation_id: str) -> ProcessState:
+async def claim(store: RunStore, correlation_id: str) -> RunState:
     state, created = await store.claim(
         SystemVariables(correlation_id, "b", "t", "a"), "benchmark", "h"
     )
@@ -109,7 +107,7 @@ async def kill_pubsub_connections(redis: RedisClient, ids: set[str]) -> None:
 
 
 async def test_the_room_is_ready_once_its_subscription_is_confirmed(
-    redis_client: RedisClient, redis_prefix: str, store: ProcessStore
+    redis_client: RedisClient, redis_prefix: str, store: RunStore
 ) -> None:
     before = await pubsub_ids(redis_client)
     async with open_room(redis_client, redis_prefix, store) as room:
@@ -120,7 +118,7 @@ async def test_the_room_is_ready_once_its_subscription_is_confirmed(
 
 
 async def test_a_completion_before_the_wait_is_returned_at_once(
-    room: WaitRoom, store: ProcessStore
+    room: WaitRoom, store: RunStore
 ) -> None:
     correlation_id = cid()
     await claim(store, correlation_id)
@@ -129,12 +127,12 @@ async def test_a_completion_before_the_wait_is_returned_at_once(
     result = await room.wait(correlation_id, timeout_s=10)
     assert time.monotonic() - began < 1
     assert result.end is WaitEnd.SETTLED
-    assert isinstance(result.outcome, ProcessState)
+    assert isinstance(result.outcome, RunState)
     assert result.outcome.data == {"early": True}
 
 
 async def test_completions_racing_the_wait_are_never_missed(
-    room: WaitRoom, store: ProcessStore
+    room: WaitRoom, store: RunStore
 ) -> None:
     """Completion and wait start together, 300 times: a missed wake-up would end in a
     timeout (the re-read would still find the state, but the end would be TIMEOUT)."""
@@ -148,7 +146,7 @@ async def test_completions_racing_the_wait_are_never_missed(
             await store.finish(correlation_id, Status.OK, data=correlation_id)
 
         result, _ = await asyncio.gather(room.wait(correlation_id, timeout_s=5), complete())
-        assert isinstance(result.outcome, ProcessState)
+        assert isinstance(result.outcome, RunState)
         assert result.outcome.data == correlation_id
         return result.end
 
@@ -158,7 +156,7 @@ async def test_completions_racing_the_wait_are_never_missed(
 
 
 async def test_a_wait_from_a_state_read_after_registering_misses_no_completion(
-    room: WaitRoom, store: ProcessStore
+    room: WaitRoom, store: RunStore
 ) -> None:
     """A start registers, then reads the run as it attaches its instance, then waits from
     that state without reading again: a completion racing the attach is still seen."""
@@ -177,7 +175,7 @@ async def test_a_wait_from_a_state_read_after_registering_misses_no_completion(
 
         async with room.expect(correlation_id, timeout_s=5) as expected:
             result, _ = await asyncio.gather(attach_then_wait(), complete())
-        assert isinstance(result.outcome, ProcessState)
+        assert isinstance(result.outcome, RunState)
         assert result.outcome.data == correlation_id
         return result.end
 
@@ -194,7 +192,7 @@ async def test_a_wait_from_a_state_read_after_registering_misses_no_completion(
 
 
 async def test_a_thousand_parked_waits_on_one_connection_all_get_their_own_result(
-    redis_client: RedisClient, room: WaitRoom, store: ProcessStore
+    redis_client: RedisClient, room: WaitRoom, store: RunStore
 ) -> None:
     ids = [cid() for _ in range(1_000)]
     for correlation_id in ids:
@@ -207,11 +205,11 @@ async def test_a_thousand_parked_waits_on_one_connection_all_get_their_own_resul
     await asyncio.gather(*(store.finish(c, Status.OK, data={"id": c}) for c in ids))
     results = await asyncio.gather(*waits)
     assert [r.end for r in results] == [WaitEnd.WOKEN] * 1_000
-    assert [r.outcome.data["id"] for r in results if isinstance(r.outcome, ProcessState)] == ids
+    assert [r.outcome.data["id"] for r in results if isinstance(r.outcome, RunState)] == ids
     assert room.parked == 0
 
 
-async def test_every_waiter_of_an_id_is_woken(room: WaitRoom, store: ProcessStore) -> None:
+async def test_every_waiter_of_an_id_is_woken(room: WaitRoom, store: RunStore) -> None:
     correlation_id = cid()
     await claim(store, correlation_id)
     waits = [asyncio.create_task(room.wait(correlation_id, timeout_s=30)) for _ in range(5)]
@@ -219,11 +217,11 @@ async def test_every_waiter_of_an_id_is_woken(room: WaitRoom, store: ProcessStor
     await store.finish(correlation_id, Status.ERROR, error="boom")
     results = await asyncio.gather(*waits)
     assert {r.end for r in results} == {WaitEnd.WOKEN}
-    assert all(isinstance(r.outcome, ProcessState) and r.outcome.error == "boom" for r in results)
+    assert all(isinstance(r.outcome, RunState) and r.outcome.error == "boom" for r in results)
 
 
 async def test_a_failed_start_wakes_its_joiners_with_the_reason(
-    room: WaitRoom, store: ProcessStore
+    room: WaitRoom, store: RunStore
 ) -> None:
     correlation_id = cid()
     state = await claim(store, correlation_id)
@@ -237,7 +235,7 @@ async def test_a_failed_start_wakes_its_joiners_with_the_reason(
 
 
 async def test_a_timed_out_wait_reads_the_state_again(
-    redis_client: RedisClient, room: WaitRoom, store: ProcessStore, redis_prefix: str
+    redis_client: RedisClient, room: WaitRoom, store: RunStore, redis_prefix: str
 ) -> None:
     correlation_id = cid()
     await claim(store, correlation_id)
@@ -247,19 +245,19 @@ async def test_a_timed_out_wait_reads_the_state_again(
     await redis_client.hset(Keys(redis_prefix).state(correlation_id), "status", "ok")
     result = await wait
     assert result.end is WaitEnd.TIMEOUT
-    assert isinstance(result.outcome, ProcessState)
+    assert isinstance(result.outcome, RunState)
     assert result.outcome.status is Status.OK
 
     still_pending = cid()
     await claim(store, still_pending)
     pending = await room.wait(still_pending, timeout_s=0.2)
     assert pending.end is WaitEnd.TIMEOUT
-    assert isinstance(pending.outcome, ProcessState)
+    assert isinstance(pending.outcome, RunState)
     assert pending.outcome.status is Status.PENDING
 
 
 async def test_after_a_reconnect_every_waiter_reads_the_state_again(
-    redis_client: RedisClient, redis_prefix: str, store: ProcessStore
+    redis_client: RedisClient, redis_prefix: str, store: RunStore
 ) -> None:
     before = await pubsub_ids(redis_client)
     async with open_room(redis_client, redis_prefix, store) as room:
@@ -275,14 +273,14 @@ async def test_after_a_reconnect_every_waiter_reads_the_state_again(
         result = await wait
         assert time.monotonic() - began < 10  # the reconnect, not the 30 s deadline
         assert result.end is WaitEnd.SETTLED
-        assert isinstance(result.outcome, ProcessState)
+        assert isinstance(result.outcome, RunState)
         assert result.outcome.status is Status.OK
         await until(lambda: room.ready)
         assert len(await pubsub_ids(redis_client) - before) == shards(redis_client)
 
 
 async def test_release_all_answers_parked_waits_at_once_and_later_ones_immediately(
-    room: WaitRoom, store: ProcessStore
+    room: WaitRoom, store: RunStore
 ) -> None:
     ids = [cid() for _ in range(10)]
     for correlation_id in ids:
@@ -294,14 +292,14 @@ async def test_release_all_answers_parked_waits_at_once_and_later_ones_immediate
     results = await asyncio.gather(*waits)
     assert time.monotonic() - began < 1
     assert {r.end for r in results} == {WaitEnd.DRAINED}
-    assert all(isinstance(r.outcome, ProcessState) and not r.outcome.finished for r in results)
+    assert all(isinstance(r.outcome, RunState) and not r.outcome.finished for r in results)
     late = await room.wait(ids[0], timeout_s=60)
     assert late.end is WaitEnd.DRAINED
     assert not room.ready
 
 
 async def test_beyond_max_parked_a_wait_answers_at_once(
-    redis_client: RedisClient, redis_prefix: str, store: ProcessStore
+    redis_client: RedisClient, redis_prefix: str, store: RunStore
 ) -> None:
     async with open_room(redis_client, redis_prefix, store, max_parked=2) as room:
         correlation_id = cid()

@@ -28,7 +28,7 @@ from shared.deployment import deploy_directory
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.state import Status
-from shared.store import ProcessStore
+from shared.store.runs import RunStore
 from tests.helpers.engine import EngineAdmin, clone, onboard_user_bpmn, one_task_bpmn
 from tests.helpers.waiting import until
 from tests.helpers.worker import RunClient, event_rows, running_worker
@@ -61,9 +61,7 @@ def settings(make_settings: Callable[..., Settings], engine_url: str) -> Setting
 async def client(
     camunda: CamundaClient, redis_client: aioredis.Redis, settings: Settings
 ) -> AsyncIterator[RunClient]:
-    store = ProcessStore(
-        redis_client, Keys(settings.redis_prefix), result_ttl_s=600, pending_ttl_s=600
-    )
+    store = RunStore(redis_client, Keys(settings.redis_prefix), result_ttl_s=600, pending_ttl_s=600)
     client = RunClient(camunda, store)
     yield client
     await client.cleanup()

@@ -23,7 +23,7 @@ from services.worker.registry import Process, Registry, Step
 from services.worker.worker import Worker, WorkerOptions
 from shared.camunda import CamundaClient
 from shared.keys import Keys
-from shared.store import ProcessStore
+from shared.store.runs import RunStore
 from tests.helpers.engine import FakeEngine, task_json
 from tests.helpers.net import TcpProxy
 from tests.helpers.waiting import until
@@ -56,7 +56,7 @@ def worker_for(
     registry = Registry.of([process])
     metrics = WorkerMetrics()
     keys = Keys(f"t{uuid.uuid4().hex[:8]}")
-    store = ProcessStore(redis, keys, result_ttl_s=60, pending_ttl_s=60)
+    store = RunStore(redis, keys, result_ttl_s=60, pending_ttl_s=60)
     recorder = Recorder(redis, keys, store, metrics)
     executor = Executor(
         camunda=camunda,

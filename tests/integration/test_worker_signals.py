@@ -23,7 +23,7 @@ from shared.camunda import CamundaClient
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.state import Status
-from shared.store import ProcessStore
+from shared.store.runs import RunStore
 from tests.helpers.engine import EngineAdmin
 from tests.helpers.worker import RunClient, WorkerProcess
 
@@ -154,7 +154,7 @@ async def client(
                 ):
                     await admin.delete_process_instance(run["id"])
         client = RunClient(
-            camunda, ProcessStore(redis_client, keys, result_ttl_s=600, pending_ttl_s=600)
+            camunda, RunStore(redis_client, keys, result_ttl_s=600, pending_ttl_s=600)
         )
         yield client
         await client.cleanup()

@@ -26,7 +26,7 @@ from shared.keys import WRITEBEHIND_GROUP, Keys
 from shared.redis_client import RedisClient
 from shared.settings import Settings
 from shared.state import Status
-from shared.store import ProcessStore
+from shared.store.runs import RunStore
 from tests.helpers.net import TcpProxy
 from tests.helpers.replica import replica
 from tests.helpers.streams import Entry, entries
@@ -41,8 +41,8 @@ def keys(redis_prefix: str) -> Keys:
 
 
 @pytest.fixture
-def store(redis_client: RedisClient, keys: Keys) -> ProcessStore:
-    return ProcessStore(redis_client, keys, result_ttl_s=600, pending_ttl_s=600)
+def store(redis_client: RedisClient, keys: Keys) -> RunStore:
+    return RunStore(redis_client, keys, result_ttl_s=600, pending_ttl_s=600)
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ async def dead_letters(redis: RedisClient, keys: Keys) -> list[Entry]:
 
 async def test_a_flusher_process_writes_what_the_replicas_leave_to_it(
     make_settings: Callable[..., Settings],
-    store: ProcessStore,
+    store: RunStore,
     pool: AsyncConnectionPool,
     redis_client: RedisClient,
     keys: Keys,
@@ -129,11 +129,11 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def claim(store: ProcessStore, cid: str) -> None:
+async def claim(store: RunStore, cid: str) -> None:
     await store.claim(SystemVariables(cid, "b", f"t-{cid}", "a"), "onboard-user", "hash")
 
 
-async def run_one_process(store: ProcessStore, redis: RedisClient, keys: Keys, cid: str) -> None:
+async def run_one_process(store: RunStore, redis: RedisClient, keys: Keys, cid: str) -> None:
     await claim(store, cid)
     await store.attach_instance(cid, f"instance-{cid}")
     await append_event(redis, keys, EventRecord(correlation_id=cid, status="ok", step=1))
@@ -156,7 +156,7 @@ async def test_migrate_is_versioned_and_safe_to_run_concurrently(
 
 
 async def test_states_and_events_arrive(
-    store: ProcessStore,
+    store: RunStore,
     redis_client: RedisClient,
     keys: Keys,
     pool: AsyncConnectionPool,
@@ -184,7 +184,7 @@ async def test_states_and_events_arrive(
 
 
 async def test_replayed_entries_leave_identical_rows(
-    store: ProcessStore,
+    store: RunStore,
     redis_client: RedisClient,
     keys: Keys,
     pool: AsyncConnectionPool,
@@ -215,7 +215,7 @@ async def test_replayed_entries_leave_identical_rows(
 
 
 async def test_a_stale_entry_never_overwrites_a_newer_row(
-    store: ProcessStore,
+    store: RunStore,
     redis_client: RedisClient,
     keys: Keys,
     pool: AsyncConnectionPool,
@@ -240,7 +240,7 @@ async def test_a_stale_entry_never_overwrites_a_newer_row(
 
 
 async def test_an_abandoned_start_stays_abandoned_even_if_its_claim_arrives_late(
-    store: ProcessStore,
+    store: RunStore,
     redis_client: RedisClient,
     keys: Keys,
     pool: AsyncConnectionPool,
@@ -304,7 +304,7 @@ async def test_events_come_back_in_step_order(
 
 
 async def test_a_dead_consumers_entries_are_claimed_by_another(
-    store: ProcessStore,
+    store: RunStore,
     redis_client: RedisClient,
     keys: Keys,
     pool: AsyncConnectionPool,
@@ -335,7 +335,7 @@ async def test_a_dead_consumers_entries_are_claimed_by_another(
 
 
 async def test_poison_entries_are_isolated_then_dead_lettered(
-    store: ProcessStore,
+    store: RunStore,
     redis_client: RedisClient,
     keys: Keys,
     pool: AsyncConnectionPool,
@@ -394,7 +394,7 @@ async def wait_for(condition: Callable[[], Awaitable[bool]], timeout_s: float) -
 
 @pytest.mark.slow
 async def test_postgres_outage_loses_nothing_and_duplicates_nothing(
-    store: ProcessStore,
+    store: RunStore,
     redis_client: RedisClient,
     keys: Keys,
     schema_url: str,

@@ -20,7 +20,7 @@ from services.api.schemas import (
     StartRequest,
     json_depth,
 )
-from shared.state import ProcessState, Status
+from shared.state import RunState, Status
 
 
 @pytest.mark.parametrize(
@@ -170,7 +170,7 @@ def test_a_status_body_is_the_models_json(status: Status) -> None:
     """ProcessStatus.body (the status read's fast path) and the model the OpenAPI document
     describes must not drift apart."""
     now = datetime(2026, 11, 29, 4, 5, 6, 789000, tzinfo=UTC)
-    state = ProcessState(
+    state = RunState(
         correlation_id="order-7",
         status=status,
         process_key="onboard-user",

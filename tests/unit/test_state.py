@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
-from shared import store
-from shared.state import FIELDS, STATE_JSON_LUA, ProcessState, Status, iso
+from shared.lua import Script
+from shared.state import FIELDS, STATE_JSON_LUA, RunState, Status, iso
+from shared.store import scripts  # noqa: F401 - declares the store's scripts
 
-STATE = ProcessState(
+STATE = RunState(
     correlation_id="user@example.com",
     status=Status.ERROR,
     process_key="onboard-user",
@@ -26,11 +27,11 @@ STATE = ProcessState(
 
 
 def test_every_shape_round_trips() -> None:
-    assert ProcessState.from_dict(STATE.to_dict()) == STATE
-    assert ProcessState.from_json(STATE.to_json()) == STATE
-    assert ProcessState.from_hash(STATE.to_hash()) == STATE
+    assert RunState.from_dict(STATE.to_dict()) == STATE
+    assert RunState.from_json(STATE.to_json()) == STATE
+    assert RunState.from_hash(STATE.to_hash()) == STATE
     row = dict(zip((f.attr for f in FIELDS), STATE.to_row(), strict=True))
-    assert ProcessState.from_row(row) == STATE
+    assert RunState.from_row(row) == STATE
 
 
 def test_times_are_javascript_iso_strings() -> None:
@@ -45,11 +46,10 @@ def test_the_generated_lua_names_every_field() -> None:
 def test_the_transition_scripts_write_only_fields_of_the_record() -> None:
     # Quoted words in those calls are field names, or (as values) statuses.
     wire = {f.wire for f in FIELDS} | {status.value for status in Status}
-    scripts = [value for name, value in vars(store).items() if name.endswith("_LUA")]
     used = {
         name
-        for script in scripts
-        for call in re.findall(r"'(?:HSET|HGET|HMGET|HINCRBY)',\s*KEYS\[1\],([^)]*)\)", script)
+        for script in Script.declared.values()
+        for call in re.findall(r"'(?:HSET|HGET|HMGET|HINCRBY)',\s*K\.state,([^)]*)\)", script.body)
         for name in re.findall(r"'(\w+)'", call)
     }
     assert used

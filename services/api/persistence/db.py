@@ -18,7 +18,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from shared.eventlog import EVENT_COLUMNS, EventRecord
-from shared.state import ProcessState
+from shared.state import RunState
 
 # Versioned migrations: append, never edit one that has shipped. Index i is version i + 1.
 MIGRATIONS: tuple[str, ...] = (
@@ -137,14 +137,14 @@ async def ping(pool: AsyncConnectionPool) -> None:
         await conn.execute("SELECT 1")
 
 
-async def get_process(pool: AsyncConnectionPool, correlation_id: str) -> ProcessState | None:
+async def get_process(pool: AsyncConnectionPool, correlation_id: str) -> RunState | None:
     """The last state the write-behind stored, for a process Redis no longer holds."""
     async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             "SELECT * FROM process_store WHERE correlation_id = %s", (correlation_id,)
         )
         row = await cur.fetchone()
-    return None if row is None else ProcessState.from_row(row)
+    return None if row is None else RunState.from_row(row)
 
 
 async def events_by_traceability(

@@ -40,8 +40,8 @@ from services.api.persistence import db
 from shared.aio import Backoff, cancel_and_wait, sleep_or_stop
 from shared.eventlog import EVENT_COLUMNS, EVENT_JSON_COLUMNS, EventRecord
 from shared.keys import WRITEBEHIND_GROUP, Keys, Partition
-from shared.redis_client import RedisClient
-from shared.state import COLUMNS, JSON_COLUMNS, ProcessState, dump_json
+from shared.redis_client import RedisClient, text
+from shared.state import COLUMNS, JSON_COLUMNS, RunState, dump_json
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class Flusher:
                     count=self._batch,
                 )
                 await self._flush([_entry(partition, item) for item in claimed if item], stop)
-                start = _text(next_start)
+                start = text(next_start)
                 if start == "0-0":
                     break
 
@@ -405,20 +405,15 @@ def _without_values(exc: psycopg.Error) -> str:
     )
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _entry(partition: Partition, item: Any) -> _Entry:
-    """A (id, fields) pair from XREADGROUP/XAUTOCLAIM, with or without decode_responses."""
+    """A (id, fields) pair from XREADGROUP/XAUTOCLAIM."""
     entry_id, fields = item
-    by_name = {_text(k): v for k, v in (fields or {}).items()}
-    body = by_name.get("body", b"")
+    fields = fields or {}
     return _Entry(
         partition=partition,
-        id=_text(entry_id),
-        kind=_text(by_name.get("kind", b"")),
-        body=body.encode() if isinstance(body, str) else body,
+        id=text(entry_id),
+        kind=text(fields.get(b"kind", b"")),
+        body=fields.get(b"body", b""),
     )
 
 
@@ -437,7 +432,7 @@ def _decode(entry: _Entry) -> _Op:
     """Parameters for the entry's statement; :class:`_Undecodable` if it makes no sense."""
     try:
         if entry.kind == "state":
-            row = ProcessState.from_json(entry.body).to_row()
+            row = RunState.from_json(entry.body).to_row()
             params: tuple[Any, ...] = tuple(_params(COLUMNS, JSON_COLUMNS, row))
         elif entry.kind == "event":
             event = EventRecord.from_json(entry.body).to_row()
