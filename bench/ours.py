@@ -1,6 +1,6 @@
 """Starting our own services for a benchmark: the API (``python -m services.api``), the
 worker (``python -m services.worker``) and the standalone write-behind flusher (``python -m
-services.api.persistence``), each its own subprocess."""
+services.flusher``), each its own subprocess."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def start_flusher(run: Run, stack: Stack, *, prefix: str, database_url: str) -> 
         "LOG_LEVEL": "warning",
     }
     ready = lambda: servers.http_ok(f"http://127.0.0.1:{port}/healthz")  # noqa: E731
-    return run.python("flusher", "services.api.persistence", env=env, cpu=None, ready=ready)
+    return run.python("flusher", "services.flusher", env=env, cpu=None, ready=ready)
 
 
 def start_worker(

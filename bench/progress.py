@@ -38,7 +38,7 @@ from bench import ours
 from bench.harness import LOAD_CPU, SERVER_CPU, Run, Stack, summary
 from bench.profile import Profile
 from bench.rawhttp import Pool
-from services.api.callbacks import POLL_INTERVAL_S
+from services.background.callbacks import POLL_INTERVAL_S
 from shared.keys import Keys
 from shared.state import Status
 from shared.steps import StepEvent, StepStatus

@@ -59,6 +59,14 @@ class SystemVariables:
     def identifiers(self) -> dict[str, str]:
         return {"applicationId": self.application_id}
 
+    @classmethod
+    def result_of(cls, variables: Mapping[str, Any], fetch: list[str] | None) -> dict[str, Any]:
+        """A run's result from its root variables, when the engine ended it: those named
+        in ``fetch`` (the start's ``fetchVariables``), or all of them but these."""
+        if fetch is not None:
+            return {name: variables[name] for name in fetch if name in variables}
+        return {k: v for k, v in variables.items() if k not in cls.NAMES}
+
     def to_variables(self) -> dict[str, Any]:
         return {
             CORRELATION_ID: self.correlation_id,

@@ -2,7 +2,7 @@
 
 Records travel through the write-behind stream (``kind=event``) rather than straight to
 Postgres, so logging an event costs one Redis round trip and survives a Postgres outage;
-the API's write-behind (services/api/persistence/writebehind.py) inserts them into
+the API's write-behind (services/flusher/writebehind.py) inserts them into
 ``event_log`` idempotently, by stream entry id. The fields are the seed's ``event_log``
 columns, snake_case, in one place: :data:`EVENT_COLUMNS` derives from the dataclass, and the
 stream body, the insert and the reads all use it.

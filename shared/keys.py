@@ -19,7 +19,7 @@ runs as it is on a Redis Cluster; on a single Redis the tags are just part of th
 ``{p:n}:steps:{correlationId}``       stream: the run's steps as they end (shared/steps.py)
 ``{p:n}:steps:{correlationId}:seen``  set: activity instance ids recorded there already
 ``{p:n}:callbacks``                   sorted set: runs whose end is to be delivered to their
-                                      callbackUrl, scored by when (services/api/callbacks.py)
+                                      callbackUrl, scored by when (services/background/callbacks.py)
 ``{p:n}:cancel:{correlationId}``      string: the reason a cancel was asked for, until the run
                                       ends (the watcher ends a deleted instance's run with it)
 ``{p:n}:run``                         pub/sub channel (sharded on a cluster): a run of the

@@ -1,18 +1,28 @@
 """The Redis flowgate talks to: one server, or a Redis Cluster (``REDIS_CLUSTER``).
 
 The code is the same for both: shared/keys.py puts every key a transition touches in one
-hash slot. What differs is the client class and the pub/sub verbs. On a cluster the run
-channels are sharded (``SPUBLISH``/``SSUBSCRIBE``): the shard that owns a channel's slot
-delivers it, where a plain ``PUBLISH`` would be broadcast to every node of the cluster. A
-single Redis keeps plain pub/sub, which every Redis version has.
+hash slot. What differs is said here and nowhere else (the seam the store, the wait room and
+the flusher use):
+
+* the client class (:func:`connect`), and reading a cluster's slots before the first burst
+  (:func:`read_topology`);
+* the pub/sub verbs: on a cluster the run channels are sharded (``SPUBLISH``, ``SSUBSCRIBE``;
+  :func:`publish_verb`): the master that owns a channel's slot delivers it, where a plain
+  ``PUBLISH`` would be broadcast to every node. A single Redis keeps plain pub/sub;
+* who delivers which channel (:func:`channel_shards`): the one Redis all of them on one
+  connection, or each master those of its slots, on one connection per master;
+* the shape of a pipelined stream read's answer (:func:`stream_entries`).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCluster
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError, RedisClusterException, RedisError, TimeoutError
@@ -91,3 +101,65 @@ def text(raw: bytes | str) -> str:
     are JSON, which orjson reads from bytes as they come), so this is bytes; redis-py's
     types allow text as well."""
     return raw.decode() if isinstance(raw, bytes) else raw
+
+
+class SlotsMoved(Exception):
+    """A channel's slot has no master, or its master gave it up (a failover): the
+    subscriptions must be made afresh on the masters the cluster names now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """A Redis that delivers some of the run channels, on a connection of its own."""
+
+    client: Redis
+    channels: list[str]
+    sharded: bool
+    #: Whether ``client`` was opened for this shard (and is closed with it).
+    own: bool
+
+    async def subscribe(self, pubsub: PubSub) -> None:
+        if self.sharded:  # one SSUBSCRIBE per channel: each is in a slot of its own
+            for channel in self.channels:
+                await pubsub.ssubscribe(channel)
+        else:
+            await pubsub.subscribe(*self.channels)
+
+    async def close(self, pubsub: PubSub) -> None:
+        with contextlib.suppress(*REDIS_ERRORS, OSError):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            if self.own:
+                await self.client.aclose()
+
+
+#: The pub/sub message types: a message, a subscription confirmed, a sharded channel the
+#: shard no longer serves (its slot moved: a failover).
+MESSAGES = frozenset({"message", "smessage"})
+CONFIRMATIONS = frozenset({"subscribe", "ssubscribe"})
+MOVED = "sunsubscribe"
+
+
+async def channel_shards(redis: RedisClient, channels: list[str]) -> list[Shard]:
+    """Which Redis delivers which channels: the one Redis all of them; on a cluster, each
+    master those whose slots it owns, as the cluster says now (:class:`SlotsMoved` when a
+    slot has no master: mid-failover)."""
+    if not isinstance(redis, RedisCluster):
+        return [Shard(redis, channels, sharded=False, own=False)]
+    await redis.nodes_manager.initialize()
+    by_node: dict[str, Shard] = {}
+    for channel in channels:
+        node = redis.get_node_from_key(channel)
+        if node is None:
+            raise SlotsMoved(channel)
+        if node.name not in by_node:
+            pool = ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+            by_node[node.name] = Shard(Redis(connection_pool=pool), [], sharded=True, own=True)
+        by_node[node.name].channels.append(channel)
+    return list(by_node.values())
+
+
+def stream_entries(answer: Any) -> Iterable[Sequence[Any]]:
+    """The (id, fields) entries of one stream's XREADGROUP answer, as a pipeline returns it
+    (a cluster client answers a dict by stream, a single Redis's a list of pairs)."""
+    streams = answer.values() if isinstance(answer, dict) else (pair[1] for pair in answer or [])
+    return (entry for entries in streams for entry in entries)

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     # it must exceed CAMUNDA_TIMEOUT_MS.
     engine_start_window_ms: PositiveInt = 120_000
     # How often the replica that watches the engine's history reads it (runs whose steps
-    # flowgate did not run end when their instance does; see services/api/watcher.py).
+    # flowgate did not run end when their instance does; see services/background/watcher.py).
     watch_interval_ms: PositiveInt = 100
 
     # --- the API: how long a request waits ---------------------------------------------
@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     # Hard deadline for draining on SIGTERM (parked requests are answered at once).
     shutdown_grace_s: PositiveInt = 10
 
-    # --- callbacks (services/api/callbacks.py) -------------------------------------------
+    # --- callbacks (services/background/callbacks.py) -------------------------------------------
     # Signs every callback (HMAC-SHA256 in the Flowgate-Signature header) when set.
     callback_secret: SecretStr | None = None
     # Comma-separated host names and CIDRs a callbackUrl may name (any host when empty).
@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     # Entries a consumer left unacknowledged this long are claimed by another.
     writebehind_claim_idle_ms: PositiveInt = 30_000
     # Whether each API replica runs a flusher; false when `flowgate-flusher` processes do
-    # (services/api/persistence/__main__.py), so the flusher takes no API core under load.
+    # (services/flusher/__main__.py), so the flusher takes no API core under load.
     writebehind_in_api: bool = True
     # The standalone flusher's /healthz and /metrics (0 = off), and their interface.
     flusher_health_port: Annotated[int, Field(ge=0, le=65_535)] = 8082

@@ -67,7 +67,7 @@ class RunState:
     #: The start's ``fetchVariables``: the root variables a run the engine ends returns
     #: (None: all of them but the system variables).
     fetch_variables: Any = None
-    #: Where the final status body is POSTed once the run ends (services/api/callbacks.py).
+    #: Where the final status body is POSTed once the run ends (services/background/callbacks.py).
     callback_url: str | None = None
 
     @property

@@ -5,7 +5,7 @@ Two sources write it, and each step is recorded once whichever comes first:
 
 * a flowgate worker, at once, for the external tasks it runs (services/worker/executor.py);
 * the engine's history, for every other step: user tasks, Java delegates, timers, other
-  teams' workers, events and gateways (services/api/watcher.py).
+  teams' workers, events and gateways (services/background/watcher.py).
 
 A step is named by its activity id, or for an external task served by flowgate also by its
 step name; ``step`` holds the name a reader knows it by (the step name where there is one).

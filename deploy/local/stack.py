@@ -240,7 +240,7 @@ def components(cfg: Config) -> list[Component]:
             _service(
                 cfg,
                 "flusher",
-                "services.api.persistence",
+                "services.flusher",
                 flusher_health,
                 {**env, "FLUSHER_HEALTH_PORT": str(cfg.flusher_port)},
             ),

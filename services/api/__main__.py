@@ -1,4 +1,5 @@
-"""``python -m services.api`` / ``flowgate-api``: settings -> logging -> uvicorn.
+"""``python -m services.api`` / ``flowgate-api``: an API replica, the HTTP app and its
+background work (services/background/), served by uvicorn.
 
 On SIGTERM (or SIGINT) the replica first answers every parked request with 202 + Location
 (:class:`services.api.drain.DrainHook`), then lets uvicorn stop: close the listener, finish
@@ -13,6 +14,7 @@ from types import FrameType
 
 import uvicorn
 
+from services import background
 from services.api.app import create_app
 from services.api.drain import DrainHook
 from shared.logs import configure_logging
@@ -47,7 +49,7 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     drain = DrainHook()
     config = uvicorn.Config(
-        create_app(settings, drain=drain),
+        create_app(settings, drain=drain, alongside=background.alongside(settings)),
         host=settings.api_host,
         port=settings.api_port,
         loop="uvloop",

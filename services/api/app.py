@@ -1,9 +1,11 @@
 """``create_app(settings)``: the Starlette app, its routes, its errors and its lifespan;
 :func:`from_environment` for ASGI servers that import a factory.
 
-The lifespan is :func:`services.api.deps.open_deps`; its bundle reaches the endpoints as
-``request.state.deps``. Parked requests are released by the :class:`DrainHook` (SIGTERM,
-before uvicorn waits for in-flight requests) or, at the latest, when the lifespan closes.
+The lifespan is :func:`services.api.deps.open_deps`, and beside it what the process runs
+alongside the app (a replica's background work, services/background/); the bundle reaches
+the endpoints as ``request.state.deps``. Parked requests are released by the
+:class:`DrainHook` (SIGTERM, before uvicorn waits for in-flight requests) or, at the latest,
+when the lifespan closes.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import psycopg
@@ -21,9 +24,10 @@ from psycopg_pool import PoolTimeout
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+from services import background
 from services.api import errors
 from services.api.auth import Auth
-from services.api.deps import open_deps
+from services.api.deps import Deps, open_deps
 from services.api.drain import DrainHook
 from services.api.metrics import ApiMetrics, OutcomeMiddleware
 from services.api.openapi import docs_html, render_openapi
@@ -35,7 +39,15 @@ from shared.settings import Settings, load_settings
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, *, drain: DrainHook | None = None) -> Starlette:
+#: What runs beside the app for its lifespan, given what the app opened (a replica's
+#: background work: services/background/).
+Alongside = Callable[[Deps], AbstractAsyncContextManager[None]]
+
+
+def create_app(
+    settings: Settings, *, drain: DrainHook | None = None, alongside: Alongside | None = None
+) -> Starlette:
+    """The app: it serves requests, and runs ``alongside`` for its lifespan."""
     auth = Auth(settings.api_keys, settings.complete_token, settings.metrics_token)
     if auth.open_writes:
         log.warning(
@@ -50,7 +62,10 @@ def create_app(settings: Settings, *, drain: DrainHook | None = None) -> Starlet
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        async with open_deps(settings, auth=auth, metrics=metrics, replica_id=replica_id) as deps:
+        async with (
+            open_deps(settings, auth=auth, metrics=metrics, replica_id=replica_id) as deps,
+            alongside(deps) if alongside else contextlib.nullcontext(),
+        ):
             drain.attach(deps.waitroom.release_all)
             try:
                 log.info("api ready", extra={"replica": replica_id})
@@ -82,4 +97,4 @@ def from_environment() -> Starlette:
     then answered when the lifespan closes, not at the signal."""
     settings = load_settings()
     configure_logging(settings.log_level)
-    return create_app(settings)
+    return create_app(settings, alongside=background.alongside(settings))

@@ -1,9 +1,11 @@
 """What an endpoint can reach, and the one place that opens and closes it all.
 
-:func:`open_deps` opens, in order, Redis, the engine client, the Postgres pool, the wait
-room (its subscription confirmed before the app serves) and the persistence task
-(migrations, then the write-behind flusher); it closes them in reverse. Its background tasks
-live in one task group, so none outlives the app.
+:func:`open_deps` opens, in order, Redis, the engine client, the Postgres pool (migrating
+in the background until Postgres answers) and the wait room (its subscription confirmed
+before the app serves); it closes them in reverse, answering what is parked first. Its
+tasks live in one task group, so none outlives the app. What a replica does besides
+serving requests is services/background/, composed beside the app by the process's entry
+point.
 """
 
 from __future__ import annotations
@@ -15,20 +17,16 @@ import resource
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
 from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
 
 from services.api.auth import Auth
-from services.api.callbacks import Deliverer
 from services.api.cancel import Canceller
 from services.api.metrics import ApiMetrics
-from services.api.persistence import db
-from services.api.persistence.writebehind import Flusher, flush_until, stop_flushing
 from services.api.runs import Runs
 from services.api.starter import Starter
 from services.api.waitroom import WaitRoom
-from services.api.watcher import Watcher
+from shared import postgres
 from shared.aio import Spawner, stop_and_wait
 from shared.camunda import CamundaClient
 from shared.keys import Keys
@@ -80,15 +78,17 @@ class Deps:
     auth: Auth
     metrics: ApiMetrics
     keys: Keys
+    replica_id: str
     redis: RedisClient
     camunda: CamundaClient
     pool: AsyncConnectionPool
+    #: Set once Postgres has the schema (it may come later than the app: see open_deps).
+    migrated: asyncio.Event
     store: RunStore
     runs: Runs
     starter: Starter
     waitroom: WaitRoom
     canceller: Canceller
-    flusher: Flusher
     #: Work that outlives its request (an engine start whose client stopped waiting).
     spawner: Spawner
 
@@ -119,7 +119,7 @@ async def open_deps(
         camunda = await stack.enter_async_context(
             CamundaClient(settings.camunda_base_url, timeout_s=settings.camunda_timeout_ms / 1000)
         )
-        pool = await db.open_pool(settings.database_url)
+        pool = await postgres.open_pool(settings.database_url)
         stack.push_async_callback(pool.close)
         store = RunStore(
             redis, keys, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s
@@ -127,60 +127,12 @@ async def open_deps(
         waitroom = WaitRoom(
             redis, keys, store, metrics=metrics, max_parked=_parking_places(settings)
         )
-        flusher = Flusher(
-            redis,
-            keys,
-            pool,
-            consumer=replica_id,
-            batch=settings.writebehind_batch,
-            idle_ms=settings.writebehind_idle_ms,
-            claim_idle_ms=settings.writebehind_claim_idle_ms,
-        )
-        starter = Starter(
-            store,
-            camunda,
-            metrics,
-            engine_timeout_s=settings.camunda_timeout_ms / 1000,
-            start_window_s=settings.engine_start_window_ms / 1000,
-        )
         runs = Runs(store, pool)
-        callback_http = await stack.enter_async_context(
-            httpx.AsyncClient(follow_redirects=False, trust_env=False)
-        )
-        secret = settings.callback_secret
-        deliverer = Deliverer(
-            store,
-            runs,
-            redis,
-            keys,
-            metrics,
-            callback_http,
-            secret=secret.get_secret_value() if secret else None,
-            allowed_hosts=settings.callback_allowed_hosts,
-            max_attempts=settings.callback_max_attempts,
-            timeout_s=settings.callback_timeout_ms / 1000,
-        )
         stop, migrated = asyncio.Event(), asyncio.Event()
         async with asyncio.TaskGroup() as tasks:
             spawner = Spawner(tasks)
             listening = tasks.create_task(waitroom.listen(stop), name="waitroom")
-            # The flusher runs here unless flowgate-flusher processes copy the streams.
-            persisting = tasks.create_task(
-                flush_until(pool, flusher if settings.writebehind_in_api else None, stop, migrated),
-                name="persist",
-            )
-            recovering = tasks.create_task(starter.recover(stop), name="recover-starts")
-            watcher = Watcher(
-                store,
-                camunda,
-                redis,
-                keys,
-                metrics,
-                replica_id=replica_id,
-                interval_s=settings.watch_interval_ms / 1000,
-            )
-            watching = tasks.create_task(watcher.run(stop), name="watch-engine")
-            delivering = tasks.create_task(deliverer.run(stop), name="deliver-callbacks")
+            migrating = tasks.create_task(_migrate(pool, stop, migrated), name="migrate")
             try:
                 await waitroom.subscribed(_SUBSCRIBE_TIMEOUT_S)
                 # Serve with the schema in place when Postgres answers; if it does not, serve
@@ -194,15 +146,18 @@ async def open_deps(
                     auth=auth,
                     metrics=metrics,
                     keys=keys,
+                    replica_id=replica_id,
                     redis=redis,
                     camunda=camunda,
                     pool=pool,
+                    migrated=migrated,
                     store=store,
                     runs=runs,
-                    starter=starter,
+                    starter=Starter(
+                        store, camunda, metrics, engine_timeout_s=settings.camunda_timeout_ms / 1000
+                    ),
                     waitroom=waitroom,
                     canceller=Canceller(store, runs, camunda, waitroom, metrics),
-                    flusher=flusher,
                     spawner=spawner,
                 )
             finally:
@@ -210,13 +165,12 @@ async def open_deps(
                 # grace to attach (what does not, recovery on another replica settles).
                 waitroom.release_all()
                 await spawner.drain(settings.shutdown_grace_s)
-                await stop_flushing(
-                    persisting,
-                    stop,
-                    flusher if settings.writebehind_in_api else None,
-                    settings.shutdown_grace_s,
-                )
-                await stop_and_wait(stop, [listening, recovering, watching, delivering])
+                await stop_and_wait(stop, [listening, migrating])
+
+
+async def _migrate(pool: AsyncConnectionPool, stop: asyncio.Event, migrated: asyncio.Event) -> None:
+    if await postgres.migrate_when_up(pool, stop):
+        migrated.set()
 
 
 def _parking_places(settings: Settings) -> int:

@@ -7,9 +7,12 @@ field, 413, 415), so endpoints only read and answer.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import re
+from collections.abc import Sequence
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -113,3 +116,36 @@ def wait_budget(request: Request, *, default_ms: int, max_ms: int) -> tuple[floa
     if prefs.respond_async:
         return 0.0, {**headers, "Preference-Applied": "respond-async"}
     return min(default_ms / 1000, cap_s), headers
+
+
+def check_target(url: str, allowed: Sequence[str]) -> str | None:
+    """Why ``url`` may not be a callback target, or None when it may.
+
+    It must be an absolute http(s) URL; with ``allowed`` (CALLBACK_ALLOWED_HOSTS), its host
+    must be one of the names listed or an IP address inside one of the CIDRs listed.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError as exc:
+        return f"callbackUrl is not a URL: {exc}"
+    if parts.scheme not in ("http", "https") or not host:
+        return "callbackUrl must be an absolute http:// or https:// URL"
+    if allowed and not _allowed(host, allowed):
+        return f"callbackUrl: host {host!r} is not in CALLBACK_ALLOWED_HOSTS"
+    return None
+
+
+def _allowed(host: str, allowed: Sequence[str]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower().rstrip(".") in {entry.lower() for entry in allowed}
+    for entry in allowed:
+        try:
+            if address in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue  # a host name
+    return False

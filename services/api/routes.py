@@ -26,13 +26,11 @@ from starlette.routing import Route
 
 from services.api import progress
 from services.api.auth import Access, Auth
-from services.api.callbacks import check_target
 from services.api.cancel import CancelOutcome
 from services.api.deps import Deps, deps
 from services.api.errors import RETRY_LATER_S, ApiError
 from services.api.metrics import CONTENT_TYPE
-from services.api.parsing import int_param, parse_model, read_json, wait_budget
-from services.api.persistence import db
+from services.api.parsing import check_target, int_param, parse_model, read_json, wait_budget
 from services.api.schemas import (
     ID_PATTERN,
     RUN_STATUS,
@@ -55,12 +53,14 @@ from services.api.schemas import (
 )
 from services.api.starter import StartCommand, StartRefused
 from services.api.waitroom import WaitEnd, WaitResult
+from shared import postgres
 from shared.contract import StartFailed
 from shared.eventlog import EventRecord
 from shared.redis_client import REDIS_ERRORS
 from shared.state import RunState, Status
 from shared.steps import StepEvent
 from shared.store.pages import InvalidCursor
+from shared.store.runs import writebehind_backlog
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ async def readyz(request: Request) -> Response:
     """Redis, Postgres, the engine and this replica's subscription; 503 naming what is down."""
     d = deps(request)
     redis_ok, postgres_ok, engine_ok = await asyncio.gather(
-        _answers(d.redis.ping()), _answers(db.ping(d.pool)), _answers(d.camunda.engine_ok())
+        _answers(d.redis.ping()), _answers(postgres.ping(d.pool)), _answers(d.camunda.engine_ok())
     )
     checks = {
         "redis": redis_ok,
@@ -268,7 +268,7 @@ async def metrics(request: Request) -> Response:
     d = deps(request)
     try:
         async with asyncio.timeout(_READY_TIMEOUT_S):
-            d.metrics.writebehind_backlog.set(await d.flusher.backlog())
+            d.metrics.writebehind_backlog.set(await writebehind_backlog(d.redis, d.keys))
     except (TimeoutError, OSError, *REDIS_ERRORS) as exc:  # a stale backlog beats a failed scrape
         log.warning("write-behind backlog unavailable", extra={"error": repr(exc)})
     return Response(d.metrics.render(), media_type=CONTENT_TYPE)

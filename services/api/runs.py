@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from psycopg_pool import AsyncConnectionPool
 
-from services.api.persistence import db
+from shared import postgres
 from shared.eventlog import EventRecord
 from shared.state import RunState
 from shared.store.runs import RunStore
@@ -25,7 +25,7 @@ class Runs:
 
     async def stored(self, correlation_id: str) -> RunState | None:
         """Postgres's copy of a run Redis no longer holds."""
-        return await db.get_process(self._pool, correlation_id)
+        return await postgres.get_process(self._pool, correlation_id)
 
     async def events(self, key: str, by: str) -> list[EventRecord]:
         """The audit trail by traceabilityId, by correlationId, or (``by="any"``) by
@@ -37,9 +37,9 @@ class Runs:
         """
         events: list[EventRecord] = []
         if by in ("any", "traceabilityId"):
-            events = await db.events_by_traceability(self._pool, key)
+            events = await postgres.events_by_traceability(self._pool, key)
         if not events and by in ("any", "correlationId"):
             run = await self.get(key)
             latest = run.traceability_id if run else None
-            events = await db.events_by_correlation(self._pool, key, traceability_id=latest)
+            events = await postgres.events_by_correlation(self._pool, key, traceability_id=latest)
         return events

@@ -22,7 +22,8 @@ looked for in the engine until the start window has passed.
 **Never a second engine instance for one correlationId.** A claim is only given up when no
 instance can exist: the engine refused the start, or no start was ever sent. A start whose
 answer was lost (a timeout, a dropped connection) may still create its instance later, so
-its claim stays ``pending`` and :meth:`Starter.recover` looks the instance up by the run's
+its claim stays ``pending`` and recovery (services/background/recovery.py) looks the
+instance up by the run's
 traceability id until it is found or ``ENGINE_START_WINDOW_MS`` has passed since the start
 was sent (the engine's own bound on a start; see deploy/camunda). The same recovery settles
 every claim a dying or stalled replica left behind: not sent after a few seconds, it is
@@ -31,17 +32,14 @@ given up; sent, it is looked for. No client has to come back for any of this.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from services.api.metrics import ApiMetrics
-from shared.aio import sleep_or_stop
 from shared.camunda import (
     CamundaClient,
     CamundaError,
@@ -58,13 +56,9 @@ from shared.variables import VariableError
 log = logging.getLogger(__name__)
 
 #: A claim whose engine start has not been sent this long after the claim was left by a
-#: starter that died or stalled: nothing can have reached the engine, so it is given up.
+#: starter that died or stalled: nothing can have reached the engine, so it is given up
+#: (services/background/recovery.py).
 UNSENT_GRACE_S = 5.0
-#: How often recovery looks for due claims, how many it takes per pass, and how soon it
-#: looks again for an instance it did not find.
-RECOVERY_INTERVAL_S = 1.0
-RECOVERY_BATCH = 100
-LOOK_AGAIN_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +70,7 @@ class StartCommand:
     variables: dict[str, Any]
     #: The root variables the run's result holds when the engine ends it (None: all).
     fetch_variables: list[str] | None = None
-    #: Where the final status body goes once the run ends (services/api/callbacks.py).
+    #: Where the final status body goes once the run ends (services/background/callbacks.py).
     callback_url: str | None = None
 
     @property
@@ -105,13 +99,11 @@ class Starter:
         metrics: ApiMetrics,
         *,
         engine_timeout_s: float,
-        start_window_s: float,
     ) -> None:
         self._store = store
         self._camunda = camunda
         self._metrics = metrics
         self._engine_timeout_s = engine_timeout_s
-        self._start_window_s = start_window_s
 
     async def claim(self, command: StartCommand) -> tuple[RunState, bool]:
         """Claim the id (or join its claim); True when this call created it.
@@ -144,7 +136,7 @@ class Starter:
         """Start the engine instance of a fresh claim and attach it.
 
         Returns the state as attached, the answer when the engine refused the start (the
-        claim is then abandoned), or None: unconfirmed and left to :meth:`recover`, or
+        claim is then abandoned), or None: unconfirmed and left to recovery, or
         changed meanwhile (given up, ended at once, cancelled).
         """
         cid = state.correlation_id
@@ -179,7 +171,7 @@ class Starter:
 
     async def _finish_ended(self, state: RunState, instance_id: str) -> None:
         variables = await self._camunda.root_variables([instance_id])
-        result = run_result(variables.get(instance_id, {}), state.fetch_variables)
+        result = SystemVariables.result_of(variables.get(instance_id, {}), state.fetch_variables)
         await self._store.finish(state.correlation_id, Status.OK, data=result)
 
     async def look_for_instance(self, state: RunState) -> bool:
@@ -199,46 +191,6 @@ class Starter:
         extra = {"correlationId": state.correlation_id}
         log.info("found the instance of an unconfirmed start", extra=extra)
         return True
-
-    # --- recovery ------------------------------------------------------------------------------
-
-    async def recover(self, stop: asyncio.Event) -> None:
-        """Until ``stop``: settle the claims whose starter died, stalled or lost its answer.
-
-        Every replica runs this; :meth:`Schedule.take` lets one of them look at a claim at
-        a time. Never raises for Redis or engine trouble: it logs and carries on.
-        """
-        while not await sleep_or_stop(stop, RECOVERY_INTERVAL_S):
-            try:
-                for cid in await self._store.starts.due(RECOVERY_BATCH):
-                    if await self._store.starts.take(cid, again_s=LOOK_AGAIN_S):
-                        await self._recover(cid)
-            except Exception:
-                log.exception("start recovery pass failed; trying again")
-
-    async def _recover(self, cid: str) -> None:
-        state = await self._store.get(cid)
-        if state is None or state.status is not Status.PENDING or state.instance_id:
-            await self._store.starts.drop(cid)
-            return
-        if state.start_sent_at is None:
-            failed = StartFailed(cid, 503, "the start was interrupted before it reached the "
-                                 "process engine; retry")  # fmt: skip
-            if await self._store.abandon(state.version, failed, unsent=True):
-                log.warning(
-                    "gave up a claim whose start was never sent", extra={"correlationId": cid}
-                )
-            return
-        if await self.look_for_instance(state):
-            return
-        waited_s = (datetime.now(UTC) - state.start_sent_at).total_seconds()
-        if waited_s > self._start_window_s:
-            failed = StartFailed(cid, 503, "the process engine did not confirm the start; retry")
-            if await self._store.abandon(state.version, failed):
-                log.error(
-                    "gave up an unconfirmed start after its window",
-                    extra={"correlationId": cid, "waitedS": round(waited_s)},
-                )
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -283,14 +235,6 @@ class Starter:
             )
         await self._store.abandon(state.version, failed)
         return failed
-
-
-def run_result(variables: dict[str, Any], fetch: list[str] | None) -> dict[str, Any]:
-    """A run's result from its root variables: those named in ``fetch``, or all of them
-    but the system variables flowgate set."""
-    if fetch is not None:
-        return {name: variables[name] for name in fetch if name in variables}
-    return {k: v for k, v in variables.items() if k not in SystemVariables.NAMES}
 
 
 def _refusal(exc: CamundaError | VariableError, state: RunState) -> StartFailed:

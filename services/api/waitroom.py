@@ -39,14 +39,21 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import PubSub
 
 from services.api.metrics import ApiMetrics
 from shared.aio import Backoff, sleep_or_stop
 from shared.contract import StartFailed, StepRecorded, correlation_id_of_message, decode_message
 from shared.keys import Keys
-from shared.redis_client import REDIS_ERRORS, RedisClient
+from shared.redis_client import (
+    CONFIRMATIONS,
+    MESSAGES,
+    MOVED,
+    REDIS_ERRORS,
+    RedisClient,
+    SlotsMoved,
+    channel_shards,
+)
 from shared.state import RunState
 from shared.steps import StepEvent
 from shared.store.runs import RunStore
@@ -213,7 +220,7 @@ class WaitRoom:
         while not stop.is_set():
             try:
                 await self._listen(stop, backoff)
-            except* (*REDIS_ERRORS, OSError, _SlotsMoved) as group:
+            except* (*REDIS_ERRORS, OSError, SlotsMoved) as group:
                 if self._subscribed.is_set():
                     errors = repr(group.exceptions[0])
                     log.warning("wait room lost a subscription", extra={"error": errors})
@@ -389,8 +396,7 @@ class WaitRoom:
 
     async def _listen(self, stop: asyncio.Event, backoff: Backoff) -> None:
         """Subscribe on every shard and read them all until ``stop``, or until one fails."""
-        shards = await _shards(self._redis, [p.channel for p in self._keys.partitions])
-        sharded = isinstance(self._redis, RedisCluster)
+        shards = await channel_shards(self._redis, [p.channel for p in self._keys.partitions])
         unconfirmed = set(range(len(shards)))
 
         def confirmed(shard: int) -> None:
@@ -403,11 +409,7 @@ class WaitRoom:
             for number, shard in enumerate(shards):
                 pubsub = shard.client.pubsub()
                 stack.push_async_callback(shard.close, pubsub)
-                if sharded:  # one SSUBSCRIBE per channel: each is in a slot of its own
-                    for channel in shard.channels:
-                        await pubsub.ssubscribe(channel)
-                else:
-                    await pubsub.subscribe(*shard.channels)
+                await shard.subscribe(pubsub)
                 on_confirmed = functools.partial(confirmed, number)
                 reading = self._read(pubsub, len(shard.channels), on_confirmed, stop)
                 tasks.create_task(reading, name=f"waitroom-shard-{number}")
@@ -424,14 +426,14 @@ class WaitRoom:
             if message is None:
                 continue
             kind = message["type"]
-            if kind in ("message", "smessage"):
+            if kind in MESSAGES:
                 self._dispatch(message["data"])
-            elif kind in ("subscribe", "ssubscribe"):
+            elif kind in CONFIRMATIONS:
                 confirmations += 1
                 if confirmations % channels == 0:
                     on_confirmed()
-            elif kind == "sunsubscribe":  # the shard no longer owns the slot: a failover
-                raise _SlotsMoved(message["channel"])
+            elif kind == MOVED:
+                raise SlotsMoved(message["channel"])
 
     def _on_subscribed(self) -> None:
         self._subscriptions += 1
@@ -468,40 +470,3 @@ class WaitRoom:
         for waiter in waiters:
             waiter.message = message
             waiter.set()
-
-
-class _SlotsMoved(Exception):
-    """A shard told the room it no longer serves a channel (its slots moved)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Shard:
-    """A Redis that delivers some of the run channels; ``own``: a client of the room's."""
-
-    client: Redis
-    channels: list[str]
-    own: bool
-
-    async def close(self, pubsub: PubSub) -> None:
-        with contextlib.suppress(*REDIS_ERRORS, OSError):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
-            if self.own:
-                await self.client.aclose()
-
-
-async def _shards(redis: RedisClient, channels: list[str]) -> list[_Shard]:
-    """Which Redis delivers which channels: the one Redis all of them; on a cluster, each
-    master those whose slots it owns, as the cluster says now."""
-    if not isinstance(redis, RedisCluster):
-        return [_Shard(redis, channels, own=False)]
-    await redis.nodes_manager.initialize()
-    by_node: dict[str, _Shard] = {}
-    for channel in channels:
-        node = redis.get_node_from_key(channel)
-        if node is None:  # no master owns the slot now: mid-failover
-            raise _SlotsMoved(channel)
-        if node.name not in by_node:
-            pool = ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
-            by_node[node.name] = _Shard(Redis(connection_pool=pool), [], own=True)
-        by_node[node.name].channels.append(channel)
-    return list(by_node.values())

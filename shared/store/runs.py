@@ -66,6 +66,15 @@ from shared.store.scripts import (
 from shared.store.steps import StepStore
 
 
+async def writebehind_backlog(redis: RedisClient, keys: Keys) -> int:
+    """Write-behind entries not yet in Postgres, undelivered or delivered but not yet
+    acknowledged: the streams' length, since the flusher deletes entries once committed."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for partition in keys.partitions:
+            pipe.xlen(partition.writebehind)
+        return sum(await pipe.execute())
+
+
 class Abandoned(Exception):
     """An engine instance arrived for a run that must not have one: its claim was given up
     meanwhile, or it was cancelled."""

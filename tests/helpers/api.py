@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from starlette.types import Receive, Scope, Send
 
+from services import background
 from services.api.app import create_app
 from services.api.deps import Deps
 from services.api.drain import DrainHook
@@ -27,8 +28,9 @@ class Api:
 
 @contextlib.asynccontextmanager
 async def running_app(settings: Settings, *, drain: DrainHook | None = None) -> AsyncIterator[Api]:
-    """The app with its lifespan running, and a client that talks to it in-process."""
-    app = create_app(settings, drain=drain)
+    """A replica in-process (the app and its background work, as ``python -m services.api``
+    runs them), and a client that talks to it."""
+    app = create_app(settings, drain=drain, alongside=background.alongside(settings))
     async with app.router.lifespan_context(app) as state:
         assert isinstance(state, Mapping)
 

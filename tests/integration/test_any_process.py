@@ -21,7 +21,7 @@ from urllib.parse import quote
 import pytest
 
 from deploy.local.servers import free_port
-from services.api.persistence import db
+from shared import postgres
 from shared.camunda import CamundaClient, TopicRequest
 from shared.deployment import deploy_directory
 from shared.settings import Settings
@@ -101,7 +101,7 @@ async def test_a_user_task_run_ends_ok_with_its_variables_when_the_task_is_done(
     await until(recorded, timeout_s=15, what="the run's steps")
 
     async def audited() -> bool:
-        rows = await db.events_by_correlation(api.deps.pool, correlation_id)
+        rows = await postgres.events_by_correlation(api.deps.pool, correlation_id)
         return [row.step_name for row in rows] == ["start", "step"]
 
     await until(audited, timeout_s=15, what="the user task's audit row")
@@ -194,7 +194,7 @@ async def test_another_teams_worker_does_the_step_and_its_incident_ends_the_run(
     assert "their system is down" in failed.json()["error"]
 
     async def audited() -> bool:
-        rows = await db.events_by_correlation(api.deps.pool, ok_id)
+        rows = await postgres.events_by_correlation(api.deps.pool, ok_id)
         return any(r.step_name == "step" and r.originating_system == "engine" for r in rows)
 
     await until(audited, timeout_s=15, what="the other team's step in the audit trail")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from services.api.drain import DrainHook
-from services.api.persistence import db
+from shared import postgres
 from shared.camunda import EngineUnavailable
 from shared.settings import Settings
 from shared.state import Status
@@ -535,7 +535,7 @@ async def test_status_falls_back_to_postgres_when_redis_forgot(api: Api) -> None
     await api.deps.store.finish(correlation_id, Status.OK, data={"kept": True})
 
     async def written() -> bool:  # by the app's flusher, in the background
-        row = await db.get_process(api.deps.pool, correlation_id)
+        row = await postgres.get_process(api.deps.pool, correlation_id)
         return row is not None and row.status is Status.OK
 
     await until(written)
@@ -581,8 +581,8 @@ async def test_an_id_used_again_after_its_record_expired_is_a_run_of_its_own(
             assert done.json()["changed"] is True
 
             async def persisted_and_forgotten() -> bool:
-                row = await db.get_process(api.deps.pool, correlation_id)
-                trail = await db.events_by_traceability(api.deps.pool, trace)
+                row = await postgres.get_process(api.deps.pool, correlation_id)
+                trail = await postgres.events_by_traceability(api.deps.pool, trace)
                 gone = not await api.deps.redis.exists(api.deps.keys.state(correlation_id))
                 return gone and row is not None and row.data == {"run": n} and len(trail) == 2
 
@@ -760,7 +760,7 @@ async def test_event_log_by_traceability_and_correlation_id(api: Api) -> None:
     assert state is not None
 
     async def written() -> bool:  # by the app's flusher, in the background
-        return len(await db.events_by_correlation(api.deps.pool, correlation_id)) == 2
+        return len(await postgres.events_by_correlation(api.deps.pool, correlation_id)) == 2
 
     await until(written)
     by_trace = await api.client.get(f"/api/event-log/{state.traceability_id}")

@@ -25,8 +25,8 @@ from flowgate_client import AsyncClient, RunCancelled
 from flowgate_client.sse import Decoder
 from pydantic import BaseModel
 
-from services.api.persistence import db
 from services.worker.registry import Process, Registry, Step
+from shared import postgres
 from shared.camunda import CamundaClient
 from shared.deployment import deploy_directory
 from shared.settings import Settings
@@ -310,8 +310,8 @@ async def test_a_cancel_on_one_replica_answers_a_start_parked_on_another(stack: 
     assert parse_stream(stream.text)[-1][1:] == ("end", status.json())
 
     async def stored() -> bool:
-        row = await db.get_process(stack.a.deps.pool, run)
-        events = await db.events_by_correlation(stack.a.deps.pool, run)
+        row = await postgres.get_process(stack.a.deps.pool, run)
+        events = await postgres.events_by_correlation(stack.a.deps.pool, run)
         cancel_rows = [e for e in events if e.step_name == "cancel"]
         return row is not None and row.status.value == "cancelled" and len(cancel_rows) == 1
 
@@ -407,7 +407,7 @@ async def test_a_callback_is_retried_until_delivered_and_signed(stack: Stack) ->
         assert hmac.compare_digest(signed, expected.hexdigest())
 
     async def audited() -> bool:
-        events = await db.events_by_correlation(stack.a.deps.pool, run)
+        events = await postgres.events_by_correlation(stack.a.deps.pool, run)
         return [e.status for e in events if e.step_name == "callback"] == ["failed", "delivered"]
 
     await until(audited, timeout_s=10, what="an audit row per attempt")

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import pytest
 
-from services.api.persistence import db
+from shared import postgres
 from shared.settings import Settings
 from tests.helpers.api import BENCHMARK, Api, running_app
 from tests.helpers.engine import deploy_bpmn
@@ -99,7 +99,7 @@ async def test_a_business_id_goes_through_start_wait_wake_status_list_and_event_
     assert set(records[correlation_id]) == {"status", "data", "error", "startedAt", "updatedAt"}
 
     async def audited() -> bool:
-        return len(await db.events_by_correlation(a.deps.pool, correlation_id)) == 2
+        return len(await postgres.events_by_correlation(a.deps.pool, correlation_id)) == 2
 
     await until(audited, what="the audit rows")
     for path in ("/api/event-log/", "/api/process/event-log/"):

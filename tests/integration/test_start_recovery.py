@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from services.api.persistence import db
+from shared import postgres
 from shared.contract import SystemVariables
 from shared.eventlog import EventRecord
 from shared.settings import Settings
@@ -187,7 +187,7 @@ async def _attached(api: Api, correlation_id: str) -> RunState:
 
 async def _events(api: Api, correlation_id: str) -> list[EventRecord]:
     async def written() -> bool:
-        return bool(await db.events_by_correlation(api.deps.pool, correlation_id))
+        return bool(await postgres.events_by_correlation(api.deps.pool, correlation_id))
 
     await until(written, timeout_s=10, what="the audit row")
-    return await db.events_by_correlation(api.deps.pool, correlation_id)
+    return await postgres.events_by_correlation(api.deps.pool, correlation_id)

@@ -3,18 +3,18 @@ migration, and this fails until it has one."""
 
 from __future__ import annotations
 
-from services.api.persistence import db
+from shared import postgres
 from shared.eventlog import EVENT_COLUMNS
 from shared.state import COLUMNS
 
 
 async def test_the_tables_have_exactly_the_records_columns(schema_url: str) -> None:
-    pool = await db.open_pool(schema_url)
+    pool = await postgres.open_pool(schema_url)
     try:
-        await db.migrate(pool)
-        assert set(await db.table_columns(pool, "process_store")) == set(COLUMNS)
+        await postgres.migrate(pool)
+        assert set(await postgres.table_columns(pool, "process_store")) == set(COLUMNS)
         # `id` orders rows of one step; `stream_id` makes replays idempotent.
-        assert set(await db.table_columns(pool, "event_log")) == {
+        assert set(await postgres.table_columns(pool, "event_log")) == {
             "id",
             "stream_id",
             *EVENT_COLUMNS,

@@ -18,8 +18,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from deploy.local import servers
-from services.api.persistence import db
-from services.api.persistence.writebehind import Flusher
+from services.flusher.writebehind import Flusher
+from shared import postgres
 from shared.contract import StartFailed, SystemVariables
 from shared.eventlog import EventRecord, append_event
 from shared.keys import WRITEBEHIND_GROUP, Keys
@@ -47,8 +47,8 @@ def store(redis_client: RedisClient, keys: Keys) -> RunStore:
 
 @pytest.fixture
 async def pool(schema_url: str) -> AsyncIterator[AsyncConnectionPool]:
-    pool = await db.open_pool(schema_url, max_size=4)
-    await db.migrate(pool)
+    pool = await postgres.open_pool(schema_url, max_size=4)
+    await postgres.migrate(pool)
     yield pool
     await pool.close()
 
@@ -90,7 +90,7 @@ async def test_a_flusher_process_writes_what_the_replicas_leave_to_it(
         make_settings(),
         tmp_path,
         "flusher",
-        module="services.api.persistence",
+        module="services.flusher",
         port_setting="FLUSHER_HEALTH_PORT",
         ready_path="/healthz",
         WRITEBEHIND_IDLE_MS="50",
@@ -143,11 +143,11 @@ async def run_one_process(store: RunStore, redis: RedisClient, keys: Keys, cid: 
 async def test_migrate_is_versioned_and_safe_to_run_concurrently(
     pool: AsyncConnectionPool,
 ) -> None:
-    versions = await asyncio.gather(*(db.migrate(pool) for _ in range(3)))
+    versions = await asyncio.gather(*(postgres.migrate(pool) for _ in range(3)))
 
-    assert versions == [len(db.MIGRATIONS)] * 3
+    assert versions == [len(postgres.MIGRATIONS)] * 3
     assert await rows(pool, "SELECT version FROM schema_version ORDER BY 1") == [
-        (v,) for v in range(1, len(db.MIGRATIONS) + 1)
+        (v,) for v in range(1, len(postgres.MIGRATIONS) + 1)
     ]
     tables = await rows(
         pool, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY 1"
@@ -168,12 +168,12 @@ async def test_states_and_events_arrive(
 
     assert await flusher.drain(timeout_s=10)
 
-    assert await db.get_process(pool, "w-1") == await store.get("w-1")
-    assert await db.get_process(pool, "w-2") == await store.get("w-2")
-    assert await db.get_process(pool, "nobody") is None
-    events = await db.events_by_correlation(pool, "w-1")
+    assert await postgres.get_process(pool, "w-1") == await store.get("w-1")
+    assert await postgres.get_process(pool, "w-2") == await store.get("w-2")
+    assert await postgres.get_process(pool, "nobody") is None
+    events = await postgres.events_by_correlation(pool, "w-1")
     assert [(e.correlation_id, e.status, e.step) for e in events] == [("w-1", "ok", 1)]
-    assert await db.events_by_traceability(pool, "t-w-1") == []  # the event carried none
+    assert await postgres.events_by_traceability(pool, "t-w-1") == []  # the event carried none
     assert await flusher.backlog() == 0
     assert await redis_client.xpending(keys.of("w-1").writebehind, WRITEBEHIND_GROUP) == {
         "pending": 0,
@@ -234,7 +234,7 @@ async def test_a_stale_entry_never_overwrites_a_newer_row(
     await redis_client.xadd(stream, {"kind": "delete", "body": body})
     assert await flusher.drain(timeout_s=10)
 
-    row = await db.get_process(pool, "s-1")
+    row = await postgres.get_process(pool, "s-1")
     assert row is not None
     assert (row.status, row.data, row.version) == (Status.OK, "final", 2)
 
@@ -251,18 +251,18 @@ async def test_an_abandoned_start_stays_abandoned_even_if_its_claim_arrives_late
     (_, claimed_entry), *_ = await entries(redis_client, stream)
     flusher = make_flusher()
     assert await flusher.drain(timeout_s=10)
-    assert await db.get_process(pool, "a-1") is not None
+    assert await postgres.get_process(pool, "a-1") is not None
 
     assert await store.abandon(1, StartFailed("a-1", 503, "engine down"))
     assert await flusher.drain(timeout_s=10)
-    row = await db.get_process(pool, "a-1")
+    row = await postgres.get_process(pool, "a-1")
     assert row is not None
     assert (row.status, row.error["error"]) == (Status.ABANDONED, "engine down")
 
     # A dead replica's claimed entry for the same version lands after the abandonment.
     await redis_client.xadd(stream, claimed_entry)
     assert await flusher.drain(timeout_s=10)
-    row = await db.get_process(pool, "a-1")
+    row = await postgres.get_process(pool, "a-1")
     assert row is not None
     assert row.status is Status.ABANDONED
 
@@ -270,7 +270,7 @@ async def test_an_abandoned_start_stays_abandoned_even_if_its_claim_arrives_late
     await claim(store, "a-1")
     await store.finish("a-1", Status.OK, data="second try")
     assert await flusher.drain(timeout_s=10)
-    row = await db.get_process(pool, "a-1")
+    row = await postgres.get_process(pool, "a-1")
     assert row is not None
     assert (row.status, row.data) == (Status.OK, "second try")
 
@@ -294,8 +294,8 @@ async def test_events_come_back_in_step_order(
         await append_event(redis_client, keys, record)
     assert await make_flusher().drain(timeout_s=10)
 
-    by_trace = await db.events_by_traceability(pool, "trace-1")
-    by_cid = await db.events_by_correlation(pool, "e-1")
+    by_trace = await postgres.events_by_traceability(pool, "trace-1")
+    by_cid = await postgres.events_by_correlation(pool, "e-1")
 
     assert by_trace == by_cid
     assert [e.step_name for e in by_cid] == ["a", "b-retry", "b", "c", "completed"]
@@ -352,8 +352,8 @@ async def test_poison_entries_are_isolated_then_dead_lettered(
     assert await flusher.drain(timeout_s=10)
 
     # The good rows are in; the undecodable entry is dead at once; the rejected one waits.
-    assert await db.get_process(pool, "ok-1") is not None
-    assert len(await db.events_by_correlation(pool, "ok-1")) == 1
+    assert await postgres.get_process(pool, "ok-1") is not None
+    assert len(await postgres.events_by_correlation(pool, "ok-1")) == 1
     dead = await dead_letters(redis_client, keys)
     assert [fields[b"reason"].startswith(b"undecodable") for _, fields in dead] == [True]
     assert await flusher.backlog() == 1
@@ -367,7 +367,7 @@ async def test_poison_entries_are_isolated_then_dead_lettered(
     assert b"rejected 2 times" in fields[b"reason"]
     assert EventRecord.from_json(fields[b"body"]) == bad
     assert await flusher.backlog() == 0
-    assert await db.events_by_correlation(pool, "bad-1") == []
+    assert await postgres.events_by_correlation(pool, "bad-1") == []
     # What a row carries (process variables) never reaches the logs.
     assert "rejected" in caplog.text
     assert "s3cr3t" not in caplog.text
@@ -407,8 +407,8 @@ async def test_postgres_outage_loses_nothing_and_duplicates_nothing(
         proxy = TcpProxy(str(target.get("host", "127.0.0.1")), int(str(target.get("port", 5432))))
         await proxy.up()
         url = make_conninfo(schema_url, host="127.0.0.1", port=proxy.port)
-    pool = await db.open_pool(url, max_size=4, timeout_s=2)
-    await db.migrate(pool)
+    pool = await postgres.open_pool(url, max_size=4, timeout_s=2)
+    await postgres.migrate(pool)
     flusher = Flusher(redis_client, keys, pool, consumer="c1", batch=100, idle_ms=50,
                       claim_idle_ms=30_000, max_backoff_s=1)  # fmt: skip
     stop = asyncio.Event()

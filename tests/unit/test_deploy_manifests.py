@@ -115,7 +115,7 @@ def test_compose_runs_the_whole_stack(compose: dict[str, Any]) -> None:
     assert services["worker"]["deploy"]["replicas"] == 2
     assert "ports" not in services["api"], "the replicas are reached through nginx only"
     # The write-behind runs in its own process, and only there.
-    assert services["flusher"]["command"] == ["python", "-m", "services.api.persistence"]
+    assert services["flusher"]["command"] == ["python", "-m", "services.flusher"]
     assert services["api"]["environment"]["WRITEBEHIND_IN_API"] == "false"
     assert "WRITEBEHIND_IN_API" not in services["flusher"]["environment"]
     assert str(DEFAULTS["flusher_health_port"].default) in str(
@@ -361,7 +361,7 @@ def test_k8s_probes_hit_the_health_endpoints(base: list[dict[str, Any]]) -> None
 
     flusher = _by_kind(base, "Deployment", "flowgate-flusher")["spec"]["template"]["spec"]
     (container,) = flusher["containers"]
-    assert container["command"] == ["python", "-m", "services.api.persistence"]
+    assert container["command"] == ["python", "-m", "services.flusher"]
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"health": 8082}
     env = {e["name"]: e["value"] for e in container["env"]}
     assert (env["FLUSHER_HEALTH_PORT"], env["FLUSHER_HEALTH_HOST"]) == ("8082", "0.0.0.0")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.api.callbacks import signature
+from services.background.callbacks import signature
 from services.worker.registry import BusinessRuleError, Process, Registry
 
 README = Path(__file__).parents[2] / "README.md"

@@ -34,14 +34,14 @@ from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
-from services.api.persistence import db
-from shared.aio import Backoff, cancel_and_wait, sleep_or_stop
+from shared.aio import Backoff, sleep_or_stop, stop_and_wait
 from shared.eventlog import EVENT_COLUMNS, EVENT_JSON_COLUMNS, EventRecord
 from shared.keys import WRITEBEHIND_GROUP, Keys, Partition
-from shared.redis_client import RedisClient, text
+from shared.redis_client import RedisClient, stream_entries, text
 from shared.state import COLUMNS, JSON_COLUMNS, RunState, dump_json
+from shared.store.runs import writebehind_backlog
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +167,8 @@ class Flusher:
         return True
 
     async def backlog(self) -> int:
-        """Entries not yet in Postgres: undelivered plus delivered-but-unacknowledged.
-
-        That is the streams' length, since entries are deleted once committed.
-        """
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for partition in self._partitions:
-                pipe.xlen(partition.writebehind)
-            return sum(await pipe.execute())
+        """Entries not yet in Postgres (:func:`shared.store.runs.writebehind_backlog`)."""
+        return await writebehind_backlog(self._redis, self._keys)
 
     # --- reading ------------------------------------------------------------------------
 
@@ -238,13 +232,11 @@ class Flusher:
                     count=self._batch,
                 )
             responses = await pipe.execute()
-        entries: list[_Entry] = []
-        for partition, response in zip(from_ids, responses, strict=True):
-            found = (
-                response.values() if isinstance(response, dict) else (s[1] for s in response or [])
-            )
-            entries.extend(_entry(partition, item) for items in found for item in items)
-        return entries
+        return [
+            _entry(partition, item)
+            for partition, response in zip(from_ids, responses, strict=True)
+            for item in stream_entries(response)
+        ]
 
     # --- writing ------------------------------------------------------------------------
 
@@ -359,39 +351,12 @@ class Flusher:
         return Backoff(base_s=0.2, cap_s=self._max_backoff_s)
 
 
-async def flush_until(
-    pool: AsyncConnectionPool,
-    flusher: Flusher | None,
-    stop: asyncio.Event,
-    migrated: asyncio.Event,
-) -> None:
-    """Migrate (retrying while Postgres is down: the API serves from Redis meanwhile and
-    the streams keep every entry), then run ``flusher`` (if any) until ``stop``."""
-    backoff = Backoff(base_s=0.5, cap_s=10.0)
-    while not stop.is_set():
-        try:
-            version = await db.migrate(pool)
-        except (psycopg.Error, PoolTimeout) as exc:
-            log.warning("migrations not applied yet; retrying", extra={"error": repr(exc)})
-            await sleep_or_stop(stop, backoff.next_delay_s())
-        else:
-            log.info("postgres schema ready", extra={"version": version})
-            migrated.set()
-            if flusher is not None:
-                await flusher.run(stop)
-            return
-
-
 async def stop_flushing(
-    task: asyncio.Task[None], stop: asyncio.Event, flusher: Flusher | None, grace_s: float
+    task: asyncio.Task[None], stop: asyncio.Event, flusher: Flusher, grace_s: float
 ) -> None:
     """Stop following the streams, then write what this consumer owes within the grace."""
-    stop.set()
-    done, _ = await asyncio.wait({task}, timeout=grace_s)
-    if not done:
-        log.warning("flusher did not stop in time; cancelling it")
-        await cancel_and_wait([task])
-    if flusher is not None and not await flusher.drain(grace_s):
+    await stop_and_wait(stop, [task], timeout_s=grace_s)
+    if not await flusher.drain(grace_s):
         log.warning("write-behind not drained; the rest stays in the stream for other consumers")
 
 

@@ -34,9 +34,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from services.api.metrics import ApiMetrics
-from services.api.starter import run_result
 from shared.aio import Backoff, concurrently, sleep_or_stop
 from shared.camunda import CamundaClient, CamundaError, EndedActivity, EndedInstance, Incident
+from shared.contract import SystemVariables
 from shared.eventlog import EventRecord
 from shared.keys import Keys
 from shared.redis_client import REDIS_ERRORS, RedisClient, text
@@ -257,7 +257,9 @@ class Watcher:
             if state is None:  # the run aged out of Redis: nothing left to end
                 continue
             if instance.state == "COMPLETED":
-                result = run_result(variables.get(instance.id, {}), state.fetch_variables)
+                result = SystemVariables.result_of(
+                    variables.get(instance.id, {}), state.fetch_variables
+                )
                 changed = await self._store.finish(cid, Status.OK, data=result)
             elif cid in cancels:  # deleted by a cancel whose replica did not get to end it
                 changed = await self._store.finish(cid, Status.CANCELLED, error=cancels[cid])

@@ -26,16 +26,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import logging
 import time
 from collections.abc import Sequence
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import httpx
 import orjson
 
 from services.api.metrics import ApiMetrics
+from services.api.parsing import check_target
 from services.api.runs import Runs
 from services.api.schemas import ProcessStatus
 from shared.aio import concurrently, sleep_or_stop
@@ -53,39 +53,6 @@ POLL_INTERVAL_S = 0.1
 BATCH = 64
 AT_ONCE = 16
 FIRST_RETRY_S, MAX_RETRY_S = 1.0, 600.0
-
-
-def check_target(url: str, allowed: Sequence[str]) -> str | None:
-    """Why ``url`` may not be a callback target, or None when it may.
-
-    It must be an absolute http(s) URL; with ``allowed`` (CALLBACK_ALLOWED_HOSTS), its host
-    must be one of the names listed or an IP address inside one of the CIDRs listed.
-    """
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 - raises for a port that is not a number
-    except ValueError as exc:
-        return f"callbackUrl is not a URL: {exc}"
-    if parts.scheme not in ("http", "https") or not host:
-        return "callbackUrl must be an absolute http:// or https:// URL"
-    if allowed and not _allowed(host, allowed):
-        return f"callbackUrl: host {host!r} is not in CALLBACK_ALLOWED_HOSTS"
-    return None
-
-
-def _allowed(host: str, allowed: Sequence[str]) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host.lower().rstrip(".") in {entry.lower() for entry in allowed}
-    for entry in allowed:
-        try:
-            if address in ipaddress.ip_network(entry, strict=False):
-                return True
-        except ValueError:
-            continue  # a host name
-    return False
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:

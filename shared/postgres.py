@@ -11,14 +11,20 @@ deployment can choose its schema and each test gets its own.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import UTC
 
+import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from shared.aio import Backoff, sleep_or_stop
 from shared.eventlog import EVENT_COLUMNS, EventRecord
 from shared.state import RunState
+
+log = logging.getLogger(__name__)
 
 # Versioned migrations: append, never edit one that has shipped. Index i is version i + 1.
 MIGRATIONS: tuple[str, ...] = (
@@ -129,6 +135,23 @@ async def migrate(pool: AsyncConnectionPool) -> int:
             await conn.execute(sql)
             await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
     return len(MIGRATIONS)
+
+
+async def migrate_when_up(pool: AsyncConnectionPool, stop: asyncio.Event) -> bool:
+    """Apply the migrations, retrying while Postgres is down (readers serve from Redis
+    meanwhile, and the write-behind streams keep every entry); False if ``stop`` came
+    first."""
+    backoff = Backoff(base_s=0.5, cap_s=10.0)
+    while not stop.is_set():
+        try:
+            version = await migrate(pool)
+        except (psycopg.Error, PoolTimeout) as exc:
+            log.warning("migrations not applied yet; retrying", extra={"error": repr(exc)})
+            await sleep_or_stop(stop, backoff.next_delay_s())
+        else:
+            log.info("postgres schema ready", extra={"version": version})
+            return True
+    return False
 
 
 async def ping(pool: AsyncConnectionPool) -> None:

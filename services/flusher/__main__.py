@@ -1,7 +1,7 @@
-"""``python -m services.api.persistence`` (or ``flowgate-flusher``): the write-behind on
-its own.
+"""``python -m services.flusher`` (or ``flowgate-flusher``): the write-behind on its own.
 
-By default every API replica runs a flusher beside its endpoints (services/api/deps.py).
+By default every API replica runs a flusher among its background work
+(services/background/).
 Under load that flusher takes a share of the core the requests need; with
 ``WRITEBEHIND_IN_API=false`` the replicas only migrate, and processes of this kind copy the
 streams to Postgres instead (``make up``, compose and Kubernetes run one). They share the
@@ -23,16 +23,17 @@ import socket
 import uuid
 
 from prometheus_client import REGISTRY, generate_latest
+from psycopg_pool import AsyncConnectionPool
 
-from services.api.persistence import db
-from services.api.persistence.writebehind import Flusher, flush_until, stop_flushing
+from services.flusher.writebehind import Flusher, stop_flushing
+from shared import postgres
 from shared.health import serve_health
 from shared.keys import Keys
 from shared.logs import configure_logging
 from shared.redis_client import connect, read_topology
 from shared.settings import Settings, load_settings
 
-log = logging.getLogger("services.api.persistence")
+log = logging.getLogger("services.flusher")
 
 #: Bounds every Redis call (a blocked flusher must notice a dead connection).
 REDIS_TIMEOUT_S = 10.0
@@ -61,7 +62,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event) -> None:
         )
         stack.push_async_callback(redis.aclose)
         await read_topology(redis)
-        pool = await db.open_pool(settings.database_url)
+        pool = await postgres.open_pool(settings.database_url)
         stack.push_async_callback(pool.close)
         flusher = Flusher(
             redis,
@@ -85,10 +86,19 @@ async def serve(settings: Settings, *, stop: asyncio.Event) -> None:
         )
         log.info("flusher started", extra={"consumer": consumer})
         async with asyncio.TaskGroup() as tasks:
-            flushing = tasks.create_task(flush_until(pool, flusher, stop, migrated), name="flush")
+            flushing = tasks.create_task(_flush(pool, flusher, stop, migrated), name="flush")
             await stop.wait()
             await stop_flushing(flushing, stop, flusher, settings.shutdown_grace_s)
         log.info("flusher stopped", extra={"consumer": consumer})
+
+
+async def _flush(
+    pool: AsyncConnectionPool, flusher: Flusher, stop: asyncio.Event, migrated: asyncio.Event
+) -> None:
+    """Migrate (retrying while Postgres is down), then copy the streams until ``stop``."""
+    if await postgres.migrate_when_up(pool, stop):
+        migrated.set()
+        await flusher.run(stop)
 
 
 if __name__ == "__main__":
