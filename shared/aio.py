@@ -4,6 +4,7 @@
 * :func:`sleep_or_stop` — a pause that a stop event cuts short;
 * :func:`race_stop` — await some work unless a stop event comes first;
 * :func:`cancel_and_wait` — cancel tasks and wait until they have really finished;
+* :func:`grace_then_cancel` — let tasks finish within a grace, then cancel the rest;
 * :func:`stop_and_wait` — end loops by their stop event first, by cancellation last;
 * :class:`Spawner` — work that outlives the request that started it, in a task group;
 * :func:`concurrently` — a task group for a few awaits at once, whose failure is raised as
@@ -102,15 +103,27 @@ async def concurrently() -> AsyncIterator[asyncio.TaskGroup]:
         raise failed.exceptions[0] from None
 
 
+async def grace_then_cancel(
+    tasks: Iterable[asyncio.Future[Any]],
+    grace_s: float,
+    *,
+    cut_short: asyncio.Event | None = None,
+) -> None:
+    """Give ``tasks`` ``grace_s`` to end (less if ``cut_short`` is set), then cancel what is
+    left and wait until it has ended."""
+    pending = {task for task in tasks if not task.done()}
+    if pending:
+        waiting = asyncio.ensure_future(asyncio.wait(pending, timeout=grace_s))
+        await race_stop(cut_short or asyncio.Event(), waiting)
+    await cancel_and_wait(pending)
+
+
 async def stop_and_wait(
     stop: asyncio.Event, tasks: Iterable[asyncio.Future[Any]], *, timeout_s: float = 10.0
 ) -> None:
     """Set ``stop``, give ``tasks`` ``timeout_s`` to end on it, then cancel what is left."""
     stop.set()
-    pending = [task for task in tasks if not task.done()]
-    if pending:
-        await asyncio.wait(pending, timeout=timeout_s)
-    await cancel_and_wait(pending)
+    await grace_then_cancel(tasks, timeout_s)
 
 
 class Spawner:
@@ -139,6 +152,4 @@ class Spawner:
 
     async def drain(self, grace_s: float) -> None:
         """Wait up to ``grace_s`` for what runs, then cancel the rest."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace_s)
-        await cancel_and_wait(set(self._tasks))
+        await grace_then_cancel(set(self._tasks), grace_s)

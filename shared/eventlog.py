@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +20,7 @@ import orjson
 
 from shared.keys import Keys
 from shared.redis_client import RedisClient
-from shared.state import dump_json, parse_iso
+from shared.state import RunState, dump_json, parse_iso
 
 
 def _now() -> datetime:
@@ -55,6 +54,19 @@ class EventRecord:
     #: Milliseconds the step took.
     execution_time: int | None = None
     created_at: datetime = field(default_factory=_now)
+
+    @classmethod
+    def of_run(cls, state: RunState, **fields: Any) -> EventRecord:
+        """A row of this run: its correlationId, process and system ids filled in (``fields``
+        may name another process: a call activity's)."""
+        run: dict[str, Any] = {
+            "correlation_id": state.correlation_id,
+            "process_name": state.process_key,
+            "batch_id": state.batch_id,
+            "traceability_id": state.traceability_id,
+            "application_id": state.application_id,
+        }
+        return cls(**{**run, **fields})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (``created_at`` as an ISO string, to the microsecond)."""
@@ -91,7 +103,3 @@ async def append_event(redis: RedisClient, keys: Keys, record: EventRecord) -> N
     writes it to Postgres)."""
     stream = keys.of(record.correlation_id).writebehind
     await redis.xadd(stream, {"kind": "event", "body": record.to_json()})
-
-
-#: Where a component hands its audit rows (``append_event`` bound to a Redis client).
-EventSink = Callable[[EventRecord], Awaitable[None]]

@@ -133,16 +133,12 @@ def _settled(state: RunState | None) -> CancelResult:
 
 
 def _cancel_event(state: RunState, reason: str) -> EventRecord:
-    return EventRecord(
-        correlation_id=state.correlation_id,
+    return EventRecord.of_run(
+        state,
         status=Status.CANCELLED.value,
         step_name="cancel",
-        process_name=state.process_key,
         http_method="POST",
         endpoint="/api/process/cancel",
         error_message=reason,
-        batch_id=state.batch_id,
-        traceability_id=state.traceability_id,
-        application_id=state.application_id,
         metadata={"instanceId": state.instance_id},
     )

@@ -352,18 +352,14 @@ def _start_answer(d: Deps, cid: str, result: WaitResult, applied: dict[str, str]
 
 
 def _completion_event(state: RunState, body: CompleteRequest) -> EventRecord:
-    return EventRecord(
-        correlation_id=body.correlationId,
+    return EventRecord.of_run(
+        state,
         status=body.status,
         step_name="complete",
-        process_name=state.process_key,
         http_method="POST",
         endpoint="/api/process/complete",
         result=body.data,
-        error_message=None if body.error is None else str(body.error),
-        batch_id=state.batch_id,
-        traceability_id=state.traceability_id,
-        application_id=state.application_id,
+        error_message=body.error,
     )
 
 

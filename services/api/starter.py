@@ -197,20 +197,15 @@ class Starter:
     async def _attach(
         self, state: RunState, instance_id: str, *, request: dict[str, Any] | None
     ) -> RunState | None:
-        ids = SystemVariables.of(state)
-        event = EventRecord(
-            correlation_id=state.correlation_id,
+        event = EventRecord.of_run(
+            state,
             status="started",
             step=0,
             step_name="start",
-            process_name=state.process_key,
             http_method="POST",
             endpoint="/api/process/start",
             request_data=request,
-            batch_id=ids.batch_id,
-            traceability_id=ids.traceability_id,
-            application_id=ids.application_id,
-            identifiers=ids.identifiers,
+            identifiers=SystemVariables.of(state).identifiers,
             # Recovered: found by recovery, without the request that started it.
             metadata={"instanceId": instance_id, "recovered": request is None},
         )

@@ -179,18 +179,14 @@ class Deliverer:
         await append_event(
             self._redis,
             self._keys,
-            EventRecord(
-                correlation_id=state.correlation_id,
+            EventRecord.of_run(
+                state,
                 status=status,
                 step_name="callback",
-                process_name=state.process_key,
                 http_method="POST",
                 endpoint=state.callback_url,
                 http_status_code=status_code,
                 error_message=error,
-                batch_id=state.batch_id,
-                traceability_id=state.traceability_id,
-                application_id=state.application_id,
                 target_system="callback",
                 metadata={"attempt": attempt},
             ),

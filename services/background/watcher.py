@@ -39,6 +39,7 @@ from shared.camunda import CamundaClient, CamundaError, EndedActivity, EndedInst
 from shared.contract import SystemVariables
 from shared.eventlog import EventRecord
 from shared.keys import Keys
+from shared.lease import Lease
 from shared.redis_client import REDIS_ERRORS, RedisClient, text
 from shared.state import RunState, Status, iso, parse_iso
 from shared.steps import StepEvent, StepStatus
@@ -68,25 +69,6 @@ LEASE_S = 3.0
 #: How often a replica that does not watch checks whether the watcher is gone.
 FOLLOWER_INTERVAL_S = 1.0
 
-# KEYS: lease. ARGV: holder, lease ms. Takes a free lease or renews one's own; 1 if held.
-_LEAD_LUA = """
-local holder = redis.call('GET', KEYS[1])
-if not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-# KEYS: lease. ARGV: holder.
-_RESIGN_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 class _Record(Protocol):
     @property
@@ -115,8 +97,7 @@ class Watcher:
         self._metrics = metrics
         self._replica_id = replica_id
         self._interval_s = interval_s
-        self._lead = redis.register_script(_LEAD_LUA)
-        self._resign = redis.register_script(_RESIGN_LUA)
+        self._lease = Lease(redis, keys.watcher, holder=replica_id, ttl_s=LEASE_S)
         #: History records handled within the overlap, by id: not handled again.
         self._handled: dict[str, datetime] = {}
         self._deep_at = 0.0
@@ -132,10 +113,7 @@ class Watcher:
             while not stop.is_set():
                 pause = FOLLOWER_INTERVAL_S
                 try:
-                    self._lead_changed(bool(await self._lead(
-                        keys=[self._keys.watcher],
-                        args=[self._replica_id, int(LEASE_S * 1000)],
-                    )))  # fmt: skip
+                    self._lead_changed(await self._lease.hold())
                     if self.leading:
                         began = asyncio.get_running_loop().time()
                         await self.watch_once()
@@ -224,14 +202,12 @@ class Watcher:
         event = (
             None
             if not _audited(activity.activity_type)
-            else EventRecord(
-                correlation_id=cid,
+            else EventRecord.of_run(
+                state,
                 status=status.value,
                 step_name=activity.activity_id,
+                # The called process's, for a step of a call activity.
                 process_name=activity.process_definition_key or state.process_key,
-                batch_id=state.batch_id,
-                traceability_id=state.traceability_id,
-                application_id=state.application_id,
                 target_system="CamundaEngine",
                 originating_system="engine",
                 result=activity.activity_name,
@@ -308,7 +284,7 @@ class Watcher:
     async def _resign_quietly(self) -> None:
         try:
             async with asyncio.timeout(2):
-                await self._resign(keys=[self._keys.watcher], args=[self._replica_id])
+                await self._lease.release()
         except (*REDIS_ERRORS, OSError, TimeoutError) as exc:
             log.warning("could not hand the watch over; it lapses", extra={"error": str(exc)})
         self._lead_changed(False)

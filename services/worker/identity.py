@@ -31,9 +31,12 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from shared.aio import sleep_or_stop, stop_and_wait
 from shared.keys import Keys
+from shared.lease import Lease
+from shared.lua import Script
 from shared.redis_client import REDIS_ERRORS, RedisClient, text
 
 log = logging.getLogger(__name__)
@@ -42,28 +45,35 @@ MAX_SLOTS = 256
 LEASE_S = 10.0
 LAST_ID_TTL_S = 7 * 86_400
 
-# KEYS: lease, last. ARGV: new holder value, lease ms, last-id TTL s, holder value to
-# replace ('' = only a free slot). Returns {1, previous id or ''} or {0, current holder}.
-_ACQUIRE_LUA = """
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[4] then return {0, holder} end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local previous = redis.call('GET', KEYS[2]) or ''
-redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
+
+class SlotKeys(NamedTuple):
+    lease: str
+    last: str
+
+
+class AcquireArgs(NamedTuple):
+    holder: str
+    lease_ms: int
+    last_ttl_s: int
+    #: The holder value to replace ('' = only a free slot).
+    replace: str
+
+
+#: Take a free slot (or one whose holder is ``replace``) and move its last id on.
+#: {1, previous id or ''} or {0, current holder}.
+ACQUIRE = Script(
+    "slot-acquire",
+    SlotKeys,
+    AcquireArgs,
+    """
+local holder = redis.call('GET', K.lease)
+if holder and holder ~= A.replace then return {0, holder} end
+redis.call('SET', K.lease, A.holder, 'PX', A.lease_ms)
+local previous = redis.call('GET', K.last) or ''
+redis.call('SET', K.last, A.holder, 'EX', A.last_ttl_s)
 return {1, previous}
-"""
-# KEYS: lease. ARGV: holder value, lease ms. Returns 1 if still ours (TTL renewed).
-_REFRESH_LUA = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
-return 0
-"""
-# KEYS: lease. ARGV: holder value.
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+""",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +103,10 @@ async def claim_identity(
         "worker identity",
         extra={"workerId": worker_id, "slot": f"{name}/{slot}", "previousId": identity.previous_id},
     )
-    lease = keys.worker_slot(name, slot, "lease")
+    lease = Lease(redis, keys.worker_slot(name, slot, "lease"), holder=holder, ttl_s=lease_s)
     done = asyncio.Event()
     async with asyncio.TaskGroup() as tasks:
-        refresher = tasks.create_task(
-            _refresh(redis, lease, holder, lease_s, done), name="slot-lease"
-        )
+        refresher = tasks.create_task(_refresh(lease, lease_s, done), name="slot-lease")
         try:
             yield identity
         finally:
@@ -106,19 +114,27 @@ async def claim_identity(
             # A failed release only means the slot frees itself when the lease expires.
             with contextlib.suppress(*REDIS_ERRORS, TimeoutError):
                 async with asyncio.timeout(2):
-                    await redis.eval(_RELEASE_LUA, 1, lease, holder)
+                    await lease.release()
 
 
 async def _acquire(
     redis: RedisClient, keys: Keys, name: str, holder: str, lease_s: float
 ) -> tuple[int, str | None]:
-    lease_ms = int(lease_s * 1000)
+    acquire = ACQUIRE.bound(redis)
     for slot in range(MAX_SLOTS):
-        lease, last = keys.worker_slot(name, slot, "lease"), keys.worker_slot(name, slot, "last")
+        slot_keys = SlotKeys(
+            lease=keys.worker_slot(name, slot, "lease"), last=keys.worker_slot(name, slot, "last")
+        )
         replace = ""
         while True:
-            ok, value = await redis.eval(
-                _ACQUIRE_LUA, 2, lease, last, holder, lease_ms, LAST_ID_TTL_S, replace
+            ok, value = await acquire(
+                slot_keys,
+                AcquireArgs(
+                    holder=holder,
+                    lease_ms=int(lease_s * 1000),
+                    last_ttl_s=LAST_ID_TTL_S,
+                    replace=replace,
+                ),
             )
             value = text(value)
             if ok:
@@ -129,17 +145,15 @@ async def _acquire(
     raise RuntimeError(f"all {MAX_SLOTS} worker slots of {name!r} are taken")
 
 
-async def _refresh(
-    redis: RedisClient, lease: str, holder: str, lease_s: float, done: asyncio.Event
-) -> None:
+async def _refresh(lease: Lease, lease_s: float, done: asyncio.Event) -> None:
     """Renew the lease at a third of its TTL until ``done``; errors are logged and retried,
     never fatal."""
     while not await sleep_or_stop(done, lease_s / 3):
         try:
             async with asyncio.timeout(lease_s / 3):
-                ours = await redis.eval(_REFRESH_LUA, 1, lease, holder, int(lease_s * 1000))
+                ours = await lease.hold()
             if not ours:
-                log.error("worker slot lease taken by another process", extra={"lease": lease})
+                log.error("worker slot lease taken by another process")
         except (*REDIS_ERRORS, TimeoutError) as exc:
             log.warning("worker slot lease not renewed: %s", exc)
 

@@ -39,7 +39,14 @@ from services.worker.locks import Locks, keep_lock
 from services.worker.metrics import WorkerMetrics
 from services.worker.recorder import Recorder
 from services.worker.registry import Handler, Registry
-from shared.aio import Backoff, cancel_and_wait, race_stop, sleep_or_stop, stop_and_wait
+from shared.aio import (
+    Backoff,
+    cancel_and_wait,
+    grace_then_cancel,
+    race_stop,
+    sleep_or_stop,
+    stop_and_wait,
+)
 from shared.camunda import CamundaClient, CamundaError, LockedTask, TopicRequest
 from shared.settings import Settings
 
@@ -296,11 +303,4 @@ class Worker:
             return
         grace_s = self._options.shutdown_grace_s
         log.info("draining %d running task(s), grace %s s", len(self._running), grace_s)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace_s):
-                await race_stop(force or asyncio.Event(), self._all_finished())
-        await cancel_and_wait(list(self._running))
-
-    async def _all_finished(self) -> None:
-        while self._running:
-            await asyncio.wait(list(self._running))
+        await grace_then_cancel(list(self._running), grace_s, cut_short=force)

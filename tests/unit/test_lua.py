@@ -6,14 +6,17 @@ from typing import NamedTuple
 
 import pytest
 
+from services.worker import identity  # noqa: F401
+from shared import lease  # noqa: F401 - each of these declares its scripts
 from shared.lua import NoArgs, Script, problems
-from shared.store import scripts as store_scripts  # noqa: F401 - declares the store's scripts
+from shared.store import scripts
 
 
-def test_the_store_declares_its_scripts() -> None:
-    assert {"claim", "sending", "attach", "step", "finish", "abandon", "look", "take"} <= set(
-        Script.declared
-    )
+def test_every_script_is_declared_by_name() -> None:
+    store = {"claim", "sending", "attach", "step", "finish", "cancelling", "abandon", "look"}
+    others = {"take", "page", "lease-hold", "lease-release", "slot-acquire"}
+    assert set(Script.declared) == store | others
+    assert all(isinstance(getattr(scripts, name.upper()), Script) for name in store)
 
 
 @pytest.mark.parametrize("name", sorted(Script.declared))

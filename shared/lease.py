@@ -1,0 +1,78 @@
+"""A lease in Redis: :class:`Lease`, held by one process at a time, until it lapses.
+
+Two parts of flowgate need one: the engine watcher (one API replica watches the engine at a
+time: services/background/watcher.py) and a worker's slot (one live process per slot:
+services/worker/identity.py). The holder renews its lease well within its time to live; a
+holder that dies stops renewing and the lease lapses, so another takes over. Renewing and
+giving up check the holder first, so a process never extends or drops another's lease.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from shared.lua import Script
+from shared.redis_client import RedisClient
+
+
+class LeaseKeys(NamedTuple):
+    lease: str
+
+
+class HoldArgs(NamedTuple):
+    holder: str
+    ttl_ms: int
+
+
+class ReleaseArgs(NamedTuple):
+    holder: str
+
+
+#: Take a free lease or renew one's own. 1 if held.
+HOLD = Script(
+    "lease-hold",
+    LeaseKeys,
+    HoldArgs,
+    """
+local holder = redis.call('GET', K.lease)
+if not holder then
+  redis.call('SET', K.lease, A.holder, 'PX', A.ttl_ms)
+  return 1
+end
+if holder == A.holder then
+  redis.call('PEXPIRE', K.lease, A.ttl_ms)
+  return 1
+end
+return 0
+""",
+)
+
+#: Give one's own lease up. 1 if it was held.
+RELEASE = Script(
+    "lease-release",
+    LeaseKeys,
+    ReleaseArgs,
+    """
+if redis.call('GET', K.lease) == A.holder then return redis.call('DEL', K.lease) end
+return 0
+""",
+)
+
+
+class Lease:
+    def __init__(self, redis: RedisClient, key: str, *, holder: str, ttl_s: float) -> None:
+        self._keys = LeaseKeys(lease=key)
+        self._holder = holder
+        self._ttl_ms = int(ttl_s * 1000)
+        self._hold = HOLD.bound(redis)
+        self._release = RELEASE.bound(redis)
+
+    async def hold(self) -> bool:
+        """Take the lease if it is free, or renew it if it is ours; whether it is ours."""
+        return bool(
+            await self._hold(self._keys, HoldArgs(holder=self._holder, ttl_ms=self._ttl_ms))
+        )
+
+    async def release(self) -> None:
+        """Give it up if it is ours (so another may take it at once)."""
+        await self._release(self._keys, ReleaseArgs(holder=self._holder))
