@@ -29,9 +29,9 @@ from services.api import errors
 from services.api.auth import Auth
 from services.api.deps import Deps, open_deps
 from services.api.drain import DrainHook
+from services.api.endpoints import ENDPOINTS, routes
 from services.api.metrics import ApiMetrics, OutcomeMiddleware
 from services.api.openapi import docs_html, render_openapi
-from services.api.routes import ENDPOINTS, routes
 from shared.logs import configure_logging
 from shared.redis_client import REDIS_ERRORS
 from shared.settings import Settings, load_settings

@@ -154,7 +154,12 @@ async def open_deps(
                     store=store,
                     runs=runs,
                     starter=Starter(
-                        store, camunda, metrics, engine_timeout_s=settings.camunda_timeout_ms / 1000
+                        store,
+                        camunda,
+                        waitroom,
+                        spawner,
+                        metrics,
+                        engine_timeout_s=settings.camunda_timeout_ms / 1000,
                     ),
                     waitroom=waitroom,
                     canceller=Canceller(store, runs, camunda, waitroom, metrics),

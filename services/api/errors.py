@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from services.api.schemas import ErrorBody, JSONResponse
+from services.api.starter import StartRefused
 from shared.camunda import CamundaError, EngineUnavailable
 from shared.contract import StartFailed
 
@@ -61,6 +62,12 @@ class ApiError(Exception):
 
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+async def start_refused(request: Request, exc: Exception) -> Response:
+    """A start that did not go ahead: its answer (422, 503 + Retry-After, the engine's)."""
+    assert isinstance(exc, StartRefused)
+    return await api_error(request, ApiError.of(exc.failed))
 
 
 async def api_error(request: Request, exc: Exception) -> Response:
@@ -114,6 +121,7 @@ async def client_gone(request: Request, exc: Exception) -> Response:
 
 HANDLERS: dict[type[Exception] | int, Handler] = {
     ApiError: api_error,
+    StartRefused: start_refused,
     HTTPException: http_error,
     ClientDisconnect: client_gone,
     CamundaError: engine_failed,

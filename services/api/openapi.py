@@ -19,8 +19,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from services.api.auth import Access, Auth
+from services.api.endpoints import Endpoint, Reply
 from services.api.progress import EVENT_ID_PATTERN
-from services.api.routes import MAX_PAGE, Endpoint, Reply
+from services.api.routes import MAX_PAGE
 from services.api.schemas import ID_PATTERN, RUN_STATUS, ErrorBody
 
 _ERRORS = {

@@ -1,7 +1,8 @@
 """Where a run is started: claim its correlationId, start its engine instance, record it.
 
-:class:`Starter` is the use case behind ``POST /api/process/start`` (the endpoint only parses
-the body and answers from the wait room):
+:meth:`Starter.start` is the use case behind ``POST /api/process/start`` (the endpoint only
+parses the body and answers what it returns). It registers the request's wait first
+(services/api/waitroom.py), then:
 
 1. **claim** the correlationId in Redis (shared/store.py): exactly one of any number of
    concurrent starts creates the ``pending`` state, the others join it;
@@ -32,6 +33,8 @@ given up; sent, it is looked for. No client has to come back for any of this.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -40,6 +43,8 @@ from typing import Any
 import orjson
 
 from services.api.metrics import ApiMetrics
+from services.api.waitroom import WaitResult, WaitRoom
+from shared.aio import Spawner
 from shared.camunda import (
     CamundaClient,
     CamundaError,
@@ -47,7 +52,7 @@ from shared.camunda import (
     EngineError,
     EngineUnavailable,
 )
-from shared.contract import StartFailed, SystemVariables
+from shared.contract import StartFailed, SystemVariables, failed_start
 from shared.eventlog import EventRecord
 from shared.state import RunState, Status
 from shared.store.runs import Abandoned, RunStore
@@ -55,6 +60,8 @@ from shared.variables import VariableError
 
 log = logging.getLogger(__name__)
 
+#: A start may take this long for its engine call even when the client asked not to wait.
+START_MIN_WAIT_S = 2.0
 #: A claim whose engine start has not been sent this long after the claim was left by a
 #: starter that died or stalled: nothing can have reached the engine, so it is given up
 #: (services/background/recovery.py).
@@ -84,7 +91,9 @@ class StartCommand:
 
 
 class StartRefused(Exception):
-    """The correlationId names a run of another request (422)."""
+    """The start did not go ahead, and ``failed`` is the answer: the correlationId names a
+    run of another request (422), the claim could not be recorded in time (503), or the
+    engine refused the start (its 4xx/5xx)."""
 
     def __init__(self, failed: StartFailed) -> None:
         super().__init__(failed.error)
@@ -96,14 +105,77 @@ class Starter:
         self,
         store: RunStore,
         camunda: CamundaClient,
+        waitroom: WaitRoom,
+        spawner: Spawner,
         metrics: ApiMetrics,
         *,
         engine_timeout_s: float,
     ) -> None:
         self._store = store
         self._camunda = camunda
+        self._waitroom = waitroom
+        self._spawner = spawner
         self._metrics = metrics
         self._engine_timeout_s = engine_timeout_s
+
+    async def start(
+        self, command: StartCommand, *, wait_s: float, until: str | None = None
+    ) -> WaitResult:
+        """Start the run (or join it) and wait up to ``wait_s`` for its end, or for the step
+        ``until``. Raises :class:`StartRefused` with the answer when it did not go ahead.
+
+        A request that joined a start which was then given up before it reached the engine
+        (its replica died before sending it, or the engine was unreachable for it) starts
+        afresh once, if its wait allows: what its client would do anyway, without seeing it.
+        """
+        began = asyncio.get_running_loop().time()
+        result, joined = await self._start_and_wait(command, wait_s, until)
+        failed = result.failed_start
+        left_s = wait_s - (asyncio.get_running_loop().time() - began)
+        if joined and failed is not None and failed.status_code >= 500 and left_s > 0:
+            result, _ = await self._start_and_wait(command, left_s, until)
+        return result
+
+    async def _start_and_wait(
+        self, command: StartCommand, wait_s: float, until: str | None
+    ) -> tuple[WaitResult, bool]:
+        """One attempt: the wait's result, and whether this request joined another's start.
+
+        The wait is registered before the claim, so the state the attach reads back is its
+        first look (subscribe-then-check without a read of its own). The client's wait
+        bounds the start as well; without one (respond-async), a short one still lets the
+        engine's refusal (404, 400) come back.
+        """
+        deadline = asyncio.get_running_loop().time() + max(wait_s, START_MIN_WAIT_S)
+        async with self._waitroom.expect(command.correlation_id, wait_s, until=until) as wait:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    state, created = await self.claim(command)
+            except TimeoutError as exc:
+                failed = StartFailed(
+                    command.correlation_id, 503, "the start could not be recorded in time; retry"
+                )
+                raise StartRefused(failed) from exc
+            attached = await self._begin_within(state, command, deadline) if created else None
+            return await wait.result(attached), not created
+
+    async def _begin_within(
+        self, state: RunState, command: StartCommand, deadline: float
+    ) -> RunState | None:
+        """Start the engine instance of a fresh claim; the state as attached, or None when
+        the engine call goes on past ``deadline``. It runs in the app's task group: neither
+        the end of the wait nor a client that goes away interrupts it, and a late answer
+        still attaches (or abandons) the claim."""
+        begun = self._spawner.spawn(
+            self.begin(state, command.variables), name=f"start:{command.correlation_id}"
+        )
+        attached = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                attached = await asyncio.shield(begun)
+        if isinstance(attached, StartFailed):
+            raise StartRefused(attached)
+        return attached
 
     async def claim(self, command: StartCommand) -> tuple[RunState, bool]:
         """Claim the id (or join its claim); True when this call created it.
@@ -142,8 +214,7 @@ class Starter:
         cid = state.correlation_id
         sent = await self._store.sending(state, look_after_s=self._engine_timeout_s + 1)
         if sent is None:  # recovery gave the claim up while this replica stalled
-            now = await self._store.get(cid)
-            return StartFailed.of(now) if now and now.status is Status.ABANDONED else None
+            return failed_start(await self._store.get(cid))
         ids = SystemVariables.of(sent)
         try:
             with self._metrics.engine_start_seconds.time():

@@ -43,7 +43,13 @@ from redis.asyncio.client import PubSub
 
 from services.api.metrics import ApiMetrics
 from shared.aio import Backoff, sleep_or_stop
-from shared.contract import StartFailed, StepRecorded, correlation_id_of_message, decode_message
+from shared.contract import (
+    StartFailed,
+    StepRecorded,
+    correlation_id_of_message,
+    decode_message,
+    failed_start,
+)
 from shared.keys import Keys
 from shared.redis_client import (
     CONFIRMATIONS,
@@ -96,6 +102,11 @@ class WaitResult:
     milestone: StepEvent | None = None
     #: The step the run recorded last, read with a pending ``outcome`` (its progress).
     last_step: StepEvent | None = None
+
+    @property
+    def failed_start(self) -> StartFailed | None:
+        """The answer of the start waited for, when it was given up."""
+        return failed_start(self.outcome)
 
 
 class _Waiter:

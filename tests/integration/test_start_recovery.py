@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from services.api.starter import StartCommand
 from shared import postgres
 from shared.contract import SystemVariables
 from shared.eventlog import EventRecord
@@ -132,6 +133,28 @@ async def test_a_claim_whose_start_was_never_sent_is_given_up_within_seconds(
             "/api/process/start", json=start_body(correlation_id), headers={"Prefer": "wait=0"}
         )
         assert retry.status_code == 202
+        state = await _attached(api, correlation_id)
+    assert await instances(engine_url, correlation_id) == [state.instance_id]
+
+
+async def test_a_start_that_joined_a_claim_never_sent_starts_afresh_within_its_wait(
+    make_settings: MakeSettings, engine_url: str
+) -> None:
+    """A start resent by the balancer after its replica died between claim and engine call
+    joins that claim; once recovery gives the claim up, the start goes ahead itself, as its
+    client would have done: the client sees no 503, and the engine gets one instance."""
+    await deploy_bpmn(engine_url)
+    async with running_app(make_settings(camunda_base_url=engine_url)) as api:
+        correlation_id = cid()
+        body = start_body(correlation_id)
+        command_hash = StartCommand(BENCHMARK, correlation_id, body["variables"]).request_hash
+        await api.deps.store.claim(
+            SystemVariables.new(correlation_id), BENCHMARK, command_hash, look_after_s=0
+        )
+        answer = await api.client.post(
+            "/api/process/start", json=body, headers={"Prefer": "wait=8"}
+        )
+        assert answer.status_code == 202, answer.text
         state = await _attached(api, correlation_id)
     assert await instances(engine_url, correlation_id) == [state.instance_id]
 

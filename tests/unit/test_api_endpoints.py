@@ -11,8 +11,8 @@ from starlette.applications import Starlette
 
 from services.api import errors
 from services.api.auth import Access, Auth
+from services.api.endpoints import ENDPOINTS, Endpoint, routes
 from services.api.openapi import build_openapi
-from services.api.routes import ENDPOINTS, Endpoint, routes
 
 #: What each endpoint asks for when credentials are configured: changing one is a decision.
 EXPECTED_ACCESS = {

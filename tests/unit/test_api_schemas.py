@@ -10,8 +10,8 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from services.api.auth import Auth
+from services.api.endpoints import ENDPOINTS
 from services.api.openapi import build_openapi, docs_html
-from services.api.routes import ENDPOINTS
 from services.api.schemas import (
     CompleteRequest,
     ErrorBody,

@@ -1,0 +1,280 @@
+"""The endpoint table, :data:`ENDPOINTS`: the one place the URL map, the access checks and
+the OpenAPI document (services/api/openapi.py) are derived from.
+
+A row names the method and path, the function that serves it (services/api/routes.py), who
+may call it (services/api/auth.py), and what it answers, documented once.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from services.api.auth import Access, Auth
+from services.api.routes import (
+    cancel_process,
+    complete_process,
+    docs,
+    event_log,
+    healthz,
+    list_processes,
+    metrics,
+    openapi,
+    process_events,
+    process_status,
+    readyz,
+    start_process,
+)
+from services.api.schemas import (
+    RUN_STATUS,
+    CancelRequest,
+    CompleteAck,
+    CompleteRequest,
+    EventLog,
+    Health,
+    MilestoneReached,
+    Pending,
+    ProcessStatus,
+    Readiness,
+    StartFailedBody,
+    StartOk,
+    StartRequest,
+    StatusPage,
+)
+
+# --- the table ---------------------------------------------------------------------------------
+
+Endpoint_ = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One documented answer: a JSON model (or another media type, or no body) and its headers."""
+
+    description: str
+    model: type[BaseModel] | None = None
+    media_type: str | None = "application/json"
+    headers: tuple[str, ...] = ()
+    #: Other models the same status may carry (a milestone beside a final state).
+    also: tuple[type[BaseModel], ...] = ()
+
+    @property
+    def models(self) -> tuple[type[BaseModel], ...]:
+        return (self.model, *self.also) if self.model else self.also
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    method: str
+    path: str
+    handler: Endpoint_
+    access: Access
+    summary: str
+    description: str = ""
+    parameters: tuple[str, ...] = ()
+    body: type[BaseModel] | None = None
+    #: False where the body may be left out (cancel's reason).
+    body_required: bool = True
+    replies: Mapping[int, Reply] = field(default_factory=dict)
+    #: Error statuses answered with an ErrorBody (401 is added where credentials apply).
+    errors: tuple[int, ...] = ()
+    #: The OpenAPI operationId, when the handler's name is taken by another path.
+    operation: str | None = None
+
+
+_RUN_HEADERS = ("Content-Location", RUN_STATUS)
+_PENDING_HEADERS = ("Location", "Retry-After", "Content-Location", RUN_STATUS)
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        "POST",
+        "/api/process/start",
+        start_process,
+        Access.CLIENT,
+        "Start a process; answer with its result, or 202 and a status URL.",
+        "Waits up to SYNC_TIMEOUT_MS (or `Prefer: wait=N`) for the outcome. Idempotent by "
+        "correlationId: a repeated start joins the running one or returns its stored outcome.",
+        parameters=("Prefer",),
+        body=StartRequest,
+        replies={
+            200: Reply(
+                "The process finished `ok` within the wait (StartOk), or the step named in "
+                "`waitUntil` has finished (MilestoneReached).",
+                StartOk,
+                headers=(*_RUN_HEADERS, "Preference-Applied"),
+                also=(MilestoneReached,),
+            ),
+            202: Reply(
+                "Still running when the wait ended; poll `Location`.",
+                Pending,
+                headers=(*_PENDING_HEADERS, "Preference-Applied"),
+            ),
+            500: Reply(
+                "The process finished `error` within the wait.",
+                StartFailedBody,
+                headers=_RUN_HEADERS,
+            ),
+            409: Reply("The run was cancelled.", StartFailedBody, headers=_RUN_HEADERS),
+        },
+        errors=(400, 404, 413, 415, 422, 502, 503),
+    ),
+    Endpoint(
+        "GET",
+        "/api/process/status/all",
+        list_processes,
+        Access.CLIENT,
+        "Processes Redis holds, newest first, a page at a time.",
+        parameters=("limit", "cursor"),
+        replies={200: Reply("One page.", StatusPage)},
+        errors=(400, 503),
+    ),
+    Endpoint(
+        "GET",
+        "/api/process/status/{correlationId}",
+        process_status,
+        Access.CLIENT,
+        "The state of one run (Redis, else Postgres); `?wait=N` long-polls.",
+        "With `until=<step>`, a long-poll answers as soon as that step has finished (200 with "
+        "`milestone`; the run goes on).",
+        parameters=("correlationId", "wait", "until", "Prefer"),
+        replies={
+            200: Reply(
+                "The process is `ok` (ProcessStatus), or the step asked for with `until` has "
+                "finished (MilestoneReached).",
+                ProcessStatus,
+                headers=_RUN_HEADERS,
+                also=(MilestoneReached,),
+            ),
+            202: Reply("The process is `pending`.", ProcessStatus, headers=_PENDING_HEADERS),
+            409: Reply("The process was `cancelled`.", ProcessStatus, headers=_RUN_HEADERS),
+            500: Reply("The process is `error`.", ProcessStatus, headers=_RUN_HEADERS),
+        },
+        errors=(400, 404, 503),
+    ),
+    Endpoint(
+        "GET",
+        "/api/process/events/{correlationId}",
+        process_events,
+        Access.CLIENT,
+        "Live progress: the run's steps and its end as Server-Sent Events.",
+        "`event: step` (data: the step) for every step recorded, then `event: end` (data: the "
+        "final status body) and the stream closes. Every event has an `id`; reconnect with "
+        "`Last-Event-ID` to resume with nothing lost or repeated (on any replica). A client "
+        "that already had the end gets 204.",
+        parameters=("correlationId", "Last-Event-ID", "lastEventId"),
+        replies={
+            200: Reply("The event stream.", media_type="text/event-stream"),
+            204: Reply("The end was sent already: nothing follows.", media_type=None),
+        },
+        errors=(400, 404, 503),
+    ),
+    Endpoint(
+        "POST",
+        "/api/process/cancel/{correlationId}",
+        cancel_process,
+        Access.CLIENT,
+        "Cancel a pending run: its engine instance is deleted, its state becomes `cancelled`.",
+        "Every request waiting for it (starts, long-polls, event streams, on any replica) is "
+        "answered at once. Cancelling twice is harmless. The body is optional.",
+        parameters=("correlationId",),
+        body=CancelRequest,
+        body_required=False,
+        replies={
+            200: Reply("Cancelled (now or before).", ProcessStatus, headers=_RUN_HEADERS),
+            409: Reply(
+                "The run had already ended `ok` or `error`.", ProcessStatus, headers=_RUN_HEADERS
+            ),
+        },
+        errors=(400, 404, 413, 415, 502, 503),
+    ),
+    Endpoint(
+        "POST",
+        "/api/process/complete",
+        complete_process,
+        Access.COMPLETER,
+        "Record a run's outcome and wake its waiters on every replica.",
+        "A completion for a finished process changes nothing (`changed: false`).",
+        body=CompleteRequest,
+        replies={200: Reply("Received.", CompleteAck)},
+        errors=(400, 404, 413, 415, 503),
+    ),
+    *(
+        Endpoint(
+            "GET",
+            path,
+            event_log,
+            Access.CLIENT,
+            "The audit trail of one run, in step order (an unknown id has none).",
+            "By traceabilityId; by correlationId when no run has that traceabilityId, or with "
+            "`?by=correlationId`. The seed serves it under both paths.",
+            parameters=("id", "by"),
+            replies={200: Reply("The events.", EventLog)},
+            errors=(400, 503),
+            operation=operation,
+        )
+        for path, operation in (
+            ("/api/event-log/{id}", None),
+            ("/api/process/event-log/{id}", "processEventLog"),
+        )
+    ),
+    Endpoint(
+        "GET", "/healthz", healthz, Access.PUBLIC, "Alive.", replies={200: Reply("Alive.", Health)}
+    ),
+    Endpoint(
+        "GET",
+        "/readyz",
+        readyz,
+        Access.PUBLIC,
+        "Redis, Postgres, the engine and the wait room's subscription.",
+        replies={
+            200: Reply("Ready.", Readiness),
+            503: Reply("Not ready; `error` names what is down.", Readiness),
+        },
+    ),
+    Endpoint(
+        "GET",
+        "/metrics",
+        metrics,
+        Access.OPERATOR,
+        "Prometheus metrics of this replica.",
+        replies={200: Reply("Text exposition format.", media_type="text/plain")},
+    ),
+    Endpoint(
+        "GET",
+        "/openapi.json",
+        openapi,
+        Access.PUBLIC,
+        "This document.",
+        replies={200: Reply("OpenAPI 3.1.")},
+    ),
+    Endpoint(
+        "GET",
+        "/docs",
+        docs,
+        Access.PUBLIC,
+        "A readable rendering of this document.",
+        replies={200: Reply("HTML.", media_type="text/html")},
+    ),
+)
+
+
+def routes(auth: Auth) -> list[Route]:
+    """The URL map: each endpoint behind the access check its row declares."""
+    return [
+        Route(e.path, _guarded(e.handler, e.access, auth), methods=[e.method]) for e in ENDPOINTS
+    ]
+
+
+def _guarded(handler: Endpoint_, access: Access, auth: Auth) -> Endpoint_:
+    @functools.wraps(handler)  # keeps the name the metrics label answers by
+    async def checked(request: Request) -> Response:
+        auth.check(access, request)
+        return await handler(request)
+
+    return checked
