@@ -1,4 +1,5 @@
 """Write what a run measured: ``bench/results.json``, ``benchmarks.md`` and the PNG plots.
+(One module past 400 lines: one section writer per benchmark, alike in shape.)
 
 Everything under ``out`` (docs/ by default): ``out/benchmarks.md``, ``out/bench/results.json``,
 ``out/bench/*.png``. The markdown is generated from the JSON alone, plus the hand-written

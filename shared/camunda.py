@@ -1,4 +1,6 @@
 """CamundaClient: a typed async client for the Camunda 7 REST API (``…/engine-rest``).
+(One module past 400 lines: the engine's vocabulary, its records and its error tree are one
+client's, as httpx keeps its client in one module.)
 
 It speaks the engine's vocabulary one to one (``fetch_and_lock``, ``complete``,
 ``handle_failure``, ...), puts units in parameter names, and takes and returns plain Python

@@ -5,7 +5,7 @@
 * the **run channel's messages** (a partition's channel ``{p:n}:run``, shared/keys.py): the
   run's correlationId, a newline, then a finished run's state, the news that the start a
   request joined has failed (:class:`StartFailed`), or that a step was recorded
-  (:class:`StepRecorded`); shared/store.py's Lua publishes them.
+  (:class:`StepRecorded`); shared/store/scripts.py's Lua publishes them.
 
 Producers and consumers import these names from here, so a rename fails at import time in
 both services, not at runtime in one.
@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from shared.camunda import LockedTask
-from shared.state import RunState
+from shared.state import RunState, Status
 
 #: The variable holding the run's correlationId (the engine's businessKey holds it too).
 CORRELATION_ID = "correlationId"
@@ -129,6 +129,16 @@ class StartFailed:
             error=str(obj.get("error") or "the start this request joined failed"),
             field=field if isinstance(field, str) else None,
         )
+
+
+def failed_start(outcome: RunState | StartFailed | None) -> StartFailed | None:
+    """The answer of a start that was given up, read either way: the message its starter
+    published, or its ``abandoned`` record (whose error keeps that answer). None otherwise."""
+    if isinstance(outcome, StartFailed):
+        return outcome
+    if outcome is not None and outcome.status is Status.ABANDONED:
+        return StartFailed.of(outcome)
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ partition carries its hash tag ``{p:n}``, so each Lua transition touches one has
 runs as it is on a Redis Cluster; on a single Redis the tags are just part of the names.
 
 ====================================  =========================================
-``{p:n}:proc:{correlationId}``        hash: a run's state (shared/state.py, shared/store.py)
+``{p:n}:proc:{correlationId}``        hash: a run's state (shared/state.py, shared/store/runs.py)
 ``{p:n}:index``                       sorted set: the partition's runs by start time (paging)
 ``{p:n}:starts``                      sorted set: claims without an engine instance yet,
                                       scored by when to look after them (starter.py)

@@ -2,7 +2,7 @@
 
 Postgres is the durable copy. Redis holds live state; the write-behind (writebehind.py) copies
 every state change and audit event here, and the API reads here when Redis no longer has a
-run (``get_process``) and for the audit trail (``events_by_*``). Columns come from the
+run (``get_run``) and for the audit trail (``events_by_*``). Columns come from the
 records (shared/state.py, shared/eventlog.py); the migrations below are their history.
 
 Tables live in the connection's current schema (the first of ``search_path``), so a
@@ -160,7 +160,7 @@ async def ping(pool: AsyncConnectionPool) -> None:
         await conn.execute("SELECT 1")
 
 
-async def get_process(pool: AsyncConnectionPool, correlation_id: str) -> RunState | None:
+async def get_run(pool: AsyncConnectionPool, correlation_id: str) -> RunState | None:
     """The last state the write-behind stored, for a process Redis no longer holds."""
     async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(

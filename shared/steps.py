@@ -1,5 +1,5 @@
 """A run's steps as they end: one :class:`StepEvent` per activity instance, in a bounded
-per-run record in Redis (``{p}:steps:{cid}``, see shared/store.py ``record_step``).
+per-run record in Redis (``{p}:steps:{cid}``, see shared/store/steps.py).
 
 Two sources write it, and each step is recorded once whichever comes first:
 

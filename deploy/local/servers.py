@@ -1,4 +1,6 @@
 """Start the real servers as native processes: Redis, PostgreSQL, the Camunda engine.
+(One module past 400 lines: how each server is started, the same way, by tests, the stack
+and the benchmarks.)
 
 No Docker engine runs on the machines this project is built on, so the test suite
 (`tests/conftest.py`) and the local stack (`deploy/local/stack.py`) start the same

@@ -1,4 +1,5 @@
 """The whole local stack as native background processes: `make up` / `make down` / `make ps`.
+(One module past 400 lines: one command-line tool, its components and their configs.)
 
     python -m deploy.local.stack [--run-dir DIR] up [NAME ...]     start (what is not running yet)
     python -m deploy.local.stack [--run-dir DIR] down [NAME ...]   stop what `up` started

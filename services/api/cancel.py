@@ -2,7 +2,7 @@
 
 The steps, and why in this order:
 
-1. the cancel is recorded first (``{p}:cancel:{cid}``, shared/store.py ``cancelling``), so
+1. the cancel is recorded first (``{p}:cancel:{cid}``, shared/store/runs.py ``cancelling``), so
    that if this replica dies after the engine deleted the instance, the watcher, which sees
    the deletion in the engine's history, ends the run ``cancelled`` rather than ``error``;
 2. the engine instance is deleted (a run whose start is still in flight has none yet: the

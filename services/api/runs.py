@@ -1,7 +1,7 @@
 """Where a run's state is read: Redis first, Postgres once Redis no longer holds it.
 
 :class:`Runs` is the read side the endpoints use; transitions go through
-shared/store.py, which the write-behind copies to Postgres.
+shared/store/runs.py, which the write-behind copies to Postgres.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Runs:
 
     async def stored(self, correlation_id: str) -> RunState | None:
         """Postgres's copy of a run Redis no longer holds."""
-        return await postgres.get_process(self._pool, correlation_id)
+        return await postgres.get_run(self._pool, correlation_id)
 
     async def events(self, key: str, by: str) -> list[EventRecord]:
         """The audit trail by traceabilityId, by correlationId, or (``by="any"``) by

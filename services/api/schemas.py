@@ -1,9 +1,10 @@
-"""HTTP bodies: pydantic models at the edge, orjson on the wire.
+"""HTTP bodies: pydantic models at the edge, orjson on the wire. (One module past 400
+lines: every body the API takes or gives, in one place, the OpenAPI document's source.)
 
 Field names are the wire names (camelCase, the seed's), so the models, the OpenAPI document
 (services/api/openapi.py) and the JSON a client sees are the same thing. Where the seed's
-clients read a shape (CONTRACT.md "Compatibility with the seed's clients"), flowgate keeps
-it and only adds beside it.
+clients read a shape (the README's "Switching from fastify-camunda"), flowgate keeps it and
+only adds beside it.
 """
 
 from __future__ import annotations

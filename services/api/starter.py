@@ -4,7 +4,7 @@
 parses the body and answers what it returns). It registers the request's wait first
 (services/api/waitroom.py), then:
 
-1. **claim** the correlationId in Redis (shared/store.py): exactly one of any number of
+1. **claim** the correlationId in Redis (shared/store/runs.py): exactly one of any number of
    concurrent starts creates the ``pending`` state, the others join it;
 2. for a fresh claim, mark the engine start as **sending**, then **start** the engine
    instance with the system variables (shared/contract.py), the correlationId as business

@@ -1,5 +1,6 @@
 """WaitRoom: where a request waits for its run to finish, or to reach a step (one per
-replica).
+replica). (One module past 400 lines: the subscriptions and the parked requests keep one
+promise together, subscribe-then-check, which is only checkable with both in view.)
 
 The room subscribes to every partition's run channel (shared/keys.py) before it opens:
 on a single Redis on one pub/sub connection, on a Redis Cluster with ``SSUBSCRIBE`` on one

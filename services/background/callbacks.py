@@ -1,7 +1,7 @@
 """Where a run's end is delivered to its ``callbackUrl``.
 
 A run started with a ``callbackUrl`` is put on a schedule (``{p}:callbacks``) by the same Lua
-step that ends it (shared/store.py ``finish``), so no end is missed, whoever ends the run.
+step that ends it (shared/store/runs.py ``finish``), so no end is missed, whoever ends the run.
 Every API replica runs a :class:`Deliverer`: it takes due deliveries from the schedule (one
 replica per delivery at a time; a delivery whose replica dies comes due again by itself),
 POSTs the final status body (what ``GET /api/process/status/{id}`` answers), and drops the

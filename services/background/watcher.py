@@ -19,7 +19,7 @@ watched. One replica watches at a time, holding a lease in Redis (``{p}:watcher`
 dies another takes over within seconds, from the watermark it left (``{p}:watcher:mark``).
 Records become visible at commit, not in the order of their times, so each pass reads back
 a second before the mark and every few seconds a pass reads back further; finishing and
-recording steps are idempotent (shared/store.py), so reading something twice is harmless.
+recording steps are idempotent (shared/store/runs.py), so reading something twice is harmless.
 Its cost grows with the engine's rate of ends instead (``make bench``, "End detection").
 An instance stays mapped to its run until a while after its
 end, so that its last steps are recorded even when a worker ended the run first.

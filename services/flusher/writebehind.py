@@ -1,6 +1,8 @@
 """Write-behind: copy the ``{p:n}:wb`` streams into Postgres, at least once, idempotently.
+(One module past 400 lines: reading, writing, retrying and dead-lettering share one
+consumer's state and one batch's life, read best in one place.)
 
-Every state change (shared/store.py) and audit event (shared/eventlog.py) is an entry in
+Every state change (shared/store/runs.py) and audit event (shared/eventlog.py) is an entry in
 its run's partition's stream. A :class:`Flusher` per API replica reads every partition
 through its consumer group ``flusher`` (one pipelined read for all of them; a Redis Cluster
 answers it shard by shard), so the replicas share each partition's entries, and writes each

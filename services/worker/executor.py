@@ -1,4 +1,6 @@
 """Run one locked task: validate its input, call its handler, tell the engine, log it.
+(One module past 400 lines: the table below is one mapping, from what a handler did to the
+one engine call and the one record it makes, and reads best beside its code.)
 
 =============================  ============================================================
 handler ...                    the engine is told
@@ -13,7 +15,7 @@ raises anything else           ``failure``, retries counted down, retryTimeout d
 =============================  ============================================================
 
 This module is where a run is ended by its steps: only here, and only after the engine
-has accepted what ends it (shared/store.py ``finish``).
+has accepted what ends it (shared/store/runs.py ``finish``).
 
 How the engine's answer to that call is read: 404 means the task is gone (cancelled or
 done elsewhere) and 400 "locked by worker" means another worker owns it:
@@ -122,7 +124,7 @@ class _Row:
         )
 
 
-class Outcomes(Protocol):
+class RunRecorder(Protocol):
     """Where the executor records what happened (services/worker/recorder.py)."""
 
     async def ready(self) -> None: ...
@@ -162,7 +164,7 @@ class Executor:
     camunda: CamundaClient
     worker_id: str
     retry: RetryPolicy
-    recorder: Outcomes
+    recorder: RunRecorder
     metrics: WorkerMetrics
 
     async def run(

@@ -3,7 +3,7 @@
 Redis may be away for a while, and neither a task's outcome nor its retries may be lost
 to that:
 
-* :meth:`Recorder.watch` (in the worker's task group) pings Redis every second and keeps
+* :meth:`Recorder.keep_gate` (in the worker's task group) pings Redis every second and keeps
   a gate: open while Redis answers, closed while it does not;
 * the poll loop waits at the gate before it fetches, so no new work starts whose outcome
   could not be recorded;
@@ -54,7 +54,7 @@ class Recorder:
         """Return once Redis answers (at once while it does)."""
         await self._up.wait()
 
-    async def watch(self, stop: asyncio.Event) -> None:
+    async def keep_gate(self, stop: asyncio.Event) -> None:
         """Keep the gate: ping Redis every second until ``stop``."""
         while True:
             try:

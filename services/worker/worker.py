@@ -143,7 +143,7 @@ class Worker:
                 upkeep_stop = asyncio.Event()
                 upkeep = [
                     group.create_task(self._locks.sweep_departed(upkeep_stop), name="sweep"),
-                    group.create_task(self._recorder.watch(upkeep_stop), name="watch-redis"),
+                    group.create_task(self._recorder.keep_gate(upkeep_stop), name="redis-gate"),
                 ]
                 self._polling = True
                 try:

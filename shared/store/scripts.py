@@ -1,4 +1,6 @@
 """The store's Lua: every transition of a run, each one script on one hash slot.
+(One module past 400 lines: the scripts share their record's Lua helpers, and a reader
+checking one transition against another wants them side by side.)
 
 Each script is declared with its KEYS and ARGV by name (shared/lua.py); the rest of the
 package calls them with those tuples. A transition changes the run's hash, appends its

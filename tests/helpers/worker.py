@@ -34,7 +34,7 @@ from tests.helpers.streams import entries
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class RecordedOutcomes:
+class RecordedRuns:
     """Records what an executor records (instead of services/worker/recorder.py)."""
 
     def __init__(self) -> None:

@@ -535,7 +535,7 @@ async def test_status_falls_back_to_postgres_when_redis_forgot(api: Api) -> None
     await api.deps.store.finish(correlation_id, Status.OK, data={"kept": True})
 
     async def written() -> bool:  # by the app's flusher, in the background
-        row = await postgres.get_process(api.deps.pool, correlation_id)
+        row = await postgres.get_run(api.deps.pool, correlation_id)
         return row is not None and row.status is Status.OK
 
     await until(written)
@@ -581,7 +581,7 @@ async def test_an_id_used_again_after_its_record_expired_is_a_run_of_its_own(
             assert done.json()["changed"] is True
 
             async def persisted_and_forgotten() -> bool:
-                row = await postgres.get_process(api.deps.pool, correlation_id)
+                row = await postgres.get_run(api.deps.pool, correlation_id)
                 trail = await postgres.events_by_traceability(api.deps.pool, trace)
                 gone = not await api.deps.redis.exists(api.deps.keys.state(correlation_id))
                 return gone and row is not None and row.data == {"run": n} and len(trail) == 2

@@ -310,7 +310,7 @@ async def test_a_cancel_on_one_replica_answers_a_start_parked_on_another(stack: 
     assert parse_stream(stream.text)[-1][1:] == ("end", status.json())
 
     async def stored() -> bool:
-        row = await postgres.get_process(stack.a.deps.pool, run)
+        row = await postgres.get_run(stack.a.deps.pool, run)
         events = await postgres.events_by_correlation(stack.a.deps.pool, run)
         cancel_rows = [e for e in events if e.step_name == "cancel"]
         return row is not None and row.status.value == "cancelled" and len(cancel_rows) == 1

@@ -1,5 +1,5 @@
 """What a client written for the seed (fastify-camunda) reads, pinned field by field, from
-CONTRACT.md "Compatibility with the seed's clients" (add beside, never rename or drop).
+the README's "Switching from fastify-camunda" (add beside, never rename or drop).
 
 Two replicas share Redis and Postgres: a start parked on one wakes when the run is finished
 through the other. The correlationIds are the business ids the seed's guide recommends.

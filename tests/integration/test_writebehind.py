@@ -168,9 +168,9 @@ async def test_states_and_events_arrive(
 
     assert await flusher.drain(timeout_s=10)
 
-    assert await postgres.get_process(pool, "w-1") == await store.get("w-1")
-    assert await postgres.get_process(pool, "w-2") == await store.get("w-2")
-    assert await postgres.get_process(pool, "nobody") is None
+    assert await postgres.get_run(pool, "w-1") == await store.get("w-1")
+    assert await postgres.get_run(pool, "w-2") == await store.get("w-2")
+    assert await postgres.get_run(pool, "nobody") is None
     events = await postgres.events_by_correlation(pool, "w-1")
     assert [(e.correlation_id, e.status, e.step) for e in events] == [("w-1", "ok", 1)]
     assert await postgres.events_by_traceability(pool, "t-w-1") == []  # the event carried none
@@ -234,7 +234,7 @@ async def test_a_stale_entry_never_overwrites_a_newer_row(
     await redis_client.xadd(stream, {"kind": "delete", "body": body})
     assert await flusher.drain(timeout_s=10)
 
-    row = await postgres.get_process(pool, "s-1")
+    row = await postgres.get_run(pool, "s-1")
     assert row is not None
     assert (row.status, row.data, row.version) == (Status.OK, "final", 2)
 
@@ -251,18 +251,18 @@ async def test_an_abandoned_start_stays_abandoned_even_if_its_claim_arrives_late
     (_, claimed_entry), *_ = await entries(redis_client, stream)
     flusher = make_flusher()
     assert await flusher.drain(timeout_s=10)
-    assert await postgres.get_process(pool, "a-1") is not None
+    assert await postgres.get_run(pool, "a-1") is not None
 
     assert await store.abandon(1, StartFailed("a-1", 503, "engine down"))
     assert await flusher.drain(timeout_s=10)
-    row = await postgres.get_process(pool, "a-1")
+    row = await postgres.get_run(pool, "a-1")
     assert row is not None
     assert (row.status, row.error["error"]) == (Status.ABANDONED, "engine down")
 
     # A dead replica's claimed entry for the same version lands after the abandonment.
     await redis_client.xadd(stream, claimed_entry)
     assert await flusher.drain(timeout_s=10)
-    row = await postgres.get_process(pool, "a-1")
+    row = await postgres.get_run(pool, "a-1")
     assert row is not None
     assert row.status is Status.ABANDONED
 
@@ -270,7 +270,7 @@ async def test_an_abandoned_start_stays_abandoned_even_if_its_claim_arrives_late
     await claim(store, "a-1")
     await store.finish("a-1", Status.OK, data="second try")
     assert await flusher.drain(timeout_s=10)
-    row = await postgres.get_process(pool, "a-1")
+    row = await postgres.get_run(pool, "a-1")
     assert row is not None
     assert (row.status, row.data) == (Status.OK, "second try")
 
@@ -352,7 +352,7 @@ async def test_poison_entries_are_isolated_then_dead_lettered(
     assert await flusher.drain(timeout_s=10)
 
     # The good rows are in; the undecodable entry is dead at once; the rejected one waits.
-    assert await postgres.get_process(pool, "ok-1") is not None
+    assert await postgres.get_run(pool, "ok-1") is not None
     assert len(await postgres.events_by_correlation(pool, "ok-1")) == 1
     dead = await dead_letters(redis_client, keys)
     assert [fields[b"reason"].startswith(b"undecodable") for _, fields in dead] == [True]

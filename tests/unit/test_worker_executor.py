@@ -18,7 +18,7 @@ from services.worker.registry import BusinessRuleError, Handler, Process, Step, 
 from shared.camunda import CamundaClient, LockedTask
 from shared.state import Status
 from tests.helpers.engine import FakeEngine, engine_error, locked_task
-from tests.helpers.worker import RecordedOutcomes
+from tests.helpers.worker import RecordedRuns
 
 
 class In(BaseModel):
@@ -34,7 +34,7 @@ class Out(BaseModel):
 class Harness:
     def __init__(self, engine: FakeEngine, camunda: CamundaClient) -> None:
         self.engine = engine
-        self.runs = RecordedOutcomes()
+        self.runs = RecordedRuns()
         self.rows = self.runs.rows
         self.metrics = WorkerMetrics()
         self.executor = Executor(

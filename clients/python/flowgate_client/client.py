@@ -1,4 +1,5 @@
 """flowgate over HTTP: :class:`AsyncClient`, and :class:`Client` with the same methods, sync.
+(One module past 400 lines: the two classes are twins, kept side by side so they stay alike.)
 
 What both share lives in plain functions and two small state holders (:class:`_Run`,
 :class:`_Stream`), so the sync and async classes are only the loops around the I/O:

@@ -1,4 +1,4 @@
-"""``onboard-user``: the example process (CONTRACT.md "The example process").
+"""``onboard-user``: the example process (the README's "Bring your own processes").
 
 validate-user-information -> run-background-check -> call-onboarding-api -> prepare-response;
 a BPMN error on any step goes to handle-error. Every decision is deterministic:
