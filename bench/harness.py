@@ -160,6 +160,9 @@ class Stack:
     extra: dict[str, Server] = field(default_factory=dict)
     #: ``redis_url`` names a node of a Redis Cluster (see :meth:`Run.start_redis_cluster`).
     redis_cluster: bool = False
+    #: The engine's own database (as its superuser) and its REST calls' log, once it runs.
+    engine_database_url: str = ""
+    engine_calls: Path | None = None
 
     def schema_url(self, schema: str) -> str:
         """``database_url`` with ``schema`` first on the search path (created by the caller)."""
@@ -314,11 +317,12 @@ class Run:
         return f"redis://127.0.0.1:{ports[0]}/0", nodes
 
     def start_engine(self, data: Path) -> str:
+        """The engine on its own PostgreSQL, both observed: the engine logs every REST call
+        (``engine_calls``), the cluster counts every statement (pg_stat_statements)."""
         port = servers.free_port()
-        engine_pg = self.share(
-            servers.postgres_server(data / "engine-postgres", port, databases=("camunda",))
-        )
-        self.start(engine_pg)
+        engine_pg = servers.postgres_server(data / "engine-postgres", port, databases=("camunda",))
+        engine_pg.argv += ["-c", "shared_preload_libraries=pg_stat_statements"]
+        self.start(self.share(engine_pg))
         engine_port = servers.free_port()
         engine = servers.engine_server(
             data / "engine",
@@ -328,10 +332,14 @@ class Run:
                 "SPRING_DATASOURCE_USERNAME": "camunda",
                 "SPRING_DATASOURCE_PASSWORD": "camunda",
             },
+            events_redis=self.stack.redis_url if self.stack else None,
+            access_log=True,
         )
         self.start(self.share(engine), timeout_s=180)
         assert self.stack is not None
         self.stack.extra.update({"engine-postgres": engine_pg, "engine": engine})
+        self.stack.engine_database_url = f"postgresql://postgres@127.0.0.1:{port}/camunda"
+        self.stack.engine_calls = data / "engine" / "access.log"
         return f"http://127.0.0.1:{engine_port}/engine-rest"
 
     def log_tail(self, server: Server, lines: int = 30) -> str:

@@ -37,8 +37,10 @@ class Profile:
     # 9. engine HTTP clients: calls per client per round, in flight at once
     client_calls: int
     client_concurrency: int
-    # 10. CPU per run: onboard-user runs measured (after a tenth as many to warm up)
-    cost_runs: int
+    # 10. cost per run beside the reference gateway: onboard-user runs by concurrency (16 is
+    # the cost window), after a warm-up
+    cost_runs: dict[int, int]
+    cost_warmup: int
     # 11. Redis Cluster: requests parked while probing wake latency, runs finished to count
     # each replica's messages
     cluster_parked: int
@@ -65,7 +67,8 @@ FULL = Profile(
     progress_streams=1_000,
     client_calls=5_000,
     client_concurrency=16,
-    cost_runs=1_000,
+    cost_runs={1: 100, 16: 800, 64: 800},
+    cost_warmup=160,
     cluster_parked=1_000,
     cluster_messages=2_000,
     profile_api=True,
@@ -89,7 +92,8 @@ SMOKE = Profile(
     progress_streams=20,
     client_calls=50,
     client_concurrency=4,
-    cost_runs=20,
+    cost_runs={1: 3, 16: 16, 64: 64},
+    cost_warmup=16,
     cluster_parked=50,
     cluster_messages=50,
     profile_api=False,

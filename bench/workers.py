@@ -21,22 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import shutil
-import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from bench import ours
 from bench.engine import Engine, engine_time, raw_worker_loop
 from bench.harness import LOAD_CPU, Run, Stack, summary
 from bench.profile import Profile
+from bench.reference import NODE_DIR, node_missing
 
-NODE_DIR = Path(__file__).parent / "node"
 MAX_TASKS = 10
 
 
@@ -53,18 +50,6 @@ class Client:
 
 def _py(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
-
-
-def _node_missing() -> str | None:
-    """None when the JS client can run; installs it (``npm ci``, from the lock) if needed."""
-    if not shutil.which("node") or not shutil.which("npm"):
-        return "node/npm is not installed"
-    if not (NODE_DIR / "node_modules" / "camunda-external-task-client-js").is_dir():
-        argv = ["npm", "ci", "--prefix", str(NODE_DIR), "--no-audit", "--no-fund"]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
-        if done.returncode != 0:
-            return f"`npm ci --prefix bench/node` failed: {done.stderr.strip()[-300:]}"
-    return None
 
 
 def _py3_missing() -> str | None:
@@ -135,14 +120,14 @@ def clients(raw_loops: tuple[tuple[int, int], ...]) -> list[Client]:
             "js-client-seed",
             "camunda-external-task-client-js 3.1.0, seed config (interval 300 ms)",
             1,
-            _node_missing,
+            node_missing,
             lambda url, wid: [*node, url, wid, str(MAX_TASKS)],
         ),
         Client(
             "js-client-interval0",
             "camunda-external-task-client-js 3.1.0, interval 0",
             1,
-            _node_missing,
+            node_missing,
             lambda url, wid: [*node, url, wid, str(MAX_TASKS), "0"],
         ),
     ]

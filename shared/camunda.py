@@ -156,10 +156,13 @@ class LockedTask:
     lock_expiration_time: datetime | None
     variables: dict[str, Any] = field(default_factory=dict)
     activity_instance_id: str | None = None
+    #: When the engine created the task (None from an engine that does not say).
+    create_time: datetime | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> LockedTask:
         lock_expiration = body.get("lockExpirationTime")
+        created = body.get("createTime")
         return cls(
             id=body["id"],
             topic_name=body["topicName"],
@@ -173,6 +176,7 @@ class LockedTask:
             lock_expiration_time=parse_date(lock_expiration) if lock_expiration else None,
             variables=from_camunda(body.get("variables") or {}),
             activity_instance_id=body.get("activityInstanceId"),
+            create_time=parse_date(created) if created else None,
         )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -69,8 +69,10 @@ class EventRecord:
         return cls(**{**run, **fields})
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (``created_at`` as an ISO string, to the microsecond)."""
-        return {**asdict(self), "created_at": self.created_at.astimezone(UTC).isoformat()}
+        """JSON-ready fields (``created_at`` as an ISO string, to the microsecond); its JSON
+        values are shared, not copied (``asdict`` would copy them deeply)."""
+        fields = {name: getattr(self, name) for name in EVENT_COLUMNS}
+        return {**fields, "created_at": self.created_at.astimezone(UTC).isoformat()}
 
     def to_json(self) -> bytes:
         return dump_json(self.to_dict()).encode()

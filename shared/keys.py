@@ -29,6 +29,9 @@ runs as it is on a Redis Cluster; on a single Redis the tags are just part of th
 ``{p}:callbacks:attempts``            hash: correlationId -> delivery attempts so far
 ``{p}:watcher``                       string: the replica that watches the engine (lease)
 ``{p}:watcher:mark``                  string: how far the watcher has read the history
+``{p}:watcher:events``                string: how far it has read the engine's pushed events
+``{p}:watcher:boot``                  string: the boot id of the engine that pushes them
+``{p}:watcher:lost``                  string: the last lost-events mark it read the history for
 ``{p:worker:{name}:{slot}}:lease``    string: which worker process holds a slot
 ``{p:worker:{name}:{slot}}:last``     string: the last worker id that held the slot
 ``{p}:worker:departed``               sorted set: departed worker ids, scored by when their
@@ -131,6 +134,18 @@ class Keys:
     @property
     def watcher_mark(self) -> str:
         return f"{self.prefix}:watcher:mark"
+
+    @property
+    def watcher_events(self) -> str:
+        return f"{self.prefix}:watcher:events"
+
+    @property
+    def watcher_boot(self) -> str:
+        return f"{self.prefix}:watcher:boot"
+
+    @property
+    def watcher_lost(self) -> str:
+        return f"{self.prefix}:watcher:lost"
 
     def worker_slot(self, name: str, slot: int, part: str) -> str:
         """``part`` is ``lease`` or ``last`` (see services/worker/identity.py); a slot's two

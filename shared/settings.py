@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     # How often the replica that watches the engine's history reads it (runs whose steps
     # flowgate did not run end when their instance does; see services/background/watcher.py).
     watch_interval_ms: PositiveInt = 100
+    # The Redis stream an engine with flowgate's plugin pushes its run events to (see
+    # deploy/camunda and services/background/events.py): the watcher reads it instead of
+    # the history while the engine says it pushes. Empty: always read the history.
+    engine_events_stream: str = "flowgate:engine-events"
 
     # --- the API: how long a request waits ---------------------------------------------
     sync_timeout_ms: Annotated[int, Field(ge=0)] = 25_000

@@ -151,8 +151,12 @@ def database_url(postgres_service: tuple[str, servers.Server | None]) -> str:
 
 
 @pytest.fixture(scope="session")
-def engine_url(server_dir: Path, docker_available: bool) -> Iterator[str]:
-    """Base URL of a real engine's REST API (…/engine-rest), once per session."""
+def engine_url(server_dir: Path, docker_available: bool, redis_url: str) -> Iterator[str]:
+    """Base URL of a real engine's REST API (…/engine-rest), once per session.
+
+    A native engine pushes its run events to the session's Redis (its plugin); the
+    official image does not have the plugin, and every replica reads its history.
+    """
     if url := os.environ.get("CAMUNDA_BASE_URL"):
         yield url.rstrip("/")
     elif docker_available and servers.ENGINE == "camunda":
@@ -165,7 +169,8 @@ def engine_url(server_dir: Path, docker_available: bool) -> Iterator[str]:
             yield f"http://{host}:{port}/engine-rest"
     else:
         port = servers.free_port()
-        server = servers.engine_server(server_dir / "engine", port).start(timeout_s=180)
+        engine = servers.engine_server(server_dir / "engine", port, events_redis=redis_url)
+        server = engine.start(timeout_s=180)
         yield f"http://127.0.0.1:{port}/engine-rest"
         server.stop()
 

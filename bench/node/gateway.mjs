@@ -221,8 +221,18 @@ const worker = new Client({
   autoPoll: false,
 });
 
+// The step hand-off (task created -> fetched), for `make bench`: GET /bench/handoff.
+let handoffs = [];
+const engineTime = (text) => Date.parse(text.replace(/([+-]\d\d)(\d\d)$/, "$1:$2"));
+app.get("/bench/handoff", async () => {
+  const taken = handoffs;
+  handoffs = [];
+  return taken;
+});
+
 Object.keys(steps).forEach((step, index) => {
   worker.subscribe(`onboard-user.${step}`, async ({ task, taskService }) => {
+    if (task.createTime) handoffs.push(Date.now() - engineTime(task.createTime));
     const vars = task.variables.getAll();
     try {
       const result = steps[step](vars);

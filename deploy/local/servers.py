@@ -418,13 +418,40 @@ def engine_server(
     port: int,
     datasource: Mapping[str, str] | None = None,
     engine: str = ENGINE,
+    *,
+    events_redis: str | None = None,
+    events_cluster: bool = False,
+    access_log: bool = False,
 ) -> Server:
-    """The engine on ``port``: in-memory H2 unless ``datasource`` gives SPRING_DATASOURCE_*."""
+    """The engine on ``port``: in-memory H2 unless ``datasource`` gives SPRING_DATASOURCE_*.
+
+    With ``events_redis`` (a Redis URL; a node of a cluster with ``events_cluster``) its
+    plugin pushes run events there (deploy/camunda ``RunEventsPlugin``). With
+    ``access_log`` every REST call is a line ``METHOD PATH STATUS`` of
+    ``workdir/access.log`` (what the benchmarks count the engine's calls by).
+    """
     java = require("java", "install a Java 17+ runtime to run the engine")
     jar = build_engine(engine)
     argv = [java, "-Xms256m", "-Xmx1g", "-XX:+UseSerialGC",
             "-jar", str(jar)]  # fmt: skip
     env = {"ENGINE_PORT": str(port), **(datasource or {})}
+    if events_redis:
+        env |= {
+            "FLOWGATE_EVENTS_REDIS_URL": events_redis,
+            "FLOWGATE_EVENTS_CLUSTER": str(events_cluster).lower(),
+        }
+    if access_log:
+        workdir.mkdir(parents=True, exist_ok=True)
+        env |= {
+            "SERVER_TOMCAT_BASEDIR": str(workdir / "tomcat"),
+            "SERVER_TOMCAT_ACCESSLOG_ENABLED": "true",
+            "SERVER_TOMCAT_ACCESSLOG_DIRECTORY": str(workdir),
+            "SERVER_TOMCAT_ACCESSLOG_PREFIX": "access",
+            "SERVER_TOMCAT_ACCESSLOG_SUFFIX": ".log",
+            "SERVER_TOMCAT_ACCESSLOG_ROTATE": "false",
+            "SERVER_TOMCAT_ACCESSLOG_BUFFERED": "false",
+            "SERVER_TOMCAT_ACCESSLOG_PATTERN": "%m %U %s",
+        }
     url = f"http://127.0.0.1:{port}/engine-rest/engine"
     return Server("engine", argv, workdir / "engine.log", lambda: http_ok(url), env=env)
 

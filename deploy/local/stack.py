@@ -309,6 +309,9 @@ def _engine(cfg: Config) -> Server:
             # workers' parked fetch-and-lock polls (up to 30 s) for nothing.
             "SERVER_SHUTDOWN": "immediate",
         },
+        # Its plugin pushes run events to the stack's Redis: the watcher reads no history.
+        events_redis=cfg.service_env()["REDIS_URL"],
+        events_cluster=bool(cfg.redis_cluster_ports),
     )
     server.log = _log(cfg, "engine")
     return server

@@ -2,8 +2,8 @@
 process's entry point (services/api/__main__.py, :func:`alongside`):
 
 =============  ==============================================================================
-watcher.py     ends the runs the engine ended and records their steps, from its history (one
-               replica at a time, holding a lease)
+watcher.py     ends the runs the engine ended and records their steps, from the events it
+               pushes (events.py) or else its history (one replica at a time, with a lease)
 recovery.py    settles the starts a replica left behind (died, stalled, lost the engine's
                answer): gives up what never reached the engine, finds what did
 callbacks.py   delivers ended runs to their callbackUrl, at least once
@@ -27,6 +27,7 @@ import httpx
 
 from services.api.deps import Deps
 from services.background.callbacks import Deliverer
+from services.background.events import EngineEvents
 from services.background.recovery import Recovery
 from services.background.watcher import Watcher
 from services.flusher.writebehind import Flusher, stop_flushing
@@ -67,6 +68,11 @@ async def running(deps: Deps, settings: Settings) -> AsyncIterator[None]:
             deps.metrics,
             replica_id=deps.replica_id,
             interval_s=settings.watch_interval_ms / 1000,
+            events=(
+                EngineEvents(deps.redis, deps.keys, settings.engine_events_stream)
+                if settings.engine_events_stream
+                else None
+            ),
         )
         recovery = Recovery(
             deps.store, deps.starter, start_window_s=settings.engine_start_window_ms / 1000

@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from services.api.metrics import ApiMetrics
+from services.background.events import EngineEvents, Happened
 from shared.aio import Backoff, concurrently, sleep_or_stop
 from shared.camunda import CamundaClient, CamundaError, EndedActivity, EndedInstance, Incident
 from shared.contract import SystemVariables
@@ -66,6 +67,8 @@ FIRST_LOOK_BACK = timedelta(0)
 #: History records one query returns (more are read page by page).
 PAGE = 500
 LEASE_S = 3.0
+#: How often ended runs' instances are looked at (to stop mapping them).
+FORGET_EVERY_S = 1.0
 #: How often a replica that does not watch checks whether the watcher is gone.
 FOLLOWER_INTERVAL_S = 1.0
 
@@ -89,6 +92,7 @@ class Watcher:
         *,
         replica_id: str,
         interval_s: float,
+        events: EngineEvents | None = None,
     ) -> None:
         self._store = store
         self._camunda = camunda
@@ -97,10 +101,14 @@ class Watcher:
         self._metrics = metrics
         self._replica_id = replica_id
         self._interval_s = interval_s
+        self._events = events
         self._lease = Lease(redis, keys.watcher, holder=replica_id, ttl_s=LEASE_S)
         #: History records handled within the overlap, by id: not handled again.
         self._handled: dict[str, datetime] = {}
         self._deep_at = 0.0
+        self._forget_at = 0.0
+        #: The watermark as this replica last read or moved it (None: read it from Redis).
+        self._marked: datetime | None = None
         #: Bounds the Redis writes of one pass in flight at once.
         self._writes = asyncio.Semaphore(WRITES_AT_ONCE)
         self.leading = False
@@ -130,19 +138,33 @@ class Watcher:
                 await self._resign_quietly()
 
     async def watch_once(self) -> None:
-        """One pass: steps, ends and incidents since the watermark."""
-        await self._store.instances.forget_ended()
-        if not await self._store.instances.count():
-            return
-        with self._metrics.watch_pass_seconds.time():
-            await self._pass()
-
-    async def _pass(self) -> None:
-        mark, marked = await self._mark()
+        """What happened since the last look: from the events the engine pushes, or else
+        from its history."""
         now = asyncio.get_running_loop().time()
-        deep = now >= self._deep_at
-        if deep:
+        if now >= self._forget_at:
+            self._forget_at = now + FORGET_EVERY_S
+            await self._store.instances.forget_ended()
+        batch = await self._events.read() if self._events else None
+        if batch is not None:
+            if batch.gap:  # the push broke off somewhere: read the history back once
+                with self._metrics.watch_pass_seconds.time():
+                    await self._pass(deep=True)
+            if batch.happened:
+                with self._metrics.watch_pass_seconds.time():
+                    await self._apply(batch.happened)
+                    await self._advance(batch.happened)
+            return
+        if await self._store.instances.count():
+            with self._metrics.watch_pass_seconds.time():
+                await self._pass()
+
+    async def _pass(self, *, deep: bool = False) -> None:
+        """One pass over the history: steps, ends and incidents since the watermark."""
+        now = asyncio.get_running_loop().time()
+        if deep or now >= self._deep_at:
             self._deep_at = now + DEEP_EVERY_S
+            deep = True
+        mark, _ = await self._mark()
         since = mark - (OVERLAP if deep else RECENT)
         async with concurrently() as reads:
             reading_instances = reads.create_task(self._read(self._camunda.ended_instances, since))
@@ -150,36 +172,72 @@ class Watcher:
         # Activities after instances: an instance read as ended has its last steps committed
         # (in its own transaction or before), so they are read too, and recorded before its
         # run ends. Read at the same time, the activities could be read before that commit.
-        activities = await self._read(self._camunda.ended_activities, since)
-        instances = reading_instances.result()
-        incidents = reading_incidents.result()
+        happened = Happened(
+            await self._read(self._camunda.ended_activities, since),
+            reading_instances.result(),
+            reading_incidents.result(),
+        )
+        await self._apply(happened)
+        for handled in (happened.activities, happened.instances, happened.incidents):
+            self._handled.update((record.id, mark) for record in handled)
+        newest = await self._advance(happened)
+        self._handled = {k: at for k, at in self._handled.items() if at >= newest - 2 * OVERLAP}
+
+    async def _apply(self, happened: Happened) -> None:
+        """Record the steps of the runs among ``happened``, then end those that ended."""
+        activities, instances, incidents = (
+            happened.activities,
+            happened.instances,
+            happened.incidents,
+        )
         roots = {a.root_process_instance_id for a in activities}
         roots |= {i.id for i in instances}
         roots |= {i.root_process_instance_id for i in incidents if i.root_process_instance_id}
         runs = await self._store.instances.runs_of(sorted(roots))
-        states = await self._store.get_many(sorted(set(runs.values())))
+        by_key = {r: k for r, k in happened.business_keys.items() if r in roots and r not in runs}
+        states = await self._store.get_many(sorted({*runs.values(), *by_key.values()}))
+        # A start's own steps, before its replica has attached the instance: the run of that
+        # correlationId, still pending, without another instance.
+        runs |= {
+            root: cid
+            for root, cid in by_key.items()
+            if _pending(state := states.get(cid)) and state and state.instance_id in (None, root)
+        }
+        if not runs:
+            return
         ended = [i for i in instances if i.id in runs]
-        completed = [i.id for i in ended if i.state == "COMPLETED"]
+        # The result of a run the engine completed, unless a worker ended it already.
+        completed = [
+            i.id for i in ended if i.state == "COMPLETED" and _pending(states.get(runs[i.id]))
+        ]
+        # Most steps a worker has recorded already: look first, in one round trip.
+        ours = [a for a in activities if a.root_process_instance_id in runs]
+        known = await self._store.steps.known(
+            [(runs[a.root_process_instance_id], a.id) for a in ours]
+        )
         # A run's steps are in its record before it ends; its result is read meanwhile.
         async with concurrently() as group:
-            for activity in activities:
-                if activity.root_process_instance_id in runs:
+            for activity, recorded in zip(ours, known, strict=True):
+                if not recorded:
                     group.create_task(self._step(activity, runs, states))
             reading = group.create_task(self._camunda.root_variables(completed))
         await self._ended(ended, runs, states, reading.result())
         for incident in incidents:
             await self._incident(incident, runs)
-        for handled in (activities, instances, incidents):
-            self._handled.update((record.id, mark) for record in handled)
+
+    async def _advance(self, happened: Happened) -> datetime:
+        """Move the watermark on to the newest record of ``happened``; the watermark."""
+        mark, marked = await self._mark()
         times = [
-            *(a.end_time for a in activities),
-            *(i.end_time for i in instances),
-            *(i.create_time for i in incidents),
+            *(a.end_time for a in happened.activities),
+            *(i.end_time for i in happened.instances),
+            *(i.create_time for i in happened.incidents),
         ]
         newest = max([mark, *times])
         if newest > mark or not marked:
             await self._redis.set(self._keys.watcher_mark, iso(newest))
-        self._handled = {k: at for k, at in self._handled.items() if at >= newest - 2 * OVERLAP}
+            self._marked = newest
+        return newest
 
     # --- what happened ---------------------------------------------------------------------
 
@@ -226,12 +284,12 @@ class Watcher:
         variables: dict[str, dict[str, Any]],
     ) -> None:
         await self._store.instances.forget({i.id: runs[i.id] for i in instances})
+        # Only runs still pending end here (most a worker ended already).
+        instances = [i for i in instances if _pending(states.get(runs[i.id]))]
         cancels = await self._store.cancel_reasons([runs[i.id] for i in instances])
         for instance in instances:
             cid = runs[instance.id]
-            state = states.get(cid)
-            if state is None:  # the run aged out of Redis: nothing left to end
-                continue
+            state = states[cid]
             if instance.state == "COMPLETED":
                 result = SystemVariables.result_of(
                     variables.get(instance.id, {}), state.fetch_variables
@@ -268,17 +326,24 @@ class Watcher:
             after = last
 
     async def _mark(self) -> tuple[datetime, bool]:
-        """The watermark, and whether one was stored (else one starts now)."""
+        """The watermark, and whether one was stored (else one starts now); read from Redis
+        once per lead (only the leader moves it on)."""
+        if self._marked is not None:
+            return self._marked, True
         raw = await self._redis.get(self._keys.watcher_mark)
         if raw is None:
             return datetime.now(UTC) - FIRST_LOOK_BACK, False
-        return parse_iso(text(raw)), True
+        self._marked = parse_iso(text(raw))
+        return self._marked, True
 
     def _lead_changed(self, leading: bool) -> None:
         if leading != self.leading:
             log.info("watching the engine" if leading else "no longer watching the engine")
             self._metrics.watching.set(int(leading))
             self._handled.clear()
+            self._marked = None
+            if self._events:
+                self._events.forget()
         self.leading = leading
 
     async def _resign_quietly(self) -> None:
@@ -295,6 +360,10 @@ def _time(record: object) -> datetime:
         return record.create_time
     assert isinstance(record, EndedActivity | EndedInstance)
     return record.end_time
+
+
+def _pending(state: RunState | None) -> bool:
+    return state is not None and state.status is Status.PENDING
 
 
 def _audited(activity_type: str) -> bool:

@@ -22,6 +22,7 @@ import signal
 import socket
 import uuid
 
+import uvloop
 from prometheus_client import REGISTRY, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
@@ -42,7 +43,7 @@ REDIS_TIMEOUT_S = 10.0
 def main() -> None:
     settings = load_settings()
     configure_logging(settings.log_level)
-    asyncio.run(_run(settings))
+    uvloop.run(_run(settings))
 
 
 async def _run(settings: Settings) -> None:

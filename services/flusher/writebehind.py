@@ -28,6 +28,7 @@ again: a blocking read cannot wait on streams in different hash slots.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -91,10 +92,20 @@ class _Entry:
 
 @dataclass(frozen=True, slots=True)
 class _Op:
-    """A decoded entry: which statement, with which parameters."""
+    """A decoded entry: which statement, with which parameters; ``superseded``: older states
+    of the same run in the same batch, which this one's write makes needless."""
 
     entry: _Entry
     params: tuple[Any, ...]
+    #: For a state: its run and its place in the run's life (a later run, then a later version).
+    run: str | None = None
+    order: tuple[Any, ...] = ()
+    superseded: tuple[_Entry, ...] = ()
+
+    @property
+    def entries(self) -> tuple[_Entry, ...]:
+        """The stream entries this op's write settles."""
+        return (self.entry, *self.superseded)
 
 
 class _Undecodable(ValueError):
@@ -245,12 +256,13 @@ class Flusher:
     async def _flush(self, entries: Sequence[_Entry], stop: asyncio.Event) -> None:
         """Write ``entries`` and acknowledge them; retries an outage until it is over (or
         until stop, leaving them pending for the next start)."""
-        ops: list[_Op] = []
+        decoded: list[_Op] = []
         for entry in entries:
             try:
-                ops.append(_decode(entry))
+                decoded.append(_decode(entry))
             except _Undecodable as exc:
                 await self._dead_letter(entry, f"undecodable: {exc}")
+        ops = _newest_states(decoded)
         backoff = self._backoff()
         while ops:
             try:
@@ -274,7 +286,7 @@ class Flusher:
                 if await sleep_or_stop(stop, backoff.next_delay_s()):
                     return
             else:
-                await self._ack([op.entry for op in ops])
+                await self._ack([entry for op in ops for entry in op.entries])
                 return
 
     async def _write(self, ops: Sequence[_Op]) -> None:
@@ -296,7 +308,7 @@ class Flusher:
                     good.append(op)
                 except _DATA_ERRORS as exc:
                     bad.append((op, exc))
-        await self._ack([op.entry for op in good])
+        await self._ack([entry for op in good for entry in op.entries])
         for op, error in bad:
             deliveries = await self._deliveries(op.entry)
             if deliveries >= self._max_deliveries:
@@ -395,12 +407,35 @@ def _params(columns: Sequence[str], json_columns: frozenset[str], row: Sequence[
     ]
 
 
+def _newest_states(ops: Sequence[_Op]) -> list[_Op]:
+    """``ops`` with only the newest state of each run, in the place of its first (a batch
+    holds a run's claim, start and end: one upsert of the last says all the three would)."""
+    newest: dict[str, _Op] = {}
+    for op in ops:
+        if op.run is None:
+            continue
+        if (kept := newest.get(op.run)) is None:
+            newest[op.run] = op
+            continue
+        older, newer = sorted((kept, op), key=lambda candidate: candidate.order)
+        newest[op.run] = dataclasses.replace(newer, superseded=(*newer.superseded, *older.entries))
+    placed: list[_Op] = []
+    for op in ops:
+        if op.run is None:
+            placed.append(op)
+        elif (first := newest.pop(op.run, None)) is not None:
+            placed.append(first)
+    return placed
+
+
 def _decode(entry: _Entry) -> _Op:
     """Parameters for the entry's statement; :class:`_Undecodable` if it makes no sense."""
     try:
         if entry.kind == "state":
-            row = RunState.from_json(entry.body).to_row()
-            params: tuple[Any, ...] = tuple(_params(COLUMNS, JSON_COLUMNS, row))
+            state = RunState.from_json(entry.body)
+            params: tuple[Any, ...] = tuple(_params(COLUMNS, JSON_COLUMNS, state.to_row()))
+            order = (state.started_at, state.version)
+            return _Op(entry, params, run=state.correlation_id, order=order)
         elif entry.kind == "event":
             event = EventRecord.from_json(entry.body).to_row()
             # Entry ids are unique per stream only.

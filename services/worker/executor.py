@@ -5,8 +5,9 @@ one engine call and the one record it makes, and reads best beside its code.)
 =============================  ============================================================
 handler ...                    the engine is told
 =============================  ============================================================
-returns                        ``complete`` with the output and ``identifiers``; on a step
-                               that finishes the run, the run then ends with that output
+returns                        ``complete`` with the output and ``identifiers`` (what is
+                               not the value the task read already); on a step that
+                               finishes the run, the run then ends with that output
 raises BusinessRuleError       ``bpmnError`` (its code; errorCode/errorMessage/errorType)
 input fails validation         ``bpmnError`` ``VALIDATION_ERROR``
 raises anything else           ``failure``, retries counted down, retryTimeout doubling;
@@ -225,7 +226,9 @@ class Executor:
                 lambda: self.camunda.complete(
                     ctx.task.id,
                     worker_id=self.worker_id,
-                    variables={**output.variables, "identifiers": identifiers},
+                    variables=changed(
+                        ctx.task.variables, {**output.variables, "identifiers": identifiers}
+                    ),
                 ),
                 ctx,
             )
@@ -440,6 +443,23 @@ def _identifiers(variables: Mapping[str, Any], output: Mapping[str, Any]) -> dic
         identifiers.update(existing)
     identifiers.update({name: output[name] for name in IDENTIFIER_FIELDS if output.get(name)})
     return identifiers
+
+
+def changed(current: Mapping[str, Any], output: Mapping[str, Any]) -> dict[str, Any]:
+    """The variables of ``output`` that are not already what the task read (``current``,
+    its fetched variables): setting a variable to its value again changes nothing in the
+    run, but costs the engine a runtime update, a history row and, for a Json value, two
+    byte arrays. A variable the task did not fetch is always sent."""
+    return {
+        name: value
+        for name, value in output.items()
+        if name not in current or not _same(current[name], value)
+    }
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as the engine would store them: ``True`` is not ``1``, nor ``1.0`` ``1``."""
+    return type(a) is type(b) and a == b
 
 
 def _dump(data: BaseModel) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 _HANDLER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# A task waiting for a worker: a few ms while workers keep up, seconds once they do not.
+_HANDOFF_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 120)
 
 
 @dataclass(slots=True)
@@ -22,6 +24,7 @@ class WorkerMetrics:
     tasks: Counter = field(init=False)
     handler_seconds: Histogram = field(init=False)
     fetch_seconds: Histogram = field(init=False)
+    handoff_seconds: Histogram = field(init=False)
     fetched: Counter = field(init=False)
     empty_polls: Counter = field(init=False)
     fetch_errors: Counter = field(init=False)
@@ -47,6 +50,12 @@ class WorkerMetrics:
             f"{p}_fetch_seconds", "fetchAndLock latency (long polls included)",
             buckets=_FETCH_BUCKETS, registry=r,
         )  # fmt: skip
+        self.handoff_seconds = Histogram(
+            f"{p}_handoff_seconds",
+            "From a task's creation in the engine to its fetch by this worker",
+            buckets=_HANDOFF_BUCKETS,
+            registry=r,
+        )
         self.fetched = Counter(f"{p}_fetched_tasks", "Tasks locked by fetchAndLock", registry=r)
         self.empty_polls = Counter(f"{p}_empty_polls", "Long polls that ended empty", registry=r)
         self.fetch_errors = Counter(f"{p}_fetch_errors", "fetchAndLock failures", registry=r)

@@ -205,7 +205,11 @@ class Worker:
             self._fetch_errors = 0
             errors.reset()
             self._metrics.fetched.inc(len(tasks))
+            fetched_at = time.time()
             for task in tasks:
+                if task.create_time is not None:
+                    waited = fetched_at - task.create_time.timestamp()
+                    self._metrics.handoff_seconds.observe(max(waited, 0.0))
                 self._start(group, task)
             if not tasks:
                 self._metrics.empty_polls.inc()

@@ -7,6 +7,7 @@ expires with its run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 from shared.eventlog import EventRecord
@@ -27,25 +28,38 @@ class StepStore:
     ) -> bool:
         """Add a step to the run's record (once per activity instance), with its audit row;
         True if it was new."""
-        cid = correlation_id
-        part = self._keys.of(cid)
-        recorded = await self._record(
-            StepKeys(
-                state=self._keys.state(cid),
-                steps=self._keys.steps(cid),
-                seen=self._keys.steps_seen(cid),
-                stream=part.writebehind,
-            ),
-            StepArgs(
-                cid=cid,
-                activity_instance_id=step.activity_instance_id,
-                step=step.to_json(),
-                event=event.to_json() if event else "",
-                max_steps=MAX_STEPS,
-                channel=part.channel,
-            ),
-        )
+        recorded = await self._record(*self._script(correlation_id, step, event))
         return bool(recorded)
+
+    def _script(
+        self, cid: str, step: StepEvent, event: EventRecord | None
+    ) -> tuple[StepKeys, StepArgs]:
+        part = self._keys.of(cid)
+        keys = StepKeys(
+            state=self._keys.state(cid),
+            steps=self._keys.steps(cid),
+            seen=self._keys.steps_seen(cid),
+            stream=part.writebehind,
+        )
+        args = StepArgs(
+            cid=cid,
+            activity_instance_id=step.activity_instance_id,
+            step=step.to_json(),
+            event=event.to_json() if event else "",
+            max_steps=MAX_STEPS,
+            channel=part.channel,
+        )
+        return keys, args
+
+    async def known(self, steps: Sequence[tuple[str, str]]) -> list[bool]:
+        """Whether each (correlationId, activity instance id) is recorded already, in one
+        round trip: a cheap look before :meth:`record` for steps others may have recorded."""
+        if not steps:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for cid, activity_instance_id in steps:
+                pipe.sismember(self._keys.steps_seen(cid), activity_instance_id)
+            return [bool(found) for found in await pipe.execute()]
 
     async def after(
         self, correlation_id: str, *, after: str = "-", count: int = MAX_STEPS

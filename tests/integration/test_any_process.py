@@ -1,5 +1,6 @@
 """Any process the engine runs, started through the API, ends when its engine instance ends:
-user tasks, Java expressions, failing jobs, other teams' workers, deletions.
+user tasks, Java expressions, failing jobs, other teams' workers, deletions; whether the
+engine pushes what it does (its plugin) or the watcher reads its history.
 
 Each test deploys its own BPMN, from its own folder, under a unique key: nothing here is
 part of flowgate, and no flowgate worker serves these processes.
@@ -24,9 +25,11 @@ from deploy.local.servers import free_port
 from shared import postgres
 from shared.camunda import CamundaClient, TopicRequest
 from shared.deployment import deploy_directory
+from shared.redis_client import RedisClient
 from shared.settings import Settings
 from tests.helpers.api import Api, cid, running_app
 from tests.helpers.engine import EngineAdmin, single
+from tests.helpers.streams import entries
 from tests.helpers.waiting import until
 from tests.helpers.worker import ROOT, WorkerProcess
 
@@ -50,9 +53,16 @@ def folder(tmp_path: Path, engine_url: str) -> Callable[..., Any]:
     return deploy
 
 
-@pytest.fixture
-async def api(make_settings: MakeSettings, engine_url: str) -> AsyncIterator[Api]:
-    settings = make_settings(camunda_base_url=engine_url, sync_timeout_ms=1_000)
+@pytest.fixture(params=["pushed", "history"])
+async def api(
+    request: pytest.FixtureRequest, make_settings: MakeSettings, engine_url: str
+) -> AsyncIterator[Api]:
+    """A replica that learns what the engine did from the events it pushes (its plugin),
+    or, as with any other engine, from its history: every test runs both ways."""
+    stream = {"history": ""}.get(request.param, Settings().engine_events_stream)
+    settings = make_settings(
+        camunda_base_url=engine_url, sync_timeout_ms=1_000, engine_events_stream=stream
+    )
     async with running_app(settings) as running:
         yield running
 
@@ -236,6 +246,64 @@ async def test_when_the_watching_replica_stops_another_takes_the_watch_over(
         ended = await status(second, correlation_id, wait_s=15)
         assert (ended.status_code, ended.json()["data"]) == (200, {"late": True})
         assert watching(second)
+
+
+@pytest.mark.single_redis  # the engine pushes to the session's one Redis
+async def test_pushed_events_no_replica_read_are_read_when_one_starts(
+    make_settings: MakeSettings, folder: Callable[..., Any], engine_url: str
+) -> None:
+    """The engine pushes a run's end while no replica watches; the next one to start reads
+    it from where the last one stopped."""
+    settings = make_settings(camunda_base_url=engine_url)
+    key = key_of("offline")
+    await folder(key, single(key, 'userTask id="step"'))
+    correlation_id = cid()
+    async with running_app(settings) as first:
+        assert (await start(first, key, correlation_id)).status_code == 202
+        await until(lambda: watching(first), what="the replica to watch")
+        state = await first.deps.store.get(correlation_id)
+        assert state is not None
+    async with EngineAdmin(engine_url) as admin:
+        [task] = await admin.user_tasks(str(state.instance_id))
+        await admin.complete_user_task(task["id"], {"while": "away"})
+    async with running_app(settings) as second:
+        ended = await status(second, correlation_id, wait_s=15)
+        assert (ended.status_code, ended.json()["data"]) == (200, {"while": "away"})
+
+
+@pytest.mark.single_redis  # the engine pushes to the session's one Redis
+async def test_events_the_engine_could_not_push_are_read_from_its_history(
+    make_settings: MakeSettings,
+    folder: Callable[..., Any],
+    engine_url: str,
+    redis_client: RedisClient,
+) -> None:
+    """A run ends while its events never reach the stream (the plugin's queue overflowed
+    while Redis was away, and says so): the watcher reads the history back over the gap."""
+    settings = make_settings(camunda_base_url=engine_url)
+    stream = settings.engine_events_stream
+    key = key_of("lost")
+    await folder(key, single(key, 'userTask id="step"'))
+    correlation_id = cid()
+    async with running_app(settings) as first:
+        assert (await start(first, key, correlation_id)).status_code == 202
+        await until(lambda: watching(first), what="the replica to watch")
+        state = await first.deps.store.get(correlation_id)
+        assert state is not None
+    async with EngineAdmin(engine_url) as admin:
+        [task] = await admin.user_tasks(str(state.instance_id))
+        await admin.complete_user_task(task["id"], {"from": "history"})
+
+    async def pushed() -> bool:
+        newest = await entries(redis_client, stream)
+        return any(str(state.instance_id).encode() in fields[b"e"] for _, fields in newest[-20:])
+
+    await until(pushed, what="the engine to push the run's end")
+    await redis_client.xtrim(stream, maxlen=0)  # lost, as the plugin then says:
+    await redis_client.set(f"{stream}:lost", str(uuid.uuid4()))
+    async with running_app(settings) as second:
+        ended = await status(second, correlation_id, wait_s=15)
+        assert (ended.status_code, ended.json()["data"]) == (200, {"from": "history"})
 
 
 # --- your handlers, your BPMN ---------------------------------------------------------------

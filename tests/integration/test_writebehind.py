@@ -140,6 +140,34 @@ async def run_one_process(store: RunStore, redis: RedisClient, keys: Keys, cid: 
     await store.finish(cid, Status.OK, data={"cid": cid})
 
 
+async def test_a_batch_writes_only_the_newest_state_of_each_run(
+    store: RunStore,
+    redis_client: RedisClient,
+    keys: Keys,
+    pool: AsyncConnectionPool,
+    make_flusher: Callable[..., Flusher],
+) -> None:
+    """A run's claim, start and end in one batch are one upsert of the end (what the three
+    would leave), and every entry is acknowledged all the same."""
+    await postgres.migrate(pool)
+    async with pool.connection() as conn:  # counts the upserts Postgres is sent
+        await conn.execute(
+            "CREATE TABLE upserts (n integer); INSERT INTO upserts VALUES (0);"
+            " CREATE FUNCTION count_upserts() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN UPDATE upserts SET n = n + 1; RETURN NULL; END $$;"
+            " CREATE TRIGGER counting AFTER INSERT ON process_store"
+            " FOR EACH STATEMENT EXECUTE FUNCTION count_upserts();"
+        )
+    for cid in ("n-1", "n-2"):
+        await run_one_process(store, redis_client, keys, cid)
+    assert await make_flusher().drain(timeout_s=10)
+
+    for cid in ("n-1", "n-2"):
+        assert await postgres.get_run(pool, cid) == await store.get(cid)
+    assert await rows(pool, "SELECT n FROM upserts") == [(2,)]  # of 2 x 3 states
+    assert await make_flusher().backlog() == 0
+
+
 async def test_migrate_is_versioned_and_safe_to_run_concurrently(
     pool: AsyncConnectionPool,
 ) -> None:

@@ -80,7 +80,8 @@ async def test_a_return_completes_with_output_and_identifiers(harness: Harness) 
     [(action, body)] = harness.engine.calls()
     assert action == "complete"
     assert body["workerId"] == "w1"
-    assert body["variables"]["userId"] == {"type": "String", "value": "u1"}
+    assert body["variables"]["customerId"] == {"type": "String", "value": "c-9"}
+    assert "userId" not in body["variables"]  # what the task read already: nothing to write
     assert "note" not in body["variables"]  # None leaves earlier values alone
     identifiers = orjson.loads(body["variables"]["identifiers"]["value"])
     assert identifiers == {"applicationId": "app-1", "userId": "u1", "customerId": "c-9"}
@@ -91,6 +92,29 @@ async def test_a_return_completes_with_output_and_identifiers(harness: Harness) 
         "trace-1",
         "batch-1",
     )
+
+
+class Flags(BaseModel):
+    userId: str
+    score: int
+    vip: bool
+
+
+async def test_only_what_changed_is_written_to_the_engine(harness: Harness) -> None:
+    async def work(data: Flags) -> dict[str, Any]:
+        return {"userId": data.userId, "score": 2, "vip": 1, "new": "yes"}
+
+    task = locked_task(
+        userId="u1", score=1, vip=True, identifiers={"applicationId": "app-1", "userId": "u1"}
+    )
+    assert await harness.run(handler_for(work), task) is Outcome.COMPLETED
+    [(_, body)] = harness.engine.calls()
+    # userId unchanged; score changed; vip is now an Integer, not the Boolean it was;
+    # identifiers unchanged (the one id among the outputs, userId, it holds already).
+    assert set(body["variables"]) == {"score", "vip", "new"}
+    assert body["variables"]["vip"] == {"type": "Integer", "value": 1}
+    # The step still says everything the handler returned.
+    assert harness.rows[0].response_data == {"userId": "u1", "score": 2, "vip": 1, "new": "yes"}
 
 
 async def test_a_business_rule_error_is_a_bpmn_error_with_the_seed_variables(

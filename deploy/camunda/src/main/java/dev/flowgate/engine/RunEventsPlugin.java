@@ -1,0 +1,45 @@
+package dev.flowgate.engine;
+
+import java.util.ArrayList;
+import java.util.List;
+import org.camunda.bpm.engine.impl.cfg.AbstractProcessEnginePlugin;
+import org.camunda.bpm.engine.impl.cfg.ProcessEngineConfigurationImpl;
+import org.camunda.bpm.engine.impl.history.handler.HistoryEventHandler;
+import org.springframework.beans.factory.annotation.Value;
+import org.springframework.boot.autoconfigure.condition.ConditionalOnProperty;
+import org.springframework.stereotype.Component;
+
+/**
+ * flowgate's engine plugin: the engine pushes the events flowgate follows runs by (see
+ * {@link RunEvents}) to a Redis stream, so flowgate ends runs and records their steps as they
+ * happen instead of reading the engine's history over and over.
+ *
+ * <p>On when {@code FLOWGATE_EVENTS_REDIS_URL} is set ({@code FLOWGATE_EVENTS_CLUSTER=true} for
+ * a Redis Cluster; {@code FLOWGATE_EVENTS_STREAM}, default {@code flowgate:engine-events},
+ * must match flowgate's {@code ENGINE_EVENTS_STREAM}). Without it flowgate reads the history,
+ * as it does with any engine.
+ */
+@Component
+@ConditionalOnProperty(prefix = "flowgate.events", name = "redis-url")
+public class RunEventsPlugin extends AbstractProcessEnginePlugin {
+  private final EventSender sender;
+
+  public RunEventsPlugin(
+      @Value("${flowgate.events.redis-url}") String url,
+      @Value("${flowgate.events.cluster:false}") boolean cluster,
+      @Value("${flowgate.events.stream:flowgate:engine-events}") String stream,
+      @Value("${flowgate.events.max-length:1000000}") long maxLength,
+      @Value("${flowgate.events.queue-size:100000}") int queueSize) {
+    this.sender = new EventSender(url, cluster, stream, maxLength, queueSize);
+  }
+
+  @Override
+  public void preInit(ProcessEngineConfigurationImpl configuration) {
+    List<HistoryEventHandler> handlers = new ArrayList<>();
+    if (configuration.getCustomHistoryEventHandlers() != null) {
+      handlers.addAll(configuration.getCustomHistoryEventHandlers());
+    }
+    handlers.add(new RunEvents(sender));
+    configuration.setCustomHistoryEventHandlers(handlers);
+  }
+}
