@@ -18,8 +18,12 @@ runs as it is on a Redis Cluster; on a single Redis the tags are just part of th
                                       watcher stops reading their history
 ``{p:n}:steps:{correlationId}``       stream: the run's steps as they end (shared/steps.py)
 ``{p:n}:steps:{correlationId}:seen``  set: activity instance ids recorded there already
+``{p:n}:steps:{correlationId}:claimed`` hash: activity instance id -> the worker that is
+                                      telling the engine it ended (that worker records it)
 ``{p:n}:callbacks``                   sorted set: runs whose end is to be delivered to their
                                       callbackUrl, scored by when (services/background/callbacks.py)
+``{p:n}:compact``                     sorted set: finished runs whose steps leave Redis once
+                                      Postgres has them, scored by when (services/flusher)
 ``{p:n}:cancel:{correlationId}``      string: the reason a cancel was asked for, until the run
                                       ends (the watcher ends a deleted instance's run with it)
 ``{p:n}:run``                         pub/sub channel (sharded on a cluster): a run of the
@@ -84,6 +88,10 @@ class Partition:
         return f"{self.tag}:callbacks"
 
     @property
+    def compact(self) -> str:
+        return f"{self.tag}:compact"
+
+    @property
     def channel(self) -> str:
         return f"{self.tag}:run"
 
@@ -119,6 +127,9 @@ class Keys:
 
     def steps_seen(self, correlation_id: str) -> str:
         return f"{self.steps(correlation_id)}:seen"
+
+    def steps_claimed(self, correlation_id: str) -> str:
+        return f"{self.steps(correlation_id)}:claimed"
 
     def cancel(self, correlation_id: str) -> str:
         return f"{self.of(correlation_id).tag}:cancel:{correlation_id}"

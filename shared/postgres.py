@@ -1,8 +1,9 @@
 """Postgres: the connection pool, versioned migrations, and the read queries.
 
-Postgres is the durable copy. Redis holds live state; the write-behind (writebehind.py) copies
-every state change and audit event here, and the API reads here when Redis no longer has a
-run (``get_run``) and for the audit trail (``events_by_*``). Columns come from the
+Postgres is the durable copy. Redis holds live state; the write-behind
+(services/flusher/writebehind.py) copies every state change, step and audit event here, and
+the API reads here when Redis no longer has a run (``get_run``) or its steps
+(``steps_after``), and for the audit trail (``events_by_*``). Columns come from the
 records (shared/state.py, shared/eventlog.py); the migrations below are their history.
 
 Tables live in the connection's current schema (the first of ``search_path``), so a
@@ -23,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from shared.aio import Backoff, sleep_or_stop
 from shared.eventlog import EVENT_COLUMNS, EventRecord
 from shared.state import RunState
+from shared.steps import MAX_STEPS, StepEvent
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,18 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE process_store ADD COLUMN fetch_variables jsonb;",
     # Where the run's end is delivered (shared/state.py callback_url).
     "ALTER TABLE process_store ADD COLUMN callback_url text;",
+    # A run's steps (shared/steps.py), read here once its record in Redis is compacted;
+    # keyed by the step's entry in that record, which is its id on the progress stream.
+    """
+    CREATE TABLE run_step (
+        correlation_id  text NOT NULL,
+        entry_ms        bigint NOT NULL,
+        entry_seq       bigint NOT NULL,
+        traceability_id text,
+        step            jsonb NOT NULL,
+        PRIMARY KEY (correlation_id, entry_ms, entry_seq)
+    );
+    """,
 )
 
 # First key of the two-int advisory lock taken while migrating; the second is the schema.
@@ -168,6 +182,29 @@ async def get_run(pool: AsyncConnectionPool, correlation_id: str) -> RunState | 
         )
         row = await cur.fetchone()
     return None if row is None else RunState.from_row(row)
+
+
+async def steps_after(
+    pool: AsyncConnectionPool,
+    correlation_id: str,
+    *,
+    traceability_id: str | None,
+    after: str | None = None,
+    count: int = MAX_STEPS,
+) -> list[tuple[str, StepEvent]]:
+    """The steps of the run ``traceability_id`` of ``correlation_id`` after the entry id
+    ``after`` (exclusive; None: from the first), oldest first, with their ids."""
+    ms, seq = (int(part) for part in after.split("-")) if after else (-1, -1)
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT entry_ms, entry_seq, step FROM run_step"
+            " WHERE correlation_id = %s AND traceability_id IS NOT DISTINCT FROM %s"
+            " AND (entry_ms, entry_seq) > (%s, %s)"
+            " ORDER BY entry_ms, entry_seq LIMIT %s",
+            (correlation_id, traceability_id, ms, seq, count),
+        )
+        rows = await cur.fetchall()
+    return [(f"{row[0]}-{row[1]}", StepEvent.from_dict(row[2])) for row in rows]
 
 
 async def events_by_traceability(

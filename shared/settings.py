@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     retry_after_s: Annotated[int, Field(ge=1)] = 2
     # Terminal states stay in Redis this long; Postgres keeps them afterwards.
     result_ttl_s: PositiveInt = 86_400
+    # A finished run's steps stay in Redis this long after its end, then only in Postgres
+    # (its final state stays for RESULT_TTL_S). Past the engine's last late reports (10 s).
+    steps_in_redis_s: Annotated[float, Field(ge=0)] = 30.0
     # Pending states expire after this (a run that never finished does not live forever).
     pending_ttl_s: PositiveInt = 7 * 86_400
     max_body_bytes: PositiveInt = 1_048_576

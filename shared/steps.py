@@ -68,7 +68,10 @@ class StepEvent:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> StepEvent:
-        obj = orjson.loads(raw)
+        return cls.from_dict(orjson.loads(raw))
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> StepEvent:
         return cls(
             step=obj["step"],
             status=StepStatus(obj["status"]),

@@ -121,9 +121,7 @@ async def open_deps(
         )
         pool = await postgres.open_pool(settings.database_url)
         stack.push_async_callback(pool.close)
-        store = RunStore(
-            redis, keys, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s
-        )
+        store = RunStore.from_settings(redis, keys, settings)
         waitroom = WaitRoom(
             redis, keys, store, metrics=metrics, max_parked=_parking_places(settings)
         )

@@ -55,7 +55,7 @@ RECONNECT_MS = 500
 async def events(d: Deps, correlation_id: str, after: str | None) -> AsyncIterator[ServerSentEvent]:
     """The stream's events from after ``after`` (a step id, or None for all)."""
     yield ServerSentEvent(comment="connected")  # the first byte at once, through any proxy
-    last = after or "-"
+    last = after or None
     try:
         async with d.waitroom.follow(correlation_id) as follower:
             d.metrics.streams.inc()
@@ -68,12 +68,14 @@ async def events(d: Deps, correlation_id: str, after: str | None) -> AsyncIterat
                     if len(page) == PAGE:
                         continue  # more may wait in the record: read on before sleeping
                     state = await d.runs.get(correlation_id)
-                    if state is None or state.finished:
-                        # The steps recorded up to the end (its own step came with it).
-                        for entry_id, step in await d.store.steps.after(correlation_id, after=last):
+                    if state is None:
+                        return
+                    if state.finished:
+                        # The steps recorded up to the end (its own step came with it), from
+                        # Postgres once they have left Redis.
+                        for entry_id, step in await d.runs.steps(state, after=last):
                             yield _event("step", entry_id, step.to_dict(), d)
-                        if state is not None:
-                            yield _end(state, d)
+                        yield _end(state, d)
                         return
                     if d.waitroom.draining:
                         yield ServerSentEvent(comment="replica going away", retry=RECONNECT_MS)

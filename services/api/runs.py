@@ -1,4 +1,6 @@
-"""Where a run's state is read: Redis first, Postgres once Redis no longer holds it.
+"""Where a run's state and steps are read: Redis first, Postgres once Redis no longer
+holds them (a finished run's steps leave Redis once Postgres has them; its state when its
+retention ends).
 
 :class:`Runs` is the read side the endpoints use; transitions go through
 shared/store/runs.py, which the write-behind copies to Postgres.
@@ -11,6 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 from shared import postgres
 from shared.eventlog import EventRecord
 from shared.state import RunState
+from shared.steps import StepEvent
 from shared.store.runs import RunStore
 
 
@@ -26,6 +29,17 @@ class Runs:
     async def stored(self, correlation_id: str) -> RunState | None:
         """Postgres's copy of a run Redis no longer holds."""
         return await postgres.get_run(self._pool, correlation_id)
+
+    async def steps(
+        self, run: RunState, *, after: str | None = None
+    ) -> list[tuple[str, StepEvent]]:
+        """Every step of ``run`` after the entry id ``after`` (None: all), with its id."""
+        steps = await self._store.steps.after(run.correlation_id, after=after)
+        if steps or not run.finished:
+            return steps
+        return await postgres.steps_after(
+            self._pool, run.correlation_id, traceability_id=run.traceability_id, after=after
+        )
 
     async def events(self, key: str, by: str) -> list[EventRecord]:
         """The audit trail by traceabilityId, by correlationId, or (``by="any"``) by

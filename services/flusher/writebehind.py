@@ -11,7 +11,13 @@ batch in one transaction:
 * ``state``  -> ``process_store`` upsert that only moves forward (a later run, then a later
   ``version``), so a replay or a late, out-of-order entry never overwrites a newer row;
 * ``event``  -> ``event_log`` insert keyed by the stream and entry id (``ON CONFLICT DO
-  NOTHING``).
+  NOTHING``);
+* ``step``   -> ``run_step`` insert keyed by the run and the step's entry in the run's
+  record (``ON CONFLICT DO NOTHING``).
+
+Between batches (at most every ``compact_every_s``) the flusher also compacts: the steps of
+finished runs that are all in Postgres leave Redis (shared/store/steps.py
+``StepStore.compact``).
 
 Entries are acknowledged and deleted from the stream only after the commit. While Postgres
 is down the same batch is retried with a bounded exponential back-off and everything else
@@ -35,6 +41,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -45,6 +52,7 @@ from shared.keys import WRITEBEHIND_GROUP, Keys, Partition
 from shared.redis_client import RedisClient, stream_entries, text
 from shared.state import COLUMNS, JSON_COLUMNS, RunState, dump_json
 from shared.store.runs import writebehind_backlog
+from shared.store.steps import StepStore
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +81,12 @@ _INSERT_EVENT = (
     " ON CONFLICT (stream_id) DO NOTHING"
 )
 
-_SQL = {"state": _upsert_state(), "event": _INSERT_EVENT}
+_INSERT_STEP = (
+    "INSERT INTO run_step (correlation_id, traceability_id, entry_ms, entry_seq, step)"
+    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+)
+
+_SQL = {"state": _upsert_state(), "event": _INSERT_EVENT, "step": _INSERT_STEP}
 
 # Postgres refused the data itself (bad value, constraint): retrying the batch cannot help,
 # retrying row by row isolates the culprit. Everything else is treated as an outage.
@@ -132,6 +145,7 @@ class Flusher:
         claim_idle_ms: int = 30_000,
         max_deliveries: int = 5,
         max_backoff_s: float = 30.0,
+        compact_every_s: float = 1.0,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -143,6 +157,8 @@ class Flusher:
         self._claim_idle_ms = claim_idle_ms
         self._max_deliveries = max_deliveries
         self._max_backoff_s = max_backoff_s
+        self._compact_every_s = compact_every_s
+        self._steps = StepStore(redis, keys)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Flush until ``stop`` is set. Never raises for Redis or Postgres trouble: logs,
@@ -197,13 +213,18 @@ class Flusher:
                 raise answer
 
     async def _follow(self, stop: asyncio.Event) -> None:
-        """New entries, pausing while there are none, until stop or it is time to claim."""
+        """New entries, pausing while there are none, and compacting now and then, until
+        stop or it is time to claim."""
         claim_at = time.monotonic() + self._claim_idle_ms / 2000
+        compact_at = time.monotonic()
         while not stop.is_set() and time.monotonic() < claim_at:
             if entries := await self._read(dict.fromkeys(self._partitions, ">")):
                 await self._flush(entries, stop)
             else:
                 await sleep_or_stop(stop, self._idle_s)
+            if time.monotonic() >= compact_at:
+                await self._steps.compact()
+                compact_at = time.monotonic() + self._compact_every_s
 
     async def _read_own_pending(self, stop: asyncio.Event) -> None:
         """Entries delivered to this consumer earlier but never acknowledged (a crash, a
@@ -436,6 +457,16 @@ def _decode(entry: _Entry) -> _Op:
             params: tuple[Any, ...] = tuple(_params(COLUMNS, JSON_COLUMNS, state.to_row()))
             order = (state.started_at, state.version)
             return _Op(entry, params, run=state.correlation_id, order=order)
+        elif entry.kind == "step":
+            step = orjson.loads(entry.body)
+            entry_ms, entry_seq = (int(part) for part in step["id"].split("-"))
+            params = (
+                step["correlationId"],
+                step["traceabilityId"] or None,
+                entry_ms,
+                entry_seq,
+                _jsonb(step["step"]),
+            )
         elif entry.kind == "event":
             event = EventRecord.from_json(entry.body).to_row()
             # Entry ids are unique per stream only.

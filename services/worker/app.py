@@ -57,9 +57,7 @@ async def serve(
         )
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=HTTP_TIMEOUT_S))
         identity = await stack.enter_async_context(claim_identity(redis, keys, name=name))
-        store = RunStore(
-            redis, keys, result_ttl_s=settings.result_ttl_s, pending_ttl_s=settings.pending_ttl_s
-        )
+        store = RunStore.from_settings(redis, keys, settings)
         recorder = Recorder(redis, keys, store, metrics)
         worker = Worker(
             options=options,

@@ -143,6 +143,14 @@ class RunRecorder(Protocol):
 
     async def step(self, correlation_id: str, step: StepEvent, event: EventRecord) -> None: ...
 
+    async def claim(
+        self, correlation_id: str, activity_instance_id: str, worker_id: str
+    ) -> None: ...
+
+    async def release(
+        self, correlation_id: str, activity_instance_id: str, worker_id: str
+    ) -> None: ...
+
     async def record(self, event: EventRecord) -> None: ...
 
 
@@ -221,7 +229,7 @@ class Executor:
 
         identifiers = _identifiers(ctx.task.variables, output.variables)
         try:
-            answer = await self._call(
+            answer = await self._call_ending_step(
                 "complete",
                 lambda: self.camunda.complete(
                     ctx.task.id,
@@ -264,7 +272,7 @@ class Executor:
             "errorType": error.error_type,
         }
         try:
-            answer = await self._call(
+            answer = await self._call_ending_step(
                 "bpmnError",
                 lambda: self.camunda.handle_bpmn_error(
                     ctx.task.id,
@@ -339,6 +347,26 @@ class Executor:
         failed = row.step(StepStatus.ERROR, error=client_error)
         await self._finish_run(ctx, Status.ERROR, error=client_error, event=event, step=failed)
         return Outcome.INCIDENT
+
+    async def _call_ending_step(
+        self, name: str, call: Callable[[], Awaitable[None]], ctx: TaskContext[Any]
+    ) -> Outcome | None:
+        """:meth:`_call` for a report that ends the task's step: the step is claimed first,
+        so that this worker records it (with its data and audit row) although the engine's
+        report of it may reach flowgate first; a refused report gives the claim up."""
+        cid, activity_instance_id = ctx.correlation_id, ctx.task.activity_instance_id
+        if cid is None or activity_instance_id is None:
+            return await self._call(name, call, ctx)
+        await self.recorder.ready()
+        await self.recorder.claim(cid, activity_instance_id, self.worker_id)
+        accepted = False
+        try:
+            answer = await self._call(name, call, ctx)
+            accepted = answer is None
+            return answer
+        finally:
+            if not accepted:
+                await self.recorder.release(cid, activity_instance_id, self.worker_id)
 
     async def _call(
         self, name: str, call: Callable[[], Awaitable[None]], ctx: TaskContext[Any]

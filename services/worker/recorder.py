@@ -1,4 +1,4 @@
-"""Where a worker records what happened: a run's end and its audit rows, in Redis.
+"""Where a worker records what happened: a run's end, its steps and audit rows, in Redis.
 
 Redis may be away for a while, and neither a task's outcome nor its retries may be lost
 to that:
@@ -85,7 +85,22 @@ class Recorder:
 
     async def step(self, correlation_id: str, step: StepEvent, event: EventRecord) -> None:
         """Add a step to the run's record with its audit row, retrying until Redis takes it."""
-        await self._until_written(lambda: self._store.steps.record(correlation_id, step, event))
+        await self._until_written(
+            lambda: self._store.steps.record(correlation_id, step, event, worker=True)
+        )
+
+    async def claim(self, correlation_id: str, activity_instance_id: str, worker_id: str) -> None:
+        """Claim a step before telling the engine it ended (shared/store/steps.py), retrying
+        until Redis takes it."""
+        await self._until_written(
+            lambda: self._store.steps.claim(correlation_id, activity_instance_id, worker_id)
+        )
+
+    async def release(self, correlation_id: str, activity_instance_id: str, worker_id: str) -> None:
+        """Give up the claim of a step the engine did not take, retrying until Redis takes it."""
+        await self._until_written(
+            lambda: self._store.steps.release(correlation_id, activity_instance_id, worker_id)
+        )
 
     async def record(self, event: EventRecord) -> None:
         """Queue an audit row, retrying until Redis takes it."""

@@ -19,7 +19,7 @@ The store's other rooms hang off it: :attr:`~RunStore.steps` (shared/store/steps
 :attr:`~RunStore.pages` (the list, shared/store/pages.py), and two schedules,
 :attr:`~RunStore.starts` and :attr:`~RunStore.callbacks` (shared/store/schedule.py). The
 record itself is shared/state.py; the channel's messages shared/contract.py. Stream entries
-have the fields ``kind`` (``state`` | ``event``) and ``body`` (JSON); the stream is never
+have the fields ``kind`` (``state`` | ``step`` | ``event``) and ``body`` (JSON); the stream is never
 trimmed with MAXLEN (that would drop entries Postgres has not seen): the flusher deletes
 entries once committed.
 """
@@ -36,6 +36,7 @@ from shared.eventlog import EventRecord
 from shared.keys import Keys
 from shared.lua import NoArgs
 from shared.redis_client import RedisClient, text
+from shared.settings import Settings
 from shared.state import RunState, Status, dump_json, iso
 from shared.steps import MAX_STEPS, StepEvent
 from shared.store.instances import INSTANCE_LINGER_S, InstanceMap
@@ -83,13 +84,32 @@ class Abandoned(Exception):
 class RunStore:
     """Run state transitions and reads; see the module docstring."""
 
+    @classmethod
+    def from_settings(cls, redis: RedisClient, keys: Keys, settings: Settings) -> RunStore:
+        return cls(
+            redis,
+            keys,
+            result_ttl_s=settings.result_ttl_s,
+            pending_ttl_s=settings.pending_ttl_s,
+            steps_in_redis_s=settings.steps_in_redis_s,
+        )
+
     def __init__(
-        self, redis: RedisClient, keys: Keys, *, result_ttl_s: int, pending_ttl_s: int
+        self,
+        redis: RedisClient,
+        keys: Keys,
+        *,
+        result_ttl_s: int,
+        pending_ttl_s: int,
+        steps_in_redis_s: float = 3 * INSTANCE_LINGER_S,
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._result_ttl_s = result_ttl_s
         self._pending_ttl_s = pending_ttl_s
+        #: A finished run's steps leave Redis this long after its end (StepStore.compact):
+        #: past the last steps the engine reports for it (INSTANCE_LINGER_S).
+        self._steps_in_redis_ms = int(steps_in_redis_s * 1000)
         self._claim = CLAIM.bound(redis)
         self._sending = SENDING.bound(redis)
         self._attach = ATTACH.bound(redis)
@@ -240,9 +260,11 @@ class RunStore:
                 starts=part.starts,
                 steps=self._keys.steps(cid),
                 seen=self._keys.steps_seen(cid),
+                claimed=self._keys.steps_claimed(cid),
                 instances_ended=part.instances_ended,
                 callbacks=part.callbacks,
                 cancel=self._keys.cancel(cid),
+                compact=part.compact,
             ),
             FinishArgs(
                 cid=cid,
@@ -258,6 +280,7 @@ class RunStore:
                 activity_instance_id=step.activity_instance_id if step else "",
                 max_steps=MAX_STEPS,
                 forget_at=ms(now) + int(INSTANCE_LINGER_S * 1000),
+                compact_after_ms=self._steps_in_redis_ms,
             ),
         )
         return bool(changed)

@@ -151,10 +151,20 @@ return state
 # --- a step: recorded once per activity instance ----------------------------------------
 
 #: ``record_step(...)``: a step is recorded once (the worker and the history may both
-#: report it), with its audit row, lives as long as the run's state, and is announced on
-#: the run's channel (shared/contract.py StepRecorded). 1 if it was new.
+#: report it), with its audit row, lives as long as the run's state, is written behind to
+#: Postgres (where it is read once the run's record in Redis is compacted: see COMPACT), and
+#: is announced on the run's channel (shared/contract.py StepRecorded). 1 if it was new.
+#: A step a worker has claimed (STEP_CLAIM) is that worker's to record (``worker`` 1): its
+#: record has the step's data and name, and its audit row what the handler did, where the
+#: engine's report of the same step, which may come first, has neither.
 RECORD_STEP_LUA = """
-local function record_step(state, steps, seen, stream, aid, step, audit, max, channel, cid)
+local function record_step(state, steps, seen, claimed, stream, aid, step, audit, max, channel,
+    cid, worker)
+  if worker == '1' then
+    redis.call('HDEL', claimed, aid)
+  elseif redis.call('HEXISTS', claimed, aid) == 1 then
+    return 0
+  end
   if redis.call('SADD', seen, aid) == 0 then return 0 end
   local id = redis.call('XADD', steps, 'MAXLEN', '~', max, '*', 'step', step)
   local ttl = redis.call('PTTL', state)
@@ -162,6 +172,10 @@ local function record_step(state, steps, seen, stream, aid, step, audit, max, ch
     redis.call('PEXPIRE', steps, ttl)
     redis.call('PEXPIRE', seen, ttl)
   end
+  local trace = redis.call('HGET', state, 'traceabilityId') or ''
+  redis.call('XADD', stream, '*', 'kind', 'step', 'body', '{"correlationId":' ..
+    cjson.encode(cid) .. ',"traceabilityId":' .. cjson.encode(trace) .. ',"id":"' .. id ..
+    '","step":' .. step .. '}')
   if audit ~= '' then redis.call('XADD', stream, '*', 'kind', 'event', 'body', audit) end
   redis.call(PUBLISH, channel, cid .. '\\n{"kind":"step","id":"' .. id .. '"}')
   return 1
@@ -173,7 +187,9 @@ class StepKeys(NamedTuple):
     state: str
     steps: str
     seen: str
+    claimed: str
     stream: str
+    compact: str
 
 
 class StepArgs(NamedTuple):
@@ -184,20 +200,76 @@ class StepArgs(NamedTuple):
     event: bytes | str
     max_steps: int
     channel: str
+    #: 1: a worker records a step it ran (its claim ends); 0: anyone else (a claimed step
+    #: is left to its worker).
+    worker: int
 
 
-#: 1 if the step was new, 0 if known or the run is gone.
+#: 1 if the step was new, 0 if known, the run is gone or its steps were compacted (a
+#: finished run whose steps left Redis for Postgres: the seen set went with them, so a
+#: late report could no longer be told from a new step).
 STEP = Script(
     "step",
     StepKeys,
     StepArgs,
     """
-if redis.call('EXISTS', K.state) == 0 then return 0 end
-return record_step(K.state, K.steps, K.seen, K.stream, A.activity_instance_id, A.step,
-  A.event, A.max_steps, A.channel, A.cid)
+local status = redis.call('HGET', K.state, 'status')
+if not status then return 0 end
+if status ~= 'pending' and redis.call('EXISTS', K.seen) == 0
+    and not redis.call('ZSCORE', K.compact, A.cid) then
+  return 0
+end
+return record_step(K.state, K.steps, K.seen, K.claimed, K.stream, A.activity_instance_id,
+  A.step, A.event, A.max_steps, A.channel, A.cid, A.worker)
 """,
     prelude=RECORD_STEP_LUA,
     publishes=True,
+)
+
+
+class StepClaimKeys(NamedTuple):
+    state: str
+    claimed: str
+
+
+class StepClaimArgs(NamedTuple):
+    activity_instance_id: str
+    worker_id: str
+
+
+#: A worker is about to tell the engine a step of a run ended: until it has recorded it (or
+#: released it, the engine having refused), the step is its to record. Claimed for as long
+#: as the run lives. 1 if claimed, 0 if the run is gone.
+STEP_CLAIM = Script(
+    "step_claim",
+    StepClaimKeys,
+    StepClaimArgs,
+    """
+local ttl = redis.call('PTTL', K.state)
+if ttl == -2 then return 0 end
+redis.call('HSET', K.claimed, A.activity_instance_id, A.worker_id)
+if ttl > 0 then redis.call('PEXPIRE', K.claimed, ttl) end
+return 1
+""",
+)
+
+
+class StepReleaseKeys(NamedTuple):
+    claimed: str
+
+
+#: The engine refused the worker's report: its claim ends (unless another worker's claim
+#: of the same step replaced it), and whoever reports the step next records it.
+STEP_RELEASE = Script(
+    "step_release",
+    StepReleaseKeys,
+    StepClaimArgs,
+    """
+if redis.call('HGET', K.claimed, A.activity_instance_id) == A.worker_id then
+  redis.call('HDEL', K.claimed, A.activity_instance_id)
+end
+return 0
+""",
 )
 
 # --- finish: the one way a run ends -----------------------------------------------------
@@ -209,9 +281,11 @@ class FinishKeys(NamedTuple):
     starts: str
     steps: str
     seen: str
+    claimed: str
     instances_ended: str
     callbacks: str
     cancel: str
+    compact: str
 
 
 class FinishArgs(NamedTuple):
@@ -225,12 +299,16 @@ class FinishArgs(NamedTuple):
     channel: str
     #: The audit row ('' = none).
     event: bytes | str
-    #: The step that ended the run ('' = none) and its activity instance.
+    #: The step that ended the run ('' = none: only a worker ends a run with its step) and
+    #: its activity instance.
     step: bytes | str
     activity_instance_id: str
     max_steps: int
     #: When the watcher stops reading the instance's history (ms).
     forget_at: int
+    #: How long after the end (by Redis's clock, as the write-behind's entry ids are) the
+    #: run's steps may leave Redis: past any late step the engine still reports (ms).
+    compact_after_ms: int
 
 
 #: Only a pending run. 1 if the state changed.
@@ -247,18 +325,22 @@ redis.call('EXPIRE', K.state, A.result_ttl_s)
 local state = state_json(K.state)
 redis.call('XADD', K.stream, '*', 'kind', 'state', 'body', state)
 if A.step ~= '' then
-  record_step(K.state, K.steps, K.seen, K.stream, A.activity_instance_id, A.step, A.event,
-    A.max_steps, A.channel, A.cid)
+  record_step(K.state, K.steps, K.seen, K.claimed, K.stream, A.activity_instance_id, A.step,
+    A.event, A.max_steps, A.channel, A.cid, '1')
 elseif A.event ~= '' then
   redis.call('XADD', K.stream, '*', 'kind', 'event', 'body', A.event)
 end
 redis.call('EXPIRE', K.steps, A.result_ttl_s)
 redis.call('EXPIRE', K.seen, A.result_ttl_s)
+redis.call('EXPIRE', K.claimed, A.result_ttl_s)
 redis.call('ZREM', K.starts, A.cid)
 local f = redis.call('HMGET', K.state, 'instanceId', 'callbackUrl')
 if f[1] and f[1] ~= '' then redis.call('ZADD', K.instances_ended, 'NX', A.forget_at, f[1]) end
 if f[2] and f[2] ~= '' then redis.call('ZADD', K.callbacks, 'NX', A.now_ms, A.cid) end
 redis.call('DEL', K.cancel)
+local time = redis.call('TIME')
+redis.call('ZADD', K.compact, time[1] * 1000 + math.floor(time[2] / 1000) + A.compact_after_ms,
+  A.cid)
 redis.call(PUBLISH, A.channel, A.cid .. '\\n' .. state)
 return 1
 """,
@@ -464,4 +546,62 @@ while true do
 end
 """,
     prelude=STATE_JSON_LUA,
+)
+
+# --- compact: a finished run's steps, once Postgres has them ----------------------------
+
+
+class CompactDueKeys(NamedTuple):
+    compact: str
+    #: The partition's write-behind stream.
+    stream: str
+
+
+class CompactDueArgs(NamedTuple):
+    limit: int
+
+
+#: The finished runs of one partition whose steps may leave Redis now: due by Redis's clock,
+#: and every write-behind entry added before they were due is in Postgres (the flusher
+#: deletes entries once committed, so the stream's oldest entry says how far it is).
+COMPACT_DUE = Script(
+    "compact_due",
+    CompactDueKeys,
+    CompactDueArgs,
+    """
+local time = redis.call('TIME')
+local upto = time[1] * 1000 + math.floor(time[2] / 1000)
+local oldest = redis.call('XRANGE', K.stream, '-', '+', 'COUNT', 1)[1]
+if oldest then upto = math.min(upto, tonumber(string.match(oldest[1], '^%d+')) - 1) end
+return redis.call('ZRANGEBYSCORE', K.compact, '-inf', upto, 'LIMIT', 0, A.limit)
+""",
+)
+
+
+class CompactKeys(NamedTuple):
+    state: str
+    steps: str
+    seen: str
+    claimed: str
+    compact: str
+
+
+class CompactArgs(NamedTuple):
+    cid: str
+
+
+#: Only a finished run: its steps leave Redis, which keeps what readers need at once (the
+#: final state: status, result, idempotency); progress reads them from Postgres
+#: (services/api/runs.py). 1 if compacted.
+COMPACT = Script(
+    "compact",
+    CompactKeys,
+    CompactArgs,
+    """
+redis.call('ZREM', K.compact, A.cid)
+local status = redis.call('HGET', K.state, 'status')
+if not status or status == 'pending' then return 0 end
+redis.call('DEL', K.steps, K.seen, K.claimed)
+return 1
+""",
 )

@@ -1,8 +1,10 @@
 """A run's steps in Redis: :class:`StepStore` (``{p}:steps:{cid}``, a bounded stream).
 
 Each activity instance is recorded once, whoever reports it first: a worker for the
-external tasks it runs, the watcher for every other step (shared/steps.py). The record
-expires with its run.
+external tasks it runs, the watcher for every other step (shared/steps.py). Each step is
+also written behind to Postgres (``run_step``); once a run has ended and Postgres has all of
+its steps, :meth:`StepStore.compact` takes them out of Redis (the run's final state stays
+for its retention), and readers find them in Postgres (services/api/runs.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,22 @@ from shared.eventlog import EventRecord
 from shared.keys import Keys
 from shared.redis_client import RedisClient, text
 from shared.steps import MAX_STEPS, StepEvent
-from shared.store.scripts import STEP, StepArgs, StepKeys
+from shared.store.scripts import (
+    COMPACT,
+    COMPACT_DUE,
+    STEP,
+    STEP_CLAIM,
+    STEP_RELEASE,
+    CompactArgs,
+    CompactDueArgs,
+    CompactDueKeys,
+    CompactKeys,
+    StepArgs,
+    StepClaimArgs,
+    StepClaimKeys,
+    StepKeys,
+    StepReleaseKeys,
+)
 
 
 class StepStore:
@@ -22,24 +39,31 @@ class StepStore:
         self._redis = redis
         self._keys = keys
         self._record = STEP.bound(redis)
+        self._claim = STEP_CLAIM.bound(redis)
+        self._release = STEP_RELEASE.bound(redis)
+        self._due = COMPACT_DUE.bound(redis)
+        self._compact = COMPACT.bound(redis)
 
     async def record(
-        self, correlation_id: str, step: StepEvent, event: EventRecord | None = None
+        self,
+        correlation_id: str,
+        step: StepEvent,
+        event: EventRecord | None = None,
+        *,
+        worker: bool = False,
     ) -> bool:
         """Add a step to the run's record (once per activity instance), with its audit row;
-        True if it was new."""
-        recorded = await self._record(*self._script(correlation_id, step, event))
-        return bool(recorded)
-
-    def _script(
-        self, cid: str, step: StepEvent, event: EventRecord | None
-    ) -> tuple[StepKeys, StepArgs]:
+        True if it was new. ``worker``: a worker records a step it ran and claimed (see
+        :meth:`claim`); anyone else leaves a claimed step to its worker."""
+        cid = correlation_id
         part = self._keys.of(cid)
         keys = StepKeys(
             state=self._keys.state(cid),
             steps=self._keys.steps(cid),
             seen=self._keys.steps_seen(cid),
+            claimed=self._keys.steps_claimed(cid),
             stream=part.writebehind,
+            compact=part.compact,
         )
         args = StepArgs(
             cid=cid,
@@ -48,8 +72,27 @@ class StepStore:
             event=event.to_json() if event else "",
             max_steps=MAX_STEPS,
             channel=part.channel,
+            worker=int(worker),
         )
-        return keys, args
+        return bool(await self._record(keys, args))
+
+    async def claim(self, correlation_id: str, activity_instance_id: str, worker_id: str) -> None:
+        """Before a worker tells the engine a step ended: the step is that worker's to
+        record, though the engine's report of it (the watcher's) may come first."""
+        await self._claim(
+            StepClaimKeys(
+                state=self._keys.state(correlation_id),
+                claimed=self._keys.steps_claimed(correlation_id),
+            ),
+            StepClaimArgs(activity_instance_id=activity_instance_id, worker_id=worker_id),
+        )
+
+    async def release(self, correlation_id: str, activity_instance_id: str, worker_id: str) -> None:
+        """The engine refused the worker's report: the step is anyone's to record again."""
+        await self._release(
+            StepReleaseKeys(claimed=self._keys.steps_claimed(correlation_id)),
+            StepClaimArgs(activity_instance_id=activity_instance_id, worker_id=worker_id),
+        )
 
     async def known(self, steps: Sequence[tuple[str, str]]) -> list[bool]:
         """Whether each (correlationId, activity instance id) is recorded already, in one
@@ -62,10 +105,11 @@ class StepStore:
             return [bool(found) for found in await pipe.execute()]
 
     async def after(
-        self, correlation_id: str, *, after: str = "-", count: int = MAX_STEPS
+        self, correlation_id: str, *, after: str | None = None, count: int = MAX_STEPS
     ) -> list[tuple[str, StepEvent]]:
-        """The run's steps after stream id ``after`` (exclusive), oldest first, with ids."""
-        start = after if after == "-" else f"({after}"
+        """The run's steps after stream id ``after`` (exclusive; None: from the first),
+        oldest first, with ids."""
+        start = "-" if after is None else f"({after}"
         found = await self._redis.xrange(self._keys.steps(correlation_id), start, "+", count)
         entries = cast(list[tuple[bytes, dict[bytes, bytes]]], found)
         return [(text(entry), StepEvent.from_json(fields[b"step"])) for entry, fields in entries]
@@ -76,3 +120,26 @@ class StepStore:
             if name in step.names():
                 return step
         return None
+
+    async def compact(self, *, limit: int = 500) -> int:
+        """Take out of Redis the steps of up to ``limit`` finished runs per partition whose
+        steps are all in Postgres (shared/store/scripts.py COMPACT_DUE); how many.
+
+        Idempotent, so every flusher may run it: two that pick the same run compact it once.
+        """
+        compacted = 0
+        for partition in self._keys.partitions:
+            due = await self._due(
+                CompactDueKeys(compact=partition.compact, stream=partition.writebehind),
+                CompactDueArgs(limit=limit),
+            )
+            for cid in map(text, due):
+                keys = CompactKeys(
+                    state=self._keys.state(cid),
+                    steps=self._keys.steps(cid),
+                    seen=self._keys.steps_seen(cid),
+                    claimed=self._keys.steps_claimed(cid),
+                    compact=partition.compact,
+                )
+                compacted += await self._compact(keys, CompactArgs(cid=cid))
+        return compacted

@@ -153,6 +153,7 @@ def locked_task(retries: int | None = None, **variables: Any) -> LockedTask:
         process_definition_key="p",
         business_key="cid-1",
         activity_id="work",
+        activity_instance_id="work:1",
         retries=retries,
         priority=0,
         lock_expiration_time=None,

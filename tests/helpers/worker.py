@@ -41,9 +41,19 @@ class RecordedRuns:
         self.finished: list[tuple[str, Status, Any, Any]] = []
         self.rows: list[EventRecord] = []
         self.steps: list[StepEvent] = []
+        #: Steps claimed and not yet recorded or released, by activity instance id.
+        self.claimed: set[str] = set()
+        self.released: list[str] = []
 
     async def ready(self) -> None:
         return None
+
+    async def claim(self, correlation_id: str, activity_instance_id: str, worker_id: str) -> None:
+        self.claimed.add(activity_instance_id)
+
+    async def release(self, correlation_id: str, activity_instance_id: str, worker_id: str) -> None:
+        self.claimed.discard(activity_instance_id)
+        self.released.append(activity_instance_id)
 
     async def finish(
         self,
@@ -60,10 +70,12 @@ class RecordedRuns:
             self.rows.append(event)
         if step is not None:
             self.steps.append(step)
+            self.claimed.discard(step.activity_instance_id)
 
     async def step(self, correlation_id: str, step: StepEvent, event: EventRecord) -> None:
         self.steps.append(step)
         self.rows.append(event)
+        self.claimed.discard(step.activity_instance_id)
 
     async def record(self, event: EventRecord) -> None:
         self.rows.append(event)

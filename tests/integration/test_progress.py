@@ -128,6 +128,7 @@ async def stack(
         callback_secret=SECRET,
         callback_timeout_ms=1_000,
         camunda_async_response_timeout_ms=1_000,
+        steps_in_redis_s=0,  # a finished run's steps are read from Postgres at once
     )
     async with (
         running_app(settings) as a,
@@ -229,6 +230,17 @@ async def test_the_event_stream_sends_every_step_then_the_end_and_resumes(stack:
     assert end["data"]["approved"] is True
 
     # A reconnect after the second event gets the rest, nothing twice.
+    resumed = await stack.a.client.get(stack.url("events", run), headers={"Last-Event-ID": ids[1]})
+    assert [event_id for event_id, _, _ in parse_stream(resumed.text)] == ids[2:]
+    # The same once its steps have left Redis for Postgres.
+    steps_key = stack.a.deps.keys.steps(run)
+
+    async def compacted() -> bool:
+        return await stack.a.deps.redis.exists(steps_key) == 0
+
+    await until(compacted, timeout_s=20, what="the steps to leave Redis")
+    again = await stack.b.client.get(stack.url("events", run))
+    assert parse_stream(again.text) == events
     resumed = await stack.a.client.get(stack.url("events", run), headers={"Last-Event-ID": ids[1]})
     assert [event_id for event_id, _, _ in parse_stream(resumed.text)] == ids[2:]
     # One after the end gets nothing more (an EventSource stops on 204).

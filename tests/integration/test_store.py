@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import orjson
@@ -14,6 +15,7 @@ from shared.contract import StartFailed, SystemVariables, decode_message
 from shared.keys import Keys
 from shared.redis_client import RedisClient
 from shared.state import RunState, Status
+from shared.steps import StepEvent, StepStatus
 from shared.store.pages import InvalidCursor
 from shared.store.runs import Abandoned, RunStore
 from tests.helpers.streams import entries, run_messages
@@ -324,3 +326,42 @@ async def test_claim_drops_index_entries_older_than_any_state_can_live(
     await redis_client.zadd(index, {"ancient": 1_000})
     await claim(store, "fresh")
     assert await redis_client.zrange(index, 0, -1) == [b"fresh"]
+
+
+def a_step(name: str, data: Any = None) -> StepEvent:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    return StepEvent(name, StepStatus.OK, name, f"{name}:1", "serviceTask", at, data=data)
+
+
+async def test_a_step_a_worker_claimed_is_recorded_by_that_worker(store: RunStore) -> None:
+    """The engine's report of a step (the watcher's) may come before the worker that ran it
+    records it; the worker's record, with the step's data, is the one kept."""
+    await claim(store, "sc-1")
+    await store.steps.claim("sc-1", "work:1", "w1")
+
+    assert not await store.steps.record("sc-1", a_step("work"))  # the engine's, first
+    assert await store.steps.record("sc-1", a_step("work", data={"n": 1}), worker=True)
+    assert not await store.steps.record("sc-1", a_step("work"))  # and later: seen
+    [(_, kept)] = await store.steps.after("sc-1")
+    assert kept.data == {"n": 1}
+
+
+async def test_a_released_claim_leaves_the_step_to_whoever_reports_it(store: RunStore) -> None:
+    await claim(store, "sc-2")
+    await store.steps.claim("sc-2", "work:1", "w1")
+    await store.steps.claim("sc-2", "work:1", "w2")  # w1's lock expired; w2 has the task
+    await store.steps.release("sc-2", "work:1", "w1")  # w1's late report was refused
+
+    assert not await store.steps.record("sc-2", a_step("work"))  # still w2's
+
+    await store.steps.release("sc-2", "work:1", "w2")  # refused too (the task was cancelled)
+    assert await store.steps.record("sc-2", a_step("work"))
+    assert [step.step for _, step in await store.steps.after("sc-2")] == ["work"]
+
+
+async def test_a_step_of_a_gone_run_is_neither_claimed_nor_recorded(
+    store: RunStore, redis_client: RedisClient, keys: Keys
+) -> None:
+    await store.steps.claim("sc-3", "work:1", "w1")
+    assert not await store.steps.record("sc-3", a_step("work"), worker=True)
+    assert await redis_client.exists(keys.steps_claimed("sc-3"), keys.steps("sc-3")) == 0

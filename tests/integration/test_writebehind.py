@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,6 +27,7 @@ from shared.keys import WRITEBEHIND_GROUP, Keys
 from shared.redis_client import RedisClient
 from shared.settings import Settings
 from shared.state import Status
+from shared.steps import StepEvent, StepStatus
 from shared.store.runs import RunStore
 from tests.helpers.net import TcpProxy
 from tests.helpers.replica import replica
@@ -42,7 +44,7 @@ def keys(redis_prefix: str) -> Keys:
 
 @pytest.fixture
 def store(redis_client: RedisClient, keys: Keys) -> RunStore:
-    return RunStore(redis_client, keys, result_ttl_s=600, pending_ttl_s=600)
+    return RunStore(redis_client, keys, result_ttl_s=600, pending_ttl_s=600, steps_in_redis_s=0)
 
 
 @pytest.fixture
@@ -168,6 +170,84 @@ async def test_a_batch_writes_only_the_newest_state_of_each_run(
     assert await make_flusher().backlog() == 0
 
 
+def step(name: str, n: int) -> StepEvent:
+    at = datetime(2026, 1, 1, 0, 0, n, tzinfo=UTC)
+    return StepEvent(name, StepStatus.OK, name, f"{name}:{n}", "serviceTask", at, data={"n": n})
+
+
+async def test_a_finished_runs_steps_leave_redis_once_postgres_has_them(
+    store: RunStore,
+    redis_client: RedisClient,
+    keys: Keys,
+    pool: AsyncConnectionPool,
+    make_flusher: Callable[..., Flusher],
+) -> None:
+    """Redis keeps a finished run's final state only, once Postgres has its steps: they are
+    read back from there, with the ids the progress stream gave them; a step reported after
+    that is not recorded twice."""
+    run = "s-1"
+    await claim(store, run)
+    await store.attach_instance(run, "instance-s-1")
+    for n in (1, 2):
+        assert await store.steps.record(run, step("validate", n))
+    await store.finish(run, Status.OK, data={"done": True}, step=step("respond", 3))
+    recorded = await store.steps.after(run)
+    pending = "s-2"  # a pending run is never compacted
+    await claim(store, pending)
+    await store.steps.record(pending, step("validate", 1))
+
+    # Not before Postgres has them, although due (STEPS_IN_REDIS_S=0 here).
+    assert await store.steps.compact() == 0
+    assert await redis_client.exists(keys.steps(run), keys.steps_seen(run)) == 2
+
+    assert await make_flusher().drain(timeout_s=10)
+    assert await store.steps.compact() == 1
+    assert await redis_client.exists(keys.steps(run), keys.steps_seen(run)) == 0
+    state = await store.get(run)
+    assert state is not None
+    assert state.status is Status.OK
+    assert await store.steps.after(pending) != []
+
+    from_postgres = await postgres.steps_after(pool, run, traceability_id=state.traceability_id)
+    assert from_postgres == recorded
+    assert [s.step for _, s in from_postgres] == ["validate", "validate", "respond"]
+    first = recorded[0][0]
+    assert (
+        await postgres.steps_after(pool, run, traceability_id=state.traceability_id, after=first)
+        == recorded[1:]
+    )
+
+    # A late report of a step it had is refused, not recorded again.
+    assert not await store.steps.record(run, step("validate", 1))
+    assert await make_flusher().drain(timeout_s=10)
+    assert await rows(pool, "SELECT count(*) FROM run_step WHERE correlation_id = 's-1'") == [(3,)]
+
+
+async def test_steps_stay_in_redis_while_a_consumer_owes_earlier_entries(
+    store: RunStore,
+    redis_client: RedisClient,
+    keys: Keys,
+    make_flusher: Callable[..., Flusher],
+) -> None:
+    """An entry delivered but not written (its flusher died) holds back compaction of every
+    run of its partition that ended after it, until another flusher takes it over."""
+    run = "s-3"
+    await claim(store, run)
+    partition = keys.of(run)
+    # A consumer takes the claim's entry and dies before writing it.
+    await redis_client.xgroup_create(partition.writebehind, WRITEBEHIND_GROUP, id="0")
+    await redis_client.xreadgroup(WRITEBEHIND_GROUP, "dead", {partition.writebehind: ">"}, count=1)
+    await store.steps.record(run, step("validate", 1))
+    await store.finish(run, Status.OK, step=step("respond", 2))
+    assert await make_flusher("live").drain(timeout_s=10)
+
+    assert await store.steps.compact() == 0
+    assert await redis_client.exists(keys.steps(run)) == 1
+
+    assert await make_flusher("live", claim_idle_ms=0).drain(timeout_s=10)
+    assert await store.steps.compact() == 1
+
+
 async def test_migrate_is_versioned_and_safe_to_run_concurrently(
     pool: AsyncConnectionPool,
 ) -> None:
@@ -180,7 +260,7 @@ async def test_migrate_is_versioned_and_safe_to_run_concurrently(
     tables = await rows(
         pool, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY 1"
     )
-    assert tables == [("event_log",), ("process_store",), ("schema_version",)]
+    assert tables == [("event_log",), ("process_store",), ("run_step",), ("schema_version",)]
 
 
 async def test_states_and_events_arrive(

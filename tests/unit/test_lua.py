@@ -13,7 +13,20 @@ from shared.store import scripts
 
 
 def test_every_script_is_declared_by_name() -> None:
-    store = {"claim", "sending", "attach", "step", "finish", "cancelling", "abandon", "look"}
+    store = {
+        "claim",
+        "sending",
+        "attach",
+        "step",
+        "step_claim",
+        "step_release",
+        "finish",
+        "cancelling",
+        "abandon",
+        "look",
+        "compact_due",
+        "compact",
+    }
     others = {"take", "page", "lease-hold", "lease-release", "slot-acquire"}
     assert set(Script.declared) == store | others
     assert all(isinstance(getattr(scripts, name.upper()), Script) for name in store)

@@ -193,6 +193,29 @@ async def test_complete_on_a_gone_task_drops_the_result(harness: Harness) -> Non
     assert await harness.run(handler_for(ok), locked_task(userId="u")) is Outcome.GONE
     assert harness.engine.actions() == ["complete"]
     assert harness.rows == []
+    # Its step was claimed for this worker to record, and is given up: the engine's report
+    # of what became of it (a cancelled step) is recorded instead.
+    assert harness.runs.released == ["work:1"]
+    assert harness.runs.claimed == set()
+
+
+async def test_a_step_is_claimed_before_the_engine_hears_of_it_and_recorded_after(
+    harness: Harness,
+) -> None:
+    claimed_when_sent: list[set[str]] = []
+
+    async def complete(request: httpx.Request, body: Any) -> httpx.Response:
+        claimed_when_sent.append(set(harness.runs.claimed))
+        return httpx.Response(204)
+
+    harness.engine.routes["complete"] = complete
+
+    assert await harness.run(handler_for(ok), locked_task(userId="u")) is Outcome.COMPLETED
+
+    assert claimed_when_sent == [{"work:1"}]
+    assert [step.activity_instance_id for step in harness.runs.steps] == ["work:1"]
+    assert harness.runs.claimed == set()
+    assert harness.runs.released == []
 
 
 async def test_complete_on_a_task_another_worker_locked_drops_the_result(
