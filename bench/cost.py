@@ -14,8 +14,7 @@ in flight the batch is also the cost window, and every figure is per completed r
   PostgreSQL cluster, Redis, and each of the gateway's own processes (from ``/proc``; a
   cluster counts with all its backends);
 * the engine's REST calls by endpoint (its access log);
-* the statements the engine's database ran and the rows it wrote (``pg_stat_statements``,
-  ``pg_stat_database``);
+* the statements the engine's database ran and the rows they wrote (``pg_stat_statements``);
 * the step hand-off, a task's creation in the engine to its fetch by a worker (flowgate:
   the worker's histogram; the reference: its handler's own clock).
 
@@ -38,14 +37,19 @@ from typing import Any
 
 import psycopg
 
-from bench import ours, reference
+from bench import history, ours, reference
 from bench.harness import Run, Stack, cpu_seconds, summary
 from bench.profile import Profile
 from bench.rawhttp import Pool
 from deploy.local import servers
+from shared.keys import Keys
+from shared.redis_client import RedisClient, connect
+from shared.settings import Settings
 
 WAIT_HEADER = {"Prefer": "wait=60"}
 COST_CONCURRENCY = 16
+#: The stream the engine's plugin pushes to (the harness's engine: the default).
+ENGINE_EVENTS = Settings.model_fields["engine_events_stream"].default
 #: An engine path with its ids as ``{id}`` (ids are UUIDs), without the ``/engine-rest``.
 _ID = re.compile(r"/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -79,26 +83,42 @@ class Side:
     handoffs: Callable[[], Awaitable[list[float]]]
     #: Until everything it writes behind has reached its database.
     settled: Callable[[], Awaitable[None]]
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: Its store grown to hold this many more finished runs.
+    grow: Callable[[int], Awaitable[None]]
 
 
 # --- the two sides -------------------------------------------------------------------------
 
 
-def start_flowgate(run_: Run, stack: Stack) -> Side:
+@dataclass
+class Stores:
+    """Where each side keeps its runs: fresh ones for each round (empty), or the grown ones
+    of section "With work already done", shared by that phase's rounds."""
+
+    flowgate_prefix: str = field(default_factory=lambda: f"co{uuid.uuid4().hex[:6]}")
+    flowgate_database: str = ""
+    reference_database: str = ""
+    #: Finished runs to hold before measuring (0: as they come), and the sides grown so.
+    grown_to: int = 0
+    grown: set[str] = field(default_factory=set)
+
+
+def start_flowgate(run_: Run, stack: Stack, stores: Stores, env: Mapping[str, str] = {}) -> Side:
     """flowgate as ``make up`` runs it: the write-behind in a flusher process of its own."""
-    prefix = f"co{uuid.uuid4().hex[:6]}"
-    database_url = ours.new_schema(stack, "cost")
+    prefix = stores.flowgate_prefix
+    database_url = stores.flowgate_database or ours.new_schema(stack, "cost")
     engine = stack.engine_url
     api = ours.start_api(
         run_, stack, engine_url=engine, prefix=prefix, database_url=database_url, cpu=None,
-        extra_env={"WRITEBEHIND_IN_API": "false"},
+        extra_env={"WRITEBEHIND_IN_API": "false", **env},
     )  # fmt: skip
-    flusher = ours.start_flusher(run_, stack, prefix=prefix, database_url=database_url)
+    flusher = ours.start_flusher(
+        run_, stack, prefix=prefix, database_url=database_url, extra_env=dict(env)
+    )
     health = servers.free_port()
     worker = ours.start_worker(
         run_, stack, engine_url=engine, prefix=prefix, database_url=database_url, cpu=None,
-        extra_env={"WORKER_HEALTH_PORT": str(health)},
+        extra_env={"WORKER_HEALTH_PORT": str(health), **env},
     )  # fmt: skip
     before: dict[float, float] = {}
 
@@ -111,14 +131,18 @@ def start_flowgate(run_: Run, stack: Stack) -> Side:
     async def settled() -> None:
         await _until_zero(lambda: ours.metrics(api).get("flowgate_writebehind_backlog", 0))
 
+    async def grow(runs: int) -> None:
+        await history.grow_flowgate(
+            stack.redis_url, cluster=stack.redis_cluster, prefix=prefix, runs=runs
+        )
+
     processes = {"api": api.pid, "flusher": flusher.pid, "worker": worker.pid}
-    return Side("flowgate", api.port, processes, handoffs, settled)
+    return Side("flowgate", api.port, processes, handoffs, settled, grow)
 
 
-def start_reference(run_: Run, stack: Stack) -> Side:
-    gateway = reference.start_reference(
-        run_, stack, database_url=ours.new_schema(stack, "reference")
-    )
+def start_reference(run_: Run, stack: Stack, stores: Stores, env: Mapping[str, str] = {}) -> Side:
+    database_url = stores.reference_database or ours.new_schema(stack, "reference")
+    gateway = reference.start_reference(run_, stack, database_url=database_url)
 
     async def handoffs() -> list[float]:
         return await asyncio.to_thread(gateway.handoffs_ms)
@@ -126,10 +150,17 @@ def start_reference(run_: Run, stack: Stack) -> Side:
     async def settled() -> None:
         await asyncio.sleep(1)  # its inserts are not awaited: give them their moment
 
-    return Side("reference", gateway.port, {"gateway": gateway.pid}, handoffs, settled)
+    async def grow(runs: int) -> None:
+        for table in ("process_store", "event_log"):
+            per_run = 1 if table == "process_store" else 4
+            await asyncio.to_thread(
+                history.grow_table, database_url, table, "correlation_id", runs * per_run
+            )
+
+    return Side("reference", gateway.port, {"gateway": gateway.pid}, handoffs, settled, grow)
 
 
-SIDES: dict[str, Callable[[Run, Stack], Side]] = {
+SIDES: dict[str, Callable[[Run, Stack, Stores], Side]] = {
     "flowgate": start_flowgate,
     "reference": start_reference,
 }
@@ -165,15 +196,24 @@ async def _batch(pool: Pool, tag: str, runs: int, concurrency: int) -> tuple[lis
 
 
 async def measure_side(
-    run_: Run, stack: Stack, profile: Profile, name: str, observed: Mapping[str, int]
+    run_: Run,
+    stack: Stack,
+    profile: Profile,
+    name: str,
+    observed: Mapping[str, int],
+    stores: Stores,
 ) -> dict[str, Any]:
-    """Start one side, warm it up, run each concurrency's batch, stop it."""
+    """Start one side, warm it up (growing its store first where asked), run each
+    concurrency's batch, stop it."""
     with run_.scope():
-        side = SIDES[name](run_, stack)
+        side = SIDES[name](run_, stack, stores)
         pool = Pool("127.0.0.1", side.port, max(profile.cost_runs))
         try:
             tag = f"{name[:3]}{uuid.uuid4().hex[:6]}"
             await _batch(pool, f"warm-{tag}", profile.cost_warmup, COST_CONCURRENCY)
+            if stores.grown_to and name not in stores.grown:
+                await side.grow(stores.grown_to)
+                stores.grown.add(name)
             await side.settled()
             await side.handoffs()  # forget the warm-up's
             by_concurrency: dict[int, Any] = {}
@@ -212,28 +252,22 @@ class Window:
         self._processes = dict(processes)
         self._cpu: dict[str, float] = {}
         self._calls = 0
-        self._rows: dict[str, int] = {}
 
     async def open(self) -> None:
         self._calls = len(_engine_calls(self._stack))
-        self._rows = (await asyncio.to_thread(_engine_database, self._stack, reset=True))[0]
+        await asyncio.to_thread(_engine_database, self._stack, reset=True)
         self._cpu = {name: tree_cpu_seconds(pid) for name, pid in self._processes.items()}
 
     async def close(self, completed: int) -> dict[str, Any]:
         used = {n: tree_cpu_seconds(pid) - self._cpu[n] for n, pid in self._processes.items()}
-        await asyncio.sleep(1.5)  # PostgreSQL flushes its statistics at most once a second
-        rows, statements = await asyncio.to_thread(_engine_database, self._stack, reset=False)
+        sql = await asyncio.to_thread(_engine_database, self._stack, reset=False)
         calls = Counter(_endpoint(line) for line in _engine_calls(self._stack)[self._calls :])
         per = max(completed, 1)
-        written = {kind: rows[kind] - self._rows.get(kind, 0) for kind in rows}
-        written = {kind: n for kind, n in written.items() if n or not kind.startswith("rows w")}
         return {
             "completed": completed,
             "cpu_ms_per_run": {name: round(s * 1000 / per, 2) for name, s in used.items()},
             "engine_calls_per_run": {e: round(n / per, 2) for e, n in calls.most_common()},
-            "engine_sql_per_run": {
-                k: round(n / per, 1) for k, n in {**statements, **written}.items()
-            },
+            "engine_sql_per_run": {k: round(n / per, 1) for k, n in sql.items()},
         }
 
 
@@ -249,32 +283,39 @@ def _endpoint(line: str) -> str:
     return f"{method} {_ID.sub('/{id}', path.removeprefix('/engine-rest'))}"
 
 
-def _engine_database(stack: Stack, *, reset: bool) -> tuple[dict[str, int], dict[str, int]]:
-    """The rows the engine's database has written so far, and the statements it ran since
-    the last reset, in all and by kind (select, insert, update, delete)."""
+def _engine_database(stack: Stack, *, reset: bool) -> dict[str, int]:
+    """The statements the engine's database ran since the last reset, by kind, and the rows
+    they wrote, by kind and by table.
+
+    All from ``pg_stat_statements``, which counts as each statement ends; the per-table
+    counters of ``pg_stat_database`` lag by up to ten seconds (a backend flushes them when it
+    has been idle that long), which shifted rows from one side's window into the next.
+    """
     with psycopg.connect(stack.engine_database_url, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         if reset:
             conn.execute("SELECT pg_stat_statements_reset()")
-        row = conn.execute(
-            "SELECT tup_inserted, tup_updated, tup_deleted FROM pg_stat_database"
-            " WHERE datname = current_database()"
-        ).fetchone()
-        kinds = conn.execute(
-            "SELECT lower(split_part(ltrim(query), ' ', 1)), sum(calls)::bigint"
-            " FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database"
-            " WHERE datname = current_database()) GROUP BY 1"
+        statements = conn.execute(
+            "SELECT query, calls, rows FROM pg_stat_statements WHERE dbid ="
+            " (SELECT oid FROM pg_database WHERE datname = current_database())"
         ).fetchall()
-        tables = conn.execute(
-            "SELECT lower(relname), n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_user_tables"
-        ).fetchall()
-    assert row is not None
-    rows = {"rows inserted": row[0], "rows updated": row[1], "rows deleted": row[2]}
-    rows |= {f"rows written {table}": int(n) for table, n in tables}
-    by_kind = {f"{kind}s": int(n) for kind, n in kinds if kind in _STATEMENTS}
-    return rows, {"statements": sum(by_kind.values()), **by_kind}
+    by_kind: Counter[str] = Counter()
+    written: Counter[str] = Counter()
+    for query, calls, rows in statements:
+        kind = query.lstrip().split(" ", 1)[0].lower()
+        if kind not in _STATEMENTS:
+            continue
+        by_kind[f"{kind}s"] += calls
+        if target := _WRITE.match(query):
+            written[f"rows {_WRITTEN[kind]}"] += rows
+            written[f"rows written {target[1].lower()}"] += rows
+    return {"statements": sum(by_kind.values()), **by_kind, **written}
 
 
+#: The table a write names: ``insert into ACT_HI_VARINST``, ``update ACT_RU_EXECUTION``,
+#: ``delete from ACT_RU_VARIABLE``.
+_WRITE = re.compile(r"\s*(?:insert\s+into|update|delete\s+from)\s+(\w+)", re.IGNORECASE)
+_WRITTEN = {"insert": "inserted", "update": "updated", "delete": "deleted"}
 _STATEMENTS = ("select", "insert", "update", "delete")
 
 
@@ -304,7 +345,7 @@ def _samples_ms(cumulative: Mapping[float, float]) -> list[float]:
     return samples
 
 
-async def _until_zero(read: Callable[[], float], timeout_s: float = 60) -> None:
+async def _until_zero(read: Callable[[], float], timeout_s: float = 600) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not await asyncio.to_thread(read):
@@ -324,11 +365,121 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
         "postgres (gateway)": stack.postgres.pid,
         "redis": stack.redis.pid,
     }
+    await _warm_engine(run_, stack, profile)
+    watcher_empty = await history.watcher_reads(stack.engine_url, reads=profile.cost_reads)
+    rounds = await _rounds(run_, stack, profile, observed, lambda: Stores())
+    memory = await measure_memory(run_, stack, profile)
+
+    print(f"  growing the engine's history to {profile.cost_history_runs} finished runs")
+    t0 = time.perf_counter()
+    finished = await asyncio.to_thread(
+        history.grow_engine_history, stack.engine_database_url, profile.cost_history_runs
+    )
+    grown = Stores(
+        flowgate_database=ours.new_schema(stack, "grown"),
+        reference_database=ours.new_schema(stack, "grown_reference"),
+        grown_to=profile.cost_history_runs,
+    )
+    grown_rounds = await _rounds(run_, stack, profile, observed, lambda: grown)
+    watcher_grown = await history.watcher_reads(stack.engine_url, reads=profile.cost_reads)
+    empty_ratios, grown_ratios = ratios(rounds), ratios(grown_rounds)
+    return {
+        "method": __doc__,
+        "rounds": rounds,
+        "ratios": empty_ratios,
+        "memory": memory,
+        "history": {
+            "finished_runs": finished,
+            "grown_in_s": round(time.perf_counter() - t0, 1),
+            "rounds": grown_rounds,
+            "ratios": grown_ratios,
+            **changes(empty_ratios, grown_ratios),
+            "watcher_pass_ms": {"empty": watcher_empty, "grown": watcher_grown},
+        },
+    }
+
+
+async def _rounds(
+    run_: Run,
+    stack: Stack,
+    profile: Profile,
+    observed: Mapping[str, int],
+    stores: Callable[[], Stores],
+) -> dict[str, list[dict[str, Any]]]:
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in SIDES}
     for _ in range(profile.rounds):
         for name in SIDES:  # A B A B
-            rounds[name].append(await measure_side(run_, stack, profile, name, observed))
-    return {"method": __doc__, "rounds": rounds, "ratios": ratios(rounds)}
+            measured = await measure_side(run_, stack, profile, name, observed, stores())
+            rounds[name].append(measured)
+    return rounds
+
+
+async def _warm_engine(run_: Run, stack: Stack, profile: Profile) -> None:
+    """Runs through the engine before the first round, so that no side meets a cold JIT."""
+    with run_.scope():
+        side = start_reference(run_, stack, Stores())
+        pool = Pool("127.0.0.1", side.port, COST_CONCURRENCY)
+        try:
+            await _batch(pool, f"engine-warm-{uuid.uuid4().hex[:6]}", 3 * profile.cost_warmup,
+                         COST_CONCURRENCY)  # fmt: skip
+        finally:
+            await pool.close()
+
+
+async def measure_memory(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
+    """Redis memory per retained finished run: flowgate's Redis before and after a batch,
+    once every run has ended, its write-behind has reached Postgres and its steps have
+    left Redis (STEPS_IN_REDIS_S=1 here, so that it happens within the measurement). The
+    engine's event stream (bounded by the plugin's max length, whatever the retention) is
+    counted apart."""
+    runs = profile.cost_runs[COST_CONCURRENCY]
+    redis = connect(stack.redis_url, cluster=stack.redis_cluster)
+    stores = Stores()
+    partitions = Keys(stores.flowgate_prefix).partitions
+    compacting = [key for p in partitions for key in (p.compact, p.instances_ended)]
+
+    async def until_retained() -> None:
+        """Until the side's runs are as Redis retains them: written behind, compacted, their
+        engine instances no longer watched."""
+        await side.settled()
+        for _ in range(900):  # at most three minutes
+            if not sum([await redis.zcard(key) for key in compacting]):
+                return
+            await asyncio.sleep(0.2)
+
+    with run_.scope():
+        side = start_flowgate(run_, stack, stores, env={"STEPS_IN_REDIS_S": "1"})
+        pool = Pool("127.0.0.1", side.port, COST_CONCURRENCY)
+        try:
+            await _batch(pool, f"mem-warm-{uuid.uuid4().hex[:6]}", profile.cost_warmup,
+                         COST_CONCURRENCY)  # fmt: skip
+            await until_retained()
+            before = await _redis_memory(redis, stores.flowgate_prefix)
+            latencies, failed = await _batch(pool, f"mem-{uuid.uuid4().hex[:6]}", runs,
+                                             COST_CONCURRENCY)  # fmt: skip
+            await until_retained()
+            after = await _redis_memory(redis, stores.flowgate_prefix)
+        finally:
+            await pool.close()
+            await redis.aclose()
+    per = max(len(latencies), 1)
+    grew = {name: after[name] - before[name] for name in after}
+    return {
+        "runs": len(latencies),
+        "failed": failed,
+        "bytes_per_run": round((grew["used_memory"] - grew["engine_events"]) / per),
+        "keys_per_run": round(grew["keys"] / per, 2),
+        "engine_events_bytes_per_run": round(grew["engine_events"] / per),
+    }
+
+
+async def _redis_memory(redis: RedisClient, prefix: str) -> dict[str, int]:
+    """Redis's memory, the engine's event stream's, and the keys under ``prefix``."""
+    info = await redis.info("memory")
+    events = await redis.memory_usage(ENGINE_EVENTS) or 0
+    keys = [key async for key in redis.scan_iter(match=f"{{{prefix}:*", count=1000)]
+    return {"used_memory": int(info["used_memory"]), "keys": len(keys),
+            "engine_events": int(events)}  # fmt: skip
 
 
 #: What the reference's figures are set beside: the processes on the engine's side, and
@@ -338,6 +489,19 @@ OWN = {
     "flowgate": ("api", "flusher", "worker", "redis", "postgres (gateway)"),
     "reference": ("gateway", "postgres (gateway)"),
 }
+
+
+def changes(empty: Mapping[str, Any], grown: Mapping[str, Any]) -> dict[str, Any]:
+    """Each figure of each side with work already done beside an empty history, as a
+    relative change; ``worst_change``: flowgate's largest, either way."""
+    found: dict[str, dict[str, float]] = {}
+    for figure, sides in grown.items():
+        for name in SIDES:
+            was, now = (empty.get(figure) or {}).get(name), sides.get(name)
+            if was and now is not None:
+                found.setdefault(figure, {})[name] = round(now / was - 1, 3)
+    ours_ = [by_side["flowgate"] for by_side in found.values() if "flowgate" in by_side]
+    return {"changes": found, "worst_change": max(ours_, key=abs) if ours_ else None}
 
 
 def ratios(rounds: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:

@@ -94,7 +94,14 @@ def start_api(
     return Api(server, port, prefix, database_url)
 
 
-def start_flusher(run: Run, stack: Stack, *, prefix: str, database_url: str) -> Server:
+def start_flusher(
+    run: Run,
+    stack: Stack,
+    *,
+    prefix: str,
+    database_url: str,
+    extra_env: dict[str, str] | None = None,
+) -> Server:
     """The write-behind on its own (for an API started with WRITEBEHIND_IN_API=false),
     floating, as ``make up`` runs it beside the replicas."""
     port = servers.free_port()
@@ -105,6 +112,7 @@ def start_flusher(run: Run, stack: Stack, *, prefix: str, database_url: str) -> 
         "DATABASE_URL": database_url,
         "FLUSHER_HEALTH_PORT": str(port),
         "LOG_LEVEL": "warning",
+        **(extra_env or {}),
     }
     ready = lambda: servers.http_ok(f"http://127.0.0.1:{port}/healthz")  # noqa: E731
     return run.python("flusher", "services.flusher", env=env, cpu=None, ready=ready)

@@ -41,6 +41,10 @@ class Profile:
     # the cost window), after a warm-up
     cost_runs: dict[int, int]
     cost_warmup: int
+    # ... again with this many finished runs in the engine's history and each gateway's
+    # store; the watcher's history read timed this often at each size
+    cost_history_runs: int
+    cost_reads: int
     # 11. Redis Cluster: requests parked while probing wake latency, runs finished to count
     # each replica's messages
     cluster_parked: int
@@ -69,6 +73,8 @@ FULL = Profile(
     client_concurrency=16,
     cost_runs={1: 100, 16: 800, 64: 800},
     cost_warmup=160,
+    cost_history_runs=100_000,
+    cost_reads=50,
     cluster_parked=1_000,
     cluster_messages=2_000,
     profile_api=True,
@@ -94,6 +100,8 @@ SMOKE = Profile(
     client_concurrency=4,
     cost_runs={1: 3, 16: 16, 64: 64},
     cost_warmup=16,
+    cost_history_runs=300,
+    cost_reads=3,
     cluster_parked=50,
     cluster_messages=50,
     profile_api=False,

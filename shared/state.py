@@ -82,8 +82,12 @@ class RunState:
         return orjson.dumps(self.to_dict())
 
     def to_hash(self) -> dict[str, str]:
-        """The Redis hash: every value as text (JSON text for ``data``/``error``)."""
-        return {f.wire: f.kind.to_text(getattr(self, f.attr)) for f in FIELDS}
+        """The Redis hash: every value as text (JSON text for ``data``/``error``). Fields
+        without a value are left out: a run's record stays for its whole retention, and an
+        empty field costs as much memory as a short one (readers take a missing field as
+        none)."""
+        fields = ((f.wire, f.kind.to_text(getattr(self, f.attr))) for f in FIELDS)
+        return {wire: value for wire, value in fields if value not in ("", "null")}
 
     def to_row(self) -> tuple[Any, ...]:
         """Parameters in :data:`COLUMNS` order (jsonb values still plain Python)."""

@@ -24,6 +24,7 @@ from services.api.auth import Auth
 from services.api.cancel import Canceller
 from services.api.metrics import ApiMetrics
 from services.api.runs import Runs
+from services.api.settled import Settled
 from services.api.starter import Starter
 from services.api.waitroom import WaitRoom
 from shared import postgres
@@ -123,7 +124,12 @@ async def open_deps(
         stack.push_async_callback(pool.close)
         store = RunStore.from_settings(redis, keys, settings)
         waitroom = WaitRoom(
-            redis, keys, store, metrics=metrics, max_parked=_parking_places(settings)
+            redis,
+            keys,
+            store,
+            metrics=metrics,
+            max_parked=_parking_places(settings),
+            settled=Settled(result_ttl_s=settings.result_ttl_s),
         )
         runs = Runs(store, pool)
         stop, migrated = asyncio.Event(), asyncio.Event()

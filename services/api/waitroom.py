@@ -43,6 +43,7 @@ from enum import StrEnum
 from redis.asyncio.client import PubSub
 
 from services.api.metrics import ApiMetrics
+from services.api.settled import Settled
 from shared.aio import Backoff, sleep_or_stop
 from shared.contract import (
     StartFailed,
@@ -208,8 +209,11 @@ class WaitRoom:
         *,
         metrics: ApiMetrics,
         max_parked: int,
+        settled: Settled | None = None,
     ) -> None:
         self._redis = redis
+        #: Runs seen to end: a wait for one answers without a round trip (settled.py).
+        self._settled = settled
         self._keys = keys
         self._store = store
         self._metrics = metrics
@@ -289,6 +293,8 @@ class WaitRoom:
         ``timeout_s <= 0`` only reads the state (and the steps). Cancellation (client gone,
         shutdown deadline) unregisters cleanly.
         """
+        if self._settled and (state := self._settled.get(correlation_id)):
+            return self._ended(state, WaitEnd.SETTLED)
         async with self.expect(correlation_id, timeout_s, until=until) as expected:
             return await expected.result()
 
@@ -396,6 +402,8 @@ class WaitRoom:
         last_step: StepEvent | None = None,
     ) -> WaitResult:
         self._ends[end].inc()
+        if self._settled and isinstance(outcome, RunState):
+            self._settled.keep(outcome)
         return WaitResult(outcome, end, milestone, last_step)
 
     def _woken(self, message: RunState | StartFailed) -> WaitResult:

@@ -318,8 +318,12 @@ FINISH = Script(
     FinishArgs,
     """
 if redis.call('HGET', K.state, 'status') ~= 'pending' then return 0 end
-redis.call('HSET', K.state, 'status', A.status, 'data', A.data, 'error', A.error,
-  'updatedAt', A.now)
+redis.call('HSET', K.state, 'status', A.status, 'updatedAt', A.now)
+-- A field without a value is left out (shared/state.py RunState.to_hash).
+for field, value in pairs({data = A.data, error = A.error}) do
+  if value == 'null' then redis.call('HDEL', K.state, field)
+  else redis.call('HSET', K.state, field, value) end
+end
 redis.call('HINCRBY', K.state, 'version', 1)
 redis.call('EXPIRE', K.state, A.result_ttl_s)
 local state = state_json(K.state)

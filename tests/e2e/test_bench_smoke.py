@@ -45,8 +45,13 @@ def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
     for side, rounds in cost["rounds"].items():  # flowgate and the reference gateway
         for measured in rounds:
             failed = [m["failed"] for m in measured["by_concurrency"].values()]
-            assert failed and not any(failed), (side, measured)
+            assert failed, (side, measured)
+            assert not any(failed), (side, measured)
     assert cost["ratios"]["runs/s at 16"]["ratio"], cost["ratios"]
+    assert cost["memory"]["failed"] == 0, cost["memory"]
+    assert cost["memory"]["keys_per_run"] < 1.5, cost["memory"]  # steps compacted away
+    assert cost["history"]["finished_runs"] >= 300, cost["history"]
+    assert cost["history"]["worst_change"] is not None, cost["history"]
     for side, rounds in results["results"]["cluster"]["rounds"].items():
         for measured in rounds:
             assert measured["wake"]["wrong"] == 0, (side, measured)
@@ -54,5 +59,9 @@ def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
             assert set(measured["messages_per_run"].values()) == {1.0}, (side, measured)
     streams = results["results"]["progress"]["streams_ended"]
     assert streams["ended"] == streams["streams"] > 0, streams
-    assert (tmp_path / "benchmarks.md").read_text().startswith("#")
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert report.startswith("#")
+    # The cost tables have a row per process, endpoint and statement kind, for both sides.
+    for row in ("| engine |", "| POST /external-task/fetchAndLock |", "| statements |"):
+        assert row in report, row
     assert sorted(p.name for p in (tmp_path / "bench").glob("*.png"))

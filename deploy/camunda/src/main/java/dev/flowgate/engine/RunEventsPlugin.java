@@ -18,6 +18,12 @@ import org.springframework.stereotype.Component;
  * a Redis Cluster; {@code FLOWGATE_EVENTS_STREAM}, default {@code flowgate:engine-events},
  * must match flowgate's {@code ENGINE_EVENTS_STREAM}). Without it flowgate reads the history,
  * as it does with any engine.
+ *
+ * <p>The stream keeps about {@code FLOWGATE_EVENTS_MAX_LENGTH} events (default 100,000, some
+ * 50 MB of Redis: minutes of a busy engine's events); a reader that falls further behind
+ * reads the history back over the gap once. {@code FLOWGATE_EVENTS_QUEUE_SIZE} events wait
+ * in the engine while Redis is away; past that they are counted as lost, which readers
+ * notice as a gap too.
  */
 @Component
 @ConditionalOnProperty(prefix = "flowgate.events", name = "redis-url")
@@ -28,7 +34,7 @@ public class RunEventsPlugin extends AbstractProcessEnginePlugin {
       @Value("${flowgate.events.redis-url}") String url,
       @Value("${flowgate.events.cluster:false}") boolean cluster,
       @Value("${flowgate.events.stream:flowgate:engine-events}") String stream,
-      @Value("${flowgate.events.max-length:1000000}") long maxLength,
+      @Value("${flowgate.events.max-length:100000}") long maxLength,
       @Value("${flowgate.events.queue-size:100000}") int queueSize) {
     this.sender = new EventSender(url, cluster, stream, maxLength, queueSize);
   }

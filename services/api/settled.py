@@ -1,0 +1,58 @@
+"""Settled: the final states of runs that have ended, kept in the replica to answer status
+reads without a round trip.
+
+Why this is safe on any number of replicas: a run that has ended (``ok``, ``error``,
+``cancelled``) never changes again while its record lives (shared/store/scripts.py: every
+transition but the claim needs a ``pending`` run, and a claim of an ended run returns it),
+and its record lives ``RESULT_TTL_S`` from its end. Only once it has gone may the same
+correlationId start a new run. So an ended state may be served until its end plus
+``RESULT_TTL_S``, less a margin for the clocks of the replica that ended it and this one.
+An abandoned start is not an end (the id is free again) and is never kept.
+
+Bounded (least recently used first out): a replica holds at most ``size`` states.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from shared.state import RunState, Status
+
+#: The end states, which never change again while their record lives.
+ENDED = frozenset({Status.OK, Status.ERROR, Status.CANCELLED})
+#: How far the clocks of two replicas may disagree (the margin taken off each entry).
+CLOCK_MARGIN_S = 60.0
+
+
+class Settled:
+    def __init__(self, *, result_ttl_s: float, size: int = 10_000) -> None:
+        self._result_ttl_s = result_ttl_s
+        self._size = size
+        self._states: OrderedDict[str, tuple[RunState, float]] = OrderedDict()
+
+    def get(self, correlation_id: str) -> RunState | None:
+        """The run's final state, if it ended and this replica has seen it do so."""
+        found = self._states.get(correlation_id)
+        if found is None:
+            return None
+        state, until = found
+        if time.time() >= until:
+            del self._states[correlation_id]
+            return None
+        self._states.move_to_end(correlation_id)
+        return state
+
+    def keep(self, state: RunState) -> None:
+        """Keep ``state`` if it is an end, for as long as its record can live."""
+        if state.status not in ENDED or state.correlation_id in self._states:
+            return
+        until = state.updated_at.timestamp() + self._result_ttl_s - CLOCK_MARGIN_S
+        if until <= time.time():
+            return
+        self._states[state.correlation_id] = (state, until)
+        if len(self._states) > self._size:
+            self._states.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._states)

@@ -1,0 +1,61 @@
+"""The replica's cache of ended runs: only ends, only while their record can live, bounded."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.api.settled import CLOCK_MARGIN_S, Settled
+from shared.state import RunState, Status
+from tests.unit.test_state import STATE
+
+
+def ended(cid: str, status: Status = Status.OK, *, ago_s: float = 0) -> RunState:
+    at = datetime.now(UTC) - timedelta(seconds=ago_s)
+    return dataclasses.replace(STATE, correlation_id=cid, status=status, updated_at=at)
+
+
+@pytest.mark.parametrize("status", [Status.OK, Status.ERROR, Status.CANCELLED])
+def test_an_end_is_kept(status: Status) -> None:
+    settled = Settled(result_ttl_s=3600)
+    settled.keep(ended("c-1", status))
+    found = settled.get("c-1")
+    assert found is not None
+    assert found.status is status
+
+
+@pytest.mark.parametrize("status", [Status.PENDING, Status.ABANDONED])
+def test_what_may_still_change_is_not_kept(status: Status) -> None:
+    settled = Settled(result_ttl_s=3600)
+    settled.keep(ended("c-1", status))
+    assert settled.get("c-1") is None
+    assert len(settled) == 0
+
+
+def test_an_end_is_kept_no_longer_than_its_record_lives() -> None:
+    """Once the record may have expired, the id may name a new run: read the store."""
+    settled = Settled(result_ttl_s=3600)
+    settled.keep(ended("old", ago_s=3600 - CLOCK_MARGIN_S + 1))  # a reread from Postgres
+    settled.keep(ended("young", ago_s=3600 - CLOCK_MARGIN_S - 30))
+    assert settled.get("old") is None
+    assert settled.get("young") is not None
+
+
+def test_an_entry_expires_while_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    settled = Settled(result_ttl_s=600)
+    settled.keep(ended("c-1"))
+    later = datetime.now(UTC).timestamp() + 600
+    monkeypatch.setattr("services.api.settled.time.time", lambda: later)
+    assert settled.get("c-1") is None
+    assert len(settled) == 0
+
+
+def test_the_least_recently_read_goes_first() -> None:
+    settled = Settled(result_ttl_s=3600, size=2)
+    settled.keep(ended("a"))
+    settled.keep(ended("b"))
+    assert settled.get("a") is not None  # a is now the more recent
+    settled.keep(ended("c"))
+    assert [cid for cid in "abc" if settled.get(cid)] == ["a", "c"]
