@@ -37,6 +37,7 @@ from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import ConnectError, RequestError
 from pyreqwest.middleware.types import Middleware
 
+from shared.settings import Settings
 from shared.variables import format_date, from_camunda, parse_date, to_camunda
 
 #: Added to ``asyncResponseTimeout`` for the HTTP read timeout of a long poll, so the
@@ -300,7 +301,12 @@ class CamundaClient:
     """
 
     def __init__(
-        self, base_url: str, *, timeout_s: float = 10.0, middleware: Middleware | None = None
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 10.0,
+        authorization: str | None = None,
+        middleware: Middleware | None = None,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         builder = (
@@ -310,10 +316,22 @@ class CamundaClient:
             # request never meets a connection closed under it.
             .pool_idle_timeout(timedelta(seconds=IDLE_CONNECTION_S))
         )
+        if authorization is not None:
+            builder = builder.default_headers({"authorization": authorization})
         if middleware is not None:
             builder = builder.with_middleware(middleware)
         self._http: Client = builder.build()
         self._timeout_s = timeout_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, middleware: Middleware | None = None) -> Self:
+        """The client every service uses: CAMUNDA_BASE_URL, its timeout and credentials."""
+        return cls(
+            settings.camunda_base_url,
+            timeout_s=settings.camunda_timeout_ms / 1000,
+            authorization=settings.camunda_authorization,
+            middleware=middleware,
+        )
 
     async def __aenter__(self) -> Self:
         return self
@@ -647,6 +665,11 @@ def _error(response: _Answer, what: str) -> CamundaError:
         if status in (502, 503, 504):
             return EngineUnavailable(f"{what}: HTTP {status} without an engine error body")
         body = {"type": "", "message": response.text[:500]}
+    if status in (401, 403):
+        body["message"] = (
+            f"{what}: the engine refused flowgate's credentials (HTTP {status}; set "
+            f"CAMUNDA_USERNAME and CAMUNDA_PASSWORD, or CAMUNDA_TOKEN): {body.get('message')}"
+        )
     error_class = {400: BadRequest, 404: NotFound}.get(status, EngineError)
     return error_class(
         status, str(body.get("type") or ""), str(body.get("message")), body.get("code")

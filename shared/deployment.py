@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from shared.camunda import CamundaClient, CamundaError, EngineUnavailable
-from shared.settings import BUNDLED_BPMN, load_settings
+from shared.settings import BUNDLED_BPMN, Settings, load_settings
 
 DEPLOYMENT_NAME = "flowgate"
 #: How long main() waits for the engine to answer (it may still be starting).
@@ -40,13 +40,13 @@ def _read_bpmn(directory: Path) -> dict[str, bytes]:
     return files
 
 
-async def _deploy_when_ready(base_url: str, directory: Path, wait_s: float) -> list[str]:
+async def _deploy_when_ready(settings: Settings, wait_s: float) -> list[str]:
     """Retry while the engine is unreachable (it may be starting), up to ``wait_s``."""
     deadline = time.monotonic() + wait_s
-    async with CamundaClient(base_url) as client:
+    async with CamundaClient.from_settings(settings) as client:
         while True:
             try:
-                return await deploy_directory(client, directory)
+                return await deploy_directory(client, settings.bpmn_dir)
             except EngineUnavailable:
                 if time.monotonic() >= deadline:
                     raise
@@ -57,9 +57,7 @@ def main() -> None:
     """CLI: deploy to ``CAMUNDA_BASE_URL`` and say what changed."""
     settings = load_settings()
     try:
-        created = asyncio.run(
-            _deploy_when_ready(settings.camunda_base_url, settings.bpmn_dir, ENGINE_WAIT_S)
-        )
+        created = asyncio.run(_deploy_when_ready(settings, ENGINE_WAIT_S))
     except CamundaError as exc:  # unreachable for ENGINE_WAIT_S, or a file the engine rejects
         sys.exit(f"flowgate-deploy: {settings.camunda_base_url}: {exc}")
     except FileNotFoundError as exc:

@@ -8,6 +8,7 @@ names the variable (see :func:`load_settings`).
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from pathlib import Path
@@ -36,6 +37,11 @@ class Settings(BaseSettings):
 
     # --- where the other parts live -------------------------------------------------
     camunda_base_url: str = "http://127.0.0.1:8080/engine-rest"
+    # An engine whose REST API asks for credentials: HTTP basic (CAMUNDA_USERNAME with
+    # CAMUNDA_PASSWORD) or a bearer token (CAMUNDA_TOKEN). Every engine call sends them.
+    camunda_username: str | None = None
+    camunda_password: SecretStr | None = None
+    camunda_token: SecretStr | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
     # REDIS_URL names a node of a Redis Cluster (any one: the rest are discovered).
     redis_cluster: bool = False
@@ -171,6 +177,24 @@ class Settings(BaseSettings):
         return value.rstrip("/")
 
     @model_validator(mode="after")
+    def _one_engine_credential(self) -> Self:
+        if (self.camunda_username is None) != (self.camunda_password is None):
+            raise ValueError("CAMUNDA_USERNAME and CAMUNDA_PASSWORD go together")
+        if self.camunda_username is not None and self.camunda_token is not None:
+            raise ValueError("CAMUNDA_TOKEN or CAMUNDA_USERNAME/CAMUNDA_PASSWORD, not both")
+        return self
+
+    @property
+    def camunda_authorization(self) -> str | None:
+        """The ``Authorization`` header every engine call sends, if the engine wants one."""
+        if self.camunda_token is not None:
+            return f"Bearer {self.camunda_token.get_secret_value()}"
+        if self.camunda_username is not None and self.camunda_password is not None:
+            pair = f"{self.camunda_username}:{self.camunda_password.get_secret_value()}"
+            return "Basic " + base64.b64encode(pair.encode()).decode()
+        return None
+
+    @model_validator(mode="after")
     def _window_beyond_the_engine_timeout(self) -> Self:
         if self.engine_start_window_ms <= self.camunda_timeout_ms:
             raise ValueError(
@@ -189,11 +213,18 @@ class SettingsError(SystemExit):
 
 def settings_error(exc: ValidationError, what: str = "configuration") -> SettingsError:
     """A :class:`SettingsError` naming each bad variable of ``exc``."""
-    lines = [
-        f"  {'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']} (got {err.get('input')!r})"
-        for err in exc.errors()
-    ]
+    lines = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]).upper()
+        # A value is shown only where it is one field's and no secret: a rule across fields
+        # would show them all, credentials included.
+        shown = name and not any(word in name for word in _SECRET_WORDS)
+        got = f" (got {err.get('input')!r})" if shown else ""
+        lines.append(f"  {name or 'settings'}: {err['msg']}{got}")
     return SettingsError(f"invalid {what}:\n" + "\n".join(lines))
+
+
+_SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "KEY")
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -117,9 +117,7 @@ async def open_deps(
         )
         stack.push_async_callback(redis.aclose)
         await read_topology(redis)
-        camunda = await stack.enter_async_context(
-            CamundaClient(settings.camunda_base_url, timeout_s=settings.camunda_timeout_ms / 1000)
-        )
+        camunda = await stack.enter_async_context(CamundaClient.from_settings(settings))
         pool = await postgres.open_pool(settings.database_url)
         stack.push_async_callback(pool.close)
         store = RunStore.from_settings(redis, keys, settings)

@@ -231,9 +231,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/readyz",
         readyz,
         Access.PUBLIC,
-        "Redis, Postgres, the engine and the wait room's subscription.",
+        "Whether this replica can serve: Redis and its subscription, not draining.",
+        "PostgreSQL and the engine are reported (`degraded`, with `error` naming them) "
+        "but keep the replica ready: their outage shows in the answers that need them.",
         replies={
-            200: Reply("Ready.", Readiness),
+            200: Reply("Ready, or degraded.", Readiness),
             503: Reply("Not ready; `error` names what is down.", Readiness),
         },
     ),

@@ -56,6 +56,13 @@ class ApiMetrics:
             "Duration of the engine's start-process call.",
             registry=self.registry,
         )
+        self.dependency_up = Gauge(
+            "flowgate_api_dependency_up",
+            "Whether each dependency answered at the last /readyz or scrape (redis, postgres, "
+            "engine, subscription).",
+            ["dependency"],
+            registry=self.registry,
+        )
         self.pubsub_subscriptions = Counter(
             "flowgate_api_pubsub_subscriptions_total",
             "Times the wait room had every run channel confirmed (more than one: resubscriptions).",

@@ -198,24 +198,28 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Redis, Postgres, the engine and this replica's subscription; 503 naming what is down."""
+    """200 while this replica can serve; 503 naming why not (Redis, its subscription, draining).
+
+    PostgreSQL and the engine are reported, not required: the write-behind rides out a
+    PostgreSQL outage, finished runs are read from Redis and a start without an engine
+    answers 503 itself, so their outage must not empty the Service of every replica.
+    """
     d = deps(request)
-    redis_ok, postgres_ok, engine_ok = await asyncio.gather(
-        _answers(d.redis.ping()), _answers(postgres.ping(d.pool)), _answers(d.camunda.engine_ok())
-    )
-    checks = {
-        "redis": redis_ok,
-        "postgres": postgres_ok,
-        "engine": engine_ok,
-        "subscription": d.waitroom.ready,
-    }
-    down = [name for name, ok in checks.items() if not ok]
+    checks = await _dependencies(d)
+    down = [name for name in _REQUIRED if not checks[name]]
     if d.waitroom.draining:
         down.append("draining")
     if down:
         body = Readiness(status="not ready", checks=checks, error="down: " + ", ".join(down))
         return JSONResponse(body, status_code=503, headers=_RETRY)
+    if degraded := [name for name, ok in checks.items() if not ok]:
+        body = Readiness(status="degraded", checks=checks, error="down: " + ", ".join(degraded))
+        return JSONResponse(body)
     return JSONResponse(Readiness(status="ready", checks=checks))
+
+
+#: What this replica cannot serve without; the other checks only degrade it.
+_REQUIRED = ("redis", "subscription")
 
 
 async def metrics(request: Request) -> Response:
@@ -225,7 +229,24 @@ async def metrics(request: Request) -> Response:
             d.metrics.writebehind_backlog.set(await writebehind_backlog(d.redis, d.keys))
     except (TimeoutError, OSError, *REDIS_ERRORS) as exc:  # a stale backlog beats a failed scrape
         log.warning("write-behind backlog unavailable", extra={"error": repr(exc)})
+    await _dependencies(d)
     return Response(d.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def _dependencies(d: Deps) -> dict[str, bool]:
+    """Whether each dependency answers now; kept in ``flowgate_api_dependency_up`` too."""
+    redis_ok, postgres_ok, engine_ok = await asyncio.gather(
+        _answers(d.redis.ping()), _answers(postgres.ping(d.pool)), _answers(d.camunda.engine_ok())
+    )
+    checks = {
+        "redis": redis_ok,
+        "postgres": postgres_ok,
+        "engine": engine_ok,
+        "subscription": d.waitroom.ready,
+    }
+    for name, ok in checks.items():
+        d.metrics.dependency_up.labels(name).set(ok)
+    return checks
 
 
 async def openapi(request: Request) -> Response:

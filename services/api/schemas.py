@@ -471,7 +471,11 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "not ready"]
+    status: Literal["ready", "degraded", "not ready"] = Field(
+        description="`degraded`: serving, but PostgreSQL or the engine is down (`error` "
+        "names which); `not ready` (503): Redis or this replica's subscription is down, or "
+        "it is draining."
+    )
     checks: dict[str, bool] = Field(description="Each dependency: reachable or not.")
     error: str | None = None
 

@@ -293,7 +293,7 @@ class WaitRoom:
         ``timeout_s <= 0`` only reads the state (and the steps). Cancellation (client gone,
         shutdown deadline) unregisters cleanly.
         """
-        if self._settled and (state := self._settled.get(correlation_id)):
+        if self._settled is not None and (state := self._settled.get(correlation_id)):
             return self._ended(state, WaitEnd.SETTLED)
         async with self.expect(correlation_id, timeout_s, until=until) as expected:
             return await expected.result()
@@ -402,7 +402,7 @@ class WaitRoom:
         last_step: StepEvent | None = None,
     ) -> WaitResult:
         self._ends[end].inc()
-        if self._settled and isinstance(outcome, RunState):
+        if self._settled is not None and isinstance(outcome, RunState):
             self._settled.keep(outcome)
         return WaitResult(outcome, end, milestone, last_step)
 

@@ -52,9 +52,7 @@ async def serve(
         )
         stack.push_async_callback(redis.aclose)
         await read_topology(redis)
-        camunda = await stack.enter_async_context(
-            CamundaClient(settings.camunda_base_url, timeout_s=settings.camunda_timeout_ms / 1000)
-        )
+        camunda = await stack.enter_async_context(CamundaClient.from_settings(settings))
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=HTTP_TIMEOUT_S))
         identity = await stack.enter_async_context(claim_identity(redis, keys, name=name))
         store = RunStore.from_settings(redis, keys, settings)

@@ -12,19 +12,23 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from services.api.drain import DrainHook
 from shared import postgres
 from shared.camunda import EngineUnavailable
+from shared.contract import SystemVariables
 from shared.settings import Settings
 from shared.state import Status
 from shared.steps import StepEvent, StepStatus
 from tests.helpers.api import Api, cid, running_app, start_body
 from tests.helpers.engine import EngineAdmin, deploy_bpmn as deploy
+from tests.helpers.net import TcpProxy
 from tests.helpers.waiting import until
 
 MakeSettings = Callable[..., Settings]
@@ -829,13 +833,93 @@ async def test_health_readiness_metrics_and_docs(api: Api) -> None:
     assert "http" not in page.text.split("<script>")[1]  # no external assets
 
 
-async def test_readiness_names_what_is_down(make_settings: MakeSettings) -> None:
+async def test_a_replica_answers_an_ended_runs_status_again_without_a_round_trip(
+    make_settings: MakeSettings,
+) -> None:
+    """An end never changes while its record lives (services/api/settled.py): once seen,
+    a replica serves it from memory; another replica reads the store."""
+    settings = make_settings()
+    async with running_app(settings) as one, running_app(settings) as two:
+        run, pending = cid(), cid()
+        for each in (run, pending):
+            await one.deps.store.claim(SystemVariables(each, "b", f"t-{each}", "a"), "p", "h")
+        await one.deps.store.finish(run, Status.OK, data={"n": 1})
+        for each in (run, pending):
+            assert (await one.client.get(f"/api/process/status/{each}")).status_code in (200, 202)
+        for each in (run, pending):  # the records change behind the replicas' backs
+            await one.deps.redis.hset(one.deps.keys.state(each), "data", '{"n": 2}')
+        again = await one.client.get(f"/api/process/status/{run}")
+        assert again.status_code == 200
+        assert again.json()["data"] == {"n": 1}  # from memory: no round trip
+        for answer in (
+            await one.client.get(f"/api/process/status/{pending}"),  # pending: not kept
+            await two.client.get(f"/api/process/status/{run}"),  # never seen by this one
+        ):
+            assert answer.json()["data"] == {"n": 2}, answer.text
+
+
+async def test_an_engine_outage_degrades_readiness_without_failing_it(
+    make_settings: MakeSettings,
+) -> None:
     settings = make_settings(camunda_base_url="http://127.0.0.1:9/engine-rest")
     async with running_app(settings) as api:
         ready = await api.client.get("/readyz")
-    assert ready.status_code == 503
+        metrics = (await api.client.get("/metrics")).text
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "degraded"
     assert ready.json()["error"] == "down: engine"
     assert ready.json()["checks"]["engine"] is False
+    assert 'flowgate_api_dependency_up{dependency="engine"} 0.0' in metrics
+    assert 'flowgate_api_dependency_up{dependency="redis"} 1.0' in metrics
+
+
+@pytest.mark.slow
+async def test_a_postgres_outage_leaves_every_replica_ready_and_serving(
+    make_settings: MakeSettings, schema_url: str, engine_url: str
+) -> None:
+    """The write-behind rides a PostgreSQL outage out, so readiness must too: finished runs
+    are read from Redis and parked requests are woken on every replica meanwhile."""
+    target = conninfo_to_dict(schema_url)
+    proxy = TcpProxy(str(target.get("host", "127.0.0.1")), int(str(target.get("port", 5432))))
+    await proxy.up()
+    settings = make_settings(
+        camunda_base_url=engine_url,
+        database_url=make_conninfo(schema_url, host="127.0.0.1", port=proxy.port),
+    )
+    async with running_app(settings) as one, running_app(settings) as two:
+        finished, parked = cid(), cid()
+        for run in (finished, parked):
+            await one.deps.store.claim(SystemVariables(run, "b", f"t-{run}", "a"), "p", "h")
+        await one.deps.store.finish(finished, Status.OK, data={"n": 1})
+        assert (await one.client.get("/readyz")).json()["status"] == "ready"
+        await proxy.down()
+        try:
+            for api in (one, two):
+                ready = await api.client.get("/readyz")
+                assert ready.status_code == 200, ready.text
+                assert ready.json()["status"] == "degraded"
+                assert ready.json()["error"] == "down: postgres"
+                read = await api.client.get(f"/api/process/status/{finished}")
+                assert read.status_code == 200, read.text
+                assert read.json()["data"] == {"n": 1}
+            waiting = asyncio.create_task(two.client.get(f"/api/process/status/{parked}?wait=20"))
+            await until(lambda: two.deps.waitroom.parked == 1)
+            await one.deps.store.finish(parked, Status.OK, data={"n": 2})
+            woken = await waiting
+            assert woken.status_code == 200, woken.text
+            assert woken.json()["data"] == {"n": 2}
+            metrics = (await two.client.get("/metrics")).text
+            assert 'flowgate_api_dependency_up{dependency="postgres"} 0.0' in metrics
+        finally:
+            await proxy.up()
+        for api in (one, two):
+            await until(partial(_ready, api), timeout_s=20, what="PostgreSQL back in /readyz")
+    await proxy.down()
+
+
+async def _ready(api: Api) -> bool:
+    status: str = (await api.client.get("/readyz")).json()["status"]
+    return status == "ready"
 
 
 async def test_the_drain_hook_answers_parked_requests_with_202_and_closes(

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from pyreqwest.exceptions import (
     CauseErrorDetails,
     ConnectError,
@@ -32,7 +33,8 @@ from shared.camunda import (
     NotFound,
     TopicRequest,
 )
-from tests.helpers.engine import BASE_URL, FakeEngine
+from shared.settings import Settings
+from tests.helpers.engine import BASE_URL, FakeEngine, answering
 
 BASE = BASE_URL
 
@@ -478,3 +480,51 @@ async def test_engine_ok(engine: FakeEngine, client: CamundaClient) -> None:
     engine.answer_all(200, [{"name": "default"}])
     assert await client.engine_ok() is True
     assert engine.last.url == f"{BASE}/engine"
+
+
+# --- credentials ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "header"),
+    [
+        ({"camunda_username": "demo", "camunda_password": "s3cr3t"}, "Basic ZGVtbzpzM2NyM3Q="),
+        ({"camunda_token": "t0ken"}, "Bearer t0ken"),
+        ({}, None),
+    ],
+)
+async def test_every_engine_call_sends_the_configured_credentials(
+    env: dict[str, str], header: str | None
+) -> None:
+    engine = FakeEngine()
+    engine.answer_all(200, [])
+    settings = Settings(camunda_base_url=BASE, **env)  # type: ignore[arg-type]
+    async with CamundaClient.from_settings(settings, middleware=answering(engine)) as client:
+        await client.engine_ok()
+        await client.fetch_and_lock(
+            "w1", [TopicRequest("t", 1000)], max_tasks=1, async_response_timeout_ms=None
+        )
+    assert [r.headers.get("authorization") for r in engine.requests] == [header, header]
+
+
+async def test_refused_credentials_name_the_settings() -> None:
+    engine = FakeEngine()
+    engine.answer_all(401)
+    async with engine.client() as client:
+        with pytest.raises(EngineError) as caught:
+            await client.start_process("k")
+    assert caught.value.status_code == 401
+    assert "CAMUNDA_USERNAME" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"camunda_username": "demo"},
+        {"camunda_password": "x"},
+        {"camunda_username": "demo", "camunda_password": "x", "camunda_token": "t"},
+    ],
+)
+def test_engine_credentials_are_one_kind_and_whole(env: dict[str, str]) -> None:
+    with pytest.raises(ValidationError, match="CAMUNDA_"):
+        Settings(**env)  # type: ignore[arg-type]

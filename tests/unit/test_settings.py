@@ -65,3 +65,14 @@ def test_the_readme_documents_every_setting() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     missing = [name.upper() for name in Settings.model_fields if f"`{name.upper()}`" not in readme]
     assert not missing, f"README.md's configuration table lacks {missing}"
+
+
+def test_a_bad_setting_never_prints_a_credential(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMUNDA_USERNAME", "demo")
+    monkeypatch.setenv("CAMUNDA_PASSWORD", "pw-s3cr3t")
+    monkeypatch.setenv("CAMUNDA_TOKEN", "tok-s3cr3t")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "CAMUNDA_TOKEN or CAMUNDA_USERNAME/CAMUNDA_PASSWORD, not both" in message
+    assert "s3cr3t" not in message
