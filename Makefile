@@ -48,7 +48,7 @@ logs: $(STAMP)
 
 # Deploy every bpmn/*.bpmn to CAMUNDA_BASE_URL (duplicates are filtered by the engine).
 deploy-bpmn: $(STAMP)
-	$(PY) -m shared.deployment
+	$(PY) -m flowgate.shared.deployment
 
 # Every test, starting the real servers it needs (Redis, Postgres, the Camunda engine).
 test: bootstrap $(STAMP) engine

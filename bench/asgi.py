@@ -1,4 +1,4 @@
-"""12. The HTTP server: uvicorn (httptools, uvloop: what ``python -m services.api`` runs)
+"""12. The HTTP server: uvicorn (httptools, uvloop: what ``python -m flowgate.services.api`` runs)
 beside granian (its HTTP in Rust, uvloop), serving the same app (stand-in engine).
 
 Each server runs one API process pinned to CPU 0 (granian: its worker; the supervisor
@@ -31,7 +31,7 @@ def _granian(port: int) -> list[str]:
     return [
         granian, "--interface", "asgi", "--loop", "uvloop", "--workers", "1",
         "--runtime-mode", "st", "--host", "127.0.0.1", "--port", str(port),
-        "--no-access-log", "--factory", "services.api.app:from_environment",
+        "--no-access-log", "--factory", "flowgate.services.api.app:from_environment",
     ]  # fmt: skip
 
 

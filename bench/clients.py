@@ -23,8 +23,8 @@ import orjson
 from bench import ours
 from bench.harness import SERVER_CPU, Run, Stack, summary
 from bench.profile import Profile
-from shared.contract import SystemVariables
-from shared.variables import to_camunda
+from flowgate.shared.contract import SystemVariables
+from flowgate.shared.variables import to_camunda
 
 Call = Callable[[bytes], Awaitable[Any]]
 HEADERS = {"accept": "application/json", "content-type": "application/json"}

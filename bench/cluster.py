@@ -27,18 +27,18 @@ from typing import Any
 from bench import ours, parked, wrk
 from bench.harness import LOAD_CPU, SERVER_CPU, CpuMeter, Run, Stack, summary
 from bench.profile import Profile
-from shared.contract import SystemVariables
-from shared.keys import Keys
-from shared.redis_client import connect, read_topology
-from shared.state import Status
-from shared.store.runs import RunStore
+from flowgate.shared.contract import SystemVariables
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import connect, read_topology
+from flowgate.shared.state import Status
+from flowgate.shared.store.runs import RunStore
 
 MESSAGES = "flowgate_api_pubsub_messages_total"
 REPLICAS = (1, 2, 3)
 
 
 async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
-    if why := wrk.available() or ours.available("services.api"):
+    if why := wrk.available() or ours.available("flowgate.services.api"):
         return {"skipped": why}
     url, nodes = run_.start_redis_cluster()
     sides = {

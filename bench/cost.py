@@ -42,9 +42,9 @@ from bench.harness import Run, Stack, cpu_seconds, summary
 from bench.profile import Profile
 from bench.rawhttp import Pool
 from deploy.local import servers
-from shared.keys import Keys
-from shared.redis_client import RedisClient, connect
-from shared.settings import Settings
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import RedisClient, connect
+from flowgate.shared.settings import Settings
 
 WAIT_HEADER = {"Prefer": "wait=60"}
 COST_CONCURRENCY = 16
@@ -357,7 +357,7 @@ async def _until_zero(read: Callable[[], float], timeout_s: float = 600) -> None
 
 
 async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
-    if why := reference.node_missing() or ours.available("services.api"):
+    if why := reference.node_missing() or ours.available("flowgate.services.api"):
         return {"skipped": why}
     observed = {
         "engine": stack.extra["engine"].pid,

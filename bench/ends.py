@@ -33,8 +33,8 @@ from bench.engine import Engine, engine_time
 from bench.harness import SERVER_CPU, Run, Stack, summary
 from bench.profile import Profile
 from bench.rawhttp import Pool
-from shared.camunda import CamundaClient
-from shared.deployment import deploy_directory
+from flowgate.shared.camunda import CamundaClient
+from flowgate.shared.deployment import deploy_directory
 
 PROCESS = "bench-approval"
 BPMN = Path(__file__).parent / "bpmn"
@@ -150,7 +150,7 @@ async def _round(clients: _Clients, side: str, probes: int, background: int) -> 
 
 
 async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
-    if why := ours.available("services.api"):
+    if why := ours.available("flowgate.services.api"):
         return {"skipped": why}
     async with CamundaClient(stack.engine_url) as client:
         await deploy_directory(client, BPMN)

@@ -15,8 +15,8 @@ from urllib.parse import urlencode
 import httpx
 
 from bench.rawhttp import Pool, split_url
-from shared.camunda import CamundaClient
-from shared.deployment import deploy_directory
+from flowgate.shared.camunda import CamundaClient
+from flowgate.shared.deployment import deploy_directory
 
 TOPIC = "benchmark.noop"
 PROCESS = "benchmark"

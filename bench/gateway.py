@@ -126,7 +126,7 @@ def _summarize(rounds: list[Round]) -> dict[str, Any]:
 
 
 async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
-    if why := ours.available("services.api") or ours.available("services.worker"):
+    if why := ours.available("flowgate.services.api") or ours.available("flowgate.services.worker"):
         return {"skipped": why}
     warm_tag = uuid.uuid4().hex[:6]
     api, _ = ours.start_gateway(run_, stack, name="gateway")

@@ -21,12 +21,12 @@ import psycopg
 from psycopg import sql
 
 from bench.harness import summary
-from shared.camunda import CamundaClient
-from shared.contract import SystemVariables
-from shared.keys import Keys
-from shared.redis_client import connect
-from shared.state import Status
-from shared.store.runs import RunStore
+from flowgate.shared.camunda import CamundaClient
+from flowgate.shared.contract import SystemVariables
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import connect
+from flowgate.shared.state import Status
+from flowgate.shared.store.runs import RunStore
 
 #: The columns of the history tables that hold an id of one run's own records: a copy gets
 #: its own. Definition ids, deployment ids and byte arrays

@@ -1,6 +1,6 @@
-"""Starting our own services for a benchmark: the API (``python -m services.api``), the
-worker (``python -m services.worker``) and the standalone write-behind flusher (``python -m
-services.flusher``), each its own subprocess."""
+"""Starting our own services for a benchmark: the API (``python -m flowgate.services.api``), the
+worker (``python -m flowgate.services.worker``) and the standalone write-behind flusher (``python -m
+flowgate.services.flusher``), each its own subprocess."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def start_api(
     extra_env: dict[str, str] | None = None,
     argv: Callable[[int], list[str]] | None = None,
 ) -> Api:
-    """``python -m services.api`` on a free port, or ``argv(port)`` (another server)."""
+    """``python -m flowgate.services.api`` on a free port, or ``argv(port)`` (another server)."""
     port = servers.free_port()
     env = {
         "API_HOST": "127.0.0.1",
@@ -88,7 +88,7 @@ def start_api(
         "REPLICA_ID": f"bench-{port}",
         **(extra_env or {}),
     }
-    command = argv(port) if argv else [sys.executable, "-m", "services.api"]
+    command = argv(port) if argv else [sys.executable, "-m", "flowgate.services.api"]
     ready = lambda: servers.http_ok(f"http://127.0.0.1:{port}/healthz")  # noqa: E731
     server = run.spawn("api", command, env=env, cpu=cpu, ready=ready)
     return Api(server, port, prefix, database_url)
@@ -115,7 +115,7 @@ def start_flusher(
         **(extra_env or {}),
     }
     ready = lambda: servers.http_ok(f"http://127.0.0.1:{port}/healthz")  # noqa: E731
-    return run.python("flusher", "services.flusher", env=env, cpu=None, ready=ready)
+    return run.python("flusher", "flowgate.services.flusher", env=env, cpu=None, ready=ready)
 
 
 def start_worker(
@@ -138,7 +138,7 @@ def start_worker(
         "LOG_LEVEL": "warning",
         **(extra_env or {}),
     }
-    return run.python("worker", "services.worker", env=env, cpu=cpu)
+    return run.python("worker", "flowgate.services.worker", env=env, cpu=cpu)
 
 
 def start_gateway(run: Run, stack: Stack, *, name: str) -> tuple[Api, Server]:

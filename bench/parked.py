@@ -31,10 +31,10 @@ from bench import ours
 from bench.harness import LOAD_CPU, SERVER_CPU, CpuMeter, Run, Stack, rss_kb, summary
 from bench.profile import Profile
 from bench.rawhttp import Connection, Response
-from shared.keys import Keys
-from shared.redis_client import RedisClient
-from shared.state import Status
-from shared.store.runs import RunStore
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import RedisClient
+from flowgate.shared.state import Status
+from flowgate.shared.store.runs import RunStore
 
 WAIT_HEADER = {"Prefer": "wait=120"}
 PARKED_GAUGE = "flowgate_api_parked_requests"
@@ -178,7 +178,7 @@ def _ramp(levels: tuple[int, ...]) -> list[int]:
 
 
 async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
-    if why := ours.available("services.api"):
+    if why := ours.available("flowgate.services.api"):
         return {"skipped": why}
     prefix = f"bp{uuid.uuid4().hex[:6]}"
     stub = ours.start_stub(run_, stack, prefix=prefix, mode="park", cpu=LOAD_CPU)

@@ -38,11 +38,11 @@ from bench import ours
 from bench.harness import LOAD_CPU, SERVER_CPU, Run, Stack, summary
 from bench.profile import Profile
 from bench.rawhttp import Pool
-from services.background.callbacks import POLL_INTERVAL_S
-from shared.keys import Keys
-from shared.state import Status
-from shared.steps import StepEvent, StepStatus
-from shared.store.runs import RunStore
+from flowgate.services.background.callbacks import POLL_INTERVAL_S
+from flowgate.shared.keys import Keys
+from flowgate.shared.state import Status
+from flowgate.shared.steps import StepEvent, StepStatus
+from flowgate.shared.store.runs import RunStore
 
 ASYNC = {"Prefer": "respond-async"}
 STREAMS_GAUGE = "flowgate_api_event_streams"
@@ -248,7 +248,7 @@ async def _end_all(bench: _Bench, streams: list[Stream]) -> dict[str, int]:
 
 
 async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
-    if why := ours.available("services.api"):
+    if why := ours.available("flowgate.services.api"):
         return {"skipped": why}
     prefix = f"bs{uuid.uuid4().hex[:6]}"
     stub = ours.start_stub(run_, stack, prefix=prefix, mode="park", cpu=LOAD_CPU)

@@ -5,7 +5,7 @@
 It answers ``POST …/process-definition/key/{key}/start`` with a new instance id and:
 
 * ``instant``: then completes the process state at once through
-  ``shared.store.runs.RunStore.finish`` (the worker's own completion path), so a start
+  ``flowgate.shared.store.runs.RunStore.finish`` (the worker's own completion path), so a start
   through the API measures the wait room and the state path without the engine;
 * ``park``:    does nothing more; the benchmark completes states itself when it wants to.
 
@@ -23,10 +23,10 @@ from typing import cast
 
 import orjson
 
-from shared.keys import Keys
-from shared.redis_client import connect
-from shared.state import Status
-from shared.store.runs import RunStore
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import connect
+from flowgate.shared.state import Status
+from flowgate.shared.store.runs import RunStore
 
 _HEADER_END = b"\r\n\r\n"
 

@@ -27,7 +27,7 @@ WAIT_S = "30"
 
 
 async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
-    if why := wrk.available() or ours.available("services.api"):
+    if why := wrk.available() or ours.available("flowgate.services.api"):
         return {"skipped": why}
     prefix, inline_prefix = f"bt{uuid.uuid4().hex[:6]}", f"bi{uuid.uuid4().hex[:6]}"
     stub = ours.start_stub(run_, stack, prefix=prefix, mode="instant", cpu=LOAD_CPU)

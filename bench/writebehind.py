@@ -30,7 +30,7 @@ from bench import ours, wrk
 from bench.harness import LOAD_CPU, SERVER_CPU, Run, Stack, summary
 from bench.profile import Profile
 from deploy.local.servers import pid_alive
-from shared.keys import Keys
+from flowgate.shared.keys import Keys
 
 WAIT_S = "30"
 
@@ -125,7 +125,7 @@ async def _lag_flusher_inside(
 
 
 async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
-    if why := wrk.available() or ours.available("services.api"):
+    if why := wrk.available() or ours.available("flowgate.services.api"):
         return {"skipped": why}
     prefix = f"bw{uuid.uuid4().hex[:6]}"
     keys = Keys(prefix)

@@ -4,7 +4,7 @@ client's, as httpx keeps its client in one module.)
 
 It speaks the engine's vocabulary one to one (``fetch_and_lock``, ``complete``,
 ``handle_failure``, ...), puts units in parameter names, and takes and returns plain Python
-values for variables: :mod:`shared.variables` types them on the way out and decodes them on
+values for variables: :mod:`flowgate.shared.variables` types them on the way out and decodes them on
 the way in. The engine semantics each method relies on are noted where it is defined.
 
 Errors, so callers catch at the level they care about::
@@ -18,12 +18,14 @@ Errors, so callers catch at the level they care about::
         └── NotFound              404: no such task or instance (e.g. cancelled, done)
             └── DefinitionNotFound  404 on start: no process definition with that key
 
-Values that cannot become Camunda variables raise :class:`shared.variables.VariableError`
+Values that cannot become Camunda variables raise :class:`flowgate.shared.variables.VariableError`
 (a ``ValueError``) before any request is sent.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,8 +39,8 @@ from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import ConnectError, RequestError
 from pyreqwest.middleware.types import Middleware
 
-from shared.settings import Settings
-from shared.variables import format_date, from_camunda, parse_date, to_camunda
+from flowgate.shared.settings import Settings
+from flowgate.shared.variables import format_date, from_camunda, parse_date, to_camunda
 
 #: Added to ``asyncResponseTimeout`` for the HTTP read timeout of a long poll, so the
 #: engine's empty answer arrives before our own timeout fires.
@@ -348,6 +350,25 @@ class CamundaClient:
         await self._http.close()
 
     # --- engine and processes -----------------------------------------------------------
+
+    async def version(self) -> str:
+        """The engine's version (``GET /version``; Camunda 7 and Operaton serve it)."""
+        answer = await self._send("GET", "/version")
+        return str(orjson.loads(answer.content).get("version"))
+
+    async def introduce(self, log: logging.Logger, *, timeout_s: float = 5.0) -> None:
+        """Say once, at start-up, which engine answers and whether it takes flowgate's
+        credentials. Never fails the start: the engine may come up after flowgate."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                version = await self.version()
+        except EngineError as exc:
+            refused = exc.status_code in (401, 403)
+            log.log(logging.ERROR if refused else logging.WARNING, "engine: %s", exc)
+        except (EngineUnavailable, TimeoutError) as exc:
+            log.warning("engine not reachable yet at %s: %s", self._base_url, exc)
+        else:
+            log.info("engine %s at %s", version, self._base_url)
 
     async def engine_ok(self) -> bool:
         """True when the engine answers its engine list (for readiness probes)."""

@@ -20,8 +20,8 @@ from typing import Any
 
 import orjson
 
-from shared.camunda import LockedTask
-from shared.state import RunState, Status
+from flowgate.shared.camunda import LockedTask
+from flowgate.shared.state import RunState, Status
 
 #: The variable holding the run's correlationId (the engine's businessKey holds it too).
 CORRELATION_ID = "correlationId"

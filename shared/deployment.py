@@ -1,5 +1,5 @@
-"""Deploy every ``*.bpmn`` of ``BPMN_DIR`` (default ``bpmn/``): ``python -m shared.deployment``,
-``flowgate-deploy`` or ``make deploy-bpmn``.
+"""Deploy every ``*.bpmn`` of ``BPMN_DIR`` (default ``bpmn/``): ``flowgate-deploy``,
+``python -m flowgate.shared.deployment`` or ``make deploy-bpmn``.
 
 All files go in one deployment named ``flowgate`` with duplicate filtering and
 deploy-changed-only, so running it again (every ``make up``, every replica start) creates
@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from shared.camunda import CamundaClient, CamundaError, EngineUnavailable
-from shared.settings import BUNDLED_BPMN, Settings, load_settings
+from flowgate.shared.camunda import CamundaClient, CamundaError, EngineUnavailable
+from flowgate.shared.settings import BUNDLED_BPMN, Settings, load_settings
 
 DEPLOYMENT_NAME = "flowgate"
 #: How long main() waits for the engine to answer (it may still be starting).
@@ -36,7 +36,10 @@ def _read_bpmn(directory: Path) -> dict[str, bytes]:
     """Resource name (the file name, which the engine keeps) -> content."""
     files = {path.name: path.read_bytes() for path in sorted(directory.glob("*.bpmn"))}
     if not files:
-        raise FileNotFoundError(f"no *.bpmn files in {directory}")
+        # An installed flowgate has no bpmn/ of its own: the default names the checkout's.
+        raise FileNotFoundError(
+            f"no *.bpmn files in {directory}: set BPMN_DIR to the folder holding yours"
+        )
     return files
 
 

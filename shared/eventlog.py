@@ -18,9 +18,9 @@ from typing import Any
 
 import orjson
 
-from shared.keys import Keys
-from shared.redis_client import RedisClient
-from shared.state import RunState, dump_json, parse_iso
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import RedisClient
+from flowgate.shared.state import RunState, dump_json, parse_iso
 
 
 def _now() -> datetime:

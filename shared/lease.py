@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from shared.lua import Script
-from shared.redis_client import RedisClient
+from flowgate.shared.lua import Script
+from flowgate.shared.redis_client import RedisClient
 
 
 class LeaseKeys(NamedTuple):

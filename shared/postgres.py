@@ -21,10 +21,10 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from shared.aio import Backoff, sleep_or_stop
-from shared.eventlog import EVENT_COLUMNS, EventRecord
-from shared.state import RunState
-from shared.steps import MAX_STEPS, StepEvent
+from flowgate.shared.aio import Backoff, sleep_or_stop
+from flowgate.shared.eventlog import EVENT_COLUMNS, EventRecord
+from flowgate.shared.state import RunState
+from flowgate.shared.steps import MAX_STEPS, StepEvent
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: What a worker serves and deploys unless told otherwise: the bundled examples.
-DEFAULT_PROCESSES = "services.worker.handlers:PROCESSES"
+DEFAULT_PROCESSES = "flowgate.services.worker.handlers:PROCESSES"
 BUNDLED_BPMN = Path(__file__).resolve().parent.parent / "bpmn"
 _HOST_NAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
@@ -110,7 +110,7 @@ class Settings(BaseSettings):
 
     # --- write-behind to Postgres --------------------------------------------------------
     writebehind_batch: PositiveInt = 500
-    # How long a flusher pauses when every partition's stream is empty.
+    # How long a flusher pauses once it has caught up (less than a batch in every stream).
     writebehind_idle_ms: PositiveInt = 200
     # Entries a consumer left unacknowledged this long are claimed by another.
     writebehind_claim_idle_ms: PositiveInt = 30_000
@@ -144,7 +144,7 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error)$")
 
     # --- api server ----------------------------------------------------------------------
-    # Where `python -m services.api` listens.
+    # Where `python -m flowgate.services.api` listens.
     api_host: str = "127.0.0.1"
     api_port: Annotated[int, Field(ge=0, le=65_535)] = 8000
     # Names this replica's write-behind consumer; hostname-pid when unset.

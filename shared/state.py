@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from shared.redis_client import text
+from flowgate.shared.redis_client import text
 
 
 class Status(StrEnum):

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from shared.state import dump_json, iso, parse_iso
+from flowgate.shared.state import dump_json, iso, parse_iso
 
 #: Steps one run keeps (the oldest go first): bounded, like everything held per run.
 MAX_STEPS = 1_000

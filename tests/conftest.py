@@ -37,8 +37,8 @@ import psycopg
 import pytest
 
 from deploy.local import servers
-from shared.redis_client import RedisClient, connect
-from shared.settings import Settings
+from flowgate.shared.redis_client import RedisClient, connect
+from flowgate.shared.settings import Settings
 
 ENGINE_IMAGE = "camunda/camunda-bpm-platform:run-7.24.0"
 

@@ -202,7 +202,7 @@ def components(cfg: Config) -> list[Component]:
                 _service(
                     cfg,
                     f"api-{i}",
-                    "services.api",
+                    "flowgate.services.api",
                     f"http://127.0.0.1:{port}/readyz",
                     {
                         **env,
@@ -224,7 +224,7 @@ def components(cfg: Config) -> list[Component]:
                 _service(
                     cfg,
                     f"worker-{i}",
-                    "services.worker",
+                    "flowgate.services.worker",
                     f"http://127.0.0.1:{port}/healthz",
                     {**env, "WORKER_HEALTH_PORT": str(port)},
                 ),
@@ -241,7 +241,7 @@ def components(cfg: Config) -> list[Component]:
             _service(
                 cfg,
                 "flusher",
-                "services.flusher",
+                "flowgate.services.flusher",
                 flusher_health,
                 {**env, "FLUSHER_HEALTH_PORT": str(cfg.flusher_port)},
             ),
@@ -329,7 +329,7 @@ def _service(
 
 def _settings() -> Any:
     """The project's settings as the services will read them (validated the same way)."""
-    from shared.settings import load_settings
+    from flowgate.shared.settings import load_settings
 
     return load_settings()
 
@@ -625,12 +625,12 @@ def _start(cfg: Config, comp: Component, state: State) -> Record | None:
 
 
 def deploy_bpmn(cfg: Config) -> None:
-    """Deploy bpmn/*.bpmn to the engine (`python -m shared.deployment`; duplicates filtered)."""
+    """Deploy bpmn/*.bpmn to the engine (`flowgate-deploy`; duplicates are filtered)."""
     log = _log(cfg, "deploy")
     env = {**os.environ, **cfg.service_env()}
     with log.open("ab") as out:
         result = subprocess.run(
-            [sys.executable, "-m", "shared.deployment"],
+            [sys.executable, "-m", "flowgate.shared.deployment"],
             env=env,
             cwd=ROOT,
             stdout=out,

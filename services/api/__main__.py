@@ -1,8 +1,8 @@
-"""``python -m services.api`` / ``flowgate-api``: an API replica, the HTTP app and its
+"""``python -m flowgate.services.api`` / ``flowgate-api``: an API replica, the HTTP app and its
 background work (services/background/), served by uvicorn.
 
 On SIGTERM (or SIGINT) the replica first answers every parked request with 202 + Location
-(:class:`services.api.drain.DrainHook`), then lets uvicorn stop: close the listener, finish
+(:class:`flowgate.services.api.drain.DrainHook`), then lets uvicorn stop: close the listener, finish
 in-flight requests (now quick), run the lifespan's shutdown (flush write-behind), exit.
 """
 
@@ -14,11 +14,11 @@ from types import FrameType
 
 import uvicorn
 
-from services import background
-from services.api.app import create_app
-from services.api.drain import DrainHook
-from shared.logs import configure_logging
-from shared.settings import load_settings
+from flowgate.services import background
+from flowgate.services.api.app import create_app
+from flowgate.services.api.drain import DrainHook
+from flowgate.shared.logs import configure_logging
+from flowgate.shared.settings import load_settings
 
 
 class DrainingServer(uvicorn.Server):

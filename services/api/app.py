@@ -1,7 +1,7 @@
 """``create_app(settings)``: the Starlette app, its routes, its errors and its lifespan;
 :func:`from_environment` for ASGI servers that import a factory.
 
-The lifespan is :func:`services.api.deps.open_deps`, and beside it what the process runs
+The lifespan is :func:`flowgate.services.api.deps.open_deps`, and beside it what the process runs
 alongside the app (a replica's background work, services/background/); the bundle reaches
 the endpoints as ``request.state.deps``. Parked requests are released by the
 :class:`DrainHook` (SIGTERM, before uvicorn waits for in-flight requests) or, at the latest,
@@ -24,17 +24,17 @@ from psycopg_pool import PoolTimeout
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from services import background
-from services.api import errors
-from services.api.auth import Auth
-from services.api.deps import Deps, open_deps
-from services.api.drain import DrainHook
-from services.api.endpoints import ENDPOINTS, routes
-from services.api.metrics import ApiMetrics, OutcomeMiddleware
-from services.api.openapi import docs_html, render_openapi
-from shared.logs import configure_logging
-from shared.redis_client import REDIS_ERRORS
-from shared.settings import Settings, load_settings
+from flowgate.services import background
+from flowgate.services.api import errors
+from flowgate.services.api.auth import Auth
+from flowgate.services.api.deps import Deps, open_deps
+from flowgate.services.api.drain import DrainHook
+from flowgate.services.api.endpoints import ENDPOINTS, routes
+from flowgate.services.api.metrics import ApiMetrics, OutcomeMiddleware
+from flowgate.services.api.openapi import docs_html, render_openapi
+from flowgate.shared.logs import configure_logging
+from flowgate.shared.redis_client import REDIS_ERRORS
+from flowgate.shared.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ def create_app(
 
 def from_environment() -> Starlette:
     """The app with the settings of the environment, for an ASGI server other than the
-    one ``python -m services.api`` runs (``granian --interface asgi --factory
-    services.api.app:from_environment``; the benchmark compares them). Parked requests are
+    one ``python -m flowgate.services.api`` runs (``granian --interface asgi --factory
+    flowgate.services.api.app:from_environment``; the benchmark compares them). Parked requests are
     then answered when the lifespan closes, not at the signal."""
     settings = load_settings()
     configure_logging(settings.log_level)

@@ -18,7 +18,7 @@ from enum import StrEnum
 from pydantic import SecretStr
 from starlette.requests import Request
 
-from services.api.errors import ApiError
+from flowgate.services.api.errors import ApiError
 
 
 class Access(StrEnum):

@@ -21,14 +21,14 @@ import logging
 from dataclasses import dataclass
 from enum import StrEnum
 
-from services.api.metrics import ApiMetrics
-from services.api.runs import Runs
-from services.api.waitroom import WaitRoom
-from shared.aio import Backoff
-from shared.camunda import CamundaClient, EngineError, NotFound
-from shared.eventlog import EventRecord
-from shared.state import RunState, Status
-from shared.store.runs import RunStore
+from flowgate.services.api.metrics import ApiMetrics
+from flowgate.services.api.runs import Runs
+from flowgate.services.api.waitroom import WaitRoom
+from flowgate.shared.aio import Backoff
+from flowgate.shared.camunda import CamundaClient, EngineError, NotFound
+from flowgate.shared.eventlog import EventRecord
+from flowgate.shared.state import RunState, Status
+from flowgate.shared.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.api.runs import Runs
-from shared.eventlog import EventRecord
-from shared.state import Status
-from shared.store.runs import RunStore
+from flowgate.services.api.runs import Runs
+from flowgate.shared.eventlog import EventRecord
+from flowgate.shared.state import Status
+from flowgate.shared.store.runs import RunStore
 
 
 async def complete(

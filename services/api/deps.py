@@ -20,20 +20,20 @@ from dataclasses import dataclass
 from psycopg_pool import AsyncConnectionPool
 from starlette.requests import Request
 
-from services.api.auth import Auth
-from services.api.cancel import Canceller
-from services.api.metrics import ApiMetrics
-from services.api.runs import Runs
-from services.api.settled import Settled
-from services.api.starter import Starter
-from services.api.waitroom import WaitRoom
-from shared import postgres
-from shared.aio import Spawner, stop_and_wait
-from shared.camunda import CamundaClient
-from shared.keys import Keys
-from shared.redis_client import RedisClient, connect, read_topology
-from shared.settings import Settings
-from shared.store.runs import RunStore
+from flowgate.services.api.auth import Auth
+from flowgate.services.api.cancel import Canceller
+from flowgate.services.api.metrics import ApiMetrics
+from flowgate.services.api.runs import Runs
+from flowgate.services.api.settled import Settled
+from flowgate.services.api.starter import Starter
+from flowgate.services.api.waitroom import WaitRoom
+from flowgate.shared import postgres
+from flowgate.shared.aio import Spawner, stop_and_wait
+from flowgate.shared.camunda import CamundaClient
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import RedisClient, connect, read_topology
+from flowgate.shared.settings import Settings
+from flowgate.shared.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ async def open_deps(
         stack.push_async_callback(redis.aclose)
         await read_topology(redis)
         camunda = await stack.enter_async_context(CamundaClient.from_settings(settings))
+        await camunda.introduce(log)
         pool = await postgres.open_pool(settings.database_url)
         stack.push_async_callback(pool.close)
         store = RunStore.from_settings(redis, keys, settings)

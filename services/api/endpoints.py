@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from services.api.auth import Access, Auth
-from services.api.routes import (
+from flowgate.services.api.auth import Access, Auth
+from flowgate.services.api.routes import (
     cancel_process,
     complete_process,
     docs,
@@ -31,7 +31,7 @@ from services.api.routes import (
     readyz,
     start_process,
 )
-from services.api.schemas import (
+from flowgate.services.api.schemas import (
     RUN_STATUS,
     CancelRequest,
     CompleteAck,

@@ -15,10 +15,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from services.api.schemas import ErrorBody, JSONResponse
-from services.api.starter import StartRefused
-from shared.camunda import CamundaError, EngineUnavailable
-from shared.contract import StartFailed
+from flowgate.services.api.schemas import ErrorBody, JSONResponse
+from flowgate.services.api.starter import StartRefused
+from flowgate.shared.camunda import CamundaError, EngineUnavailable
+from flowgate.shared.contract import StartFailed
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ import orjson
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from services.api.auth import Access, Auth
-from services.api.endpoints import Endpoint, Reply
-from services.api.progress import EVENT_ID_PATTERN
-from services.api.routes import MAX_PAGE
-from services.api.schemas import ID_PATTERN, RUN_STATUS, ErrorBody
+from flowgate.services.api.auth import Access, Auth
+from flowgate.services.api.endpoints import Endpoint, Reply
+from flowgate.services.api.progress import EVENT_ID_PATTERN
+from flowgate.services.api.routes import MAX_PAGE
+from flowgate.services.api.schemas import ID_PATTERN, RUN_STATUS, ErrorBody
 
 _ERRORS = {
     400: "Malformed JSON, or a missing or invalid field (named in `field`).",

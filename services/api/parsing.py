@@ -1,7 +1,7 @@
 """Reading a request: its JSON body, its models, its query parameters and its wait.
 
-Each reader raises :class:`~services.api.errors.ApiError` naming what is wrong (400 with the
-field, 413, 415), so endpoints only read and answer.
+Each reader raises :class:`~flowgate.services.api.errors.ApiError` naming what is wrong
+(400 with the field, 413, 415), so endpoints only read and answer.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from services.api.errors import ApiError
-from services.api.prefer import parse_prefer
+from flowgate.services.api.errors import ApiError
+from flowgate.services.api.prefer import parse_prefer
 
 Model = TypeVar("Model", bound=BaseModel)
 

@@ -27,10 +27,10 @@ from collections.abc import AsyncIterator
 import orjson
 from sse_starlette import ServerSentEvent
 
-from services.api.deps import Deps
-from services.api.schemas import ProcessStatus
-from services.api.waitroom import RoomFull
-from shared.state import RunState
+from flowgate.services.api.deps import Deps
+from flowgate.services.api.schemas import ProcessStatus
+from flowgate.services.api.waitroom import RoomFull
+from flowgate.shared.state import RunState
 
 #: The ``id`` of the last event; a ``Last-Event-ID`` of it means "I have everything".
 END_ID = "end"

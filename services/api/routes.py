@@ -20,14 +20,20 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from services.api import progress
-from services.api.cancel import CancelOutcome
-from services.api.complete import complete
-from services.api.deps import Deps, deps
-from services.api.errors import RETRY_LATER_S, ApiError
-from services.api.metrics import CONTENT_TYPE
-from services.api.parsing import check_target, int_param, parse_model, read_json, wait_budget
-from services.api.schemas import (
+from flowgate.services.api import progress
+from flowgate.services.api.cancel import CancelOutcome
+from flowgate.services.api.complete import complete
+from flowgate.services.api.deps import Deps, deps
+from flowgate.services.api.errors import RETRY_LATER_S, ApiError
+from flowgate.services.api.metrics import CONTENT_TYPE
+from flowgate.services.api.parsing import (
+    check_target,
+    int_param,
+    parse_model,
+    read_json,
+    wait_budget,
+)
+from flowgate.services.api.schemas import (
     ID_PATTERN,
     RUN_STATUS,
     CancelRequest,
@@ -47,15 +53,15 @@ from services.api.schemas import (
     StatusPage,
     status_url,
 )
-from services.api.starter import StartCommand
-from services.api.waitroom import WaitEnd, WaitResult
-from shared import postgres
-from shared.contract import StartFailed, failed_start
-from shared.redis_client import REDIS_ERRORS
-from shared.state import RunState, Status
-from shared.steps import StepEvent
-from shared.store.pages import InvalidCursor
-from shared.store.runs import writebehind_backlog
+from flowgate.services.api.starter import StartCommand
+from flowgate.services.api.waitroom import WaitEnd, WaitResult
+from flowgate.shared import postgres
+from flowgate.shared.contract import StartFailed, failed_start
+from flowgate.shared.redis_client import REDIS_ERRORS
+from flowgate.shared.state import RunState, Status
+from flowgate.shared.steps import StepEvent
+from flowgate.shared.store.pages import InvalidCursor
+from flowgate.shared.store.runs import writebehind_backlog
 
 log = logging.getLogger(__name__)
 

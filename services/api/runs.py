@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from psycopg_pool import AsyncConnectionPool
 
-from shared import postgres
-from shared.eventlog import EventRecord
-from shared.state import RunState
-from shared.steps import StepEvent
-from shared.store.runs import RunStore
+from flowgate.shared import postgres
+from flowgate.shared.eventlog import EventRecord
+from flowgate.shared.state import RunState
+from flowgate.shared.steps import StepEvent
+from flowgate.shared.store.runs import RunStore
 
 
 class Runs:

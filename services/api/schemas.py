@@ -29,10 +29,10 @@ from pydantic import (
 from starlette.responses import Response
 from typing_extensions import TypeAliasType
 
-from shared.eventlog import EventRecord
-from shared.state import RunState, iso
-from shared.steps import StepEvent
-from shared.variables import VariableError, to_camunda
+from flowgate.shared.eventlog import EventRecord
+from flowgate.shared.state import RunState, iso
+from flowgate.shared.steps import StepEvent
+from flowgate.shared.variables import VariableError, to_camunda
 
 #: Any text the seed accepts (its clients use business ids: an e-mail, ``order 42``), but
 #: what cannot be one URL path segment or a sane key: a slash, control characters, more

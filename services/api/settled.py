@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from shared.state import RunState, Status
+from flowgate.shared.state import RunState, Status
 
 #: The end states, which never change again while their record lives.
 ENDED = frozenset({Status.OK, Status.ERROR, Status.CANCELLED})

@@ -42,21 +42,21 @@ from typing import Any
 
 import orjson
 
-from services.api.metrics import ApiMetrics
-from services.api.waitroom import WaitResult, WaitRoom
-from shared.aio import Spawner
-from shared.camunda import (
+from flowgate.services.api.metrics import ApiMetrics
+from flowgate.services.api.waitroom import WaitResult, WaitRoom
+from flowgate.shared.aio import Spawner
+from flowgate.shared.camunda import (
     CamundaClient,
     CamundaError,
     DefinitionNotFound,
     EngineError,
     EngineUnavailable,
 )
-from shared.contract import StartFailed, SystemVariables, failed_start
-from shared.eventlog import EventRecord
-from shared.state import RunState, Status
-from shared.store.runs import Abandoned, RunStore
-from shared.variables import VariableError
+from flowgate.shared.contract import StartFailed, SystemVariables, failed_start
+from flowgate.shared.eventlog import EventRecord
+from flowgate.shared.state import RunState, Status
+from flowgate.shared.store.runs import Abandoned, RunStore
+from flowgate.shared.variables import VariableError
 
 log = logging.getLogger(__name__)
 

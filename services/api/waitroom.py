@@ -42,18 +42,18 @@ from enum import StrEnum
 
 from redis.asyncio.client import PubSub
 
-from services.api.metrics import ApiMetrics
-from services.api.settled import Settled
-from shared.aio import Backoff, sleep_or_stop
-from shared.contract import (
+from flowgate.services.api.metrics import ApiMetrics
+from flowgate.services.api.settled import Settled
+from flowgate.shared.aio import Backoff, sleep_or_stop
+from flowgate.shared.contract import (
     StartFailed,
     StepRecorded,
     correlation_id_of_message,
     decode_message,
     failed_start,
 )
-from shared.keys import Keys
-from shared.redis_client import (
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import (
     CONFIRMATIONS,
     MESSAGES,
     MOVED,
@@ -62,9 +62,9 @@ from shared.redis_client import (
     SlotsMoved,
     channel_shards,
 )
-from shared.state import RunState
-from shared.steps import StepEvent
-from shared.store.runs import RunStore
+from flowgate.shared.state import RunState
+from flowgate.shared.steps import StepEvent
+from flowgate.shared.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 

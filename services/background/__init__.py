@@ -25,14 +25,14 @@ from contextlib import AbstractAsyncContextManager
 
 import httpx
 
-from services.api.deps import Deps
-from services.background.callbacks import Deliverer
-from services.background.events import EngineEvents
-from services.background.recovery import Recovery
-from services.background.watcher import Watcher
-from services.flusher.writebehind import Flusher, stop_flushing
-from shared.aio import race_stop, stop_and_wait
-from shared.settings import Settings
+from flowgate.services.api.deps import Deps
+from flowgate.services.background.callbacks import Deliverer
+from flowgate.services.background.events import EngineEvents
+from flowgate.services.background.recovery import Recovery
+from flowgate.services.background.watcher import Watcher
+from flowgate.services.flusher.writebehind import Flusher, stop_flushing
+from flowgate.shared.aio import race_stop, stop_and_wait
+from flowgate.shared.settings import Settings
 
 
 def alongside(settings: Settings) -> Callable[[Deps], AbstractAsyncContextManager[None]]:

@@ -34,16 +34,16 @@ from urllib.parse import quote
 import httpx
 import orjson
 
-from services.api.metrics import ApiMetrics
-from services.api.parsing import check_target
-from services.api.runs import Runs
-from services.api.schemas import ProcessStatus
-from shared.aio import concurrently, sleep_or_stop
-from shared.eventlog import EventRecord, append_event
-from shared.keys import Keys
-from shared.redis_client import REDIS_ERRORS, RedisClient
-from shared.state import RunState
-from shared.store.runs import RunStore
+from flowgate.services.api.metrics import ApiMetrics
+from flowgate.services.api.parsing import check_target
+from flowgate.services.api.runs import Runs
+from flowgate.services.api.schemas import ProcessStatus
+from flowgate.shared.aio import concurrently, sleep_or_stop
+from flowgate.shared.eventlog import EventRecord, append_event
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import REDIS_ERRORS, RedisClient
+from flowgate.shared.state import RunState
+from flowgate.shared.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 

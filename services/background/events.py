@@ -27,9 +27,9 @@ from typing import Any, cast
 
 import orjson
 
-from shared.camunda import EndedActivity, EndedInstance, Incident
-from shared.keys import Keys
-from shared.redis_client import RedisClient, stream_entries, text
+from flowgate.shared.camunda import EndedActivity, EndedInstance, Incident
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import RedisClient, stream_entries, text
 
 #: Events read at most at once.
 BATCH = 500

@@ -3,7 +3,7 @@
 A start's claim waits in its partition's ``{p}:starts`` schedule until its engine instance
 is attached (services/api/starter.py). Whatever a starter left behind (it died, it stalled,
 its engine call's answer was lost), recovery settles it, one replica per claim at a time
-(:meth:`~shared.store.schedule.Schedule.take`):
+(:meth:`~flowgate.shared.store.schedule.Schedule.take`):
 
 * a claim whose start was **never sent** is given up after a few seconds (``abandoned``,
   the correlationId free again): nothing can have reached the engine;
@@ -20,11 +20,11 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 
-from services.api.starter import Starter
-from shared.aio import sleep_or_stop
-from shared.contract import StartFailed
-from shared.state import Status
-from shared.store.runs import RunStore
+from flowgate.services.api.starter import Starter
+from flowgate.shared.aio import sleep_or_stop
+from flowgate.shared.contract import StartFailed
+from flowgate.shared.state import Status
+from flowgate.shared.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 

@@ -33,19 +33,25 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from services.api.metrics import ApiMetrics
-from services.background.events import EngineEvents, Happened
-from shared.aio import Backoff, concurrently, sleep_or_stop
-from shared.camunda import CamundaClient, CamundaError, EndedActivity, EndedInstance, Incident
-from shared.contract import SystemVariables
-from shared.eventlog import EventRecord
-from shared.keys import Keys
-from shared.lease import Lease
-from shared.redis_client import REDIS_ERRORS, RedisClient, text
-from shared.state import RunState, Status, iso, parse_iso
-from shared.steps import StepEvent, StepStatus
-from shared.store.instances import INSTANCE_LINGER_S
-from shared.store.runs import RunStore
+from flowgate.services.api.metrics import ApiMetrics
+from flowgate.services.background.events import EngineEvents, Happened
+from flowgate.shared.aio import Backoff, concurrently, sleep_or_stop
+from flowgate.shared.camunda import (
+    CamundaClient,
+    CamundaError,
+    EndedActivity,
+    EndedInstance,
+    Incident,
+)
+from flowgate.shared.contract import SystemVariables
+from flowgate.shared.eventlog import EventRecord
+from flowgate.shared.keys import Keys
+from flowgate.shared.lease import Lease
+from flowgate.shared.redis_client import REDIS_ERRORS, RedisClient, text
+from flowgate.shared.state import RunState, Status, iso, parse_iso
+from flowgate.shared.steps import StepEvent, StepStatus
+from flowgate.shared.store.instances import INSTANCE_LINGER_S
+from flowgate.shared.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 

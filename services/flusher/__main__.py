@@ -1,4 +1,4 @@
-"""``python -m services.flusher`` (or ``flowgate-flusher``): the write-behind on its own.
+"""``python -m flowgate.services.flusher`` (or ``flowgate-flusher``): the write-behind on its own.
 
 By default every API replica runs a flusher among its background work
 (services/background/).
@@ -26,15 +26,15 @@ import uvloop
 from prometheus_client import REGISTRY, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
-from services.flusher.writebehind import Flusher, stop_flushing
-from shared import postgres
-from shared.health import serve_health
-from shared.keys import Keys
-from shared.logs import configure_logging
-from shared.redis_client import connect, read_topology
-from shared.settings import Settings, load_settings
+from flowgate.services.flusher.writebehind import Flusher, stop_flushing
+from flowgate.shared import postgres
+from flowgate.shared.health import serve_health
+from flowgate.shared.keys import Keys
+from flowgate.shared.logs import configure_logging
+from flowgate.shared.redis_client import connect, read_topology
+from flowgate.shared.settings import Settings, load_settings
 
-log = logging.getLogger("services.flusher")
+log = logging.getLogger("flowgate.services.flusher")
 
 #: Bounds every Redis call (a blocked flusher must notice a dead connection).
 REDIS_TIMEOUT_S = 10.0

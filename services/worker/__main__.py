@@ -1,4 +1,4 @@
-"""``python -m services.worker`` (or ``flowgate-worker``): one worker process.
+"""``python -m flowgate.services.worker`` (or ``flowgate-worker``): one worker process.
 
 Scale by running more processes; each takes its own slot (services/worker/identity.py).
 ``WORKER_NAME`` names the slots (default: the host name). SIGTERM or SIGINT stops fetching
@@ -14,12 +14,12 @@ import signal
 
 import uvloop
 
-from services.worker.app import serve
-from services.worker.registry import Registry, load_registry
-from shared.logs import configure_logging
-from shared.settings import Settings, load_settings
+from flowgate.services.worker.app import serve
+from flowgate.services.worker.registry import Registry, load_registry
+from flowgate.shared.logs import configure_logging
+from flowgate.shared.settings import Settings, load_settings
 
-log = logging.getLogger("services.worker")
+log = logging.getLogger("flowgate.services.worker")
 
 
 def main() -> None:

@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import httpx
 
-from services.worker.executor import Executor, RetryPolicy
-from services.worker.identity import claim_identity
-from services.worker.locks import Locks
-from services.worker.metrics import WorkerMetrics
-from services.worker.recorder import Recorder
-from services.worker.registry import Registry
-from services.worker.worker import Worker, WorkerOptions
-from shared.camunda import CamundaClient
-from shared.health import serve_health
-from shared.keys import Keys
-from shared.redis_client import connect, read_topology
-from shared.settings import Settings
-from shared.store.runs import RunStore
+from flowgate.services.worker.executor import Executor, RetryPolicy
+from flowgate.services.worker.identity import claim_identity
+from flowgate.services.worker.locks import Locks
+from flowgate.services.worker.metrics import WorkerMetrics
+from flowgate.services.worker.recorder import Recorder
+from flowgate.services.worker.registry import Registry
+from flowgate.services.worker.worker import Worker, WorkerOptions
+from flowgate.shared.camunda import CamundaClient
+from flowgate.shared.health import serve_health
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import connect, read_topology
+from flowgate.shared.settings import Settings
+from flowgate.shared.store.runs import RunStore
+
+log = logging.getLogger(__name__)
 
 #: Bound every Redis and outbound HTTP call (handlers may pass their own, shorter ones).
 REDIS_TIMEOUT_S = 5.0
@@ -53,6 +56,7 @@ async def serve(
         stack.push_async_callback(redis.aclose)
         await read_topology(redis)
         camunda = await stack.enter_async_context(CamundaClient.from_settings(settings))
+        await camunda.introduce(log)
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=HTTP_TIMEOUT_S))
         identity = await stack.enter_async_context(claim_identity(redis, keys, name=name))
         store = RunStore.from_settings(redis, keys, settings)

@@ -16,8 +16,8 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
-from shared.camunda import LockedTask
-from shared.contract import correlation_id_of
+from flowgate.shared.camunda import LockedTask
+from flowgate.shared.contract import correlation_id_of
 
 ConfigT = TypeVar("ConfigT")
 

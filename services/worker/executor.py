@@ -43,11 +43,16 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from services.worker.context import TaskContext
-from services.worker.metrics import WorkerMetrics
-from services.worker.registry import IDENTIFIER_FIELDS, BusinessRuleError, Handler, StepResult
-from shared.aio import Backoff
-from shared.camunda import (
+from flowgate.services.worker.context import TaskContext
+from flowgate.services.worker.metrics import WorkerMetrics
+from flowgate.services.worker.registry import (
+    IDENTIFIER_FIELDS,
+    BusinessRuleError,
+    Handler,
+    StepResult,
+)
+from flowgate.shared.aio import Backoff
+from flowgate.shared.camunda import (
     BadRequest,
     CamundaClient,
     CamundaError,
@@ -56,10 +61,10 @@ from shared.camunda import (
     LockedTask,
     NotFound,
 )
-from shared.contract import correlation_id_of, system_value
-from shared.eventlog import EventRecord
-from shared.state import Status
-from shared.steps import StepEvent, StepStatus
+from flowgate.shared.contract import correlation_id_of, system_value
+from flowgate.shared.eventlog import EventRecord
+from flowgate.shared.state import Status
+from flowgate.shared.steps import StepEvent, StepStatus
 
 log = logging.getLogger(__name__)
 

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from shared.aio import sleep_or_stop, stop_and_wait
-from shared.keys import Keys
-from shared.lease import Lease
-from shared.lua import Script
-from shared.redis_client import REDIS_ERRORS, RedisClient, text
+from flowgate.shared.aio import sleep_or_stop, stop_and_wait
+from flowgate.shared.keys import Keys
+from flowgate.shared.lease import Lease
+from flowgate.shared.lua import Script
+from flowgate.shared.redis_client import REDIS_ERRORS, RedisClient, text
 
 log = logging.getLogger(__name__)
 

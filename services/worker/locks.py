@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import cast
 
-from shared.aio import sleep_or_stop
-from shared.camunda import (
+from flowgate.shared.aio import sleep_or_stop
+from flowgate.shared.camunda import (
     BadRequest,
     CamundaClient,
     CamundaError,
@@ -32,8 +32,8 @@ from shared.camunda import (
     NotFound,
     TopicRequest,
 )
-from shared.keys import Keys
-from shared.redis_client import REDIS_ERRORS, RedisClient, text
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import REDIS_ERRORS, RedisClient, text
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Prometheus metrics of one worker process, in its own registry (no module globals).
 
 Names start with ``flowgate_worker_``. Outcomes of ``tasks_total`` (see
-:class:`services.worker.executor.Outcome`): ``completed``, ``bpmn_error``, ``failed`` (a
+:class:`flowgate.services.worker.executor.Outcome`): ``completed``, ``bpmn_error``, ``failed`` (a
 retry is scheduled), ``incident`` (retries exhausted), ``gone`` (the engine no longer has
 the task), ``lock_lost`` (another worker holds it), ``abandoned`` (unlocked at shutdown).
 """

@@ -21,14 +21,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from services.worker.metrics import WorkerMetrics
-from shared.aio import Backoff, sleep_or_stop
-from shared.eventlog import EventRecord, append_event
-from shared.keys import Keys
-from shared.redis_client import REDIS_ERRORS, RedisClient
-from shared.state import Status
-from shared.steps import StepEvent
-from shared.store.runs import RunStore
+from flowgate.services.worker.metrics import WorkerMetrics
+from flowgate.shared.aio import Backoff, sleep_or_stop
+from flowgate.shared.eventlog import EventRecord, append_event
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import REDIS_ERRORS, RedisClient
+from flowgate.shared.state import Status
+from flowgate.shared.steps import StepEvent
+from flowgate.shared.store.runs import RunStore
 
 log = logging.getLogger(__name__)
 

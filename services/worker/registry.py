@@ -5,8 +5,8 @@ A process declares its ordered steps once, each with the metadata its event-log 
 and which step's output is the run's result (``finishes_run``): the framework ends the run
 once the engine has accepted that step, so no handler ever touches the run's state.
 A handler is an async function decorated with the step it implements; it takes a pydantic
-model of its input variables (and optionally the :class:`~services.worker.context.TaskContext`)
-and returns its output::
+model of its input variables (and optionally the
+:class:`~flowgate.services.worker.context.TaskContext`) and returns its output::
 
     onboard_user = Process(
         "onboard-user",
@@ -43,11 +43,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from shared.contract import SystemVariables
-from shared.settings import settings_error
+from flowgate.shared.contract import SystemVariables
+from flowgate.shared.settings import settings_error
 
 if TYPE_CHECKING:
-    from services.worker.context import TaskContext
+    from flowgate.services.worker.context import TaskContext
 
 #: Output fields copied into the ``identifiers`` variable (the seed's list).
 IDENTIFIER_FIELDS = ("customerId", "userId", "orderId", "accountId")

@@ -33,13 +33,13 @@ from typing import Any
 
 import httpx
 
-from services.worker.context import TaskContext, task_logger
-from services.worker.executor import Executor, Outcome
-from services.worker.locks import Locks, keep_lock
-from services.worker.metrics import WorkerMetrics
-from services.worker.recorder import Recorder
-from services.worker.registry import Handler, Registry
-from shared.aio import (
+from flowgate.services.worker.context import TaskContext, task_logger
+from flowgate.services.worker.executor import Executor, Outcome
+from flowgate.services.worker.locks import Locks, keep_lock
+from flowgate.services.worker.metrics import WorkerMetrics
+from flowgate.services.worker.recorder import Recorder
+from flowgate.services.worker.registry import Handler, Registry
+from flowgate.shared.aio import (
     Backoff,
     cancel_and_wait,
     grace_then_cancel,
@@ -47,8 +47,8 @@ from shared.aio import (
     sleep_or_stop,
     stop_and_wait,
 )
-from shared.camunda import CamundaClient, CamundaError, LockedTask, TopicRequest
-from shared.settings import Settings
+from flowgate.shared.camunda import CamundaClient, CamundaError, LockedTask, TopicRequest
+from flowgate.shared.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
-from shared.keys import Keys
-from shared.redis_client import RedisClient, text
-from shared.store.schedule import ms
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import RedisClient, text
+from flowgate.shared.store.schedule import ms
 
 #: How long an ended run's engine instance stays mapped: the engine's history of its last
 #: steps (the end event after the finishing task) is still recorded meanwhile.

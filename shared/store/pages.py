@@ -13,10 +13,10 @@ import binascii
 from collections.abc import Sequence
 from typing import Any
 
-from shared.keys import Keys
-from shared.redis_client import RedisClient, text
-from shared.state import RunState
-from shared.store.scripts import PAGE, PageArgs, PageKeys
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import RedisClient, text
+from flowgate.shared.state import RunState
+from flowgate.shared.store.scripts import PAGE, PageArgs, PageKeys
 
 #: Stale entries one page call may clean up before it answers with what it has.
 SCAN_CAP = 1_000

@@ -31,18 +31,18 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from shared.contract import QUEUED, StartFailed, SystemVariables
-from shared.eventlog import EventRecord
-from shared.keys import Keys
-from shared.lua import NoArgs
-from shared.redis_client import RedisClient, text
-from shared.settings import Settings
-from shared.state import RunState, Status, dump_json, iso
-from shared.steps import MAX_STEPS, StepEvent
-from shared.store.instances import INSTANCE_LINGER_S, InstanceMap
-from shared.store.pages import Pages
-from shared.store.schedule import Schedule, ms
-from shared.store.scripts import (
+from flowgate.shared.contract import QUEUED, StartFailed, SystemVariables
+from flowgate.shared.eventlog import EventRecord
+from flowgate.shared.keys import Keys
+from flowgate.shared.lua import NoArgs
+from flowgate.shared.redis_client import RedisClient, text
+from flowgate.shared.settings import Settings
+from flowgate.shared.state import RunState, Status, dump_json, iso
+from flowgate.shared.steps import MAX_STEPS, StepEvent
+from flowgate.shared.store.instances import INSTANCE_LINGER_S, InstanceMap
+from flowgate.shared.store.pages import Pages
+from flowgate.shared.store.schedule import Schedule, ms
+from flowgate.shared.store.scripts import (
     ABANDON,
     ATTACH,
     CANCELLING,
@@ -64,7 +64,7 @@ from shared.store.scripts import (
     SendingArgs,
     SendingKeys,
 )
-from shared.store.steps import StepStore
+from flowgate.shared.store.steps import StepStore
 
 
 async def writebehind_backlog(redis: RedisClient, keys: Keys) -> int:

@@ -12,9 +12,9 @@ import heapq
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from shared.keys import Keys, Partition
-from shared.redis_client import RedisClient, text
-from shared.store.scripts import TAKE, TakeArgs, TakeKeys
+from flowgate.shared.keys import Keys, Partition
+from flowgate.shared.redis_client import RedisClient, text
+from flowgate.shared.store.scripts import TAKE, TakeArgs, TakeKeys
 
 
 class Schedule:

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from shared.lua import NoArgs, Script
-from shared.state import STATE_JSON_LUA
+from flowgate.shared.lua import NoArgs, Script
+from flowgate.shared.state import STATE_JSON_LUA
 
 # --- claim: create the pending run, or return the one there is --------------------------
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast
 
-from shared.eventlog import EventRecord
-from shared.keys import Keys
-from shared.redis_client import RedisClient, text
-from shared.steps import MAX_STEPS, StepEvent
-from shared.store.scripts import (
+from flowgate.shared.eventlog import EventRecord
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import RedisClient, text
+from flowgate.shared.steps import MAX_STEPS, StepEvent
+from flowgate.shared.store.scripts import (
     COMPACT,
     COMPACT_DUE,
     STEP,

@@ -11,11 +11,11 @@ from typing import Any
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from services import background
-from services.api.app import create_app
-from services.api.deps import Deps
-from services.api.drain import DrainHook
-from shared.settings import Settings
+from flowgate.services import background
+from flowgate.services.api.app import create_app
+from flowgate.services.api.deps import Deps
+from flowgate.services.api.drain import DrainHook
+from flowgate.shared.settings import Settings
 
 BENCHMARK = "benchmark"  # bpmn/benchmark.bpmn: one external task nobody works on here
 
@@ -28,7 +28,7 @@ class Api:
 
 @contextlib.asynccontextmanager
 async def running_app(settings: Settings, *, drain: DrainHook | None = None) -> AsyncIterator[Api]:
-    """A replica in-process (the app and its background work, as ``python -m services.api``
+    """A replica in-process (the app and its background work, as ``python -m flowgate.services.api``
     runs them), and a client that talks to it."""
     app = create_app(settings, drain=drain, alongside=background.alongside(settings))
     async with app.router.lifespan_context(app) as state:

@@ -3,7 +3,7 @@
 :class:`FakeEngine` answers by the request's last path segment (its *action*:
 ``fetchAndLock``, ``complete``, ``start``, ...): first any response queued for the action,
 then its route, then the default (204). It records every request, so a test asserts on what
-went over the wire, while the real :class:`~shared.camunda.CamundaClient` runs unchanged.
+went over the wire, while the real :class:`~flowgate.shared.camunda.CamundaClient` runs unchanged.
 Requests and answers are httpx's ``Request``/``Response``, used as plain values.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,10 @@ from pyreqwest.middleware.types import Middleware
 from pyreqwest.request import Request
 from pyreqwest.response import Response, ResponseBuilder
 
-from services.worker.registry import Process
-from shared.camunda import CamundaClient, LockedTask
-from shared.deployment import deploy_directory
-from shared.variables import from_camunda, to_camunda
+from flowgate.services.worker.registry import Process
+from flowgate.shared.camunda import CamundaClient, LockedTask
+from flowgate.shared.deployment import deploy_directory
+from flowgate.shared.variables import from_camunda, to_camunda
 
 BPMN_DIR = Path(__file__).resolve().parents[2] / "bpmn"
 BASE_URL = "http://engine.test/engine-rest"
@@ -317,3 +318,35 @@ class EngineAdmin:
         response = await self._http.get(path, params=query)
         response.raise_for_status()
         return response.json()
+
+
+def team_package(root: Path, name: str, key: str) -> Path:
+    """A package outside the repository with one process and its BPMN, as a team has it."""
+    source = root / name
+    source.mkdir(parents=True)
+    (source / "__init__.py").write_text(
+        textwrap.dedent(f'''
+        from pydantic import BaseModel
+
+        from flowgate.handlers import Process, Step
+
+        process = Process(
+            "{key}", [Step("greet", success="greeted", error="no greeting", finishes_run=True)]
+        )
+
+
+        class Name(BaseModel):
+            name: str
+
+
+        @process.handler("greet")
+        async def greet(data: Name) -> dict[str, str]:
+            return {{"greeting": f"hello, {{data.name}}"}}
+        ''')
+    )
+    bpmn_dir = root / "bpmn"
+    bpmn_dir.mkdir()
+    (bpmn_dir / f"{key}.bpmn").write_text(
+        single(key, f'serviceTask id="step" camunda:type="external" camunda:topic="{key}.greet"')
+    )
+    return bpmn_dir

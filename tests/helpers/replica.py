@@ -1,4 +1,4 @@
-"""A real ``python -m services.api`` process on a free port, as a test's replica (or
+"""A real ``python -m flowgate.services.api`` process on a free port, as a test's replica (or
 another of the services, such as the standalone flusher)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from deploy.local.servers import free_port
-from shared.settings import Settings
+from flowgate.shared.settings import Settings
 from tests.helpers.waiting import until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ async def replica(
     tmp_path: Path,
     name: str,
     *,
-    module: str = "services.api",
+    module: str = "flowgate.services.api",
     port_setting: str = "API_PORT",
     ready_path: str = "/readyz",
     **env: str,

@@ -9,9 +9,9 @@ from typing import Any, cast
 
 from redis.asyncio import RedisCluster
 
-from shared.contract import correlation_id_of_message
-from shared.keys import Keys
-from shared.redis_client import RedisClient
+from flowgate.shared.contract import correlation_id_of_message
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import RedisClient
 
 #: An entry id and its fields (bytes to bytes; ``Any`` so the fields can be added again).
 Entry = tuple[bytes, dict[Any, Any]]

@@ -17,18 +17,18 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.worker.app import serve
-from services.worker.metrics import WorkerMetrics
-from services.worker.registry import Registry
-from shared.camunda import CamundaClient, NotFound
-from shared.contract import SystemVariables
-from shared.eventlog import EventRecord
-from shared.keys import Keys
-from shared.redis_client import RedisClient
-from shared.settings import Settings
-from shared.state import RunState, Status
-from shared.steps import StepEvent
-from shared.store.runs import RunStore
+from flowgate.services.worker.app import serve
+from flowgate.services.worker.metrics import WorkerMetrics
+from flowgate.services.worker.registry import Registry
+from flowgate.shared.camunda import CamundaClient, NotFound
+from flowgate.shared.contract import SystemVariables
+from flowgate.shared.eventlog import EventRecord
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import RedisClient
+from flowgate.shared.settings import Settings
+from flowgate.shared.state import RunState, Status
+from flowgate.shared.steps import StepEvent
+from flowgate.shared.store.runs import RunStore
 from tests.helpers.streams import entries
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,7 +85,7 @@ class RecordedRuns:
 async def running_worker(
     settings: Settings, registry: Registry, metrics: WorkerMetrics | None = None
 ) -> AsyncIterator[asyncio.Task[None]]:
-    """A real worker (services.worker.app.serve) until the block ends, then drained."""
+    """A real worker (flowgate.services.worker.app.serve) until the block ends, then drained."""
     stop = asyncio.Event()
     task = asyncio.create_task(
         serve(settings, registry, stop=stop, name=f"it-{uuid.uuid4().hex[:6]}", metrics=metrics)
@@ -146,14 +146,14 @@ async def event_rows(redis: RedisClient, keys: Keys, cid: str) -> list[EventReco
 
 
 class WorkerProcess:
-    """One ``python -m services.worker`` subprocess; its stderr goes to a log file."""
+    """One ``python -m flowgate.services.worker`` subprocess; its stderr goes to a log file."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.log = log
         self.health_port = int(env["WORKER_HEALTH_PORT"])
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.worker"],
+                [sys.executable, "-m", "flowgate.services.worker"],
                 cwd=ROOT,
                 env=env,
                 stdout=out,

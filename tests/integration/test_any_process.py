@@ -12,7 +12,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import textwrap
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,13 +21,13 @@ from urllib.parse import quote
 import pytest
 
 from deploy.local.servers import free_port
-from shared import postgres
-from shared.camunda import CamundaClient, TopicRequest
-from shared.deployment import deploy_directory
-from shared.redis_client import RedisClient
-from shared.settings import Settings
+from flowgate.shared import postgres
+from flowgate.shared.camunda import CamundaClient, TopicRequest
+from flowgate.shared.deployment import deploy_directory
+from flowgate.shared.redis_client import RedisClient
+from flowgate.shared.settings import Settings
 from tests.helpers.api import Api, cid, running_app
-from tests.helpers.engine import EngineAdmin, single
+from tests.helpers.engine import EngineAdmin, single, team_package
 from tests.helpers.streams import entries
 from tests.helpers.waiting import until
 from tests.helpers.worker import ROOT, WorkerProcess
@@ -309,43 +308,11 @@ async def test_events_the_engine_could_not_push_are_read_from_its_history(
 # --- your handlers, your BPMN ---------------------------------------------------------------
 
 
-def package(root: Path, name: str, key: str) -> Path:
-    """A package outside the repository with one process and its BPMN, as a team has it."""
-    source = root / name
-    source.mkdir(parents=True)
-    (source / "__init__.py").write_text(
-        textwrap.dedent(f'''
-        from pydantic import BaseModel
-
-        from services.worker.registry import Process, Step
-
-        process = Process(
-            "{key}", [Step("greet", success="greeted", error="no greeting", finishes_run=True)]
-        )
-
-
-        class Name(BaseModel):
-            name: str
-
-
-        @process.handler("greet")
-        async def greet(data: Name) -> dict[str, str]:
-            return {{"greeting": f"hello, {{data.name}}"}}
-        ''')
-    )
-    bpmn_dir = root / "bpmn"
-    bpmn_dir.mkdir()
-    (bpmn_dir / f"{key}.bpmn").write_text(
-        single(key, f'serviceTask id="step" camunda:type="external" camunda:topic="{key}.greet"')
-    )
-    return bpmn_dir
-
-
 async def test_a_teams_own_package_and_bpmn_run_through_the_real_stack(
     make_settings: MakeSettings, engine_url: str, tmp_path: Path
 ) -> None:
     key, name = key_of("greeter"), f"team_{uuid.uuid4().hex[:6]}"
-    bpmn_dir = package(tmp_path, name, key)
+    bpmn_dir = team_package(tmp_path, name, key)
     settings = make_settings(camunda_base_url=engine_url)
     env = {
         **os.environ,
@@ -360,7 +327,7 @@ async def test_a_teams_own_package_and_bpmn_run_through_the_real_stack(
         "WORKER_HEALTH_PORT": str(free_port()),
         "CAMUNDA_ASYNC_RESPONSE_TIMEOUT_MS": "1000",
     }
-    deployed = subprocess_run([sys.executable, "-m", "shared.deployment"], env)
+    deployed = subprocess_run([sys.executable, "-m", "flowgate.shared.deployment"], env)
     assert key in deployed
     worker = WorkerProcess(env, tmp_path / "worker.log")
     try:
@@ -381,10 +348,10 @@ async def test_a_teams_own_package_and_bpmn_run_through_the_real_stack(
     ("processes", "named"),
     [
         ("no_such_module_xyz:process", "cannot import 'no_such_module_xyz'"),
-        ("services.worker.handlers:NOPE", "has no 'NOPE'"),
-        ("services.worker.handlers.onboard_user:ONBOARD_BELOW", "is a int"),
+        ("flowgate.services.worker.handlers:NOPE", "has no 'NOPE'"),
+        ("flowgate.services.worker.handlers.onboard_user:ONBOARD_BELOW", "is a int"),
         (
-            "services.worker.handlers:PROCESSES,services.worker.handlers.benchmark:process",
+            "flowgate.services.worker.handlers:PROCESSES,flowgate.services.worker.handlers.benchmark:process",
             "topic 'benchmark.noop' is registered twice",
         ),
         ("nocolon", "is not module:attribute"),

@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from services.api.drain import DrainHook
-from shared import postgres
-from shared.camunda import EngineUnavailable
-from shared.contract import SystemVariables
-from shared.settings import Settings
-from shared.state import Status
-from shared.steps import StepEvent, StepStatus
+from flowgate.services.api.drain import DrainHook
+from flowgate.shared import postgres
+from flowgate.shared.camunda import EngineUnavailable
+from flowgate.shared.contract import SystemVariables
+from flowgate.shared.settings import Settings
+from flowgate.shared.state import Status
+from flowgate.shared.steps import StepEvent, StepStatus
 from tests.helpers.api import Api, cid, running_app, start_body
 from tests.helpers.engine import EngineAdmin, deploy_bpmn as deploy
 from tests.helpers.net import TcpProxy

@@ -1,4 +1,4 @@
-"""Real ``python -m services.api`` processes: two replicas on one Redis (and on a Redis
+"""Real ``python -m flowgate.services.api`` processes: two replicas on one Redis (and on a Redis
 Cluster), and SIGTERM."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import httpx
 import psycopg
 import pytest
 
-from shared.settings import Settings
+from flowgate.shared.settings import Settings
 from tests.helpers.api import cid, start_body
 from tests.helpers.engine import deploy_bpmn as deploy
 from tests.helpers.replica import replica

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.camunda import (
+from flowgate.shared.camunda import (
     BadRequest,
     CamundaClient,
     DefinitionNotFound,
@@ -25,7 +25,7 @@ from shared.camunda import (
     ProcessInstance,
     TopicRequest,
 )
-from shared.deployment import deploy_directory
+from flowgate.shared.deployment import deploy_directory
 from tests.helpers.engine import EngineAdmin
 
 VALIDATE = "onboard-user.validate-user-information"

@@ -9,10 +9,10 @@ import uuid
 
 import redis.asyncio as aioredis
 
-from services.worker.locks import Locks
-from shared.aio import stop_and_wait
-from shared.camunda import CamundaClient, TopicRequest
-from shared.keys import Keys
+from flowgate.services.worker.locks import Locks
+from flowgate.shared.aio import stop_and_wait
+from flowgate.shared.camunda import CamundaClient, TopicRequest
+from flowgate.shared.keys import Keys
 from tests.helpers.engine import one_task_bpmn
 
 

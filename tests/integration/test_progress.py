@@ -25,11 +25,11 @@ from flowgate_client import AsyncClient, RunCancelled
 from flowgate_client.sse import Decoder
 from pydantic import BaseModel
 
-from services.worker.registry import Process, Registry, Step
-from shared import postgres
-from shared.camunda import CamundaClient
-from shared.deployment import deploy_directory
-from shared.settings import Settings
+from flowgate.services.worker.registry import Process, Registry, Step
+from flowgate.shared import postgres
+from flowgate.shared.camunda import CamundaClient
+from flowgate.shared.deployment import deploy_directory
+from flowgate.shared.settings import Settings
 from tests.helpers.api import BENCHMARK, Api, cid, running_app
 from tests.helpers.engine import EngineAdmin, bpmn, deploy_bpmn
 from tests.helpers.net import CallbackReceiver

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from deploy.local import servers
-from shared.settings import Settings
+from flowgate.shared.settings import Settings
 from tests.helpers.api import cid, start_body
 from tests.helpers.engine import deploy_bpmn
 from tests.helpers.replica import Replica, replica

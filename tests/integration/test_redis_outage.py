@@ -13,16 +13,16 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
-from services.worker.metrics import WorkerMetrics
-from services.worker.recorder import Recorder
-from services.worker.registry import Process, Registry, Step
-from shared.camunda import CamundaClient
-from shared.contract import SystemVariables
-from shared.eventlog import EventRecord
-from shared.keys import Keys
-from shared.settings import Settings
-from shared.state import Status
-from shared.store.runs import RunStore
+from flowgate.services.worker.metrics import WorkerMetrics
+from flowgate.services.worker.recorder import Recorder
+from flowgate.services.worker.registry import Process, Registry, Step
+from flowgate.shared.camunda import CamundaClient
+from flowgate.shared.contract import SystemVariables
+from flowgate.shared.eventlog import EventRecord
+from flowgate.shared.keys import Keys
+from flowgate.shared.settings import Settings
+from flowgate.shared.state import Status
+from flowgate.shared.store.runs import RunStore
 from tests.helpers.engine import EngineAdmin, one_task_bpmn
 from tests.helpers.net import TcpProxy
 from tests.helpers.waiting import until

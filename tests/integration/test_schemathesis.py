@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import Settings
+from flowgate.shared.settings import Settings
 from tests.helpers.engine import deploy_bpmn as deploy
 from tests.helpers.replica import replica
 
@@ -67,7 +67,7 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
             settings,
             tmp_path,
             "worker",
-            module="services.worker",
+            module="flowgate.services.worker",
             port_setting="WORKER_HEALTH_PORT",
             ready_path="/healthz",
             LOG_LEVEL="WARNING",

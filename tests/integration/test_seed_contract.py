@@ -15,8 +15,8 @@ from urllib.parse import quote
 
 import pytest
 
-from shared import postgres
-from shared.settings import Settings
+from flowgate.shared import postgres
+from flowgate.shared.settings import Settings
 from tests.helpers.api import BENCHMARK, Api, running_app
 from tests.helpers.engine import deploy_bpmn
 from tests.helpers.waiting import until

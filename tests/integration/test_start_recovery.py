@@ -14,12 +14,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from services.api.starter import StartCommand
-from shared import postgres
-from shared.contract import SystemVariables
-from shared.eventlog import EventRecord
-from shared.settings import Settings
-from shared.state import RunState, Status
+from flowgate.services.api.starter import StartCommand
+from flowgate.shared import postgres
+from flowgate.shared.contract import SystemVariables
+from flowgate.shared.eventlog import EventRecord
+from flowgate.shared.settings import Settings
+from flowgate.shared.state import RunState, Status
 from tests.helpers.api import BENCHMARK, Api, cid, running_app, start_body
 from tests.helpers.engine import EngineAdmin, deploy_bpmn
 from tests.helpers.net import SlowProxy

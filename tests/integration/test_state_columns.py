@@ -3,9 +3,9 @@ migration, and this fails until it has one."""
 
 from __future__ import annotations
 
-from shared import postgres
-from shared.eventlog import EVENT_COLUMNS
-from shared.state import COLUMNS
+from flowgate.shared import postgres
+from flowgate.shared.eventlog import EVENT_COLUMNS
+from flowgate.shared.state import COLUMNS
 
 
 async def test_the_tables_have_exactly_the_records_columns(schema_url: str) -> None:

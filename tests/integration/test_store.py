@@ -11,13 +11,13 @@ from typing import Any, cast
 import orjson
 import pytest
 
-from shared.contract import StartFailed, SystemVariables, decode_message
-from shared.keys import Keys
-from shared.redis_client import RedisClient
-from shared.state import RunState, Status
-from shared.steps import StepEvent, StepStatus
-from shared.store.pages import InvalidCursor
-from shared.store.runs import Abandoned, RunStore
+from flowgate.shared.contract import StartFailed, SystemVariables, decode_message
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import RedisClient
+from flowgate.shared.state import RunState, Status
+from flowgate.shared.steps import StepEvent, StepStatus
+from flowgate.shared.store.pages import InvalidCursor
+from flowgate.shared.store.runs import Abandoned, RunStore
 from tests.helpers.streams import entries, run_messages
 
 pytestmark = pytest.mark.redis_both

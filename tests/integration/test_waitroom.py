@@ -13,15 +13,15 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import RedisCluster
 
-from services.api.metrics import ApiMetrics
-from services.api.waitroom import WaitEnd, WaitResult, WaitRoom
-from shared.aio import stop_and_wait
-from shared.contract import StartFailed, SystemVariables
-from shared.keys import Keys
-from shared.redis_client import RedisClient, connect
-from shared.settings import Settings
-from shared.state import RunState, Status
-from shared.store.runs import RunStore
+from flowgate.services.api.metrics import ApiMetrics
+from flowgate.services.api.waitroom import WaitEnd, WaitResult, WaitRoom
+from flowgate.shared.aio import stop_and_wait
+from flowgate.shared.contract import StartFailed, SystemVariables
+from flowgate.shared.keys import Keys
+from flowgate.shared.redis_client import RedisClient, connect
+from flowgate.shared.settings import Settings
+from flowgate.shared.state import RunState, Status
+from flowgate.shared.store.runs import RunStore
 from tests.conftest import RedisTarget
 from tests.helpers.api import cid, running_app
 from tests.helpers.waiting import until

@@ -20,15 +20,15 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
-from services.worker.handlers import onboard_user
-from services.worker.metrics import WorkerMetrics
-from services.worker.registry import Process, Registry, Step
-from shared.camunda import CamundaClient
-from shared.deployment import deploy_directory
-from shared.keys import Keys
-from shared.settings import Settings
-from shared.state import Status
-from shared.store.runs import RunStore
+from flowgate.services.worker.handlers import onboard_user
+from flowgate.services.worker.metrics import WorkerMetrics
+from flowgate.services.worker.registry import Process, Registry, Step
+from flowgate.shared.camunda import CamundaClient
+from flowgate.shared.deployment import deploy_directory
+from flowgate.shared.keys import Keys
+from flowgate.shared.settings import Settings
+from flowgate.shared.state import Status
+from flowgate.shared.store.runs import RunStore
 from tests.helpers.engine import EngineAdmin, clone, onboard_user_bpmn, one_task_bpmn
 from tests.helpers.waiting import until
 from tests.helpers.worker import RunClient, event_rows, running_worker

@@ -14,16 +14,16 @@ import httpx
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
-from services.worker.context import TaskContext
-from services.worker.executor import Executor, RetryPolicy
-from services.worker.locks import Locks
-from services.worker.metrics import WorkerMetrics
-from services.worker.recorder import Recorder
-from services.worker.registry import Process, Registry, Step
-from services.worker.worker import Worker, WorkerOptions
-from shared.camunda import CamundaClient
-from shared.keys import Keys
-from shared.store.runs import RunStore
+from flowgate.services.worker.context import TaskContext
+from flowgate.services.worker.executor import Executor, RetryPolicy
+from flowgate.services.worker.locks import Locks
+from flowgate.services.worker.metrics import WorkerMetrics
+from flowgate.services.worker.recorder import Recorder
+from flowgate.services.worker.registry import Process, Registry, Step
+from flowgate.services.worker.worker import Worker, WorkerOptions
+from flowgate.shared.camunda import CamundaClient
+from flowgate.shared.keys import Keys
+from flowgate.shared.store.runs import RunStore
 from tests.helpers.engine import FakeEngine, task_json
 from tests.helpers.net import TcpProxy
 from tests.helpers.waiting import until

@@ -1,4 +1,4 @@
-"""Worker processes (``python -m services.worker``) killed, stopped, restarted and doubled.
+"""Worker processes (``python -m flowgate.services.worker``) killed, stopped, restarted and doubled.
 
 The workers serve the real bpmn/ processes. Their call-onboarding-api step calls a test
 onboarding server (ONBOARDING_API_URL) that holds each request until the test opens its
@@ -19,11 +19,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from deploy.local.servers import free_port
-from shared.camunda import CamundaClient
-from shared.keys import Keys
-from shared.settings import Settings
-from shared.state import Status
-from shared.store.runs import RunStore
+from flowgate.shared.camunda import CamundaClient
+from flowgate.shared.keys import Keys
+from flowgate.shared.settings import Settings
+from flowgate.shared.state import Status
+from flowgate.shared.store.runs import RunStore
 from tests.helpers.engine import EngineAdmin
 from tests.helpers.worker import RunClient, WorkerProcess
 
@@ -140,7 +140,7 @@ def spawn(
 async def client(
     engine_url: str, redis_client: aioredis.Redis, make_settings: Callable[..., Settings]
 ) -> AsyncIterator[RunClient]:
-    from shared.deployment import deploy_directory
+    from flowgate.shared.deployment import deploy_directory
 
     keys = Keys(make_settings().redis_prefix)
     async with CamundaClient(engine_url) as camunda:

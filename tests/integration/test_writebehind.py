@@ -19,16 +19,16 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from deploy.local import servers
-from services.flusher.writebehind import Flusher
-from shared import postgres
-from shared.contract import StartFailed, SystemVariables
-from shared.eventlog import EventRecord, append_event
-from shared.keys import WRITEBEHIND_GROUP, Keys
-from shared.redis_client import RedisClient
-from shared.settings import Settings
-from shared.state import Status
-from shared.steps import StepEvent, StepStatus
-from shared.store.runs import RunStore
+from flowgate.services.flusher.writebehind import Flusher
+from flowgate.shared import postgres
+from flowgate.shared.contract import StartFailed, SystemVariables
+from flowgate.shared.eventlog import EventRecord, append_event
+from flowgate.shared.keys import WRITEBEHIND_GROUP, Keys
+from flowgate.shared.redis_client import RedisClient
+from flowgate.shared.settings import Settings
+from flowgate.shared.state import Status
+from flowgate.shared.steps import StepEvent, StepStatus
+from flowgate.shared.store.runs import RunStore
 from tests.helpers.net import TcpProxy
 from tests.helpers.replica import replica
 from tests.helpers.streams import Entry, entries
@@ -92,7 +92,7 @@ async def test_a_flusher_process_writes_what_the_replicas_leave_to_it(
         make_settings(),
         tmp_path,
         "flusher",
-        module="services.flusher",
+        module="flowgate.services.flusher",
         port_setting="FLUSHER_HEALTH_PORT",
         ready_path="/healthz",
         WRITEBEHIND_IDLE_MS="50",

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shared.aio import concurrently
+from flowgate.shared.aio import concurrently
 
 
 async def test_concurrently_raises_the_failure_itself_and_cancels_the_rest() -> None:

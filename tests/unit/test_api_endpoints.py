@@ -9,10 +9,10 @@ import pytest
 from pydantic import SecretStr
 from starlette.applications import Starlette
 
-from services.api import errors
-from services.api.auth import Access, Auth
-from services.api.endpoints import ENDPOINTS, Endpoint, routes
-from services.api.openapi import build_openapi
+from flowgate.services.api import errors
+from flowgate.services.api.auth import Access, Auth
+from flowgate.services.api.endpoints import ENDPOINTS, Endpoint, routes
+from flowgate.services.api.openapi import build_openapi
 
 #: What each endpoint asks for when credentials are configured: changing one is a decision.
 EXPECTED_ACCESS = {

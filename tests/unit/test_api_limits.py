@@ -6,8 +6,8 @@ import resource
 
 import pytest
 
-from services.api import deps
-from shared.settings import Settings
+from flowgate.services.api import deps
+from flowgate.shared.settings import Settings
 
 
 def test_max_parked_is_kept_when_the_open_files_limit_allows_it(

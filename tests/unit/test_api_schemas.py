@@ -9,10 +9,10 @@ import orjson
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from services.api.auth import Auth
-from services.api.endpoints import ENDPOINTS
-from services.api.openapi import build_openapi, docs_html
-from services.api.schemas import (
+from flowgate.services.api.auth import Auth
+from flowgate.services.api.endpoints import ENDPOINTS
+from flowgate.services.api.openapi import build_openapi, docs_html
+from flowgate.services.api.schemas import (
     CompleteRequest,
     ErrorBody,
     JSONResponse,
@@ -20,7 +20,7 @@ from services.api.schemas import (
     StartRequest,
     json_depth,
 )
-from shared.state import RunState, Status
+from flowgate.shared.state import RunState, Status
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-from services.worker.handlers import PROCESSES
-from services.worker.registry import Registry
+from flowgate.services.worker.handlers import PROCESSES
+from flowgate.services.worker.registry import Registry
 
 BPMN_DIR = Path(__file__).resolve().parents[2] / "bpmn"
 CAMUNDA_TOPIC = "{http://camunda.org/schema/1.0/bpmn}topic"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +24,7 @@ from pyreqwest.request import Request
 from pyreqwest.response import Response
 
 from deploy.local.servers import free_port
-from shared.camunda import (
+from flowgate.shared.camunda import (
     BadRequest,
     CamundaClient,
     CamundaError,
@@ -33,7 +34,7 @@ from shared.camunda import (
     NotFound,
     TopicRequest,
 )
-from shared.settings import Settings
+from flowgate.shared.settings import Settings
 from tests.helpers.engine import BASE_URL, FakeEngine, answering
 
 BASE = BASE_URL
@@ -528,3 +529,24 @@ async def test_refused_credentials_name_the_settings() -> None:
 def test_engine_credentials_are_one_kind_and_whole(env: dict[str, str]) -> None:
     with pytest.raises(ValidationError, match="CAMUNDA_"):
         Settings(**env)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "level", "said"),
+    [
+        (200, {"version": "7.24.0"}, "INFO", "engine 7.24.0 at"),
+        (401, None, "ERROR", "CAMUNDA_USERNAME"),
+        (503, None, "WARNING", "not reachable yet"),
+    ],
+)
+async def test_start_up_says_which_engine_answers_or_what_is_wrong(
+    caplog: pytest.LogCaptureFixture, status: int, body: Any, level: str, said: str
+) -> None:
+    engine = FakeEngine()
+    engine.answer_all(status, body)
+    log = logging.getLogger("test.introduce")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        async with engine.client() as client:
+            await client.introduce(log)
+    [record] = caplog.records
+    assert (record.levelname, said in record.getMessage()) == (level, True), record.getMessage()

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import pytest
 import yaml
 
 from deploy.local import servers, stack
-from shared.settings import Settings
+from flowgate.shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "deploy" / "compose"
@@ -105,9 +106,9 @@ def test_compose_runs_the_whole_stack(compose: dict[str, Any]) -> None:
     assert services["engine"]["environment"]["DB_DRIVER"] == "org.postgresql.Driver"
     assert {"redis", "postgres", "engine", "deploy-bpmn", "api", "worker", "nginx"} <= set(services)
     # One image, two commands (and the one-shot deployment of bpmn/).
-    assert services["api"]["command"] == ["python", "-m", "services.api"]
-    assert services["worker"]["command"] == ["python", "-m", "services.worker"]
-    assert services["deploy-bpmn"]["command"] == ["python", "-m", "shared.deployment"]
+    assert services["api"]["command"] == ["flowgate-api"]
+    assert services["worker"]["command"] == ["flowgate-worker"]
+    assert services["deploy-bpmn"]["command"] == ["flowgate-deploy"]
     for name in ("api", "worker", "deploy-bpmn"):
         assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
         assert (ROOT / services[name]["build"]["dockerfile"]).exists()
@@ -115,7 +116,7 @@ def test_compose_runs_the_whole_stack(compose: dict[str, Any]) -> None:
     assert services["worker"]["deploy"]["replicas"] == 2
     assert "ports" not in services["api"], "the replicas are reached through nginx only"
     # The write-behind runs in its own process, and only there.
-    assert services["flusher"]["command"] == ["python", "-m", "services.flusher"]
+    assert services["flusher"]["command"] == ["flowgate-flusher"]
     assert services["api"]["environment"]["WRITEBEHIND_IN_API"] == "false"
     assert "WRITEBEHIND_IN_API" not in services["flusher"]["environment"]
     assert str(DEFAULTS["flusher_health_port"].default) in str(
@@ -361,7 +362,7 @@ def test_k8s_probes_hit_the_health_endpoints(base: list[dict[str, Any]]) -> None
 
     flusher = _by_kind(base, "Deployment", "flowgate-flusher")["spec"]["template"]["spec"]
     (container,) = flusher["containers"]
-    assert container["command"] == ["python", "-m", "services.flusher"]
+    assert container["command"] == ["flowgate-flusher"]
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"health": 8082}
     env = {e["name"]: e["value"] for e in container["env"]}
     assert (env["FLUSHER_HEALTH_PORT"], env["FLUSHER_HEALTH_HOST"]) == ("8082", "0.0.0.0")
@@ -477,13 +478,20 @@ def test_k8s_engine_config_matches_compose() -> None:
     assert yaml.safe_load(config) == yaml.safe_load((COMPOSE / "camunda.yml").read_text())
 
 
-def test_dockerfile_is_one_image_for_both_commands() -> None:
+def test_dockerfile_installs_the_scripts_every_manifest_runs() -> None:
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert re.search(r"^USER \d+$", dockerfile, flags=re.MULTILINE), "numeric uid (runAsNonRoot)"
-    assert 'CMD ["python", "-m", "services.api"]' in dockerfile
-    copied = set(re.findall(r"^COPY (\S+)", dockerfile, flags=re.MULTILINE))
+    assert 'CMD ["flowgate-api"]' in dockerfile
+    assert "HEALTHCHECK" in dockerfile
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    # Every command the manifests run is a console script the image installs.
+    manifests = [COMPOSE / "compose.yaml", *(K8S / "base").glob("*.yaml")]
+    commands = [re.findall(r'command: \["(flowgate-[a-z]+)"\]', m.read_text()) for m in manifests]
+    assert {c for found in commands for c in found} == set(scripts)
+    # What the build copies is what .dockerignore lets through.
+    copies = re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile, flags=re.MULTILINE)
     ignore = (ROOT / ".dockerignore").read_text()
-    for source in copied:
+    for source in (s for line in copies for s in line.split()):
         assert f"!{source.rstrip('/')}" in ignore.replace("/\n", "\n"), source
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from redis.crc import key_slot
 
-from shared.keys import PARTITIONS, Keys
+from flowgate.shared.keys import PARTITIONS, Keys
 
 
 def slot(key: str) -> int:

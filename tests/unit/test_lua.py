@@ -6,10 +6,10 @@ from typing import NamedTuple
 
 import pytest
 
-from services.worker import identity  # noqa: F401
-from shared import lease  # noqa: F401 - each of these declares its scripts
-from shared.lua import NoArgs, Script, problems
-from shared.store import scripts
+from flowgate.services.worker import identity  # noqa: F401
+from flowgate.shared import lease  # noqa: F401 - each of these declares its scripts
+from flowgate.shared.lua import NoArgs, Script, problems
+from flowgate.shared.store import scripts
 
 
 def test_every_script_is_declared_by_name() -> None:

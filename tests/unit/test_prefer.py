@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.api.prefer import Preferences, parse_prefer
+from flowgate.services.api.prefer import Preferences, parse_prefer
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.background.callbacks import signature
-from services.worker.registry import BusinessRuleError, Process, Registry
+from flowgate.services.background.callbacks import signature
+from flowgate.services.worker.registry import BusinessRuleError, Process, Registry
 
 README = Path(__file__).parents[2] / "README.md"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from services.worker.context import TaskContext
-from services.worker.handlers import PROCESSES
-from services.worker.registry import Process, Registry, Step
-from shared.contract import SystemVariables
+from flowgate.services.worker.context import TaskContext
+from flowgate.services.worker.handlers import PROCESSES
+from flowgate.services.worker.registry import Process, Registry, Step
+from flowgate.shared.contract import SystemVariables
 
 
 class In(BaseModel):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import Settings, SettingsError, load_settings
+from flowgate.shared.settings import Settings, SettingsError, load_settings
 
 
 @pytest.fixture(autouse=True)

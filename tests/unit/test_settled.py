@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.api.settled import CLOCK_MARGIN_S, Settled
-from shared.state import RunState, Status
+from flowgate.services.api.settled import CLOCK_MARGIN_S, Settled
+from flowgate.shared.state import RunState, Status
 from tests.unit.test_state import STATE
 
 
@@ -47,7 +47,7 @@ def test_an_entry_expires_while_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     settled = Settled(result_ttl_s=600)
     settled.keep(ended("c-1"))
     later = datetime.now(UTC).timestamp() + 600
-    monkeypatch.setattr("services.api.settled.time.time", lambda: later)
+    monkeypatch.setattr("flowgate.services.api.settled.time.time", lambda: later)
     assert settled.get("c-1") is None
     assert len(settled) == 0
 

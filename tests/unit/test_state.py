@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
-from shared.lua import Script
-from shared.state import FIELDS, STATE_JSON_LUA, RunState, Status, iso
-from shared.store import scripts  # noqa: F401 - declares the store's scripts
+from flowgate.shared.lua import Script
+from flowgate.shared.state import FIELDS, STATE_JSON_LUA, RunState, Status, iso
+from flowgate.shared.store import scripts  # noqa: F401 - declares the store's scripts
 
 STATE = RunState(
     correlation_id="user@example.com",

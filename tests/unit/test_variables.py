@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from shared.variables import MAX_STRING_CHARS, VariableError, from_camunda, to_camunda
+from flowgate.shared.variables import MAX_STRING_CHARS, VariableError, from_camunda, to_camunda
 
 PLUS_TWO = timezone(timedelta(hours=2))
 

@@ -11,12 +11,12 @@ import orjson
 import pytest
 from pydantic import BaseModel
 
-from services.worker.context import TaskContext, task_logger
-from services.worker.executor import Executor, Outcome, RetryPolicy
-from services.worker.metrics import WorkerMetrics
-from services.worker.registry import BusinessRuleError, Handler, Process, Step, StepResult
-from shared.camunda import CamundaClient, LockedTask
-from shared.state import Status
+from flowgate.services.worker.context import TaskContext, task_logger
+from flowgate.services.worker.executor import Executor, Outcome, RetryPolicy
+from flowgate.services.worker.metrics import WorkerMetrics
+from flowgate.services.worker.registry import BusinessRuleError, Handler, Process, Step, StepResult
+from flowgate.shared.camunda import CamundaClient, LockedTask
+from flowgate.shared.state import Status
 from tests.helpers.engine import FakeEngine, engine_error, locked_task
 from tests.helpers.worker import RecordedRuns
 

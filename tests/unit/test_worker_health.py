@@ -6,7 +6,7 @@ import httpx
 from pydantic import SecretStr
 
 from deploy.local.servers import free_port
-from shared.health import serve_health
+from flowgate.shared.health import serve_health
 
 
 def healthy() -> tuple[bool, dict[str, object]]:

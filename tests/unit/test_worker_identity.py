@@ -10,10 +10,10 @@ import sys
 import httpx
 import redis.asyncio as aioredis
 
-from services.worker import identity
-from services.worker.identity import claim_identity
-from shared.health import serve_health
-from shared.keys import Keys
+from flowgate.services.worker import identity
+from flowgate.services.worker.identity import claim_identity
+from flowgate.shared.health import serve_health
+from flowgate.shared.keys import Keys
 
 
 def holder_of(pid: int, ticks: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from services.worker.registry import Process, Step
+from flowgate.handlers import Process, Step
 
 process = Process(
     "benchmark",

@@ -25,8 +25,7 @@ import httpx
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.worker.context import TaskContext
-from services.worker.registry import BusinessRuleError, Process, Step, StepResult
+from flowgate.handlers import BusinessRuleError, Process, Step, StepResult, TaskContext
 
 
 class OnboardingConfig(BaseSettings):

@@ -1,0 +1,169 @@
+"""flowgate as a team installs it: the wheel in a fresh virtual environment, the team's own
+process package beside it, outside the repository, run through the console scripts.
+
+That is the proof of "without forking": nothing here imports from the checkout. The
+servers (Redis, PostgreSQL, the engine) are the session's.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deploy.local.servers import free_port
+from flowgate.shared.settings import Settings
+from tests.helpers.engine import team_package
+
+ROOT = Path(__file__).resolve().parents[2]
+MakeSettings = Callable[..., Settings]
+SCRIPTS = ("flowgate-api", "flowgate-worker", "flowgate-flusher", "flowgate-deploy")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dist = tmp_path_factory.mktemp("dist")
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(ROOT)])
+    [built] = dist.glob("flowgate_bpmn-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtual environment with only the wheel (and what it depends on)."""
+    root = tmp_path_factory.mktemp("venv")
+    _run([sys.executable, "-m", "venv", str(root)])
+    _run([str(root / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)])
+    return root / "bin"
+
+
+def test_the_wheel_installs_one_top_level_name_and_its_license(wheel: Path, venv: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert {name.split("/")[0] for name in names} == {
+        "flowgate",
+        f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info",
+    }
+    assert any(name.endswith("licenses/LICENSE") for name in names), names
+    for script in SCRIPTS:
+        assert (venv / script).exists(), script
+    # The handler API is importable from the installed package, and nothing generic is.
+    probe = "import flowgate.handlers, flowgate.embed; import importlib.util as u;" + (
+        "print(all(u.find_spec(n) is None for n in ('shared', 'services', 'tests', 'bench')))"
+    )
+    assert _run([str(venv / "python"), "-c", probe], cwd=venv).strip() == "True"
+    # Installed, there is no bpmn/ to fall back on: the deploy step names the setting.
+    env = {"PATH": os.environ["PATH"], "CAMUNDA_BASE_URL": "http://127.0.0.1:9/engine-rest"}
+    refused = subprocess.run(
+        [str(venv / "flowgate-deploy")], env=env, capture_output=True, text=True, check=False
+    )
+    assert refused.returncode != 0
+    assert "set BPMN_DIR" in refused.stderr, refused.stderr
+
+
+@pytest.mark.slow
+def test_a_teams_package_runs_end_to_end_through_the_installed_scripts(
+    venv: Path, make_settings: MakeSettings, engine_url: str, tmp_path: Path
+) -> None:
+    key, name = f"installed-{uuid.uuid4().hex[:8]}", f"team_{uuid.uuid4().hex[:6]}"
+    bpmn_dir = team_package(tmp_path, name, key)
+    settings = make_settings(camunda_base_url=engine_url)
+    api_port = free_port()
+    env = {
+        "PATH": f"{venv}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(tmp_path),  # the team's package; not the checkout
+        "REDIS_URL": settings.redis_url,
+        "REDIS_CLUSTER": str(settings.redis_cluster).lower(),
+        "DATABASE_URL": settings.database_url,
+        "REDIS_PREFIX": settings.redis_prefix,
+        "CAMUNDA_BASE_URL": engine_url,
+        "BPMN_DIR": str(bpmn_dir),
+        "WORKER_PROCESSES": f"{name}:process",
+        "WORKER_HEALTH_PORT": str(free_port()),
+        "FLUSHER_HEALTH_PORT": str(free_port()),
+        "API_PORT": str(api_port),
+        "WRITEBEHIND_IN_API": "false",  # the flusher script writes behind
+        "CAMUNDA_ASYNC_RESPONSE_TIMEOUT_MS": "1000",
+        "SHUTDOWN_GRACE_S": "5",
+    }
+    assert key in _run([str(venv / "flowgate-deploy")], env=env, cwd=tmp_path)
+    with _started(venv, env, tmp_path, "flowgate-worker", "flowgate-flusher", "flowgate-api"):
+        api = f"http://127.0.0.1:{api_port}"
+        _until_ready(f"{api}/readyz")
+        correlation_id = f"installed-{uuid.uuid4().hex}"
+        answer = httpx.post(
+            f"{api}/api/process/start",
+            json={"processKey": key, "correlationId": correlation_id, "variables": {"name": "Ada"}},
+            headers={"Prefer": "wait=30"},
+            timeout=40,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["result"] == {"greeting": "hello, Ada"}
+        # The flusher wrote the run's audit trail behind (the event log reads PostgreSQL).
+        _until_logged(f"{api}/api/event-log/{correlation_id}?by=correlationId")
+
+
+def _run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+    result = subprocess.run(
+        argv, env=env, cwd=cwd, capture_output=True, text=True, check=False, timeout=600
+    )
+    assert result.returncode == 0, f"{argv}: {result.stdout[-2000:]}{result.stderr[-4000:]}"
+    return result.stdout
+
+
+class _started:
+    """The scripts as background processes, stopped (SIGTERM) on the way out; each logs to
+    a file the failure message shows."""
+
+    def __init__(self, venv: Path, env: dict[str, str], cwd: Path, *scripts: str) -> None:
+        self._procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+        for script in scripts:
+            log = cwd / f"{script}.log"
+            with log.open("wb") as out:
+                proc = subprocess.Popen(
+                    [str(venv / script)], env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT
+                )
+            self._procs.append((proc, log))
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        for proc, _ in self._procs:
+            proc.terminate()
+        for proc, log in self._procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if exc[0] is not None:
+                sys.stderr.write(f"--- {log.name}\n{log.read_text()[-3000:]}\n")
+
+
+def _until_ready(url: str, timeout_s: float = 60) -> None:
+    _poll(lambda: httpx.get(url, timeout=2).status_code == 200, timeout_s, f"{url} ready")
+
+
+def _until_logged(url: str, timeout_s: float = 30) -> None:
+    _poll(lambda: bool(httpx.get(url, timeout=5).json()["eventLog"]), timeout_s, f"{url} rows")
+
+
+def _poll(probe: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if probe():
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
