@@ -545,3 +545,18 @@ def test_make_up_uses_compose_where_docker_answers(
     assert stack.main([*run_dir, "down"]) == 0
     assert calls == [("down",)]
     assert not (tmp_path / "stack.json").exists()
+
+
+def test_every_redis_keeps_a_finished_runs_hash_a_listpack() -> None:
+    """The one Redis setting flowgate's memory per run depends on, in every Redis its
+    deployments start (native, compose, compose cluster, Kubernetes, Kubernetes cluster)."""
+    value = servers.HASH_MAX_LISTPACK_VALUE
+    texts = {
+        "compose": (COMPOSE / "compose.yaml").read_text(),
+        "compose cluster": (COMPOSE / "redis-cluster.conf").read_text(),
+        "k8s": (K8S / "dependencies" / "redis.yaml").read_text(),
+        "k8s cluster": (K8S / "overlays" / "redis-cluster" / "redis-cluster.yaml").read_text(),
+    }
+    for name, text in texts.items():
+        found = re.findall(r'hash-max-listpack-value"?,?\s+"?(\d+)', text)
+        assert found == [value], (name, found)
