@@ -7,13 +7,17 @@ KUSTOMIZE_VERSION := v5.5.0
 # Tools installed into the venv (kustomize) are found by the tests.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: bootstrap install engine engine-operaton up down ps logs deploy-bpmn test test-operaton \
-	test-fast test-cluster lint format bench bench-smoke clean
+.PHONY: bootstrap bootstrap-up install kustomize engine engine-operaton up down ps logs \
+	deploy-bpmn test test-operaton test-fast test-cluster lint format bench bench-smoke clean
 
 # System packages (Redis, PostgreSQL, nginx, wrk, JDK, Maven, venv): installs what is missing
 # as root, or prints the one command to run (deploy/local/bootstrap.py holds the list).
 bootstrap:
 	@python3 deploy/local/bootstrap.py
+
+# Only what `make up` runs here: compose where a Docker engine answers, else the native stack.
+bootstrap-up:
+	@python3 deploy/local/bootstrap.py --for up
 
 install: bootstrap $(STAMP)
 
@@ -21,10 +25,13 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e . -e clients/python --group dev --group bench
-	@# kustomize renders deploy/k8s for the manifest tests; built from the Go module proxy.
-	command -v kustomize >/dev/null || test -x $(VENV)/bin/kustomize || \
-	  GOBIN=$(abspath $(VENV)/bin) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 	touch $(STAMP)
+
+# kustomize renders deploy/k8s for the manifest tests (only they need Go): built from the
+# Go module proxy into the venv unless one is on PATH.
+kustomize: $(STAMP)
+	@command -v kustomize >/dev/null || test -x $(VENV)/bin/kustomize || \
+	  GOBIN=$(abspath $(VENV)/bin) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 
 # The Camunda engine jar (deploy/camunda); rebuilt only when its sources change.
 engine: $(STAMP)
@@ -34,7 +41,7 @@ engine-operaton: $(STAMP)
 	$(PY) -c "from deploy.local.servers import build_engine; print(build_engine('operaton'))"
 
 # The whole local stack as native background processes (see deploy/local/stack.py).
-up: bootstrap $(STAMP)
+up: bootstrap-up $(STAMP)
 	$(PY) -m deploy.local.stack up
 
 down:
@@ -51,18 +58,18 @@ deploy-bpmn: $(STAMP)
 	$(PY) -m flowgate.shared.deployment
 
 # Every test, starting the real servers it needs (Redis, Postgres, the Camunda engine).
-test: bootstrap $(STAMP) engine
+test: bootstrap $(STAMP) engine kustomize
 	$(PY) -m pytest
 
 # The engine-facing tests against Operaton (deploy/camunda/pom.xml, profile `operaton`).
 test-operaton: bootstrap $(STAMP) engine-operaton
 	FLOWGATE_ENGINE=operaton $(PY) -m pytest -m engine
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) kustomize
 	$(PY) -m pytest tests/unit
 
 # Every test on a native Redis Cluster (three masters, a replica each) instead of one Redis.
-test-cluster: bootstrap $(STAMP) engine
+test-cluster: bootstrap $(STAMP) engine kustomize
 	FLOWGATE_TEST_REDIS=cluster $(PY) -m pytest
 
 lint: $(STAMP)

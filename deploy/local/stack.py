@@ -702,32 +702,53 @@ def logs(cfg: Config, names: Sequence[str], lines: int, follow: bool) -> None:
 # --- compose (where a Docker engine answers) -----------------------------------------------
 
 
-def _compose(*args: str) -> int:
+def compose_files(mode: str) -> list[Path]:
+    """The compose files of a stack brought up in ``mode``: ``compose``, or
+    ``compose-cluster`` (REDIS_CLUSTER=true: a Redis Cluster in the place of the one Redis)."""
+    cluster = [COMPOSE_FILE.with_name("redis-cluster.yaml")] if mode == "compose-cluster" else []
+    return [COMPOSE_FILE, *cluster]
+
+
+def _compose(mode: str, *args: str) -> int:
     docker = servers.require("docker", "install the Docker CLI with the compose plugin")
-    argv = [docker, "compose", "-p", COMPOSE_PROJECT, "-f", str(COMPOSE_FILE), *args]
+    files = [arg for path in compose_files(mode) for arg in ("-f", str(path))]
+    argv = [docker, "compose", "-p", COMPOSE_PROJECT, *files, *args]
     return subprocess.run(argv, check=False).returncode
 
 
-def compose_command(command: str, cfg: Config, args: argparse.Namespace) -> int:
-    """`up`/`down`/`ps`/`logs` with docker compose (deploy/compose/compose.yaml)."""
+def compose_refusal() -> str | None:
+    """Why the compose stack cannot honour this environment's choices, or None."""
+    if servers.ENGINE != "camunda":
+        return (
+            f"FLOWGATE_ENGINE={servers.ENGINE}: the compose stack runs the official Camunda "
+            "image only; bring the native stack up instead (python -m deploy.local.stack "
+            "--native up)"
+        )
+    return None
+
+
+def compose_command(command: str, cfg: Config, args: argparse.Namespace, mode: str) -> int:
+    """`up`/`down`/`ps`/`logs` with docker compose (deploy/compose/)."""
     if command == "up":
-        code = _compose("up", "-d", "--build", "--wait")
+        if why := compose_refusal():
+            raise ServerError(why)
+        code = _compose(mode, "up", "-d", "--build", "--wait")
         if code == 0:
-            State(mode="compose").save(cfg.run_dir)  # so `down` knows what to stop
+            State(mode=mode).save(cfg.run_dir)  # so `down` knows what to stop
             _say(
                 f"\nflowgate is up (docker compose):\n  API (nginx)  {cfg.api_url}"
                 f"\n  engine REST  {cfg.engine_url}\n  stop with    make down"
             )
         return code
     if command == "down":
-        code = _compose("down")
+        code = _compose(mode, "down")
         if code == 0:
             (cfg.run_dir / STATE_FILE).unlink(missing_ok=True)
         return code
     if command == "ps":
-        return _compose("ps")
+        return _compose(mode, "ps")
     follow = ["--follow"] if args.follow else []
-    return _compose("logs", "--tail", str(args.lines), *follow, *args.names)
+    return _compose(mode, "logs", "--tail", str(args.lines), *follow, *args.names)
 
 
 # --- command line --------------------------------------------------------------------------
@@ -760,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = Config.from_env(args.run_dir)
         state = State.load(cfg.run_dir)
-        use_compose = state.mode == "compose" or (
+        use_compose = state.mode.startswith("compose") or (
             args.command == "up"
             and not args.native
             and not state.processes
@@ -768,7 +789,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             and servers.docker_answers()
         )
         if use_compose:
-            return compose_command(args.command, cfg, args)
+            mode = state.mode if state.mode.startswith("compose") else (
+                "compose-cluster" if cfg.redis_cluster_ports else "compose"
+            )  # fmt: skip
+            return compose_command(args.command, cfg, args, mode)
         if args.command == "up":
             up(cfg, args.names)
         elif args.command == "down":

@@ -61,3 +61,30 @@ def test_nothing_missing_means_nothing_to_do() -> None:
         check=False,
     )
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_make_up_needs_only_what_its_stack_runs() -> None:
+    """Compose (a Docker engine answers) needs only the virtualenv; the native stack needs
+    its servers but not the benchmarks' load generator; the tests need everything."""
+    packages = {
+        (purpose, docker): {need.package for need in bootstrap.needs_for(purpose, docker=docker)}
+        for purpose in ("up", "test")
+        for docker in (True, False)
+    }
+    assert packages["up", True] == {"python3-venv"}
+    assert "wrk" not in packages["up", False]
+    assert {"redis-server", "postgresql", "nginx", "maven"} <= packages["up", False]
+    assert packages["test", True] == packages["test", False] == {n.package for n in bootstrap.NEEDS}
+
+
+def test_without_apt_the_hint_names_the_homebrew_formulas() -> None:
+    empty = str(ROOT / "nonexistent")  # not even apt-get
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "local" / "bootstrap.py"), "--for", "up"],
+        env={**os.environ, "PATH": empty, "FLOWGATE_NO_DOCKER": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1  # no apt-get on that PATH: it says how, installs nothing
+    assert "brew install redis" in result.stderr

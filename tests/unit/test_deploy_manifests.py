@@ -287,7 +287,7 @@ def test_stack_ports_come_from_the_environment(
 # --- Kubernetes --------------------------------------------------------------------------
 
 
-KUSTOMIZE_HINT = "go install sigs.k8s.io/kustomize/kustomize/v5@v5.5.0 (`make install` does it)"
+KUSTOMIZE_HINT = "go install sigs.k8s.io/kustomize/kustomize/v5@v5.5.0 (`make kustomize` does it)"
 
 
 def _render(directory: Path) -> list[dict[str, Any]]:
@@ -530,21 +530,48 @@ def test_make_up_uses_compose_where_docker_answers(
 ) -> None:
     calls: list[tuple[str, ...]] = []
 
-    def compose(*args: str) -> int:
-        calls.append(args)
+    def compose(mode: str, *args: str) -> int:
+        calls.append((mode, *args))
         return 0
 
     monkeypatch.setattr(servers, "docker_answers", lambda: True)
     monkeypatch.setattr(stack, "_compose", compose)
+    monkeypatch.delenv("REDIS_CLUSTER", raising=False)
     run_dir = ["--run-dir", str(tmp_path)]
     assert stack.main([*run_dir, "up"]) == 0
-    assert calls[-1] == ("up", "-d", "--build", "--wait")
+    assert calls[-1] == ("compose", "up", "-d", "--build", "--wait")
     calls.clear()
     # `down` follows what `up` did, even if the engine stopped answering meanwhile.
     monkeypatch.setattr(servers, "docker_answers", lambda: False)
     assert stack.main([*run_dir, "down"]) == 0
-    assert calls == [("down",)]
+    assert calls == [("compose", "down")]
     assert not (tmp_path / "stack.json").exists()
+
+
+def test_compose_honours_a_redis_cluster_and_refuses_another_engine_by_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[tuple[str, ...]] = []
+
+    def compose(mode: str, *args: str) -> int:
+        calls.append((mode, *args))
+        return 0
+
+    monkeypatch.setattr(servers, "docker_answers", lambda: True)
+    monkeypatch.setattr(stack, "_compose", compose)
+    monkeypatch.setenv("REDIS_CLUSTER", "true")
+    assert stack.main(["--run-dir", str(tmp_path / "a"), "up"]) == 0
+    assert calls[-1][0] == "compose-cluster"
+    files = stack.compose_files("compose-cluster")
+    assert [f.name for f in files] == ["compose.yaml", "redis-cluster.yaml"]
+    assert all(f.exists() for f in files)
+
+    monkeypatch.setenv("REDIS_CLUSTER", "false")
+    monkeypatch.setattr(servers, "ENGINE", "operaton")
+    calls.clear()
+    assert stack.main(["--run-dir", str(tmp_path / "b"), "up"]) == 1
+    assert calls == []
+    assert "FLOWGATE_ENGINE=operaton" in capsys.readouterr().err
 
 
 def test_every_redis_keeps_a_finished_runs_hash_a_listpack() -> None:
