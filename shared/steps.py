@@ -27,9 +27,16 @@ MAX_STEPS = 1_000
 
 
 class StepStatus(StrEnum):
+    """Spelled as a run's status is (``cancelled``, not the engine's ``canceled``)."""
+
     OK = "ok"  # the activity completed
     ERROR = "error"  # it threw a BPMN error, or failed with no retries left
-    CANCELED = "canceled"  # the engine left it (an interrupting event, a deletion)
+    CANCELLED = "cancelled"  # the engine left it (an interrupting event, a deletion)
+
+    @classmethod
+    def _missing_(cls, value: object) -> StepStatus | None:
+        # Steps recorded before the spelling was aligned, still in Redis or Postgres.
+        return cls.CANCELLED if value == "canceled" else None
 
 
 @dataclass(frozen=True, slots=True)

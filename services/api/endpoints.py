@@ -122,7 +122,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             ),
             409: Reply("The run was cancelled.", StartFailedBody, headers=_RUN_HEADERS),
         },
-        errors=(400, 404, 413, 415, 422, 502, 503),
+        errors=(400, 404, 408, 413, 415, 422, 502, 503),
     ),
     Endpoint(
         "GET",
@@ -191,7 +191,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                 "The run had already ended `ok` or `error`.", ProcessStatus, headers=_RUN_HEADERS
             ),
         },
-        errors=(400, 404, 413, 415, 502, 503),
+        errors=(400, 404, 408, 413, 415, 502, 503),
     ),
     Endpoint(
         "POST",
@@ -202,7 +202,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "A completion for a finished process changes nothing (`changed: false`).",
         body=CompleteRequest,
         replies={200: Reply("Received.", CompleteAck)},
-        errors=(400, 404, 413, 415, 503),
+        errors=(400, 404, 408, 413, 415, 503),
     ),
     *(
         Endpoint(

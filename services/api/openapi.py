@@ -28,9 +28,11 @@ _ERRORS = {
     400: "Malformed JSON, or a missing or invalid field (named in `field`).",
     401: "Missing or invalid credentials.",
     404: "No such process (or process definition).",
+    408: "The body did not arrive within the read timeout.",
     413: "The body is larger than MAX_BODY_BYTES.",
     415: "The body is not declared as application/json.",
-    422: "The correlationId is already used by a start with another processKey or variables.",
+    422: "The correlationId is already used by a start asking for something else: another "
+    "processKey, variables, fetchVariables or callbackUrl (`field` is `correlationId`).",
     409: "The run had already ended another way.",
     502: "The process engine failed.",
     503: "A dependency (the engine, Redis or Postgres) is unreachable; retry after Retry-After.",

@@ -330,7 +330,7 @@ class Milestone(BaseModel):
     """A step of the run that has finished."""
 
     step: str
-    status: str = Field(description="`ok`, `error` (a BPMN error) or `canceled`.")
+    status: str = Field(description="`ok`, `error` (a BPMN error) or `cancelled`.")
     data: Any = Field(default=None, description="What the step returned (flowgate steps).")
     error: Any = None
     at: Timestamp

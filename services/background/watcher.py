@@ -254,7 +254,7 @@ class Watcher:
         state = states.get(cid)
         if state is None:
             return
-        status = StepStatus.CANCELED if activity.canceled else StepStatus.OK
+        status = StepStatus.CANCELLED if activity.canceled else StepStatus.OK
         step = StepEvent(
             step=activity.activity_id,
             status=status,

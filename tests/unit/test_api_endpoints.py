@@ -62,3 +62,12 @@ def test_the_document_states_the_credentials_each_guarded_endpoint_needs(
     operation = spec["paths"][endpoint.path][endpoint.method.lower()]
     assert operation["security"]
     assert "401" in operation["responses"]
+
+
+def test_every_endpoint_with_a_body_documents_what_reading_it_can_answer() -> None:
+    """parsing.read_json answers 408 (the body came too slowly), 413 (too large) and 415
+    (not JSON) before any endpoint's own checks: the schema says so for each."""
+    spec = build_openapi(ENDPOINTS, Auth((), None, None))
+    for endpoint in (e for e in ENDPOINTS if e.body is not None):
+        documented = spec["paths"][endpoint.path][endpoint.method.lower()]["responses"]
+        assert {"400", "408", "413", "415"} <= set(documented), endpoint.path

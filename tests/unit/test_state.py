@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from flowgate.shared.lua import Script
 from flowgate.shared.state import FIELDS, STATE_JSON_LUA, RunState, Status, iso
+from flowgate.shared.steps import StepStatus
 from flowgate.shared.store import scripts  # noqa: F401 - declares the store's scripts
 
 STATE = RunState(
@@ -54,3 +55,8 @@ def test_the_transition_scripts_write_only_fields_of_the_record() -> None:
     }
     assert used
     assert used <= wire, used - wire
+
+
+def test_a_step_left_by_the_engine_is_spelled_like_a_cancelled_run() -> None:
+    assert StepStatus.CANCELLED.value == Status.CANCELLED.value == "cancelled"
+    assert StepStatus("canceled") is StepStatus.CANCELLED  # as recorded before
