@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -30,6 +29,7 @@ import yaml
 
 from deploy.local import servers, stack
 from flowgate.shared.settings import Settings
+from tests.helpers.manifests import render
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "deploy" / "compose"
@@ -287,22 +287,6 @@ def test_stack_ports_come_from_the_environment(
 # --- Kubernetes --------------------------------------------------------------------------
 
 
-KUSTOMIZE_HINT = "go install sigs.k8s.io/kustomize/kustomize/v5@v5.5.0 (`make kustomize` does it)"
-
-
-def _render(directory: Path) -> list[dict[str, Any]]:
-    """`kustomize build` (or `kubectl kustomize`): the manifests exactly as a cluster gets them."""
-    if shutil.which("kustomize"):
-        tool = ["kustomize", "build"]
-    elif shutil.which("kubectl"):
-        tool = ["kubectl", "kustomize"]
-    else:
-        pytest.fail(f"neither kustomize nor kubectl is installed: {KUSTOMIZE_HINT}")
-    result = subprocess.run([*tool, str(directory)], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
 def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
     spec = doc.get("spec", {}).get("template", {}).get("spec", {})
     return [*spec.get("initContainers", []), *spec.get("containers", [])]
@@ -316,19 +300,19 @@ def _by_kind(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]
 
 @pytest.fixture(scope="module")
 def base() -> list[dict[str, Any]]:
-    return _render(K8S / "base")
+    return render(K8S / "base")
 
 
 @pytest.fixture(scope="module")
 def example() -> list[dict[str, Any]]:
-    return _render(K8S / "overlays" / "example")
+    return render(K8S / "overlays" / "example")
 
 
 @pytest.mark.parametrize(
     "directory", ["base", "dependencies", "overlays/example", "overlays/redis-cluster"]
 )
 def test_k8s_manifests_follow_the_kubernetes_schemas(directory: str) -> None:
-    docs = _render(K8S / directory)
+    docs = render(K8S / directory)
     assert docs
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -454,7 +438,7 @@ def test_k8s_settings_exist_and_secrets_are_secrets(example: list[dict[str, Any]
 
 
 def test_k8s_redis_cluster_variant_replaces_the_single_redis() -> None:
-    docs = _render(K8S / "overlays" / "redis-cluster")
+    docs = render(K8S / "overlays" / "redis-cluster")
     names = {(doc["kind"], doc["metadata"]["name"]) for doc in docs}
     assert ("StatefulSet", "redis") not in names
     assert ("Service", "redis") not in names

@@ -1,0 +1,217 @@
+"""The deployment files, exercised without a container engine: each flowgate container of
+the compose file and of the rendered Kubernetes example runs natively, with its own command
+and environment (the image's ENV beneath it), and each probe it declares must answer.
+
+Only what cannot be the same outside a container is mapped: service names (``redis``,
+``postgres``, ``engine``/``camunda``) to this session's servers, container ports to free
+ones, the image's ``/app/bpmn`` to the repository's, and the Redis prefix to a fresh one. A
+wrong variable name, port, command or probe path then fails here, not in a deployment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import yaml
+
+from deploy.local.servers import free_port
+from flowgate.shared.settings import Settings
+from tests.helpers.engine import BPMN_DIR
+from tests.helpers.manifests import render
+
+ROOT = Path(__file__).resolve().parents[2]
+MakeSettings = Callable[..., Settings]
+
+
+@dataclass
+class Container:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    #: (path, container port) of every HTTP probe the manifest declares.
+    probes: list[tuple[str, int]] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
+
+
+def image_env() -> dict[str, str]:
+    """The runtime stage's ENV of deploy/Dockerfile (what every container starts with)."""
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    runtime = text.rsplit("\nFROM ", 1)[1].replace("\\\n", " ")
+    pairs = [p for line in runtime.splitlines() if line.startswith("ENV ") for p in line.split()]
+    return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+
+
+def compose_containers() -> list[Container]:
+    services = yaml.safe_load((ROOT / "deploy" / "compose" / "compose.yaml").read_text())
+    found = []
+    for name in ("deploy-bpmn", "api", "worker", "flusher"):
+        service = services["services"][name]
+        env = {k: _expand(str(v)) for k, v in service["environment"].items()}
+        probes = []
+        if check := service.get("healthcheck"):
+            url = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", " ".join(check["test"]))
+            assert url, f"{name}: no probe URL in {check['test']}"
+            probes.append((url[2], int(url[1])))
+        ports = [port for _, port in probes]
+        found.append(Container(f"compose {name}", service["command"], env, probes, ports))
+    return found
+
+
+def k8s_containers() -> list[Container]:
+    docs = render(ROOT / "deploy" / "k8s" / "overlays" / "example")
+    maps = {
+        (d["kind"], d["metadata"]["name"]): {**d.get("data", {}), **d.get("stringData", {})}
+        for d in docs
+        if d["kind"] in ("ConfigMap", "Secret")
+    }
+    found = []
+    for doc in docs:
+        if doc["kind"] != "Deployment" or not doc["metadata"]["name"].startswith("flowgate"):
+            continue
+        spec = doc["spec"]["template"]["spec"]
+        for c in [*spec.get("initContainers", []), *spec["containers"]]:
+            env: dict[str, str] = {}
+            for source in c.get("envFrom", []):
+                kind, ref = next(iter(source.items()))
+                env |= maps["ConfigMap" if kind == "configMapRef" else "Secret", ref["name"]]
+            env |= {item["name"]: str(item["value"]) for item in c.get("env", [])}
+            named = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+            probes = [
+                (probe["httpGet"]["path"], named.get(probe["httpGet"]["port"], 0))
+                for kind in ("startupProbe", "livenessProbe", "readinessProbe")
+                if (probe := c.get(kind)) and "httpGet" in probe
+            ]
+            name = f"k8s {doc['metadata']['name']}/{c['name']}"
+            found.append(Container(name, c["command"], env, probes, list(named.values())))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", [compose_containers, k8s_containers], ids=["compose", "k8s"])
+def test_every_container_runs_as_its_manifest_says_and_its_probes_answer(
+    source: Callable[[], list[Container]],
+    make_settings: MakeSettings,
+    engine_url: str,
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(camunda_base_url=engine_url)
+    containers = source()
+    assert {c.command[0] for c in containers} >= {"flowgate-api", "flowgate-worker"}
+    ports = {port: free_port() for c in containers for port in c.ports}
+    prefix = f"mf{uuid.uuid4().hex[:6]}"
+    one_shots = [c for c in containers if not c.probes]
+    assert one_shots, "the deploy step runs once, before the services"
+    for container in one_shots:
+        env = _native(container, settings, engine_url, ports, prefix)
+        done = subprocess.run(
+            container.command, env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert done.returncode == 0, f"{container.name}: {done.stdout}{done.stderr}"
+    with _running(
+        [c for c in containers if c.probes], settings, engine_url, ports, prefix, tmp_path
+    ):
+        for container in (c for c in containers if c.probes):
+            for path, port in container.probes:
+                assert port in ports, f"{container.name}: probe port {port} is no port it opens"
+                _answers(f"http://127.0.0.1:{ports[port]}{path}", container.name)
+
+
+def _native(
+    container: Container,
+    settings: Settings,
+    engine_url: str,
+    ports: dict[int, int],
+    prefix: str,
+) -> dict[str, str]:
+    """The container's environment, its service names and ports mapped to this machine."""
+    engine = urlsplit(engine_url).netloc
+    hosts = {
+        "redis:6379": urlsplit(settings.redis_url).netloc,
+        "engine:8080": engine,
+        "camunda:8080": engine,
+    }
+    env = {**image_env(), **container.env}
+    for name, value in env.items():
+        for host, here in hosts.items():
+            value = value.replace(f"//{host}/", f"//{here}/")
+        if urlsplit(value).hostname == "postgres":
+            value = settings.database_url  # this server's credentials, not the example's
+        if name.endswith("_PORT") and value.isdigit() and int(value) in ports:
+            value = str(ports[int(value)])
+        env[name] = value
+    if env.get("BPMN_DIR") == "/app/bpmn":
+        env["BPMN_DIR"] = str(BPMN_DIR)
+    unmapped = [v for v in env.values() if re.search(r"//(redis|postgres|engine|camunda)[:/]", v)]
+    assert not unmapped, f"{container.name}: a service this test does not know: {unmapped}"
+    return {
+        **env,
+        "REDIS_PREFIX": prefix,
+        "REDIS_CLUSTER": str(settings.redis_cluster).lower(),
+        "PATH": os.environ["PATH"],
+    }
+
+
+class _running:
+    """The long-running containers as processes, stopped on the way out."""
+
+    def __init__(
+        self,
+        containers: list[Container],
+        settings: Settings,
+        engine_url: str,
+        ports: dict[int, int],
+        prefix: str,
+        logs: Path,
+    ) -> None:
+        self._procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+        for c in containers:
+            log = logs / f"{c.name.replace('/', '-').replace(' ', '-')}.log"
+            env = _native(c, settings, engine_url, ports, prefix)
+            with log.open("wb") as out:
+                proc = subprocess.Popen(c.command, env=env, stdout=out, stderr=subprocess.STDOUT)
+            self._procs.append((c.name, proc, log))
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        for _, proc, _ in self._procs:
+            proc.terminate()
+        for name, proc, log in self._procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if exc[0] is not None:
+                print(f"--- {name}\n{log.read_text()[-3000:]}")  # noqa: T201 - pytest shows it
+
+
+def _answers(url: str, name: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = httpx.get(url, timeout=2).status_code
+            if last == 200:
+                return
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.3)
+    pytest.fail(f"{name}: {url} never answered 200 (last: {last!r})")
+
+
+def _expand(value: str) -> str:
+    """Compose's ``${NAME:-default}`` as compose reads it with NAME unset."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
