@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 import zipfile
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import pytest
 from deploy.local.servers import free_port
 from flowgate.shared.settings import Settings
 from tests.helpers.engine import team_package
+from tests.helpers.processes import background, until, until_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 MakeSettings = Callable[..., Settings]
@@ -95,9 +95,10 @@ def test_a_teams_package_runs_end_to_end_through_the_installed_scripts(
         "SHUTDOWN_GRACE_S": "5",
     }
     assert key in _run([str(venv / "flowgate-deploy")], env=env, cwd=tmp_path)
-    with _started(venv, env, tmp_path, "flowgate-worker", "flowgate-flusher", "flowgate-api"):
+    scripts = ("flowgate-worker", "flowgate-flusher", "flowgate-api")
+    with background({s: ([str(venv / s)], env) for s in scripts}, tmp_path):
         api = f"http://127.0.0.1:{api_port}"
-        _until_ready(f"{api}/readyz")
+        until_ok(f"{api}/readyz", "the installed API")
         correlation_id = f"installed-{uuid.uuid4().hex}"
         answer = httpx.post(
             f"{api}/api/process/start",
@@ -108,7 +109,8 @@ def test_a_teams_package_runs_end_to_end_through_the_installed_scripts(
         assert answer.status_code == 200, answer.text
         assert answer.json()["result"] == {"greeting": "hello, Ada"}
         # The flusher wrote the run's audit trail behind (the event log reads PostgreSQL).
-        _until_logged(f"{api}/api/event-log/{correlation_id}?by=correlationId")
+        log = f"{api}/api/event-log/{correlation_id}?by=correlationId"
+        until(lambda: bool(httpx.get(log, timeout=5).json()["eventLog"]), "its audit rows")
 
 
 def _run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
@@ -117,53 +119,3 @@ def _run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None
     )
     assert result.returncode == 0, f"{argv}: {result.stdout[-2000:]}{result.stderr[-4000:]}"
     return result.stdout
-
-
-class _started:
-    """The scripts as background processes, stopped (SIGTERM) on the way out; each logs to
-    a file the failure message shows."""
-
-    def __init__(self, venv: Path, env: dict[str, str], cwd: Path, *scripts: str) -> None:
-        self._procs: list[tuple[subprocess.Popen[bytes], Path]] = []
-        for script in scripts:
-            log = cwd / f"{script}.log"
-            with log.open("wb") as out:
-                proc = subprocess.Popen(
-                    [str(venv / script)], env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT
-                )
-            self._procs.append((proc, log))
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        for proc, _ in self._procs:
-            proc.terminate()
-        for proc, log in self._procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if exc[0] is not None:
-                sys.stderr.write(f"--- {log.name}\n{log.read_text()[-3000:]}\n")
-
-
-def _until_ready(url: str, timeout_s: float = 60) -> None:
-    _poll(lambda: httpx.get(url, timeout=2).status_code == 200, timeout_s, f"{url} ready")
-
-
-def _until_logged(url: str, timeout_s: float = 30) -> None:
-    _poll(lambda: bool(httpx.get(url, timeout=5).json()["eventLog"]), timeout_s, f"{url} rows")
-
-
-def _poll(probe: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if probe():
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)

@@ -13,15 +13,12 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 import yaml
 
@@ -29,6 +26,7 @@ from deploy.local.servers import free_port
 from flowgate.shared.settings import Settings
 from tests.helpers.engine import BPMN_DIR
 from tests.helpers.manifests import render
+from tests.helpers.processes import background, until_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 MakeSettings = Callable[..., Settings]
@@ -118,13 +116,15 @@ def test_every_container_runs_as_its_manifest_says_and_its_probes_answer(
             container.command, env=env, capture_output=True, text=True, timeout=120, check=False
         )
         assert done.returncode == 0, f"{container.name}: {done.stdout}{done.stderr}"
-    with _running(
-        [c for c in containers if c.probes], settings, engine_url, ports, prefix, tmp_path
-    ):
-        for container in (c for c in containers if c.probes):
+    services = [c for c in containers if c.probes]
+    commands = {
+        c.name: (c.command, _native(c, settings, engine_url, ports, prefix)) for c in services
+    }
+    with background(commands, tmp_path):
+        for container in services:
             for path, port in container.probes:
                 assert port in ports, f"{container.name}: probe port {port} is no port it opens"
-                _answers(f"http://127.0.0.1:{ports[port]}{path}", container.name)
+                until_ok(f"http://127.0.0.1:{ports[port]}{path}", container.name)
 
 
 def _native(
@@ -160,56 +160,6 @@ def _native(
         "REDIS_CLUSTER": str(settings.redis_cluster).lower(),
         "PATH": os.environ["PATH"],
     }
-
-
-class _running:
-    """The long-running containers as processes, stopped on the way out."""
-
-    def __init__(
-        self,
-        containers: list[Container],
-        settings: Settings,
-        engine_url: str,
-        ports: dict[int, int],
-        prefix: str,
-        logs: Path,
-    ) -> None:
-        self._procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-        for c in containers:
-            log = logs / f"{c.name.replace('/', '-').replace(' ', '-')}.log"
-            env = _native(c, settings, engine_url, ports, prefix)
-            with log.open("wb") as out:
-                proc = subprocess.Popen(c.command, env=env, stdout=out, stderr=subprocess.STDOUT)
-            self._procs.append((c.name, proc, log))
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        for _, proc, _ in self._procs:
-            proc.terminate()
-        for name, proc, log in self._procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if exc[0] is not None:
-                print(f"--- {name}\n{log.read_text()[-3000:]}")  # noqa: T201 - pytest shows it
-
-
-def _answers(url: str, name: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = httpx.get(url, timeout=2).status_code
-            if last == 200:
-                return
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.3)
-    pytest.fail(f"{name}: {url} never answered 200 (last: {last!r})")
 
 
 def _expand(value: str) -> str:

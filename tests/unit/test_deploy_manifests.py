@@ -509,9 +509,9 @@ def test_docker_answers_only_when_the_engine_pings_back(
     assert not servers.docker_answers()
 
 
-def test_make_up_uses_compose_where_docker_answers(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+@pytest.fixture
+def compose_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """Where a Docker engine answers: every `docker compose` the stack runs (mode, args)."""
     calls: list[tuple[str, ...]] = []
 
     def compose(mode: str, *args: str) -> int:
@@ -520,6 +520,13 @@ def test_make_up_uses_compose_where_docker_answers(
 
     monkeypatch.setattr(servers, "docker_answers", lambda: True)
     monkeypatch.setattr(stack, "_compose", compose)
+    return calls
+
+
+def test_make_up_uses_compose_where_docker_answers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, compose_calls: list[tuple[str, ...]]
+) -> None:
+    calls = compose_calls
     monkeypatch.delenv("REDIS_CLUSTER", raising=False)
     run_dir = ["--run-dir", str(tmp_path)]
     assert stack.main([*run_dir, "up"]) == 0
@@ -533,16 +540,12 @@ def test_make_up_uses_compose_where_docker_answers(
 
 
 def test_compose_honours_a_redis_cluster_and_refuses_another_engine_by_name(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    compose_calls: list[tuple[str, ...]],
 ) -> None:
-    calls: list[tuple[str, ...]] = []
-
-    def compose(mode: str, *args: str) -> int:
-        calls.append((mode, *args))
-        return 0
-
-    monkeypatch.setattr(servers, "docker_answers", lambda: True)
-    monkeypatch.setattr(stack, "_compose", compose)
+    calls = compose_calls
     monkeypatch.setenv("REDIS_CLUSTER", "true")
     assert stack.main(["--run-dir", str(tmp_path / "a"), "up"]) == 0
     assert calls[-1][0] == "compose-cluster"
