@@ -854,7 +854,10 @@ def _cost_rounds(rounds: dict[str, Any]) -> list[str]:
         ("the engine's REST calls per run, by endpoint", "engine_calls_per_run", 2),
         ("the engine's database per run: statements and rows written", "engine_sql_per_run", 1),
     ):
-        names = list(dict.fromkeys(k for side in costs.values() for c in side for k in c[key]))
+        # Figures every side has at zero (a table the engine never wrote to) say nothing.
+        names = list(dict.fromkeys(
+            k for side in costs.values() for c in side for k, v in c[key].items() if v
+        ))  # fmt: skip
         table = [
             [
                 name,
