@@ -138,6 +138,11 @@ class Watcher:
                 except (CamundaError, *REDIS_ERRORS, OSError, TimeoutError) as exc:
                     log.warning("engine watch failed; trying again", extra={"error": str(exc)})
                     pause = backoff.next_delay_s()
+                except Exception:
+                    # Not ours to take the replica down for: uvloop, for one, raises
+                    # RuntimeError where redis-py expects OSError (a Redis killed mid-write).
+                    log.exception("engine watch pass failed; trying again")
+                    pause = backoff.next_delay_s()
                 await sleep_or_stop(stop, pause)
         finally:
             if self.leading:

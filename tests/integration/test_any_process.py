@@ -21,6 +21,7 @@ from urllib.parse import quote
 import pytest
 
 from deploy.local.servers import free_port
+from flowgate.services.background.watcher import Watcher
 from flowgate.shared import postgres
 from flowgate.shared.camunda import CamundaClient, TopicRequest
 from flowgate.shared.deployment import deploy_directory
@@ -207,6 +208,39 @@ async def test_another_teams_worker_does_the_step_and_its_incident_ends_the_run(
         return any(r.step_name == "step" and r.originating_system == "engine" for r in rows)
 
     await until(audited, timeout_s=15, what="the other team's step in the audit trail")
+
+
+async def test_an_unexpected_error_in_a_watch_pass_does_not_stop_the_replica(
+    make_settings: MakeSettings,
+    folder: Callable[..., Any],
+    engine_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvloop raises RuntimeError writing to a Redis connection closed under it (a master
+    killed): the watcher logs it and carries on instead of taking the replica down."""
+    settings = make_settings(camunda_base_url=engine_url)
+    key = key_of("survives")
+    await folder(key, single(key, 'userTask id="step"'))
+    original, raised = Watcher.watch_once, asyncio.Event()
+
+    async def fails_once(self: Watcher) -> None:
+        if not raised.is_set():
+            raised.set()
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+        await original(self)
+
+    monkeypatch.setattr(Watcher, "watch_once", fails_once)
+    async with running_app(settings) as api:
+        correlation_id = cid()
+        assert (await start(api, key, correlation_id)).status_code == 202
+        await asyncio.wait_for(raised.wait(), 30)
+        state = await api.deps.store.get(correlation_id)
+        assert state is not None
+        async with EngineAdmin(engine_url) as admin:
+            [task] = await admin.user_tasks(str(state.instance_id))
+            await admin.complete_user_task(task["id"], {"from": "engine"})
+        ended = await status(api, correlation_id, wait_s=20)
+        assert (ended.status_code, ended.json()["data"]) == (200, {"from": "engine"})
 
 
 def watching(api: Api) -> bool:
