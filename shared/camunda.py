@@ -560,6 +560,28 @@ class CamundaClient:
         }
         return _objects(await self._send("POST", "/history/process-instance", json=body))
 
+    async def historic_process_instance(self, instance_id: str) -> JsonObject | None:
+        """The instance's history record, or None when the engine kept none."""
+        path = f"/history/process-instance/{_segment(instance_id)}"
+        try:
+            record: JsonObject = _body(await self._send("GET", path))
+        except NotFound:
+            return None
+        return record
+
+    async def variable_updates(self, instance_id: str, *, max_results: int) -> list[JsonObject]:
+        """The instance's recorded variable changes (history level ``full`` records them)."""
+        params: dict[str, QueryValue] = {
+            "processInstanceId": instance_id,
+            "variableUpdates": True,
+            "maxResults": max_results,
+        }
+        return _objects(await self._send("GET", "/history/detail", params=params))
+
+    async def delete_history(self, instance_id: str) -> None:
+        """Delete an ended instance's history."""
+        await self._send("DELETE", f"/history/process-instance/{_segment(instance_id)}")
+
     # --- what happened: history, for the runs whose steps flowgate did not run ----------
 
     async def ended_instances(self, after: datetime, *, max_results: int) -> list[EndedInstance]:

@@ -4,6 +4,8 @@
 All files go in one deployment named ``flowgate`` with duplicate filtering and
 deploy-changed-only, so running it again (every ``make up``, every replica start) creates
 no new versions unless a file changed, and only the changed files get a new version.
+Then it checks the engine has what flowgate needs (:mod:`flowgate.shared.engine_check`),
+as ``ENGINE_CHECK`` says.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 
 from flowgate.shared.camunda import CamundaClient, CamundaError, EngineUnavailable
+from flowgate.shared.engine_check import Finding, check_engine
 from flowgate.shared.settings import BUNDLED_BPMN, Settings, load_settings
 
 DEPLOYMENT_NAME = "flowgate"
@@ -43,32 +46,49 @@ def _read_bpmn(directory: Path) -> dict[str, bytes]:
     return files
 
 
-async def _deploy_when_ready(settings: Settings, wait_s: float) -> list[str]:
-    """Retry while the engine is unreachable (it may be starting), up to ``wait_s``."""
+async def _deploy_when_ready(settings: Settings, wait_s: float) -> tuple[list[str], list[Finding]]:
+    """Retry while the engine is unreachable (it may be starting), up to ``wait_s``; then
+    check the engine (unless ``ENGINE_CHECK=off``)."""
     deadline = time.monotonic() + wait_s
     async with CamundaClient.from_settings(settings) as client:
         while True:
             try:
-                return await deploy_directory(client, settings.bpmn_dir)
+                created = await deploy_directory(client, settings.bpmn_dir)
+                break
             except EngineUnavailable:
                 if time.monotonic() >= deadline:
                     raise
                 await asyncio.sleep(_RETRY_INTERVAL_S)
+        findings = [] if settings.engine_check == "off" else await check_engine(client)
+    return created, findings
 
 
 def main() -> None:
-    """CLI: deploy to ``CAMUNDA_BASE_URL`` and say what changed."""
+    """CLI: deploy to ``CAMUNDA_BASE_URL``, say what changed and what the engine lacks."""
     settings = load_settings()
+    engine = settings.camunda_base_url
     try:
-        created = asyncio.run(_deploy_when_ready(settings, ENGINE_WAIT_S))
+        created, findings = asyncio.run(_deploy_when_ready(settings, ENGINE_WAIT_S))
     except CamundaError as exc:  # unreachable for ENGINE_WAIT_S, or a file the engine rejects
-        sys.exit(f"flowgate-deploy: {settings.camunda_base_url}: {exc}")
+        sys.exit(f"flowgate-deploy: {engine}: {exc}")
     except FileNotFoundError as exc:
         sys.exit(f"flowgate-deploy: BPMN_DIR: {exc}")
     if created:
-        print(f"deployed to {settings.camunda_base_url}: {', '.join(created)}")  # noqa: T201
+        print(f"deployed to {engine}: {', '.join(created)}")  # noqa: T201
     else:
-        print(f"{settings.camunda_base_url}: every process is up to date")  # noqa: T201
+        print(f"{engine}: every process is up to date")  # noqa: T201
+    if not findings:
+        if settings.engine_check != "off":
+            print(f"{engine}: the engine has every setting flowgate checks")  # noqa: T201
+        return
+    lines = "\n".join(f"  - {finding}" for finding in findings)
+    report = (
+        f"flowgate-deploy: the engine at {engine} lacks what flowgate needs (README, "
+        f'"What flowgate needs from your engine"):\n{lines}'
+    )
+    if settings.engine_check == "fail" and any(finding.fatal for finding in findings):
+        sys.exit(f"{report}\nENGINE_CHECK=warn deploys anyway.")
+    print(report, file=sys.stderr)  # noqa: T201
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import base64
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import (
     Field,
@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     # Where `make deploy-bpmn` / `flowgate-deploy` finds the *.bpmn files it deploys
     # (default: the bundled examples, bpmn/).
     bpmn_dir: Path = BUNDLED_BPMN
+    # After deploying, flowgate-deploy checks the engine with a probe run (shared/engine_check.py):
+    # `fail` stops on a missing setting that makes runs end wrong, `warn` only says it, `off`.
+    engine_check: Literal["fail", "warn", "off"] = "fail"
     # Upper bound for `Prefer: wait=N` and `?wait=N`; keep it under the load balancer's
     # read timeout (deploy/ sets those to 75 s).
     max_wait_ms: PositiveInt = 60_000
@@ -137,8 +140,9 @@ class Settings(BaseSettings):
     # outside the host, as in a container).
     worker_health_host: str = "127.0.0.1"
     # The processes a worker serves: comma-separated `module:attribute` names of Process
-    # objects, registries or sequences of processes (services/worker/registry.py).
-    worker_processes: str = Field(default=DEFAULT_PROCESSES, min_length=1)
+    # objects, registries or sequences of processes (services/worker/registry.py). The
+    # default is the repository's example; the flowgate image sets none (deploy/Dockerfile).
+    worker_processes: str = DEFAULT_PROCESSES
     # Names the worker's restart slots (default: the host name; see services/worker/identity.py).
     worker_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
     log_level: str = Field(default="INFO", pattern=r"(?i)^(debug|info|warning|error)$")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import pwd
 import shutil
@@ -429,8 +430,12 @@ def engine_server(
     events_redis: str | None = None,
     events_cluster: bool = False,
     access_log: bool = False,
+    engine_settings: Mapping[str, object] | None = None,
 ) -> Server:
     """The engine on ``port``: in-memory H2 unless ``datasource`` gives SPRING_DATASOURCE_*.
+
+    ``engine_settings`` override deploy/camunda's ``camunda.bpm`` (Operaton: ``operaton.bpm``)
+    block, e.g. ``{"history-level": "audit"}``.
 
     With ``events_redis`` (a Redis URL; a node of a cluster with ``events_cluster``) its
     plugin pushes run events there (deploy/camunda ``RunEventsPlugin``). With
@@ -442,6 +447,11 @@ def engine_server(
     argv = [java, "-Xms256m", "-Xmx1g", "-XX:+UseSerialGC",
             "-jar", str(jar)]  # fmt: skip
     env = {"ENGINE_PORT": str(port), **(datasource or {})}
+    if engine_settings:
+        block = dict(engine_settings)
+        env["SPRING_APPLICATION_JSON"] = json.dumps(
+            {"camunda": {"bpm": block}, "operaton": {"bpm": block}}
+        )
     if events_redis:
         env |= {
             "FLOWGATE_EVENTS_REDIS_URL": events_redis,

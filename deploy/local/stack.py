@@ -704,9 +704,10 @@ def logs(cfg: Config, names: Sequence[str], lines: int, follow: bool) -> None:
 
 def compose_files(mode: str) -> list[Path]:
     """The compose files of a stack brought up in ``mode``: ``compose``, or
-    ``compose-cluster`` (REDIS_CLUSTER=true: a Redis Cluster in the place of the one Redis)."""
+    ``compose-cluster`` (REDIS_CLUSTER=true: a Redis Cluster in the place of the one Redis),
+    both with the example processes (compose.example.yaml)."""
     cluster = [COMPOSE_FILE.with_name("redis-cluster.yaml")] if mode == "compose-cluster" else []
-    return [COMPOSE_FILE, *cluster]
+    return [COMPOSE_FILE, COMPOSE_FILE.with_name("compose.example.yaml"), *cluster]
 
 
 def _compose(mode: str, *args: str) -> int:

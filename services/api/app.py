@@ -79,7 +79,7 @@ def create_app(
         middleware=[Middleware(OutcomeMiddleware, metrics=metrics)],
         exception_handlers={
             **errors.HANDLERS,
-            **dict.fromkeys(REDIS_ERRORS, errors.unavailable("Redis")),
+            **dict.fromkeys(REDIS_ERRORS, errors.redis_unavailable),
             psycopg.Error: errors.unavailable("Postgres"),
             PoolTimeout: errors.unavailable("Postgres"),
             Exception: errors.internal_error,

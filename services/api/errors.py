@@ -107,6 +107,17 @@ async def engine_failed(request: Request, exc: Exception) -> Response:
     return JSONResponse(ErrorBody.of(502, f"the process engine failed: {exc}"), status_code=502)
 
 
+async def runtime_error(request: Request, exc: Exception) -> Response:
+    """uvloop reports a write to a connection the peer has closed as ``RuntimeError`` ("unable
+    to perform operation on <TCPTransport closed=True ...>; the handler is closed") where
+    asyncio raises ``ConnectionError``, and redis-py passes it on. The API's only asyncio
+    transports are Redis's (the engine's client and psycopg do their own I/O): so that is
+    Redis unavailable, 503. Any other ``RuntimeError`` is a bug."""
+    if "handler is closed" in str(exc):
+        return await redis_unavailable(request, exc)
+    return await internal_error(request, exc)
+
+
 async def internal_error(request: Request, exc: Exception) -> Response:
     """A bug: logged with its traceback, answered as JSON like every other error."""
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
@@ -119,10 +130,13 @@ async def client_gone(request: Request, exc: Exception) -> Response:
     return Response(status_code=499)
 
 
+redis_unavailable = unavailable("Redis")
+
 HANDLERS: dict[type[Exception] | int, Handler] = {
     ApiError: api_error,
     StartRefused: start_refused,
     HTTPException: http_error,
     ClientDisconnect: client_gone,
     CamundaError: engine_failed,
+    RuntimeError: runtime_error,
 }

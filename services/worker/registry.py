@@ -330,7 +330,10 @@ def load_registry(spec: str) -> Registry:
             ) from exc
         processes.extend(_processes(name, found))
     if not processes:
-        raise RegistryError("WORKER_PROCESSES names no process")
+        raise RegistryError(
+            "WORKER_PROCESSES names no process: set it to your processes' module:attribute "
+            "(the flowgate image serves none of its own; docs/running.md)"
+        )
     try:
         return Registry.of(processes)
     except ValueError as exc:

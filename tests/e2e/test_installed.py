@@ -20,7 +20,7 @@ import pytest
 
 from deploy.local.servers import free_port
 from flowgate.shared.settings import Settings
-from tests.helpers.engine import team_package
+from tests.helpers.engine import team_env, team_package
 from tests.helpers.processes import background, until, until_ok
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,18 +80,10 @@ def test_a_teams_package_runs_end_to_end_through_the_installed_scripts(
     env = {
         "PATH": f"{venv}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": str(tmp_path),  # the team's package; not the checkout
-        "REDIS_URL": settings.redis_url,
-        "REDIS_CLUSTER": str(settings.redis_cluster).lower(),
-        "DATABASE_URL": settings.database_url,
-        "REDIS_PREFIX": settings.redis_prefix,
-        "CAMUNDA_BASE_URL": engine_url,
-        "BPMN_DIR": str(bpmn_dir),
-        "WORKER_PROCESSES": f"{name}:process",
-        "WORKER_HEALTH_PORT": str(free_port()),
+        **team_env(settings, name=name, bpmn_dir=bpmn_dir),
         "FLUSHER_HEALTH_PORT": str(free_port()),
         "API_PORT": str(api_port),
         "WRITEBEHIND_IN_API": "false",  # the flusher script writes behind
-        "CAMUNDA_ASYNC_RESPONSE_TIMEOUT_MS": "1000",
         "SHUTDOWN_GRACE_S": "5",
     }
     assert key in _run([str(venv / "flowgate-deploy")], env=env, cwd=tmp_path)

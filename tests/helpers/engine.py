@@ -23,9 +23,11 @@ from pyreqwest.middleware.types import Middleware
 from pyreqwest.request import Request
 from pyreqwest.response import Response, ResponseBuilder
 
+from deploy.local.servers import free_port
 from flowgate.services.worker.registry import Process
 from flowgate.shared.camunda import CamundaClient, LockedTask
 from flowgate.shared.deployment import deploy_directory
+from flowgate.shared.settings import Settings
 from flowgate.shared.variables import from_camunda, to_camunda
 
 BPMN_DIR = Path(__file__).resolve().parents[2] / "bpmn"
@@ -350,3 +352,19 @@ def team_package(root: Path, name: str, key: str) -> Path:
         single(key, f'serviceTask id="step" camunda:type="external" camunda:topic="{key}.greet"')
     )
     return bpmn_dir
+
+
+def team_env(settings: Settings, *, name: str, bpmn_dir: Path) -> dict[str, str]:
+    """The environment a team's deploy step and worker run :func:`team_package`'s process
+    with, against this test's servers (``settings``)."""
+    return {
+        "REDIS_URL": settings.redis_url,
+        "REDIS_CLUSTER": str(settings.redis_cluster).lower(),
+        "DATABASE_URL": settings.database_url,
+        "REDIS_PREFIX": settings.redis_prefix,
+        "CAMUNDA_BASE_URL": settings.camunda_base_url,
+        "BPMN_DIR": str(bpmn_dir),
+        "WORKER_PROCESSES": f"{name}:process",
+        "WORKER_HEALTH_PORT": str(free_port()),
+        "CAMUNDA_ASYNC_RESPONSE_TIMEOUT_MS": "1000",
+    }

@@ -28,7 +28,7 @@ from flowgate.shared.deployment import deploy_directory
 from flowgate.shared.redis_client import RedisClient
 from flowgate.shared.settings import Settings
 from tests.helpers.api import Api, cid, running_app
-from tests.helpers.engine import EngineAdmin, single, team_package
+from tests.helpers.engine import EngineAdmin, single, team_env, team_package
 from tests.helpers.streams import entries
 from tests.helpers.waiting import until
 from tests.helpers.worker import ROOT, WorkerProcess
@@ -351,15 +351,7 @@ async def test_a_teams_own_package_and_bpmn_run_through_the_real_stack(
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
-        "REDIS_URL": settings.redis_url,
-        "REDIS_CLUSTER": str(settings.redis_cluster).lower(),
-        "DATABASE_URL": settings.database_url,
-        "REDIS_PREFIX": settings.redis_prefix,
-        "CAMUNDA_BASE_URL": engine_url,
-        "BPMN_DIR": str(bpmn_dir),
-        "WORKER_PROCESSES": f"{name}:process",
-        "WORKER_HEALTH_PORT": str(free_port()),
-        "CAMUNDA_ASYNC_RESPONSE_TIMEOUT_MS": "1000",
+        **team_env(settings, name=name, bpmn_dir=bpmn_dir),
     }
     deployed = subprocess_run([sys.executable, "-m", "flowgate.shared.deployment"], env)
     assert key in deployed

@@ -8,6 +8,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from flowgate.services.api import errors
 from flowgate.services.api.auth import Access, Auth
@@ -71,3 +74,26 @@ def test_every_endpoint_with_a_body_documents_what_reading_it_can_answer() -> No
     for endpoint in (e for e in ENDPOINTS if e.body is not None):
         documented = spec["paths"][endpoint.path][endpoint.method.lower()]["responses"]
         assert {"400", "408", "413", "415"} <= set(documented), endpoint.path
+
+
+@pytest.mark.parametrize(
+    ("raised", "status"),
+    [
+        # uvloop's word for a write to a connection a failed Redis closed
+        ("unable to perform operation on <TCPTransport closed=True reading=False "
+         "0x7f>; the handler is closed", 503),
+        ("dictionary changed size during iteration", 500),
+    ],
+)  # fmt: skip
+async def test_a_closed_redis_connection_under_uvloop_is_503_and_any_other_runtime_error_500(
+    raised: str, status: int
+) -> None:
+    async def route(request: Request) -> Response:
+        raise RuntimeError(raised)
+
+    app = Starlette(routes=[Route("/x", route)], exception_handlers=errors.HANDLERS)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        answer = await client.get("/x")
+    assert answer.status_code == status
+    assert ("retry-after" in answer.headers) == (status == 503)

@@ -37,7 +37,8 @@ K8S = ROOT / "deploy" / "k8s"
 # kubernetes-validate ships the schemas of many releases; pyproject asks for >= 1.31.
 K8S_VERSION = "1.31.0"
 # preStop `sleep` is beta and on by default from 1.30; older clusters need an exec sleep.
-FLOWGATE_IMAGE = re.compile(r"^flowgate(:|$)")
+#: The example overlay runs the Dockerfile's `example` target.
+EXAMPLE_IMAGE = re.compile(r"^flowgate-example(:|$)")
 SETTING_NAMES = {name.upper() for name in Settings.model_fields}
 DEFAULTS = Settings.model_fields
 
@@ -80,11 +81,13 @@ def test_compose_schema_is_the_vendored_file() -> None:
     assert digest in (COMPOSE / "schema" / "README.md").read_text()
 
 
-def test_compose_file_follows_the_compose_specification(
-    compose: dict[str, Any], compose_schema: dict[str, Any]
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.example.yaml", "redis-cluster.yaml"])
+def test_compose_files_follow_the_compose_specification(
+    name: str, compose_schema: dict[str, Any]
 ) -> None:
     validator = jsonschema.Draft202012Validator(compose_schema)
-    errors = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(compose)]
+    doc = yaml.safe_load((COMPOSE / name).read_text())
+    errors = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(doc)]
     assert errors == []
 
 
@@ -109,9 +112,16 @@ def test_compose_runs_the_whole_stack(compose: dict[str, Any]) -> None:
     assert services["api"]["command"] == ["flowgate-api"]
     assert services["worker"]["command"] == ["flowgate-worker"]
     assert services["deploy-bpmn"]["command"] == ["flowgate-deploy"]
-    for name in ("api", "worker", "deploy-bpmn"):
-        assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
-        assert (ROOT / services[name]["build"]["dockerfile"]).exists()
+    # The base runs the image FLOWGATE_IMAGE names and builds nothing: the example's image
+    # comes from its overlay, built from the Dockerfile's `example` target.
+    example = yaml.safe_load((COMPOSE / "compose.example.yaml").read_text())["services"]
+    for name in ("api", "worker", "deploy-bpmn", "flusher"):
+        assert services[name]["image"] == "${FLOWGATE_IMAGE:-flowgate:dev}"
+        assert "build" not in services[name]
+        build = example[name]["build"]
+        assert (build["dockerfile"], build["target"]) == ("deploy/Dockerfile", "example")
+        assert (ROOT / build["dockerfile"]).exists()
+    assert set(example) == {"api", "worker", "deploy-bpmn", "flusher"}
     assert services["api"]["deploy"]["replicas"] == 2
     assert services["worker"]["deploy"]["replicas"] == 2
     assert "ports" not in services["api"], "the replicas are reached through nginx only"
@@ -430,7 +440,7 @@ def test_k8s_settings_exist_and_secrets_are_secrets(example: list[dict[str, Any]
     assert not {"COMPLETE_TOKEN", "API_KEYS", "DATABASE_URL"} & set(config)
     for name in ("flowgate-api", "flowgate-worker"):
         for container in _containers(_by_kind(example, "Deployment", name)):
-            assert FLOWGATE_IMAGE.match(container["image"]), container["image"]
+            assert EXAMPLE_IMAGE.match(container["image"]), container["image"]
             assert {e["name"] for e in container.get("env", [])} <= SETTING_NAMES
             refs = {next(iter(ref)): next(iter(ref.values()))["name"]
                     for ref in container["envFrom"]}  # fmt: skip
@@ -550,7 +560,7 @@ def test_compose_honours_a_redis_cluster_and_refuses_another_engine_by_name(
     assert stack.main(["--run-dir", str(tmp_path / "a"), "up"]) == 0
     assert calls[-1][0] == "compose-cluster"
     files = stack.compose_files("compose-cluster")
-    assert [f.name for f in files] == ["compose.yaml", "redis-cluster.yaml"]
+    assert [f.name for f in files] == ["compose.yaml", "compose.example.yaml", "redis-cluster.yaml"]
     assert all(f.exists() for f in files)
 
     monkeypatch.setenv("REDIS_CLUSTER", "false")
