@@ -113,7 +113,7 @@ class DefinitionNotFound(NotFound):
 class TopicRequest:
     """One topic of a fetchAndLock; ``variables=None`` fetches all of them, ``[]`` none.
 
-    ``business_key`` and ``process_definition_key`` restrict the topic to matching tasks.
+    ``business_key`` and ``process_definition_key(s)`` restrict the topic to matching tasks.
     """
 
     topic_name: str
@@ -122,6 +122,7 @@ class TopicRequest:
     local_variables: bool = False
     business_key: str | None = None
     process_definition_key: str | None = None
+    process_definition_keys: Sequence[str] | None = None
 
     def to_body(self) -> JsonObject:
         """The topic as the request body holds it."""
@@ -136,6 +137,8 @@ class TopicRequest:
             body["businessKey"] = self.business_key
         if self.process_definition_key is not None:
             body["processDefinitionKey"] = self.process_definition_key
+        if self.process_definition_keys is not None:
+            body["processDefinitionKeyIn"] = list(self.process_definition_keys)
         return body
 
 

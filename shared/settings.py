@@ -132,6 +132,8 @@ class Settings(BaseSettings):
     # Tasks a worker locks ahead of its free slots, so its next poll is open while a batch
     # runs (0: fetch only for free slots).
     worker_prefetch: Annotated[int, Field(ge=0, le=1_000)] = 10
+    # Threads for synchronous (plain `def`) handlers: at most this many run at once.
+    worker_threads: Annotated[int, Field(ge=1, le=1_000)] = 10
     worker_retries: Annotated[int, Field(ge=0)] = 3
     worker_retry_timeout_ms: Annotated[int, Field(ge=0)] = 1_000
     worker_shutdown_grace_s: PositiveInt = 10
@@ -156,8 +158,14 @@ class Settings(BaseSettings):
     # Requests parked at once per replica; beyond it a start or long-poll answers 202 at
     # once (OWASP API4: a bounded resource, not a way to exhaust memory).
     max_parked: PositiveInt = 20_000
+    # Process keys whose starts may name system variables (correlationId, batch_id, ...) in
+    # `variables`; flowgate's values replace the client's, as the seed did. For any other
+    # process such a start is 400 naming the variable.
+    system_variables_from_clients: Annotated[tuple[str, ...], NoDecode] = ()
 
-    @field_validator("api_keys", "callback_allowed_hosts", mode="before")
+    @field_validator(
+        "api_keys", "callback_allowed_hosts", "system_variables_from_clients", mode="before"
+    )
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):

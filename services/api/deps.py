@@ -59,6 +59,7 @@ class ApiOptions:
     body_timeout_s: float = 10.0  # BODY_TIMEOUT_S
     max_variables_depth: int = 32  # MAX_VARIABLES_DEPTH
     callback_allowed_hosts: tuple[str, ...] = ()  # CALLBACK_ALLOWED_HOSTS
+    system_variables_from_clients: tuple[str, ...] = ()  # SYSTEM_VARIABLES_FROM_CLIENTS
 
     @classmethod
     def of(cls, settings: Settings) -> ApiOptions:
@@ -70,6 +71,7 @@ class ApiOptions:
             body_timeout_s=settings.body_timeout_s,
             max_variables_depth=settings.max_variables_depth,
             callback_allowed_hosts=settings.callback_allowed_hosts,
+            system_variables_from_clients=settings.system_variables_from_clients,
         )
 
 

@@ -80,7 +80,10 @@ async def start_process(request: Request) -> Response:
     body = parse_model(
         StartRequest,
         await read_json(request, d.options.max_body_bytes, timeout_s=d.options.body_timeout_s),
-        context={"max_depth": d.options.max_variables_depth},
+        context={
+            "max_depth": d.options.max_variables_depth,
+            "system_variables_from": d.options.system_variables_from_clients,
+        },
     )
     wait_s, applied = wait_budget(
         request, default_ms=d.options.sync_timeout_ms, max_ms=d.options.max_wait_ms

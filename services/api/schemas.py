@@ -29,6 +29,7 @@ from pydantic import (
 from starlette.responses import Response
 from typing_extensions import TypeAliasType
 
+from flowgate.shared.contract import CORRELATION_ID, SystemVariables
 from flowgate.shared.eventlog import EventRecord
 from flowgate.shared.state import RunState, iso
 from flowgate.shared.steps import StepEvent
@@ -189,6 +190,24 @@ class StartRequest(BaseModel):
     def _not_reserved(cls, value: str) -> str:
         if value == "all":
             raise ValueError("'all' is reserved (it names the list of processes)")
+        return value
+
+    @field_validator("variables")
+    @classmethod
+    def _no_system_variables(cls, value: Any, info: ValidationInfo) -> Any:
+        """A start does not set what flowgate sets on every start (a process opts out with
+        SYSTEM_VARIABLES_FROM_CLIENTS). The correlationId itself, given again, is harmless."""
+        key, correlation_id = info.data.get("processKey"), info.data.get("correlationId")
+        if not isinstance(value, dict) or key in (info.context or {}).get(
+            "system_variables_from", ()
+        ):
+            return value
+        for name in SystemVariables.NAMES:
+            if name in value and (name != CORRELATION_ID or value[name] != correlation_id):
+                raise ValueError(
+                    f"{name} is a system variable flowgate sets on every start; rename it "
+                    "(or list the process in SYSTEM_VARIABLES_FROM_CLIENTS)"
+                )
         return value
 
     @field_validator("variables")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
@@ -58,6 +59,9 @@ async def serve(
         camunda = await stack.enter_async_context(CamundaClient.from_settings(settings))
         await camunda.introduce(log)
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=HTTP_TIMEOUT_S))
+        threads = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="handler")
+        # Last out: a synchronous handler abandoned at its timeout is not waited for.
+        stack.callback(threads.shutdown, wait=False, cancel_futures=True)
         identity = await stack.enter_async_context(claim_identity(redis, keys, name=name))
         store = RunStore.from_settings(redis, keys, settings)
         recorder = Recorder(redis, keys, store, metrics)
@@ -74,6 +78,7 @@ async def serve(
                 ),
                 recorder=recorder,
                 metrics=metrics,
+                threads=threads,
             ),
             locks=Locks(
                 camunda,

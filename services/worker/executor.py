@@ -10,10 +10,14 @@ returns                        ``complete`` with the output and ``identifiers`` 
                                finishes the run, the run then ends with that output
 raises BusinessRuleError       ``bpmnError`` (its code; errorCode/errorMessage/errorType)
 input fails validation         ``bpmnError`` ``VALIDATION_ERROR``
-raises anything else           ``failure``, retries counted down, retryTimeout doubling;
-                               at 0 the engine raises an incident and the run ends
-                               ``error`` at once
+raises anything else           ``failure``, retries counted down, retryTimeout doubling
+                               (with jitter); at 0 the engine raises an incident and the
+                               run ends ``error`` at once
+runs past its step's timeout   as "raises anything else", or ``bpmnError`` with the step's
+                               ``timeout_error`` code (errorType ``TIMEOUT``)
 =============================  ============================================================
+
+A plain ``def`` handler runs in the worker's thread pool; everything else is the same.
 
 This module is where a run is ended by its steps: only here, and only after the engine
 has accepted what ends it (shared/store/runs.py ``finish``).
@@ -31,8 +35,13 @@ so the log never claims what did not happen.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
+import dataclasses
+import functools
 import logging
+import random
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
@@ -49,12 +58,12 @@ from flowgate.services.worker.registry import (
     IDENTIFIER_FIELDS,
     BusinessRuleError,
     Handler,
+    Step,
     StepResult,
 )
 from flowgate.shared.aio import Backoff
 from flowgate.shared.camunda import (
     BadRequest,
-    CamundaClient,
     CamundaError,
     EngineError,
     EngineUnavailable,
@@ -71,6 +80,8 @@ log = logging.getLogger(__name__)
 #: complete/failure/bpmnError are tried this often on retryable answers.
 ENGINE_CALL_ATTEMPTS = 5
 VALIDATION_ERROR = "VALIDATION_ERROR"
+#: The ``errorType`` of the BPMN error a step's ``timeout_error`` throws.
+TIMEOUT_ERROR = "TIMEOUT"
 #: The activity type a worker knows its steps by (the engine's history says which kind).
 EXTERNAL_TASK = "externalTask"
 
@@ -130,6 +141,36 @@ class _Row:
         )
 
 
+class TaskEngine(Protocol):
+    """What the executor tells the engine: a :class:`CamundaClient`, or the test kit's
+    recording stand-in (flowgate/testing.py)."""
+
+    async def complete(
+        self, task_id: str, *, worker_id: str, variables: Mapping[str, Any] | None = None
+    ) -> None: ...
+
+    async def handle_failure(
+        self,
+        task_id: str,
+        *,
+        worker_id: str,
+        error_message: str,
+        error_details: str | None = None,
+        retries: int,
+        retry_timeout_ms: int,
+    ) -> None: ...
+
+    async def handle_bpmn_error(
+        self,
+        task_id: str,
+        *,
+        worker_id: str,
+        error_code: str,
+        error_message: str | None = None,
+        variables: Mapping[str, Any] | None = None,
+    ) -> None: ...
+
+
 class RunRecorder(Protocol):
     """Where the executor records what happened (services/worker/recorder.py)."""
 
@@ -161,25 +202,45 @@ class RunRecorder(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """How failures are retried (WORKER_RETRIES, WORKER_RETRY_TIMEOUT_MS)."""
+    """How failures are retried (WORKER_RETRIES, WORKER_RETRY_TIMEOUT_MS; a step's own
+    ``retries`` and ``retry_backoff_ms`` override them)."""
 
     #: Re-tries after the first failure: 3 means 4 attempts, 0 an incident at once.
     retries: int = 3
     #: Delay before the first retry; doubles with every further failure.
     first_delay_ms: int = 1_000
     max_delay_ms: int = 300_000
+    #: Each delay is drawn within this fraction of it, so the tasks one outage failed
+    #: together do not all come back at the same instant.
+    jitter: float = 0.2
 
     def delay_ms(self, failures_before: int) -> int:
-        return int(min(self.max_delay_ms, self.first_delay_ms * 2 ** max(failures_before, 0)))
+        delay = min(self.max_delay_ms, self.first_delay_ms * 2 ** max(failures_before, 0))
+        return int(delay * random.uniform(1 - self.jitter, 1 + self.jitter))
+
+    def for_step(self, step: Step) -> RetryPolicy:
+        if step.retries is None and step.retry_backoff_ms is None:
+            return self
+        return dataclasses.replace(
+            self,
+            retries=self.retries if step.retries is None else step.retries,
+            first_delay_ms=step.retry_backoff_ms or self.first_delay_ms,
+        )
+
+
+class HandlerTimeout(Exception):
+    """The handler ran past its step's ``timeout_ms`` and was stopped."""
 
 
 @dataclass(slots=True)
 class Executor:
-    camunda: CamundaClient
+    camunda: TaskEngine
     worker_id: str
     retry: RetryPolicy
     recorder: RunRecorder
     metrics: WorkerMetrics
+    #: Where synchronous handlers run (WORKER_THREADS); None: the loop's default pool.
+    threads: concurrent.futures.Executor | None = None
 
     async def run(
         self,
@@ -218,16 +279,21 @@ class Executor:
             )
             return await self._bpmn_error(ctx, row, rule, request=ctx.task.variables)
 
-        topic = handler.topic
+        topic, declared = handler.topic, handler.step
         try:
             async with slot:
                 with self.metrics.handler_seconds.labels(topic).time():
-                    raw = await (
-                        handler.fn(data, ctx) if handler.takes_context else handler.fn(data)
-                    )
+                    raw = await self._call_handler(handler, data, ctx)
             output = _output(raw)
         except BusinessRuleError as exc:
             return await self._bpmn_error(ctx, row, exc, request=_dump(data))
+        except HandlerTimeout as exc:
+            self.metrics.handler_timeouts.labels(topic).inc()
+            ctx.log.warning("%s", exc)
+            if declared.timeout_error is None:
+                return await self._failure(ctx, row, exc, request=_dump(data))
+            rule = BusinessRuleError(declared.timeout_error, str(exc), error_type=TIMEOUT_ERROR)
+            return await self._bpmn_error(ctx, row, rule, request=_dump(data))
         except Exception as exc:  # any handler bug or outage: the engine's retry mechanism
             ctx.log.warning("handler failed: %s", exc, exc_info=True)
             return await self._failure(ctx, row, exc, request=_dump(data))
@@ -267,6 +333,28 @@ class Executor:
         else:
             await self._record_step(ctx, step, event)
         return Outcome.COMPLETED
+
+    async def _call_handler(self, handler: Handler, data: BaseModel, ctx: TaskContext[Any]) -> Any:
+        """The handler's return value; :class:`HandlerTimeout` past its step's timeout (an
+        async handler is cancelled, a synchronous one abandoned to its thread)."""
+        args = (data, ctx) if handler.takes_context else (data,)
+        if handler.blocking:
+            loop = asyncio.get_running_loop()
+            call = functools.partial(contextvars.copy_context().run, handler.fn, *args)
+            pending: Awaitable[Any] = loop.run_in_executor(self.threads, call)
+        else:
+            pending = handler.fn(*args)
+        timeout_ms = handler.step.timeout_ms
+        timer = asyncio.timeout(None if timeout_ms is None else timeout_ms / 1000)
+        try:
+            async with timer:
+                return await pending
+        except TimeoutError:
+            if not timer.expired():
+                raise  # the handler's own
+            raise HandlerTimeout(
+                f"handler of {handler.step.name!r} stopped after its timeout of {timeout_ms} ms"
+            ) from None
 
     async def _bpmn_error(
         self, ctx: TaskContext[Any], row: _Row, error: BusinessRuleError, *, request: Any
@@ -310,11 +398,13 @@ class Executor:
     async def _failure(
         self, ctx: TaskContext[Any], row: _Row, error: Exception, *, request: Any
     ) -> Outcome:
-        task, configured = ctx.task, self.retry.retries
-        # ``retries`` is null until the first failure; then the engine holds what we sent.
+        task, policy = ctx.task, self.retry.for_step(row.handler.step)
+        configured = policy.retries
+        # ``retries`` is null until the first failure; then the engine holds what we sent
+        # (``configured`` after the first failure, one less after each further one).
         retries = configured if task.retries is None else max(task.retries - 1, 0)
-        failures_before = 0 if task.retries is None else max(configured - task.retries, 0)
-        timeout_ms = self.retry.delay_ms(failures_before)
+        failures_before = 0 if task.retries is None else max(configured - task.retries + 1, 0)
+        timeout_ms = policy.delay_ms(failures_before)
         message = f"{type(error).__name__}: {error}"
         answer = await self._call(
             "failure",

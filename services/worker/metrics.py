@@ -31,6 +31,7 @@ class WorkerMetrics:
     lock_extensions: Counter = field(init=False)
     lock_lost: Counter = field(init=False)
     retries: Counter = field(init=False)
+    handler_timeouts: Counter = field(init=False)
     engine_call_retries: Counter = field(init=False)
     record_retries: Counter = field(init=False)
     in_flight: Gauge = field(init=False)
@@ -69,6 +70,10 @@ class WorkerMetrics:
         self.retries = Counter(
             f"{p}_retries", "Failures reported with retries left", ["topic"], registry=r
         )
+        self.handler_timeouts = Counter(
+            f"{p}_handler_timeouts", "Handlers stopped at their step's timeout", ["topic"],
+            registry=r,
+        )  # fmt: skip
         self.engine_call_retries = Counter(
             f"{p}_engine_call_retries",
             "complete/failure/bpmnError calls repeated (optimistic locking, deadlock, network)",

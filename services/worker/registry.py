@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from flowgate.shared.camunda import TopicRequest
 from flowgate.shared.contract import SystemVariables
 from flowgate.shared.settings import settings_error
 
@@ -94,24 +95,57 @@ class StepResult(Generic[OutT]):
 
 
 #: A handler takes its input model (and optionally the context) and returns a pydantic
-#: model, a mapping, either wrapped in a StepResult, or None (no output variables).
-HandlerFn = Callable[[InT, "TaskContext[Any]"], Awaitable[Any]] | Callable[[InT], Awaitable[Any]]
+#: model, a mapping, either wrapped in a StepResult, or None (no output variables). An
+#: ``async def`` runs on the worker's loop; a plain ``def`` (blocking code: requests, an
+#: SDK, a database driver) in the worker's thread pool.
+HandlerFn = Callable[[InT, "TaskContext[Any]"], Any] | Callable[[InT], Any]
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One step of a process as the event log describes it; ``name`` is the topic suffix."""
+    """One step of a process: how the event log describes it and how its handler runs.
+
+    Every option but the texts has a default from the process or the worker's settings.
+    """
 
     name: str
     success: str
     error: str
     http_method: str | None = None
     endpoint: str | None = None
+    #: The external task's topic in the BPMN (default ``<process key>.<step name>``). Any
+    #: string: one an existing model already uses, or one several processes share (the
+    #: worker then fetches only the tasks of the processes it serves, and the task's
+    #: process tells their handlers apart).
+    topic: str | None = None
     #: Overrides the process's (and the worker's) lock duration for this topic.
     lock_duration_ms: int | None = None
+    #: The handler is stopped after this long: an async one is cancelled, a synchronous one
+    #: abandoned (its thread runs on, its result is dropped). The attempt then fails like
+    #: any other (retried, then an incident), or throws the BPMN error ``timeout_error``.
+    timeout_ms: int | None = None
+    timeout_error: str | None = None
+    #: Override WORKER_RETRIES and WORKER_RETRY_TIMEOUT_MS for this step: re-tries after the
+    #: first failure (0: an incident at once), and the delay before the first one (doubling
+    #: with each failure, with jitter so that a downstream outage is not hit in lockstep).
+    retries: int | None = None
+    retry_backoff_ms: int | None = None
     #: Its output is the run's result: the run ends (``ok``, or ``error`` with
     #: ``StepResult.error``) as soon as the engine has accepted this step.
     finishes_run: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("lock_duration_ms", "timeout_ms", "retry_backoff_ms")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"step {self.name!r}: {name} must be positive, not {value}")
+        if self.retries is not None and self.retries < 0:
+            raise ValueError(f"step {self.name!r}: retries must be 0 or more")
+        if self.timeout_error is not None and self.timeout_ms is None:
+            raise ValueError(f"step {self.name!r}: timeout_error needs a timeout_ms")
+        if self.topic is not None and not self.topic.strip():
+            raise ValueError(f"step {self.name!r}: topic must not be empty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +157,10 @@ class Handler:
     step: Step
     number: int
     input_model: type[BaseModel]
-    fn: Callable[..., Awaitable[Any]]
+    fn: Callable[..., Any]
     takes_context: bool
+    #: A plain function: it runs in the worker's thread pool (WORKER_THREADS).
+    blocking: bool = False
 
     @property
     def lock_duration_ms(self) -> int | None:
@@ -174,7 +210,9 @@ class Process:
         self._handlers: dict[str, Handler] = {}
 
     def topic(self, step_name: str) -> str:
-        return f"{self.key}.{step_name}"
+        """The step's topic: its own, or ``<key>.<step name>``."""
+        step = next((s for s in self.steps if s.name == step_name), None)
+        return step.topic if step is not None and step.topic else f"{self.key}.{step_name}"
 
     def handler(self, step_name: str) -> Callable[[HandlerFn[InT]], HandlerFn[InT]]:
         """Bind the decorated function to ``step_name``; returns the function unchanged."""
@@ -215,7 +253,7 @@ class Process:
         if step_name in self._handlers:
             existing = self._handlers[step_name].fn
             raise ValueError(
-                f"topic {self.topic(step_name)!r} already has a handler"
+                f"step {step_name!r} of {self.key!r} already has a handler"
                 f" ({existing.__module__}.{existing.__qualname__})"
             )
         model, takes_context = _signature(fn)
@@ -227,17 +265,18 @@ class Process:
             input_model=model,
             fn=fn,
             takes_context=takes_context,
+            blocking=not inspect.iscoroutinefunction(fn),
         )
 
     def __repr__(self) -> str:
         return f"Process({self.key!r}, steps={[s.name for s in self.steps]})"
 
 
-def _signature(fn: Callable[..., Awaitable[Any]]) -> tuple[type[BaseModel], bool]:
+def _signature(fn: Callable[..., Any]) -> tuple[type[BaseModel], bool]:
     """The input model (the first parameter's annotation) and whether ``ctx`` is taken."""
     where = f"{fn.__module__}.{fn.__qualname__}"
-    if not inspect.iscoroutinefunction(fn):
-        raise TypeError(f"handler {where} must be an async function")
+    if not callable(fn) or inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+        raise TypeError(f"handler {where} must be a function (async or not), not a generator")
     params = list(inspect.signature(fn).parameters.values())
     if len(params) not in (1, 2):
         raise TypeError(f"handler {where} must take (data) or (data, ctx), got {len(params)}")
@@ -255,9 +294,10 @@ def _signature(fn: Callable[..., Awaitable[Any]]) -> tuple[type[BaseModel], bool
 
 @dataclass(slots=True)
 class Registry:
-    """Every handler the worker runs, by topic; duplicates fail when a process is added."""
+    """Every handler the worker runs, by topic and process: a topic is served once per
+    process (several processes may share one); a second claim fails when it is added."""
 
-    _handlers: dict[str, Handler] = field(default_factory=dict)
+    _handlers: dict[tuple[str, str], Handler] = field(default_factory=dict)
 
     @classmethod
     def of(cls, processes: Iterable[Process]) -> Registry:
@@ -270,17 +310,49 @@ class Registry:
         if missing := process.unhandled_steps():
             raise ValueError(f"process {process.key!r}: step(s) {missing} have no handler")
         for handler in process.handlers:
-            if handler.topic in self._handlers:
-                raise ValueError(f"topic {handler.topic!r} is registered twice")
+            if (handler.topic, process.key) in self._handlers:
+                raise ValueError(
+                    f"topic {handler.topic!r} is registered twice for process {process.key!r}"
+                )
         for handler in process.handlers:
-            self._handlers[handler.topic] = handler
+            self._handlers[handler.topic, process.key] = handler
 
-    def get(self, topic: str) -> Handler:
-        return self._handlers[topic]
+    def get(self, topic: str, process_key: str | None = None) -> Handler | None:
+        """The handler of ``topic`` for the task's process; a topic served for one process
+        only is that process's handler whatever the task says (an old engine's task may
+        lack its definition key)."""
+        if (found := self._handlers.get((topic, process_key or ""))) is not None:
+            return found
+        serving = [h for (t, _), h in self._handlers.items() if t == topic]
+        return serving[0] if len(serving) == 1 and not serving[0].step.topic else None
+
+    def fetch_topics(self, default_lock_ms: int) -> list[TopicRequest]:
+        """One fetchAndLock topic per topic served: the longest lock its handlers ask for,
+        every variable any of them reads, and for a step's own topic only the tasks of the
+        processes served here (another team's process may use the same topic)."""
+        by_topic: dict[str, list[Handler]] = {}
+        for handler in self._handlers.values():
+            by_topic.setdefault(handler.topic, []).append(handler)
+        requests = []
+        for topic, handlers in by_topic.items():
+            reads = [h.variables for h in handlers]
+            variables = None if None in reads else sorted({n for r in reads for n in r or ()})
+            own = any(h.step.topic for h in handlers)
+            requests.append(
+                TopicRequest(
+                    topic,
+                    max(h.lock_duration_ms or default_lock_ms for h in handlers),
+                    variables,
+                    process_definition_keys=sorted(h.process.key for h in handlers)
+                    if own
+                    else None,
+                )
+            )
+        return requests
 
     @property
     def topics(self) -> tuple[str, ...]:
-        return tuple(self._handlers)
+        return tuple(dict.fromkeys(topic for topic, _ in self._handlers))
 
     @property
     def processes(self) -> tuple[Process, ...]:

@@ -119,11 +119,8 @@ class Worker:
 
     @staticmethod
     def topics(registry: Registry, options: WorkerOptions) -> list[TopicRequest]:
-        """The fetchAndLock topics of ``registry``: one per handler, with its lock duration."""
-        return [
-            TopicRequest(h.topic, h.lock_duration_ms or options.lock_duration_ms, h.variables)
-            for h in registry
-        ]
+        """The fetchAndLock topics of ``registry`` (see :meth:`Registry.fetch_topics`)."""
+        return registry.fetch_topics(options.lock_duration_ms)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -226,11 +223,24 @@ class Worker:
         return not stop.is_set()
 
     def _start(self, group: asyncio.TaskGroup, task: LockedTask) -> None:
-        handler = self._registry.get(task.topic_name)
+        handler = self._registry.get(task.topic_name, task.process_definition_key)
+        if handler is None:  # the fetch's process filter makes this an engine's oddity
+            log.error(
+                "no handler for a task of %r in process %r: unlocking it",
+                task.topic_name,
+                task.process_definition_key,
+                extra={"taskId": task.id},
+            )
+            group.create_task(self._unlock(task), name=f"unlock:{task.id}")
+            return
         running = group.create_task(self._process(handler, task), name=f"task:{task.id}")
         self._running.add(running)
         self._waiting.add(running)
         running.add_done_callback(self._finished)
+
+    async def _unlock(self, task: LockedTask) -> None:
+        with contextlib.suppress(CamundaError):  # else its lock expires
+            await self._camunda.unlock(task.id)
 
     def _finished(self, running: asyncio.Task[None]) -> None:
         self._running.discard(running)

@@ -277,6 +277,9 @@ class EngineAdmin:
         )
         return from_camunda({variable["name"]: variable for variable in found})
 
+    async def external_tasks(self, process_instance_id: str) -> list[Any]:
+        return await self._list("/external-task", {"processInstanceId": process_instance_id})
+
     async def incidents(self, process_instance_id: str) -> list[Any]:
         return await self._list("/incident", {"processInstanceId": process_instance_id})
 

@@ -370,6 +370,12 @@ async def test_a_completion_postgres_could_not_store_is_400(api: Api) -> None:
         (b'{"processKey": true, "correlationId": "a"}', {}, 400, "processKey"),
         (b'{"processKey": "b", "correlationId": "a", "variables": [1]}', {}, 400, "variables"),
         (b'{"processKey": "b", "correlationId": "a", "variables": "x"}', {}, 400, "variables"),
+        (  # a system variable flowgate sets on every start (SYSTEM_VARIABLES_FROM_CLIENTS)
+            b'{"processKey": "benchmark", "correlationId": "a", "variables": {"batch_id": "b"}}',
+            {},
+            400,
+            "variables",
+        ),
         (b'{"processKey": "b", "correlationId": "a"}', {"content-type": "text/plain"}, 415, None),
         (b'{"processKey": "b", "correlationId": "a"}', {"content-type": ""}, 415, None),
     ],

@@ -188,3 +188,26 @@ def test_a_status_body_is_the_models_json(status: Status) -> None:
     model = ProcessStatus.of(state).model_dump(mode="json")
     assert ProcessStatus.body(state) == model
     assert orjson.dumps(ProcessStatus.body(state)) == orjson.dumps(model)
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        {"batch_id": "mine"},
+        {"traceability_id": "t", "userId": "u"},
+        {"identifiers": {"applicationId": "a"}},
+        {"correlationId": "another-run"},
+    ],
+)
+def test_a_start_may_not_set_a_system_variable(variables: dict[str, Any]) -> None:
+    body = {"processKey": "p", "correlationId": "run-1", "variables": variables}
+    with pytest.raises(ValidationError, match="is a system variable flowgate sets"):
+        StartRequest.model_validate(body)
+
+
+def test_a_process_opted_out_may_and_the_same_correlation_id_is_harmless() -> None:
+    same = {"processKey": "p", "correlationId": "run-1", "variables": {"correlationId": "run-1"}}
+    assert StartRequest.model_validate(same).variables == {"correlationId": "run-1"}
+    opted = {"processKey": "legacy", "correlationId": "run-1", "variables": {"batch_id": "b"}}
+    context = {"system_variables_from": ("legacy",)}
+    assert StartRequest.model_validate(opted, context=context).variables == {"batch_id": "b"}

@@ -29,10 +29,13 @@ async def test_the_readme_example_declares_a_servable_process() -> None:
     registry = Registry.of([process])
     assert registry.topics == ("approve-invoice.check-invoice", "approve-invoice.book-invoice")
     checked = registry.get("approve-invoice.check-invoice")
+    assert checked is not None
     assert await checked.fn(checked.input_model(invoiceId="i-1", amount=10)) == {"checked": True}
     with pytest.raises(BusinessRuleError, match="amount must be > 0"):
         await checked.fn(checked.input_model(invoiceId="i-1", amount=0))
-    assert registry.get("approve-invoice.book-invoice").step.finishes_run
+    booked = registry.get("approve-invoice.book-invoice")
+    assert booked is not None
+    assert booked.step.finishes_run
 
 
 def test_the_readme_signature_check_accepts_what_flowgate_signs() -> None:

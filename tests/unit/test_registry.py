@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 from pydantic import BaseModel, ConfigDict
 
@@ -17,6 +19,10 @@ class In(BaseModel):
 
 class Open(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+class Other(BaseModel):
+    orderId: str
 
 
 def steps(*names: str) -> list[Step]:
@@ -58,7 +64,7 @@ def test_registering_a_topic_twice_fails() -> None:
         async def a(data: In) -> None: ...
 
     registry = Registry.of([first])
-    with pytest.raises(ValueError, match=r"'p\.a' is registered twice"):
+    with pytest.raises(ValueError, match=r"'p\.a' is registered twice for process 'p'"):
         registry.add(second)
 
 
@@ -85,10 +91,11 @@ def test_declaration_mistakes_fail_loudly() -> None:
         @process.handler("a")  # type: ignore[type-var]
         async def untyped(data: dict) -> None: ...  # type: ignore[type-arg]
 
-    with pytest.raises(TypeError, match="async"):
+    with pytest.raises(TypeError, match="not a generator"):
 
-        @process.handler("a")  # type: ignore[arg-type]
-        def sync(data: In) -> None: ...
+        @process.handler("a")
+        async def generator(data: In) -> AsyncIterator[None]:
+            yield None
 
     with pytest.raises(ValueError, match=r"step\(s\) \['a', 'b'\] have no handler"):
         Registry.of([process])
@@ -98,3 +105,63 @@ def test_the_production_registry_builds() -> None:
     registry = Registry.of(PROCESSES)
     assert "onboard-user.validate-user-information" in registry.topics
     assert "benchmark.noop" in registry.topics
+
+
+def test_a_plain_function_is_a_blocking_handler() -> None:
+    process = Process("p", steps("a", "b"))
+
+    @process.handler("a")
+    def blocking(data: In) -> dict[str, str]:
+        return {"seen": data.userId}
+
+    @process.handler("b")
+    async def non_blocking(data: In) -> None: ...
+
+    assert [h.blocking for h in process.handlers] == [True, False]
+
+
+def test_steps_of_several_processes_share_a_topic_and_are_told_apart_by_process() -> None:
+    """An existing model's topic, served for two processes: one fetch topic that locks only
+    those processes' tasks, with the longer lock and every variable either reads."""
+    invoices = Process("invoices", [Step("notify", "ok", "failed", topic="notify-customer")])
+    orders = Process(
+        "orders", [Step("notify", "ok", "failed", topic="notify-customer", lock_duration_ms=60_000)]
+    )
+
+    @invoices.handler("notify")
+    async def notify_invoice(data: In) -> None: ...
+
+    @orders.handler("notify")
+    async def notify_order(data: Other) -> None: ...
+
+    registry = Registry.of([invoices, orders])
+    [topic] = registry.fetch_topics(default_lock_ms=20_000)
+    assert topic.topic_name == "notify-customer"
+    assert topic.process_definition_keys == ["invoices", "orders"]
+    assert topic.lock_duration_ms == 60_000
+    assert topic.variables is not None
+    assert {"userId", "orderId"} <= set(topic.variables)
+    found = registry.get("notify-customer", "orders")
+    assert found is not None
+    assert found.fn is notify_order
+    assert registry.get("notify-customer", "billing") is None  # not served here
+    # A default topic needs no filter: its name carries the process key.
+    plain = Process("p", steps("a"))
+    plain.handler("a")(notify_invoice)
+    [default] = Registry.of([plain]).fetch_topics(default_lock_ms=20_000)
+    assert (default.topic_name, default.process_definition_keys) == ("p.a", None)
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"timeout_ms": 0}, "timeout_ms must be positive"),
+        ({"retries": -1}, "retries must be 0 or more"),
+        ({"retry_backoff_ms": -5}, "retry_backoff_ms must be positive"),
+        ({"timeout_error": "SLOW"}, "timeout_error needs a timeout_ms"),
+        ({"topic": " "}, "topic must not be empty"),
+    ],
+)
+def test_step_options_are_checked_when_declared(options: dict[str, object], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        Step("a", "ok", "failed", **options)  # type: ignore[arg-type]

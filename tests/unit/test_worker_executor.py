@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,7 +43,7 @@ class Harness:
         self.executor = Executor(
             camunda=camunda,
             worker_id="w1",
-            retry=RetryPolicy(retries=3, first_delay_ms=1_000),
+            retry=RetryPolicy(retries=3, first_delay_ms=1_000, jitter=0.0),
             recorder=self.runs,
             metrics=self.metrics,
         )
@@ -63,8 +66,8 @@ async def harness() -> AsyncIterator[Harness]:
         yield Harness(engine, camunda)
 
 
-def handler_for(fn: Any, *, finishes_run: bool = False) -> Handler:
-    step = Step("work", success="Worked", error="Work failed", finishes_run=finishes_run)
+def handler_for(fn: Any, *, finishes_run: bool = False, **options: Any) -> Handler:
+    step = Step("work", success="Worked", error="Work failed", finishes_run=finishes_run, **options)
     process = Process("p", [step])
     process.handler("work")(fn)
     return process.handlers[0]
@@ -155,8 +158,8 @@ async def test_invalid_input_is_a_validation_error_and_the_handler_never_runs(
     ("task_retries", "sent_retries", "sent_timeout_ms", "outcome"),
     [
         (None, 3, 1_000, Outcome.FAILED),  # first failure: WORKER_RETRIES re-tries left
-        (3, 2, 1_000, Outcome.FAILED),
-        (2, 1, 2_000, Outcome.FAILED),  # the retryTimeout doubles
+        (3, 2, 2_000, Outcome.FAILED),  # the retryTimeout doubles with each failure
+        (2, 1, 4_000, Outcome.FAILED),
         (1, 0, 0, Outcome.INCIDENT),  # last one: incident, and the client is told
     ],
 )
@@ -186,6 +189,93 @@ async def test_an_exception_is_a_failure_counting_retries_down(
 
 async def ok(data: In) -> dict[str, Any]:
     return {"done": True}
+
+
+async def test_a_steps_own_retries_and_backoff_replace_the_workers(harness: Harness) -> None:
+    async def work(data: In) -> None:
+        raise ConnectionError("backend down")
+
+    handler = handler_for(work, retries=1, retry_backoff_ms=250)
+    assert await harness.run(handler, locked_task(None, userId="u")) is Outcome.FAILED
+    assert await harness.run(handler, locked_task(1, userId="u")) is Outcome.INCIDENT
+    first, last = harness.engine.bodies("failure")
+    assert (first["retries"], first["retryTimeout"]) == (1, 250)
+    assert (last["retries"], last["retryTimeout"]) == (0, 0)
+
+
+def test_retry_delays_are_jittered_within_their_bound() -> None:
+    policy = RetryPolicy(retries=3, first_delay_ms=1_000, jitter=0.2)
+    delays = {policy.delay_ms(1) for _ in range(200)}
+    assert min(delays) >= 1_600
+    assert max(delays) <= 2_400
+    assert len(delays) > 10, "not one fixed delay"
+
+
+async def test_a_hung_async_handler_is_cancelled_at_its_timeout_and_retried(
+    harness: Harness,
+) -> None:
+    cancelled = asyncio.Event()
+
+    async def hangs(data: In) -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            cancelled.set()
+
+    handler = handler_for(hangs, timeout_ms=50)
+    assert await harness.run(handler, locked_task(None, userId="u")) is Outcome.FAILED
+    assert cancelled.is_set()
+    [body] = harness.engine.bodies("failure")
+    assert body["errorMessage"].startswith("HandlerTimeout: handler of 'work' stopped after")
+    assert body["retries"] == 3
+    timeouts = harness.metrics.registry.get_sample_value(
+        "flowgate_worker_handler_timeouts_total", {"topic": "p.work"}
+    )
+    assert timeouts == 1
+
+
+async def test_a_blocking_handler_past_its_timeout_is_abandoned_and_its_bpmn_error_thrown(
+    harness: Harness,
+) -> None:
+    release = threading.Event()
+
+    def blocks(data: In) -> dict[str, bool]:
+        release.wait(5)
+        return {"late": True}
+
+    handler = handler_for(blocks, timeout_ms=50, timeout_error="TOO_SLOW")
+    try:
+        assert await harness.run(handler, locked_task(None, userId="u")) is Outcome.BPMN_ERROR
+    finally:
+        release.set()
+    [(action, body)] = harness.engine.calls()
+    assert (action, body["errorCode"]) == ("bpmnError", "TOO_SLOW")
+    assert body["variables"]["errorType"]["value"] == "TIMEOUT"
+
+
+async def test_a_blocking_handler_runs_off_the_loop(harness: Harness) -> None:
+    def blocking(data: In) -> dict[str, str]:
+        time.sleep(0.2)  # the loop would stall this long if it ran there
+        return {"thread": threading.current_thread().name}
+
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        assert await harness.run(handler_for(blocking), locked_task(userId="u")) is (
+            Outcome.COMPLETED
+        )
+    finally:
+        ticker.cancel()
+    assert ticks >= 10, "the loop kept running while the handler blocked"
+    [body] = harness.engine.bodies("complete")
+    assert body["variables"]["thread"]["value"] != threading.main_thread().name
 
 
 async def test_complete_on_a_gone_task_drops_the_result(harness: Harness) -> None:
