@@ -39,6 +39,7 @@ from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import ConnectError, RequestError
 from pyreqwest.middleware.types import Middleware
 
+from flowgate.shared.aio import concurrently
 from flowgate.shared.settings import Settings
 from flowgate.shared.variables import format_date, from_camunda, parse_date, to_camunda
 
@@ -584,6 +585,36 @@ class CamundaClient:
     async def delete_history(self, instance_id: str) -> None:
         """Delete an ended instance's history."""
         await self._send("DELETE", f"/history/process-instance/{_segment(instance_id)}")
+
+    async def waiting_topics(self) -> list[str]:
+        """The topics that have tasks no worker has locked and that have retries left."""
+        params: dict[str, QueryValue] = {"withUnlockedTasks": True, "withRetriesLeft": True}
+        return [
+            str(name)
+            for name in _body(await self._send("GET", "/external-task/topic-names", params=params))
+        ]
+
+    async def waiting_tasks(self, topic: str) -> tuple[int, datetime | None]:
+        """How many tasks of ``topic`` wait for a worker (unlocked, retries left), and when
+        the oldest of them was created (None: none, or an engine that does not say)."""
+        params: dict[str, QueryValue] = {
+            "topicName": topic,
+            "notLocked": True,
+            "withRetriesLeft": True,
+        }
+        async with concurrently() as reads:
+            counting = reads.create_task(self._send("GET", "/external-task/count", params=params))
+            oldest = reads.create_task(
+                self._send(
+                    "GET",
+                    "/external-task",
+                    params={**params, "sortBy": "createTime", "sortOrder": "asc", "maxResults": 1},
+                )
+            )
+        count = int(_body(counting.result())["count"])
+        first = _objects(oldest.result())
+        created = first[0].get("createTime") if first else None
+        return count, parse_date(created) if created else None
 
     # --- what happened: history, for the runs whose steps flowgate did not run ----------
 

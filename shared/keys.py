@@ -36,6 +36,7 @@ runs as it is on a Redis Cluster; on a single Redis the tags are just part of th
 ``{p}:watcher:events``                string: how far it has read the engine's pushed events
 ``{p}:watcher:boot``                  string: the boot id of the engine that pushes them
 ``{p}:watcher:lost``                  string: the last lost-events mark it read the history for
+``{p}:backlog``                       string: the replica that samples the engine's backlog (lease)
 ``{p:worker:{name}:{slot}}:lease``    string: which worker process holds a slot
 ``{p:worker:{name}:{slot}}:last``     string: the last worker id that held the slot
 ``{p}:worker:departed``               sorted set: departed worker ids, scored by when their
@@ -157,6 +158,10 @@ class Keys:
     @property
     def watcher_lost(self) -> str:
         return f"{self.prefix}:watcher:lost"
+
+    @property
+    def backlog(self) -> str:
+        return f"{self.prefix}:backlog"
 
     def worker_slot(self, name: str, slot: int, part: str) -> str:
         """``part`` is ``lease`` or ``last`` (see services/worker/identity.py); a slot's two

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # deploy/camunda and services/background/events.py): the watcher reads it instead of
     # the history while the engine says it pushes. Empty: always read the history.
     engine_events_stream: str = "flowgate:engine-events"
+    # How often one replica samples the engine's backlog by topic for the workers'
+    # autoscaler (services/background/backlog.py); 0 turns it off.
+    backlog_interval_ms: Annotated[int, Field(ge=0)] = 5_000
 
     # --- the API: how long a request waits ---------------------------------------------
     sync_timeout_ms: Annotated[int, Field(ge=0)] = 25_000

@@ -123,6 +123,19 @@ class ApiMetrics:
             "1 while this replica is the one that watches the engine's history.",
             registry=self.registry,
         )
+        self.backlog_tasks = Gauge(
+            "flowgate_topic_backlog_tasks",
+            "External tasks of a topic that no worker has locked yet (retries left); exported "
+            "by the one replica that samples the engine (services/background/backlog.py).",
+            ["topic"],
+            registry=self.registry,
+        )
+        self.oldest_task_age = Gauge(
+            "flowgate_topic_oldest_task_age_seconds",
+            "How long the oldest of a topic's waiting tasks has waited, when last sampled.",
+            ["topic"],
+            registry=self.registry,
+        )
         self.writebehind_backlog = Gauge(
             "flowgate_writebehind_backlog",
             "Write-behind stream entries not yet in Postgres (read at scrape time).",

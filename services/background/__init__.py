@@ -7,6 +7,8 @@ watcher.py     ends the runs the engine ended and records their steps, from the 
 recovery.py    settles the starts a replica left behind (died, stalled, lost the engine's
                answer): gives up what never reached the engine, finds what did
 callbacks.py   delivers ended runs to their callbackUrl, at least once
+backlog.py     samples the engine's waiting tasks by topic for the workers' autoscaler (one
+               replica at a time, with a lease)
 services/flusher/writebehind.py
                copies the write-behind streams to Postgres, when ``WRITEBEHIND_IN_API`` keeps
                it inside the replica (the deployments run it as a process of its own)
@@ -26,6 +28,7 @@ from contextlib import AbstractAsyncContextManager
 import httpx
 
 from flowgate.services.api.deps import Deps
+from flowgate.services.background.backlog import Backlog
 from flowgate.services.background.callbacks import Deliverer
 from flowgate.services.background.events import EngineEvents
 from flowgate.services.background.recovery import Recovery
@@ -84,6 +87,16 @@ async def running(deps: Deps, settings: Settings) -> AsyncIterator[None]:
                 tasks.create_task(watcher.run(stop), name="watch-engine"),
                 tasks.create_task(deliverer.run(stop), name="deliver-callbacks"),
             ]
+            if settings.backlog_interval_ms:
+                backlog = Backlog(
+                    deps.camunda,
+                    deps.redis,
+                    deps.keys,
+                    deps.metrics,
+                    replica_id=deps.replica_id,
+                    interval_s=settings.backlog_interval_ms / 1000,
+                )
+                loops.append(tasks.create_task(backlog.run(stop), name="sample-backlog"))
             flusher = None
             if settings.writebehind_in_api:
                 flusher = Flusher(

@@ -35,6 +35,7 @@ class WorkerMetrics:
     engine_call_retries: Counter = field(init=False)
     record_retries: Counter = field(init=False)
     in_flight: Gauge = field(init=False)
+    slots: Gauge = field(init=False)
     redis_up: Gauge = field(init=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +87,9 @@ class WorkerMetrics:
             registry=r,
         )
         self.in_flight = Gauge(f"{p}_tasks_in_flight", "Handlers running now", registry=r)
+        self.slots = Gauge(
+            f"{p}_slots", "Handlers this worker runs at once (WORKER_CONCURRENCY)", registry=r
+        )
         self.redis_up = Gauge(
             f"{p}_redis_up", "1 while Redis answers (no new work is fetched otherwise)", registry=r
         )

@@ -112,6 +112,7 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._waiting: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(options.concurrency)
+        metrics.slots.set(options.concurrency)
         self._handling = 0  # handlers running (slots taken)
         self._slot_freed = asyncio.Event()
         self._polling = False

@@ -14,6 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 
+from flowgate.services.api.metrics import ApiMetrics
+from flowgate.services.background.backlog import Backlog
 from flowgate.services.worker.registry import Process, Registry, Step
 from flowgate.shared.camunda import CamundaClient
 from flowgate.shared.keys import Keys
@@ -22,6 +24,7 @@ from flowgate.shared.state import Status
 from flowgate.shared.store.runs import RunStore
 from flowgate.shared.variables import parse_date
 from tests.helpers.engine import EngineAdmin, one_task_bpmn
+from tests.helpers.waiting import until
 from tests.helpers.worker import RunClient, event_rows, running_worker
 
 
@@ -150,3 +153,51 @@ async def test_a_hung_handler_times_out_is_retried_then_its_run_ends_with_no_loc
     lock = task["lockExpirationTime"]
     assert lock is None or parse_date(lock) <= datetime.now(UTC), "a lock was left"
     assert [i["incidentType"] for i in incidents] == ["failedExternalTask"]
+
+
+async def test_the_backlog_follows_a_burst_with_no_worker_and_falls_as_one_drains_it(
+    client: RunClient, settings: Settings, redis_client: aioredis.Redis, engine_url: str
+) -> None:
+    process = await one_task(client)
+
+    @process.handler("work")
+    async def work(data: NoInput) -> None: ...
+
+    topic = process.topic("work")
+    metrics = ApiMetrics()
+    stop = asyncio.Event()
+
+    def backlog() -> tuple[float | None, float | None]:
+        labels = {"topic": topic}
+        return (
+            metrics.registry.get_sample_value("flowgate_topic_backlog_tasks", labels),
+            metrics.registry.get_sample_value("flowgate_topic_oldest_task_age_seconds", labels),
+        )
+
+    async with CamundaClient(engine_url) as camunda:
+        sampler = Backlog(
+            camunda,
+            redis_client,
+            Keys(settings.redis_prefix),
+            metrics,
+            replica_id="sampler",
+            interval_s=0.1,
+        )
+        sampling = asyncio.create_task(sampler.run(stop))
+        try:
+            runs = [await client.start(process.key) for _ in range(12)]
+            await until(lambda: _is(backlog, 12), timeout_s=10, what="a backlog of 12")
+            await asyncio.sleep(0.3)
+            assert (backlog()[1] or 0) > 0.2, "the oldest task's age"
+            async with running_worker(settings, Registry.of([process])):
+                for cid in runs:
+                    await client.outcome(cid, timeout_s=15)
+                await until(lambda: _is(backlog, 0), timeout_s=10, what="the backlog drained")
+        finally:
+            stop.set()
+            await sampling
+    assert backlog() == (None, None), "a replica that stops sampling exports nothing stale"
+
+
+async def _is(backlog: Callable[[], tuple[float | None, float | None]], count: int) -> bool:
+    return backlog()[0] == count

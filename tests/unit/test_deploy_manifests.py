@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from deploy.local import servers, stack
+from flowgate.services.api.metrics import ApiMetrics
 from flowgate.shared.settings import Settings
 from tests.helpers.manifests import render
 
@@ -319,13 +320,39 @@ def example() -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize(
-    "directory", ["base", "dependencies", "overlays/example", "overlays/redis-cluster"]
+    "directory",
+    ["base", "dependencies", "overlays/example", "overlays/redis-cluster", "overlays/keda"],
 )
 def test_k8s_manifests_follow_the_kubernetes_schemas(directory: str) -> None:
     docs = render(K8S / directory)
     assert docs
     for doc in docs:
+        if doc["apiVersion"].startswith("keda.sh/"):
+            continue  # a CRD: test_keda_scales_the_workers_on_the_backlog checks it
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_keda_scales_the_workers_on_the_backlog_from_zero() -> None:
+    docs = render(K8S / "overlays" / "keda")
+    scaled = _by_kind(docs, "ScaledObject", "flowgate-worker")
+    schema = json.loads((K8S / "schema" / "keda-scaledobject-v1alpha1.json").read_text())
+    digest = hashlib.sha256((K8S / "schema" / "keda-scaledobject-v1alpha1.json").read_bytes())
+    assert digest.hexdigest() in (K8S / "schema" / "README.md").read_text()
+    validator = jsonschema.Draft7Validator(schema)
+    assert [e.message for e in validator.iter_errors(scaled)] == []
+    broken = copy.deepcopy(scaled)
+    broken["spec"]["minReplicaCount"] = "none"
+    assert list(validator.iter_errors(broken)), "the schema catches a wrong type"
+    # It scales the worker Deployment, alone: no CPU autoscaler is left to fight it.
+    assert _by_kind(docs, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"
+                and d["metadata"]["name"] == "flowgate-worker"]  # fmt: skip
+    assert scaled["spec"]["minReplicaCount"] == 0
+    # Its queries name series an API replica really exports.
+    exported = {metric.name for metric in ApiMetrics().registry.collect()}
+    for trigger in scaled["spec"]["triggers"]:
+        [name] = re.findall(r"(flowgate_\w+)", trigger["metadata"]["query"])
+        assert name in exported, name
 
 
 def test_k8s_schema_validation_rejects_mistakes(base: list[dict[str, Any]]) -> None:

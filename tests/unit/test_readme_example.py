@@ -10,13 +10,15 @@ import pytest
 
 from flowgate.services.background.callbacks import signature
 from flowgate.services.worker.registry import BusinessRuleError, Process, Registry
+from flowgate.testing import Completed, run_step
 
 README = Path(__file__).parents[2] / "README.md"
 
 
 def example_module() -> types.ModuleType:
     section = README.read_text().split("## Bring your own processes", 1)[1]
-    [code] = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], re.DOTALL)
+    # The section's first code block is the process module (the next ones test it).
+    code = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], re.DOTALL)[0]
     module = types.ModuleType("readme_example")
     exec(compile(code, str(README), "exec"), module.__dict__)
     return module
@@ -27,15 +29,18 @@ async def test_the_readme_example_declares_a_servable_process() -> None:
     process = module.process
     assert isinstance(process, Process)
     registry = Registry.of([process])
-    assert registry.topics == ("approve-invoice.check-invoice", "approve-invoice.book-invoice")
+    assert registry.topics == ("approve-invoice.check-invoice", "erp-booking")
     checked = registry.get("approve-invoice.check-invoice")
     assert checked is not None
     assert await checked.fn(checked.input_model(invoiceId="i-1", amount=10)) == {"checked": True}
     with pytest.raises(BusinessRuleError, match="amount must be > 0"):
         await checked.fn(checked.input_model(invoiceId="i-1", amount=0))
-    booked = registry.get("approve-invoice.book-invoice")
+    booked = registry.get("erp-booking", "approve-invoice")
     assert booked is not None
     assert booked.step.finishes_run
+    assert booked.blocking
+    told = await run_step(process, "check-invoice", {"invoiceId": "i-1", "amount": 10})
+    assert told == Completed({"checked": True})
 
 
 def test_the_readme_signature_check_accepts_what_flowgate_signs() -> None:
