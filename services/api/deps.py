@@ -23,6 +23,7 @@ from starlette.requests import Request
 from flowgate.services.api.auth import Auth
 from flowgate.services.api.cancel import Canceller
 from flowgate.services.api.metrics import ApiMetrics
+from flowgate.services.api.pace import Pace
 from flowgate.services.api.runs import Runs
 from flowgate.services.api.settled import Settled
 from flowgate.services.api.starter import Starter
@@ -92,6 +93,8 @@ class Deps:
     starter: Starter
     waitroom: WaitRoom
     canceller: Canceller
+    #: How long each process's runs take: the Retry-After of a 202 (pace.py).
+    pace: Pace
     #: Work that outlives its request (an engine start whose client stopped waiting).
     spawner: Spawner
 
@@ -124,6 +127,7 @@ async def open_deps(
         pool = await postgres.open_pool(settings.database_url)
         stack.push_async_callback(pool.close)
         store = RunStore.from_settings(redis, keys, settings)
+        pace = Pace(default_s=settings.retry_after_s)
         waitroom = WaitRoom(
             redis,
             keys,
@@ -131,6 +135,7 @@ async def open_deps(
             metrics=metrics,
             max_parked=_parking_places(settings),
             settled=Settled(result_ttl_s=settings.result_ttl_s),
+            pace=pace,
         )
         runs = Runs(store, pool)
         stop, migrated = asyncio.Event(), asyncio.Event()
@@ -168,6 +173,7 @@ async def open_deps(
                     ),
                     waitroom=waitroom,
                     canceller=Canceller(store, runs, camunda, waitroom, metrics),
+                    pace=pace,
                     spawner=spawner,
                 )
             finally:

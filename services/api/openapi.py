@@ -94,7 +94,9 @@ HEADERS: dict[str, dict[str, Any]] = {
     "Content-Location": {"description": _STATUS_URL, "required": True},
     "Location": {"description": _STATUS_URL, "required": True},
     "Retry-After": {
-        "description": "Seconds to wait before polling.",
+        "description": "Seconds to wait before polling. On a 202, a prediction: the median "
+        "time the process's recent runs took, less what this run has taken (RETRY_AFTER_S "
+        "until there are enough of them); on a 503, when to try again.",
         "required": True,
         "schema": {"type": "string", "pattern": r"^[0-9]+$"},
     },

@@ -119,7 +119,7 @@ async def process_status(request: Request) -> Response:
     url = status_url(correlation_id)
     headers = {"Content-Location": url, RUN_STATUS: state.status.value, **applied}
     if state.status is Status.PENDING:  # same headers as the start's 202: one client path
-        headers.update({"Location": url, "Retry-After": str(d.options.retry_after_s)})
+        headers.update({"Location": url, "Retry-After": str(d.pace.retry_after_s(state))})
         if last := result.last_step:  # progress, as the seed shows it
             state = dataclasses.replace(state, data={"step": last.step})
     if result.end is WaitEnd.DRAINED:
@@ -328,9 +328,8 @@ def _start_answer(d: Deps, cid: str, result: WaitResult, applied: dict[str, str]
             status=outcome.status.value, correlationId=cid, error=outcome.error, statusUrl=url
         )
         return JSONResponse(failed, status_code=_STATUS_CODES[outcome.status], headers=headers)
-    headers.update(
-        {"Location": url, "Content-Location": url, "Retry-After": str(d.options.retry_after_s)}
-    )
+    retry_after = d.pace.retry_after_s(outcome)
+    headers.update({"Location": url, "Content-Location": url, "Retry-After": str(retry_after)})
     return JSONResponse(Pending(correlationId=cid, statusUrl=url), 202, headers)
 
 

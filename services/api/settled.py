@@ -43,16 +43,18 @@ class Settled:
         self._states.move_to_end(correlation_id)
         return state
 
-    def keep(self, state: RunState) -> None:
-        """Keep ``state`` if it is an end, for as long as its record can live."""
+    def keep(self, state: RunState) -> bool:
+        """Keep ``state`` if it is an end, for as long as its record can live; whether it
+        is one this replica had not kept yet."""
         if state.status not in ENDED or state.correlation_id in self._states:
-            return
+            return False
         until = state.updated_at.timestamp() + self._result_ttl_s - CLOCK_MARGIN_S
         if until <= time.time():
-            return
+            return False
         self._states[state.correlation_id] = (state, until)
         if len(self._states) > self._size:
             self._states.popitem(last=False)
+        return True
 
     def __len__(self) -> int:
         return len(self._states)

@@ -43,6 +43,7 @@ from enum import StrEnum
 from redis.asyncio.client import PubSub
 
 from flowgate.services.api.metrics import ApiMetrics
+from flowgate.services.api.pace import Pace
 from flowgate.services.api.settled import Settled
 from flowgate.shared.aio import Backoff, sleep_or_stop
 from flowgate.shared.contract import (
@@ -210,10 +211,13 @@ class WaitRoom:
         metrics: ApiMetrics,
         max_parked: int,
         settled: Settled | None = None,
+        pace: Pace | None = None,
     ) -> None:
         self._redis = redis
-        #: Runs seen to end: a wait for one answers without a round trip (settled.py).
+        #: Runs seen to end: a wait for one answers without a round trip (settled.py), and
+        #: each, once, tells how long its process takes (pace.py).
         self._settled = settled
+        self._pace = pace
         self._keys = keys
         self._store = store
         self._metrics = metrics
@@ -402,8 +406,13 @@ class WaitRoom:
         last_step: StepEvent | None = None,
     ) -> WaitResult:
         self._ends[end].inc()
-        if self._settled is not None and isinstance(outcome, RunState):
-            self._settled.keep(outcome)
+        if (
+            self._settled is not None
+            and isinstance(outcome, RunState)
+            and self._settled.keep(outcome)
+            and self._pace is not None
+        ):
+            self._pace.ended(outcome)
         return WaitResult(outcome, end, milestone, last_step)
 
     def _woken(self, message: RunState | StartFailed) -> WaitResult:

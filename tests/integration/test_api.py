@@ -20,6 +20,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from flowgate.services.api.drain import DrainHook
+from flowgate.services.api.pace import MIN_SAMPLES
 from flowgate.shared import postgres
 from flowgate.shared.camunda import EngineUnavailable
 from flowgate.shared.contract import SystemVariables
@@ -451,6 +452,30 @@ async def test_unknown_paths_and_methods_answer_json(api: Api) -> None:
     assert wrong.status_code == 405
     assert wrong.headers["allow"] == "POST"
     assert "error" in wrong.json()
+
+
+async def test_a_202s_retry_after_is_predicted_from_the_processs_recent_runs(api: Api) -> None:
+    """Runs of the process that took about three seconds: a new run is told to come back
+    when it is likely done, not after the configured two."""
+    took = []
+    for _ in range(MIN_SAMPLES):
+        correlation_id = cid()
+        started = await api.client.post(
+            "/api/process/start",
+            json=start_body(correlation_id),
+            headers={"Prefer": "respond-async"},
+        )
+        assert started.headers["retry-after"] == "2"  # nothing learnt yet
+        took.append(correlation_id)
+    await asyncio.sleep(3)
+    for correlation_id in took:
+        await api.deps.store.finish(correlation_id, Status.OK, data={})
+        assert (await api.client.get(f"/api/process/status/{correlation_id}")).status_code == 200
+    pending = await api.client.post(
+        "/api/process/start", json=start_body(cid()), headers={"Prefer": "respond-async"}
+    )
+    assert pending.status_code == 202
+    assert pending.headers["retry-after"] in {"3", "4"}
 
 
 # --- status --------------------------------------------------------------------------------
