@@ -88,6 +88,7 @@ async def run_step(
     http: httpx.AsyncBaseTransport | None = None,
     worker_retries: int = 3,
     worker_retry_timeout_ms: int = 1_000,
+    client_deadline: datetime | None = None,
 ) -> Told:
     """Run ``step``'s handler of ``process`` on a task holding ``variables`` (and the system
     variables a run started through flowgate has); what the worker would tell the engine.
@@ -96,6 +97,8 @@ async def run_step(
     stands in for the process's config object (default: built by the process, as a worker
     does). ``worker_retries`` and ``worker_retry_timeout_ms`` are the worker's settings
     (WORKER_RETRIES, WORKER_RETRY_TIMEOUT_MS) a step without its own falls back on.
+    ``client_deadline`` is when the client that started the run stops waiting (for a step
+    ``with_client_deadline``).
     """
     handler = next((h for h in process.handlers if h.step.name == step), None)
     if handler is None:
@@ -122,7 +125,7 @@ async def run_step(
         retry=RetryPolicy(
             retries=worker_retries, first_delay_ms=worker_retry_timeout_ms, jitter=0.0
         ),
-        recorder=_NoRecords(),
+        recorder=_NoRecords(client_deadline),
         metrics=WorkerMetrics(),
     )
     async with httpx.AsyncClient(transport=http) as client:
@@ -175,6 +178,12 @@ class _TellingEngine:
 
 class _NoRecords:
     """The run's record and audit rows are the framework's, not the handler's: not kept."""
+
+    def __init__(self, client_deadline: datetime | None) -> None:
+        self._client_deadline = client_deadline
+
+    async def client_deadline(self, correlation_id: str) -> datetime | None:
+        return self._client_deadline
 
     async def ready(self) -> None:
         return None

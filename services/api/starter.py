@@ -38,6 +38,7 @@ import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -150,7 +151,7 @@ class Starter:
         async with self._waitroom.expect(command.correlation_id, wait_s, until=until) as wait:
             try:
                 async with asyncio.timeout_at(deadline):
-                    state, created = await self.claim(command)
+                    state, created = await self.claim(command, wait_s=wait_s)
             except TimeoutError as exc:
                 failed = StartFailed(
                     command.correlation_id, 503, "the start could not be recorded in time; retry"
@@ -177,11 +178,13 @@ class Starter:
             raise StartRefused(attached)
         return attached
 
-    async def claim(self, command: StartCommand) -> tuple[RunState, bool]:
-        """Claim the id (or join its claim); True when this call created it.
+    async def claim(self, command: StartCommand, *, wait_s: float = 0) -> tuple[RunState, bool]:
+        """Claim the id (or join its claim); True when this call created it. A client that
+        waits leaves its deadline with the claim (a step may give up with it).
 
         Raises :class:`StartRefused` (422) when the id names a run of another request.
         """
+        waits_until = datetime.now(UTC) + timedelta(seconds=wait_s) if wait_s > 0 else None
         state, created = await self._store.claim(
             SystemVariables.new(command.correlation_id),
             command.process_key,
@@ -189,6 +192,7 @@ class Starter:
             fetch_variables=command.fetch_variables,
             callback_url=command.callback_url,
             look_after_s=UNSENT_GRACE_S,
+            client_deadline=waits_until,
         )
         if not created and state.request_hash != command.request_hash:
             raise StartRefused(

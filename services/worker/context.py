@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -44,6 +45,16 @@ class TaskContext(Generic[ConfigT]):
     #: Set when the worker could not extend the lock: another worker may now hold the task,
     #: and the engine will probably reject this one's result. Long handlers may check it.
     lock_lost: asyncio.Event = field(default_factory=asyncio.Event)
+    #: When the handler is stopped: its step's ``timeout_ms`` from its start, or, for a step
+    #: ``with_client_deadline``, the waiting client's deadline if that comes first. None:
+    #: no bound. Pass what is left on to slow calls (:meth:`remaining_s`).
+    deadline: datetime | None = None
+
+    def remaining_s(self) -> float | None:
+        """Seconds until :attr:`deadline` (never below 0), or None without one."""
+        if self.deadline is None:
+            return None
+        return max((self.deadline - datetime.now(UTC)).total_seconds(), 0.0)
 
     @property
     def correlation_id(self) -> str | None:

@@ -46,7 +46,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -199,6 +199,8 @@ class RunRecorder(Protocol):
 
     async def record(self, event: EventRecord) -> None: ...
 
+    async def client_deadline(self, correlation_id: str) -> datetime | None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -229,7 +231,12 @@ class RetryPolicy:
 
 
 class HandlerTimeout(Exception):
-    """The handler ran past its step's ``timeout_ms`` and was stopped."""
+    """The handler ran past ``ctx.deadline`` and was stopped; ``client_gone``: a step
+    ``with_client_deadline`` not started, its client having stopped waiting."""
+
+    def __init__(self, message: str, *, client_gone: bool = False) -> None:
+        super().__init__(message)
+        self.client_gone = client_gone
 
 
 @dataclass(slots=True)
@@ -279,21 +286,20 @@ class Executor:
             )
             return await self._bpmn_error(ctx, row, rule, request=ctx.task.variables)
 
-        topic, declared = handler.topic, handler.step
+        topic = handler.topic
+        stopped = await self._set_deadline(handler, ctx)
+        if stopped is not None and stopped.client_gone:
+            return await self._timed_out(ctx, row, stopped, request=_dump(data))
         try:
             async with slot:
                 with self.metrics.handler_seconds.labels(topic).time():
-                    raw = await self._call_handler(handler, data, ctx)
+                    raw = await self._call_handler(handler, data, ctx, stopped)
             output = _output(raw)
         except BusinessRuleError as exc:
             return await self._bpmn_error(ctx, row, exc, request=_dump(data))
         except HandlerTimeout as exc:
             self.metrics.handler_timeouts.labels(topic).inc()
-            ctx.log.warning("%s", exc)
-            if declared.timeout_error is None:
-                return await self._failure(ctx, row, exc, request=_dump(data))
-            rule = BusinessRuleError(declared.timeout_error, str(exc), error_type=TIMEOUT_ERROR)
-            return await self._bpmn_error(ctx, row, rule, request=_dump(data))
+            return await self._timed_out(ctx, row, exc, request=_dump(data))
         except Exception as exc:  # any handler bug or outage: the engine's retry mechanism
             ctx.log.warning("handler failed: %s", exc, exc_info=True)
             return await self._failure(ctx, row, exc, request=_dump(data))
@@ -334,9 +340,53 @@ class Executor:
             await self._record_step(ctx, step, event)
         return Outcome.COMPLETED
 
-    async def _call_handler(self, handler: Handler, data: BaseModel, ctx: TaskContext[Any]) -> Any:
-        """The handler's return value; :class:`HandlerTimeout` past its step's timeout (an
-        async handler is cancelled, a synchronous one abandoned to its thread)."""
+    async def _set_deadline(self, handler: Handler, ctx: TaskContext[Any]) -> HandlerTimeout | None:
+        """Set ``ctx.deadline``; what stops the handler when it passes (``client_gone``: it
+        has passed, the step must not start)."""
+        step, now = handler.step, datetime.now(UTC)
+        stopped = None
+        if step.timeout_ms is not None:
+            ctx.deadline = now + timedelta(milliseconds=step.timeout_ms)
+            stopped = HandlerTimeout(
+                f"handler of {step.name!r} stopped at its timeout of {step.timeout_ms} ms"
+            )
+        if not step.with_client_deadline or ctx.correlation_id is None:
+            return stopped
+        client = await self.recorder.client_deadline(ctx.correlation_id)
+        if client is None or (ctx.deadline is not None and ctx.deadline <= client):
+            return stopped
+        if client <= now:
+            return HandlerTimeout(
+                f"the client that started the run stopped waiting at {client.isoformat()},"
+                f" before {step.name!r} started",
+                client_gone=True,
+            )
+        ctx.deadline = client
+        return HandlerTimeout(
+            f"handler of {step.name!r} stopped when the client waiting for its run stopped"
+        )
+
+    async def _timed_out(
+        self, ctx: TaskContext[Any], row: _Row, exc: HandlerTimeout, *, request: Any
+    ) -> Outcome:
+        """A step out of time: its ``timeout_error``, else a failure (retried, unless its
+        client has gone: then an incident at once)."""
+        ctx.log.warning("%s", exc)
+        declared = row.handler.step
+        if declared.timeout_error is not None:
+            rule = BusinessRuleError(declared.timeout_error, str(exc), error_type=TIMEOUT_ERROR)
+            return await self._bpmn_error(ctx, row, rule, request=request)
+        return await self._failure(ctx, row, exc, request=request, retry=not exc.client_gone)
+
+    async def _call_handler(
+        self,
+        handler: Handler,
+        data: BaseModel,
+        ctx: TaskContext[Any],
+        stopped: HandlerTimeout | None,
+    ) -> Any:
+        """The handler's return value; ``stopped`` raised past ``ctx.deadline`` (an async
+        handler is cancelled, a synchronous one abandoned to its thread)."""
         args = (data, ctx) if handler.takes_context else (data,)
         if handler.blocking:
             loop = asyncio.get_running_loop()
@@ -344,17 +394,14 @@ class Executor:
             pending: Awaitable[Any] = loop.run_in_executor(self.threads, call)
         else:
             pending = handler.fn(*args)
-        timeout_ms = handler.step.timeout_ms
-        timer = asyncio.timeout(None if timeout_ms is None else timeout_ms / 1000)
+        timer = asyncio.timeout(ctx.remaining_s())
         try:
             async with timer:
                 return await pending
         except TimeoutError:
-            if not timer.expired():
+            if not timer.expired() or stopped is None:
                 raise  # the handler's own
-            raise HandlerTimeout(
-                f"handler of {handler.step.name!r} stopped after its timeout of {timeout_ms} ms"
-            ) from None
+            raise stopped from None
 
     async def _bpmn_error(
         self, ctx: TaskContext[Any], row: _Row, error: BusinessRuleError, *, request: Any
@@ -396,13 +443,21 @@ class Executor:
         return Outcome.BPMN_ERROR
 
     async def _failure(
-        self, ctx: TaskContext[Any], row: _Row, error: Exception, *, request: Any
+        self,
+        ctx: TaskContext[Any],
+        row: _Row,
+        error: Exception,
+        *,
+        request: Any,
+        retry: bool = True,
     ) -> Outcome:
         task, policy = ctx.task, self.retry.for_step(row.handler.step)
         configured = policy.retries
         # ``retries`` is null until the first failure; then the engine holds what we sent
         # (``configured`` after the first failure, one less after each further one).
         retries = configured if task.retries is None else max(task.retries - 1, 0)
+        if not retry:
+            retries = 0
         failures_before = 0 if task.retries is None else max(configured - task.retries + 1, 0)
         timeout_ms = policy.delay_ms(failures_before)
         message = f"{type(error).__name__}: {error}"

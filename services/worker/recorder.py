@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from flowgate.services.worker.metrics import WorkerMetrics
@@ -101,6 +102,15 @@ class Recorder:
         await self._until_written(
             lambda: self._store.steps.release(correlation_id, activity_instance_id, worker_id)
         )
+
+    async def client_deadline(self, correlation_id: str) -> datetime | None:
+        """When the client that started the run stops waiting (None: it did not wait, or
+        Redis cannot say now: the step then runs as if no client waited)."""
+        try:
+            return await self._store.client_deadline(correlation_id)
+        except (*REDIS_ERRORS, OSError, TimeoutError) as exc:
+            self._down(exc)
+            return None
 
     async def record(self, event: EventRecord) -> None:
         """Queue an audit row, retrying until Redis takes it."""

@@ -125,6 +125,11 @@ class Step:
     #: any other (retried, then an incident), or throws the BPMN error ``timeout_error``.
     timeout_ms: int | None = None
     timeout_error: str | None = None
+    #: The step is worth running only for a client that still waits for the run (a code
+    #: sent by SMS, a quote): ``ctx.deadline`` includes when the starting client stops
+    #: waiting (its ``Prefer: wait``), and a task that starts after that fails at once,
+    #: throwing ``timeout_error`` when declared (else as a failure without retries).
+    with_client_deadline: bool = False
     #: Override WORKER_RETRIES and WORKER_RETRY_TIMEOUT_MS for this step: re-tries after the
     #: first failure (0: an incident at once), and the delay before the first one (doubling
     #: with each failure, with jitter so that a downstream outage is not hit in lockstep).

@@ -81,6 +81,11 @@ class Abandoned(Exception):
     meanwhile, or it was cancelled."""
 
 
+#: A field of the run's hash beside the state (not a RunState field: it never reaches
+#: Postgres or a client): when the starting client stops waiting, in ms.
+CLIENT_DEADLINE = "clientDeadline"
+
+
 class RunStore:
     """Run state transitions and reads; see the module docstring."""
 
@@ -134,6 +139,7 @@ class RunStore:
         fetch_variables: list[str] | None = None,
         callback_url: str | None = None,
         look_after_s: float = 5.0,
+        client_deadline: datetime | None = None,
     ) -> tuple[RunState, bool]:
         """Create the ``pending`` state, or return the one that exists.
 
@@ -141,7 +147,9 @@ class RunStore:
         join it (and must compare ``request_hash`` themselves). The index entry lets the
         list page newest first; entries older than any hash can live are dropped here, so
         the index stays bounded without a sweeper. The claim is due for a look after
-        ``look_after_s`` unless its start goes on by then.
+        ``look_after_s`` unless its start goes on by then. ``client_deadline`` (when the
+        starting client stops waiting) goes in the hash beside the state, for the steps
+        that give up with their client (:meth:`client_deadline`).
         """
         now = datetime.now(UTC)
         state = RunState(
@@ -176,10 +184,17 @@ class RunStore:
                 oldest_score=now_ms - (self._pending_ttl_s + self._result_ttl_s) * 1000,
                 pending_ttl_s=self._pending_ttl_s,
                 look_at=now_ms + int(look_after_s * 1000),
-                rest=[value for pair in state.to_hash().items() for value in pair],
+                rest=[value for pair in state.to_hash().items() for value in pair]
+                + ([CLIENT_DEADLINE, str(ms(client_deadline))] if client_deadline else []),
             ),
         )
         return RunState.from_json(stored), bool(created)
+
+    async def client_deadline(self, correlation_id: str) -> datetime | None:
+        """When the client that started the run stops waiting for it (None: it did not
+        wait, or the run is gone)."""
+        raw = await self._redis.hget(self._keys.state(correlation_id), CLIENT_DEADLINE)
+        return None if raw is None else datetime.fromtimestamp(int(raw) / 1000, UTC)
 
     async def sending(self, state: RunState, *, look_after_s: float) -> RunState | None:
         """Mark the engine start of a fresh claim as sent; the state now, or None when the

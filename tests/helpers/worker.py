@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ class RecordedRuns:
         #: Steps claimed and not yet recorded or released, by activity instance id.
         self.claimed: set[str] = set()
         self.released: list[str] = []
+        #: What the run's hash says of its starting client's deadline.
+        self.client_gives_up_at: datetime | None = None
 
     async def ready(self) -> None:
         return None
@@ -76,6 +79,9 @@ class RecordedRuns:
         self.steps.append(step)
         self.rows.append(event)
         self.claimed.discard(step.activity_instance_id)
+
+    async def client_deadline(self, correlation_id: str) -> datetime | None:
+        return self.client_gives_up_at
 
     async def record(self, event: EventRecord) -> None:
         self.rows.append(event)

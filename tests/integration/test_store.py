@@ -105,6 +105,21 @@ async def test_claim_sets_pending_ttl_and_joins_with_the_first_hash(
     assert await store.get("cid-2") == first
 
 
+async def test_a_waiting_clients_deadline_rides_with_the_claim_not_the_state(
+    store: RunStore,
+) -> None:
+    deadline = datetime(2026, 12, 3, 12, 0, 25, 123_000, tzinfo=UTC)
+    state, created = await store.claim(
+        SystemVariables("cid-dl", "b", "t", "a"), "p", "h", client_deadline=deadline
+    )
+    assert created
+    assert await store.client_deadline("cid-dl") == deadline
+    assert await store.get("cid-dl") == state  # the state itself is unchanged
+    await claim(store, "cid-none")
+    assert await store.client_deadline("cid-none") is None  # a start that did not wait
+    assert await store.client_deadline("cid-unknown") is None
+
+
 async def test_complete_changes_a_pending_state_once(
     store: RunStore, redis_client: RedisClient, keys: Keys
 ) -> None:

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -226,7 +227,9 @@ async def test_a_hung_async_handler_is_cancelled_at_its_timeout_and_retried(
     assert await harness.run(handler, locked_task(None, userId="u")) is Outcome.FAILED
     assert cancelled.is_set()
     [body] = harness.engine.bodies("failure")
-    assert body["errorMessage"].startswith("HandlerTimeout: handler of 'work' stopped after")
+    assert (
+        body["errorMessage"] == "HandlerTimeout: handler of 'work' stopped at its timeout of 50 ms"
+    )
     assert body["retries"] == 3
     timeouts = harness.metrics.registry.get_sample_value(
         "flowgate_worker_handler_timeouts_total", {"topic": "p.work"}
@@ -381,3 +384,46 @@ async def test_a_finishing_step_the_engine_dropped_does_not_end_the_run(harness:
 async def test_an_ordinary_step_never_ends_the_run(harness: Harness) -> None:
     assert await harness.run(handler_for(ok), locked_task(userId="u")) is Outcome.COMPLETED
     assert harness.runs.finished == []
+
+
+async def test_a_step_for_a_waiting_client_does_not_start_once_its_client_has_gone(
+    harness: Harness,
+) -> None:
+    ran = False
+
+    async def sends_a_code(data: In) -> None:
+        nonlocal ran
+        ran = True
+
+    harness.runs.client_gives_up_at = datetime.now(UTC) - timedelta(seconds=1)
+    handler = handler_for(sends_a_code, with_client_deadline=True)
+    assert await harness.run(handler, locked_task(None, userId="u")) is Outcome.INCIDENT
+    assert not ran
+    [body] = harness.engine.bodies("failure")
+    assert body["retries"] == 0, "no retry: its client will not come back for it"
+    assert "stopped waiting" in body["errorMessage"]
+
+
+async def test_the_context_deadline_is_the_earlier_of_timeout_and_client(
+    harness: Harness,
+) -> None:
+    seen: list[float | None] = []
+
+    async def waits(data: In, ctx: TaskContext[None]) -> None:
+        seen.append(ctx.remaining_s())
+        await asyncio.sleep(5)
+
+    harness.runs.client_gives_up_at = datetime.now(UTC) + timedelta(milliseconds=200)
+    handler = handler_for(waits, with_client_deadline=True, timeout_ms=10_000)
+    assert await harness.run(handler, locked_task(None, userId="u")) is Outcome.FAILED
+    [remaining] = seen
+    assert remaining is not None
+    assert 0 < remaining <= 0.2
+    [body] = harness.engine.bodies("failure")
+    assert "when the client waiting for its run stopped" in body["errorMessage"]
+    # Without the option, the client's deadline is not the step's business.
+    harness.engine.requests.clear()
+    seen.clear()
+    assert await harness.run(handler_for(waits, timeout_ms=100), locked_task(None, userId="u"))
+    assert seen[0] is not None
+    assert seen[0] > 0.05
