@@ -278,6 +278,69 @@ class Incident:
 
 
 @dataclass(frozen=True, slots=True)
+class UserTask:
+    """An open user task (``GET /task``)."""
+
+    id: str
+    name: str | None
+    task_definition_key: str
+    assignee: str | None
+    created: datetime | None
+    form_key: str | None
+    process_instance_id: str | None
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> UserTask:
+        created = body.get("created")
+        return cls(
+            id=body["id"],
+            name=body.get("name"),
+            task_definition_key=body.get("taskDefinitionKey") or "",
+            assignee=body.get("assignee"),
+            created=parse_date(created) if created else None,
+            form_key=body.get("formKey"),
+            process_instance_id=body.get("processInstanceId"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MessageWait:
+    """A message an instance waits for (a message event subscription)."""
+
+    activity_id: str
+    message_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class OpenIncident:
+    """An incident open now (``GET /incident``): ``configuration`` is the failed external
+    task's or job's id."""
+
+    id: str
+    incident_type: str
+    activity_id: str | None
+    configuration: str
+    message: str | None
+
+    #: The incidents a retry resolves by giving their task or job retries back.
+    RETRYABLE = frozenset({"failedExternalTask", "failedJob"})
+
+    @property
+    def retryable(self) -> bool:
+        return self.incident_type in self.RETRYABLE and bool(self.configuration)
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> OpenIncident:
+        return cls(
+            id=body["id"],
+            incident_type=str(body.get("incidentType")),
+            activity_id=body.get("activityId"),
+            configuration=str(body.get("configuration") or ""),
+            message=body.get("incidentMessage"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class DeployedDefinition:
     id: str
     key: str
@@ -544,6 +607,59 @@ class CamundaClient:
         params: dict[str, QueryValue] = {"workerId": worker_id, "locked": True}
         response = await self._send("GET", "/external-task", params=params)
         return [LockedTask.from_json(task) for task in _body(response)]
+
+    # --- people and messages --------------------------------------------------------------
+
+    async def user_tasks(self, instance_id: str) -> list[UserTask]:
+        """The instance's open user tasks, oldest first (from the runtime: consistent at
+        once, unlike a search index)."""
+        params: dict[str, QueryValue] = {
+            "processInstanceId": instance_id,
+            "sortBy": "created",
+            "sortOrder": "asc",
+        }
+        return [
+            UserTask.from_json(t) for t in _objects(await self._send("GET", "/task", params=params))
+        ]
+
+    async def user_task(self, task_id: str) -> UserTask | None:
+        """An open user task, or None (completed, deleted, never existed)."""
+        try:
+            answer = await self._send("GET", f"/task/{_segment(task_id)}")
+        except NotFound:
+            return None
+        return UserTask.from_json(_body(answer))
+
+    async def complete_user_task(self, task_id: str, *, variables: Mapping[str, Any]) -> None:
+        """Complete a user task: the engine then runs the instance on to its next wait."""
+        body = {"variables": to_camunda(variables)}
+        await self._send("POST", f"/task/{_segment(task_id)}/complete", json=body)
+
+    async def message_waits(self, instance_id: str) -> list[MessageWait]:
+        """The messages the instance waits for now (armed catch events and receive tasks)."""
+        params: dict[str, QueryValue] = {"processInstanceId": instance_id, "eventType": "message"}
+        answer = await self._send("GET", "/event-subscription", params=params)
+        return [
+            MessageWait(
+                activity_id=s.get("activityId") or "", message_name=s.get("eventName") or ""
+            )
+            for s in _objects(answer)
+        ]
+
+    # --- incidents ------------------------------------------------------------------------
+
+    async def open_incidents(self, instance_id: str) -> list[OpenIncident]:
+        """The incidents open now in the instance (and the instances it called)."""
+        params: dict[str, QueryValue] = {"processInstanceId": instance_id}
+        answer = await self._send("GET", "/incident", params=params)
+        return [OpenIncident.from_json(body) for body in _objects(answer)]
+
+    async def set_retries(self, incident: OpenIncident, retries: int) -> None:
+        """Give the external task or job an incident stopped its retries back: the engine
+        resolves the incident and tries it again."""
+        kind = "external-task" if incident.incident_type == "failedExternalTask" else "job"
+        body = {"retries": retries}
+        await self._send("PUT", f"/{kind}/{_segment(incident.configuration)}/retries", json=body)
 
     # --- queries -----------------------------------------------------------------------
 

@@ -149,7 +149,15 @@ class StepRecorded:
     id: str
 
 
-Message = RunState | StartFailed | StepRecorded
+@dataclass(frozen=True, slots=True)
+class Reopened:
+    """A run that had ended ``error`` is ``pending`` again: its failed step is retried
+    (``{"kind":"reopened"}``, written by the store's Lua)."""
+
+
+Message = RunState | StartFailed | StepRecorded | Reopened
+#: The body of a ``reopened`` message, as the store's Lua writes it.
+REOPENED = b'{"kind":"reopened"}'
 
 
 def correlation_id_of_message(raw: bytes) -> tuple[str, bytes]:
@@ -160,11 +168,14 @@ def correlation_id_of_message(raw: bytes) -> tuple[str, bytes]:
 
 
 def decode_message(raw: bytes | str) -> Message:
-    """A run-channel message's body: a finished state, a start that failed, or a new step."""
+    """A run-channel message's body: a finished state, a start that failed, a new step, or a
+    run reopened."""
     obj = orjson.loads(raw)
     kind = obj.get("kind")
     if kind == "startFailed":
         return StartFailed._from_object(obj)
     if kind == "step":
         return StepRecorded(str(obj["id"]))
+    if kind == "reopened":
+        return Reopened()
     return RunState.from_dict(obj)

@@ -26,6 +26,8 @@ runs as it is on a Redis Cluster; on a single Redis the tags are just part of th
                                       Postgres has them, scored by when (services/flusher)
 ``{p:n}:cancel:{correlationId}``      string: the reason a cancel was asked for, until the run
                                       ends (the watcher ends a deleted instance's run with it)
+``{p:n}:task:{taskId}``               string: a user task of one of the partition's runs is
+                                      being or was completed (services/api/usertasks.py)
 ``{p:n}:run``                         pub/sub channel (sharded on a cluster): a run of the
                                       partition changed (shared/contract.py messages)
 ``{p:n}:wb``                          stream: write-behind entries for Postgres
@@ -134,6 +136,9 @@ class Keys:
 
     def cancel(self, correlation_id: str) -> str:
         return f"{self.of(correlation_id).tag}:cancel:{correlation_id}"
+
+    def user_task(self, correlation_id: str, task_id: str) -> str:
+        return f"{self.of(correlation_id).tag}:task:{task_id}"
 
     @property
     def callback_attempts(self) -> str:

@@ -24,9 +24,11 @@ from flowgate.services.api.auth import Auth
 from flowgate.services.api.cancel import Canceller
 from flowgate.services.api.metrics import ApiMetrics
 from flowgate.services.api.pace import Pace
+from flowgate.services.api.retry import Retrier
 from flowgate.services.api.runs import Runs
 from flowgate.services.api.settled import Settled
 from flowgate.services.api.starter import Starter
+from flowgate.services.api.usertasks import UserTasks
 from flowgate.services.api.waitroom import WaitRoom
 from flowgate.shared import postgres
 from flowgate.shared.aio import Spawner, stop_and_wait
@@ -93,6 +95,8 @@ class Deps:
     starter: Starter
     waitroom: WaitRoom
     canceller: Canceller
+    usertasks: UserTasks
+    retrier: Retrier
     #: How long each process's runs take: the Retry-After of a 202 (pace.py).
     pace: Pace
     #: Work that outlives its request (an engine start whose client stopped waiting).
@@ -173,6 +177,18 @@ async def open_deps(
                     ),
                     waitroom=waitroom,
                     canceller=Canceller(store, runs, camunda, waitroom, metrics),
+                    usertasks=UserTasks(
+                        store,
+                        runs,
+                        camunda,
+                        waitroom,
+                        redis,
+                        keys,
+                        result_ttl_s=settings.result_ttl_s,
+                    ),
+                    retrier=Retrier(
+                        store, runs, camunda, waitroom, retries=settings.worker_retries
+                    ),
                     pace=pace,
                     spawner=spawner,
                 )

@@ -20,15 +20,18 @@ from flowgate.services.api.auth import Access, Auth
 from flowgate.services.api.routes import (
     cancel_process,
     complete_process,
+    complete_user_task,
     docs,
     event_log,
     healthz,
     list_processes,
+    list_user_tasks,
     metrics,
     openapi,
     process_events,
     process_status,
     readyz,
+    retry_process,
     start_process,
 )
 from flowgate.services.api.schemas import (
@@ -36,16 +39,20 @@ from flowgate.services.api.schemas import (
     CancelRequest,
     CompleteAck,
     CompleteRequest,
+    CompleteTaskRequest,
     EventLog,
     Health,
     MilestoneReached,
     Pending,
     ProcessStatus,
     Readiness,
+    RetryRequest,
+    RunPaused,
     StartFailedBody,
     StartOk,
     StartRequest,
     StatusPage,
+    UserTaskList,
 )
 
 # --- the table ---------------------------------------------------------------------------------
@@ -192,6 +199,90 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             ),
         },
         errors=(400, 404, 408, 413, 415, 502, 503),
+    ),
+    Endpoint(
+        "POST",
+        "/api/process/retry/{correlationId}",
+        retry_process,
+        Access.CLIENT,
+        "Retry a run an incident ended, from its failed step.",
+        "For a run that ended `error` because a task or job ran out of retries: it gets its "
+        "retries back, the run is `pending` again under the same correlationId (its waiters, "
+        "event streams and callback work again) and the answer waits as a start's does. "
+        "Completed steps do not run again. The body is optional.",
+        parameters=("correlationId", "Prefer"),
+        body=RetryRequest,
+        body_required=False,
+        replies={
+            200: Reply(
+                "The run ended `ok` within the wait (StartOk), or the step named in "
+                "`waitUntil` has finished (MilestoneReached).",
+                StartOk,
+                headers=(*_RUN_HEADERS, "Preference-Applied"),
+                also=(MilestoneReached,),
+            ),
+            202: Reply(
+                "Retried; still running when the wait ended (poll `Location`).",
+                Pending,
+                headers=(*_PENDING_HEADERS, "Preference-Applied"),
+            ),
+            409: Reply(
+                "The run is not `error`, or ended `error` by no incident (a BPMN error end, "
+                "a cancel): its status body.",
+                ProcessStatus,
+                headers=_RUN_HEADERS,
+            ),
+            500: Reply(
+                "The run failed again within the wait.", StartFailedBody, headers=_RUN_HEADERS
+            ),
+        },
+        errors=(400, 404, 408, 413, 415, 502, 503),
+    ),
+    Endpoint(
+        "GET",
+        "/api/process/tasks/{correlationId}",
+        list_user_tasks,
+        Access.CLIENT,
+        "The run's open user tasks, read from the engine (consistent at once).",
+        "None once the run has ended.",
+        parameters=("correlationId",),
+        replies={200: Reply("The open user tasks, oldest first.", UserTaskList)},
+        errors=(400, 404, 502, 503),
+    ),
+    Endpoint(
+        "POST",
+        "/api/process/tasks/{correlationId}/{taskId}/complete",
+        complete_user_task,
+        Access.CLIENT,
+        "Complete a user task of the run, and answer with what came of it.",
+        "The answer waits (SYNC_TIMEOUT_MS, or `Prefer: wait=N`) until the run ends, reaches "
+        "the step named in `waitUntil`, or pauses again: a new open user task or a message "
+        "wait (200 with the open `tasks`). Of two completions of one task, one is 200 and "
+        "the other 409. The body is optional.",
+        parameters=("correlationId", "taskId", "Prefer"),
+        body=CompleteTaskRequest,
+        body_required=False,
+        replies={
+            200: Reply(
+                "The run paused again (RunPaused, with its open tasks), ended `ok` "
+                "(ProcessStatus), or finished the step asked for (MilestoneReached).",
+                RunPaused,
+                headers=(*_RUN_HEADERS, "Preference-Applied"),
+                also=(ProcessStatus, MilestoneReached),
+            ),
+            202: Reply(
+                "Completed; the run goes on past the wait (poll `Location`).",
+                RunPaused,
+                headers=(*_PENDING_HEADERS, "Preference-Applied"),
+            ),
+            409: Reply(
+                "The task was completed already, or the run had ended (its status body).",
+                ProcessStatus,
+                headers=_RUN_HEADERS,
+            ),
+            500: Reply("The run ended `error`.", ProcessStatus, headers=_RUN_HEADERS),
+        },
+        errors=(400, 404, 408, 409, 413, 415, 502, 503),
     ),
     Endpoint(
         "POST",

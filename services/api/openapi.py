@@ -67,6 +67,11 @@ PARAMETERS: dict[str, dict[str, Any]] = {
         "schema": {"type": "string", "pattern": r"^(?!all$)" + ID_PATTERN[1:]},
     },
     "id": {"in": "path", "schema": {"type": "string", "pattern": ID_PATTERN}},
+    "taskId": {
+        "in": "path",
+        "description": "A user task's id, as `GET /api/process/tasks/{correlationId}` lists it.",
+        "schema": {"type": "string", "pattern": ID_PATTERN},
+    },
     "until": {
         "in": "query",
         "description": "With `wait`: answer as soon as this step (an activity id, or a "

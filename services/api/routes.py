@@ -33,28 +33,36 @@ from flowgate.services.api.parsing import (
     read_json,
     wait_budget,
 )
+from flowgate.services.api.pause import Paused
+from flowgate.services.api.retry import RetryOutcome
 from flowgate.services.api.schemas import (
     ID_PATTERN,
     RUN_STATUS,
     CancelRequest,
     CompleteAck,
     CompleteRequest,
+    CompleteTaskRequest,
     EventLog,
     Health,
     JSONResponse,
     Milestone,
     MilestoneReached,
+    OpenUserTask,
     Pending,
     ProcessStatus,
     Readiness,
+    RetryRequest,
+    RunPaused,
     StartFailedBody,
     StartOk,
     StartRequest,
     StatusPage,
+    UserTaskList,
     status_url,
 )
 from flowgate.services.api.starter import StartCommand
-from flowgate.services.api.waitroom import WaitEnd, WaitResult
+from flowgate.services.api.usertasks import Refusal
+from flowgate.services.api.waitroom import RoomFull, WaitEnd, WaitResult
 from flowgate.shared import postgres
 from flowgate.shared.contract import StartFailed, failed_start
 from flowgate.shared.redis_client import REDIS_ERRORS
@@ -186,6 +194,102 @@ async def complete_process(request: Request) -> Response:
     if changed is None:
         raise ApiError.unknown_run(body.correlationId)
     return JSONResponse(CompleteAck(changed=changed))
+
+
+# --- talking to a running process --------------------------------------------------------------
+
+
+async def list_user_tasks(request: Request) -> Response:
+    d = deps(request)
+    correlation_id = _path_id(request, "correlationId")
+    tasks = await d.usertasks.open(correlation_id)
+    if tasks is None:
+        raise ApiError.unknown_run(correlation_id)
+    return JSONResponse(UserTaskList(tasks=[OpenUserTask.of(task) for task in tasks]))
+
+
+async def complete_user_task(request: Request) -> Response:
+    d = deps(request)
+    correlation_id = _path_id(request, "correlationId")
+    task_id = _path_id(request, "taskId")
+    body = CompleteTaskRequest()
+    if _has_body(request):
+        raw = await read_json(request, d.options.max_body_bytes, timeout_s=d.options.body_timeout_s)
+        body = parse_model(
+            CompleteTaskRequest, raw, context={"max_depth": d.options.max_variables_depth}
+        )
+    wait_s, applied = wait_budget(
+        request, default_ms=d.options.sync_timeout_ms, max_ms=d.options.max_wait_ms
+    )
+    try:
+        done = await d.usertasks.complete(
+            correlation_id, task_id, variables=body.variables, wait_s=wait_s, until=body.waitUntil
+        )
+    except RoomFull:
+        raise ApiError(503, "this replica waits for too many requests; retry later") from None
+    if done.refused is Refusal.UNKNOWN_RUN:
+        raise ApiError.unknown_run(correlation_id)
+    if done.refused is Refusal.NOT_THIS_RUNS:
+        raise ApiError(
+            404, f"run {correlation_id!r} has no open user task {task_id!r}", field="taskId"
+        )
+    if done.refused is Refusal.TAKEN:
+        raise ApiError(409, f"user task {task_id!r} was completed already", field="taskId")
+    if done.refused is Refusal.RUN_ENDED:
+        assert done.state is not None
+        return _run_answer(done.state, applied, code=409)
+    assert done.paused is not None
+    return _pause_answer(d, correlation_id, done.paused, applied)
+
+
+async def retry_process(request: Request) -> Response:
+    d = deps(request)
+    correlation_id = _path_id(request, "correlationId")
+    until = None
+    if _has_body(request):
+        raw = await read_json(request, d.options.max_body_bytes, timeout_s=d.options.body_timeout_s)
+        until = parse_model(RetryRequest, raw).waitUntil
+    wait_s, applied = wait_budget(
+        request, default_ms=d.options.sync_timeout_ms, max_ms=d.options.max_wait_ms
+    )
+    result = await d.retrier.retry(correlation_id, wait_s=wait_s, until=until)
+    if result.outcome is RetryOutcome.UNKNOWN:
+        raise ApiError.unknown_run(correlation_id)
+    if result.outcome is RetryOutcome.NOT_AN_INCIDENT:
+        assert result.state is not None
+        return _run_answer(result.state, applied, code=409)
+    assert result.waited is not None
+    return _start_answer(d, correlation_id, result.waited, applied)
+
+
+def _pause_answer(d: Deps, cid: str, paused: Paused, applied: dict[str, str]) -> Response:
+    """What an action on a running process answers once its wait ended (pause.py)."""
+    state = paused.state
+    if state is None:
+        raise ApiError.unknown_run(cid)
+    if paused.milestone is not None:
+        return _milestone_answer(cid, paused.milestone, applied)
+    if state.finished:
+        return _run_answer(state, applied, code=_STATUS_CODES.get(state.status, 200))
+    body = RunPaused(
+        **ProcessStatus.body(state), tasks=[OpenUserTask.of(t) for t in paused.waits.tasks]
+    )
+    url = status_url(cid)
+    headers = {"Content-Location": url, RUN_STATUS: state.status.value, **applied}
+    if not paused.timed_out:
+        return JSONResponse(body, headers=headers)
+    headers.update({"Location": url, "Retry-After": str(d.pace.retry_after_s(state))})
+    return JSONResponse(body, status_code=202, headers=headers)
+
+
+def _run_answer(state: RunState, applied: dict[str, str], *, code: int) -> Response:
+    """The run's status body, as a status read shows it, with ``code``."""
+    headers = {
+        "Content-Location": status_url(state.correlation_id),
+        RUN_STATUS: state.status.value,
+        **applied,
+    }
+    return JSONResponse(ProcessStatus.body(state), status_code=code, headers=headers)
 
 
 async def event_log(request: Request) -> Response:

@@ -29,6 +29,7 @@ from pydantic import (
 from starlette.responses import Response
 from typing_extensions import TypeAliasType
 
+from flowgate.shared.camunda import UserTask
 from flowgate.shared.contract import CORRELATION_ID, SystemVariables
 from flowgate.shared.eventlog import EventRecord
 from flowgate.shared.state import RunState, iso
@@ -144,6 +145,10 @@ def status_url(correlation_id: str) -> str:
 # --- requests ------------------------------------------------------------------------------
 
 
+#: A body's ``variables``: an object when given, checked by :func:`storable`.
+Variables = SkipValidation[Annotated[dict[_Name, JsonValue], _CLOSED]]
+
+
 class StartRequest(BaseModel):
     """Unknown fields are ignored, so clients of the original service keep working."""
 
@@ -151,7 +156,7 @@ class StartRequest(BaseModel):
     # `all` would have /api/process/status/all as its status URL: the list's path.
     correlationId: Annotated[CorrelationId, Field(json_schema_extra={"not": {"const": "all"}})]
     # An object when given (the seed's schema refuses `null` too).
-    variables: SkipValidation[Annotated[dict[_Name, JsonValue], _CLOSED]] = Field(
+    variables: Variables = Field(
         default_factory=dict,
         description="Process variables (a JSON object); nesting is limited in depth.",
         examples=[{"userId": "user-123"}],
@@ -213,24 +218,54 @@ class StartRequest(BaseModel):
     @field_validator("variables")
     @classmethod
     def _storable(cls, value: Any, info: ValidationInfo) -> dict[str, Any]:
-        """Refuse here what the engine's database (or the audit table) would refuse later."""
-        if not isinstance(value, dict):
-            raise ValueError("must be a JSON object")
-        limit = (info.context or {}).get("max_depth")
-        if limit is not None and json_depth(value) > limit:
-            raise ValueError(f"nested deeper than {limit} levels")
-        for name, variable in value.items():
-            if len(name) > MAX_VARIABLE_NAME_CHARS:
-                raise ValueError(
-                    f"the name {name[:40]!r}... is longer than {MAX_VARIABLE_NAME_CHARS} characters"
-                )
-            if "\x00" in name or _holds_nul(variable):
-                raise ValueError(f"variable {name!r} contains a NUL character")
-        try:
-            to_camunda(value)
-        except VariableError as exc:
-            raise ValueError(str(exc)) from exc
-        return value
+        return storable(value, info)
+
+
+def storable(value: Any, info: ValidationInfo) -> dict[str, Any]:
+    """Variables a client sends (a start, a task completion, a message): refused here when
+    the engine's database (or the audit table) would refuse them later."""
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object")
+    limit = (info.context or {}).get("max_depth")
+    if limit is not None and json_depth(value) > limit:
+        raise ValueError(f"nested deeper than {limit} levels")
+    for name, variable in value.items():
+        if len(name) > MAX_VARIABLE_NAME_CHARS:
+            raise ValueError(
+                f"the name {name[:40]!r}... is longer than {MAX_VARIABLE_NAME_CHARS} characters"
+            )
+        if "\x00" in name or _holds_nul(variable):
+            raise ValueError(f"variable {name!r} contains a NUL character")
+    try:
+        to_camunda(value)
+    except VariableError as exc:
+        raise ValueError(str(exc)) from exc
+    return value
+
+
+class CompleteTaskRequest(BaseModel):
+    variables: Variables = Field(
+        default_factory=dict,
+        description="Variables the completion sets (task form fields, a decision).",
+        examples=[{"approved": True}],
+    )
+    waitUntil: StepName | None = Field(
+        default=None,
+        description="Answer once this step has finished, instead of at the run's next pause.",
+    )
+
+    @field_validator("variables")
+    @classmethod
+    def _storable(cls, value: Any, info: ValidationInfo) -> dict[str, Any]:
+        return storable(value, info)
+
+
+class RetryRequest(BaseModel):
+    waitUntil: StepName | None = Field(
+        default=None,
+        description="Answer once this step has finished (200 with `milestone`), instead of "
+        "at the run's end.",
+    )
 
 
 class CancelRequest(BaseModel):
@@ -399,6 +434,39 @@ class ProcessStatus(BaseModel):
             "updatedAt": iso(state.updated_at),
             "statusUrl": status_url(state.correlation_id),
         }
+
+
+class OpenUserTask(BaseModel):
+    """A user task of the run waiting for someone (from the engine's runtime)."""
+
+    id: str
+    name: str | None = None
+    taskDefinitionKey: str
+    assignee: str | None = None
+    created: Timestamp | None = None
+    formKey: str | None = None
+
+    @classmethod
+    def of(cls, task: UserTask) -> OpenUserTask:
+        return cls(
+            id=task.id,
+            name=task.name,
+            taskDefinitionKey=task.task_definition_key,
+            assignee=task.assignee,
+            created=iso(task.created) if task.created else None,
+            formKey=task.form_key,
+        )
+
+
+class UserTaskList(BaseModel):
+    tasks: list[OpenUserTask]
+
+
+class RunPaused(ProcessStatus):
+    """The run waits for the outside world again: the user tasks open now (a message wait
+    shows in ``waitingOn``)."""
+
+    tasks: list[OpenUserTask] = Field(default_factory=list)
 
 
 class StoredRecord(BaseModel):

@@ -9,6 +9,10 @@ correlationId start a new run. So an ended state may be served until its end plu
 ``RESULT_TTL_S``, less a margin for the clocks of the replica that ended it and this one.
 An abandoned start is not an end (the id is free again) and is never kept.
 
+The one exception: a client's retry of a run an incident ended (services/api/retry.py)
+makes it ``pending`` again, with a higher version, and tells every replica (``reopened`` on
+the run's channel): :meth:`forget`, after which only a newer end is kept.
+
 Bounded (least recently used first out): a replica holds at most ``size`` states.
 """
 
@@ -30,6 +34,8 @@ class Settled:
         self._result_ttl_s = result_ttl_s
         self._size = size
         self._states: OrderedDict[str, tuple[RunState, float]] = OrderedDict()
+        #: Reopened runs: the version their pending state has (an end must be newer).
+        self._reopened: OrderedDict[str, int] = OrderedDict()
 
     def get(self, correlation_id: str) -> RunState | None:
         """The run's final state, if it ended and this replica has seen it do so."""
@@ -43,11 +49,23 @@ class Settled:
         self._states.move_to_end(correlation_id)
         return state
 
+    def forget(self, correlation_id: str) -> None:
+        """The run was reopened: its end kept here is no longer its state, nor is any
+        older end a replica may still read back (only a newer version is kept again)."""
+        found = self._states.pop(correlation_id, None)
+        version = found[0].version if found else 0
+        self._reopened[correlation_id] = max(version + 1, self._reopened.get(correlation_id, 0))
+        self._reopened.move_to_end(correlation_id)
+        if len(self._reopened) > self._size:
+            self._reopened.popitem(last=False)
+
     def keep(self, state: RunState) -> bool:
         """Keep ``state`` if it is an end, for as long as its record can live; whether it
         is one this replica had not kept yet."""
         if state.status not in ENDED or state.correlation_id in self._states:
             return False
+        if state.version <= self._reopened.get(state.correlation_id, 0):
+            return False  # an end from before a reopen, read back late
         until = state.updated_at.timestamp() + self._result_ttl_s - CLOCK_MARGIN_S
         if until <= time.time():
             return False

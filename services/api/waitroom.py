@@ -47,6 +47,8 @@ from flowgate.services.api.pace import Pace
 from flowgate.services.api.settled import Settled
 from flowgate.shared.aio import Backoff, sleep_or_stop
 from flowgate.shared.contract import (
+    REOPENED,
+    Reopened,
     StartFailed,
     StepRecorded,
     correlation_id_of_message,
@@ -477,6 +479,8 @@ class WaitRoom:
     def _dispatch(self, data: bytes) -> None:
         self._metrics.pubsub_messages.inc()
         correlation_id, body = correlation_id_of_message(data)
+        if body == REOPENED and self._settled is not None:
+            self._settled.forget(correlation_id)  # an end this replica kept is over
         waiters = self._waiters.get(correlation_id)
         if not waiters:
             return  # parked on another replica, or nobody waits: nothing to decode
@@ -491,7 +495,7 @@ class WaitRoom:
             for waiter in waiters:
                 waiter.set()
             return
-        if isinstance(message, StepRecorded):
+        if isinstance(message, StepRecorded | Reopened):
             for waiter in waiters:
                 if waiter.steps:
                     waiter.set()

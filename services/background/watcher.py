@@ -319,7 +319,7 @@ class Watcher:
             return
         where = f" at {incident.activity_id}" if incident.activity_id else ""
         error = f"incident{where}: {incident.message or incident.incident_type}"
-        if await self._store.finish(cid, Status.ERROR, error=error):
+        if await self._store.finish(cid, Status.ERROR, error=error, incident_id=incident.id):
             self._metrics.engine_ends.labels("incident").inc()
 
     # --- plumbing --------------------------------------------------------------------------

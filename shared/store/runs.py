@@ -49,6 +49,7 @@ from flowgate.shared.store.scripts import (
     CLAIM,
     FINISH,
     LOOK,
+    REOPEN,
     SENDING,
     AbandonArgs,
     AbandonKeys,
@@ -61,6 +62,8 @@ from flowgate.shared.store.scripts import (
     FinishArgs,
     FinishKeys,
     LookKeys,
+    ReopenArgs,
+    ReopenKeys,
     SendingArgs,
     SendingKeys,
 )
@@ -81,9 +84,12 @@ class Abandoned(Exception):
     meanwhile, or it was cancelled."""
 
 
-#: A field of the run's hash beside the state (not a RunState field: it never reaches
-#: Postgres or a client): when the starting client stops waiting, in ms.
+#: Fields of the run's hash beside the record (not RunState fields: they never reach
+#: Postgres or a client). When the starting client stops waiting, in ms:
 CLIENT_DEADLINE = "clientDeadline"
+#: The incidents retries resolved (comma-separated ids; shared/store/scripts.py REOPEN):
+RETRIED_INCIDENTS = "retriedIncidents"
+BESIDE_THE_RECORD = (CLIENT_DEADLINE, RETRIED_INCIDENTS)
 
 
 class RunStore:
@@ -119,6 +125,7 @@ class RunStore:
         self._sending = SENDING.bound(redis)
         self._attach = ATTACH.bound(redis)
         self._finish = FINISH.bound(redis)
+        self._reopen = REOPEN.bound(redis)
         self._cancelling = CANCELLING.bound(redis)
         self._abandon = ABANDON.bound(redis)
         self._look = LOOK.bound(redis)
@@ -190,6 +197,38 @@ class RunStore:
         )
         return RunState.from_json(stored), bool(created)
 
+    async def reopen(
+        self, correlation_id: str, event: EventRecord, *, incidents: list[str]
+    ) -> RunState | None:
+        """Make a run that ended ``error`` ``pending`` again (its failed step is being
+        retried: services/api/retry.py), with ``event`` as its audit row; the state now, or
+        None when it was not an ``error`` run with an engine instance. ``incidents``, the
+        ones the retry resolves, no longer end the run (:meth:`finish` ``incident_id``)."""
+        cid = correlation_id
+        part = self._keys.of(cid)
+        state = await self._reopen(
+            ReopenKeys(
+                state=self._keys.state(cid),
+                stream=part.writebehind,
+                steps=self._keys.steps(cid),
+                seen=self._keys.steps_seen(cid),
+                claimed=self._keys.steps_claimed(cid),
+                instances=part.instances,
+                instances_ended=part.instances_ended,
+                callbacks=part.callbacks,
+                compact=part.compact,
+            ),
+            ReopenArgs(
+                cid=cid,
+                now=iso(datetime.now(UTC)),
+                pending_ttl_s=self._pending_ttl_s,
+                channel=part.channel,
+                event=event.to_json(),
+                incidents=",".join(incidents),
+            ),
+        )
+        return RunState.from_json(state) if state else None
+
     async def client_deadline(self, correlation_id: str) -> datetime | None:
         """When the client that started the run stops waiting for it (None: it did not
         wait, or the run is gone)."""
@@ -253,6 +292,7 @@ class RunStore:
         error: Any = None,
         event: EventRecord | None = None,
         step: StepEvent | None = None,
+        incident_id: str | None = None,
     ) -> bool:
         """End a ``pending`` run and wake its waiters; True if this call changed it.
 
@@ -295,6 +335,7 @@ class RunStore:
                 activity_instance_id=step.activity_instance_id if step else "",
                 max_steps=MAX_STEPS,
                 forget_at=ms(now) + int(INSTANCE_LINGER_S * 1000),
+                incident_id=incident_id or "",
                 compact_after_ms=self._steps_in_redis_ms,
             ),
         )

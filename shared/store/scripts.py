@@ -309,6 +309,8 @@ class FinishArgs(NamedTuple):
     #: How long after the end (by Redis's clock, as the write-behind's entry ids are) the
     #: run's steps may leave Redis: past any late step the engine still reports (ms).
     compact_after_ms: int
+    #: The incident that ends the run ('' = none): one a retry resolved does not (REOPEN).
+    incident_id: str
 
 
 #: Only a pending run. 1 if the state changed.
@@ -317,7 +319,12 @@ FINISH = Script(
     FinishKeys,
     FinishArgs,
     """
-if redis.call('HGET', K.state, 'status') ~= 'pending' then return 0 end
+local f0 = redis.call('HMGET', K.state, 'status', 'retriedIncidents')
+if f0[1] ~= 'pending' then return 0 end
+if A.incident_id ~= '' and f0[2] and
+    string.find(',' .. f0[2] .. ',', ',' .. A.incident_id .. ',', 1, true) then
+  return 0
+end
 redis.call('HSET', K.state, 'status', A.status, 'updatedAt', A.now)
 -- A field without a value is left out (shared/state.py RunState.to_hash).
 for field, value in pairs({data = A.data, error = A.error}) do
@@ -349,6 +356,69 @@ redis.call(PUBLISH, A.channel, A.cid .. '\\n' .. state)
 return 1
 """,
     prelude=STATE_JSON_LUA + RECORD_STEP_LUA,
+    publishes=True,
+)
+
+# --- reopening: a run ended by an incident, its failed step retried -----------------------
+
+
+class ReopenKeys(NamedTuple):
+    state: str
+    stream: str
+    steps: str
+    seen: str
+    claimed: str
+    instances: str
+    instances_ended: str
+    callbacks: str
+    compact: str
+
+
+class ReopenArgs(NamedTuple):
+    cid: str
+    now: str
+    pending_ttl_s: int
+    channel: str
+    #: The audit row of the retry.
+    event: bytes | str
+    #: The incidents the retry resolves, comma-separated: the watcher may still report
+    #: them, and they must not end the run again (FINISH).
+    incidents: str
+
+
+#: Only an ``error`` run with an engine instance: ``pending`` again, its instance watched
+#: again, its steps kept, its callback due at its next end; every replica hears
+#: ``reopened`` (its settled-run cache forgets the end). The state JSON, or '' if it was
+#: not an error run.
+REOPEN = Script(
+    "reopen",
+    ReopenKeys,
+    ReopenArgs,
+    """
+local f = redis.call('HMGET', K.state, 'status', 'instanceId')
+if f[1] ~= 'error' or not f[2] or f[2] == '' then return '' end
+redis.call('HSET', K.state, 'status', 'pending', 'updatedAt', A.now,
+  'data', '{"step":"retry"}')
+redis.call('HDEL', K.state, 'error')
+local retried = redis.call('HGET', K.state, 'retriedIncidents')
+redis.call('HSET', K.state, 'retriedIncidents',
+  (retried and retried ~= '') and (retried .. ',' .. A.incidents) or A.incidents)
+redis.call('HINCRBY', K.state, 'version', 1)
+redis.call('EXPIRE', K.state, A.pending_ttl_s)
+for _, key in ipairs({K.steps, K.seen, K.claimed}) do
+  redis.call('EXPIRE', key, A.pending_ttl_s)
+end
+redis.call('HSET', K.instances, f[2], A.cid)
+redis.call('ZREM', K.instances_ended, f[2])
+redis.call('ZREM', K.callbacks, A.cid)
+redis.call('ZREM', K.compact, A.cid)
+local state = state_json(K.state)
+redis.call('XADD', K.stream, '*', 'kind', 'state', 'body', state)
+redis.call('XADD', K.stream, '*', 'kind', 'event', 'body', A.event)
+redis.call(PUBLISH, A.channel, A.cid .. '\\n{"kind":"reopened"}')
+return state
+""",
+    prelude=STATE_JSON_LUA,
     publishes=True,
 )
 

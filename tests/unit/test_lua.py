@@ -21,6 +21,7 @@ def test_every_script_is_declared_by_name() -> None:
         "step_claim",
         "step_release",
         "finish",
+        "reopen",
         "cancelling",
         "abandon",
         "look",

@@ -9,6 +9,7 @@ from flowgate.shared.lua import Script
 from flowgate.shared.state import FIELDS, STATE_JSON_LUA, RunState, Status, iso
 from flowgate.shared.steps import StepStatus
 from flowgate.shared.store import scripts  # noqa: F401 - declares the store's scripts
+from flowgate.shared.store.runs import BESIDE_THE_RECORD
 
 STATE = RunState(
     correlation_id="user@example.com",
@@ -46,7 +47,7 @@ def test_the_generated_lua_names_every_field() -> None:
 
 def test_the_transition_scripts_write_only_fields_of_the_record() -> None:
     # Quoted words in those calls are field names, or (as values) statuses.
-    wire = {f.wire for f in FIELDS} | {status.value for status in Status}
+    wire = {f.wire for f in FIELDS} | {status.value for status in Status} | set(BESIDE_THE_RECORD)
     used = {
         name
         for script in Script.declared.values()

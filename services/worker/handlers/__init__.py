@@ -6,6 +6,6 @@ A worker serves them unless ``WORKER_PROCESSES`` names others (services/worker/r
 
 from __future__ import annotations
 
-from flowgate.services.worker.handlers import benchmark, onboard_user
+from flowgate.services.worker.handlers import approve_order, benchmark, onboard_user
 
-PROCESSES = (onboard_user.process, benchmark.process)
+PROCESSES = (onboard_user.process, benchmark.process, approve_order.process)

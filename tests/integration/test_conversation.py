@@ -1,0 +1,216 @@
+"""Talking to a running process, on the real engine: the example approve-order
+(bpmn/approve-order.bpmn) has two user tasks, then waits for a message or a timer."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import BaseModel
+
+from flowgate.services.worker.registry import Process, Registry, Step
+from flowgate.shared.camunda import CamundaClient
+from flowgate.shared.settings import Settings
+from tests.helpers.api import Api, cid, running_app, start_body
+from tests.helpers.engine import bpmn, deploy_bpmn
+from tests.helpers.waiting import until
+from tests.helpers.worker import running_worker
+
+MakeSettings = Callable[..., Settings]
+ORDER = "approve-order"
+
+
+@pytest.fixture
+async def api(make_settings: MakeSettings, engine_url: str) -> AsyncIterator[Api]:
+    await deploy_bpmn(engine_url)
+    settings = make_settings(camunda_base_url=engine_url, sync_timeout_ms=5_000)
+    async with running_app(settings) as running:
+        yield running
+
+
+async def order(api: Api, **variables: Any) -> str:
+    """A started approve-order run, waiting at its first user task."""
+    correlation_id = cid()
+    started = await api.client.post(
+        "/api/process/start",
+        json=start_body(correlation_id, ORDER, orderId=correlation_id, **variables),
+        headers={"Prefer": "wait=1"},
+    )
+    assert started.status_code == 202, started.text
+    return correlation_id
+
+
+async def tasks(api: Api, correlation_id: str) -> list[dict[str, Any]]:
+    listed = await api.client.get(f"/api/process/tasks/{correlation_id}")
+    assert listed.status_code == 200, listed.text
+    found: list[dict[str, Any]] = listed.json()["tasks"]
+    return found
+
+
+async def complete(api: Api, correlation_id: str, task_id: str, **variables: Any) -> httpx.Response:
+    return await api.client.post(
+        f"/api/process/tasks/{correlation_id}/{task_id}/complete",
+        json={"variables": variables},
+        headers={"Prefer": "wait=10"},
+    )
+
+
+async def test_completing_a_user_task_answers_with_the_next_one(api: Api) -> None:
+    correlation_id = await order(api)
+    [review] = await tasks(api, correlation_id)
+    assert (review["taskDefinitionKey"], review["name"]) == ("review", "Review the order")
+    assert review["formKey"] == "embedded:app:forms/review.html"
+
+    answer = await complete(api, correlation_id, review["id"], reviewed=True)
+
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert (body["status"], body["correlationId"]) == ("pending", correlation_id)
+    assert [t["taskDefinitionKey"] for t in body["tasks"]] == ["sign_off"]
+    assert answer.headers["content-location"] == f"/api/process/status/{correlation_id}"
+    assert body["tasks"] == await tasks(api, correlation_id)
+
+
+async def test_of_two_concurrent_completions_one_is_200_and_the_other_409(api: Api) -> None:
+    correlation_id = await order(api)
+    [review] = await tasks(api, correlation_id)
+    first, second = await asyncio.gather(
+        complete(api, correlation_id, review["id"]),
+        complete(api, correlation_id, review["id"]),
+    )
+    assert sorted([first.status_code, second.status_code]) == [200, 409]
+    again = await complete(api, correlation_id, review["id"])
+    assert again.status_code == 409
+    assert "completed already" in again.json()["message"]
+
+
+async def test_a_task_of_another_run_or_an_unknown_run_is_404(api: Api) -> None:
+    mine, theirs = await order(api), await order(api)
+    [their_task] = await tasks(api, theirs)
+    refused = await complete(api, mine, their_task["id"])
+    assert refused.status_code == 404
+    assert refused.json()["field"] == "taskId"
+    assert (await complete(api, mine, "no-such-task")).status_code == 404
+    unknown = cid()
+    assert (await api.client.get(f"/api/process/tasks/{unknown}")).status_code == 404
+    assert (await complete(api, unknown, their_task["id"])).status_code == 404
+    # Their task is untouched.
+    assert [t["id"] for t in await tasks(api, theirs)] == [their_task["id"]]
+
+
+async def test_a_rejected_order_ends_and_the_completion_answers_with_its_end(api: Api) -> None:
+    correlation_id = await order(api)
+    [review] = await tasks(api, correlation_id)
+    assert (await complete(api, correlation_id, review["id"])).status_code == 200
+    [sign_off] = await tasks(api, correlation_id)
+
+    ended = await complete(api, correlation_id, sign_off["id"], approved=False)
+
+    assert ended.status_code == 200, ended.text
+    assert ended.json()["status"] == "ok"
+    assert await tasks(api, correlation_id) == []
+    late = await complete(api, correlation_id, sign_off["id"])
+    assert late.status_code == 409
+
+
+async def test_an_approved_order_pauses_at_its_message_wait(api: Api) -> None:
+    correlation_id = await order(api)
+    for variables in ({}, {"approved": True}):
+        [task] = await tasks(api, correlation_id)
+        answer = await complete(api, correlation_id, task["id"], **variables)
+        assert answer.status_code == 200, answer.text
+    # No user task is open now: the run waits for the payment service's message.
+    assert answer.json()["tasks"] == []
+    assert answer.json()["status"] == "pending"
+
+
+# --- fix and continue ----------------------------------------------------------------------
+
+
+class NoInput(BaseModel):
+    pass
+
+
+def two_tasks(key: str) -> bytes:
+    tasks = "".join(
+        f"""<bpmn:serviceTask id="{name}" camunda:type="external" camunda:topic="{key}.{name}">
+      <bpmn:incoming>{incoming}</bpmn:incoming><bpmn:outgoing>{outgoing}</bpmn:outgoing>
+    </bpmn:serviceTask>
+    <bpmn:sequenceFlow id="{outgoing}" sourceRef="{name}" targetRef="{target}" />
+    """
+        for name, incoming, outgoing, target in (
+            ("first", "f1", "f2", "second"),
+            ("second", "f2", "f_end", "end"),
+        )
+    )
+    flow = '<bpmn:sequenceFlow id="f1" sourceRef="start" targetRef="first" />'
+    return bpmn(key, flow + tasks).encode()
+
+
+async def test_an_incident_run_retried_goes_on_from_its_failed_step_only(
+    make_settings: MakeSettings, engine_url: str
+) -> None:
+    key = f"retry-{uuid.uuid4().hex[:8]}"
+    process = Process(
+        key,
+        [
+            Step("first", "First done", "First failed"),
+            Step("second", "Second done", "Second failed", retries=0, finishes_run=True),
+        ],
+    )
+    calls: Counter[str] = Counter()
+    downstream_up = False
+
+    @process.handler("first")
+    async def first(data: NoInput) -> dict[str, bool]:
+        calls["first"] += 1
+        return {"firstDone": True}
+
+    @process.handler("second")
+    async def second(data: NoInput) -> dict[str, bool]:
+        calls["second"] += 1
+        if not downstream_up:
+            raise RuntimeError("downstream is down")
+        return {"done": True}
+
+    async with CamundaClient(engine_url) as camunda:
+        await camunda.deploy(key, {f"{key}.bpmn": two_tasks(key)})
+    settings = make_settings(
+        camunda_base_url=engine_url,
+        camunda_async_response_timeout_ms=500,
+        worker_health_port=0,
+    )
+    correlation_id = cid()
+    wait = {"Prefer": "wait=20"}
+    async with running_app(settings) as api, running_worker(settings, Registry.of([process])):
+        failed = await api.client.post(
+            "/api/process/start", json=start_body(correlation_id, key), headers=wait
+        )
+        assert failed.status_code == 500, failed.text
+        assert failed.json()["error"] == "Second failed: downstream is down"
+        assert (await api.client.get(f"/api/process/status/{correlation_id}")).status_code == 500
+
+        downstream_up = True
+        retried = await api.client.post(f"/api/process/retry/{correlation_id}", headers=wait)
+
+        assert retried.status_code == 200, retried.text
+        assert retried.json()["result"] == {"done": True}
+        assert calls == {"first": 1, "second": 2}, "a completed step ran again"
+        status = await api.client.get(f"/api/process/status/{correlation_id}")
+        assert (status.status_code, status.json()["status"]) == (200, "ok")
+        again = await api.client.post(f"/api/process/retry/{correlation_id}")
+        assert again.status_code == 409
+        assert again.json()["status"] == "ok"
+        log = f"/api/event-log/{correlation_id}?by=correlationId"
+
+        async def audited() -> bool:
+            rows = (await api.client.get(log)).json()["eventLog"]
+            return "retried" in [row["status"] for row in rows]
+
+        await until(audited, timeout_s=10, what="the retry in the audit trail")
+        assert (await api.client.post(f"/api/process/retry/{cid()}")).status_code == 404
