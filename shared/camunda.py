@@ -635,6 +635,16 @@ class CamundaClient:
         body = {"variables": to_camunda(variables)}
         await self._send("POST", f"/task/{_segment(task_id)}/complete", json=body)
 
+    async def correlate_message(
+        self, name: str, *, instance_id: str, variables: Mapping[str, Any]
+    ) -> None:
+        """Deliver the message ``name`` to the instance; :class:`BadRequest` when it does
+        not wait for one of that name."""
+        body: JsonObject = {"messageName": name, "processInstanceId": instance_id}
+        if variables:
+            body["processVariables"] = to_camunda(variables)
+        await self._send("POST", "/message", json=body)
+
     async def message_waits(self, instance_id: str) -> list[MessageWait]:
         """The messages the instance waits for now (armed catch events and receive tasks)."""
         params: dict[str, QueryValue] = {"processInstanceId": instance_id, "eventType": "message"}

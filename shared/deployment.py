@@ -11,6 +11,7 @@ as ``ENGINE_CHECK`` says.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,24 @@ async def _deploy_when_ready(settings: Settings, wait_s: float) -> tuple[list[st
 
 
 def main() -> None:
-    """CLI: deploy to ``CAMUNDA_BASE_URL``, say what changed and what the engine lacks."""
+    """CLI: deploy to ``CAMUNDA_BASE_URL``, say what changed and what the engine lacks.
+
+    It leaves without finalizing the interpreter: pyreqwest's native runtime may still be
+    closing its connections, and finalizing meanwhile now and then aborted the process
+    ("Fatal Python error: PyGILState_Release") after the work was done."""
+    try:
+        _deploy_and_check()
+        code = 0
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str):
+            print(exit_.code, file=sys.stderr)  # noqa: T201
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _deploy_and_check() -> None:
     settings = load_settings()
     engine = settings.camunda_base_url
     try:

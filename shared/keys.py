@@ -28,6 +28,8 @@ runs as it is on a Redis Cluster; on a single Redis the tags are just part of th
                                       ends (the watcher ends a deleted instance's run with it)
 ``{p:n}:task:{taskId}``               string: a user task of one of the partition's runs is
                                       being or was completed (services/api/usertasks.py)
+``{p:n}:msg:{correlationId}:{messageId}`` hash: a message sent to a run: held, sent,
+                                      correlated or expired (services/api/messages.py)
 ``{p:n}:run``                         pub/sub channel (sharded on a cluster): a run of the
                                       partition changed (shared/contract.py messages)
 ``{p:n}:wb``                          stream: write-behind entries for Postgres
@@ -139,6 +141,9 @@ class Keys:
 
     def user_task(self, correlation_id: str, task_id: str) -> str:
         return f"{self.of(correlation_id).tag}:task:{task_id}"
+
+    def message(self, correlation_id: str, message_id: str) -> str:
+        return f"{self.of(correlation_id).tag}:msg:{correlation_id}:{message_id}"
 
     @property
     def callback_attempts(self) -> str:

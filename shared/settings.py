@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     # Upper bound for `Prefer: wait=N` and `?wait=N`; keep it under the load balancer's
     # read timeout (deploy/ sets those to 75 s).
     max_wait_ms: PositiveInt = 60_000
+    # How long a message the run does not wait for yet is held for it (services/api/messages.py).
+    message_hold_ms: PositiveInt = 30_000
     # Retry-After of a 202 until the process's recent runs predict one (services/api/pace.py).
     retry_after_s: Annotated[int, Field(ge=1)] = 2
     # Terminal states stay in Redis this long; Postgres keeps them afterwards.

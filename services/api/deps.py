@@ -22,6 +22,7 @@ from starlette.requests import Request
 
 from flowgate.services.api.auth import Auth
 from flowgate.services.api.cancel import Canceller
+from flowgate.services.api.messages import Messages
 from flowgate.services.api.metrics import ApiMetrics
 from flowgate.services.api.pace import Pace
 from flowgate.services.api.retry import Retrier
@@ -97,6 +98,7 @@ class Deps:
     canceller: Canceller
     usertasks: UserTasks
     retrier: Retrier
+    messages: Messages
     #: How long each process's runs take: the Retry-After of a 202 (pace.py).
     pace: Pace
     #: Work that outlives its request (an engine start whose client stopped waiting).
@@ -188,6 +190,17 @@ async def open_deps(
                     ),
                     retrier=Retrier(
                         store, runs, camunda, waitroom, retries=settings.worker_retries
+                    ),
+                    messages=Messages(
+                        store,
+                        runs,
+                        camunda,
+                        waitroom,
+                        redis,
+                        keys,
+                        spawner,
+                        hold_s=settings.message_hold_ms / 1000,
+                        result_ttl_s=settings.result_ttl_s,
                     ),
                     pace=pace,
                     spawner=spawner,

@@ -32,6 +32,7 @@ from flowgate.services.api.routes import (
     process_status,
     readyz,
     retry_process,
+    send_message,
     start_process,
 )
 from flowgate.services.api.schemas import (
@@ -42,6 +43,7 @@ from flowgate.services.api.schemas import (
     CompleteTaskRequest,
     EventLog,
     Health,
+    MessageRequest,
     MilestoneReached,
     Pending,
     ProcessStatus,
@@ -199,6 +201,41 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             ),
         },
         errors=(400, 404, 408, 413, 415, 502, 503),
+    ),
+    Endpoint(
+        "POST",
+        "/api/process/message/{correlationId}",
+        send_message,
+        Access.CLIENT,
+        "Send a BPMN message to the run, and answer with what it caused.",
+        "Correlated to the run's engine instance. One that arrives before the run waits for it "
+        "is held (MESSAGE_HOLD_MS) and correlated the moment the wait is armed, exactly once; "
+        "`messageId` makes a resend harmless. The answer waits (SYNC_TIMEOUT_MS, or "
+        "`Prefer: wait=N`) until the run ends, reaches `waitUntil`, or pauses again.",
+        parameters=("correlationId", "Prefer"),
+        body=MessageRequest,
+        replies={
+            200: Reply(
+                "Correlated; the run paused again (RunPaused, with its open tasks), ended "
+                "`ok` (ProcessStatus), or finished the step asked for (MilestoneReached).",
+                RunPaused,
+                headers=(*_RUN_HEADERS, "Preference-Applied"),
+                also=(ProcessStatus, MilestoneReached),
+            ),
+            202: Reply(
+                "Correlated (or still held) and the run goes on past the wait (poll `Location`).",
+                RunPaused,
+                headers=(*_PENDING_HEADERS, "Preference-Applied"),
+            ),
+            409: Reply(
+                "The run had ended (its status body), or did not wait for the message "
+                "within MESSAGE_HOLD_MS (an error naming it).",
+                ProcessStatus,
+                headers=_RUN_HEADERS,
+            ),
+            500: Reply("The run ended `error`.", ProcessStatus, headers=_RUN_HEADERS),
+        },
+        errors=(400, 404, 408, 409, 413, 415, 422, 502, 503),
     ),
     Endpoint(
         "POST",

@@ -25,6 +25,7 @@ from flowgate.services.api.cancel import CancelOutcome
 from flowgate.services.api.complete import complete
 from flowgate.services.api.deps import Deps, deps
 from flowgate.services.api.errors import RETRY_LATER_S, ApiError
+from flowgate.services.api.messages import Delivery, Message
 from flowgate.services.api.metrics import CONTENT_TYPE
 from flowgate.services.api.parsing import (
     check_target,
@@ -45,6 +46,7 @@ from flowgate.services.api.schemas import (
     EventLog,
     Health,
     JSONResponse,
+    MessageRequest,
     Milestone,
     MilestoneReached,
     OpenUserTask,
@@ -240,6 +242,42 @@ async def complete_user_task(request: Request) -> Response:
         return _run_answer(done.state, applied, code=409)
     assert done.paused is not None
     return _pause_answer(d, correlation_id, done.paused, applied)
+
+
+async def send_message(request: Request) -> Response:
+    d = deps(request)
+    correlation_id = _path_id(request, "correlationId")
+    raw = await read_json(request, d.options.max_body_bytes, timeout_s=d.options.body_timeout_s)
+    body = parse_model(MessageRequest, raw, context={"max_depth": d.options.max_variables_depth})
+    wait_s, applied = wait_budget(
+        request, default_ms=d.options.sync_timeout_ms, max_ms=d.options.max_wait_ms
+    )
+    message = Message(correlation_id, body.messageName, body.variables, body.messageId)
+    try:
+        sent = await d.messages.send(message, wait_s=wait_s, until=body.waitUntil)
+    except RoomFull:
+        raise ApiError(503, "this replica waits for too many requests; retry later") from None
+    delivery, state = sent.delivery, sent.state
+    if delivery is Delivery.UNKNOWN_RUN or (state is None and sent.paused is None):
+        raise ApiError.unknown_run(correlation_id)
+    if delivery is Delivery.CONFLICT:
+        raise ApiError(
+            422, "messageId: already names another message to this run", field="messageId"
+        )
+    if delivery is Delivery.CORRELATED:
+        assert sent.paused is not None
+        return _pause_answer(d, correlation_id, sent.paused, applied)
+    assert state is not None
+    if state.finished:  # ended before (or while) the message could be delivered
+        return _run_answer(state, applied, code=409)
+    if delivery is Delivery.EXPIRED:
+        raise ApiError(
+            409,
+            f"message {body.messageName!r}: the run did not wait for it within MESSAGE_HOLD_MS",
+            field="messageName",
+        )
+    # Still held: the run has not armed its wait yet, and the hold goes on.
+    return _pause_answer(d, correlation_id, Paused(state, timed_out=True), applied)
 
 
 async def retry_process(request: Request) -> Response:

@@ -260,6 +260,34 @@ class CompleteTaskRequest(BaseModel):
         return storable(value, info)
 
 
+class MessageRequest(BaseModel):
+    messageName: Annotated[str, Field(min_length=1, max_length=255, pattern=ID_PATTERN)] = Field(
+        description="The BPMN message's name, as its catch event or receive task names it.",
+        examples=["order-confirmed"],
+    )
+    variables: Variables = Field(
+        default_factory=dict,
+        description="Variables the message sets on the run (its payload).",
+        examples=[{"paymentReference": "pay-42"}],
+    )
+    messageId: Annotated[str, Field(min_length=1, max_length=255, pattern=ID_PATTERN)] | None = (
+        Field(
+            default=None,
+            description="Makes a resend harmless: the same messageId is correlated at most "
+            "once, and answered alike.",
+        )
+    )
+    waitUntil: StepName | None = Field(
+        default=None,
+        description="Answer once this step has finished, instead of at the run's next pause.",
+    )
+
+    @field_validator("variables")
+    @classmethod
+    def _storable(cls, value: Any, info: ValidationInfo) -> dict[str, Any]:
+        return storable(value, info)
+
+
 class RetryRequest(BaseModel):
     waitUntil: StepName | None = Field(
         default=None,

@@ -277,6 +277,11 @@ class EngineAdmin:
         )
         return from_camunda({variable["name"]: variable for variable in found})
 
+    async def historic_activities(self, process_instance_id: str, **filters: str) -> list[Any]:
+        return await self._list(
+            "/history/activity-instance", {"processInstanceId": process_instance_id, **filters}
+        )
+
     async def external_tasks(self, process_instance_id: str) -> list[Any]:
         return await self._list("/external-task", {"processInstanceId": process_instance_id})
 

@@ -13,11 +13,12 @@ import httpx
 import pytest
 from pydantic import BaseModel
 
+from flowgate.services.worker.handlers import approve_order
 from flowgate.services.worker.registry import Process, Registry, Step
 from flowgate.shared.camunda import CamundaClient
 from flowgate.shared.settings import Settings
 from tests.helpers.api import Api, cid, running_app, start_body
-from tests.helpers.engine import bpmn, deploy_bpmn
+from tests.helpers.engine import EngineAdmin, bpmn, deploy_bpmn
 from tests.helpers.waiting import until
 from tests.helpers.worker import running_worker
 
@@ -214,3 +215,121 @@ async def test_an_incident_run_retried_goes_on_from_its_failed_step_only(
 
         await until(audited, timeout_s=10, what="the retry in the audit trail")
         assert (await api.client.post(f"/api/process/retry/{cid()}")).status_code == 404
+
+
+# --- messages ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def booking(make_settings: MakeSettings, engine_url: str) -> AsyncIterator[Api]:
+    """The API and a worker that books approved orders."""
+    await deploy_bpmn(engine_url)
+    settings = make_settings(
+        camunda_base_url=engine_url,
+        sync_timeout_ms=5_000,
+        message_hold_ms=3_000,
+        camunda_async_response_timeout_ms=500,
+        worker_health_port=0,
+    )
+    async with (
+        running_app(settings) as api,
+        running_worker(settings, Registry.of([approve_order.process])),
+    ):
+        yield api
+
+
+async def send(api: Api, correlation_id: str, **body: Any) -> httpx.Response:
+    return await api.client.post(
+        f"/api/process/message/{correlation_id}",
+        json={"messageName": "order-confirmed", **body},
+        headers={"Prefer": "wait=15"},
+    )
+
+
+async def approve(api: Api, correlation_id: str) -> httpx.Response:
+    """Review and sign the order off: its message wait is armed by the second."""
+    [review] = await tasks(api, correlation_id)
+    assert (await complete(api, correlation_id, review["id"])).status_code == 200
+    [sign_off] = await tasks(api, correlation_id)
+    return await complete(api, correlation_id, sign_off["id"], approved=True)
+
+
+async def confirmations(engine_url: str, instance_id: str) -> int:
+    async with EngineAdmin(engine_url) as admin:
+        done = await admin.historic_activities(instance_id, activityId="confirmation")
+    return len(done)
+
+
+@pytest.mark.parametrize("early_s", [0.0, 0.1, 0.5])
+async def test_a_message_sent_before_its_wait_is_armed_is_held_and_correlated_once(
+    booking: Api, engine_url: str, early_s: float
+) -> None:
+    correlation_id = await order(booking)
+    [review] = await tasks(booking, correlation_id)
+    assert (await complete(booking, correlation_id, review["id"])).status_code == 200
+    [sign_off] = await tasks(booking, correlation_id)
+
+    sending = asyncio.create_task(
+        send(booking, correlation_id, variables={"paymentReference": "pay-7"}, messageId="m-1")
+    )
+    await asyncio.sleep(early_s)
+    signed = await complete(booking, correlation_id, sign_off["id"], approved=True)
+    sent = await sending
+
+    assert signed.status_code == 200, signed.text
+    assert sent.status_code == 200, sent.text
+    assert sent.json()["status"] == "ok"
+    assert sent.json()["data"] == {
+        "orderId": correlation_id,
+        "booked": True,
+        "paymentReference": "pay-7",
+    }
+    instance = (await booking.deps.store.get(correlation_id)).instance_id  # type: ignore[union-attr]
+    assert instance is not None
+    assert await confirmations(engine_url, instance) == 1
+    # The same messageId again: not correlated again, answered alike.
+    again = await send(
+        booking, correlation_id, variables={"paymentReference": "pay-7"}, messageId="m-1"
+    )
+    assert again.status_code in (200, 409)
+    assert await confirmations(engine_url, instance) == 1
+
+
+async def test_a_message_to_a_waiting_run_answers_with_its_end(booking: Api) -> None:
+    correlation_id = await order(booking)
+    paused = await approve(booking, correlation_id)
+    assert (paused.status_code, paused.json()["tasks"]) == (200, [])
+
+    sent = await send(booking, correlation_id, variables={"paymentReference": "pay-1"})
+
+    assert sent.status_code == 200, sent.text
+    assert sent.json()["status"] == "ok"
+    assert sent.json()["data"]["paymentReference"] == "pay-1"
+
+
+async def test_one_message_id_sent_twice_at_once_is_correlated_once(
+    booking: Api, engine_url: str
+) -> None:
+    correlation_id = await order(booking)
+    body = {"variables": {"paymentReference": "pay-2"}, "messageId": "twice"}
+    first = asyncio.create_task(send(booking, correlation_id, **body))
+    second = asyncio.create_task(send(booking, correlation_id, **body))
+    await asyncio.sleep(0.2)
+    await approve(booking, correlation_id)
+    answers = await asyncio.gather(first, second)
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    assert answers[0].json()["status"] == answers[1].json()["status"] == "ok"
+    instance = (await booking.deps.store.get(correlation_id)).instance_id  # type: ignore[union-attr]
+    assert instance is not None
+    assert await confirmations(engine_url, instance) == 1
+    conflict = await send(booking, correlation_id, messageName="other", messageId="twice")
+    assert conflict.status_code == 422  # the id names another message
+
+
+async def test_a_message_the_run_never_waits_for_is_409_naming_it(booking: Api) -> None:
+    correlation_id = await order(booking)  # it waits at its review, not for a message
+    held = await send(booking, correlation_id)
+    assert held.status_code == 409, held.text
+    assert "order-confirmed" in held.json()["message"]
+    assert held.json()["field"] == "messageName"
+    assert (await send(booking, cid())).status_code == 404

@@ -24,6 +24,7 @@ EXPECTED_ACCESS = {
     ("GET", "/api/process/status/{correlationId}"): Access.CLIENT,
     ("GET", "/api/process/events/{correlationId}"): Access.CLIENT,
     ("POST", "/api/process/cancel/{correlationId}"): Access.CLIENT,
+    ("POST", "/api/process/message/{correlationId}"): Access.CLIENT,
     ("POST", "/api/process/retry/{correlationId}"): Access.CLIENT,
     ("GET", "/api/process/tasks/{correlationId}"): Access.CLIENT,
     ("POST", "/api/process/tasks/{correlationId}/{taskId}/complete"): Access.CLIENT,

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import pytest
 
+from flowgate.services.api import messages  # noqa: F401
 from flowgate.services.worker import identity  # noqa: F401
 from flowgate.shared import lease  # noqa: F401 - each of these declares its scripts
 from flowgate.shared.lua import NoArgs, Script, problems
@@ -28,7 +29,7 @@ def test_every_script_is_declared_by_name() -> None:
         "compact_due",
         "compact",
     }
-    others = {"take", "page", "lease-hold", "lease-release", "slot-acquire"}
+    others = {"take", "page", "lease-hold", "lease-release", "slot-acquire", "message-claim"}
     assert set(Script.declared) == store | others
     assert all(isinstance(getattr(scripts, name.upper()), Script) for name in store)
 
