@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from flowgate_client import ApiError, AsyncClient
 from pydantic import BaseModel
 
 from flowgate.services.worker.handlers import approve_order
@@ -333,3 +334,25 @@ async def test_a_message_the_run_never_waits_for_is_409_naming_it(booking: Api) 
     assert "order-confirmed" in held.json()["message"]
     assert held.json()["field"] == "messageName"
     assert (await send(booking, cid())).status_code == 404
+
+
+async def test_the_python_client_takes_part_in_a_run(booking: Api) -> None:
+    correlation_id = cid()
+    async with AsyncClient("http://api", http=booking.client) as flowgate:
+        started = await flowgate.start(ORDER, correlation_id, {"orderId": correlation_id}, wait=1)
+        assert started.status == "pending"
+        [review] = await flowgate.tasks(correlation_id)
+        paused = await flowgate.complete_task(correlation_id, review.id, wait=10)
+        assert [task.task_definition_key for task in paused.tasks] == ["sign_off"]
+        with pytest.raises(ApiError) as taken:
+            await flowgate.complete_task(correlation_id, review.id)
+        assert taken.value.status_code == 409
+        await flowgate.complete_task(
+            correlation_id, paused.tasks[0].id, {"approved": True}, wait=10
+        )
+        done = await flowgate.send_message(
+            correlation_id, "order-confirmed", {"paymentReference": "p-9"}, message_id="m", wait=10
+        )
+        assert (done.status, done.data["paymentReference"]) == ("ok", "p-9")
+        # Not an incident's run: refused (409) with its status, as a cancel of it would be.
+        assert (await flowgate.retry(correlation_id)).status == "ok"

@@ -17,7 +17,7 @@ from flowgate_client.errors import (
     RunFailed,
     Unavailable,
 )
-from flowgate_client.models import Event, Milestone, RunStatus
+from flowgate_client.models import Event, Milestone, RunStatus, UserTask
 
 __all__ = [
     "ApiError",
@@ -31,4 +31,5 @@ __all__ = [
     "RunFailed",
     "RunStatus",
     "Unavailable",
+    "UserTask",
 ]

@@ -10,7 +10,9 @@ What both share lives in plain functions and two small state holders (:class:`_R
 * :meth:`~AsyncClient.events` follows the run's live progress and reconnects by itself with
   ``Last-Event-ID``, so a caller sees every step once and then the end;
 * :meth:`~AsyncClient.start`, :meth:`~AsyncClient.status` and :meth:`~AsyncClient.cancel`
-  are one request each.
+  are one request each, and so are the ways to take part in a running process:
+  :meth:`~AsyncClient.tasks` and :meth:`~AsyncClient.complete_task` (user tasks),
+  :meth:`~AsyncClient.send_message` and :meth:`~AsyncClient.retry` (an incident's step).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from flowgate_client.errors import (
     RunFailed,
     Unavailable,
 )
-from flowgate_client.models import Event, RunStatus
+from flowgate_client.models import Event, RunStatus, UserTask
 from flowgate_client.sse import Decoder
 
 #: A long-poll asks for at most this (the server caps it at its MAX_WAIT_MS, 60 s by default).
@@ -75,6 +77,24 @@ def _start_request(
     if wait is None:
         return body, {}
     return body, {"Prefer": f"wait={int(wait)}" if wait > 0 else "respond-async"}
+
+
+def _action_request(
+    wait: float | None, wait_until: str | None, **fields: Any
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """A body for an action on a running process, and its ``Prefer`` header."""
+    body = {name: value for name, value in fields.items() if value is not None}
+    if wait_until is not None:
+        body["waitUntil"] = wait_until
+    if wait is None:
+        return body, {}
+    return body, {"Prefer": f"wait={int(wait)}" if wait > 0 else "respond-async"}
+
+
+def _tasks(response: httpx.Response) -> list[UserTask]:
+    if response.status_code != 200:
+        raise _error(response.status_code, _json(response.content), response.headers)
+    return [UserTask.from_json(task) for task in response.json()["tasks"]]
 
 
 def _status_params(wait: float | None, until: str | None) -> dict[str, str]:
@@ -296,6 +316,60 @@ class AsyncClient:
         )
         return _answer(response)
 
+    async def tasks(self, correlation_id: str) -> list[UserTask]:
+        """The run's open user tasks, oldest first (none once it has ended)."""
+        return _tasks(await self._http.get(_path("tasks", correlation_id)))
+
+    async def complete_task(
+        self,
+        correlation_id: str,
+        task_id: str,
+        variables: Mapping[str, Any] | None = None,
+        *,
+        wait: float | None = None,
+        wait_until: str | None = None,
+    ) -> RunStatus:
+        """Complete one of the run's user tasks; the run once it has ended, reached
+        ``wait_until`` or paused again (``tasks``: those open then), or within ``wait``."""
+        body, headers = _action_request(wait, wait_until, variables=variables)
+        path = f"{_path('tasks', correlation_id)}/{quote(task_id, safe='')}/complete"
+        response = await self._http.post(
+            path, json=body, headers=headers, timeout=_timeout(wait or 60)
+        )
+        return _answer(response)
+
+    async def send_message(
+        self,
+        correlation_id: str,
+        message_name: str,
+        variables: Mapping[str, Any] | None = None,
+        *,
+        message_id: str | None = None,
+        wait: float | None = None,
+        wait_until: str | None = None,
+    ) -> RunStatus:
+        """Send a BPMN message to the run (held until it waits for it); the run as
+        :meth:`complete_task` answers. The same ``message_id`` is delivered at most once."""
+        body, headers = _action_request(
+            wait, wait_until, messageName=message_name, variables=variables, messageId=message_id
+        )
+        response = await self._http.post(
+            _path("message", correlation_id), json=body, headers=headers,
+            timeout=_timeout(wait or 60),
+        )  # fmt: skip
+        return _answer(response)
+
+    async def retry(
+        self, correlation_id: str, *, wait: float | None = None, wait_until: str | None = None
+    ) -> RunStatus:
+        """Retry a run an incident ended, from its failed step; the run as a start answers."""
+        body, headers = _action_request(wait, wait_until)
+        response = await self._http.post(
+            _path("retry", correlation_id), json=body, headers=headers,
+            timeout=_timeout(wait or 60),
+        )  # fmt: skip
+        return _answer(response)
+
     async def run(
         self,
         process_key: str,
@@ -413,6 +487,56 @@ class Client:
         response = self._http.post(
             _path("cancel", correlation_id), json={"reason": reason} if reason else None
         )
+        return _answer(response)
+
+    def tasks(self, correlation_id: str) -> list[UserTask]:
+        """See :meth:`AsyncClient.tasks`."""
+        return _tasks(self._http.get(_path("tasks", correlation_id)))
+
+    def complete_task(
+        self,
+        correlation_id: str,
+        task_id: str,
+        variables: Mapping[str, Any] | None = None,
+        *,
+        wait: float | None = None,
+        wait_until: str | None = None,
+    ) -> RunStatus:
+        """See :meth:`AsyncClient.complete_task`."""
+        body, headers = _action_request(wait, wait_until, variables=variables)
+        path = f"{_path('tasks', correlation_id)}/{quote(task_id, safe='')}/complete"
+        response = self._http.post(path, json=body, headers=headers, timeout=_timeout(wait or 60))
+        return _answer(response)
+
+    def send_message(
+        self,
+        correlation_id: str,
+        message_name: str,
+        variables: Mapping[str, Any] | None = None,
+        *,
+        message_id: str | None = None,
+        wait: float | None = None,
+        wait_until: str | None = None,
+    ) -> RunStatus:
+        """See :meth:`AsyncClient.send_message`."""
+        body, headers = _action_request(
+            wait, wait_until, messageName=message_name, variables=variables, messageId=message_id
+        )
+        response = self._http.post(
+            _path("message", correlation_id), json=body, headers=headers,
+            timeout=_timeout(wait or 60),
+        )  # fmt: skip
+        return _answer(response)
+
+    def retry(
+        self, correlation_id: str, *, wait: float | None = None, wait_until: str | None = None
+    ) -> RunStatus:
+        """See :meth:`AsyncClient.retry`."""
+        body, headers = _action_request(wait, wait_until)
+        response = self._http.post(
+            _path("retry", correlation_id), json=body, headers=headers,
+            timeout=_timeout(wait or 60),
+        )  # fmt: skip
         return _answer(response)
 
     def run(

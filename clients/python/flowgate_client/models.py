@@ -29,6 +29,29 @@ class Milestone:
 
 
 @dataclass(frozen=True, slots=True)
+class UserTask:
+    """A user task of a run, open in the engine."""
+
+    id: str
+    task_definition_key: str
+    name: str | None = None
+    assignee: str | None = None
+    created: datetime | None = None
+    form_key: str | None = None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> UserTask:
+        return cls(
+            id=str(body["id"]),
+            task_definition_key=str(body.get("taskDefinitionKey", "")),
+            name=body.get("name"),
+            assignee=body.get("assignee"),
+            created=_time(body.get("created")),
+            form_key=body.get("formKey"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class RunStatus:
     """One run as the server last saw it: what a start, a status read or a cancel answers.
 
@@ -46,6 +69,8 @@ class RunStatus:
     process_key: str | None = None
     started_at: datetime | None = None
     updated_at: datetime | None = None
+    #: The user tasks open when an action (a task completed, a message sent) paused the run.
+    tasks: tuple[UserTask, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -64,6 +89,7 @@ class RunStatus:
             process_key=body.get("processKey"),
             started_at=_time(body.get("startedAt")),
             updated_at=_time(body.get("updatedAt")),
+            tasks=tuple(UserTask.from_json(task) for task in body.get("tasks") or ()),
         )
 
 
