@@ -41,6 +41,7 @@ from pyreqwest.middleware.types import Middleware
 
 from flowgate.shared.aio import concurrently
 from flowgate.shared.settings import Settings
+from flowgate.shared.state import iso
 from flowgate.shared.variables import format_date, from_camunda, parse_date, to_camunda
 
 #: Added to ``asyncResponseTimeout`` for the HTTP read timeout of a long poll, so the
@@ -656,6 +657,67 @@ class CamundaClient:
             for s in _objects(answer)
         ]
 
+    async def waits(self, instance_id: str) -> list[JsonObject]:
+        """What the instance waits for now, one entry per thing (see services/api/waiting.py
+        for the shapes): its external tasks, user tasks, message waits, timers and
+        incidents, from the runtime (five reads, at once)."""
+        of = {"processInstanceId": instance_id}
+        async with concurrently() as reads:
+            externals = reads.create_task(self._send("GET", "/external-task", params=of))
+            tasks = reads.create_task(self._send("GET", "/task", params=of))
+            messages = reads.create_task(
+                self._send("GET", "/event-subscription", params={**of, "eventType": "message"})
+            )
+            timers = reads.create_task(self._send("GET", "/job", params={**of, "timers": True}))
+            incidents = reads.create_task(self._send("GET", "/incident", params=of))
+        waits: list[JsonObject] = [
+            {
+                "type": "externalTask",
+                "activity": e.get("activityId"),
+                "topic": e.get("topicName"),
+                "retries": e.get("retries"),
+                **(
+                    {"lockedUntil": _iso(e["lockExpirationTime"])}
+                    if e.get("lockExpirationTime")
+                    else {}
+                ),
+            }
+            for e in _objects(externals.result())
+        ]
+        waits += [
+            {
+                "type": "userTask",
+                "activity": u.get("taskDefinitionKey"),
+                "taskId": u.get("id"),
+                **({"assignee": u["assignee"]} if u.get("assignee") else {}),
+            }
+            for u in _objects(tasks.result())
+        ]
+        waits += [
+            {"type": "message", "activity": m.get("activityId"), "messageName": m.get("eventName")}
+            for m in _objects(messages.result())
+        ]
+        for job in _objects(timers.result()):
+            definition = _body(
+                await self._send("GET", f"/job-definition/{_segment(job['jobDefinitionId'])}")
+            )
+            waits.append(
+                {
+                    "type": "timer",
+                    "activity": definition.get("activityId"),
+                    "dueAt": job.get("dueDate"),
+                }
+            )
+        waits += [
+            {
+                "type": "incident",
+                "activity": i.get("activityId"),
+                "message": i.get("incidentMessage"),
+            }
+            for i in _objects(incidents.result())
+        ]
+        return waits
+
     # --- incidents ------------------------------------------------------------------------
 
     async def open_incidents(self, instance_id: str) -> list[OpenIncident]:
@@ -906,6 +968,11 @@ def _since(name: str, after: datetime, max_results: int, sort_by: str) -> dict[s
         "sortOrder": "asc",
         "maxResults": max_results,
     }
+
+
+def _iso(engine_date: str) -> str:
+    """An engine date as flowgate writes every timestamp (JavaScript's ISO form, UTC)."""
+    return iso(parse_date(engine_date))
 
 
 def _segment(value: str) -> str:

@@ -30,6 +30,8 @@ runs as it is on a Redis Cluster; on a single Redis the tags are just part of th
                                       being or was completed (services/api/usertasks.py)
 ``{p:n}:msg:{correlationId}:{messageId}`` hash: a message sent to a run: held, sent,
                                       correlated or expired (services/api/messages.py)
+``{p:n}:waiting:{correlationId}``     string: what a pending run waits for, read from the
+                                      engine a moment ago (services/api/waiting.py)
 ``{p:n}:run``                         pub/sub channel (sharded on a cluster): a run of the
                                       partition changed (shared/contract.py messages)
 ``{p:n}:wb``                          stream: write-behind entries for Postgres
@@ -144,6 +146,9 @@ class Keys:
 
     def message(self, correlation_id: str, message_id: str) -> str:
         return f"{self.of(correlation_id).tag}:msg:{correlation_id}:{message_id}"
+
+    def waiting(self, correlation_id: str) -> str:
+        return f"{self.of(correlation_id).tag}:waiting:{correlation_id}"
 
     @property
     def callback_attempts(self) -> str:

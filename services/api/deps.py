@@ -30,6 +30,7 @@ from flowgate.services.api.runs import Runs
 from flowgate.services.api.settled import Settled
 from flowgate.services.api.starter import Starter
 from flowgate.services.api.usertasks import UserTasks
+from flowgate.services.api.waiting import WaitingOn
 from flowgate.services.api.waitroom import WaitRoom
 from flowgate.shared import postgres
 from flowgate.shared.aio import Spawner, stop_and_wait
@@ -99,6 +100,7 @@ class Deps:
     usertasks: UserTasks
     retrier: Retrier
     messages: Messages
+    waiting: WaitingOn
     #: How long each process's runs take: the Retry-After of a 202 (pace.py).
     pace: Pace
     #: Work that outlives its request (an engine start whose client stopped waiting).
@@ -202,6 +204,7 @@ async def open_deps(
                         hold_s=settings.message_hold_ms / 1000,
                         result_ttl_s=settings.result_ttl_s,
                     ),
+                    waiting=WaitingOn(camunda, redis, keys),
                     pace=pace,
                     spawner=spawner,
                 )

@@ -11,7 +11,6 @@ path whether the result came at once or not.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import re
 from collections.abc import Awaitable
@@ -128,14 +127,16 @@ async def process_status(request: Request) -> Response:
     state = outcome
     url = status_url(correlation_id)
     headers = {"Content-Location": url, RUN_STATUS: state.status.value, **applied}
+    body = ProcessStatus.body(state)
     if state.status is Status.PENDING:  # same headers as the start's 202: one client path
         headers.update({"Location": url, "Retry-After": str(d.pace.retry_after_s(state))})
         if last := result.last_step:  # progress, as the seed shows it
-            state = dataclasses.replace(state, data={"step": last.step})
+            body["data"] = {"step": last.step}
+        if (waits := await d.waiting.of(state)) is not None:
+            body["waitingOn"] = waits
     if result.end is WaitEnd.DRAINED:
         headers["Connection"] = "close"
-    code = _STATUS_CODES[state.status]
-    return JSONResponse(ProcessStatus.body(state), status_code=code, headers=headers)
+    return JSONResponse(body, status_code=_STATUS_CODES[state.status], headers=headers)
 
 
 async def cancel_process(request: Request) -> Response:
@@ -241,7 +242,7 @@ async def complete_user_task(request: Request) -> Response:
         assert done.state is not None
         return _run_answer(done.state, applied, code=409)
     assert done.paused is not None
-    return _pause_answer(d, correlation_id, done.paused, applied)
+    return await _pause_answer(d, correlation_id, done.paused, applied)
 
 
 async def send_message(request: Request) -> Response:
@@ -266,7 +267,7 @@ async def send_message(request: Request) -> Response:
         )
     if delivery is Delivery.CORRELATED:
         assert sent.paused is not None
-        return _pause_answer(d, correlation_id, sent.paused, applied)
+        return await _pause_answer(d, correlation_id, sent.paused, applied)
     assert state is not None
     if state.finished:  # ended before (or while) the message could be delivered
         return _run_answer(state, applied, code=409)
@@ -277,7 +278,7 @@ async def send_message(request: Request) -> Response:
             field="messageName",
         )
     # Still held: the run has not armed its wait yet, and the hold goes on.
-    return _pause_answer(d, correlation_id, Paused(state, timed_out=True), applied)
+    return await _pause_answer(d, correlation_id, Paused(state, timed_out=True), applied)
 
 
 async def retry_process(request: Request) -> Response:
@@ -300,7 +301,7 @@ async def retry_process(request: Request) -> Response:
     return _start_answer(d, correlation_id, result.waited, applied)
 
 
-def _pause_answer(d: Deps, cid: str, paused: Paused, applied: dict[str, str]) -> Response:
+async def _pause_answer(d: Deps, cid: str, paused: Paused, applied: dict[str, str]) -> Response:
     """What an action on a running process answers once its wait ended (pause.py)."""
     state = paused.state
     if state is None:
@@ -310,7 +311,9 @@ def _pause_answer(d: Deps, cid: str, paused: Paused, applied: dict[str, str]) ->
     if state.finished:
         return _run_answer(state, applied, code=_STATUS_CODES.get(state.status, 200))
     body = RunPaused(
-        **ProcessStatus.body(state), tasks=[OpenUserTask.of(t) for t in paused.waits.tasks]
+        **ProcessStatus.body(state),
+        tasks=[OpenUserTask.of(t) for t in paused.waits.tasks],
+        waitingOn=await d.waiting.of(state),
     )
     url = status_url(cid)
     headers = {"Content-Location": url, RUN_STATUS: state.status.value, **applied}

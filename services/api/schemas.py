@@ -443,6 +443,15 @@ class ProcessStatus(BaseModel):
     startedAt: Timestamp | None = None
     updatedAt: Timestamp | None = None
     statusUrl: str
+    waitingOn: list[dict[str, Any]] | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,  # only a pending run's answer has one
+        description="A pending run's: what it waits for now, one entry per thing: "
+        '`{"type":"externalTask","activity","topic","retries","lockedUntil"?}`, '
+        '`{"type":"userTask","activity","taskId","assignee"?}`, '
+        '`{"type":"message","activity","messageName"}`, `{"type":"timer","activity","dueAt"}`, '
+        '`{"type":"incident","activity","message"}` (read from the engine, at most a second old).',
+    )
 
     @classmethod
     def of(cls, state: RunState) -> ProcessStatus:

@@ -16,10 +16,10 @@ from pydantic import BaseModel
 
 from flowgate.services.worker.handlers import approve_order
 from flowgate.services.worker.registry import Process, Registry, Step
-from flowgate.shared.camunda import CamundaClient
+from flowgate.shared.camunda import CamundaClient, TopicRequest
 from flowgate.shared.settings import Settings
 from tests.helpers.api import Api, cid, running_app, start_body
-from tests.helpers.engine import EngineAdmin, bpmn, deploy_bpmn
+from tests.helpers.engine import EngineAdmin, bpmn, deploy_bpmn, one_task_bpmn
 from tests.helpers.waiting import until
 from tests.helpers.worker import running_worker
 
@@ -356,3 +356,70 @@ async def test_the_python_client_takes_part_in_a_run(booking: Api) -> None:
         assert (done.status, done.data["paymentReference"]) == ("ok", "p-9")
         # Not an incident's run: refused (409) with its status, as a cancel of it would be.
         assert (await flowgate.retry(correlation_id)).status == "ok"
+
+
+# --- what it waits for ---------------------------------------------------------------------
+
+
+async def waiting_on(api: Api, correlation_id: str) -> list[dict[str, Any]]:
+    status = await api.client.get(f"/api/process/status/{correlation_id}")
+    assert status.status_code == 202, status.text
+    found: list[dict[str, Any]] = status.json()["waitingOn"]
+    return found
+
+
+async def test_a_pending_status_says_what_the_run_waits_for(api: Api) -> None:
+    correlation_id = await order(api)
+    [review] = await waiting_on(api, correlation_id)
+    assert review["type"] == "userTask"
+    assert (review["activity"], review["taskId"]) == (
+        "review",
+        (await tasks(api, correlation_id))[0]["id"],
+    )
+    for variables in ({}, {"approved": True}):
+        [task] = await tasks(api, correlation_id)
+        assert (await complete(api, correlation_id, task["id"], **variables)).status_code == 200
+    await asyncio.sleep(1.1)  # past the moment a replica shares its last read
+    waits = {w["type"]: w for w in await waiting_on(api, correlation_id)}
+    assert set(waits) == {"message", "timer"}  # the event-based gateway: whichever first
+    assert waits["message"] == {
+        "type": "message",
+        "activity": "confirmation",
+        "messageName": "order-confirmed",
+    }
+    assert waits["timer"]["activity"] == "confirmation_timeout"
+    assert waits["timer"]["dueAt"].endswith("Z")
+    # An external task nobody works on (the benchmark process, no worker here).
+    other = cid()
+    started = await api.client.post(
+        "/api/process/start", json=start_body(other), headers={"Prefer": "respond-async"}
+    )
+    assert started.status_code == 202
+    [task] = await waiting_on(api, other)
+    assert (task["type"], task["topic"], task["retries"]) == (
+        "externalTask",
+        "benchmark.noop",
+        None,
+    )
+    assert "lockedUntil" not in task
+    # An unknown run's answer has none.
+    assert "waitingOn" not in (await api.client.get(f"/api/process/status/{cid()}")).json()
+
+
+async def test_the_engine_lists_an_incident_among_the_waits(engine_url: str) -> None:
+    key = f"incident-{uuid.uuid4().hex[:8]}"
+    async with CamundaClient(engine_url) as camunda:
+        await camunda.deploy(key, {f"{key}.bpmn": one_task_bpmn(key, f"{key}.work")})
+        instance = await camunda.start_process(key, business_key=key)
+        topic = TopicRequest(f"{key}.work", 10_000, variables=[])
+        [task] = await camunda.fetch_and_lock(
+            "w-incident", [topic], max_tasks=1, async_response_timeout_ms=5_000
+        )
+        await camunda.handle_failure(
+            task.id, worker_id="w-incident", error_message="down", retries=0, retry_timeout_ms=0
+        )
+        waits = await camunda.waits(instance.id)
+        await camunda.delete_process_instance(instance.id)
+    assert {w["type"] for w in waits} == {"externalTask", "incident"}
+    [incident] = [w for w in waits if w["type"] == "incident"]
+    assert (incident["activity"], incident["message"]) == ("task", "down")
