@@ -3,7 +3,8 @@
 ``GET /api/process/events/{correlationId}`` answers ``text/event-stream``:
 
 * ``event: step``, one per step the run recorded (shared/steps.py), its ``id`` the step's
-  entry in the run's record in Redis (``{p}:steps:{cid}``), its data the step's wire object;
+  entry in the run's record in Redis (``{p}:steps:{cid}``), its data the step's wire object
+  and, while the run is pending, what it waits for then (``waitingOn``);
 * ``event: end``, ``id: end``, the final status body (what status answers), then the
   stream closes.
 
@@ -62,12 +63,17 @@ async def events(d: Deps, correlation_id: str, after: str | None) -> AsyncIterat
             try:
                 while True:
                     page = await d.store.steps.after(correlation_id, after=last, count=PAGE)
+                    state = await d.runs.get(correlation_id)
+                    # A pending run's steps say what it waits for now (services/api/waiting.py).
+                    waits = await d.waiting.of(state) if page and state else None
                     for entry_id, step in page:
                         last = entry_id
-                        yield _event("step", entry_id, step.to_dict(), d)
+                        body = step.to_dict()
+                        if waits is not None:
+                            body["waitingOn"] = waits
+                        yield _event("step", entry_id, body, d)
                     if len(page) == PAGE:
                         continue  # more may wait in the record: read on before sleeping
-                    state = await d.runs.get(correlation_id)
                     if state is None:
                         return
                     if state.finished:

@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from flowgate_client import ApiError, AsyncClient
+from flowgate_client.sse import Decoder
 from pydantic import BaseModel
 
 from flowgate.services.worker.handlers import approve_order
@@ -423,3 +425,22 @@ async def test_the_engine_lists_an_incident_among_the_waits(engine_url: str) -> 
     assert {w["type"] for w in waits} == {"externalTask", "incident"}
     [incident] = [w for w in waits if w["type"] == "incident"]
     assert (incident["activity"], incident["message"]) == ("task", "down")
+
+
+async def test_a_pending_runs_step_events_say_what_it_waits_for(api: Api) -> None:
+    correlation_id = await order(api)
+
+    async def started() -> bool:
+        return await api.deps.store.steps.find(correlation_id, "start") is not None
+
+    await until(started, timeout_s=10, what="the start event recorded")
+    decoder, data = Decoder(), None
+    async with api.client.stream("GET", f"/api/process/events/{correlation_id}") as stream:
+        async for line in stream.aiter_lines():
+            if (event := decoder.feed(line)) is not None and event.event == "step":
+                data = event.data
+                break
+    assert data is not None
+    step = orjson.loads(data)
+    assert step["step"] == "start"
+    assert [(w["type"], w["activity"]) for w in step["waitingOn"]] == [("userTask", "review")]
