@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+#: The request being served and the run it names (services/api/requestid.py): every log
+#: line written meanwhile carries them, as ``requestId`` and ``correlationId``.
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+CORRELATION_ID: ContextVar[str | None] = ContextVar("correlation_id", default=None)
 
 # Attributes every LogRecord has; anything else was passed through `extra=`.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -26,6 +32,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if (request_id := REQUEST_ID.get()) is not None:
+            entry["requestId"] = request_id
+        if (correlation_id := CORRELATION_ID.get()) is not None:
+            entry["correlationId"] = correlation_id
         entry.update((k, v) for k, v in vars(record).items() if k not in _STANDARD)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)

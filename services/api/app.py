@@ -32,6 +32,7 @@ from flowgate.services.api.drain import DrainHook
 from flowgate.services.api.endpoints import ENDPOINTS, routes
 from flowgate.services.api.metrics import ApiMetrics, OutcomeMiddleware
 from flowgate.services.api.openapi import docs_html, render_openapi
+from flowgate.services.api.requestid import RequestIdMiddleware
 from flowgate.shared.logs import configure_logging
 from flowgate.shared.redis_client import REDIS_ERRORS
 from flowgate.shared.settings import Settings, load_settings
@@ -76,7 +77,10 @@ def create_app(
     app = Starlette(
         routes=routes(auth),
         lifespan=lifespan,
-        middleware=[Middleware(OutcomeMiddleware, metrics=metrics)],
+        middleware=[
+            Middleware(RequestIdMiddleware),
+            Middleware(OutcomeMiddleware, metrics=metrics),
+        ],
         exception_handlers={
             **errors.HANDLERS,
             **dict.fromkeys(REDIS_ERRORS, errors.redis_unavailable),

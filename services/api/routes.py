@@ -66,6 +66,7 @@ from flowgate.services.api.usertasks import Refusal
 from flowgate.services.api.waitroom import RoomFull, WaitEnd, WaitResult
 from flowgate.shared import postgres
 from flowgate.shared.contract import StartFailed, failed_start
+from flowgate.shared.logs import CORRELATION_ID
 from flowgate.shared.redis_client import REDIS_ERRORS
 from flowgate.shared.state import RunState, Status
 from flowgate.shared.steps import StepEvent
@@ -102,6 +103,7 @@ async def start_process(request: Request) -> Response:
     ):
         raise ApiError(400, refused, field="callbackUrl")
     cid = body.correlationId
+    CORRELATION_ID.set(cid)
     command = StartCommand(
         body.processKey, cid, body.variables, body.fetchVariables, body.callbackUrl
     )
@@ -420,6 +422,8 @@ def _path_id(request: Request, name: str) -> str:
     value: str = request.path_params[name]
     if not _ID.fullmatch(value):
         raise ApiError(400, f"{name}: no control characters, at most 255", field=name)
+    if name == "correlationId":
+        CORRELATION_ID.set(value)  # every log line of this request names its run
     return value
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import re
 
 import httpx
+import orjson
 import pytest
 from pydantic import SecretStr
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -16,6 +20,8 @@ from flowgate.services.api import errors
 from flowgate.services.api.auth import Access, Auth
 from flowgate.services.api.endpoints import ENDPOINTS, Endpoint, routes
 from flowgate.services.api.openapi import build_openapi
+from flowgate.services.api.requestid import RequestIdMiddleware
+from flowgate.shared.logs import JsonFormatter
 
 #: What each endpoint asks for when credentials are configured: changing one is a decision.
 EXPECTED_ACCESS = {
@@ -101,3 +107,29 @@ async def test_a_closed_redis_connection_under_uvloop_is_503_and_any_other_runti
         answer = await client.get("/x")
     assert answer.status_code == status
     assert ("retry-after" in answer.headers) == (status == 503)
+
+
+async def test_every_answer_carries_a_request_id_and_log_lines_name_it() -> None:
+    async def route(request: Request) -> Response:
+        logging.getLogger("flowgate.test").warning("serving")
+        return Response("ok")
+
+    app = Starlette(routes=[Route("/x", route)], middleware=[Middleware(RequestIdMiddleware)])
+    transport = httpx.ASGITransport(app=app)
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("flowgate.test")
+    logger.addHandler(handler)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            own = await client.get("/x", headers={"X-Request-ID": "req-42"})
+            made = await client.get("/x")
+            unsafe = await client.get("/x", headers={"X-Request-ID": "a b\tc"})
+    finally:
+        logger.removeHandler(handler)
+    assert own.headers["x-request-id"] == "req-42"
+    assert re.fullmatch(r"[0-9a-f]{32}", made.headers["x-request-id"])
+    assert re.fullmatch(r"[0-9a-f]{32}", unsafe.headers["x-request-id"])
+    logged = [orjson.loads(line)["requestId"] for line in lines.getvalue().splitlines()]
+    assert logged == ["req-42", made.headers["x-request-id"], unsafe.headers["x-request-id"]]
