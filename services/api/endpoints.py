@@ -396,15 +396,17 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 
 def routes(auth: Auth) -> list[Route]:
     """The URL map: each endpoint behind the access check its row declares."""
-    return [
-        Route(e.path, _guarded(e.handler, e.access, auth), methods=[e.method]) for e in ENDPOINTS
-    ]
+    return [Route(e.path, _guarded(e, auth), methods=[e.method]) for e in ENDPOINTS]
 
 
-def _guarded(handler: Endpoint_, access: Access, auth: Auth) -> Endpoint_:
-    @functools.wraps(handler)  # keeps the name the metrics label answers by
+def _guarded(endpoint: Endpoint, auth: Auth) -> Endpoint_:
+    handler, access = endpoint.handler, endpoint.access
+
+    @functools.wraps(handler)
     async def checked(request: Request) -> Response:
         auth.check(access, request)
         return await handler(request)
 
+    # What the metrics label the answer by (services/api/metrics.py): the route template.
+    checked.route = endpoint.path  # type: ignore[attr-defined]
     return checked

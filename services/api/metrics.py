@@ -11,6 +11,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flowgate.shared.build import register_build_info
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Completion written in Redis -> parked request resumed: pub/sub hop plus our dispatch.
@@ -20,6 +22,7 @@ _WAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 class ApiMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        register_build_info(self.registry, "api")
         self.parked = Gauge(
             "flowgate_api_parked_requests",
             "Requests parked in this replica's wait room right now.",
@@ -40,14 +43,14 @@ class ApiMetrics:
         )
         self.outcomes = Counter(
             "flowgate_api_outcomes_total",
-            "Answers by endpoint (its function name) and HTTP status.",
-            ["endpoint", "status"],
+            "Answers by method, route template (`unmatched`: no route) and HTTP status.",
+            ["method", "route", "status"],
             registry=self.registry,
         )
         self.duration = Histogram(
             "flowgate_api_request_duration_seconds",
-            "Time to answer, waits included, by endpoint.",
-            ["endpoint"],
+            "Time to answer, waits included, by method and route template.",
+            ["method", "route"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=self.registry,
         )
@@ -150,14 +153,17 @@ class OutcomeMiddleware:
     """Counts every answer by endpoint and status, and times it (pure ASGI: no buffering).
 
     The router writes the matched endpoint into the scope, so it is known once the app
-    has run; requests no route matched count as ``unmatched``.
+    has run, and it carries its route template (services/api/endpoints.py); requests no
+    route matched count as ``unmatched`` (method ``other``: a label per made-up method
+    would let clients grow the series without bound).
     """
 
     def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app = app
         self.metrics = metrics
-        # Labelled children by (endpoint, status): looking them up costs more than counting.
-        self._children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        # Labelled children by (method, route, status): looking them up costs more than
+        # counting.
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -175,11 +181,12 @@ class OutcomeMiddleware:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            endpoint = getattr(scope.get("endpoint"), "__name__", "unmatched")
-            if (children := self._children.get((endpoint, status))) is None:
-                children = self._children[endpoint, status] = (
-                    self.metrics.outcomes.labels(endpoint, str(status)),
-                    self.metrics.duration.labels(endpoint),
+            route = getattr(scope.get("endpoint"), "route", "unmatched")
+            method = scope["method"] if route != "unmatched" else "other"
+            if (children := self._children.get((method, route, status))) is None:
+                children = self._children[method, route, status] = (
+                    self.metrics.outcomes.labels(method, route, str(status)),
+                    self.metrics.duration.labels(method, route),
                 )
             outcome, duration = children
             outcome.inc()

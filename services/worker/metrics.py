@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from flowgate.shared.build import register_build_info
+
 _HANDLER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # A task waiting for a worker: a few ms while workers keep up, seconds once they do not.
@@ -41,6 +43,7 @@ class WorkerMetrics:
     def __post_init__(self) -> None:
         r = self.registry
         p = "flowgate_worker"
+        register_build_info(r, "worker")
         self.tasks = Counter(
             f"{p}_tasks", "Tasks finished, by topic and outcome", ["topic", "outcome"], registry=r
         )

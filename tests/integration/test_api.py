@@ -841,8 +841,8 @@ async def test_health_readiness_metrics_and_docs(api: Api) -> None:
         "flowgate_api_parked_requests 0.0",
         'flowgate_api_waits_total{how="woken"} 1.0',
         "flowgate_api_wake_latency_seconds_count 1.0",
-        'flowgate_api_outcomes_total{endpoint="start_process",status="200"} 1.0',
-        'flowgate_api_request_duration_seconds_count{endpoint="start_process"} 1.0',
+        'flowgate_api_outcomes_total{method="POST",route="/api/process/start",status="200"} 1.0',
+        'flowgate_api_request_duration_seconds_count{method="POST",route="/api/process/start"} 1.0',
         "flowgate_writebehind_backlog ",
     ):
         assert name in metrics, name

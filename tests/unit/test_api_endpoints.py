@@ -19,8 +19,10 @@ from starlette.routing import Route
 from flowgate.services.api import errors
 from flowgate.services.api.auth import Access, Auth
 from flowgate.services.api.endpoints import ENDPOINTS, Endpoint, routes
+from flowgate.services.api.metrics import ApiMetrics
 from flowgate.services.api.openapi import build_openapi
 from flowgate.services.api.requestid import RequestIdMiddleware
+from flowgate.services.worker.metrics import WorkerMetrics
 from flowgate.shared.logs import JsonFormatter
 
 #: What each endpoint asks for when credentials are configured: changing one is a decision.
@@ -133,3 +135,16 @@ async def test_every_answer_carries_a_request_id_and_log_lines_name_it() -> None
     assert re.fullmatch(r"[0-9a-f]{32}", unsafe.headers["x-request-id"])
     logged = [orjson.loads(line)["requestId"] for line in lines.getvalue().splitlines()]
     assert logged == ["req-42", made.headers["x-request-id"], unsafe.headers["x-request-id"]]
+
+
+def test_metrics_name_the_build_and_label_answers_by_route_template() -> None:
+    for metrics, component in ((ApiMetrics(), "api"), (WorkerMetrics(), "worker")):
+        [line] = [
+            line
+            for line in metrics.render().decode().splitlines()
+            if line.startswith("flowgate_build_info{")
+        ]
+        assert f'component="{component}"' in line
+        assert 'version="' in line
+    served = {route.path: route.endpoint for route in routes(Auth((), None))}
+    assert all(getattr(e, "route", None) == path for path, e in served.items())
