@@ -705,7 +705,7 @@ class CamundaClient:
                 {
                     "type": "timer",
                     "activity": definition.get("activityId"),
-                    "dueAt": job.get("dueDate"),
+                    "dueAt": _iso(job["dueDate"]) if job.get("dueDate") else None,
                 }
             )
         waits += [

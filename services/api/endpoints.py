@@ -41,6 +41,7 @@ from flowgate.services.api.schemas import (
     CompleteAck,
     CompleteRequest,
     CompleteTaskRequest,
+    ErrorBody,
     EventLog,
     Health,
     MessageRequest,
@@ -229,13 +230,13 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             ),
             409: Reply(
                 "The run had ended (its status body), or did not wait for the message "
-                "within MESSAGE_HOLD_MS (an error naming it).",
+                "within MESSAGE_HOLD_MS (an error body naming it).",
                 ProcessStatus,
-                headers=_RUN_HEADERS,
+                also=(ErrorBody,),
             ),
             500: Reply("The run ended `error`.", ProcessStatus, headers=_RUN_HEADERS),
         },
-        errors=(400, 404, 408, 409, 413, 415, 422, 502, 503),
+        errors=(400, 404, 408, 413, 415, 422, 502, 503),
     ),
     Endpoint(
         "POST",
@@ -313,13 +314,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                 headers=(*_PENDING_HEADERS, "Preference-Applied"),
             ),
             409: Reply(
-                "The task was completed already, or the run had ended (its status body).",
+                "The run had ended (its status body), or the task was completed already "
+                "(an error body).",
                 ProcessStatus,
-                headers=_RUN_HEADERS,
+                also=(ErrorBody,),
             ),
             500: Reply("The run ended `error`.", ProcessStatus, headers=_RUN_HEADERS),
         },
-        errors=(400, 404, 408, 409, 413, 415, 502, 503),
+        errors=(400, 404, 408, 413, 415, 502, 503),
     ),
     Endpoint(
         "POST",

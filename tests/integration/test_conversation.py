@@ -434,13 +434,12 @@ async def test_a_pending_runs_step_events_say_what_it_waits_for(api: Api) -> Non
         return await api.deps.store.steps.find(correlation_id, "start") is not None
 
     await until(started, timeout_s=10, what="the start event recorded")
-    decoder, data = Decoder(), None
-    async with api.client.stream("GET", f"/api/process/events/{correlation_id}") as stream:
-        async for line in stream.aiter_lines():
-            if (event := decoder.feed(line)) is not None and event.event == "step":
-                data = event.data
-                break
-    assert data is not None
-    step = orjson.loads(data)
-    assert step["step"] == "start"
-    assert [(w["type"], w["activity"]) for w in step["waitingOn"]] == [("userTask", "review")]
+    streaming = asyncio.create_task(api.client.get(f"/api/process/events/{correlation_id}"))
+    await until(lambda: api.deps.waitroom.parked >= 1, what="the stream to follow the run")
+    await api.client.post(f"/api/process/cancel/{correlation_id}")  # so the stream ends
+    decoder, steps = Decoder(), []
+    for line in (await streaming).text.splitlines():
+        if (event := decoder.feed(line)) is not None and event.event == "step":
+            steps.append(orjson.loads(event.data))
+    assert steps[0]["step"] == "start"
+    assert [(w["type"], w["activity"]) for w in steps[0]["waitingOn"]] == [("userTask", "review")]
