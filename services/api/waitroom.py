@@ -7,7 +7,8 @@ on a single Redis on one pub/sub connection, on a Redis Cluster with ``SSUBSCRIB
 connection per shard (the master that owns those partitions' slots). Every parked request
 registers in a dict keyed by correlationId, so one message wakes every request of that id
 on this replica, whichever replica published it; a message names its run first, so the
-room decodes only those of runs waited for here. A run's
+room decodes only those of runs waited for here (and compares every body with the
+``reopened`` one, whose run its settled cache then forgets: services/api/settled.py). A run's
 end wakes every request for it; a recorded step (shared/contract.py ``StepRecorded``) wakes
 only those that wait for a step (a milestone, :meth:`WaitRoom.wait` ``until``) or follow
 the run's progress (:meth:`WaitRoom.follow`, the live event stream).
