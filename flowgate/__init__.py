@@ -6,6 +6,8 @@ What a user installs lives under this one name. The public, stable surface:
   task context, the errors a handler may raise);
 * :mod:`flowgate.embed`: the API as an ASGI app and the worker as a coroutine, for a team
   that runs them inside its own process;
+* :mod:`flowgate.testing`: a handler run as a worker would run it, without the stack, for
+  a team's own tests;
 * the console scripts ``flowgate-api``, ``flowgate-worker``, ``flowgate-flusher`` and
   ``flowgate-deploy``.
 
