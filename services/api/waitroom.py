@@ -46,7 +46,7 @@ from redis.asyncio.client import PubSub
 from flowgate.services.api.metrics import ApiMetrics
 from flowgate.services.api.pace import Pace
 from flowgate.services.api.settled import Settled
-from flowgate.shared.aio import Backoff, sleep_or_stop
+from flowgate.shared.aio import Backoff, race_stop, sleep_or_stop
 from flowgate.shared.contract import (
     REOPENED,
     Reopened,
@@ -242,7 +242,8 @@ class WaitRoom:
         backoff = Backoff(base_s=_BACKOFF_MIN_S, cap_s=_BACKOFF_MAX_S)
         while not stop.is_set():
             try:
-                await self._listen(stop, backoff)
+                # Raced with stop: a reader blocked in its read timeout does not hold up exit.
+                await race_stop(stop, self._listen(stop, backoff))
             except* (*REDIS_ERRORS, OSError, SlotsMoved) as group:
                 if self._subscribed.is_set():
                     errors = repr(group.exceptions[0])

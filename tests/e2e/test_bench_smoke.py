@@ -15,7 +15,8 @@ import pytest
 
 from deploy.local.servers import ROOT
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]  # their stack runs its own engine
+# Their stack runs its own engine; what they measure is flowgate, so once is enough.
+pytestmark = [pytest.mark.engine, pytest.mark.engine_agnostic, pytest.mark.slow]
 
 
 @pytest.mark.timeout(450)

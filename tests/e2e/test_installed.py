@@ -25,6 +25,8 @@ from tests.helpers.processes import background, until, until_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 MakeSettings = Callable[..., Settings]
+# What it proves is the packaging; the engine checks have their own tests on both engines.
+pytestmark = pytest.mark.engine_agnostic
 SCRIPTS = ("flowgate-api", "flowgate-worker", "flowgate-flusher", "flowgate-deploy")
 
 
