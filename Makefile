@@ -24,7 +24,7 @@ install: bootstrap $(STAMP)
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e . -e clients/python --group dev --group bench
+	$(PY) -m pip install -q -e '.[tracing]' -e clients/python --group dev --group bench
 	touch $(STAMP)
 
 # kustomize renders deploy/k8s for the manifest tests (only they need Go): built from the
@@ -63,7 +63,7 @@ test: bootstrap $(STAMP) engine kustomize
 
 # The engine-facing tests against Operaton (deploy/camunda/pom.xml, profile `operaton`).
 test-operaton: bootstrap $(STAMP) engine-operaton
-	FLOWGATE_ENGINE=operaton $(PY) -m pytest -m engine
+	FLOWGATE_ENGINE=operaton $(PY) -m pytest -m "engine and not engine_agnostic"
 
 test-fast: $(STAMP) kustomize
 	$(PY) -m pytest tests/unit

@@ -22,6 +22,7 @@ import orjson
 
 from flowgate.shared.camunda import LockedTask
 from flowgate.shared.state import RunState, Status
+from flowgate.shared.tracing import TRACEPARENT
 
 #: The variable holding the run's correlationId (the engine's businessKey holds it too).
 CORRELATION_ID = "correlationId"
@@ -62,10 +63,11 @@ class SystemVariables:
     @classmethod
     def result_of(cls, variables: Mapping[str, Any], fetch: list[str] | None) -> dict[str, Any]:
         """A run's result from its root variables, when the engine ended it: those named
-        in ``fetch`` (the start's ``fetchVariables``), or all of them but these."""
+        in ``fetch`` (the start's ``fetchVariables``), or all of them but these and the
+        run's ``traceparent``."""
         if fetch is not None:
             return {name: variables[name] for name in fetch if name in variables}
-        return {k: v for k, v in variables.items() if k not in cls.NAMES}
+        return {k: v for k, v in variables.items() if k not in cls.NAMES and k != TRACEPARENT}
 
     def to_variables(self) -> dict[str, Any]:
         return {

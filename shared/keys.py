@@ -45,6 +45,11 @@ runs as it is on a Redis Cluster; on a single Redis the tags are just part of th
 ``{p}:backlog``                       string: the replica that samples the engine's backlog (lease)
 ``{p:worker:{name}:{slot}}:lease``    string: which worker process holds a slot
 ``{p:worker:{name}:{slot}}:last``     string: the last worker id that held the slot
+``{p:t:{tenant}}:starts:{second}``    string: a tenant's starts in one second (api/limits.py)
+``{p:t:{tenant}}:runs``               sorted set: a tenant's runs in flight, scored by when their
+                                      place lapses; ``:parked``, ``:streams`` alike
+``{p}:readtoken:key``                 string: the key read tokens are signed with, unless
+                                      READ_TOKEN_SECRET is set (services/api/readtokens.py)
 ``{p}:worker:departed``               sorted set: departed worker ids, scored by when their
                                       abandoned polls end (services/worker/locks.py)
 ====================================  =========================================
@@ -182,6 +187,14 @@ class Keys:
         """``part`` is ``lease`` or ``last`` (see services/worker/identity.py); a slot's two
         keys share a hash slot, for the script that moves them together."""
         return f"{{{self.prefix}:worker:{name}:{slot}}}:{part}"
+
+    def tenant(self, tenant: str) -> str:
+        """The hash tag every limit counter of ``tenant`` starts with (one slot per tenant)."""
+        return f"{{{self.prefix}:t:{tenant}}}"
+
+    @property
+    def read_token_key(self) -> str:
+        return f"{self.prefix}:readtoken:key"
 
     @property
     def departed_workers(self) -> str:

@@ -96,6 +96,9 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (correlation_id, entry_ms, entry_seq)
     );
     """,
+    # Who a run belongs to, who started it, and its trace (shared/state.py).
+    "ALTER TABLE process_store ADD COLUMN tenant text, ADD COLUMN principal text,"
+    " ADD COLUMN traceparent text;",
 )
 
 # First key of the two-int advisory lock taken while migrating; the second is the schema.

@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from flowgate.shared.tenancy import ApiKey
+
 #: What a worker serves and deploys unless told otherwise: the bundled examples.
 DEFAULT_PROCESSES = "flowgate.services.worker.handlers:PROCESSES"
 BUNDLED_BPMN = Path(__file__).resolve().parent.parent / "bpmn"
@@ -96,9 +98,38 @@ class Settings(BaseSettings):
     max_variables_depth: PositiveInt = 32
     # Shared secret the completion callback must present as a bearer token (off when unset).
     complete_token: SecretStr | None = None
-    # Comma-separated client API keys for the client endpoints (off when empty). When set,
-    # /api/process/complete and /metrics need a key too unless their own token is set.
+    # Comma-separated client API keys for the client endpoints (off when empty): `KEY` (every
+    # scope, the default tenant) or `KEY@TENANT:SCOPE+SCOPE` (shared/tenancy.py). When set,
+    # /api/process/complete and /metrics need an `admin` key too unless their own token is set.
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+
+    # --- who may do what (services/api/auth.py, services/api/oidc.py) --------------------
+    # Bearer JWTs of this issuer are accepted besides API_KEYS (off when unset). Its keys come
+    # from OIDC_JWKS_URL, else from the issuer's discovery document.
+    oidc_issuer: str | None = None
+    # The `aud` a token must name (required with OIDC_ISSUER).
+    oidc_audience: str | None = None
+    oidc_jwks_url: str | None = None
+    # The claim naming a token's tenant (empty: every token is the default tenant's).
+    oidc_tenant_claim: str = "tenant"
+    # The claim listing a token's scopes (space-separated text or a list), and a prefix its
+    # names carry (`flowgate:` makes `flowgate:start` the `start` scope).
+    oidc_scopes_claim: str = "scope"
+    oidc_scope_prefix: str = ""
+    # The issuer's keys are read again this often; an outage keeps the cached ones.
+    oidc_jwks_refresh_s: PositiveInt = 300
+    # A token of an unknown key id reads the keys again, at most this often.
+    oidc_jwks_min_refresh_s: Annotated[float, Field(ge=0)] = 1.0
+    # Signs read tokens (`"readToken": true` on a start). Unset: a random key kept in Redis,
+    # shared by every replica.
+    read_token_secret: SecretStr | None = None
+    read_token_ttl_s: PositiveInt = 900
+    # Per-tenant limits (0: none), counted in Redis so every replica enforces the same:
+    # starts per second, runs in flight, requests parked waiting, open event streams.
+    tenant_starts_per_s: Annotated[int, Field(ge=0)] = 0
+    tenant_runs_in_flight: Annotated[int, Field(ge=0)] = 0
+    tenant_parked: Annotated[int, Field(ge=0)] = 0
+    tenant_streams: Annotated[int, Field(ge=0)] = 0
     # Bearer token for /metrics of the API replicas and the workers (off when unset).
     metrics_token: SecretStr | None = None
     # Seconds uvicorn keeps idle connections: above common load-balancer idle timeouts.
@@ -109,7 +140,8 @@ class Settings(BaseSettings):
     # --- callbacks (services/background/callbacks.py) -------------------------------------------
     # Signs every callback (HMAC-SHA256 in the Flowgate-Signature header) when set.
     callback_secret: SecretStr | None = None
-    # Comma-separated host names and CIDRs a callbackUrl may name (any host when empty).
+    # Comma-separated host names and CIDRs a callbackUrl may name; `*` allows any host. Empty
+    # (the default outside `make up`): callbacks are off, a start naming one is 400.
     callback_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
     # One delivery attempt gives up after this.
     callback_timeout_ms: PositiveInt = 10_000
@@ -177,10 +209,19 @@ class Settings(BaseSettings):
             return tuple(key.strip() for key in value.split(",") if key.strip())
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _key_entries(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for entry in value:
+            ApiKey.parse(entry.get_secret_value())  # raises naming what is wrong
+        return value
+
     @field_validator("callback_allowed_hosts")
     @classmethod
     def _hosts_or_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for entry in value:
+            if entry == "*":
+                continue
             try:
                 ipaddress.ip_network(entry, strict=False)
             except ValueError:
@@ -210,6 +251,14 @@ class Settings(BaseSettings):
             pair = f"{self.camunda_username}:{self.camunda_password.get_secret_value()}"
             return "Basic " + base64.b64encode(pair.encode()).decode()
         return None
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> Self:
+        if self.oidc_issuer is not None and not self.oidc_audience:
+            raise ValueError(
+                "OIDC_ISSUER needs OIDC_AUDIENCE: a token meant for another service must fail"
+            )
+        return self
 
     @model_validator(mode="after")
     def _window_beyond_the_engine_timeout(self) -> Self:

@@ -69,6 +69,12 @@ class RunState:
     fetch_variables: Any = None
     #: Where the final status body is POSTed once the run ends (services/background/callbacks.py).
     callback_url: str | None = None
+    #: The tenant the run belongs to (None: the default tenant; shared/tenancy.py), and the
+    #: principal that started it (never a secret: ``key:<n>``, a token's subject).
+    tenant: str | None = None
+    principal: str | None = None
+    #: The run's W3C trace context (shared/tracing.py), also its instance's ``traceparent``.
+    traceparent: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -31,11 +31,13 @@ from flowgate.services.api.deps import Deps, open_deps
 from flowgate.services.api.drain import DrainHook
 from flowgate.services.api.endpoints import ENDPOINTS, routes
 from flowgate.services.api.metrics import ApiMetrics, OutcomeMiddleware
+from flowgate.services.api.oidc import ClaimMapping, OidcVerifier
 from flowgate.services.api.openapi import docs_html, render_openapi
 from flowgate.services.api.requestid import RequestIdMiddleware
 from flowgate.shared.logs import configure_logging
 from flowgate.shared.redis_client import REDIS_ERRORS
 from flowgate.shared.settings import Settings, load_settings
+from flowgate.shared.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +48,18 @@ Alongside = Callable[[Deps], AbstractAsyncContextManager[None]]
 
 
 def create_app(
-    settings: Settings, *, drain: DrainHook | None = None, alongside: Alongside | None = None
+    settings: Settings,
+    *,
+    drain: DrainHook | None = None,
+    alongside: Alongside | None = None,
+    tracing: Tracing | None = None,
 ) -> Starlette:
-    """The app: it serves requests, and runs ``alongside`` for its lifespan."""
-    auth = Auth(settings.api_keys, settings.complete_token, settings.metrics_token)
+    """The app: it serves requests, and runs ``alongside`` for its lifespan. ``tracing``:
+    as the ``OTEL_*`` variables configure it, unless given."""
+    tracing = tracing or Tracing.from_environment("flowgate-api")
+    auth = Auth(
+        settings.api_keys, settings.complete_token, settings.metrics_token, oidc=oidc(settings)
+    )
     if auth.open_writes:
         log.warning(
             "neither API_KEYS nor COMPLETE_TOKEN is set: any client may finish any run "
@@ -64,21 +74,26 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         async with (
-            open_deps(settings, auth=auth, metrics=metrics, replica_id=replica_id) as deps,
+            open_deps(
+                settings, auth=auth, metrics=metrics, replica_id=replica_id, tracing=tracing
+            ) as deps,
             alongside(deps) if alongside else contextlib.nullcontext(),
+            contextlib.aclosing(auth),
         ):
             drain.attach(deps.waitroom.release_all)
             try:
-                log.info("api ready", extra={"replica": replica_id})
+                log.info("api ready", extra={"replica": replica_id, "tracing": tracing.on})
                 yield {"deps": deps}
             finally:
                 drain.detach()
+                await tracing.shutdown()
 
     app = Starlette(
-        routes=routes(auth),
+        routes=routes(auth, tracing),
         lifespan=lifespan,
         middleware=[
             Middleware(RequestIdMiddleware),
+            *tracing.asgi_middleware(),
             Middleware(OutcomeMiddleware, metrics=metrics),
         ],
         exception_handlers={
@@ -92,6 +107,24 @@ def create_app(
     app.state.openapi = render_openapi(ENDPOINTS, auth)
     app.state.docs_html = docs_html()
     return app
+
+
+def oidc(settings: Settings) -> OidcVerifier | None:
+    """The verifier of OIDC_ISSUER's bearer tokens, when one is configured."""
+    if settings.oidc_issuer is None or settings.oidc_audience is None:
+        return None
+    return OidcVerifier(
+        issuer=settings.oidc_issuer,
+        audience=settings.oidc_audience,
+        jwks_url=settings.oidc_jwks_url,
+        mapping=ClaimMapping(
+            tenant_claim=settings.oidc_tenant_claim,
+            scopes_claim=settings.oidc_scopes_claim,
+            scope_prefix=settings.oidc_scope_prefix,
+        ),
+        refresh_s=settings.oidc_jwks_refresh_s,
+        min_refresh_s=settings.oidc_jwks_min_refresh_s,
+    )
 
 
 def from_environment() -> Starlette:

@@ -1,34 +1,54 @@
-"""Who may call what: every endpoint declares an :class:`Access`, and :class:`Auth` checks it.
+"""Who may call what: every endpoint declares an :class:`Access` (and, for a client endpoint,
+the :class:`~flowgate.shared.tenancy.Scope` it needs), and :class:`Auth` names the caller's
+:class:`~flowgate.shared.tenancy.Principal` or refuses.
 
-The endpoint table (services/api/routes.py) gives each endpoint its access level, the
-router checks it before the endpoint runs, and the OpenAPI document states it, so no
-endpoint can be added without a decision (tests/unit/test_api_endpoints.py).
+The endpoint table (services/api/endpoints.py) gives each endpoint its access and scope,
+the router checks them before the endpoint runs, and the OpenAPI document states them, so
+no endpoint can be added without a decision (tests/unit/test_api_endpoints.py). Which runs
+a principal sees is the endpoints' business (services/api/ownership.py): another tenant's
+run answers 404, exactly like no run.
 
-Credentials are off unless configured (``API_KEYS``, ``COMPLETE_TOKEN``). Secrets are
-compared in constant time, and against every configured key, so neither a key's content
-nor its position in the list shows in the response time.
+A client credential is one of:
+
+- an ``API_KEYS`` entry (``X-API-Key``, or ``Authorization: Bearer``), compared in constant
+  time against every configured key, so neither a key's content nor its position in the
+  list shows in the response time;
+- a bearer JWT of ``OIDC_ISSUER`` (services/api/oidc.py);
+- a run's read token (services/api/readtokens.py), where the endpoint accepts one; also as
+  ``?access_token=``, since a browser's ``EventSource`` cannot set headers.
+
+Credentials are off unless configured: every caller is then
+:data:`~flowgate.shared.tenancy.ANONYMOUS` (one tenant, every scope).
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 
 from pydantic import SecretStr
 from starlette.requests import Request
 
 from flowgate.services.api.errors import ApiError
+from flowgate.services.api.oidc import OidcVerifier, TokenRefused, TokenWithoutGrant
+from flowgate.services.api.readtokens import ReadTokens, is_read_token
+from flowgate.shared.tenancy import ALL_SCOPES, ANONYMOUS, ApiKey, Principal, Scope
 
 
 class Access(StrEnum):
-    """What an endpoint asks for. Each level falls back to the client keys when its own
-    token is not set, so turning on API_KEYS never leaves a write or metrics endpoint open."""
+    """What an endpoint asks for. Each internal level falls back to an ``admin`` client
+    credential when its own token is not set, so turning on client credentials never leaves
+    a write or metrics endpoint open."""
 
     PUBLIC = "public"  # probes and documentation
-    CLIENT = "client"  # API_KEYS, when set
-    COMPLETER = "completer"  # COMPLETE_TOKEN; without one, a client key (when API_KEYS is set)
-    OPERATOR = "operator"  # METRICS_TOKEN; without one, a client key (when API_KEYS is set)
+    CLIENT = "client"  # API_KEYS or OIDC, when configured, holding the endpoint's scope
+    COMPLETER = "completer"  # COMPLETE_TOKEN; without one, an admin client credential
+    OPERATOR = "operator"  # METRICS_TOKEN; without one, an admin client credential
+
+
+#: Who holds an internal endpoint's own token.
+_INTERNAL = Principal("internal", ALL_SCOPES, "internal")
 
 
 class Auth:
@@ -37,21 +57,35 @@ class Auth:
         api_keys: Sequence[SecretStr],
         complete_token: SecretStr | None = None,
         metrics_token: SecretStr | None = None,
+        *,
+        oidc: OidcVerifier | None = None,
     ) -> None:
-        self._api_keys = tuple(key.get_secret_value().encode() for key in api_keys)
+        self._api_keys = tuple(
+            (ApiKey.parse(entry.get_secret_value()), n) for n, entry in enumerate(api_keys, 1)
+        )
         self._tokens = {
             Access.COMPLETER: _secret(complete_token),
             Access.OPERATOR: _secret(metrics_token),
         }
+        self.oidc = oidc
+
+    async def aclose(self) -> None:
+        if self.oidc is not None:
+            await self.oidc.aclose()
+
+    @property
+    def clients_identified(self) -> bool:
+        """Whether client credentials are configured (else every client is ANONYMOUS)."""
+        return bool(self._api_keys) or self.oidc is not None
 
     def scheme(self, access: Access) -> str | None:
         """What this deployment asks for at ``access``: ``"token"`` (its own bearer token),
-        ``"key"`` (a client key) or None (nothing)."""
+        ``"key"`` (a client credential) or None (nothing)."""
         if access is Access.PUBLIC:
             return None
         if access is not Access.CLIENT and self._tokens[access] is not None:
             return "token"
-        return "key" if self._api_keys else None
+        return "key" if self.clients_identified else None
 
     def required(self, access: Access) -> bool:
         """Whether this deployment asks for credentials at ``access``."""
@@ -59,41 +93,84 @@ class Auth:
 
     @property
     def open_writes(self) -> bool:
-        """Anyone may finish any run (neither COMPLETE_TOKEN nor API_KEYS is set)."""
+        """Anyone may finish any run (neither COMPLETE_TOKEN nor client credentials)."""
         return self.scheme(Access.COMPLETER) is None
 
-    def check(self, access: Access, request: Request) -> None:
-        """Raise 401 unless ``request`` carries what ``access`` asks for here."""
+    async def principal(
+        self,
+        request: Request,
+        access: Access,
+        scope: Scope | None,
+        *,
+        read_tokens: Callable[[], ReadTokens] | None = None,
+    ) -> Principal:
+        """The caller, holding ``scope`` (internal levels: ``admin``); 401 without a valid
+        credential, 403 naming the scope it lacks. ``read_tokens``: where the endpoint
+        accepts a run's read token (they are looked up only when one is offered)."""
         scheme = self.scheme(access)
-        if scheme == "key":
-            self._check_key(request)
-        elif scheme == "token":
-            token, expected = _bearer(request), self._tokens[access]
-            assert expected is not None
-            if token is None or not hmac.compare_digest(token.encode(), expected):
-                raise ApiError(
-                    401,
-                    f"missing or invalid {access.value} token (send Authorization: Bearer)",
-                    headers={"WWW-Authenticate": 'Bearer realm="flowgate-internal"'},
-                )
+        if scheme is None:
+            return ANONYMOUS
+        if scheme == "token":
+            self._check_token(access, request)
+            return _INTERNAL
+        principal = await self._client(request, read_tokens)
+        needed = scope if access is Access.CLIENT else Scope.ADMIN
+        if needed is not None and not principal.may(needed):
+            raise ApiError(403, f"this credential lacks the {needed.value!r} scope")
+        return principal
 
-    def _check_key(self, request: Request) -> None:
-        """``X-API-Key: <key>`` or ``Authorization: Bearer <key>``."""
-        offered = [
-            value.encode()
-            for value in (request.headers.get("x-api-key"), _bearer(request))
-            if value
-        ]
-        matched = False
-        for candidate in offered:
-            for key in self._api_keys:
-                matched |= hmac.compare_digest(candidate, key)
-        if not matched:
+    async def _client(
+        self, request: Request, read_tokens: Callable[[], ReadTokens] | None
+    ) -> Principal:
+        bearer = _bearer(request)
+        offered = [value for value in (request.headers.get("x-api-key"), bearer) if value]
+        if (key := self._key(offered)) is not None:
+            return key
+        query = request.query_params.get("access_token")
+        token = bearer or (query if read_tokens is not None else None)
+        if token is not None and is_read_token(token):
+            if read_tokens is None:
+                raise ApiError(403, "a read token reads its run's status and events only")
+            if (principal := await read_tokens().principal(token)) is None:
+                raise _unauthorized("the read token is invalid or has expired")
+            return principal
+        if token is not None and self.oidc is not None:
+            try:
+                return await self.oidc.principal(token)
+            except TokenRefused as exc:
+                raise _unauthorized(f"the bearer token was refused: {exc}") from None
+            except TokenWithoutGrant as exc:
+                raise ApiError(403, str(exc)) from None
+        what = " or ".join(
+            name
+            for name, configured in (("API key", self._api_keys), ("bearer token", self.oidc))
+            if configured
+        )
+        send = "X-API-Key or Authorization: Bearer" if self._api_keys else "Authorization: Bearer"
+        raise _unauthorized(f"missing or invalid {what} (send {send})")
+
+    def _key(self, offered: list[str]) -> Principal | None:
+        """The principal of the API key offered, checked against every key in constant time."""
+        found: Principal | None = None
+        for candidate in (value.encode() for value in offered):
+            for key, number in self._api_keys:
+                if hmac.compare_digest(candidate, key.secret):
+                    found = Principal(key.tenant, key.scopes, subject=f"key:{number}")
+        return found
+
+    def _check_token(self, access: Access, request: Request) -> None:
+        token, expected = _bearer(request), self._tokens[access]
+        assert expected is not None
+        if token is None or not hmac.compare_digest(token.encode(), expected):
             raise ApiError(
                 401,
-                "missing or invalid API key (send X-API-Key or Authorization: Bearer)",
-                headers={"WWW-Authenticate": 'Bearer realm="flowgate"'},
+                f"missing or invalid {access.value} token (send Authorization: Bearer)",
+                headers={"WWW-Authenticate": 'Bearer realm="flowgate-internal"'},
             )
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, message, headers={"WWW-Authenticate": 'Bearer realm="flowgate"'})
 
 
 def _secret(value: SecretStr | None) -> bytes | None:

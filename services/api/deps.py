@@ -22,9 +22,11 @@ from starlette.requests import Request
 
 from flowgate.services.api.auth import Auth
 from flowgate.services.api.cancel import Canceller
+from flowgate.services.api.limits import Limits, TenantLimits
 from flowgate.services.api.messages import Messages
 from flowgate.services.api.metrics import ApiMetrics
 from flowgate.services.api.pace import Pace
+from flowgate.services.api.readtokens import ReadTokens
 from flowgate.services.api.retry import Retrier
 from flowgate.services.api.runs import Runs
 from flowgate.services.api.settled import Settled
@@ -39,6 +41,7 @@ from flowgate.shared.keys import Keys
 from flowgate.shared.redis_client import RedisClient, connect, read_topology
 from flowgate.shared.settings import Settings
 from flowgate.shared.store.runs import RunStore
+from flowgate.shared.tracing import OFF, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,11 @@ class Deps:
     waiting: WaitingOn
     #: How long each process's runs take: the Retry-After of a 202 (pace.py).
     pace: Pace
+    #: Spans of this replica (shared/tracing.py; off unless OTEL_* asks for them).
+    tracing: Tracing
+    #: Each tenant's limits (limits.py) and the runs' read tokens (readtokens.py).
+    limits: Limits
+    read_tokens: ReadTokens
     #: Work that outlives its request (an engine start whose client stopped waiting).
     spawner: Spawner
 
@@ -115,7 +123,12 @@ def deps(request: Request) -> Deps:
 
 @contextlib.asynccontextmanager
 async def open_deps(
-    settings: Settings, *, auth: Auth, metrics: ApiMetrics, replica_id: str
+    settings: Settings,
+    *,
+    auth: Auth,
+    metrics: ApiMetrics,
+    replica_id: str,
+    tracing: Tracing = OFF,
 ) -> AsyncIterator[Deps]:
     """Everything the endpoints use, open for the duration of the block."""
     keys = Keys(settings.redis_prefix)
@@ -178,6 +191,7 @@ async def open_deps(
                         spawner,
                         metrics,
                         engine_timeout_s=settings.camunda_timeout_ms / 1000,
+                        tracing=tracing,
                     ),
                     waitroom=waitroom,
                     canceller=Canceller(store, runs, camunda, waitroom, metrics),
@@ -206,6 +220,24 @@ async def open_deps(
                     ),
                     waiting=WaitingOn(camunda, redis, keys),
                     pace=pace,
+                    tracing=tracing,
+                    limits=Limits(
+                        redis,
+                        keys,
+                        TenantLimits(
+                            starts_per_s=settings.tenant_starts_per_s,
+                            runs_in_flight=settings.tenant_runs_in_flight,
+                            parked=settings.tenant_parked,
+                            streams=settings.tenant_streams,
+                        ),
+                        pending_ttl_s=settings.pending_ttl_s,
+                    ),
+                    read_tokens=ReadTokens(
+                        redis,
+                        keys,
+                        secret=settings.read_token_secret,
+                        ttl_s=settings.read_token_ttl_s,
+                    ),
                     spawner=spawner,
                 )
             finally:

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from flowgate.services.api.auth import Access, Auth
+from flowgate.services.api.deps import deps
 from flowgate.services.api.routes import (
     cancel_process,
     complete_process,
@@ -57,6 +58,8 @@ from flowgate.services.api.schemas import (
     StatusPage,
     UserTaskList,
 )
+from flowgate.shared.tenancy import Scope
+from flowgate.shared.tracing import OFF, Tracing
 
 # --- the table ---------------------------------------------------------------------------------
 
@@ -96,6 +99,12 @@ class Endpoint:
     errors: tuple[int, ...] = ()
     #: The OpenAPI operationId, when the handler's name is taken by another path.
     operation: str | None = None
+    #: The scope a client credential must hold here (client endpoints only).
+    scope: Scope | None = None
+    #: Whether a run's read token is accepted (services/api/readtokens.py).
+    read_token: bool = False
+    #: Whether a tenant's limits can refuse it (429: services/api/limits.py).
+    limited: bool = False
 
 
 _RUN_HEADERS = ("Content-Location", RUN_STATUS)
@@ -133,6 +142,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             409: Reply("The run was cancelled.", StartFailedBody, headers=_RUN_HEADERS),
         },
         errors=(400, 404, 408, 413, 415, 422, 502, 503),
+        scope=Scope.START,
+        limited=True,
     ),
     Endpoint(
         "GET",
@@ -143,6 +154,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         parameters=("limit", "cursor"),
         replies={200: Reply("One page.", StatusPage)},
         errors=(400, 503),
+        scope=Scope.READ,
     ),
     Endpoint(
         "GET",
@@ -166,6 +178,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             500: Reply("The process is `error`.", ProcessStatus, headers=_RUN_HEADERS),
         },
         errors=(400, 404, 503),
+        scope=Scope.READ,
+        read_token=True,
+        limited=True,
     ),
     Endpoint(
         "GET",
@@ -183,6 +198,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             204: Reply("The end was sent already: nothing follows.", media_type=None),
         },
         errors=(400, 404, 503),
+        scope=Scope.READ,
+        read_token=True,
+        limited=True,
     ),
     Endpoint(
         "POST",
@@ -202,6 +220,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             ),
         },
         errors=(400, 404, 408, 413, 415, 502, 503),
+        scope=Scope.CANCEL,
     ),
     Endpoint(
         "POST",
@@ -237,6 +256,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             500: Reply("The run ended `error`.", ProcessStatus, headers=_RUN_HEADERS),
         },
         errors=(400, 404, 408, 413, 415, 422, 502, 503),
+        scope=Scope.MESSAGE,
+        limited=True,
     ),
     Endpoint(
         "POST",
@@ -275,6 +296,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             ),
         },
         errors=(400, 404, 408, 413, 415, 502, 503),
+        scope=Scope.START,
+        limited=True,
     ),
     Endpoint(
         "GET",
@@ -286,6 +309,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         parameters=("correlationId",),
         replies={200: Reply("The open user tasks, oldest first.", UserTaskList)},
         errors=(400, 404, 502, 503),
+        scope=Scope.READ,
     ),
     Endpoint(
         "POST",
@@ -322,6 +346,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             500: Reply("The run ended `error`.", ProcessStatus, headers=_RUN_HEADERS),
         },
         errors=(400, 404, 408, 413, 415, 502, 503),
+        scope=Scope.MESSAGE,
+        limited=True,
     ),
     Endpoint(
         "POST",
@@ -347,6 +373,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             replies={200: Reply("The events.", EventLog)},
             errors=(400, 503),
             operation=operation,
+            scope=Scope.READ,
         )
         for path, operation in (
             ("/api/event-log/{id}", None),
@@ -396,17 +423,23 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 )
 
 
-def routes(auth: Auth) -> list[Route]:
+def routes(auth: Auth, tracing: Tracing = OFF) -> list[Route]:
     """The URL map: each endpoint behind the access check its row declares."""
-    return [Route(e.path, _guarded(e, auth), methods=[e.method]) for e in ENDPOINTS]
+    return [Route(e.path, _guarded(e, auth, tracing), methods=[e.method]) for e in ENDPOINTS]
 
 
-def _guarded(endpoint: Endpoint, auth: Auth) -> Endpoint_:
-    handler, access = endpoint.handler, endpoint.access
+def _guarded(endpoint: Endpoint, auth: Auth, tracing: Tracing) -> Endpoint_:
+    """The endpoint behind its access check: the caller's principal is
+    ``request.state.principal`` for the endpoint (routes.principal)."""
+    handler, access, scope = endpoint.handler, endpoint.access, endpoint.scope
 
     @functools.wraps(handler)
     async def checked(request: Request) -> Response:
-        auth.check(access, request)
+        tracing.name_request(endpoint.method, endpoint.path)
+        read_tokens = (lambda: deps(request).read_tokens) if endpoint.read_token else None
+        request.state.principal = await auth.principal(
+            request, access, scope, read_tokens=read_tokens
+        )
         return await handler(request)
 
     # What the metrics label the answer by (services/api/metrics.py): the route template.

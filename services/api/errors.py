@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from flowgate.services.api.limits import Limited
 from flowgate.services.api.schemas import ErrorBody, JSONResponse
 from flowgate.services.api.starter import StartRefused
 from flowgate.shared.camunda import CamundaError, EngineUnavailable
@@ -73,6 +74,12 @@ async def start_refused(request: Request, exc: Exception) -> Response:
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return JSONResponse(exc.body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def limited(request: Request, exc: Exception) -> Response:
+    """A tenant's limit is reached (services/api/limits.py): 429 with the headers saying which."""
+    assert isinstance(exc, Limited)
+    return JSONResponse(ErrorBody.of(429, str(exc)), status_code=429, headers=exc.headers)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -135,6 +142,7 @@ redis_unavailable = unavailable("Redis")
 HANDLERS: dict[type[Exception] | int, Handler] = {
     ApiError: api_error,
     StartRefused: start_refused,
+    Limited: limited,
     HTTPException: http_error,
     ClientDisconnect: client_gone,
     CamundaError: engine_failed,

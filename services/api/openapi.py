@@ -27,7 +27,8 @@ from flowgate.services.api.schemas import ID_PATTERN, RUN_STATUS, ErrorBody
 _ERRORS = {
     400: "Malformed JSON, or a missing or invalid field (named in `field`).",
     401: "Missing or invalid credentials.",
-    404: "No such process (or process definition).",
+    403: "The credential lacks the scope this endpoint needs (named in `error`).",
+    404: "No such process (or process definition), or another tenant's: they look alike.",
     408: "The body did not arrive within the read timeout.",
     413: "The body is larger than MAX_BODY_BYTES.",
     415: "The body is not declared as application/json.",
@@ -35,6 +36,8 @@ _ERRORS = {
     "processKey, variables, fetchVariables or callbackUrl (`field` is `correlationId`).",
     409: "The run had already ended another way.",
     502: "The process engine failed.",
+    429: "A limit of the caller's tenant is reached (TENANT_*): `Retry-After`, "
+    "`RateLimit-Policy` and `RateLimit` say which and when to retry.",
     503: "A dependency (the engine, Redis or Postgres) is unreachable; retry after Retry-After.",
 }
 
@@ -126,12 +129,15 @@ _SSE_EVENT = {
     "type": "object",
     "properties": {
         "id": {"type": "string"},
-        "event": {"type": "string", "enum": ["step", "end"]},
+        "event": {"type": "string", "enum": ["step", "task_created", "task_completed", "end"]},
         "data": {
             "type": "string",
             "contentMediaType": "application/json",
             "description": "`step`: the step (`step`, `status`, `data`, `error`, `at`, "
-            "`activityId`, `activityType`); `end`: the final status body.",
+            "`activityId`, `activityType`, and `waitingOn` while pending); `task_created` / "
+            "`task_completed`: a user task (`taskId`, `activity`, `assignee`), opened or "
+            "closed (on connecting, each open one is `task_created`); `end`: the final "
+            "status body.",
         },
         "retry": {"type": "integer"},
     },
@@ -186,6 +192,15 @@ def _operation(endpoint: Endpoint, auth: Auth) -> dict[str, Any]:
     if name := _scheme_name(endpoint.access, auth):
         operation["security"] = [{name: []}]
         errors.append(401)
+        if name == "apiKey":  # a client credential may lack the scope
+            errors.append(403)
+    if endpoint.scope is not None:
+        scoped = f"Needs the `{endpoint.scope.value}` scope"
+        if endpoint.read_token:
+            scoped += ", or this run's read token"
+        operation["description"] = f"{operation.get('description', '')}\n\n{scoped}.".strip()
+    if endpoint.limited:
+        errors.append(429)
     operation["responses"] = {
         **{str(code): _reply(reply) for code, reply in endpoint.replies.items()},
         **{str(code): _reply(Reply(_ERRORS[code], ErrorBody)) for code in sorted(errors)},
@@ -198,7 +213,8 @@ _SCHEMES: dict[str, dict[str, Any]] = {
         "type": "apiKey",
         "in": "header",
         "name": "X-API-Key",
-        "description": "One of API_KEYS; `Authorization: Bearer <key>` works as well.",
+        "description": "One of API_KEYS; `Authorization: Bearer <key>` works as well, and so "
+        "does a bearer token of OIDC_ISSUER when one is configured.",
     },
     "completeToken": {"type": "http", "scheme": "bearer", "description": "COMPLETE_TOKEN."},
     "metricsToken": {"type": "http", "scheme": "bearer", "description": "METRICS_TOKEN."},

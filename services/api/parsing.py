@@ -118,11 +118,16 @@ def wait_budget(request: Request, *, default_ms: int, max_ms: int) -> tuple[floa
     return min(default_ms / 1000, cap_s), headers
 
 
+#: The CALLBACK_ALLOWED_HOSTS entry that allows any host.
+ANY_HOST = "*"
+
+
 def check_target(url: str, allowed: Sequence[str]) -> str | None:
     """Why ``url`` may not be a callback target, or None when it may.
 
-    It must be an absolute http(s) URL; with ``allowed`` (CALLBACK_ALLOWED_HOSTS), its host
-    must be one of the names listed or an IP address inside one of the CIDRs listed.
+    It must be an absolute http(s) URL whose host ``allowed`` (CALLBACK_ALLOWED_HOSTS) lets
+    through: one of the names listed, an IP address inside one of the CIDRs listed, or any
+    host with ``*``. Nothing listed allows nothing: callbacks are off.
     """
     try:
         parts = urlsplit(url)
@@ -132,7 +137,9 @@ def check_target(url: str, allowed: Sequence[str]) -> str | None:
         return f"callbackUrl is not a URL: {exc}"
     if parts.scheme not in ("http", "https") or not host:
         return "callbackUrl must be an absolute http:// or https:// URL"
-    if allowed and not _allowed(host, allowed):
+    if not allowed:
+        return "callbackUrl: callbacks are off here (CALLBACK_ALLOWED_HOSTS allows no host)"
+    if ANY_HOST not in allowed and not _allowed(host, allowed):
         return f"callbackUrl: host {host!r} is not in CALLBACK_ALLOWED_HOSTS"
     return None
 

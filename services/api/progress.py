@@ -5,6 +5,9 @@
 * ``event: step``, one per step the run recorded (shared/steps.py), its ``id`` the step's
   entry in the run's record in Redis (``{p}:steps:{cid}``), its data the step's wire object
   and, while the run is pending, what it waits for then (``waitingOn``);
+* ``event: task_created`` / ``event: task_completed``, without an ``id`` (a reconnect
+  resumes after the last step), when a user task opens or closes: ``{"taskId",
+  "activity", "assignee"?}``; on connecting, every task open then is ``task_created``;
 * ``event: end``, ``id: end``, the final status body (what status answers), then the
   stream closes.
 
@@ -24,11 +27,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 from sse_starlette import ServerSentEvent
 
 from flowgate.services.api.deps import Deps
+from flowgate.services.api.limits import Place
 from flowgate.services.api.schemas import ProcessStatus
 from flowgate.services.api.waitroom import RoomFull
 from flowgate.shared.state import RunState
@@ -53,10 +58,24 @@ SEND_TIMEOUT_S = 30.0
 RECONNECT_MS = 500
 
 
-async def events(d: Deps, correlation_id: str, after: str | None) -> AsyncIterator[ServerSentEvent]:
-    """The stream's events from after ``after`` (a step id, or None for all)."""
+async def events(
+    d: Deps, correlation_id: str, after: str | None, place: Place
+) -> AsyncIterator[ServerSentEvent]:
+    """The stream's events from after ``after`` (a step id, or None for all); ``place`` is
+    the stream's among its tenant's (services/api/limits.py), kept while it is open."""
+    try:
+        async for event in _events(d, correlation_id, after, place):
+            yield event
+    finally:
+        await place.release()
+
+
+async def _events(
+    d: Deps, correlation_id: str, after: str | None, place: Place
+) -> AsyncIterator[ServerSentEvent]:
     yield ServerSentEvent(comment="connected")  # the first byte at once, through any proxy
     last = after or None
+    tasks = OpenTasks()
     try:
         async with d.waitroom.follow(correlation_id) as follower:
             d.metrics.streams.inc()
@@ -65,13 +84,16 @@ async def events(d: Deps, correlation_id: str, after: str | None) -> AsyncIterat
                     page = await d.store.steps.after(correlation_id, after=last, count=PAGE)
                     state = await d.runs.get(correlation_id)
                     # A pending run's steps say what it waits for now (services/api/waiting.py).
-                    waits = await d.waiting.of(state) if page and state else None
+                    waits = await d.waiting.of(state, fresh=bool(page)) if state else None
                     for entry_id, step in page:
                         last = entry_id
                         body = step.to_dict()
                         if waits is not None:
                             body["waitingOn"] = waits
                         yield _event("step", entry_id, body, d)
+                    if waits is not None:
+                        for kind, task in tasks.moved(waits):
+                            yield _event(kind, None, task, d)
                     if len(page) == PAGE:
                         continue  # more may wait in the record: read on before sleeping
                     if state is None:
@@ -87,13 +109,38 @@ async def events(d: Deps, correlation_id: str, after: str | None) -> AsyncIterat
                         yield ServerSentEvent(comment="replica going away", retry=RECONNECT_MS)
                         return
                     await follower.changed(REREAD_S)
+                    await place.renew()
             finally:
                 d.metrics.streams.dec()
     except RoomFull:
         yield ServerSentEvent(comment="replica full", retry=RECONNECT_MS * 10)
 
 
-def _event(kind: str, event_id: str, body: object, d: Deps) -> ServerSentEvent:
+class OpenTasks:
+    """The run's open user tasks as the stream last told them: what ``waitingOn`` shows
+    now becomes ``task_created`` (a task not told yet: on connecting, every open one)
+    and ``task_completed`` (a told task no longer open)."""
+
+    def __init__(self) -> None:
+        self._told: dict[str, dict[str, Any]] = {}
+
+    def moved(self, waits: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+        open_now = {
+            str(wait["taskId"]): {key: value for key, value in wait.items() if key != "type"}
+            for wait in waits
+            if wait.get("type") == "userTask" and wait.get("taskId")
+        }
+        created = [
+            ("task_created", task) for tid, task in open_now.items() if tid not in self._told
+        ]
+        completed = [
+            ("task_completed", task) for tid, task in self._told.items() if tid not in open_now
+        ]
+        self._told = open_now
+        return completed + created
+
+
+def _event(kind: str, event_id: str | None, body: object, d: Deps) -> ServerSentEvent:
     d.metrics.stream_events.labels(kind).inc()
     return ServerSentEvent(data=orjson.dumps(body).decode(), event=kind, id=event_id)
 

@@ -72,6 +72,7 @@ from flowgate.shared.state import RunState, Status
 from flowgate.shared.steps import StepEvent
 from flowgate.shared.store.pages import InvalidCursor
 from flowgate.shared.store.runs import writebehind_backlog
+from flowgate.shared.tenancy import Principal
 
 log = logging.getLogger(__name__)
 
@@ -104,21 +105,32 @@ async def start_process(request: Request) -> Response:
         raise ApiError(400, refused, field="callbackUrl")
     cid = body.correlationId
     CORRELATION_ID.set(cid)
+    who = principal(request)
     command = StartCommand(
-        body.processKey, cid, body.variables, body.fetchVariables, body.callbackUrl
+        process_key=body.processKey,
+        correlation_id=cid,
+        variables=body.variables,
+        fetch_variables=body.fetchVariables,
+        callback_url=body.callbackUrl,
+        principal=who,
+        traceparent=request.headers.get("traceparent"),
     )
-    until = body.waitUntil
+    until, wants_token = body.waitUntil, body.readToken
     del body  # parked, a request holds its id and its wait, not its variables
-    result = await d.starter.start(command, wait_s=wait_s, until=until)
-    return _start_answer(d, cid, result, applied)
+    await d.limits.start(who.tenant, cid)
+    async with d.limits.parked(who.tenant, wait_s):
+        result = await d.starter.start(command, wait_s=wait_s, until=until)
+    token = await d.read_tokens.issue(cid, who.tenant) if wants_token else None
+    return _start_answer(d, cid, result, applied, read_token=token)
 
 
 async def process_status(request: Request) -> Response:
     d = deps(request)
-    correlation_id = _path_id(request, "correlationId")
+    correlation_id = await _run_id(request, d)
     until = _query_id(request, "until")
     wait_s, applied = wait_budget(request, default_ms=0, max_ms=d.options.max_wait_ms)
-    result = await d.waitroom.wait(correlation_id, wait_s, until=until)
+    async with d.limits.parked(principal(request).tenant, wait_s):
+        result = await d.waitroom.wait(correlation_id, wait_s, until=until)
     if result.milestone is not None:
         return _milestone_answer(correlation_id, result.milestone, applied)
     outcome = result.outcome or await d.runs.stored(correlation_id)
@@ -143,7 +155,7 @@ async def process_status(request: Request) -> Response:
 
 async def cancel_process(request: Request) -> Response:
     d = deps(request)
-    correlation_id = _path_id(request, "correlationId")
+    correlation_id = await _run_id(request, d)
     reason = None
     if _has_body(request):
         raw = await read_json(request, d.options.max_body_bytes, timeout_s=d.options.body_timeout_s)
@@ -158,7 +170,7 @@ async def cancel_process(request: Request) -> Response:
 
 async def process_events(request: Request) -> Response:
     d = deps(request)
-    correlation_id = _path_id(request, "correlationId")
+    correlation_id = await _run_id(request, d)
     header, query = request.headers.get("last-event-id"), request.query_params.get("lastEventId")
     for name, given in (("Last-Event-ID", header), ("lastEventId", query)):
         if given and given != progress.END_ID and not progress.STEP_ID.fullmatch(given):
@@ -170,8 +182,9 @@ async def process_events(request: Request) -> Response:
         raise ApiError.unknown_run(correlation_id)
     if not d.waitroom.has_room:
         raise ApiError(503, "this replica follows as many runs as it may", headers=_RETRY)
+    place = await d.limits.stream(principal(request).tenant)
     return EventSourceResponse(
-        progress.events(d, correlation_id, after),
+        progress.events(d, correlation_id, after, place),
         ping=progress.PING_S,
         send_timeout=progress.SEND_TIMEOUT_S,
         headers={"Content-Location": status_url(correlation_id)},
@@ -183,7 +196,9 @@ async def list_processes(request: Request) -> Response:
     limit = int_param(request, "limit", default=50, low=1, high=MAX_PAGE)
     cursor = request.query_params.get("cursor") or None
     try:
-        states, next_cursor = await d.store.pages.page(cursor=cursor, limit=limit)
+        states, next_cursor = await d.store.pages.page(
+            cursor=cursor, limit=limit, tenant=_tenant_filter(principal(request))
+        )
     except InvalidCursor as exc:
         raise ApiError(400, str(exc), field="cursor") from exc
     return JSONResponse(StatusPage.of(states, next_cursor))
@@ -206,7 +221,7 @@ async def complete_process(request: Request) -> Response:
 
 async def list_user_tasks(request: Request) -> Response:
     d = deps(request)
-    correlation_id = _path_id(request, "correlationId")
+    correlation_id = await _run_id(request, d)
     tasks = await d.usertasks.open(correlation_id)
     if tasks is None:
         raise ApiError.unknown_run(correlation_id)
@@ -215,7 +230,7 @@ async def list_user_tasks(request: Request) -> Response:
 
 async def complete_user_task(request: Request) -> Response:
     d = deps(request)
-    correlation_id = _path_id(request, "correlationId")
+    correlation_id = await _run_id(request, d)
     task_id = _path_id(request, "taskId")
     body = CompleteTaskRequest()
     if _has_body(request):
@@ -227,9 +242,14 @@ async def complete_user_task(request: Request) -> Response:
         request, default_ms=d.options.sync_timeout_ms, max_ms=d.options.max_wait_ms
     )
     try:
-        done = await d.usertasks.complete(
-            correlation_id, task_id, variables=body.variables, wait_s=wait_s, until=body.waitUntil
-        )
+        async with d.limits.parked(principal(request).tenant, wait_s):
+            done = await d.usertasks.complete(
+                correlation_id,
+                task_id,
+                variables=body.variables,
+                wait_s=wait_s,
+                until=body.waitUntil,
+            )
     except RoomFull:
         raise ApiError(503, "this replica waits for too many requests; retry later") from None
     if done.refused is Refusal.UNKNOWN_RUN:
@@ -249,7 +269,7 @@ async def complete_user_task(request: Request) -> Response:
 
 async def send_message(request: Request) -> Response:
     d = deps(request)
-    correlation_id = _path_id(request, "correlationId")
+    correlation_id = await _run_id(request, d)
     raw = await read_json(request, d.options.max_body_bytes, timeout_s=d.options.body_timeout_s)
     body = parse_model(MessageRequest, raw, context={"max_depth": d.options.max_variables_depth})
     wait_s, applied = wait_budget(
@@ -257,7 +277,8 @@ async def send_message(request: Request) -> Response:
     )
     message = Message(correlation_id, body.messageName, body.variables, body.messageId)
     try:
-        sent = await d.messages.send(message, wait_s=wait_s, until=body.waitUntil)
+        async with d.limits.parked(principal(request).tenant, wait_s):
+            sent = await d.messages.send(message, wait_s=wait_s, until=body.waitUntil)
     except RoomFull:
         raise ApiError(503, "this replica waits for too many requests; retry later") from None
     delivery, state = sent.delivery, sent.state
@@ -285,7 +306,7 @@ async def send_message(request: Request) -> Response:
 
 async def retry_process(request: Request) -> Response:
     d = deps(request)
-    correlation_id = _path_id(request, "correlationId")
+    correlation_id = await _run_id(request, d)
     until = None
     if _has_body(request):
         raw = await read_json(request, d.options.max_body_bytes, timeout_s=d.options.body_timeout_s)
@@ -293,7 +314,8 @@ async def retry_process(request: Request) -> Response:
     wait_s, applied = wait_budget(
         request, default_ms=d.options.sync_timeout_ms, max_ms=d.options.max_wait_ms
     )
-    result = await d.retrier.retry(correlation_id, wait_s=wait_s, until=until)
+    async with d.limits.parked(principal(request).tenant, wait_s):
+        result = await d.retrier.retry(correlation_id, wait_s=wait_s, until=until)
     if result.outcome is RetryOutcome.UNKNOWN:
         raise ApiError.unknown_run(correlation_id)
     if result.outcome is RetryOutcome.NOT_AN_INCIDENT:
@@ -343,7 +365,13 @@ async def event_log(request: Request) -> Response:
     by = request.query_params.get("by", "any")
     if by not in ("any", "traceabilityId", "correlationId"):
         raise ApiError(400, "by must be traceabilityId or correlationId", field="by")
-    return JSONResponse(EventLog(eventLog=await d.runs.events(key, by)))
+    events = await d.runs.events(key, by)
+    who = principal(request)
+    if not who.every_tenant:  # another tenant's rows are no rows
+        runs = {event.correlation_id for event in events}
+        mine = {cid for cid in runs if await d.runs.visible(cid, who)}
+        events = [event for event in events if event.correlation_id in mine]
+    return JSONResponse(EventLog(eventLog=events))
 
 
 # --- operations --------------------------------------------------------------------------------
@@ -427,6 +455,26 @@ def _path_id(request: Request, name: str) -> str:
     return value
 
 
+def principal(request: Request) -> Principal:
+    """Who is asking (set by the access check: services/api/endpoints.py)."""
+    who: Principal = request.state.principal
+    return who
+
+
+async def _run_id(request: Request, d: Deps) -> str:
+    """The path's correlationId, once the caller may see its run: a run of another tenant
+    (or, for a read token, another run) is answered exactly as no run (404)."""
+    correlation_id = _path_id(request, "correlationId")
+    if not await d.runs.visible(correlation_id, principal(request)):
+        raise ApiError.unknown_run(correlation_id)
+    return correlation_id
+
+
+def _tenant_filter(who: Principal) -> str | None:
+    """The tenant whose runs a list shows (None: every tenant's, for an admin)."""
+    return None if who.every_tenant else who.tenant
+
+
 def _query_id(request: Request, name: str) -> str | None:
     value = request.query_params.get(name)
     if value is not None and not _ID.fullmatch(value):
@@ -441,14 +489,25 @@ def _has_body(request: Request) -> bool:
     return chunked or (length is not None and length != "0") or "content-type" in request.headers
 
 
-def _milestone_answer(cid: str, step: StepEvent, applied: dict[str, str]) -> Response:
+def _milestone_answer(
+    cid: str, step: StepEvent, applied: dict[str, str], *, read_token: str | None = None
+) -> Response:
     url = status_url(cid)
-    body = MilestoneReached(correlationId=cid, milestone=Milestone.of(step), statusUrl=url)
+    body = MilestoneReached(
+        correlationId=cid, milestone=Milestone.of(step), statusUrl=url, readToken=read_token
+    )
     headers = {"Content-Location": url, RUN_STATUS: Status.PENDING.value, **applied}
     return JSONResponse(body, headers=headers)
 
 
-def _start_answer(d: Deps, cid: str, result: WaitResult, applied: dict[str, str]) -> Response:
+def _start_answer(
+    d: Deps,
+    cid: str,
+    result: WaitResult,
+    applied: dict[str, str],
+    *,
+    read_token: str | None = None,
+) -> Response:
     outcome = result.outcome
     url = status_url(cid)
     headers = dict(applied)
@@ -459,7 +518,7 @@ def _start_answer(d: Deps, cid: str, result: WaitResult, applied: dict[str, str]
         return JSONResponse(error.body, error.status_code, {**headers, **error.headers})
     assert not isinstance(outcome, StartFailed)
     if result.milestone is not None:
-        return _milestone_answer(cid, result.milestone, headers)
+        return _milestone_answer(cid, result.milestone, headers, read_token=read_token)
     if outcome is None:
         # Redis lost the claim (flushed, or abandoned and its message missed): retrying
         # claims afresh.
@@ -469,17 +528,22 @@ def _start_answer(d: Deps, cid: str, result: WaitResult, applied: dict[str, str]
     headers[RUN_STATUS] = outcome.status.value
     if outcome.status is Status.OK:
         headers["Content-Location"] = url
-        body = StartOk(correlationId=cid, result=outcome.data, statusUrl=url)
+        body = StartOk(correlationId=cid, result=outcome.data, statusUrl=url, readToken=read_token)
         return JSONResponse(body, headers=headers)
     if outcome.status in (Status.ERROR, Status.CANCELLED):
         headers["Content-Location"] = url
         failed = StartFailedBody(
-            status=outcome.status.value, correlationId=cid, error=outcome.error, statusUrl=url
+            status=outcome.status.value,
+            correlationId=cid,
+            error=outcome.error,
+            statusUrl=url,
+            readToken=read_token,
         )
         return JSONResponse(failed, status_code=_STATUS_CODES[outcome.status], headers=headers)
     retry_after = d.pace.retry_after_s(outcome)
     headers.update({"Location": url, "Content-Location": url, "Retry-After": str(retry_after)})
-    return JSONResponse(Pending(correlationId=cid, statusUrl=url), 202, headers)
+    pending = Pending(correlationId=cid, statusUrl=url, readToken=read_token)
+    return JSONResponse(pending, 202, headers)
 
 
 async def _answers(check: Awaitable[object]) -> bool:

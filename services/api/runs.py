@@ -15,6 +15,7 @@ from flowgate.shared.eventlog import EventRecord
 from flowgate.shared.state import RunState
 from flowgate.shared.steps import StepEvent
 from flowgate.shared.store.runs import RunStore
+from flowgate.shared.tenancy import Principal
 
 
 class Runs:
@@ -25,6 +26,21 @@ class Runs:
     async def get(self, correlation_id: str) -> RunState | None:
         """The run's latest state, or None when no store knows it."""
         return await self._store.get(correlation_id) or await self.stored(correlation_id)
+
+    async def visible(self, correlation_id: str, principal: Principal) -> bool:
+        """Whether ``principal`` may see the run: it exists and is its tenant's (a read
+        token: its one run). An admin is not asked: nothing is read for it."""
+        if principal.run is not None and principal.run != correlation_id:
+            return False
+        if principal.every_tenant:
+            return True
+        status, tenant = await self._store.status_and_tenant(correlation_id)
+        if status is None:  # Redis no longer holds it
+            state = await self.stored(correlation_id)
+            if state is None:
+                return False
+            tenant = state.tenant
+        return principal.sees(tenant)
 
     async def stored(self, correlation_id: str) -> RunState | None:
         """Postgres's copy of a run Redis no longer holds."""

@@ -183,6 +183,12 @@ class StartRequest(BaseModel):
         examples=["https://example.com/hooks/flowgate"],
     )
 
+    readToken: bool = Field(
+        default=False,
+        description="Answer with `readToken`: a short-lived token that reads this run's status "
+        "and events only (as a bearer token or `?access_token=`), for a browser.",
+    )
+
     @field_validator("callbackUrl")
     @classmethod
     def _absolute_url(cls, value: str | None) -> str | None:
@@ -385,11 +391,23 @@ def json_depth(value: Any) -> int:
 # --- responses -----------------------------------------------------------------------------
 
 
+#: The answer's read token, when its start asked for one (left out otherwise).
+ReadToken = Annotated[
+    str | None,
+    Field(
+        exclude_if=lambda token: token is None,
+        description="Reads this run's status and events only, until it expires "
+        "(READ_TOKEN_TTL_S); present when the start asked for `readToken`.",
+    ),
+]
+
+
 class StartOk(BaseModel):
     status: Literal["ok"] = "ok"
     correlationId: str
     result: Any = Field(description="The process result (`data` of the completion).")
     statusUrl: str
+    readToken: ReadToken = None
 
 
 class StartFailedBody(BaseModel):
@@ -400,12 +418,14 @@ class StartFailedBody(BaseModel):
     correlationId: str
     error: Any = Field(description="What went wrong (`error` of the completion).")
     statusUrl: str
+    readToken: ReadToken = None
 
 
 class Pending(BaseModel):
     status: Literal["pending"] = "pending"
     correlationId: str
     statusUrl: str
+    readToken: ReadToken = None
 
 
 class Milestone(BaseModel):
@@ -432,6 +452,7 @@ class MilestoneReached(BaseModel):
     correlationId: str
     milestone: Milestone
     statusUrl: str
+    readToken: ReadToken = None
 
 
 class ProcessStatus(BaseModel):

@@ -57,6 +57,8 @@ from flowgate.shared.contract import StartFailed, SystemVariables, failed_start
 from flowgate.shared.eventlog import EventRecord
 from flowgate.shared.state import RunState, Status
 from flowgate.shared.store.runs import Abandoned, RunStore
+from flowgate.shared.tenancy import ANONYMOUS, DEFAULT_TENANT, Principal
+from flowgate.shared.tracing import OFF, TRACEPARENT, Tracing
 from flowgate.shared.variables import VariableError
 
 log = logging.getLogger(__name__)
@@ -80,13 +82,21 @@ class StartCommand:
     fetch_variables: list[str] | None = None
     #: Where the final status body goes once the run ends (services/background/callbacks.py).
     callback_url: str | None = None
+    #: Who starts it: the run belongs to ``principal.tenant`` (shared/tenancy.py).
+    principal: Principal = ANONYMOUS
+    #: The caller's W3C trace context, when it sent one (shared/tracing.py).
+    traceparent: str | None = None
 
     @property
     def request_hash(self) -> str:
-        """Identifies the request: a repeated start must ask for the same thing."""
+        """Identifies the request: a repeated start must ask for the same thing, in the
+        same tenant (another tenant's start with the id is refused like a different one)."""
         asked: list[Any] = [self.process_key, self.variables, self.fetch_variables]
-        if self.callback_url is not None:  # (hashes of starts without one stay as they were)
+        # (hashes of starts without a callback, in the default tenant, stay as they were)
+        if self.callback_url is not None:
             asked.append(self.callback_url)
+        if self.principal.tenant != DEFAULT_TENANT:
+            asked.append({"tenant": self.principal.tenant})
         canonical = orjson.dumps(asked, option=orjson.OPT_SORT_KEYS)
         return hashlib.sha256(canonical).hexdigest()
 
@@ -111,7 +121,9 @@ class Starter:
         metrics: ApiMetrics,
         *,
         engine_timeout_s: float,
+        tracing: Tracing = OFF,
     ) -> None:
+        self._tracing = tracing
         self._store = store
         self._camunda = camunda
         self._waitroom = waitroom
@@ -151,14 +163,19 @@ class Starter:
         async with self._waitroom.expect(command.correlation_id, wait_s, until=until) as wait:
             try:
                 async with asyncio.timeout_at(deadline):
-                    state, created = await self.claim(command, wait_s=wait_s)
+                    with self._tracing.span("flowgate claim"):
+                        state, created = await self.claim(command, wait_s=wait_s)
             except TimeoutError as exc:
                 failed = StartFailed(
                     command.correlation_id, 503, "the start could not be recorded in time; retry"
                 )
                 raise StartRefused(failed) from exc
             attached = await self._begin_within(state, command, deadline) if created else None
-            return await wait.result(attached), not created
+            with self._tracing.span("flowgate park") as parked:
+                result = await wait.result(attached)
+                if parked is not None:
+                    parked.set_attribute("flowgate.wait.end", result.end.value)
+            return result, not created
 
     async def _begin_within(
         self, state: RunState, command: StartCommand, deadline: float
@@ -191,6 +208,10 @@ class Starter:
             command.request_hash,
             fetch_variables=command.fetch_variables,
             callback_url=command.callback_url,
+            # Left out for the default tenant and no credentials: nothing to store.
+            tenant=_unless(command.principal.tenant, DEFAULT_TENANT),
+            principal=_unless(command.principal.subject, ANONYMOUS.subject),
+            traceparent=self._tracing.traceparent(command.traceparent),
             look_after_s=UNSENT_GRACE_S,
             client_deadline=waits_until,
         )
@@ -220,12 +241,16 @@ class Starter:
         if sent is None:  # recovery gave the claim up while this replica stalled
             return failed_start(await self._store.get(cid))
         ids = SystemVariables.of(sent)
+        trace = {TRACEPARENT: sent.traceparent} if sent.traceparent else {}
         try:
-            with self._metrics.engine_start_seconds.time():
+            with (
+                self._metrics.engine_start_seconds.time(),
+                self._tracing.span("camunda start", parent=sent.traceparent, kind="client"),
+            ):
                 instance = await self._camunda.start_process(
                     sent.process_key,
                     business_key=cid,
-                    variables={**variables, **ids.to_variables()},
+                    variables={**variables, **ids.to_variables(), **trace},
                 )
         except EngineUnavailable as exc:
             if exc.request_sent:  # the engine may still create the instance
@@ -282,7 +307,11 @@ class Starter:
             request_data=request,
             identifiers=SystemVariables.of(state).identifiers,
             # Recovered: found by recovery, without the request that started it.
-            metadata={"instanceId": instance_id, "recovered": request is None},
+            metadata={
+                "instanceId": instance_id,
+                "recovered": request is None,
+                **({"principal": state.principal} if state.principal else {}),
+            },
         )
         try:
             return await self._store.attach_instance(state.correlation_id, instance_id, event)
@@ -305,6 +334,10 @@ class Starter:
             )
         await self._store.abandon(state.version, failed)
         return failed
+
+
+def _unless(value: str, default: str) -> str | None:
+    return None if value == default else value
 
 
 def _refusal(exc: CamundaError | VariableError, state: RunState) -> StartFailed:

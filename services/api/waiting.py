@@ -41,13 +41,14 @@ class WaitingOn:
         self._redis = redis
         self._keys = keys
 
-    async def of(self, state: RunState) -> list[dict[str, Any]] | None:
+    async def of(self, state: RunState, *, fresh: bool = False) -> list[dict[str, Any]] | None:
         """What the pending run waits for (None: not known now: ended, no instance yet,
-        or the engine did not answer)."""
+        or the engine did not answer). ``fresh``: read the engine even if a replica read it
+        a moment ago (the run has just moved on)."""
         if state.finished or state.instance_id is None:
             return None
         key = self._keys.waiting(state.correlation_id)
-        if (kept := await self._redis.get(key)) is not None:
+        if not fresh and (kept := await self._redis.get(key)) is not None:
             found: list[dict[str, Any]] = orjson.loads(kept)
             return found
         try:

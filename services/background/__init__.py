@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -37,6 +38,8 @@ from flowgate.services.flusher.writebehind import Flusher, stop_flushing
 from flowgate.shared.aio import race_stop, stop_and_wait
 from flowgate.shared.settings import Settings
 
+log = logging.getLogger(__name__)
+
 
 def alongside(settings: Settings) -> Callable[[Deps], AbstractAsyncContextManager[None]]:
     """The replica's background work, for ``create_app(..., alongside=...)``."""
@@ -51,6 +54,11 @@ async def running(deps: Deps, settings: Settings) -> AsyncIterator[None]:
             httpx.AsyncClient(follow_redirects=False, trust_env=False)
         )
         secret = settings.callback_secret
+        if not settings.callback_allowed_hosts:
+            log.warning(
+                "CALLBACK_ALLOWED_HOSTS is empty: callbacks are off, and a start naming a "
+                "callbackUrl is refused (name the hosts, CIDRs, or * for any)"
+            )
         deliverer = Deliverer(
             deps.store,
             deps.runs,
@@ -62,6 +70,7 @@ async def running(deps: Deps, settings: Settings) -> AsyncIterator[None]:
             allowed_hosts=settings.callback_allowed_hosts,
             max_attempts=settings.callback_max_attempts,
             timeout_s=settings.callback_timeout_ms / 1000,
+            tracing=deps.tracing,
         )
         watcher = Watcher(
             deps.store,

@@ -9,13 +9,21 @@ delivery on a 2xx. Anything else is tried again with backoff (1 s, doubling, at 
 10 min apart) until ``CALLBACK_MAX_ATTEMPTS``; a target that is refused is given up at once.
 
 Delivery is **at least once**: a receiver may see one run's end twice (same
-``Flowgate-Delivery``) and must treat that as once. The request carries:
+``webhook-id``) and must treat that as once. The request follows the Standard Webhooks
+scheme (https://www.standardwebhooks.com), so a receiver verifies it with that project's
+libraries (``standardwebhooks.Webhook(secret).verify(body, headers)``):
 
-``Flowgate-Delivery``   the run's correlationId, percent-encoded: the same on every attempt
+``webhook-id``          the run's traceabilityId: the same on every attempt, unique per run
+``webhook-timestamp``   unix seconds of this attempt (a receiver refuses old ones: replays)
+``webhook-signature``   with ``CALLBACK_SECRET``: ``v1,<base64 HMAC-SHA256 of
+                        "<id>.<timestamp>.<body>">``; the secret is ``whsec_<base64>`` as
+                        those libraries expect (any other text is used as the key's bytes)
+``Flowgate-Delivery``   the run's correlationId, percent-encoded
 ``Flowgate-Attempt``    1, 2, ...
-``Flowgate-Signature``  with ``CALLBACK_SECRET``: ``t=<unix seconds>,v1=<hex HMAC-SHA256 of
-                        "<t>.<body>" keyed with the secret>``; a receiver recomputes it and
-                        refuses an old ``t`` (replays)
+``traceparent``         the run's trace (shared/tracing.py), when it has one
+
+Targets must be allowed (``CALLBACK_ALLOWED_HOSTS``: host names, CIDRs, or ``*`` for any):
+with none allowed, a start naming a ``callbackUrl`` is refused (services/api/parsing.py).
 
 Each attempt is an audit row (step ``callback``: ``delivered``, ``failed`` or ``given_up``,
 with the receiver's HTTP status) and a ``flowgate_api_callbacks_total`` sample.
@@ -24,15 +32,15 @@ with the receiver's HTTP status) and a ``flowgate_api_callbacks_total`` sample.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from urllib.parse import quote
 
 import httpx
 import orjson
+from standardwebhooks import Webhook
 
 from flowgate.services.api.metrics import ApiMetrics
 from flowgate.services.api.parsing import check_target
@@ -44,6 +52,7 @@ from flowgate.shared.keys import Keys
 from flowgate.shared.redis_client import REDIS_ERRORS, RedisClient
 from flowgate.shared.state import RunState
 from flowgate.shared.store.runs import RunStore
+from flowgate.shared.tracing import OFF, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +64,18 @@ AT_ONCE = 16
 FIRST_RETRY_S, MAX_RETRY_S = 1.0, 600.0
 
 
-def signature(secret: str, timestamp: int, body: bytes) -> str:
-    """The ``Flowgate-Signature`` header value for ``body`` sent at ``timestamp``."""
-    signed = str(timestamp).encode() + b"." + body
-    digest = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={digest}"
+def signer(secret: str) -> Webhook:
+    """The Standard Webhooks signer of ``CALLBACK_SECRET`` (see the module docstring)."""
+    return Webhook(secret if secret.startswith("whsec_") else secret.encode())
+
+
+def signed_headers(signing: Webhook | None, webhook_id: str, body: bytes) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt to deliver ``body``."""
+    now = datetime.now(UTC)
+    headers = {"webhook-id": webhook_id, "webhook-timestamp": str(int(now.timestamp()))}
+    if signing is not None:
+        headers["webhook-signature"] = signing.sign(webhook_id, now, body.decode())
+    return headers
 
 
 class Deliverer:
@@ -78,14 +94,16 @@ class Deliverer:
         allowed_hosts: Sequence[str],
         max_attempts: int,
         timeout_s: float,
+        tracing: Tracing = OFF,
     ) -> None:
+        self._tracing = tracing
         self._store = store
         self._runs = runs
         self._redis = redis
         self._keys = keys
         self._metrics = metrics
         self._http = http
-        self._secret = secret
+        self._signer = signer(secret) if secret else None
         self._allowed = tuple(allowed_hosts)
         self._max_attempts = max_attempts
         self._timeout_s = timeout_s
@@ -138,17 +156,20 @@ class Deliverer:
     async def _post(self, state: RunState, attempt: int) -> tuple[int | None, str]:
         assert state.callback_url is not None
         body = orjson.dumps(ProcessStatus.of(state).model_dump(mode="json"))
+        webhook_id = state.traceability_id or quote(state.correlation_id, safe="")
         headers = {
             "Content-Type": "application/json",
             "Flowgate-Delivery": quote(state.correlation_id, safe=""),
             "Flowgate-Attempt": str(attempt),
+            **signed_headers(self._signer, webhook_id, body),
         }
-        if self._secret:
-            headers["Flowgate-Signature"] = signature(self._secret, int(time.time()), body)
         try:
-            response = await self._http.post(
-                state.callback_url, content=body, headers=headers, timeout=self._timeout_s
-            )
+            with self._tracing.span("flowgate callback", parent=state.traceparent, kind="client"):
+                if trace := self._tracing.traceparent(state.traceparent):
+                    headers["traceparent"] = trace
+                response = await self._http.post(
+                    state.callback_url, content=body, headers=headers, timeout=self._timeout_s
+                )
         except httpx.HTTPError as exc:
             return None, f"{type(exc).__name__}: {exc}"
         return response.status_code, f"the receiver answered {response.status_code}"

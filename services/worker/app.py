@@ -26,6 +26,7 @@ from flowgate.shared.keys import Keys
 from flowgate.shared.redis_client import connect, read_topology
 from flowgate.shared.settings import Settings
 from flowgate.shared.store.runs import RunStore
+from flowgate.shared.tracing import Tracing, inject
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,17 @@ async def serve(
     force: asyncio.Event | None = None,
     name: str | None = None,
     metrics: WorkerMetrics | None = None,
+    tracing: Tracing | None = None,
 ) -> None:
     """Run one worker until ``stop`` is set and it has drained.
 
-    ``name`` is the slot name (``WORKER_NAME``; see services/worker/identity.py).
+    ``name`` is the slot name (``WORKER_NAME``; see services/worker/identity.py);
+    ``tracing`` is as the ``OTEL_*`` variables configure it, unless given.
     """
     metrics = metrics or WorkerMetrics()
+    tracing = tracing or Tracing.from_environment("flowgate-worker")
     keys = Keys(settings.redis_prefix)
-    options = WorkerOptions.of(settings)
+    options = WorkerOptions.of(settings, traced=tracing.on)
     async with contextlib.AsyncExitStack() as stack:
         redis = connect(
             settings.redis_url, cluster=settings.redis_cluster, socket_timeout_s=REDIS_TIMEOUT_S
@@ -58,7 +62,12 @@ async def serve(
         await read_topology(redis)
         camunda = await stack.enter_async_context(CamundaClient.from_settings(settings))
         await camunda.introduce(log)
-        http = await stack.enter_async_context(httpx.AsyncClient(timeout=HTTP_TIMEOUT_S))
+        stack.push_async_callback(tracing.shutdown)
+        # A handler's outbound calls carry its span's trace context (none when off).
+        hooks = {"request": [_send_trace]} if tracing.on else {}
+        http = await stack.enter_async_context(
+            httpx.AsyncClient(timeout=HTTP_TIMEOUT_S, event_hooks=hooks)
+        )
         threads = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="handler")
         # Last out: a synchronous handler abandoned at its timeout is not waited for.
         stack.callback(threads.shutdown, wait=False, cancel_futures=True)
@@ -79,6 +88,7 @@ async def serve(
                 recorder=recorder,
                 metrics=metrics,
                 threads=threads,
+                tracing=tracing,
             ),
             locks=Locks(
                 camunda,
@@ -104,3 +114,7 @@ async def serve(
             )
         )
         await worker.run(stop, force=force)
+
+
+async def _send_trace(request: httpx.Request) -> None:
+    inject(request.headers)

@@ -74,6 +74,7 @@ from flowgate.shared.contract import correlation_id_of, system_value
 from flowgate.shared.eventlog import EventRecord
 from flowgate.shared.state import Status
 from flowgate.shared.steps import StepEvent, StepStatus
+from flowgate.shared.tracing import OFF, TRACEPARENT, Tracing, valid_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,8 @@ class Executor:
     metrics: WorkerMetrics
     #: Where synchronous handlers run (WORKER_THREADS); None: the loop's default pool.
     threads: concurrent.futures.Executor | None = None
+    #: A span per task, a child of its run's trace (shared/tracing.py; off: nothing).
+    tracing: Tracing = OFF
 
     async def run(
         self,
@@ -259,8 +262,19 @@ class Executor:
         runs inside ``slot`` (the worker's concurrency); reporting its outcome does not
         hold one, so engine round trips do not keep business logic waiting."""
         row = _Row(handler, ctx.task, time.monotonic())
+        task = ctx.task
         try:
-            return await self._run(handler, ctx, row, slot or contextlib.nullcontext())
+            with self.tracing.span(
+                f"handle {handler.topic}",
+                parent=valid_traceparent(task.variables.get(TRACEPARENT)),
+                kind="consumer",
+                attributes={
+                    "flowgate.topic": handler.topic,
+                    "flowgate.process": task.process_definition_key,
+                    "flowgate.activity": task.activity_id,
+                },
+            ):
+                return await self._run(handler, ctx, row, slot or contextlib.nullcontext())
         except CamundaError as exc:
             # Even the fallback failure report did not get through: the lock expires and
             # the task is fetched again, so nothing is lost but time.
@@ -528,6 +542,12 @@ class Executor:
         """
         # The engine hears of nothing that could not be recorded (services/worker/recorder.py).
         await self.recorder.ready()
+        with self.tracing.span(f"camunda {name}", kind="client"):
+            return await self._call_engine(name, call, ctx)
+
+    async def _call_engine(
+        self, name: str, call: Callable[[], Awaitable[None]], ctx: TaskContext[Any]
+    ) -> Outcome | None:
         backoff = Backoff(base_s=0.1, cap_s=2.0)
         for attempt in range(1, ENGINE_CALL_ATTEMPTS + 1):
             try:

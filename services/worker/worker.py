@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -49,6 +50,7 @@ from flowgate.shared.aio import (
 )
 from flowgate.shared.camunda import CamundaClient, CamundaError, LockedTask, TopicRequest
 from flowgate.shared.settings import Settings
+from flowgate.shared.tracing import TRACEPARENT
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +69,13 @@ class WorkerOptions:
     lock_duration_ms: int = 20_000  # CAMUNDA_LOCK_DURATION_MS
     poll_timeout_ms: int = 30_000  # CAMUNDA_ASYNC_RESPONSE_TIMEOUT_MS
     shutdown_grace_s: float = 10.0  # WORKER_SHUTDOWN_GRACE_S
+    #: Fetch each task's ``traceparent`` too (tracing is on: shared/tracing.py).
+    traced: bool = False
 
     @classmethod
-    def of(cls, settings: Settings) -> WorkerOptions:
+    def of(cls, settings: Settings, *, traced: bool = False) -> WorkerOptions:
         return cls(
+            traced=traced,
             concurrency=settings.worker_concurrency,
             prefetch=settings.worker_prefetch,
             max_tasks=settings.camunda_max_tasks,
@@ -120,8 +125,17 @@ class Worker:
 
     @staticmethod
     def topics(registry: Registry, options: WorkerOptions) -> list[TopicRequest]:
-        """The fetchAndLock topics of ``registry`` (see :meth:`Registry.fetch_topics`)."""
-        return registry.fetch_topics(options.lock_duration_ms)
+        """The fetchAndLock topics of ``registry`` (see :meth:`Registry.fetch_topics`), with
+        the run's ``traceparent`` when tracing."""
+        topics = registry.fetch_topics(options.lock_duration_ms)
+        if not options.traced:
+            return topics
+        return [
+            topic
+            if topic.variables is None
+            else dataclasses.replace(topic, variables=[*topic.variables, TRACEPARENT])
+            for topic in topics
+        ]
 
     # --- lifecycle -------------------------------------------------------------------------
 

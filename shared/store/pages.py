@@ -17,6 +17,7 @@ from flowgate.shared.keys import Keys
 from flowgate.shared.redis_client import RedisClient, text
 from flowgate.shared.state import RunState
 from flowgate.shared.store.scripts import PAGE, PageArgs, PageKeys
+from flowgate.shared.tenancy import DEFAULT_TENANT
 
 #: Stale entries one page call may clean up before it answers with what it has.
 SCAN_CAP = 1_000
@@ -31,9 +32,12 @@ class Pages:
         self._keys = keys
         self._page = PAGE.bound(redis)
 
-    async def page(self, *, cursor: str | None, limit: int) -> tuple[list[RunState], str | None]:
+    async def page(
+        self, *, cursor: str | None, limit: int, tenant: str | None = None
+    ) -> tuple[list[RunState], str | None]:
         """Newest first by start time; returns the page and the cursor of the next (None at
-        the end). Raises :class:`InvalidCursor`."""
+        the end). ``tenant``: only that tenant's runs (None: every tenant's). Raises
+        :class:`InvalidCursor`."""
         if limit < 1:
             raise ValueError("limit must be at least 1")
         max_score, member = ("+inf", "") if cursor is None else _decode_cursor(cursor)
@@ -47,6 +51,8 @@ class Pages:
                         cursor=member,
                         limit=limit,
                         cap=SCAN_CAP,
+                        tenant=tenant or "",
+                        default_tenant=DEFAULT_TENANT,
                     ),
                 )
                 for partition in self._keys.partitions

@@ -145,6 +145,9 @@ class RunStore:
         *,
         fetch_variables: list[str] | None = None,
         callback_url: str | None = None,
+        tenant: str | None = None,
+        principal: str | None = None,
+        traceparent: str | None = None,
         look_after_s: float = 5.0,
         client_deadline: datetime | None = None,
     ) -> tuple[RunState, bool]:
@@ -175,6 +178,9 @@ class RunStore:
             version=1,
             fetch_variables=fetch_variables,
             callback_url=callback_url,
+            tenant=tenant,
+            principal=principal,
+            traceparent=traceparent,
         )
         now_ms = ms(now)
         part = self._keys.of(ids.correlation_id)
@@ -228,6 +234,15 @@ class RunStore:
             ),
         )
         return RunState.from_json(state) if state else None
+
+    async def status_and_tenant(self, correlation_id: str) -> tuple[str | None, str | None]:
+        """The run's status and tenant as Redis holds them (None, None: it holds no run)."""
+        status, tenant = await self._redis.hmget(
+            self._keys.state(correlation_id), ["status", "tenant"]
+        )
+        return (text(status) if status is not None else None), (
+            text(tenant) if tenant is not None else None
+        )
 
     async def client_deadline(self, correlation_id: str) -> datetime | None:
         """When the client that started the run stops waiting for it (None: it did not

@@ -563,6 +563,9 @@ class PageArgs(NamedTuple):
     limit: int
     #: Entries one call may look at, stale ones included, before it answers short.
     cap: int
+    #: Only this tenant's runs ('' = every tenant's); a run without one is the default's.
+    tenant: str
+    default_tenant: str
 
 
 #: {next score or false, next member or false, (score, state JSON)...}. Index entries whose
@@ -596,7 +599,14 @@ while true do
     local seen = cursor ~= '' and tonumber(score) == max_n and not bytes_before(member, cursor)
     if not seen then
       local key = prefix .. member
-      if redis.call('EXISTS', key) == 1 then
+      local exists = redis.call('EXISTS', key) == 1
+      local theirs = false
+      if exists and A.tenant ~= '' then
+        theirs = (redis.call('HGET', key, 'tenant') or A.default_tenant) ~= A.tenant
+      end
+      if theirs then
+        -- another tenant's run: neither shown nor removed
+      elseif exists then
         if found == limit then
           out[1], out[2] = last_score, last_member
           return out

@@ -16,6 +16,7 @@ from flowgate.services.api.app import create_app
 from flowgate.services.api.deps import Deps
 from flowgate.services.api.drain import DrainHook
 from flowgate.shared.settings import Settings
+from flowgate.shared.tracing import Tracing
 
 BENCHMARK = "benchmark"  # bpmn/benchmark.bpmn: one external task nobody works on here
 
@@ -27,10 +28,14 @@ class Api:
 
 
 @contextlib.asynccontextmanager
-async def running_app(settings: Settings, *, drain: DrainHook | None = None) -> AsyncIterator[Api]:
+async def running_app(
+    settings: Settings, *, drain: DrainHook | None = None, tracing: Tracing | None = None
+) -> AsyncIterator[Api]:
     """A replica in-process (the app and its background work, as ``python -m flowgate.services.api``
     runs them), and a client that talks to it."""
-    app = create_app(settings, drain=drain, alongside=background.alongside(settings))
+    app = create_app(
+        settings, drain=drain, alongside=background.alongside(settings), tracing=tracing
+    )
     async with app.router.lifespan_context(app) as state:
         assert isinstance(state, Mapping)
 

@@ -1,9 +1,29 @@
-"""Network faults for tests."""
+"""Network faults for tests, and loopback servers tests talk to."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from tests.helpers.waiting import until
+
+
+@contextlib.asynccontextmanager
+async def serving(app: ASGIApp) -> AsyncIterator[str]:
+    """``app`` served by uvicorn on a free loopback port, for the block; yields its URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    served = asyncio.create_task(server.serve())
+    try:
+        await until(lambda: server.started, timeout_s=10, what="the server to listen")
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(served, 10)
 
 
 class TcpProxy:

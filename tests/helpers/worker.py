@@ -30,6 +30,7 @@ from flowgate.shared.settings import Settings
 from flowgate.shared.state import RunState, Status
 from flowgate.shared.steps import StepEvent
 from flowgate.shared.store.runs import RunStore
+from flowgate.shared.tracing import Tracing
 from tests.helpers.streams import entries
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,12 +90,17 @@ class RecordedRuns:
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    settings: Settings, registry: Registry, metrics: WorkerMetrics | None = None
+    settings: Settings,
+    registry: Registry,
+    metrics: WorkerMetrics | None = None,
+    *,
+    tracing: Tracing | None = None,
 ) -> AsyncIterator[asyncio.Task[None]]:
     """A real worker (flowgate.services.worker.app.serve) until the block ends, then drained."""
     stop = asyncio.Event()
+    name = f"it-{uuid.uuid4().hex[:6]}"
     task = asyncio.create_task(
-        serve(settings, registry, stop=stop, name=f"it-{uuid.uuid4().hex[:6]}", metrics=metrics)
+        serve(settings, registry, stop=stop, name=name, metrics=metrics, tracing=tracing)
     )
     try:
         yield task

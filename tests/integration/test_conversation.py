@@ -427,19 +427,49 @@ async def test_the_engine_lists_an_incident_among_the_waits(engine_url: str) -> 
     assert (incident["activity"], incident["message"]) == ("task", "down")
 
 
-async def test_a_pending_runs_step_events_say_what_it_waits_for(api: Api) -> None:
+async def test_a_pending_runs_events_say_what_it_waits_for_and_which_tasks_open(
+    api: Api,
+) -> None:
     correlation_id = await order(api)
 
     async def started() -> bool:
         return await api.deps.store.steps.find(correlation_id, "start") is not None
 
     await until(started, timeout_s=10, what="the start event recorded")
+    # (The in-process transport hands the body over at its end: the stream's own counter
+    # says what it has sent so far.)
+    sent = api.deps.metrics.stream_events.labels("task_created")
+
+    def created() -> float:
+        return float(sent._value.get())
+
+    before = created()
     streaming = asyncio.create_task(api.client.get(f"/api/process/events/{correlation_id}"))
-    await until(lambda: api.deps.waitroom.parked >= 1, what="the stream to follow the run")
+    [review] = await tasks(api, correlation_id)
+    await until(lambda: created() == before + 1, what="the open task told")
+    done = await complete(api, correlation_id, review["id"], reviewed=True)
+    [sign_off] = done.json()["tasks"]
+    await until(lambda: created() == before + 2, what="the next task told")
     await api.client.post(f"/api/process/cancel/{correlation_id}")  # so the stream ends
-    decoder, steps = Decoder(), []
-    for line in (await streaming).text.splitlines():
-        if (event := decoder.feed(line)) is not None and event.event == "step":
-            steps.append(orjson.loads(event.data))
+    decoder, events = Decoder(), []
+    for line in (await asyncio.wait_for(streaming, 10)).text.splitlines():
+        if (event := decoder.feed(line)) is not None:
+            events.append((event.event, orjson.loads(event.data)))
+
+    steps = [body for kind, body in events if kind == "step"]
     assert steps[0]["step"] == "start"
     assert [(w["type"], w["activity"]) for w in steps[0]["waitingOn"]] == [("userTask", "review")]
+    assert told(events) == [
+        ("task_created", review["id"]),
+        ("task_completed", review["id"]),
+        ("task_created", sign_off["id"]),
+    ]
+    assert [body["activity"] for kind, body in events if kind.startswith("task_")] == [
+        "review",
+        "review",
+        "sign_off",
+    ]
+
+
+def told(events: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, str]]:
+    return [(kind, body["taskId"]) for kind, body in events if kind.startswith("task_")]

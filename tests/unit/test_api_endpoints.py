@@ -24,6 +24,7 @@ from flowgate.services.api.openapi import build_openapi
 from flowgate.services.api.requestid import RequestIdMiddleware
 from flowgate.services.worker.metrics import WorkerMetrics
 from flowgate.shared.logs import JsonFormatter
+from flowgate.shared.tenancy import Scope
 
 #: What each endpoint asks for when credentials are configured: changing one is a decision.
 EXPECTED_ACCESS = {
@@ -47,8 +48,62 @@ EXPECTED_ACCESS = {
 }
 
 
+#: The scope each client endpoint needs: changing one is a decision too.
+EXPECTED_SCOPE = {
+    ("POST", "/api/process/start"): Scope.START,
+    ("GET", "/api/process/status/all"): Scope.READ,
+    ("GET", "/api/process/status/{correlationId}"): Scope.READ,
+    ("GET", "/api/process/events/{correlationId}"): Scope.READ,
+    ("POST", "/api/process/cancel/{correlationId}"): Scope.CANCEL,
+    ("POST", "/api/process/message/{correlationId}"): Scope.MESSAGE,
+    ("POST", "/api/process/retry/{correlationId}"): Scope.START,
+    ("GET", "/api/process/tasks/{correlationId}"): Scope.READ,
+    ("POST", "/api/process/tasks/{correlationId}/{taskId}/complete"): Scope.MESSAGE,
+    ("GET", "/api/event-log/{id}"): Scope.READ,
+    ("GET", "/api/process/event-log/{id}"): Scope.READ,
+}
+
+
 def test_every_endpoint_has_the_access_decided_for_it() -> None:
     assert {(e.method, e.path): e.access for e in ENDPOINTS} == EXPECTED_ACCESS
+    scoped = {(e.method, e.path): e.scope for e in ENDPOINTS if e.scope is not None}
+    assert scoped == EXPECTED_SCOPE
+    assert all(e.scope is not None for e in ENDPOINTS if e.access is Access.CLIENT)
+    readable = {e.path for e in ENDPOINTS if e.read_token}
+    assert readable == {
+        "/api/process/status/{correlationId}",
+        "/api/process/events/{correlationId}",
+    }
+
+
+def _scoped() -> list[Endpoint]:
+    return [e for e in ENDPOINTS if e.scope is not None]
+
+
+@pytest.mark.parametrize("endpoint", _scoped(), ids=lambda e: f"{e.method} {e.path}")
+async def test_a_key_without_the_endpoints_scope_is_403_naming_it(endpoint: Endpoint) -> None:
+    assert endpoint.scope is not None
+    others = "+".join(scope for scope in Scope if scope not in (endpoint.scope, Scope.ADMIN))
+    auth = Auth((SecretStr(f"narrow@shop:{others}"),))
+    app = Starlette(routes=routes(auth), exception_handlers=errors.HANDLERS)
+    path = re.sub(r"\{[^}]+\}", "x", endpoint.path)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        answer = await client.request(endpoint.method, path, headers={"X-API-Key": "narrow"})
+    assert answer.status_code == 403
+    assert repr(endpoint.scope.value) in answer.json()["message"]
+
+
+@pytest.mark.parametrize("path", ["/api/process/complete", "/metrics"])
+async def test_internal_endpoints_without_their_own_token_need_an_admin_key(path: str) -> None:
+    auth = Auth((SecretStr("root"), SecretStr("reader@shop:read")))
+    app = Starlette(routes=routes(auth), exception_handlers=errors.HANDLERS)
+    method = "POST" if path.endswith("complete") else "GET"
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        answer = await client.request(method, path, headers={"X-API-Key": "reader"})
+    assert answer.status_code == 403
+    assert "'admin'" in answer.json()["message"]
 
 
 def _guarded() -> list[Endpoint]:

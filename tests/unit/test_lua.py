@@ -29,7 +29,16 @@ def test_every_script_is_declared_by_name() -> None:
         "compact_due",
         "compact",
     }
-    others = {"take", "page", "lease-hold", "lease-release", "slot-acquire", "message-claim"}
+    others = {
+        "take",
+        "page",
+        "lease-hold",
+        "lease-release",
+        "slot-acquire",
+        "message-claim",
+        "rate",
+        "place",
+    }
     assert set(Script.declared) == store | others
     assert all(isinstance(getattr(scripts, name.upper()), Script) for name in store)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flowgate.services.background.callbacks import signature
+from flowgate.services.background.callbacks import signed_headers, signer
 from flowgate.services.worker.registry import BusinessRuleError, Process, Registry
 from flowgate.testing import Completed, run_step
 
@@ -45,13 +45,15 @@ async def test_the_readme_example_declares_a_servable_process() -> None:
 
 def test_the_readme_signature_check_accepts_what_flowgate_signs() -> None:
     section = README.read_text().split("### Milestones, live progress", 1)[1]
-    code = next(c for c in re.findall(r"```python\n(.*?)```", section, re.DOTALL) if "hmac" in c)
+    code = next(c for c in re.findall(r"```python\n(.*?)```", section, re.DOTALL) if "Webhook" in c)
     namespace: dict[str, object] = {}
     exec(compile(code, str(README), "exec"), namespace)
     verified = namespace["verified"]
     assert callable(verified)
+    secret, other = "whsec_" + "c2VjcmV0LWtleS1vZi1hLXJlY2VpdmVy", "whsec_b3RoZXIta2V5"
     body = b'{"status":"ok","correlationId":"c"}'
-    header = signature("s3cret", 1_764_367_200, body)
-    assert verified(b"s3cret", header, body)
-    assert not verified(b"other", header, body)
-    assert not verified(b"s3cret", header, body + b" ")
+    headers = signed_headers(signer(secret), "run-1", body)
+    assert verified(secret, headers, body)
+    assert not verified(other, headers, body)
+    assert not verified(secret, headers, body + b" ")
+    assert not verified(secret, {**headers, "webhook-id": "run-2"}, body)

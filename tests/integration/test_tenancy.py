@@ -1,0 +1,198 @@
+"""Who may do what, on a replica with real Redis, PostgreSQL and engine: tenants cannot see
+each other's runs, read tokens read one run, OIDC tokens of a real local issuer name their
+tenant, and a tenant's burst meets its own limit, not another tenant's."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from flowgate.services.api.readtokens import ReadTokens
+from flowgate.shared.settings import Settings
+from tests.helpers.api import Api, cid, running_app, start_body
+from tests.helpers.engine import deploy_bpmn
+from tests.helpers.issuer import AUDIENCE, LocalIssuer, local_issuer
+
+MakeSettings = Callable[..., Settings]
+pytestmark = pytest.mark.engine_agnostic  # who sees which run is flowgate's alone
+ROOT, ALPHA, BETA = "root-key", "alpha-key", "beta-key"
+KEYS = f"{ROOT},{ALPHA}@alpha:start+read+cancel+message,{BETA}@beta:start+read+cancel+message"
+
+
+def key(value: str) -> dict[str, str]:
+    return {"X-API-Key": value}
+
+
+@pytest.fixture
+async def issuer() -> AsyncIterator[LocalIssuer]:
+    async with local_issuer() as running:
+        yield running
+
+
+@pytest.fixture
+async def api(
+    make_settings: MakeSettings, engine_url: str, issuer: LocalIssuer
+) -> AsyncIterator[Api]:
+    await deploy_bpmn(engine_url)
+    settings = make_settings(
+        camunda_base_url=engine_url,
+        api_keys=KEYS,
+        oidc_issuer=issuer.url,
+        oidc_audience=AUDIENCE,
+        oidc_jwks_min_refresh_s=0,
+    )
+    async with running_app(settings) as running:
+        yield running
+
+
+async def start(api: Api, credential: dict[str, str], correlation_id: str, **extra: Any) -> Any:
+    started = await api.client.post(
+        "/api/process/start",
+        json={**start_body(correlation_id), **extra},
+        headers={**credential, "Prefer": "respond-async"},
+    )
+    assert started.status_code == 202, started.text
+    return started.json()
+
+
+async def test_another_tenants_run_looks_like_no_run(api: Api) -> None:
+    run = cid()
+    await start(api, key(ALPHA), run)
+    unknown = cid()
+    calls: list[tuple[str, str, dict[str, Any] | None]] = [
+        ("GET", "/api/process/status/{}", None),
+        ("GET", "/api/process/events/{}", None),
+        ("GET", "/api/process/tasks/{}", None),
+        ("POST", "/api/process/tasks/{}/t-1/complete", {}),
+        ("POST", "/api/process/message/{}", {"messageName": "confirmed"}),
+        ("POST", "/api/process/cancel/{}", {}),
+        ("POST", "/api/process/retry/{}", {}),
+    ]
+    for method, path, body in calls:
+        theirs = await api.client.request(method, path.format(run), json=body, headers=key(BETA))
+        none = await api.client.request(method, path.format(unknown), json=body, headers=key(BETA))
+        assert theirs.status_code == none.status_code == 404, (path, theirs.text)
+        assert theirs.text == none.text.replace(unknown, run)  # no existence oracle
+    mine = await api.client.get(f"/api/process/status/{run}", headers=key(ALPHA))
+    assert mine.status_code == 202  # and the run was neither cancelled nor touched
+
+    def listed(page: httpx.Response) -> set[str]:
+        assert page.status_code == 200, page.text
+        return {item["correlationId"] for item in page.json()["processes"]}
+
+    assert run not in listed(await api.client.get("/api/process/status/all", headers=key(BETA)))
+    assert run in listed(await api.client.get("/api/process/status/all", headers=key(ALPHA)))
+    assert run in listed(await api.client.get("/api/process/status/all", headers=key(ROOT)))
+
+    trail = await api.client.get(
+        f"/api/event-log/{run}", params={"by": "correlationId"}, headers=key(BETA)
+    )
+    assert trail.json()["eventLog"] == []
+
+
+async def test_a_run_records_who_started_it(api: Api) -> None:
+    run = cid()
+    await start(api, key(ALPHA), run)
+    state = await api.deps.store.get(run)
+    assert state is not None
+    assert (state.tenant, state.principal) == ("alpha", "key:2")  # the second API_KEYS entry
+
+
+async def test_a_start_with_an_id_another_tenant_holds_is_refused_not_joined(api: Api) -> None:
+    run = cid()
+    await start(api, key(ALPHA), run)
+    joined = await api.client.post(
+        "/api/process/start",
+        json=start_body(run),
+        headers={**key(BETA), "Prefer": "respond-async"},
+    )
+    assert joined.status_code == 422
+    assert joined.json()["field"] == "correlationId"
+
+
+async def test_a_read_token_reads_its_run_only_until_it_expires(api: Api) -> None:
+    run, other = cid(), cid()
+    token = (await start(api, key(ALPHA), run, readToken=True))["readToken"]
+    await start(api, key(ALPHA), other)
+    bearer = {"Authorization": f"Bearer {token}"}
+
+    assert (await api.client.get(f"/api/process/status/{run}", headers=bearer)).status_code == 202
+    query = await api.client.get(f"/api/process/status/{run}", params={"access_token": token})
+    assert query.status_code == 202
+    other_events = await api.client.get(
+        f"/api/process/events/{other}", params={"access_token": token}
+    )
+    assert other_events.status_code == 404
+    assert (await api.client.get(f"/api/process/status/{other}", headers=bearer)).status_code == 404
+    cancel = await api.client.post(f"/api/process/cancel/{run}", json={}, headers=bearer)
+    assert cancel.status_code == 403
+    # Ended (by its tenant's key), its whole stream comes at once.
+    await api.client.post(f"/api/process/cancel/{run}", json={}, headers=key(ALPHA))
+    events = await api.client.get(f"/api/process/events/{run}", params={"access_token": token})
+    assert events.status_code == 200
+    assert "event: end" in events.text
+    listed = await api.client.get("/api/process/status/all", headers=bearer)
+    assert listed.status_code == 403
+
+    # The same deployment's key (kept in Redis), a token past its expiry.
+    expired = await ReadTokens(api.deps.redis, api.deps.keys, secret=None, ttl_s=-120).issue(
+        run, "alpha"
+    )
+    late = await api.client.get(
+        f"/api/process/status/{run}", headers={"Authorization": f"Bearer {expired}"}
+    )
+    assert late.status_code == 401, late.text
+    assert "expired" in late.json()["message"]
+
+
+async def test_oidc_tokens_name_the_tenant_whose_runs_they_see(
+    api: Api, issuer: LocalIssuer
+) -> None:
+    run = cid()
+    await start(api, {"Authorization": f"Bearer {issuer.token(tenant='alpha')}"}, run)
+    own = {"Authorization": f"Bearer {issuer.token(tenant='alpha', scope='read')}"}
+    other = {"Authorization": f"Bearer {issuer.token(tenant='beta', scope='read')}"}
+    assert (await api.client.get(f"/api/process/status/{run}", headers=own)).status_code == 202
+    assert (await api.client.get(f"/api/process/status/{run}", headers=other)).status_code == 404
+    cancel = await api.client.post(f"/api/process/cancel/{run}", json={}, headers=own)
+    assert cancel.status_code == 403
+    assert "'cancel'" in cancel.json()["message"]
+    wrong = {"Authorization": f"Bearer {issuer.token(audience='another-api')}"}
+    refused = await api.client.get(f"/api/process/status/{run}", headers=wrong)
+    assert refused.status_code == 401
+    assert "www-authenticate" in refused.headers
+
+
+async def test_a_tenants_burst_meets_its_own_limits_only(
+    make_settings: MakeSettings, engine_url: str
+) -> None:
+    await deploy_bpmn(engine_url)
+    settings = make_settings(
+        camunda_base_url=engine_url, api_keys=KEYS, tenant_starts_per_s=2, tenant_runs_in_flight=3
+    )
+    async with running_app(settings) as api:
+        answers = [
+            await api.client.post(
+                "/api/process/start",
+                json=start_body(cid()),
+                headers={**key(ALPHA), "Prefer": "respond-async"},
+            )
+            for _ in range(6)
+        ]
+        codes = [answer.status_code for answer in answers]
+        assert codes.count(202) <= 3, codes
+        assert codes.count(429) >= 3, codes
+        for answer in (a for a in answers if a.status_code == 429):
+            assert answer.headers["retry-after"] == "1"
+            assert answer.headers["ratelimit-policy"] in ('"starts";q=2;w=1', '"runs";q=3;w=1')
+            assert answer.headers["ratelimit"].endswith(";r=0;t=1")
+        # Beta's start goes ahead: alpha's burst is alpha's.
+        theirs = await api.client.post(
+            "/api/process/start",
+            json=start_body(cid()),
+            headers={**key(BETA), "Prefer": "respond-async"},
+        )
+        assert theirs.status_code == 202
