@@ -133,6 +133,17 @@ class Tracing:
         inject(carrier)
         return carrier.get(TRACEPARENT) or valid_traceparent(inherited)
 
+    def exemplar(self) -> dict[str, str] | None:
+        """The current sampled span's trace id, for a histogram's exemplar (None: none)."""
+        if self.tracer is None:
+            return None
+        from opentelemetry import trace
+
+        context = trace.get_current_span().get_span_context()
+        if not context.is_valid or not context.trace_flags.sampled:
+            return None
+        return {"trace_id": format(context.trace_id, "032x")}
+
     def name_request(self, method: str, route: str) -> None:
         """Name the server span of the request being served by its route template (the
         ASGI middleware opens it before routing, knowing only the path)."""

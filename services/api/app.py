@@ -94,7 +94,7 @@ def create_app(
         middleware=[
             Middleware(RequestIdMiddleware),
             *tracing.asgi_middleware(),
-            Middleware(OutcomeMiddleware, metrics=metrics),
+            Middleware(OutcomeMiddleware, metrics=metrics, tracing=tracing),
         ],
         exception_handlers={
             **errors.HANDLERS,

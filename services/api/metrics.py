@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.openmetrics import exposition as openmetrics
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flowgate.shared.build import register_build_info
+from flowgate.shared.tracing import OFF, Tracing
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -148,6 +156,14 @@ class ApiMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def exposition(self, accept: str) -> tuple[bytes, str]:
+        """What a scrape gets, and its media type: OpenMetrics (with the latency
+        histograms' trace-id exemplars) when the scraper accepts it, else the text format."""
+        if "application/openmetrics-text" in accept:
+            exposed: bytes = openmetrics.generate_latest(self.registry)  # type: ignore[no-untyped-call]
+            return exposed, openmetrics.CONTENT_TYPE_LATEST
+        return self.render(), CONTENT_TYPE
+
 
 class OutcomeMiddleware:
     """Counts every answer by endpoint and status, and times it (pure ASGI: no buffering).
@@ -158,9 +174,10 @@ class OutcomeMiddleware:
     would let clients grow the series without bound).
     """
 
-    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics, tracing: Tracing = OFF) -> None:
         self.app = app
         self.metrics = metrics
+        self.tracing = tracing
         # Labelled children by (method, route, status): looking them up costs more than
         # counting.
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
@@ -190,4 +207,4 @@ class OutcomeMiddleware:
                 )
             outcome, duration = children
             outcome.inc()
-            duration.observe(time.perf_counter() - began)
+            duration.observe(time.perf_counter() - began, exemplar=self.tracing.exemplar())

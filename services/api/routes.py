@@ -25,7 +25,6 @@ from flowgate.services.api.complete import complete
 from flowgate.services.api.deps import Deps, deps
 from flowgate.services.api.errors import RETRY_LATER_S, ApiError
 from flowgate.services.api.messages import Delivery, Message
-from flowgate.services.api.metrics import CONTENT_TYPE
 from flowgate.services.api.parsing import (
     check_target,
     int_param,
@@ -414,7 +413,8 @@ async def metrics(request: Request) -> Response:
     except (TimeoutError, OSError, *REDIS_ERRORS) as exc:  # a stale backlog beats a failed scrape
         log.warning("write-behind backlog unavailable", extra={"error": repr(exc)})
     await _dependencies(d)
-    return Response(d.metrics.render(), media_type=CONTENT_TYPE)
+    body, media_type = d.metrics.exposition(request.headers.get("accept", ""))
+    return Response(body, media_type=media_type)
 
 
 async def _dependencies(d: Deps) -> dict[str, bool]:

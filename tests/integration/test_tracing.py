@@ -110,6 +110,17 @@ async def test_a_sync_start_is_one_trace_from_the_caller_to_the_callback(traced:
     assert "traceparent" not in started.json()["result"]  # not part of the result
     [(headers, _)] = traced.receiver.requests
     assert headers["traceparent"].split("-")[1] == trace_id
+    # The latency histogram points at the trace (an exemplar, in OpenMetrics).
+    scraped = await traced.a.client.get(
+        "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
+    assert scraped.headers["content-type"].startswith("application/openmetrics-text")
+    assert any(
+        line.startswith("flowgate_api_request_duration_seconds_bucket{")
+        and 'route="/api/process/start"' in line
+        and f'# {{trace_id="{trace_id}"}}' in line
+        for line in scraped.text.splitlines()
+    )
 
 
 async def test_an_async_start_finished_by_another_replica_keeps_the_callers_trace(

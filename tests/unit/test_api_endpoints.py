@@ -192,14 +192,14 @@ async def test_every_answer_carries_a_request_id_and_log_lines_name_it() -> None
     assert logged == ["req-42", made.headers["x-request-id"], unsafe.headers["x-request-id"]]
 
 
-def test_metrics_name_the_build_and_label_answers_by_route_template() -> None:
+def test_metrics_name_the_build_the_process_and_label_answers_by_route_template() -> None:
     for metrics, component in ((ApiMetrics(), "api"), (WorkerMetrics(), "worker")):
-        [line] = [
-            line
-            for line in metrics.render().decode().splitlines()
-            if line.startswith("flowgate_build_info{")
-        ]
+        lines = metrics.render().decode().splitlines()
+        [line] = [line for line in lines if line.startswith("flowgate_build_info{")]
         assert f'component="{component}"' in line
         assert 'version="' in line
+        names = {line.split("{")[0].split(" ")[0] for line in lines if not line.startswith("#")}
+        standard = {"process_cpu_seconds_total", "process_resident_memory_bytes", "python_info"}
+        assert standard <= names
     served = {route.path: route.endpoint for route in routes(Auth((), None))}
     assert all(getattr(e, "route", None) == path for path, e in served.items())
