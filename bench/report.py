@@ -539,6 +539,7 @@ def _throughput(r: dict[str, Any]) -> list[str]:
     for key, label in (
         ("start_and_wake", "start-and-wake (POST start, wait; completed at once)"),
         ("start_and_wake_flusher_inside", "start-and-wake, the flusher inside the API process"),
+        ("start_and_wake_traced", "start-and-wake, every request traced (OTLP, 100 %)"),
         ("status_reads", "status reads"),
         ("healthz", "GET /healthz (HTTP ceiling)"),
     ):
@@ -581,6 +582,13 @@ def _throughput(r: dict[str, Any]) -> list[str]:
         "state was already final when the request looked).",
         "",
     ]
+    if cost := r.get("tracing_cost"):
+        parts += [
+            f"Tracing: off {_n(cost['off_rps'], 0)} starts/s (no OTEL_* exporter: the SDK is "
+            f"not imported, the same code path as not installed), on at 100 % sampling "
+            f"{_n(cost['on_100pct_rps'], 0)}/s: {_n(cost['on_vs_off'])}x.",
+            "",
+        ]
     for name, prof in (r.get("profile") or {}).items():
         parts += _profile(name, prof)
     return parts

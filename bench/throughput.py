@@ -10,8 +10,12 @@ own ceiling on this core. (Under load the instant completion lands before the re
 so these starts end "settled"; the pub/sub wake path is measured by bench/parked.py.)
 The API runs as ``make up`` runs it, its write-behind in a flowgate-flusher process of its
 own (floating); a second API with the flusher inside (WRITEBEHIND_IN_API=true, the
-setting's default) takes start-and-wake in the same rounds, for the difference. The CPU
-share of every process during each run shows who was the limit (1.0 = a saturated core).
+setting's default) takes start-and-wake in the same rounds, for the difference. A third
+API traces every request (OpenTelemetry, OTEL_TRACES_SAMPLER=always_on, exporting over
+OTLP/HTTP to a sink that keeps nothing, bench/otlpsink.py): tracing's cost beside the first,
+whose tracing is off (no OTEL_* exporter: the SDK is not even imported, as if not installed).
+The CPU share of every process during each run shows who was the limit (1.0 = a saturated
+core).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from bench import ours, profiling, wrk
 from bench.harness import LOAD_CPU, SERVER_CPU, CpuMeter, Run, Stack, summary
 from bench.profile import Profile
+from deploy.local import servers
 
 WAIT_S = "30"
 
@@ -37,6 +42,26 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
         cpu=SERVER_CPU, extra_env={"WRITEBEHIND_IN_API": "false"},
     )  # fmt: skip
     flusher = ours.start_flusher(run_, stack, prefix=prefix, database_url=database_url)
+    traced_prefix = f"bx{uuid.uuid4().hex[:6]}"
+    sink_port = servers.free_port()
+    run_.python(
+        "otlp-sink", "bench.otlpsink", str(sink_port),
+        ready=lambda: servers.port_open(sink_port),
+    )  # fmt: skip
+    traced_stub = ours.start_stub(run_, stack, prefix=traced_prefix, mode="instant", cpu=LOAD_CPU)
+    traced = ours.start_api(
+        run_, stack, engine_url=traced_stub.url, prefix=traced_prefix,
+        database_url=database_url, cpu=SERVER_CPU,
+        extra_env={
+            "WRITEBEHIND_IN_API": "false",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+            "OTEL_TRACES_SAMPLER": "always_on",
+            "OTEL_SERVICE_NAME": "flowgate-bench",
+        },
+    )  # fmt: skip
+    traced_flusher = ours.start_flusher(
+        run_, stack, prefix=traced_prefix, database_url=database_url
+    )
     inline_stub = ours.start_stub(run_, stack, prefix=inline_prefix, mode="instant", cpu=LOAD_CPU)
     inline = ours.start_api(
         run_, stack, engine_url=inline_stub.url, prefix=inline_prefix,
@@ -50,6 +75,13 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
         "redis": stack.redis.pid,
         "postgres": stack.postgres.pid,
     }
+    traced_pids = {
+        "api (tracing on)": traced.pid,
+        "flusher": traced_flusher.pid,
+        "stand-in engine": traced_stub.pid,
+        "redis": stack.redis.pid,
+        "postgres": stack.postgres.pid,
+    }
     inline_pids = {
         "api (flusher inside)": inline.pid,
         "stand-in engine": inline_stub.pid,
@@ -58,11 +90,11 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
     }
     conns, seconds = profile.wrk_connections, profile.wrk_seconds
     # Warm-up: imports, connection pools, the first Postgres batches.
-    for warming in (api, inline):
+    for warming in (api, inline, traced):
         wrk.run("start", warming.url, seconds=min(2, seconds), connections=conns,
                 args=("warm", WAIT_S))  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {
-        "start": [], "start_inline": [], "status": [], "plain": []
+        "start": [], "start_inline": [], "start_traced": [], "status": [], "plain": []
     }  # fmt: skip
     waits_before = ours.waits(api)
     for round_no in range(profile.rounds):
@@ -81,6 +113,12 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
             {**in_api.to_dict(), "cpu_cores": meter.share(), "ok": in_api.ok()}
         )
         print(f"  start-and-wake, flusher in the API: {in_api.rps:.0f}/s")
+        with CpuMeter(traced_pids) as meter:
+            on = wrk.run(
+                "start", traced.url, seconds=seconds, connections=conns, args=(tag, WAIT_S)
+            )
+        runs["start_traced"].append({**on.to_dict(), "cpu_cores": meter.share(), "ok": on.ok()})
+        print(f"  start-and-wake, every request traced: {on.rps:.0f}/s")
         # The last `conns` ids may have been in flight when wrk stopped: leave them out.
         ids = str(max(1, min(started.ok() - conns, 50_000)))
         with CpuMeter(pids) as meter:
@@ -102,6 +140,7 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
     for kind, label in (
         ("start", "start_and_wake"),
         ("start_inline", "start_and_wake_flusher_inside"),
+        ("start_traced", "start_and_wake_traced"),
         ("status", "status_reads"),
         ("plain", "healthz"),
     ):
@@ -112,6 +151,14 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
             "non_200": sum(r["requests"] - r["ok"] for r in runs[kind]),
             "runs": runs[kind],
         }
+    off_rps = result["start_and_wake"]["requests_per_s"].get("median")
+    on_rps = result["start_and_wake_traced"]["requests_per_s"].get("median")
+    result["tracing_cost"] = {
+        "off_rps": off_rps,
+        "on_100pct_rps": on_rps,
+        "on_vs_off": round(on_rps / off_rps, 3) if off_rps and on_rps else None,
+        "off_imports_no_sdk": True,  # shared/tracing.py; tests/unit/test_tracing.py holds it
+    }
     if profile.profile_api and profiling.available() is None:
         result["profile"] = {
             "start_and_wake": _profile(api, "start", conns, seconds, ("prof", WAIT_S)),
