@@ -4,7 +4,8 @@
     python -m bench --smoke          seconds-long version of every benchmark (CI)
     python -m bench --out DIR        write results.json, benchmarks.md and PNGs under DIR
     python -m bench --only a,b       just these (gateway, parked, throughput, writebehind,
-                                     progress, clients, cluster, workers, ends, cost)
+                                     progress, clients, cluster, http, tenants, workers,
+                                     ends, cost)
     python -m bench --render         regenerate benchmarks.md and the plots from results.json
 
 Every server and process is started here on free loopback ports and stopped on exit
@@ -37,6 +38,7 @@ from bench import (
     parked,
     progress,
     report,
+    tenants,
     throughput,
     workers,
     writebehind,
@@ -58,6 +60,7 @@ SCENARIOS: dict[str, tuple[bool, Scenario]] = {
     "clients": (False, clients.run),
     "cluster": (False, cluster.run),
     "http": (False, asgi.run),
+    "tenants": (False, tenants.run),
     "gateway": (True, gateway.run),
     "workers": (True, workers.run),
     "ends": (True, ends.run),

@@ -255,6 +255,7 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
     api = ours.start_api(
         run_, stack, engine_url=stub.url, prefix=prefix,
         database_url=ours.new_schema(stack, "progress"), cpu=SERVER_CPU,
+        extra_env={"CALLBACK_ALLOWED_HOSTS": "127.0.0.1"},  # the loopback receiver
     )  # fmt: skip
     redis = Redis.from_url(stack.redis_url)
     store = RunStore(redis, Keys(prefix), result_ttl_s=3600, pending_ttl_s=3600)

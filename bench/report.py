@@ -961,6 +961,29 @@ def _http(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _tenants(r: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            number,
+            _n(measured["solo"]["p99_ms"], 2),
+            _n(measured["burst"]["beta"]["p99_ms"], 2),
+            measured["burst"]["alpha"]["codes"],
+        ]
+        for number, measured in enumerate(r["rounds"])
+    ]
+    return [
+        "## 13. Fair limits: one tenant's burst beside another's starts (stand-in engine)",
+        "",
+        _table(["round", "B p99 ms alone", "B p99 ms under A's burst", "A's answers"], rows),
+        "",
+        f"Limit {r['limit_per_s']} starts/s per tenant; B starts {r['b_rate_per_s']}/s, A sends "
+        f"{r['a_rate_per_s']}/s. B's p99 under the burst / alone: {_n(r['ratio'], 2)}x "
+        f"(target at most {r['target_ratio']}x); B refused {r['b_refused']} times; "
+        f"429s without the three headers: {r['a_429_without_headers']}.",
+        "",
+    ]
+
+
 SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("gateway", _gateway),
     ("parked", _parked),
@@ -973,6 +996,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("cost", _cost),
     ("cluster", _cluster),
     ("http", _http),
+    ("tenants", _tenants),
 ]
 
 

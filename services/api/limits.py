@@ -128,8 +128,9 @@ class Limits:
         self._rate = RATE.bound(redis)
         self._place = PLACE.bound(redis)
 
-    async def start(self, tenant: str, correlation_id: str) -> None:
-        """Count a start; raises :class:`Limited` past starts per second or runs in flight."""
+    async def start_rate(self, tenant: str) -> None:
+        """Count a start; raises :class:`Limited` past starts per second (checked before
+        the body is read: a refused burst costs the replica as little as it can)."""
         if limit := self._limits.starts_per_s:
             second = int(time.time())
             counted = await self._rate(
@@ -138,6 +139,10 @@ class Limits:
             )
             if not counted:
                 raise Limited("starts", limit, window_s=1, retry_after_s=1)
+
+    async def run_place(self, tenant: str, correlation_id: str) -> None:
+        """Hold a place among the tenant's runs in flight for this run (its own place, if
+        it holds one already); raises :class:`Limited` when they are taken."""
         if limit := self._limits.runs_in_flight:
             places = f"{self._keys.tenant(tenant)}:runs"
             lapses_s = self._pending_ttl_s

@@ -87,6 +87,8 @@ _READY_TIMEOUT_S = 2.0
 
 async def start_process(request: Request) -> Response:
     d = deps(request)
+    who = principal(request)
+    await d.limits.start_rate(who.tenant)
     body = parse_model(
         StartRequest,
         await read_json(request, d.options.max_body_bytes, timeout_s=d.options.body_timeout_s),
@@ -104,7 +106,6 @@ async def start_process(request: Request) -> Response:
         raise ApiError(400, refused, field="callbackUrl")
     cid = body.correlationId
     CORRELATION_ID.set(cid)
-    who = principal(request)
     command = StartCommand(
         process_key=body.processKey,
         correlation_id=cid,
@@ -116,7 +117,7 @@ async def start_process(request: Request) -> Response:
     )
     until, wants_token = body.waitUntil, body.readToken
     del body  # parked, a request holds its id and its wait, not its variables
-    await d.limits.start(who.tenant, cid)
+    await d.limits.run_place(who.tenant, cid)
     async with d.limits.parked(who.tenant, wait_s):
         result = await d.starter.start(command, wait_s=wait_s, until=until)
     token = await d.read_tokens.issue(cid, who.tenant) if wants_token else None

@@ -1,0 +1,118 @@
+"""12. Fair limits: one tenant's burst against another tenant's starts (stand-in engine).
+
+One API process (pinned to CPU 0) with two tenants' keys and ``TENANT_STARTS_PER_S``
+(``LIMIT``); the stand-in engine completes every start at once, so what is measured is the
+API. Tenant B starts at a steady ``B_RATE`` per second (below the limit), each start timed
+from its request to its answer. Per round, A B: B alone ("solo"), then B while tenant A sends
+ten times its limit ("burst"). Every answer A gets is counted: 202 within its limit, 429
+beyond it, and every 429 must carry ``Retry-After``, ``RateLimit-Policy`` and ``RateLimit``.
+The target: B's start p99 under A's burst within 1.2x of its solo p99.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+from bench import ours
+from bench.harness import LOAD_CPU, SERVER_CPU, Run, Stack, summary
+from bench.profile import Profile
+from bench.rawhttp import Connection
+
+LIMIT = 50  # starts per second per tenant
+B_RATE = 20
+A_RATE = 10 * LIMIT
+KEYS = "alpha-key@alpha:start+read,beta-key@beta:start+read"
+HEADERS_429 = ("retry-after", "ratelimit-policy", "ratelimit")
+
+
+async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
+    prefix = f"tn{uuid.uuid4().hex[:6]}"
+    stub = ours.start_stub(run_, stack, prefix=prefix, mode="instant", cpu=LOAD_CPU)
+    api = ours.start_api(
+        run_, stack, engine_url=stub.url, prefix=prefix,
+        database_url=ours.new_schema(stack, "tenants"), cpu=SERVER_CPU,
+        extra_env={"API_KEYS": KEYS, "TENANT_STARTS_PER_S": str(LIMIT)},
+    )  # fmt: skip
+    seconds = max(2, profile.wrk_seconds)
+    await _tenant(api, "beta-key", B_RATE, seconds=1)  # warm-up
+    rounds: list[dict[str, Any]] = []
+    for number in range(profile.rounds):
+        solo = await _tenant(api, "beta-key", B_RATE, seconds=seconds)
+        b, a = await asyncio.gather(
+            _tenant(api, "beta-key", B_RATE, seconds=seconds),
+            _tenant(api, "alpha-key", A_RATE, seconds=seconds),
+        )
+        rounds.append({"solo": solo, "burst": {"beta": b, "alpha": a}})
+        print(
+            f"  round {number}: B p99 solo {solo['p99_ms']} ms, under A's burst "
+            f"{b['p99_ms']} ms; A {a['codes']}"
+        )
+    solo_p99 = summary([r["solo"]["p99_ms"] for r in rounds])
+    burst_p99 = summary([r["burst"]["beta"]["p99_ms"] for r in rounds])
+    return {
+        "method": __doc__,
+        "limit_per_s": LIMIT,
+        "b_rate_per_s": B_RATE,
+        "a_rate_per_s": A_RATE,
+        "seconds": seconds,
+        "b_p99_solo_ms": solo_p99,
+        "b_p99_burst_ms": burst_p99,
+        "ratio": round(burst_p99["median"] / solo_p99["median"], 3)
+        if solo_p99.get("median")
+        else None,
+        "target_ratio": 1.2,
+        "b_refused": sum(
+            r["solo"]["codes"].get("429", 0) + r["burst"]["beta"]["codes"].get("429", 0)
+            for r in rounds
+        ),
+        "a_429_without_headers": sum(r["burst"]["alpha"]["bare_429"] for r in rounds),
+        "rounds": rounds,
+    }
+
+
+async def _tenant(api: ours.Api, key: str, rate: int, *, seconds: float) -> dict[str, Any]:
+    """Starts at ``rate`` per second for ``seconds``, each on a connection of its own pool;
+    their latencies and answers."""
+    latencies: list[float] = []
+    codes: Counter[str] = Counter()
+    bare = 0
+    pool = [Connection("127.0.0.1", api.port) for _ in range(max(4, rate // 10))]
+    free: asyncio.Queue[Connection] = asyncio.Queue()
+    for conn in pool:
+        free.put_nowait(conn)
+
+    async def one() -> None:
+        nonlocal bare
+        conn = await free.get()
+        try:
+            body = {"processKey": "benchmark", "correlationId": f"t-{uuid.uuid4().hex}"}
+            answer = await conn.request(
+                "POST", "/api/process/start", body, {"X-API-Key": key, "Prefer": "wait=5"}
+            )
+        finally:
+            free.put_nowait(conn)
+        codes[str(answer.status)] += 1
+        if answer.status == 429:
+            bare += not all(name in answer.headers for name in HEADERS_429)
+        else:
+            latencies.append(answer.latency_ms)
+
+    began = time.perf_counter()
+    tasks = []
+    for n in range(int(rate * seconds)):
+        await asyncio.sleep(max(0.0, began + n / rate - time.perf_counter()))
+        tasks.append(asyncio.ensure_future(one()))
+    await asyncio.gather(*tasks)
+    for conn in pool:
+        await conn.close()
+    latencies.sort()
+    return {
+        "codes": dict(codes),
+        "bare_429": bare,
+        "p50_ms": round(latencies[len(latencies) // 2], 2) if latencies else None,
+        "p99_ms": round(latencies[int(len(latencies) * 0.99)], 2) if latencies else None,
+    }
