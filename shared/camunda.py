@@ -824,6 +824,41 @@ class CamundaClient:
         response = await self._send("GET", "/history/incident", params=params)
         return [Incident.from_json(item) for item in _body(response)]
 
+    async def open_activities(
+        self, activity_id: str, *, started_before: datetime, max_results: int = 200
+    ) -> list[JsonObject]:
+        """Activity instances of ``activity_id`` (in any process) still open that started
+        before ``started_before``, oldest first: what a stall threshold looks for."""
+        params: dict[str, QueryValue] = {
+            "activityId": activity_id,
+            "unfinished": True,
+            "startedBefore": format_date(started_before),
+            "sortBy": "startTime",
+            "sortOrder": "asc",
+            "maxResults": max_results,
+        }
+        return _objects(await self._send("GET", "/history/activity-instance", params=params))
+
+    async def latest_definitions(self) -> list[JsonObject]:
+        """The latest version of every deployed process definition."""
+        params: dict[str, QueryValue] = {"latestVersion": True}
+        return _objects(await self._send("GET", "/process-definition", params=params))
+
+    async def definition_xml(self, definition_id: str) -> str:
+        """A process definition's BPMN 2.0 XML."""
+        path = f"/process-definition/{_segment(definition_id)}/xml"
+        return str(_body(await self._send("GET", path))["bpmn20Xml"])
+
+    async def business_keys(self, instance_ids: Sequence[str]) -> dict[str, str]:
+        """Instance id -> business key (history: ended instances too)."""
+        if not instance_ids:
+            return {}
+        body = {"processInstanceIds": list(instance_ids)}
+        found = _objects(await self._send("POST", "/history/process-instance", json=body))
+        return {
+            str(item["id"]): str(item["businessKey"]) for item in found if item.get("businessKey")
+        }
+
     async def root_variables(self, instance_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Each instance's process-level variables (not those of its inner scopes), decoded,
         from history: this works for instances that have ended."""

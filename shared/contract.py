@@ -157,9 +157,16 @@ class Reopened:
     (``{"kind":"reopened"}``, written by the store's Lua)."""
 
 
-Message = RunState | StartFailed | StepRecorded | Reopened
+@dataclass(frozen=True, slots=True)
+class Stalled:
+    """A run has sat at a step past its threshold (services/background/stalls.py): its
+    streams have a ``stalled`` event to send (``{"kind":"stalled"}``)."""
+
+
+Message = RunState | StartFailed | StepRecorded | Reopened | Stalled
 #: The body of a ``reopened`` message, as the store's Lua writes it.
 REOPENED = b'{"kind":"reopened"}'
+STALLED = b'{"kind":"stalled"}'
 
 
 def correlation_id_of_message(raw: bytes) -> tuple[str, bytes]:
@@ -180,4 +187,6 @@ def decode_message(raw: bytes | str) -> Message:
         return StepRecorded(str(obj["id"]))
     if kind == "reopened":
         return Reopened()
+    if kind == "stalled":
+        return Stalled()
     return RunState.from_dict(obj)

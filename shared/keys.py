@@ -32,6 +32,9 @@ runs as it is on a Redis Cluster; on a single Redis the tags are just part of th
                                       correlated or expired (services/api/messages.py)
 ``{p:n}:waiting:{correlationId}``     string: what a pending run waits for, read from the
                                       engine a moment ago (services/api/waiting.py)
+``{p:n}:stalled:{activityInstanceId}`` string: a stall of a run's step was raised (once)
+``{p:n}:stalls:{correlationId}``      list: the run's stalls, for its event streams
+                                      (services/background/stalls.py)
 ``{p:n}:run``                         pub/sub channel (sharded on a cluster): a run of the
                                       partition changed (shared/contract.py messages)
 ``{p:n}:wb``                          stream: write-behind entries for Postgres
@@ -43,6 +46,7 @@ runs as it is on a Redis Cluster; on a single Redis the tags are just part of th
 ``{p}:watcher:boot``                  string: the boot id of the engine that pushes them
 ``{p}:watcher:lost``                  string: the last lost-events mark it read the history for
 ``{p}:backlog``                       string: the replica that samples the engine's backlog (lease)
+``{p}:stalls``                        string: the replica that looks for stalled runs (lease)
 ``{p:worker:{name}:{slot}}:lease``    string: which worker process holds a slot
 ``{p:worker:{name}:{slot}}:last``     string: the last worker id that held the slot
 ``{p:t:{tenant}}:starts:{second}``    string: a tenant's starts in one second (api/limits.py)
@@ -151,6 +155,16 @@ class Keys:
 
     def message(self, correlation_id: str, message_id: str) -> str:
         return f"{self.of(correlation_id).tag}:msg:{correlation_id}:{message_id}"
+
+    def stalled(self, correlation_id: str, activity_instance_id: str) -> str:
+        return f"{self.of(correlation_id).tag}:stalled:{activity_instance_id}"
+
+    def stalls(self, correlation_id: str) -> str:
+        return f"{self.of(correlation_id).tag}:stalls:{correlation_id}"
+
+    @property
+    def stalls_lease(self) -> str:
+        return f"{self.prefix}:stalls"
 
     def waiting(self, correlation_id: str) -> str:
         return f"{self.of(correlation_id).tag}:waiting:{correlation_id}"

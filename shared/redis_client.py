@@ -96,6 +96,11 @@ def publish_verb(redis: RedisClient) -> str:
     return "SPUBLISH" if is_cluster(redis) else "PUBLISH"
 
 
+async def publish(redis: RedisClient, channel: str, message: bytes) -> None:
+    """Publish as the store's scripts do (sharded on a cluster: see :func:`publish_verb`)."""
+    await redis.execute_command(publish_verb(redis), channel, message)
+
+
 def text(raw: bytes | str) -> str:
     """A value Redis answered, as text. The clients never decode answers themselves (most
     are JSON, which orjson reads from bytes as they come), so this is bytes; redis-py's

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     # How often one replica samples the engine's backlog by topic for the workers'
     # autoscaler (services/background/backlog.py); 0 turns it off.
     backlog_interval_ms: Annotated[int, Field(ge=0)] = 5_000
+    # How often one replica looks for runs past a step's declared `flowgate:stallAfter`
+    # (services/background/stalls.py); 0 turns it off.
+    stall_interval_ms: Annotated[int, Field(ge=0)] = 5_000
 
     # --- the API: how long a request waits ---------------------------------------------
     sync_timeout_ms: Annotated[int, Field(ge=0)] = 25_000

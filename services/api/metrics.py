@@ -147,6 +147,12 @@ class ApiMetrics:
             ["topic"],
             registry=self.registry,
         )
+        self.runs_stalled = Counter(
+            "flowgate_runs_stalled_total",
+            "Runs that sat at a step past its declared flowgate:stallAfter (each once).",
+            ["process", "activity"],
+            registry=self.registry,
+        )
         self.writebehind_backlog = Gauge(
             "flowgate_writebehind_backlog",
             "Write-behind stream entries not yet in Postgres (read at scrape time).",

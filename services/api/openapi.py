@@ -129,15 +129,19 @@ _SSE_EVENT = {
     "type": "object",
     "properties": {
         "id": {"type": "string"},
-        "event": {"type": "string", "enum": ["step", "task_created", "task_completed", "end"]},
+        "event": {
+            "type": "string",
+            "enum": ["step", "task_created", "task_completed", "stalled", "end"],
+        },
         "data": {
             "type": "string",
             "contentMediaType": "application/json",
             "description": "`step`: the step (`step`, `status`, `data`, `error`, `at`, "
             "`activityId`, `activityType`, and `waitingOn` while pending); `task_created` / "
             "`task_completed`: a user task (`taskId`, `activity`, `assignee`), opened or "
-            "closed (on connecting, each open one is `task_created`); `end`: the final "
-            "status body.",
+            "closed (on connecting, each open one is `task_created`); `stalled`: the run "
+            "sat at a step past its declared threshold (`activity`, `activityInstanceId`, "
+            "`since`, `thresholdS`); `end`: the final status body.",
         },
         "retry": {"type": "integer"},
     },

@@ -8,6 +8,9 @@
 * ``event: task_created`` / ``event: task_completed``, without an ``id`` (a reconnect
   resumes after the last step), when a user task opens or closes: ``{"taskId",
   "activity", "assignee"?}``; on connecting, every task open then is ``task_created``;
+* ``event: stalled``, without an ``id``, when the run has sat at a step past the threshold
+  its process declares (services/background/stalls.py): ``{"activity",
+  "activityInstanceId", "since", "thresholdS"}``; on connecting, every stall so far;
 * ``event: end``, ``id: end``, the final status body (what status answers), then the
   stream closes.
 
@@ -75,7 +78,7 @@ async def _events(
 ) -> AsyncIterator[ServerSentEvent]:
     yield ServerSentEvent(comment="connected")  # the first byte at once, through any proxy
     last = after or None
-    tasks = OpenTasks()
+    told = Told()
     try:
         async with d.waitroom.follow(correlation_id) as follower:
             d.metrics.streams.inc()
@@ -91,9 +94,8 @@ async def _events(
                         if waits is not None:
                             body["waitingOn"] = waits
                         yield _event("step", entry_id, body, d)
-                    if waits is not None:
-                        for kind, task in tasks.moved(waits):
-                            yield _event(kind, None, task, d)
+                    for kind, body in await told.news(d, correlation_id, waits):
+                        yield _event(kind, None, body, d)
                     if len(page) == PAGE:
                         continue  # more may wait in the record: read on before sleeping
                     if state is None:
@@ -116,15 +118,27 @@ async def _events(
         yield ServerSentEvent(comment="replica full", retry=RECONNECT_MS * 10)
 
 
-class OpenTasks:
-    """The run's open user tasks as the stream last told them: what ``waitingOn`` shows
-    now becomes ``task_created`` (a task not told yet: on connecting, every open one)
-    and ``task_completed`` (a told task no longer open)."""
+class Told:
+    """What a stream has told besides the run's record: its open user tasks and its stalls.
+
+    What ``waitingOn`` shows now becomes ``task_created`` (a task not told yet: on
+    connecting, every open one) and ``task_completed`` (a told task no longer open); a
+    stall not told yet becomes ``stalled``.
+    """
 
     def __init__(self) -> None:
         self._told: dict[str, dict[str, Any]] = {}
+        self._stalls = 0
 
-    def moved(self, waits: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    async def news(
+        self, d: Deps, correlation_id: str, waits: list[dict[str, Any]] | None
+    ) -> list[tuple[str, dict[str, Any]]]:
+        events = self._moved(waits) if waits is not None else []
+        stalls = await d.store.stalls(correlation_id, after=self._stalls)
+        self._stalls += len(stalls)
+        return events + [("stalled", stall) for stall in stalls]
+
+    def _moved(self, waits: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
         open_now = {
             str(wait["taskId"]): {key: value for key, value in wait.items() if key != "type"}
             for wait in waits

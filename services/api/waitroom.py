@@ -50,6 +50,7 @@ from flowgate.shared.aio import Backoff, race_stop, sleep_or_stop
 from flowgate.shared.contract import (
     REOPENED,
     Reopened,
+    Stalled,
     StartFailed,
     StepRecorded,
     correlation_id_of_message,
@@ -497,7 +498,7 @@ class WaitRoom:
             for waiter in waiters:
                 waiter.set()
             return
-        if isinstance(message, StepRecorded | Reopened):
+        if isinstance(message, StepRecorded | Reopened | Stalled):
             for waiter in waiters:
                 if waiter.steps:
                     waiter.set()

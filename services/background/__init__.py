@@ -9,6 +9,8 @@ recovery.py    settles the starts a replica left behind (died, stalled, lost the
 callbacks.py   delivers ended runs to their callbackUrl, at least once
 backlog.py     samples the engine's waiting tasks by topic for the workers' autoscaler (one
                replica at a time, with a lease)
+stalls.py      raises ``stalled`` once for a run past a step's declared threshold (one
+               replica at a time, with a lease)
 services/flusher/writebehind.py
                copies the write-behind streams to Postgres, when ``WRITEBEHIND_IN_API`` keeps
                it inside the replica (the deployments run it as a process of its own)
@@ -33,6 +35,7 @@ from flowgate.services.background.backlog import Backlog
 from flowgate.services.background.callbacks import Deliverer
 from flowgate.services.background.events import EngineEvents
 from flowgate.services.background.recovery import Recovery
+from flowgate.services.background.stalls import Stalls
 from flowgate.services.background.watcher import Watcher
 from flowgate.services.flusher.writebehind import Flusher, stop_flushing
 from flowgate.shared.aio import race_stop, stop_and_wait
@@ -106,6 +109,18 @@ async def running(deps: Deps, settings: Settings) -> AsyncIterator[None]:
                     interval_s=settings.backlog_interval_ms / 1000,
                 )
                 loops.append(tasks.create_task(backlog.run(stop), name="sample-backlog"))
+            if settings.stall_interval_ms:
+                stalls = Stalls(
+                    deps.camunda,
+                    deps.redis,
+                    deps.keys,
+                    deps.runs,
+                    deps.metrics,
+                    replica_id=deps.replica_id,
+                    interval_s=settings.stall_interval_ms / 1000,
+                    remember_s=settings.pending_ttl_s,
+                )
+                loops.append(tasks.create_task(stalls.run(stop), name="look-for-stalls"))
             flusher = None
             if settings.writebehind_in_api:
                 flusher = Flusher(

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from flowgate.shared.contract import QUEUED, StartFailed, SystemVariables
 from flowgate.shared.eventlog import EventRecord
 from flowgate.shared.keys import Keys
@@ -234,6 +236,11 @@ class RunStore:
             ),
         )
         return RunState.from_json(state) if state else None
+
+    async def stalls(self, correlation_id: str, *, after: int = 0) -> list[dict[str, Any]]:
+        """The run's stalls (services/background/stalls.py) from the ``after``-th on."""
+        raw = await self._redis.lrange(self._keys.stalls(correlation_id), after, -1)
+        return [orjson.loads(item) for item in raw]
 
     async def status_and_tenant(self, correlation_id: str) -> tuple[str | None, str | None]:
         """The run's status and tenant as Redis holds them (None, None: it holds no run)."""

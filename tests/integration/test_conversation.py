@@ -473,3 +473,45 @@ async def test_a_pending_runs_events_say_what_it_waits_for_and_which_tasks_open(
 
 def told(events: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, str]]:
     return [(kind, body["taskId"]) for kind, body in events if kind.startswith("task_")]
+
+
+async def test_a_run_past_its_steps_threshold_is_stalled_once_with_two_replicas(
+    make_settings: MakeSettings, engine_url: str
+) -> None:
+    key = f"stall-{uuid.uuid4().hex[:8]}"
+    declared = """<bpmn:sequenceFlow id="s1" sourceRef="start" targetRef="review" />
+    <bpmn:userTask id="review"><bpmn:extensionElements><camunda:properties>
+      <camunda:property name="flowgate:stallAfter" value="PT1S" />
+    </camunda:properties></bpmn:extensionElements>
+      <bpmn:incoming>s1</bpmn:incoming><bpmn:outgoing>f_end</bpmn:outgoing></bpmn:userTask>
+    <bpmn:sequenceFlow id="f_end" sourceRef="review" targetRef="end" />"""
+    text = bpmn(key, declared).replace("<bpmn:outgoing>f1<", "<bpmn:outgoing>s1<")
+    async with CamundaClient(engine_url) as camunda:
+        await camunda.deploy(key, {f"{key}.bpmn": text.encode()})
+    settings = make_settings(camunda_base_url=engine_url, stall_interval_ms=200)
+    async with running_app(settings) as a, running_app(settings) as b:
+        correlation_id = cid()
+        started = await a.client.post(
+            "/api/process/start",
+            json=start_body(correlation_id, key),
+            headers={"Prefer": "respond-async"},
+        )
+        assert started.status_code == 202
+        stalled = [api.deps.metrics.runs_stalled.labels(key, "review") for api in (a, b)]
+
+        def raised() -> float:
+            return sum(float(counter._value.get()) for counter in stalled)
+
+        await until(lambda: raised() >= 1, timeout_s=15, what="the stall")
+        await asyncio.sleep(0.6)  # three more passes: none raises it again
+        assert raised() == 1
+        events = await a.client.get(f"/api/process/event-log/{correlation_id}")
+        rows = [e for e in events.json()["eventLog"] if e["status"] == "stalled"]
+        assert [row["step_name"] for row in rows] == ["review"]
+        await b.client.post(f"/api/process/cancel/{correlation_id}")
+        stream = await b.client.get(f"/api/process/events/{correlation_id}")
+    decoder, told = Decoder(), []
+    for line in stream.text.splitlines():
+        if (event := decoder.feed(line)) is not None and event.event == "stalled":
+            told.append(orjson.loads(event.data))
+    assert [(s["activity"], s["thresholdS"]) for s in told] == [("review", 1.0)]
