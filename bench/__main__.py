@@ -5,7 +5,7 @@
     python -m bench --out DIR        write results.json, benchmarks.md and PNGs under DIR
     python -m bench --only a,b       just these (gateway, parked, throughput, writebehind,
                                      progress, clients, cluster, http, tenants, workers,
-                                     ends, cost)
+                                     ends, cost, conversation)
     python -m bench --render         regenerate benchmarks.md and the plots from results.json
 
 Every server and process is started here on free loopback ports and stopped on exit
@@ -31,6 +31,7 @@ from bench import (
     asgi,
     clients,
     cluster,
+    conversation,
     cost,
     ends,
     gateway,
@@ -65,6 +66,7 @@ SCENARIOS: dict[str, tuple[bool, Scenario]] = {
     "workers": (True, workers.run),
     "ends": (True, ends.run),
     "cost": (True, cost.run),
+    "conversation": (True, conversation.run),
 }
 
 

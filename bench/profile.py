@@ -49,6 +49,9 @@ class Profile:
     # each replica's messages
     cluster_parked: int
     cluster_messages: int
+    # 14. talking to a running process: probes per round, other runs waiting at a user task
+    conversation_probes: int
+    conversation_background: int
     # pyinstrument/py-spy profiles of the API under load (full run only)
     profile_api: bool
 
@@ -77,6 +80,8 @@ FULL = Profile(
     cost_reads=50,
     cluster_parked=1_000,
     cluster_messages=2_000,
+    conversation_probes=20,
+    conversation_background=1_000,
     profile_api=True,
 )
 
@@ -104,5 +109,7 @@ SMOKE = Profile(
     cost_reads=3,
     cluster_parked=50,
     cluster_messages=50,
+    conversation_probes=2,
+    conversation_background=20,
     profile_api=False,
 )

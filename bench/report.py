@@ -984,6 +984,33 @@ def _tenants(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _conversation(r: dict[str, Any]) -> list[str]:
+    measured = r["latency_ms"]
+    rows = [
+        [
+            label,
+            _n(measured["flowgate"][what].get("median"), 1),
+            _n(measured["flowgate"][what].get("p99"), 1),
+            _n(measured["engine"][what].get("median"), 1),
+            _n(measured["engine"][what].get("p99"), 1),
+        ]
+        for what, label in (
+            ("task", "complete a user task, answered with the next"),
+            ("message", "send a message, answered once the engine took it"),
+        )
+    ]
+    return [
+        "## 14. Talking to a running process (real engine)",
+        "",
+        _table(["action", "flowgate p50 ms", "p99", "engine alone p50 ms", "p99"], rows),
+        "",
+        f"With {r['runs_waiting']} other runs waiting at a user task; failed probes: "
+        f"{r['failed']}. The engine-alone figures are its REST calls for the same step "
+        "(complete + the query that shows the next task; the message correlation).",
+        "",
+    ]
+
+
 SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("gateway", _gateway),
     ("parked", _parked),
@@ -997,6 +1024,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("cluster", _cluster),
     ("http", _http),
     ("tenants", _tenants),
+    ("conversation", _conversation),
 ]
 
 

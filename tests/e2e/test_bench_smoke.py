@@ -34,7 +34,7 @@ def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
     assert not results["errors"], results["errors"]
     assert set(results["results"]) == {
         "throughput", "parked", "writebehind", "progress", "clients", "cluster", "http",
-        "gateway", "workers", "ends", "cost", "tenants",
+        "gateway", "workers", "ends", "cost", "tenants", "conversation",
     }  # fmt: skip
     skipped = {name: r["skipped"] for name, r in results["results"].items() if "skipped" in r}
     assert not skipped, f"benchmarks that could not run here: {skipped}"
@@ -58,6 +58,9 @@ def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
             assert measured["wake"]["wrong"] == 0, (side, measured)
             # Every replica received every run's end, once: no loss, no duplicates.
             assert set(measured["messages_per_run"].values()) == {1.0}, (side, measured)
+    talk = results["results"]["conversation"]
+    assert talk["failed"] == 0, talk
+    assert talk["latency_ms"]["flowgate"]["message"]["n"] > 0, talk
     fair = results["results"]["tenants"]
     assert fair["a_429_without_headers"] == 0, fair
     assert fair["b_refused"] == 0, fair
