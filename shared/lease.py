@@ -1,18 +1,25 @@
 """A lease in Redis: :class:`Lease`, held by one process at a time, until it lapses.
 
-Two parts of flowgate need one: the engine watcher (one API replica watches the engine at a
-time: services/background/watcher.py) and a worker's slot (one live process per slot:
-services/worker/identity.py). The holder renews its lease well within its time to live; a
-holder that dies stops renewing and the lease lapses, so another takes over. Renewing and
-giving up check the holder first, so a process never extends or drops another's lease.
+The engine watcher needs one (one API replica watches the engine at a time:
+services/background/watcher.py), so do the loops :func:`lead` runs (the backlog sampler, the
+stall check) and a worker's slot (one live process per slot: services/worker/identity.py).
+The holder renews its lease well within its time to live; a holder that dies stops
+renewing and the lease lapses, so another takes over. Renewing and giving up check the
+holder first, so a process never extends or drops another's lease.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
+from flowgate.shared.aio import Backoff, sleep_or_stop
 from flowgate.shared.lua import Script
-from flowgate.shared.redis_client import RedisClient
+from flowgate.shared.redis_client import REDIS_ERRORS, RedisClient
+
+log = logging.getLogger(__name__)
 
 
 class LeaseKeys(NamedTuple):
@@ -76,3 +83,39 @@ class Lease:
     async def release(self) -> None:
         """Give it up if it is ours (so another may take it at once)."""
         await self._release(self._keys, ReleaseArgs(holder=self._holder))
+
+
+async def lead(
+    lease: Lease,
+    stop: asyncio.Event,
+    *,
+    every_s: float,
+    work: Callable[[], Awaitable[object]],
+    errors: tuple[type[Exception], ...],
+    what: str,
+    idle: Callable[[], None] = lambda: None,
+) -> None:
+    """Run ``work`` every ``every_s`` while this process holds ``lease``, until ``stop``
+    (``idle`` while another holds it, and at the end). ``errors`` (and Redis's) are logged
+    and tried again after a backoff, never raised; the lease is given up at the end."""
+    backoff = Backoff(base_s=every_s, cap_s=60.0)
+    caught: tuple[type[BaseException], ...] = (*errors, *REDIS_ERRORS, OSError, TimeoutError)
+    try:
+        while not stop.is_set():
+            pause = every_s
+            try:
+                if await lease.hold():
+                    await work()
+                else:
+                    idle()
+                backoff.reset()
+            except caught as exc:
+                log.warning("%s failed", what, extra={"error": str(exc)})
+                pause = backoff.next_delay_s()
+            await sleep_or_stop(stop, pause)
+    finally:
+        idle()
+        try:
+            await asyncio.shield(lease.release())
+        except (*REDIS_ERRORS, OSError, TimeoutError):
+            pass  # it lapses on its own

@@ -17,11 +17,10 @@ import logging
 from datetime import UTC, datetime
 
 from flowgate.services.api.metrics import ApiMetrics
-from flowgate.shared.aio import Backoff, sleep_or_stop
 from flowgate.shared.camunda import CamundaClient, CamundaError
 from flowgate.shared.keys import Keys
-from flowgate.shared.lease import Lease
-from flowgate.shared.redis_client import REDIS_ERRORS, RedisClient
+from flowgate.shared.lease import Lease, lead
+from flowgate.shared.redis_client import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +49,15 @@ class Backlog:
     async def run(self, stop: asyncio.Event) -> None:
         """Sample while this replica holds the lease, until ``stop``; engine or Redis
         trouble is logged and tried again, never raised."""
-        backoff = Backoff(base_s=self._interval_s, cap_s=60.0)
-        try:
-            while not stop.is_set():
-                pause = self._interval_s
-                try:
-                    if await self._lease.hold():
-                        await self.sample()
-                    else:
-                        self._forget()
-                    backoff.reset()
-                except (CamundaError, *REDIS_ERRORS, OSError, TimeoutError) as exc:
-                    log.warning("backlog sample failed", extra={"error": str(exc)})
-                    pause = backoff.next_delay_s()
-                await sleep_or_stop(stop, pause)
-        finally:
-            self._forget()
-            await asyncio.shield(self._resign())
+        await lead(
+            self._lease,
+            stop,
+            every_s=self._interval_s,
+            work=self.sample,
+            errors=(CamundaError,),
+            what="backlog sample",
+            idle=self._forget,
+        )
 
     async def sample(self) -> None:
         """Read the backlog of every topic with waiting tasks and export it."""
@@ -87,9 +78,3 @@ class Backlog:
             self._metrics.backlog_tasks.remove(topic)
             self._metrics.oldest_task_age.remove(topic)
         self._topics.clear()
-
-    async def _resign(self) -> None:
-        try:
-            await self._lease.release()
-        except (*REDIS_ERRORS, OSError, TimeoutError):
-            pass  # it lapses on its own

@@ -35,13 +35,12 @@ from pydantic import TypeAdapter, ValidationError
 
 from flowgate.services.api.metrics import ApiMetrics
 from flowgate.services.api.runs import Runs
-from flowgate.shared.aio import Backoff, sleep_or_stop
 from flowgate.shared.camunda import CamundaClient, CamundaError
 from flowgate.shared.contract import STALLED
 from flowgate.shared.eventlog import EventRecord, append_event
 from flowgate.shared.keys import Keys
-from flowgate.shared.lease import Lease
-from flowgate.shared.redis_client import REDIS_ERRORS, RedisClient, publish
+from flowgate.shared.lease import Lease, lead
+from flowgate.shared.redis_client import RedisClient, publish
 from flowgate.shared.state import iso
 from flowgate.shared.variables import parse_date
 
@@ -105,23 +104,14 @@ class Stalls:
     async def run(self, stop: asyncio.Event) -> None:
         """Look while this replica holds the lease, until ``stop``; engine or Redis trouble
         is logged and tried again, never raised."""
-        backoff = Backoff(base_s=self._interval_s, cap_s=60.0)
-        try:
-            while not stop.is_set():
-                pause = self._interval_s
-                try:
-                    if await self._lease.hold():
-                        await self.look()
-                    backoff.reset()
-                except (CamundaError, *REDIS_ERRORS, OSError, TimeoutError) as exc:
-                    log.warning("stall check failed", extra={"error": str(exc)})
-                    pause = backoff.next_delay_s()
-                await sleep_or_stop(stop, pause)
-        finally:
-            try:
-                await asyncio.shield(self._lease.release())
-            except (*REDIS_ERRORS, OSError, TimeoutError):
-                pass  # it lapses on its own
+        await lead(
+            self._lease,
+            stop,
+            every_s=self._interval_s,
+            work=self.look,
+            errors=(CamundaError,),
+            what="stall check",
+        )
 
     async def look(self) -> int:
         """One pass; how many stalls it raised."""
