@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from flowgate_client import AsyncClient, Client, NotFound, RunCancelled, RunFailed
+from flowgate_client import AsyncClient, Client, NotFound, RateLimited, RunCancelled, RunFailed
 from flowgate_client.sse import Decoder, RawEvent
 
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -150,3 +150,32 @@ async def test_run_raises_what_a_start_is_refused_for() -> None:
     async with _client(lambda _: refused) as flowgate:
         with pytest.raises(NotFound, match="no process definition"):
             await flowgate.run("p", "c-1")
+
+
+async def test_a_read_token_is_asked_for_and_a_429_says_when_to_retry() -> None:
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        if len(sent) == 1:
+            return httpx.Response(202, json=_run("pending", readToken="rt-1", statusUrl="/s"))
+        headers = {"Retry-After": "3", "RateLimit-Policy": '"starts";q=2;w=1'}
+        return httpx.Response(
+            429, json={"message": "limit of 2 starts per second"}, headers=headers
+        )
+
+    async with _client(handler) as flowgate:
+        started = await flowgate.start("p", "c-1", wait=0, read_token=True)
+        with pytest.raises(RateLimited) as limited:
+            await flowgate.start("p", "c-2", wait=0)
+    assert started.read_token == "rt-1"
+    assert json.loads(sent[0].content)["readToken"] is True
+    assert limited.value.retry_after == 3.0
+    assert "readToken" not in json.loads(sent[1].content)
+
+
+def test_a_bearer_token_is_sent_instead_of_a_key() -> None:
+    with Client("http://flowgate", token="t-1") as flowgate:
+        assert flowgate._http.headers["authorization"] == "Bearer t-1"
+    with pytest.raises(ValueError, match="not both"):
+        Client("http://flowgate", api_key="k", token="t")

@@ -30,6 +30,7 @@ import httpx
 from flowgate_client.errors import (
     ApiError,
     NotFound,
+    RateLimited,
     RunCancelled,
     RunFailed,
     Unavailable,
@@ -64,8 +65,11 @@ def _start_request(
     wait_until: str | None,
     callback_url: str | None,
     fetch_variables: list[str] | None,
+    read_token: bool = False,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     body: dict[str, Any] = {"processKey": process_key, "correlationId": correlation_id}
+    if read_token:
+        body["readToken"] = True
     if variables is not None:
         body["variables"] = dict(variables)
     if wait_until is not None:
@@ -123,9 +127,12 @@ def _answer(response: httpx.Response) -> RunStatus:
 def _error(status_code: int, body: Any, headers: Mapping[str, str]) -> ApiError:
     if status_code == 404:
         return NotFound(status_code, body)
+    retry = headers.get("retry-after", "")
+    retry_after = float(retry) if retry.isdigit() else RECONNECT_S
     if status_code in (502, 503, 504):
-        retry = headers.get("retry-after", "")
-        return Unavailable(status_code, body, float(retry) if retry.isdigit() else RECONNECT_S)
+        return Unavailable(status_code, body, retry_after)
+    if status_code == 429:
+        return RateLimited(status_code, body, retry_after)
     return ApiError(status_code, body)
 
 
@@ -241,7 +248,12 @@ def _json(body: bytes) -> Any:
         return None
 
 
-def _headers(api_key: str | None) -> dict[str, str]:
+def _headers(api_key: str | None, token: str | None) -> dict[str, str]:
+    """An API key, or a bearer token (an OIDC token, a run's read token)."""
+    if api_key and token:
+        raise ValueError("an API key or a bearer token, not both")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
     return {"X-API-Key": api_key} if api_key else {}
 
 
@@ -249,16 +261,19 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 
 class AsyncClient:
-    """``async with AsyncClient("http://flowgate:8000", api_key=...) as flowgate: ...``"""
+    """``async with AsyncClient("http://flowgate:8000", api_key=...) as flowgate: ...``
+    (or ``token=`` for a bearer token: an OIDC token, a run's read token)."""
 
     def __init__(
         self,
         base_url: str,
         *,
         api_key: str | None = None,
+        token: str | None = None,
         http: httpx.AsyncClient | None = None,
     ) -> None:
-        self._http = http or httpx.AsyncClient(base_url=base_url, headers=_headers(api_key))
+        headers = _headers(api_key, token)
+        self._http = http or httpx.AsyncClient(base_url=base_url, headers=headers)
         self._owned = http is None
 
     async def __aenter__(self) -> Self:
@@ -286,12 +301,14 @@ class AsyncClient:
         wait_until: str | None = None,
         callback_url: str | None = None,
         fetch_variables: list[str] | None = None,
+        read_token: bool = False,
     ) -> RunStatus:
         """Start a run (or join the one with this correlationId) and wait up to ``wait``
-        seconds (None: the server's default, 0: not at all) for its end or ``wait_until``."""
+        seconds (None: the server's default, 0: not at all) for its end or ``wait_until``.
+        ``read_token``: the answer's ``read_token`` reads this run only (for a browser)."""
         body, headers = _start_request(
             process_key, correlation_id, variables, wait=wait, wait_until=wait_until,
-            callback_url=callback_url, fetch_variables=fetch_variables,
+            callback_url=callback_url, fetch_variables=fetch_variables, read_token=read_token,
         )  # fmt: skip
         response = await self._http.post(
             "/api/process/start", json=body, headers=headers, timeout=_timeout(wait or 60)
@@ -430,9 +447,15 @@ class Client:
     """``with Client("http://flowgate:8000", api_key=...) as flowgate: ...``"""
 
     def __init__(
-        self, base_url: str, *, api_key: str | None = None, http: httpx.Client | None = None
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        token: str | None = None,
+        http: httpx.Client | None = None,
     ) -> None:
-        self._http = http or httpx.Client(base_url=base_url, headers=_headers(api_key))
+        headers = _headers(api_key, token)
+        self._http = http or httpx.Client(base_url=base_url, headers=headers)
         self._owned = http is None
 
     def __enter__(self) -> Self:
@@ -460,11 +483,12 @@ class Client:
         wait_until: str | None = None,
         callback_url: str | None = None,
         fetch_variables: list[str] | None = None,
+        read_token: bool = False,
     ) -> RunStatus:
         """See :meth:`AsyncClient.start`."""
         body, headers = _start_request(
             process_key, correlation_id, variables, wait=wait, wait_until=wait_until,
-            callback_url=callback_url, fetch_variables=fetch_variables,
+            callback_url=callback_url, fetch_variables=fetch_variables, read_token=read_token,
         )  # fmt: skip
         response = self._http.post(
             "/api/process/start", json=body, headers=headers, timeout=_timeout(wait or 60)

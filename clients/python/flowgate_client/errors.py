@@ -4,6 +4,7 @@
   ``ApiError``          the server refused the request (its Fastify-style error body)
     ``NotFound``        404: no such run (or process definition)
     ``Unavailable``     502/503: the engine or a store is down; ``retry_after`` says when
+    ``RateLimited``     429: a limit of the caller's tenant; ``retry_after`` says when
   ``RunFailed``         the run ended ``error`` (``run.error`` says why)
   ``RunCancelled``      the run was cancelled
 """
@@ -39,6 +40,15 @@ class NotFound(ApiError):
 class Unavailable(ApiError):
     """502/503: try again after ``retry_after`` seconds (a start with the same
     correlationId is safe to repeat: it never starts a second run)."""
+
+    def __init__(self, status_code: int, body: Any, retry_after: float) -> None:
+        super().__init__(status_code, body)
+        self.retry_after = retry_after
+
+
+class RateLimited(ApiError):
+    """429: a limit of the caller's tenant is reached (``body["message"]`` names it); try
+    again after ``retry_after`` seconds."""
 
     def __init__(self, status_code: int, body: Any, retry_after: float) -> None:
         super().__init__(status_code, body)

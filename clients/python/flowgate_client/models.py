@@ -71,6 +71,8 @@ class RunStatus:
     updated_at: datetime | None = None
     #: The user tasks open when an action (a task completed, a message sent) paused the run.
     tasks: tuple[UserTask, ...] = ()
+    #: A start's read token, when it asked for one (reads this run's status and events).
+    read_token: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -90,6 +92,7 @@ class RunStatus:
             started_at=_time(body.get("startedAt")),
             updated_at=_time(body.get("updatedAt")),
             tasks=tuple(UserTask.from_json(task) for task in body.get("tasks") or ()),
+            read_token=body.get("readToken"),
         )
 
 
