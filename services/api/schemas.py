@@ -185,6 +185,7 @@ class StartRequest(BaseModel):
 
     readToken: bool = Field(
         default=False,
+        strict=True,
         description="Answer with `readToken`: a short-lived token that reads this run's status "
         "and events only (as a bearer token or `?access_token=`), for a browser.",
     )

@@ -62,6 +62,7 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
             MAX_WAIT_MS="1000",
             API_KEYS="client-key",
             COMPLETE_TOKEN="internal-token",
+            CALLBACK_ALLOWED_HOSTS="*",  # the document's example names example.com
             LOG_LEVEL="WARNING",
         ) as server,
         replica(
