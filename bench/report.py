@@ -968,13 +968,17 @@ def _tenants(r: dict[str, Any]) -> list[str]:
             _n(measured["solo"]["p99_ms"], 2),
             _n(measured["burst"]["beta"]["p99_ms"], 2),
             measured["burst"]["alpha"]["codes"],
+            measured.get("cpu", {}),
         ]
         for number, measured in enumerate(r["rounds"])
     ]
     return [
         "## 13. Fair limits: one tenant's burst beside another's starts (stand-in engine)",
         "",
-        _table(["round", "B p99 ms alone", "B p99 ms under A's burst", "A's answers"], rows),
+        _table(
+            ["round", "B p99 ms alone", "B p99 ms under A's burst", "A's answers", "CPU share"],
+            rows,
+        ),
         "",
         f"Limit {r['limit_per_s']} starts/s per tenant; B starts {r['b_rate_per_s']}/s, A sends "
         f"{r['a_rate_per_s']}/s. B's p99 under the burst / alone: {_n(r['ratio'], 2)}x "

@@ -5,7 +5,8 @@ one hash slot (``{prefix:t:tenant}``), so each check is one script on a Redis Cl
 A refusal is :class:`Limited`, answered 429 with ``Retry-After`` and the IETF
 ``RateLimit-Policy`` / ``RateLimit`` headers (draft-ietf-httpapi-ratelimit-headers).
 
-- **Starts per second**: a counter per tenant and second.
+- **Starts per second**: a counter per tenant and second; once a replica sees it past the
+  limit, it refuses the rest of that second itself (a burst costs it no Redis call).
 - **Runs in flight, parked waits, open streams**: a sorted set per tenant of what holds a
   place, scored by when the place lapses by itself, so a replica that dies cannot leak
   places: a parked wait lapses at its deadline, a stream's place is renewed while it is
@@ -32,6 +33,8 @@ from flowgate.shared.state import Status
 
 #: How long a stream's place lasts unless the stream renews it (it does every event or so).
 STREAM_LEASE_S = 60.0
+#: Tenants whose last second over the limit a replica keeps in memory (then it forgets all).
+MAX_TENANTS_KEPT = 10_000
 #: A parked wait's place outlives its deadline by this much (the answer is still written).
 PARKED_SLACK_S = 5.0
 
@@ -127,18 +130,26 @@ class Limits:
         self._pending_ttl_s = pending_ttl_s
         self._rate = RATE.bound(redis)
         self._place = PLACE.bound(redis)
+        #: tenant -> the second its start count went past the limit: the rest of that
+        #: second is refused here, without asking Redis (the count only grows).
+        self._over: dict[str, int] = {}
 
     async def start_rate(self, tenant: str) -> None:
         """Count a start; raises :class:`Limited` past starts per second (checked before
         the body is read: a refused burst costs the replica as little as it can)."""
         if limit := self._limits.starts_per_s:
             second = int(time.time())
-            counted = await self._rate(
-                RateKeys(counter=f"{self._keys.tenant(tenant)}:starts:{second}"),
-                RateArgs(limit=limit, window_s=1),
-            )
-            if not counted:
-                raise Limited("starts", limit, window_s=1, retry_after_s=1)
+            if self._over.get(tenant) != second:
+                counted = await self._rate(
+                    RateKeys(counter=f"{self._keys.tenant(tenant)}:starts:{second}"),
+                    RateArgs(limit=limit, window_s=1),
+                )
+                if counted:
+                    return
+                if len(self._over) > MAX_TENANTS_KEPT:
+                    self._over.clear()
+                self._over[tenant] = second
+            raise Limited("starts", limit, window_s=1, retry_after_s=1)
 
     async def run_place(self, tenant: str, correlation_id: str) -> None:
         """Hold a place among the tenant's runs in flight for this run (its own place, if
