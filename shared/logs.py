@@ -13,33 +13,48 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
+from pythonjsonlogger.orjson import OrjsonFormatter
 
 #: The request being served and the run it names (services/api/requestid.py): every log
 #: line written meanwhile carries them, as ``requestId`` and ``correlationId``.
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 CORRELATION_ID: ContextVar[str | None] = ContextVar("correlation_id", default=None)
 
-# Attributes every LogRecord has; anything else was passed through `extra=`.
-_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+#: The trace of the span being served (shared/tracing.py, when tracing is on), as ``traceId``.
+TRACE_ID: ContextVar[str | None] = ContextVar("trace_id", default=None)
+_CONTEXT = (("requestId", REQUEST_ID), ("correlationId", CORRELATION_ID), ("traceId", TRACE_ID))
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if (request_id := REQUEST_ID.get()) is not None:
-            entry["requestId"] = request_id
-        if (correlation_id := CORRELATION_ID.get()) is not None:
-            entry["correlationId"] = correlation_id
-        entry.update((k, v) for k, v in vars(record).items() if k not in _STANDARD)
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+class JsonFormatter(OrjsonFormatter):
+    """python-json-logger's orjson formatter: ``ts`` (ISO, UTC), ``level``, ``logger``,
+    ``msg``, the ids the context holds, every ``extra=`` field, and ``exc`` for an
+    exception."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "{levelname}{name}{message}",
+            style="{",
+            timestamp="ts",
+            rename_fields={
+                "levelname": "level",
+                "name": "logger",
+                "message": "msg",
+                "exc_info": "exc",
+            },
+            json_default=str,
+        )
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        super().add_fields(log_data, record, message_dict)
+        log_data["level"] = record.levelname.lower()
+        log_data["ts"] = datetime.fromtimestamp(record.created, tz=UTC).isoformat(
+            timespec="milliseconds"
+        )
+        for name, var in _CONTEXT:  # (an explicit ``extra=`` value comes first)
+            if name not in log_data and (value := var.get()) is not None:
+                log_data[name] = value
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.middleware import Middleware
 
+from flowgate.shared.logs import TRACE_ID
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
@@ -122,7 +124,11 @@ class Tracing:
         with self.tracer.start_as_current_span(
             name, context=context, kind=SpanKind[kind.upper()], attributes=attributes
         ) as current:
-            yield current
+            logged = TRACE_ID.set(format(current.get_span_context().trace_id, "032x"))
+            try:
+                yield current
+            finally:
+                TRACE_ID.reset(logged)
 
     def traceparent(self, inherited: str | None = None) -> str | None:
         """The traceparent to hand on from here: the current span's when on (it continues
@@ -154,6 +160,7 @@ class Tracing:
         span = trace.get_current_span()
         span.update_name(f"{method} {route}")
         span.set_attribute("http.route", route)
+        TRACE_ID.set(format(span.get_span_context().trace_id, "032x"))  # this request's lines
 
     def asgi_middleware(self) -> list[Middleware]:
         """The ASGI instrumentation for the API's middleware stack (none when off)."""

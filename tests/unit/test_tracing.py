@@ -3,12 +3,16 @@ the SDK is not even imported."""
 
 from __future__ import annotations
 
+import io
+import logging
 import subprocess
 import sys
 
+import orjson
 import pytest
 
-from flowgate.shared.tracing import OFF, valid_traceparent, wanted
+from flowgate.shared.logs import JsonFormatter
+from flowgate.shared.tracing import OFF, Tracing, valid_traceparent, wanted
 
 SAMPLE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -60,3 +64,28 @@ assert not loaded, loaded
         [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_log_line_written_in_a_span_names_its_trace() -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    tracing = Tracing.exporting(exporter, service="test")
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("flowgate.test.tracing")
+    logger.addHandler(handler)
+    try:
+        with tracing.span("work", parent=SAMPLE):
+            logger.warning("inside")
+        logger.warning("outside")
+    finally:
+        logger.removeHandler(handler)
+    assert tracing.provider is not None
+    tracing.provider.force_flush()
+    inside, outside = (orjson.loads(line) for line in lines.getvalue().splitlines())
+    assert inside["traceId"] == SAMPLE.split("-")[1]
+    assert "traceId" not in outside
+    [span] = exporter.get_finished_spans()
+    assert format(span.context.trace_id, "032x") == inside["traceId"]
