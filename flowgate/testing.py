@@ -197,6 +197,7 @@ class _NoRecords:
         error: Any = None,
         event: EventRecord | None = None,
         step: StepEvent | None = None,
+        cause: str | None = None,
     ) -> None:
         return None
 

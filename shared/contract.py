@@ -5,7 +5,8 @@
 * the **run channel's messages** (a partition's channel ``{p:n}:run``, shared/keys.py): the
   run's correlationId, a newline, then a finished run's state, the news that the start a
   request joined has failed (:class:`StartFailed`), or that a step was recorded
-  (:class:`StepRecorded`); shared/store/scripts.py's Lua publishes them.
+  (:class:`StepRecorded`); a finish may add a newline and the traceparent of the span that
+  ended the run. shared/store/scripts.py's Lua publishes them.
 
 Producers and consumers import these names from here, so a rename fails at import time in
 both services, not at runtime in one.
@@ -22,7 +23,7 @@ import orjson
 
 from flowgate.shared.camunda import LockedTask
 from flowgate.shared.state import RunState, Status
-from flowgate.shared.tracing import TRACEPARENT
+from flowgate.shared.tracing import TRACEPARENT, valid_traceparent
 
 #: The variable holding the run's correlationId (the engine's businessKey holds it too).
 CORRELATION_ID = "correlationId"
@@ -170,10 +171,17 @@ STALLED = b'{"kind":"stalled"}'
 
 
 def correlation_id_of_message(raw: bytes) -> tuple[str, bytes]:
-    """Split a run-channel message into its run's correlationId and its body, so that a
+    """Split a run-channel message into its run's correlationId and the rest, so that a
     replica decodes only the messages of runs it has waiting."""
-    cid, _, body = raw.partition(b"\n")
-    return cid.decode(), body
+    cid, _, rest = raw.partition(b"\n")
+    return cid.decode(), rest
+
+
+def cause_of_message(rest: bytes) -> tuple[bytes, str | None]:
+    """A message's body and the traceparent of the span that sent it (a finish's last line,
+    when tracing: the span a waiter's wake links to). JSON bodies hold no raw newline."""
+    body, _, cause = rest.partition(b"\n")
+    return body, valid_traceparent(cause.decode()) if cause else None
 
 
 def decode_message(raw: bytes | str) -> Message:

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -110,19 +110,31 @@ class Tracing:
         parent: str | None = None,
         kind: str = "internal",
         attributes: Mapping[str, str | int] | None = None,
+        links: Sequence[str] = (),
+        start_ns: int | None = None,
     ) -> Iterator[Span | None]:
         """A span, current for the block (None when off). ``parent``: a traceparent to
         continue (a run's) instead of the current span; ``kind``: ``internal``,
-        ``client``, ``consumer``."""
+        ``client``, ``consumer``; ``links``: traceparents of spans that caused this one
+        (a wake's worker span); ``start_ns``: when it began, if before the block."""
         if self.tracer is None:
             yield None
             return
-        from opentelemetry import propagate
-        from opentelemetry.trace import SpanKind
+        from opentelemetry import propagate, trace
+        from opentelemetry.trace import Link, SpanKind
 
         context = propagate.extract({TRACEPARENT: parent}) if parent else None
+        caused_by = [
+            Link(trace.get_current_span(propagate.extract({TRACEPARENT: link})).get_span_context())
+            for link in links
+        ]
         with self.tracer.start_as_current_span(
-            name, context=context, kind=SpanKind[kind.upper()], attributes=attributes
+            name,
+            context=context,
+            kind=SpanKind[kind.upper()],
+            attributes=attributes,
+            links=caused_by,
+            start_time=start_ns,
         ) as current:
             logged = TRACE_ID.set(format(current.get_span_context().trace_id, "032x"))
             try:

@@ -157,6 +157,7 @@ async def open_deps(
             max_parked=_parking_places(settings),
             settled=Settled(result_ttl_s=settings.result_ttl_s),
             pace=pace,
+            tracing=tracing,
         )
         runs = Runs(store, pool)
         stop, migrated = asyncio.Event(), asyncio.Event()

@@ -53,6 +53,7 @@ from flowgate.shared.contract import (
     Stalled,
     StartFailed,
     StepRecorded,
+    cause_of_message,
     correlation_id_of_message,
     decode_message,
     failed_start,
@@ -70,6 +71,7 @@ from flowgate.shared.redis_client import (
 from flowgate.shared.state import RunState
 from flowgate.shared.steps import StepEvent
 from flowgate.shared.store.runs import RunStore
+from flowgate.shared.tracing import OFF, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +127,15 @@ class _Waiter:
     parked request needs.
     """
 
-    __slots__ = ("_future", "_set", "message", "steps")
+    __slots__ = ("_future", "_set", "cause", "message", "steps", "woken_ns")
 
     def __init__(self, *, steps: bool = False) -> None:
         self._set = False
         self._future: asyncio.Future[None] | None = None
         self.message: RunState | StartFailed | None = None
+        #: The traceparent of the span that sent ``message`` (tracing), and when it came.
+        self.cause: str | None = None
+        self.woken_ns = 0
         self.steps = steps
 
     def set(self) -> None:
@@ -216,8 +221,10 @@ class WaitRoom:
         max_parked: int,
         settled: Settled | None = None,
         pace: Pace | None = None,
+        tracing: Tracing = OFF,
     ) -> None:
         self._redis = redis
+        self._tracing = tracing
         #: Runs seen to end: a wait for one answers without a round trip (settled.py), and
         #: each, once, tells how long its process takes (pace.py).
         self._settled = settled
@@ -341,7 +348,7 @@ class WaitRoom:
             if state is None or state.finished:
                 return self._ended(state, WaitEnd.SETTLED)
             if (message := waiter.take()) is not None:  # arrived while the state was read
-                return self._woken(message)
+                return self._woken(message, waiter)
             if until and (step := await self._store.steps.find(correlation_id, until)):
                 return self._ended(state, WaitEnd.MILESTONE, step)
             if self.draining:  # released while the state was read
@@ -350,7 +357,7 @@ class WaitRoom:
                 return await self._look(correlation_id, None, WaitEnd.TIMEOUT)
             waiter.clear()
             if (message := waiter.take()) is not None:
-                return self._woken(message)
+                return self._woken(message, waiter)
             # Otherwise a step, a resubscription or the drain: read the state again.
             state = await self._store.get(correlation_id)
 
@@ -420,10 +427,16 @@ class WaitRoom:
             self._pace.ended(outcome)
         return WaitResult(outcome, end, milestone, last_step)
 
-    def _woken(self, message: RunState | StartFailed) -> WaitResult:
+    def _woken(self, message: RunState | StartFailed, waiter: _Waiter) -> WaitResult:
         if isinstance(message, RunState):
             latency = time.time() - message.updated_at.timestamp()
             self._metrics.wake_latency.observe(max(latency, 0.0))
+        if waiter.cause is not None:
+            # From the message's arrival to the request going on, linked to the worker's span.
+            with self._tracing.span(
+                "flowgate wake", links=[waiter.cause], start_ns=waiter.woken_ns
+            ):
+                pass
         return self._ended(message, WaitEnd.WOKEN)
 
     # --- the subscriptions ----------------------------------------------------------------
@@ -487,6 +500,7 @@ class WaitRoom:
         waiters = self._waiters.get(correlation_id)
         if not waiters:
             return  # parked on another replica, or nobody waits: nothing to decode
+        body, cause = cause_of_message(body)
         try:
             message = decode_message(body)
         except (ValueError, KeyError, TypeError) as exc:
@@ -503,6 +517,7 @@ class WaitRoom:
                 if waiter.steps:
                     waiter.set()
             return
+        woken_ns = time.time_ns() if cause is not None else 0
         for waiter in waiters:
-            waiter.message = message
+            waiter.message, waiter.cause, waiter.woken_ns = message, cause, woken_ns
             waiter.set()

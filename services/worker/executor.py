@@ -186,6 +186,7 @@ class RunRecorder(Protocol):
         error: Any = None,
         event: EventRecord | None = None,
         step: StepEvent | None = None,
+        cause: str | None = None,
     ) -> None: ...
 
     async def step(self, correlation_id: str, step: StepEvent, event: EventRecord) -> None: ...
@@ -594,7 +595,13 @@ class Executor:
             await self.recorder.record(event)
             return
         await self.recorder.finish(
-            ctx.correlation_id, status, data=data, error=error, event=event, step=step
+            ctx.correlation_id,
+            status,
+            data=data,
+            error=error,
+            event=event,
+            step=step,
+            cause=self.tracing.traceparent(),  # the handler's span, for the wake's link
         )
 
     async def _record_step(

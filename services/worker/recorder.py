@@ -76,11 +76,19 @@ class Recorder:
         error: Any = None,
         event: EventRecord | None = None,
         step: StepEvent | None = None,
+        cause: str | None = None,
     ) -> None:
-        """End the run (with its audit row and its last step), retrying until Redis takes it."""
+        """End the run (with its audit row and its last step), retrying until Redis takes it;
+        ``cause``: the traceparent of the span that ended it (the wake's link)."""
         await self._until_written(
             lambda: self._store.finish(
-                correlation_id, status, data=data, error=error, event=event, step=step
+                correlation_id,
+                status,
+                data=data,
+                error=error,
+                event=event,
+                step=step,
+                cause=cause,
             )
         )
 

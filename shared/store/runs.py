@@ -315,6 +315,7 @@ class RunStore:
         event: EventRecord | None = None,
         step: StepEvent | None = None,
         incident_id: str | None = None,
+        cause: str | None = None,
     ) -> bool:
         """End a ``pending`` run and wake its waiters; True if this call changed it.
 
@@ -323,7 +324,8 @@ class RunStore:
         and ``step`` the step that ended it, both written in the same step. A second finish,
         or one for an unknown (never claimed or expired) id, changes nothing and returns
         False: the first outcome wins. The run's engine instance stays mapped for
-        :data:`INSTANCE_LINGER_S` more, for its last steps.
+        :data:`INSTANCE_LINGER_S` more, for its last steps. ``cause``: the traceparent of the
+        span that ended it, sent with the wake (a waiter's span links to it).
         """
         if status not in (Status.OK, Status.ERROR, Status.CANCELLED):
             raise ValueError("finish() needs a terminal status (ok, error or cancelled)")
@@ -359,6 +361,7 @@ class RunStore:
                 forget_at=ms(now) + int(INSTANCE_LINGER_S * 1000),
                 incident_id=incident_id or "",
                 compact_after_ms=self._steps_in_redis_ms,
+                cause=cause or "",
             ),
         )
         return bool(changed)

@@ -311,6 +311,8 @@ class FinishArgs(NamedTuple):
     compact_after_ms: int
     #: The incident that ends the run ('' = none): one a retry resolved does not (REOPEN).
     incident_id: str
+    #: The traceparent of the span that ended the run ('' = none), a last line of the message.
+    cause: str
 
 
 #: Only a pending run. 1 if the state changed.
@@ -352,7 +354,8 @@ redis.call('DEL', K.cancel)
 local time = redis.call('TIME')
 redis.call('ZADD', K.compact, time[1] * 1000 + math.floor(time[2] / 1000) + A.compact_after_ms,
   A.cid)
-redis.call(PUBLISH, A.channel, A.cid .. '\\n' .. state)
+local cause = A.cause ~= '' and '\\n' .. A.cause or ''
+redis.call(PUBLISH, A.channel, A.cid .. '\\n' .. state .. cause)
 return 1
 """,
     prelude=STATE_JSON_LUA + RECORD_STEP_LUA,

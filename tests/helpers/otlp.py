@@ -28,6 +28,8 @@ class Span:
     parent_id: str
     kind: int
     attributes: dict[str, str]
+    #: The spans this one links to, as ``traceId-spanId``.
+    links: tuple[str, ...] = ()
 
 
 @dataclass
@@ -61,6 +63,10 @@ class Collector:
                                 parent_id=span.parent_span_id.hex(),
                                 kind=span.kind,
                                 attributes={a.key: a.value.string_value for a in span.attributes},
+                                links=tuple(
+                                    f"{link.trace_id.hex()}-{link.span_id.hex()}"
+                                    for link in span.links
+                                ),
                             )
                         )
             body = ExportTraceServiceResponse().SerializeToString()

@@ -68,6 +68,7 @@ class RecordedRuns:
         error: Any = None,
         event: EventRecord | None = None,
         step: StepEvent | None = None,
+        cause: str | None = None,
     ) -> None:
         self.finished.append((correlation_id, status, data, error))
         if event is not None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import pytest
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-from flowgate.services.worker.handlers import PROCESSES
+from flowgate.handlers import Process, Step
+from flowgate.services.worker.handlers.benchmark import NoopInput
 from flowgate.services.worker.registry import Registry
 from flowgate.shared.camunda import CamundaClient
 from flowgate.shared.settings import Settings
@@ -26,6 +27,15 @@ from tests.helpers.worker import running_worker
 
 MakeSettings = Callable[..., Settings]
 pytestmark = pytest.mark.engine_agnostic  # the trace is flowgate's; the engine carries a variable
+
+#: bpmn/benchmark.bpmn, its one step slow enough that every wait here parks and is woken.
+slow = Process("benchmark", [Step("noop", success="done", error="failed", finishes_run=True)])
+
+
+@slow.handler("noop")
+async def noop(data: NoopInput) -> dict[str, object]:
+    await asyncio.sleep(0.3)
+    return {"noop": True}
 
 
 @dataclass
@@ -61,7 +71,7 @@ async def traced(make_settings: MakeSettings, engine_url: str) -> AsyncIterator[
         async with (
             running_app(settings, tracing=tracings[0]) as a,
             running_app(settings, tracing=tracings[1]) as b,
-            running_worker(settings, Registry.of(PROCESSES), tracing=tracings[2]),
+            running_worker(settings, Registry.of([slow]), tracing=tracings[2]),
         ):
             yield Traced(a, b, collector, receiver, engine_url, tracings)
 
@@ -97,6 +107,12 @@ async def test_a_sync_start_is_one_trace_from_the_caller_to_the_callback(traced:
     # The handler's span is a child of the run's context, which is the start request's.
     [server] = [s for s in spans if s.name == "POST /api/process/start"]
     [handler] = [s for s in spans if s.name == "handle benchmark.noop"]
+    # The parked request's wake links to the handler's span that ended the run.
+    [wake] = [s for s in spans if s.name == "flowgate wake"]
+    [park] = [s for s in spans if s.name == "flowgate park"]
+    assert wake.service == "api-a"
+    assert wake.parent_id == park.span_id
+    assert wake.links == (f"{trace_id}-{handler.span_id}",)
     state = await traced.a.deps.store.get(run)
     assert state is not None
     assert state.traceparent is not None
@@ -139,10 +155,15 @@ async def test_an_async_start_finished_by_another_replica_keeps_the_callers_trac
     )
     assert done.json()["status"] == "ok", done.text
     await traced.flush()
-    spans = {(span.service, span.name) for span in traced.collector.of_trace(trace_id)}
-    assert ("api-a", "POST /api/process/start") in spans
-    assert ("flowgate-worker", "handle benchmark.noop") in spans
-    assert ("api-b", "GET /api/process/status/{correlationId}") in spans
+    spans = traced.collector.of_trace(trace_id)
+    named = {(span.service, span.name) for span in spans}
+    assert ("api-a", "POST /api/process/start") in named
+    assert ("flowgate-worker", "handle benchmark.noop") in named
+    assert ("api-b", "GET /api/process/status/{correlationId}") in named
+    # Replica B's wait was woken by the worker, in another process: the wake links to it.
+    [handler] = [s for s in spans if s.name == "handle benchmark.noop"]
+    [wake] = [s for s in spans if s.name == "flowgate wake"]
+    assert (wake.service, wake.links) == ("api-b", (f"{trace_id}-{handler.span_id}",))
 
 
 async def test_without_tracing_a_callers_traceparent_still_travels_with_the_run(
