@@ -30,6 +30,8 @@ runs as it is on a Redis Cluster; on a single Redis the tags are just part of th
                                       being or was completed (services/api/usertasks.py)
 ``{p:n}:msg:{correlationId}:{messageId}`` hash: a message sent to a run: held, sent,
                                       correlated or expired (services/api/messages.py)
+``{p:n}:msgs:held``                   sorted set: the records of messages being held, scored
+                                      by when their holder's lease lapses
 ``{p:n}:waiting:{correlationId}``     string: what a pending run waits for, read from the
                                       engine a moment ago (services/api/waiting.py)
 ``{p:n}:stalled:{activityInstanceId}`` string: a stall of a run's step was raised (once)
@@ -47,6 +49,8 @@ runs as it is on a Redis Cluster; on a single Redis the tags are just part of th
 ``{p}:watcher:lost``                  string: the last lost-events mark it read the history for
 ``{p}:backlog``                       string: the replica that samples the engine's backlog (lease)
 ``{p}:stalls``                        string: the replica that looks for stalled runs (lease)
+``{p}:messages``                      string: the replica that takes over held messages whose
+                                      holder died (lease)
 ``{p:worker:{name}:{slot}}:lease``    string: which worker process holds a slot
 ``{p:worker:{name}:{slot}}:last``     string: the last worker id that held the slot
 ``{p:t:{tenant}}:starts:{second}``    string: a tenant's starts in one second (api/limits.py)
@@ -119,6 +123,10 @@ class Partition:
     def writebehind_dead(self) -> str:
         return f"{self.tag}:wb:dead"
 
+    @property
+    def messages_held(self) -> str:
+        return f"{self.tag}:msgs:held"
+
 
 @dataclass(frozen=True, slots=True)
 class Keys:
@@ -165,6 +173,10 @@ class Keys:
     @property
     def stalls_lease(self) -> str:
         return f"{self.prefix}:stalls"
+
+    @property
+    def messages_lease(self) -> str:
+        return f"{self.prefix}:messages"
 
     def waiting(self, correlation_id: str) -> str:
         return f"{self.of(correlation_id).tag}:waiting:{correlation_id}"

@@ -12,10 +12,13 @@ the engine shows the wait armed. Exactly once, on any number of replicas:
   it correlates only when the engine lists the wait armed (``GET /event-subscription``),
   marking the record ``sending`` just before and ``correlated`` just after;
 * the hold goes on in the replica's task group, so a client that stops waiting does not
-  drop its message; if the replica itself dies, the message waits for the client's retry
-  with the same ``messageId``, which takes the lapsed lease over. A record left
-  ``sending`` by a dead holder is taken as correlated once the engine no longer shows the
-  wait (the dead holder's correlation consumed it), and sent again only while it does.
+  drop its message. The record keeps the message (name and variables) and sits in its
+  partition's ``msgs:held`` set, scored by when its holder's lease lapses; if the replica
+  dies, one replica at a time (a lease, as the stall check's) takes such messages over
+  every ``LEASE_S`` and holds them on, as a client's retry with the same ``messageId``
+  would. A record left ``sending`` by a dead holder is taken as correlated once the engine
+  no longer shows the wait (the dead holder's correlation consumed it), and sent again
+  only while it does.
 
 The holder looks again on each step the run records (the wait room) and every
 ``RECHECK_S``, so a message is correlated within a few milliseconds of its catch event
@@ -25,12 +28,13 @@ being armed by a worker's step, and within ``RECHECK_S`` otherwise.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import orjson
 
@@ -38,8 +42,9 @@ from flowgate.services.api.pause import Paused, Waits, next_pause
 from flowgate.services.api.runs import Runs
 from flowgate.services.api.waitroom import WaitRoom
 from flowgate.shared.aio import Spawner
-from flowgate.shared.camunda import BadRequest, CamundaClient
+from flowgate.shared.camunda import BadRequest, CamundaClient, CamundaError
 from flowgate.shared.keys import Keys
+from flowgate.shared.lease import Lease, lead
 from flowgate.shared.lua import Script
 from flowgate.shared.redis_client import RedisClient, text
 from flowgate.shared.state import RunState
@@ -107,6 +112,49 @@ class Messages:
         self._result_ttl_s = result_ttl_s
         self._holder = f"holder-{uuid.uuid4().hex}"
         self._claim_script = CLAIM.bound(redis)
+        self._renew = RENEW.bound(redis)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Take over held messages whose holder died, while this replica holds the lease,
+        until ``stop`` (run it in the replica's task group)."""
+        lease = Lease(
+            self._redis, self._keys.messages_lease, holder=self._holder, ttl_s=3 * LEASE_S
+        )
+        await lead(
+            lease, stop, every_s=LEASE_S, work=self.sweep, errors=(CamundaError,),
+            what="taking over held messages",
+        )  # fmt: skip
+
+    async def sweep(self) -> int:
+        """Hold on every message whose holder's lease lapsed (in the task group, as a retry
+        of its client would); how many were taken over."""
+        taken = 0
+        now_ms = int(time.time() * 1000)
+        for part in self._keys.partitions:
+            lapsed = await self._redis.zrangebyscore(part.messages_held, "-inf", now_ms, 0, 1000)
+            for record in map(text, cast("list[bytes]", lapsed)):
+                message = await self._held(record)
+                if message is None:
+                    await self._redis.zrem(part.messages_held, record)
+                elif await self._claim(message, record) == "take_over":
+                    holding = self._hold(message, record, taken_over=True)
+                    self._spawner.spawn(holding, name=f"message:{message.correlation_id}")
+                    taken += 1
+        return taken
+
+    async def _held(self, record: str) -> Message | None:
+        """The message a record keeps, while it is held or being sent (else None)."""
+        status, cid, message_id, name, variables = await self._redis.hmget(
+            record, ["status", "cid", "messageId", "name", "variables"]
+        )
+        if status is None or text(status) not in ("holding", "sending") or cid is None:
+            return None
+        return Message(
+            correlation_id=text(cid),
+            name=text(name or b""),
+            variables=orjson.loads(variables or b"{}"),
+            message_id=text(message_id or b""),
+        )
 
     async def send(self, message: Message, *, wait_s: float, until: str | None) -> MessageOutcome:
         """Deliver ``message`` (see the module docstring) and wait up to ``wait_s`` for what
@@ -118,7 +166,9 @@ class Messages:
             return MessageOutcome(Delivery.UNKNOWN_RUN)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
-        record = self._keys.message(cid, message.message_id or uuid.uuid4().hex)
+        message_id = message.message_id or uuid.uuid4().hex
+        message = dataclasses.replace(message, message_id=message_id)  # the record keeps it
+        record = self._keys.message(cid, message_id)
         before = Waits()
         if await self._redis.hget(record, "status") != Delivery.CORRELATED.value.encode():
             if state.finished:
@@ -169,8 +219,11 @@ class Messages:
         ``conflict``."""
         now_ms = int(time.time() * 1000)
         answer = await self._claim_script(
-            MessageKeys(record=record),
+            MessageKeys(record=record, held=self._keys.of(message.correlation_id).messages_held),
             ClaimArgs(
+                cid=message.correlation_id,
+                message_id=message.message_id or "",
+                variables=orjson.dumps(message.variables),
                 name=message.name,
                 fingerprint=message.fingerprint,
                 holder=self._holder,
@@ -193,18 +246,18 @@ class Messages:
         async with self._waitroom.follow(cid) as follower:
             while time.time() < ends_at:
                 lease = int((time.time() + LEASE_S) * 1000)
-                await self._redis.hset(record, "leaseUntil", lease)
+                await self._renew(self._message_keys(message, record), RenewArgs(lease_until=lease))
                 state = await self._store.get(cid)
                 if state is None or state.finished:
                     break
                 armed = await self._armed(state, message.name)
                 if maybe_sent and not armed:
-                    return await self._mark(record, Delivery.CORRELATED)
+                    return await self._mark(message, record, Delivery.CORRELATED)
                 maybe_sent = False
                 if armed and await self._correlate(message, record, state):
-                    return await self._mark(record, Delivery.CORRELATED)
+                    return await self._mark(message, record, Delivery.CORRELATED)
                 await follower.changed(min(RECHECK_S, max(ends_at - time.time(), 0.0)))
-        return await self._mark(record, Delivery.EXPIRED)
+        return await self._mark(message, record, Delivery.EXPIRED)
 
     async def _armed(self, state: RunState, name: str) -> bool:
         """Whether the run's instance waits for a message ``name`` now."""
@@ -226,16 +279,26 @@ class Messages:
             return False
         return True
 
-    async def _mark(self, record: str, delivery: Delivery) -> Delivery:
+    async def _mark(self, message: Message, record: str, delivery: Delivery) -> Delivery:
+        """The message's end, and no longer held (a sweep finding it marked drops it too)."""
         await self._redis.hset(record, "status", delivery.value)
+        await self._redis.zrem(self._message_keys(message, record).held, record)
         return delivery
+
+    def _message_keys(self, message: Message, record: str) -> MessageKeys:
+        return MessageKeys(record=record, held=self._keys.of(message.correlation_id).messages_held)
 
 
 class MessageKeys(NamedTuple):
     record: str
+    #: The partition's records held now, by when their lease lapses.
+    held: str
 
 
 class ClaimArgs(NamedTuple):
+    cid: str
+    message_id: str
+    variables: bytes
     name: str
     fingerprint: str
     holder: str
@@ -255,16 +318,35 @@ local f = redis.call('HMGET', K.record, 'status', 'fingerprint', 'leaseUntil')
 if not f[1] then
   redis.call('HSET', K.record, 'status', 'holding', 'name', A.name,
     'fingerprint', A.fingerprint, 'holder', A.holder, 'leaseUntil', A.lease_until,
-    'holdUntil', A.hold_until)
+    'holdUntil', A.hold_until, 'cid', A.cid, 'messageId', A.message_id,
+    'variables', A.variables)
   redis.call('EXPIRE', K.record, A.ttl_s)
+  redis.call('ZADD', K.held, A.lease_until, K.record)
   return 'hold'
 end
 if f[2] ~= A.fingerprint then return 'conflict' end
 if f[1] == 'correlated' or f[1] == 'expired' then return f[1] end
 if tonumber(f[3] or '0') < tonumber(A.now_ms) then
   redis.call('HSET', K.record, 'holder', A.holder, 'leaseUntil', A.lease_until)
+  redis.call('ZADD', K.held, A.lease_until, K.record)
   return 'take_over'
 end
 return 'wait'
+""",
+)
+
+
+class RenewArgs(NamedTuple):
+    lease_until: int
+
+
+#: A holder's lease on a message goes on (the record and its place in the held set).
+RENEW = Script(
+    "message-renew",
+    MessageKeys,
+    RenewArgs,
+    """
+redis.call('HSET', K.record, 'leaseUntil', A.lease_until)
+redis.call('ZADD', K.held, 'XX', A.lease_until, K.record)
 """,
 )

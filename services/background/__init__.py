@@ -11,6 +11,9 @@ backlog.py     samples the engine's waiting tasks by topic for the workers' auto
                replica at a time, with a lease)
 stalls.py      raises ``stalled`` once for a run past a step's declared threshold (one
                replica at a time, with a lease)
+services/api/messages.py
+               takes over the messages held for a run whose holder died (one replica at a
+               time, with a lease)
 services/flusher/writebehind.py
                copies the write-behind streams to Postgres, when ``WRITEBEHIND_IN_API`` keeps
                it inside the replica (the deployments run it as a process of its own)
@@ -98,6 +101,7 @@ async def running(deps: Deps, settings: Settings) -> AsyncIterator[None]:
                 tasks.create_task(recovery.run(stop), name="recover-starts"),
                 tasks.create_task(watcher.run(stop), name="watch-engine"),
                 tasks.create_task(deliverer.run(stop), name="deliver-callbacks"),
+                tasks.create_task(deps.messages.run(stop), name="take-over-messages"),
             ]
             if settings.backlog_interval_ms:
                 backlog = Backlog(

@@ -298,6 +298,48 @@ async def test_a_message_sent_before_its_wait_is_armed_is_held_and_correlated_on
     assert await confirmations(engine_url, instance) == 1
 
 
+async def test_a_message_held_by_a_replica_that_went_away_is_correlated_by_another(
+    make_settings: MakeSettings, engine_url: str
+) -> None:
+    await deploy_bpmn(engine_url)
+    settings = make_settings(
+        camunda_base_url=engine_url, message_hold_ms=30_000, shutdown_grace_s=1
+    )
+    async with (
+        running_app(settings) as survivor,
+        running_worker(settings, Registry.of([approve_order.process])),
+    ):
+        correlation_id = await order(survivor)
+        async with running_app(settings) as leaving:
+            held = await leaving.client.post(
+                f"/api/process/message/{correlation_id}",
+                json={"messageName": "order-confirmed", "messageId": "m-left",
+                      "variables": {"paymentReference": "pay-9"}},
+                headers={"Prefer": "wait=1"},
+            )  # fmt: skip
+            assert held.status_code == 202, held.text
+        # Its holder is gone; the run waits for the message only now.
+        assert (await approve(survivor, correlation_id)).status_code == 200
+        done = await survivor.client.get(
+            f"/api/process/status/{correlation_id}", headers={"Prefer": "wait=20"}
+        )
+        assert done.json()["status"] == "ok", done.text
+        assert done.json()["data"]["paymentReference"] == "pay-9"
+        state = await survivor.deps.store.get(correlation_id)
+        assert state is not None
+        assert state.instance_id is not None
+        instance = state.instance_id
+        assert await confirmations(engine_url, instance) == 1
+        record = survivor.deps.keys.message(correlation_id, "m-left")
+        assert await survivor.deps.redis.hget(record, "status") == b"correlated"
+        # The client's retry with the same messageId is answered, never sent again.
+        again = await send(
+            survivor, correlation_id, variables={"paymentReference": "pay-9"}, messageId="m-left"
+        )
+        assert again.status_code in (200, 409), again.text
+        assert await confirmations(engine_url, instance) == 1
+
+
 async def test_a_message_to_a_waiting_run_answers_with_its_end(booking: Api) -> None:
     correlation_id = await order(booking)
     paused = await approve(booking, correlation_id)

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import pytest
 
-from flowgate.services.api import messages  # noqa: F401
+from flowgate.services.api import limits, messages  # noqa: F401
 from flowgate.services.worker import identity  # noqa: F401
 from flowgate.shared import lease  # noqa: F401 - each of these declares its scripts
 from flowgate.shared.lua import NoArgs, Script, problems
@@ -36,6 +36,7 @@ def test_every_script_is_declared_by_name() -> None:
         "lease-release",
         "slot-acquire",
         "message-claim",
+        "message-renew",
         "rate",
         "place",
     }
