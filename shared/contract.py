@@ -27,6 +27,15 @@ from flowgate.shared.tracing import TRACEPARENT, valid_traceparent
 
 #: The variable holding the run's correlationId (the engine's businessKey holds it too).
 CORRELATION_ID = "correlationId"
+#: The variable a named tenant's run carries its workers' fetch order in: 0, or less the more
+#: runs its tenant started just before (services/api/limits.py). A process uses it as its
+#: external tasks' priority (``camunda:taskPriority``, see :data:`TASK_PRIORITY`).
+PRIORITY = "flowgatePriority"
+#: The process attribute that makes the engine hand tasks out in that order (a run started
+#: elsewhere, without the variable, gets 0).
+TASK_PRIORITY = (
+    f"${{execution.getVariable('{PRIORITY}') != null ? execution.getVariable('{PRIORITY}') : 0}}"
+)
 #: A pending run's ``data`` until a step reports progress (the seed's).
 QUEUED: dict[str, Any] = {"step": "queued"}
 
@@ -64,11 +73,11 @@ class SystemVariables:
     @classmethod
     def result_of(cls, variables: Mapping[str, Any], fetch: list[str] | None) -> dict[str, Any]:
         """A run's result from its root variables, when the engine ended it: those named
-        in ``fetch`` (the start's ``fetchVariables``), or all of them but these and the
-        run's ``traceparent``."""
+        in ``fetch`` (the start's ``fetchVariables``), or all of them but these, the run's
+        ``traceparent`` and its fetch priority."""
         if fetch is not None:
             return {name: variables[name] for name in fetch if name in variables}
-        return {k: v for k, v in variables.items() if k not in cls.NAMES and k != TRACEPARENT}
+        return {k: v for k, v in variables.items() if k not in cls.NAMES and k not in _CARRIED}
 
     def to_variables(self) -> dict[str, Any]:
         return {
@@ -78,6 +87,10 @@ class SystemVariables:
             "application_id": self.application_id,
             "identifiers": self.identifiers,
         }
+
+
+#: What the engine carries for flowgate besides the system variables: never a result.
+_CARRIED = frozenset({TRACEPARENT, PRIORITY})
 
 
 def correlation_id_of(task: LockedTask) -> str | None:

@@ -15,6 +15,13 @@ A refusal is :class:`Limited`, answered 429 with ``Retry-After`` and the IETF
   path (worker, watcher, cancel, expiry) has to remember to give it back.
 
 A limit of 0 is none, and costs nothing: no Redis call is made for it.
+
+**Fair fetching**: a named tenant's run carries its place in the workers' fetch order
+(:func:`Limits.fetch_priority`, the engine variable ``flowgatePriority``, which a process
+uses as its external tasks' priority): 0 for a tenant's first start in a
+:data:`SHARE_WINDOW_S` window, one less for each further one. The engine hands the
+highest priority out first, then the oldest, so a tenant that starts a thousand runs
+queues them behind one another, not in front of another tenant's next run.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from flowgate.shared.keys import Keys
 from flowgate.shared.lua import Script
 from flowgate.shared.redis_client import RedisClient, text
 from flowgate.shared.state import Status
+from flowgate.shared.tenancy import DEFAULT_TENANT
 
 #: How long a stream's place lasts unless the stream renews it (it does every event or so).
 STREAM_LEASE_S = 60.0
@@ -37,6 +45,8 @@ STREAM_LEASE_S = 60.0
 MAX_TENANTS_KEPT = 10_000
 #: A parked wait's place outlives its deadline by this much (the answer is still written).
 PARKED_SLACK_S = 5.0
+#: The window a tenant's starts are counted in for their fetch priority.
+SHARE_WINDOW_S = 10
 
 
 class Limited(Exception):
@@ -91,6 +101,23 @@ return 1
 )
 
 
+class CountArgs(NamedTuple):
+    window_s: int
+
+
+#: Count one more start in a window; the count so far.
+COUNT = Script(
+    "count",
+    RateKeys,
+    CountArgs,
+    """
+local n = redis.call('INCR', K.counter)
+if n == 1 then redis.call('EXPIRE', K.counter, tonumber(A.window_s) + 1) end
+return n
+""",
+)
+
+
 class PlaceKeys(NamedTuple):
     places: str
 
@@ -129,6 +156,7 @@ class Limits:
         self._limits = limits
         self._pending_ttl_s = pending_ttl_s
         self._rate = RATE.bound(redis)
+        self._count = COUNT.bound(redis)
         self._place = PLACE.bound(redis)
         #: tenant -> the second its start count went past the limit: the rest of that
         #: second is refused here, without asking Redis (the count only grows).
@@ -150,6 +178,18 @@ class Limits:
                     self._over.clear()
                 self._over[tenant] = second
             raise Limited("starts", limit, window_s=1, retry_after_s=1)
+
+    async def fetch_priority(self, tenant: str) -> int | None:
+        """The fetch priority of a run the named ``tenant`` starts now (see the module
+        docstring); None for the default tenant: its runs carry nothing (priority 0)."""
+        if tenant == DEFAULT_TENANT:
+            return None
+        window = int(time.time()) // SHARE_WINDOW_S
+        started = await self._count(
+            RateKeys(counter=f"{self._keys.tenant(tenant)}:share:{window}"),
+            CountArgs(window_s=SHARE_WINDOW_S),
+        )
+        return 1 - int(cast(int, started))
 
     async def run_place(self, tenant: str, correlation_id: str) -> None:
         """Hold a place among the tenant's runs in flight for this run (its own place, if

@@ -116,6 +116,7 @@ async def start_process(request: Request) -> Response:
         callback_url=body.callbackUrl,
         principal=who,
         traceparent=request.headers.get("traceparent"),
+        priority=await d.limits.fetch_priority(who.tenant),
     )
     until, wants_token = body.waitUntil, body.readToken
     del body  # parked, a request holds its id and its wait, not its variables

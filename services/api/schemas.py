@@ -30,7 +30,7 @@ from starlette.responses import Response
 from typing_extensions import TypeAliasType
 
 from flowgate.shared.camunda import UserTask
-from flowgate.shared.contract import CORRELATION_ID, SystemVariables
+from flowgate.shared.contract import CORRELATION_ID, PRIORITY, SystemVariables
 from flowgate.shared.eventlog import EventRecord
 from flowgate.shared.state import RunState, iso
 from flowgate.shared.steps import StepEvent
@@ -233,6 +233,11 @@ def storable(value: Any, info: ValidationInfo) -> dict[str, Any]:
     the engine's database (or the audit table) would refuse them later."""
     if not isinstance(value, dict):
         raise ValueError("must be a JSON object")
+    if PRIORITY in value:  # a client's own would jump the queue of every other tenant
+        raise ValueError(
+            f"{PRIORITY} is the run's fetch order, which flowgate sets fairly across tenants; "
+            "rename it"
+        )
     limit = (info.context or {}).get("max_depth")
     if limit is not None and json_depth(value) > limit:
         raise ValueError(f"nested deeper than {limit} levels")

@@ -53,7 +53,7 @@ from flowgate.shared.camunda import (
     EngineError,
     EngineUnavailable,
 )
-from flowgate.shared.contract import StartFailed, SystemVariables, failed_start
+from flowgate.shared.contract import PRIORITY, StartFailed, SystemVariables, failed_start
 from flowgate.shared.eventlog import EventRecord
 from flowgate.shared.state import RunState, Status
 from flowgate.shared.store.runs import Abandoned, RunStore
@@ -86,6 +86,8 @@ class StartCommand:
     principal: Principal = ANONYMOUS
     #: The caller's W3C trace context, when it sent one (shared/tracing.py).
     traceparent: str | None = None
+    #: Its tasks' place in the workers' fetch order (None: 0; services/api/limits.py).
+    priority: int | None = None
 
     @property
     def request_hash(self) -> str:
@@ -185,7 +187,8 @@ class Starter:
         the end of the wait nor a client that goes away interrupts it, and a late answer
         still attaches (or abandons) the claim."""
         begun = self._spawner.spawn(
-            self.begin(state, command.variables), name=f"start:{command.correlation_id}"
+            self.begin(state, command.variables, priority=command.priority),
+            name=f"start:{command.correlation_id}",
         )
         attached = None
         with contextlib.suppress(TimeoutError):
@@ -228,7 +231,7 @@ class Starter:
         return state, created
 
     async def begin(
-        self, state: RunState, variables: dict[str, Any]
+        self, state: RunState, variables: dict[str, Any], *, priority: int | None = None
     ) -> RunState | StartFailed | None:
         """Start the engine instance of a fresh claim and attach it.
 
@@ -241,7 +244,9 @@ class Starter:
         if sent is None:  # recovery gave the claim up while this replica stalled
             return failed_start(await self._store.get(cid))
         ids = SystemVariables.of(sent)
-        trace = {TRACEPARENT: sent.traceparent} if sent.traceparent else {}
+        carried: dict[str, Any] = {TRACEPARENT: sent.traceparent} if sent.traceparent else {}
+        if priority is not None:
+            carried[PRIORITY] = priority
         try:
             with (
                 self._metrics.engine_start_seconds.time(),
@@ -250,7 +255,7 @@ class Starter:
                 instance = await self._camunda.start_process(
                     sent.process_key,
                     business_key=cid,
-                    variables={**variables, **ids.to_variables(), **trace},
+                    variables={**variables, **ids.to_variables(), **carried},
                 )
         except EngineUnavailable as exc:
             if exc.request_sent:  # the engine may still create the instance

@@ -7,15 +7,17 @@ from typing import Any
 
 import orjson
 import pytest
-from pydantic import SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from flowgate.services.api.auth import Auth
 from flowgate.services.api.endpoints import ENDPOINTS
 from flowgate.services.api.openapi import build_openapi, docs_html
 from flowgate.services.api.schemas import (
     CompleteRequest,
+    CompleteTaskRequest,
     ErrorBody,
     JSONResponse,
+    MessageRequest,
     ProcessStatus,
     StartRequest,
     json_depth,
@@ -203,6 +205,24 @@ def test_a_start_may_not_set_a_system_variable(variables: dict[str, Any]) -> Non
     body = {"processKey": "p", "correlationId": "run-1", "variables": variables}
     with pytest.raises(ValidationError, match="is a system variable flowgate sets"):
         StartRequest.model_validate(body)
+
+
+@pytest.mark.parametrize(
+    ("model", "body"),
+    [
+        (StartRequest, {"processKey": "p", "correlationId": "run-1"}),
+        (StartRequest, {"processKey": "legacy", "correlationId": "run-1"}),  # opted out
+        (MessageRequest, {"messageName": "paid"}),
+        (CompleteTaskRequest, {}),
+    ],
+)
+def test_no_client_sets_its_own_fetch_priority(
+    model: type[BaseModel], body: dict[str, Any]
+) -> None:
+    variables = {"flowgatePriority": 1_000_000}
+    context = {"system_variables_from": ("legacy",)}
+    with pytest.raises(ValidationError, match="flowgatePriority is the run's fetch order"):
+        model.model_validate({**body, "variables": variables}, context=context)
 
 
 def test_a_process_opted_out_may_and_the_same_correlation_id_is_harmless() -> None:

@@ -37,6 +37,7 @@ def test_every_script_is_declared_by_name() -> None:
         "slot-acquire",
         "message-claim",
         "message-renew",
+        "count",
         "rate",
         "place",
     }
