@@ -53,7 +53,9 @@ runs as it is on a Redis Cluster; on a single Redis the tags are just part of th
                                       holder died (lease)
 ``{p:worker:{name}:{slot}}:lease``    string: which worker process holds a slot
 ``{p:worker:{name}:{slot}}:last``     string: the last worker id that held the slot
-``{p:t:{tenant}}:starts:{second}``    string: a tenant's starts in one second (api/limits.py)
+``{p:t:{tenant}}:starts``             string: when a tenant may start its next run (api/limits.py)
+``{p:t:{tenant}}:share:{window}``     string: a tenant's starts in a 10 s window (its runs'
+                                      fetch priority, api/limits.py)
 ``{p:t:{tenant}}:runs``               sorted set: a tenant's runs in flight, scored by when their
                                       place lapses; ``:parked``, ``:streams`` alike
 ``{p}:readtoken:key``                 string: the key read tokens are signed with, unless

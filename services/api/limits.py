@@ -5,8 +5,11 @@ one hash slot (``{prefix:t:tenant}``), so each check is one script on a Redis Cl
 A refusal is :class:`Limited`, answered 429 with ``Retry-After`` and the IETF
 ``RateLimit-Policy`` / ``RateLimit`` headers (draft-ietf-httpapi-ratelimit-headers).
 
-- **Starts per second**: a counter per tenant and second; once a replica sees it past the
-  limit, it refuses the rest of that second itself (a burst costs it no Redis call).
+- **Starts per second**: spread evenly (GCRA, the cell rate algorithm of redis-cell and
+  most gateways): one start every 1/limit s, up to a tenth of the limit at once, so the
+  starts a flood gets through come one by one, not all at the top of each second where
+  they would queue up another tenant's. The tenant's next allowed time is one key; a
+  replica refused until a time refuses until then itself (a flood costs it no Redis call).
 - **Runs in flight, parked waits, open streams**: a sorted set per tenant of what holds a
   place, scored by when the place lapses by itself, so a replica that dies cannot leak
   places: a parked wait lapses at its deadline, a stream's place is renewed while it is
@@ -27,6 +30,7 @@ queues them behind one another, not in front of another tenant's next run.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -84,19 +88,26 @@ class RateKeys(NamedTuple):
 
 
 class RateArgs(NamedTuple):
-    limit: int
-    window_s: int
+    #: One start per this many µs, and this many µs of them at once (the burst).
+    interval_us: int
+    tolerance_us: int
 
 
+#: GCRA on the key's theoretical arrival time (µs, Redis's clock): 0 if the start may go
+#: ahead (counted), else the µs until one may.
 RATE = Script(
     "rate",
     RateKeys,
     RateArgs,
     """
-local n = redis.call('INCR', K.counter)
-if n == 1 then redis.call('EXPIRE', K.counter, tonumber(A.window_s) + 1) end
-if n > tonumber(A.limit) then return 0 end
-return 1
+local t = redis.call('TIME')
+local now = t[1] * 1000000 + t[2]
+local tat = math.max(tonumber(redis.call('GET', K.counter) or '0'), now)
+local wait = tat - tonumber(A.tolerance_us) - now
+if wait > 0 then return wait end
+tat = tat + tonumber(A.interval_us)
+redis.call('SET', K.counter, string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+return 0
 """,
 )
 
@@ -158,25 +169,29 @@ class Limits:
         self._rate = RATE.bound(redis)
         self._count = COUNT.bound(redis)
         self._place = PLACE.bound(redis)
-        #: tenant -> the second its start count went past the limit: the rest of that
-        #: second is refused here, without asking Redis (the count only grows).
-        self._over: dict[str, int] = {}
+        #: tenant -> until when (time.time()) its starts are refused here, without asking
+        #: Redis: none is allowed before then, whoever asks.
+        self._over: dict[str, float] = {}
 
     async def start_rate(self, tenant: str) -> None:
         """Count a start; raises :class:`Limited` past starts per second (checked before
         the body is read: a refused burst costs the replica as little as it can)."""
         if limit := self._limits.starts_per_s:
-            second = int(time.time())
-            if self._over.get(tenant) != second:
-                counted = await self._rate(
-                    RateKeys(counter=f"{self._keys.tenant(tenant)}:starts:{second}"),
-                    RateArgs(limit=limit, window_s=1),
+            now = time.time()
+            if self._over.get(tenant, 0.0) <= now:
+                interval_us = 1_000_000 // limit
+                wait_us = await self._rate(
+                    RateKeys(counter=f"{self._keys.tenant(tenant)}:starts"),
+                    RateArgs(
+                        interval_us=interval_us,
+                        tolerance_us=interval_us * (max(1, math.ceil(limit / 10)) - 1),
+                    ),
                 )
-                if counted:
+                if not wait_us:
                     return
                 if len(self._over) > MAX_TENANTS_KEPT:
                     self._over.clear()
-                self._over[tenant] = second
+                self._over[tenant] = now + int(wait_us) / 1_000_000
             raise Limited("starts", limit, window_s=1, retry_after_s=1)
 
     async def fetch_priority(self, tenant: str) -> int | None:
