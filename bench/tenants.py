@@ -5,8 +5,9 @@ One API process (pinned to CPU 0) with two tenants' keys and ``TENANT_STARTS_PER
 API. Tenant B starts at a steady ``B_RATE`` per second (below the limit), each start timed
 from its request to its answer. Per round, A B: B alone ("solo"), then B while tenant A sends
 ten times its limit ("burst"; B measured from a second after A began to a second before it
-ends, so A's client starting up is not counted). Every answer A gets is counted: 202 within its limit, 429
-beyond it, and every 429 must carry ``Retry-After``, ``RateLimit-Policy`` and ``RateLimit``.
+ends, so A's client starting up is not counted). Every answer A gets is counted: 202 within
+its limit, 429 beyond it, and every 429 must carry ``Retry-After``, ``RateLimit-Policy``
+and ``RateLimit``.
 The target: B's start p99 under A's burst within 1.2x of its solo p99. The CPU share of
 the API and Redis during each burst is kept beside it: on a two-core machine the burst's
 own client shares the load core with the stand-in engine and B's client, so a rise in B's
