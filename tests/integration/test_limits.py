@@ -35,17 +35,21 @@ async def test_a_flood_of_starts_goes_through_one_by_one_on_every_replica(
     # A burst at once: a tenth of the limit goes ahead, whichever replica it reaches.
     assert await allowed(one, "alpha", 10) + await allowed(two, "alpha", 10) == 2
     assert await allowed(one, "beta", 5) == 2  # another tenant's own
-    # A flood for 0.5 s, both replicas: one start per 50 ms gets through, evenly.
+    # A flood on both replicas until ten more went through: one start per 50 ms, never
+    # more than the burst of two within any stretch (GCRA's bound on Redis's clock). The
+    # times here are the client's, seen after a round trip a stalled loop may stretch, so
+    # the bound allows one start more.
     went: list[float] = []
     loop = asyncio.get_running_loop()
     began = loop.time()
-    while loop.time() - began < 0.5:
+    while len(went) < 10 and loop.time() - began < 10:
         for replica in (one, two):
             if await allowed(replica, "alpha", 1):
                 went.append(loop.time() - began)
         await asyncio.sleep(0.005)
-    assert 8 <= len(went) <= 12, went
-    assert min(b - a for a, b in itertools.pairwise(went)) > 0.03, went
+    assert len(went) >= 10, went
+    for i, j in itertools.combinations(range(len(went)), 2):
+        assert j - i + 1 <= 3 + (went[j] - went[i]) / 0.05, (i, j, went)
 
 
 @pytest.mark.parametrize("per_s", [1, 3])
