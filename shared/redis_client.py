@@ -132,7 +132,7 @@ class Shard:
 
     async def close(self, pubsub: PubSub) -> None:
         with contextlib.suppress(*REDIS_ERRORS, OSError):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
             if self.own:
                 await self.client.aclose()
 
