@@ -197,6 +197,13 @@ def cause_of_message(rest: bytes) -> tuple[bytes, str | None]:
     return body, valid_traceparent(cause.decode()) if cause else None
 
 
+def ends_with_callback(body: bytes) -> bool:
+    """Whether a run-channel message is a run's end to be POSTed to its callbackUrl: a byte
+    search, so that no replica decodes the ends of runs nobody waits for (a result that
+    holds the same text costs only a needless look, services/background/callbacks.py)."""
+    return b'"callbackUrl":"' in body
+
+
 def decode_message(raw: bytes | str) -> Message:
     """A run-channel message's body: a finished state, a start that failed, a new step, or a
     run reopened."""

@@ -56,6 +56,7 @@ from flowgate.shared.contract import (
     cause_of_message,
     correlation_id_of_message,
     decode_message,
+    ends_with_callback,
     failed_start,
 )
 from flowgate.shared.keys import Keys
@@ -238,6 +239,7 @@ class WaitRoom:
         self._registered = 0  # waits in progress (bounded by max_parked)
         self._parked = 0  # of those, asleep until a message, a re-read signal or the deadline
         self._draining = False
+        self._callback_due: Callable[[], None] | None = None
         self._subscribed = asyncio.Event()
         self._subscriptions = 0
 
@@ -287,6 +289,11 @@ class WaitRoom:
     def parked(self) -> int:
         """Requests asleep in the room right now (registered, state read, still pending)."""
         return self._parked
+
+    def on_callback_due(self, nudge: Callable[[], None]) -> None:
+        """Call ``nudge`` whenever a run that ends with a callback ends, on any replica (its
+        deliverer then looks at once: services/background/callbacks.py)."""
+        self._callback_due = nudge
 
     def release_all(self) -> None:
         """Answer every parked request now and every later one at once (shutdown).
@@ -497,6 +504,8 @@ class WaitRoom:
         correlation_id, body = correlation_id_of_message(data)
         if body == REOPENED and self._settled is not None:
             self._settled.forget(correlation_id)  # an end this replica kept is over
+        elif self._callback_due is not None and ends_with_callback(body):
+            self._callback_due()
         waiters = self._waiters.get(correlation_id)
         if not waiters:
             return  # parked on another replica, or nobody waits: nothing to decode

@@ -78,6 +78,7 @@ async def running(deps: Deps, settings: Settings) -> AsyncIterator[None]:
             timeout_s=settings.callback_timeout_ms / 1000,
             tracing=deps.tracing,
         )
+        deps.waitroom.on_callback_due(deliverer.nudge)
         watcher = Watcher(
             deps.store,
             deps.camunda,

@@ -4,6 +4,8 @@ A run started with a ``callbackUrl`` is put on a schedule (``{p}:callbacks``) by
 step that ends it (shared/store/runs.py ``finish``), so no end is missed, whoever ends the run.
 Every API replica runs a :class:`Deliverer`: it takes due deliveries from the schedule (one
 replica per delivery at a time; a delivery whose replica dies comes due again by itself),
+looking as soon as its wait room hears of a run that ends with a callback, and otherwise
+once a second (for retries, and ends whose notice it missed),
 POSTs the final status body (what ``GET /api/process/status/{id}`` answers), and drops the
 delivery on a 2xx. Anything else is tried again with backoff (1 s, doubling, at most
 10 min apart) until ``CALLBACK_MAX_ATTEMPTS``; a target that is refused is given up at once.
@@ -32,6 +34,7 @@ with the receiver's HTTP status) and a ``flowgate_api_callbacks_total`` sample.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -46,7 +49,7 @@ from flowgate.services.api.metrics import ApiMetrics
 from flowgate.services.api.parsing import check_target
 from flowgate.services.api.runs import Runs
 from flowgate.services.api.schemas import ProcessStatus
-from flowgate.shared.aio import concurrently, sleep_or_stop
+from flowgate.shared.aio import concurrently, race_stop, sleep_or_stop
 from flowgate.shared.eventlog import EventRecord, append_event
 from flowgate.shared.keys import Keys
 from flowgate.shared.redis_client import REDIS_ERRORS, RedisClient
@@ -56,8 +59,11 @@ from flowgate.shared.tracing import OFF, Tracing
 
 log = logging.getLogger(__name__)
 
-#: How often each replica looks for due deliveries (the latency of a first attempt).
+#: The least time between two looks for due deliveries, however often ends are heard of.
 POLL_INTERVAL_S = 0.1
+#: How often a replica looks when it hears of no end: a deferred retry's first chance, and
+#: what bounds a first attempt's latency if the end's notice was missed.
+IDLE_POLL_S = 1.0
 #: Deliveries one replica takes per look, and sends at once.
 BATCH = 64
 AT_ONCE = 16
@@ -108,19 +114,38 @@ class Deliverer:
         self._max_attempts = max_attempts
         self._timeout_s = timeout_s
         self._at_once = asyncio.Semaphore(AT_ONCE)
+        self._nudged = asyncio.Event()
+
+    def nudge(self) -> None:
+        """A run with a callback ended (services/api/waitroom.py): look now, not at the next
+        idle pass."""
+        self._nudged.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver what is due until ``stop``; never raises for Redis or receiver trouble."""
-        while not await sleep_or_stop(stop, POLL_INTERVAL_S):
+        while not await self._nudged_or_idle(stop):
             try:
                 due = await self._store.callbacks.due(BATCH)
                 async with concurrently() as group:
                     for cid in due:
                         group.create_task(self._take_and_deliver(cid))
+                if len(due) == BATCH:
+                    self.nudge()  # more may be due
             except (*REDIS_ERRORS, OSError) as exc:
                 log.warning("callback delivery paused", extra={"error": repr(exc)})
             except Exception:
                 log.exception("callback delivery pass failed; trying again")
+            if await sleep_or_stop(stop, POLL_INTERVAL_S):
+                return
+
+    async def _nudged_or_idle(self, stop: asyncio.Event) -> bool:
+        """Wait for a nudge or ``IDLE_POLL_S``; True if ``stop`` came first."""
+        if not self._nudged.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(IDLE_POLL_S):
+                    await race_stop(stop, self._nudged.wait())
+        self._nudged.clear()
+        return stop.is_set()
 
     async def _take_and_deliver(self, cid: str) -> None:
         async with self._at_once:

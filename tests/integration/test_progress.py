@@ -24,6 +24,7 @@ from flowgate_client.sse import Decoder
 from pydantic import BaseModel
 from standardwebhooks import Webhook
 
+from flowgate.services.background import callbacks
 from flowgate.services.worker.registry import Process, Registry, Step
 from flowgate.shared import postgres
 from flowgate.shared.camunda import CamundaClient
@@ -437,6 +438,30 @@ async def test_a_callback_is_retried_until_delivered_and_signed(stack: Stack) ->
         return [e.status for e in events if e.step_name == "callback"] == ["failed", "delivered"]
 
     await until(audited, timeout_s=10, what="an audit row per attempt")
+
+
+async def test_an_end_is_delivered_at_once_whichever_replica_hears_of_it(
+    make_settings: MakeSettings, engine_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No idle look for an hour: only the end's notice can make a replica deliver it.
+    monkeypatch.setattr(callbacks, "IDLE_POLL_S", 3600.0)
+    await deploy_bpmn(engine_url)
+    settings = make_settings(camunda_base_url=engine_url, callback_allowed_hosts="127.0.0.1")
+    async with (
+        CallbackReceiver([204]) as receiver,
+        running_app(settings) as a,
+        running_app(settings) as b,
+    ):
+        run = cid()
+        started = await a.client.post(
+            "/api/process/start",
+            json={"processKey": BENCHMARK, "correlationId": run, "callbackUrl": receiver.url},
+            headers={"Prefer": "respond-async"},
+        )
+        assert started.status_code == 202
+        await b.client.post("/api/process/complete", json={"correlationId": run, "status": "ok"})
+        await asyncio.wait_for(receiver.arrived.wait(), 10)
+    assert orjson.loads(receiver.requests[0][1])["status"] == "ok"
 
 
 async def test_a_callback_survives_the_death_of_the_replica_delivering_it(

@@ -131,6 +131,25 @@ async def test_a_completion_before_the_wait_is_returned_at_once(
     assert result.outcome.data == {"early": True}
 
 
+async def test_the_room_tells_of_each_end_that_has_a_callback_and_of_no_other(
+    room: WaitRoom, store: RunStore
+) -> None:
+    nudges: list[None] = []
+    room.on_callback_due(lambda: nudges.append(None))
+    for callback_url, told in ((None, 0), ("http://127.0.0.1:9/hook", 1)):
+        correlation_id = cid()
+        pending, created = await store.claim(
+            SystemVariables(correlation_id, "b", "t", "a"), "benchmark", "h",
+            callback_url=callback_url,
+        )  # fmt: skip
+        assert created
+        async with room.expect(correlation_id, timeout_s=10) as expected:
+            assert await store.finish(correlation_id, Status.OK, data={"hook": "a"})
+            # Woken: the end's message has come (and been looked at).
+            assert (await expected.result(pending)).end is WaitEnd.WOKEN
+        assert len(nudges) == told, callback_url
+
+
 async def test_completions_racing_the_wait_are_never_missed(
     room: WaitRoom, store: RunStore
 ) -> None:
