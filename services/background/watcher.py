@@ -204,9 +204,10 @@ class Watcher:
         roots = {a.root_process_instance_id for a in activities}
         roots |= {i.id for i in instances}
         roots |= {i.root_process_instance_id for i in incidents if i.root_process_instance_id}
-        runs = await self._store.instances.runs_of(sorted(roots))
-        by_key = {r: k for r, k in happened.business_keys.items() if r in roots and r not in runs}
-        states = await self._store.get_many(sorted({*runs.values(), *by_key.values()}))
+        named = {r: k for r, k in happened.business_keys.items() if r in roots}
+        runs = await self._store.instances.runs_of(sorted(roots), named=named)
+        by_key = {r: k for r, k in named.items() if r not in runs}
+        states = await self._store.get_many(sorted(set(by_key.values())))
         # A start's own steps, before its replica has attached the instance: the run of that
         # correlationId, still pending, without another instance.
         runs |= {
@@ -217,20 +218,23 @@ class Watcher:
         if not runs:
             return
         ended = [i for i in instances if i.id in runs]
-        # The result of a run the engine completed, unless a worker ended it already.
-        completed = [
-            i.id for i in ended if i.state == "COMPLETED" and _pending(states.get(runs[i.id]))
-        ]
         # Most steps a worker has recorded already: look first, in one round trip.
         ours = [a for a in activities if a.root_process_instance_id in runs]
         known = await self._store.steps.known(
             [(runs[a.root_process_instance_id], a.id) for a in ours]
         )
+        new = [activity for activity, recorded in zip(ours, known, strict=True) if not recorded]
+        # The states of the runs this pass writes to only: a new step's audit row, an end.
+        wanted = {runs[a.root_process_instance_id] for a in new} | {runs[i.id] for i in ended}
+        states |= await self._store.get_many(sorted(wanted - states.keys()))
+        # The result of a run the engine completed, unless a worker ended it already.
+        completed = [
+            i.id for i in ended if i.state == "COMPLETED" and _pending(states.get(runs[i.id]))
+        ]
         # A run's steps are in its record before it ends; its result is read meanwhile.
         async with concurrently() as group:
-            for activity, recorded in zip(ours, known, strict=True):
-                if not recorded:
-                    group.create_task(self._step(activity, runs, states))
+            for activity in new:
+                group.create_task(self._step(activity, runs, states))
             reading = group.create_task(self._camunda.root_variables(completed))
         await self._ended(ended, runs, states, reading.result())
         for incident in incidents:

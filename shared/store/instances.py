@@ -25,18 +25,34 @@ class InstanceMap:
         self._redis = redis
         self._keys = keys
 
-    async def runs_of(self, instance_ids: Sequence[str]) -> dict[str, str]:
-        """The correlationIds of those engine instances that are mapped to runs."""
+    async def runs_of(
+        self, instance_ids: Sequence[str], *, named: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
+        """The correlationIds of those engine instances that are mapped to runs.
+
+        ``named``: instance id -> the business key its events name. flowgate starts every
+        instance with its run's correlationId as the business key and maps it in that run's
+        partition, so such an instance is looked up there alone; any other in every one.
+        """
         if not instance_ids:
             return {}
-        ids = list(instance_ids)
-        async with self._redis.pipeline(transaction=False) as pipe:
+        named = named or {}
+        where: dict[str, list[str]] = {}
+        anywhere = [i for i in instance_ids if i not in named]
+        for instance in instance_ids:
+            if instance in named:
+                where.setdefault(self._keys.of(named[instance]).instances, []).append(instance)
+        if anywhere:
             for partition in self._keys.partitions:
-                pipe.hmget(partition.instances, ids)
+                where.setdefault(partition.instances, []).extend(anywhere)
+        lookups = list(where.items())
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, ids in lookups:
+                pipe.hmget(key, ids)
             found: list[list[bytes | None]] = await pipe.execute()
         return {
             instance: text(cid)
-            for in_partition in found
+            for (_, ids), in_partition in zip(lookups, found, strict=True)
             for instance, cid in zip(ids, in_partition, strict=True)
             if cid is not None
         }

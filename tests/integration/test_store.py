@@ -161,6 +161,20 @@ async def test_an_instance_stays_watched_a_while_after_its_run_ends(
     assert await store.instances.runs_of(["instance-w"]) == {}
 
 
+async def test_an_instance_named_by_its_business_key_is_looked_up_in_its_run_s_partition(
+    store: RunStore,
+) -> None:
+    for run in ("cid-n1", "cid-n2", "cid-n3"):
+        await claim(store, run)
+        await store.attach_instance(run, f"instance-{run}")
+    found = await store.instances.runs_of(
+        ["instance-cid-n1", "instance-cid-n2", "instance-cid-n3", "stranger"],
+        named={"instance-cid-n1": "cid-n1", "instance-cid-n2": "cid-n2", "stranger": "cid-x"},
+    )
+    # Named or not, each is found; a stranger named after no run is nobody's.
+    assert found == {f"instance-{run}": run for run in ("cid-n1", "cid-n2", "cid-n3")}
+
+
 async def test_complete_of_an_unknown_id_is_ignored(
     store: RunStore, redis_client: RedisClient, keys: Keys
 ) -> None:
