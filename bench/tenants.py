@@ -8,7 +8,10 @@ ten times its limit ("burst"; B measured from a second after A began to a second
 ends, so A's client starting up is not counted). Every answer A gets is counted: 202 within
 its limit, 429 beyond it, and every 429 must carry ``Retry-After``, ``RateLimit-Policy``
 and ``RateLimit``.
-The target: B's start p99 under A's burst within 1.2x of its solo p99. The CPU share of
+The target: B's start p99 under A's burst within 1.2x of its solo p99, each over every
+round's starts together (a round's 200 starts make a p99 of its third-worst). The burst's
+client runs at the lowest scheduling priority: it shares the load core with B's client,
+whose delays would otherwise be counted as the API's. The CPU share of
 the API and Redis during each burst is kept beside it: on a two-core machine the burst's
 own client shares the load core with the stand-in engine and B's client, so a rise in B's
 p99 with the API far from saturated is the load generator's, not the API's.
@@ -26,7 +29,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from bench import ours
-from bench.harness import LOAD_CPU, SERVER_CPU, CpuMeter, Run, Stack, pinned, summary
+from bench.harness import LOAD_CPU, SERVER_CPU, CpuMeter, Run, Stack, pinned
 from bench.profile import Profile
 from bench.rawhttp import Connection
 from deploy.local.servers import ROOT
@@ -65,8 +68,11 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
             f"  round {number}: B p99 solo {solo['p99_ms']} ms, under A's burst "
             f"{b['p99_ms']} ms; A {a['codes']}; CPU {meter.share()}"
         )
-    solo_p99 = summary([r["solo"]["p99_ms"] for r in rounds])
-    burst_p99 = summary([r["burst"]["beta"]["p99_ms"] for r in rounds])
+    solo_p99 = _pooled([r["solo"] for r in rounds])
+    burst_p99 = _pooled([r["burst"]["beta"] for r in rounds])
+    for r in rounds:  # each round keeps its own figures, not its samples
+        r["solo"].pop("latencies_ms")
+        r["burst"]["beta"].pop("latencies_ms")
     return {
         "method": __doc__,
         "limit_per_s": LIMIT,
@@ -75,9 +81,7 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
         "seconds": seconds,
         "b_p99_solo_ms": solo_p99,
         "b_p99_burst_ms": burst_p99,
-        "ratio": round(burst_p99["median"] / solo_p99["median"], 3)
-        if solo_p99.get("median")
-        else None,
+        "ratio": round(burst_p99 / solo_p99, 3) if solo_p99 and burst_p99 else None,
         "target_ratio": 1.2,
         "b_refused": sum(
             r["solo"]["codes"].get("429", 0) + r["burst"]["beta"]["codes"].get("429", 0)
@@ -88,19 +92,23 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
     }
 
 
+def _pooled(measured: list[dict[str, Any]]) -> float | None:
+    """The p99 of the starts of every round together."""
+    latencies = sorted(ms for m in measured for ms in m["latencies_ms"])
+    return round(latencies[int(len(latencies) * 0.99)], 2) if latencies else None
+
+
 async def _after(delay_s: float, work: Awaitable[T]) -> T:
     await asyncio.sleep(delay_s)
     return await work
 
 
 async def _burst(api: ours.Api, key: str, rate: int, *, seconds: float) -> dict[str, Any]:
-    """:func:`_tenant` in a process of its own (on the load CPU), so the burst's own client
-    work does not delay the measured tenant's client."""
+    """:func:`_tenant` in a process of its own (on the load CPU, at the lowest priority),
+    so the burst's own client work does not delay the measured tenant's client."""
+    argv = [sys.executable, "-m", "bench.tenants", str(api.port), key, str(rate), str(seconds)]
     sent = await asyncio.create_subprocess_exec(
-        *pinned(
-            [sys.executable, "-m", "bench.tenants", str(api.port), key, str(rate), str(seconds)],
-            LOAD_CPU,
-        ),
+        *pinned(["nice", "-n", "19", *argv], LOAD_CPU),
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
     )
@@ -151,6 +159,7 @@ async def _tenant(api: ours.Api | int, key: str, rate: int, *, seconds: float) -
         "bare_429": bare,
         "p50_ms": round(latencies[len(latencies) // 2], 2) if latencies else None,
         "p99_ms": round(latencies[int(len(latencies) * 0.99)], 2) if latencies else None,
+        "latencies_ms": latencies,
     }
 
 
