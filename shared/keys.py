@@ -90,6 +90,11 @@ class Partition:
         return f"{self.tag}:proc:"
 
     @property
+    def steps_prefix(self) -> str:
+        """A run's steps stream is this followed by its correlationId."""
+        return f"{self.tag}:steps:"
+
+    @property
     def index(self) -> str:
         return f"{self.tag}:index"
 
@@ -149,7 +154,7 @@ class Keys:
         return self.of(correlation_id).state_prefix + correlation_id
 
     def steps(self, correlation_id: str) -> str:
-        return f"{self.of(correlation_id).tag}:steps:{correlation_id}"
+        return self.of(correlation_id).steps_prefix + correlation_id
 
     def steps_seen(self, correlation_id: str) -> str:
         return f"{self.steps(correlation_id)}:seen"

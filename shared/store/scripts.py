@@ -638,57 +638,47 @@ end
 # --- compact: a finished run's steps, once Postgres has them ----------------------------
 
 
-class CompactDueKeys(NamedTuple):
+class CompactKeys(NamedTuple):
     compact: str
     #: The partition's write-behind stream.
     stream: str
 
 
-class CompactDueArgs(NamedTuple):
-    limit: int
-
-
-#: The finished runs of one partition whose steps may leave Redis now: due by Redis's clock,
-#: and every write-behind entry added before they were due is in Postgres (the flusher
-#: deletes entries once committed, so the stream's oldest entry says how far it is).
-COMPACT_DUE = Script(
-    "compact_due",
-    CompactDueKeys,
-    CompactDueArgs,
-    """
-local time = redis.call('TIME')
-local upto = time[1] * 1000 + math.floor(time[2] / 1000)
-local oldest = redis.call('XRANGE', K.stream, '-', '+', 'COUNT', 1)[1]
-if oldest then upto = math.min(upto, tonumber(string.match(oldest[1], '^%d+')) - 1) end
-return redis.call('ZRANGEBYSCORE', K.compact, '-inf', upto, 'LIMIT', 0, A.limit)
-""",
-)
-
-
-class CompactKeys(NamedTuple):
-    state: str
-    steps: str
-    seen: str
-    claimed: str
-    compact: str
-
-
 class CompactArgs(NamedTuple):
-    cid: str
+    limit: int
+    #: A run's state key is this followed by its correlationId (Partition.state_prefix).
+    state_prefix: str
+    #: A run's steps stream is this followed by its correlationId (Partition.steps_prefix).
+    steps_prefix: str
 
 
-#: Only a finished run: its steps leave Redis, which keeps what readers need at once (the
-#: final state: status, result, idempotency); progress reads them from Postgres
-#: (services/api/runs.py). 1 if compacted.
+#: Up to ``limit`` finished runs of one partition whose steps leave Redis now, in one call
+#: (every key named is in the partition's hash slot); how many were compacted. Due: by
+#: Redis's clock, and every write-behind entry added before they were due is in Postgres
+#: (the flusher deletes entries once committed, so the stream's oldest entry says how far it
+#: is). Redis keeps what readers need at once (the final state: status, result,
+#: idempotency); progress reads the steps from Postgres (services/api/runs.py). A run found
+#: pending again (reopened by a retry) keeps its steps: its next end schedules it anew.
 COMPACT = Script(
     "compact",
     CompactKeys,
     CompactArgs,
     """
-redis.call('ZREM', K.compact, A.cid)
-local status = redis.call('HGET', K.state, 'status')
-if not status or status == 'pending' then return 0 end
-redis.call('DEL', K.steps, K.seen, K.claimed)
-return 1
+local time = redis.call('TIME')
+local upto = time[1] * 1000 + math.floor(time[2] / 1000)
+local oldest = redis.call('XRANGE', K.stream, '-', '+', 'COUNT', 1)[1]
+if oldest then upto = math.min(upto, tonumber(string.match(oldest[1], '^%d+')) - 1) end
+local due = redis.call('ZRANGEBYSCORE', K.compact, '-inf', upto, 'LIMIT', 0, A.limit)
+local compacted = 0
+for _, cid in ipairs(due) do
+  redis.call('ZREM', K.compact, cid)
+  local status = redis.call('HGET', A.state_prefix .. cid, 'status')
+  if status and status ~= 'pending' then
+    local steps = A.steps_prefix .. cid
+    redis.call('DEL', steps, steps .. ':seen', steps .. ':claimed')
+    compacted = compacted + 1
+  end
+end
+return compacted
 """,
 )

@@ -18,13 +18,10 @@ from flowgate.shared.redis_client import RedisClient, text
 from flowgate.shared.steps import MAX_STEPS, StepEvent
 from flowgate.shared.store.scripts import (
     COMPACT,
-    COMPACT_DUE,
     STEP,
     STEP_CLAIM,
     STEP_RELEASE,
     CompactArgs,
-    CompactDueArgs,
-    CompactDueKeys,
     CompactKeys,
     StepArgs,
     StepClaimArgs,
@@ -41,7 +38,6 @@ class StepStore:
         self._record = STEP.bound(redis)
         self._claim = STEP_CLAIM.bound(redis)
         self._release = STEP_RELEASE.bound(redis)
-        self._due = COMPACT_DUE.bound(redis)
         self._compact = COMPACT.bound(redis)
 
     async def record(
@@ -123,23 +119,19 @@ class StepStore:
 
     async def compact(self, *, limit: int = 500) -> int:
         """Take out of Redis the steps of up to ``limit`` finished runs per partition whose
-        steps are all in Postgres (shared/store/scripts.py COMPACT_DUE); how many.
+        steps are all in Postgres (shared/store/scripts.py COMPACT), one call per partition;
+        how many.
 
         Idempotent, so every flusher may run it: two that pick the same run compact it once.
         """
         compacted = 0
         for partition in self._keys.partitions:
-            due = await self._due(
-                CompactDueKeys(compact=partition.compact, stream=partition.writebehind),
-                CompactDueArgs(limit=limit),
+            compacted += await self._compact(
+                CompactKeys(compact=partition.compact, stream=partition.writebehind),
+                CompactArgs(
+                    limit=limit,
+                    state_prefix=partition.state_prefix,
+                    steps_prefix=partition.steps_prefix,
+                ),
             )
-            for cid in map(text, due):
-                keys = CompactKeys(
-                    state=self._keys.state(cid),
-                    steps=self._keys.steps(cid),
-                    seen=self._keys.steps_seen(cid),
-                    claimed=self._keys.steps_claimed(cid),
-                    compact=partition.compact,
-                )
-                compacted += await self._compact(keys, CompactArgs(cid=cid))
         return compacted

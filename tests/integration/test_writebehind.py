@@ -223,6 +223,26 @@ async def test_a_finished_runs_steps_leave_redis_once_postgres_has_them(
     assert await rows(pool, "SELECT count(*) FROM run_step WHERE correlation_id = 's-1'") == [(3,)]
 
 
+async def test_a_partitions_finished_runs_are_compacted_together_up_to_the_limit(
+    store: RunStore,
+    redis_client: RedisClient,
+    keys: Keys,
+    make_flusher: Callable[..., Flusher],
+) -> None:
+    """One call per partition takes out the steps of up to ``limit`` of its runs."""
+    same = [cid for cid in (f"b-{n}" for n in range(200)) if keys.of(cid) == keys.of("b-0")][:3]
+    for run in same:
+        await claim(store, run)
+        await store.finish(run, Status.OK, step=step("respond", 1))
+    assert await make_flusher().drain(timeout_s=10)
+
+    assert await store.steps.compact(limit=2) == 2
+    assert await redis_client.exists(*(keys.steps(run) for run in same)) == 1
+    assert await store.steps.compact(limit=2) == 1
+    assert await redis_client.exists(*(keys.steps(run) for run in same)) == 0
+    assert await store.steps.compact(limit=2) == 0
+
+
 async def test_steps_stay_in_redis_while_a_consumer_owes_earlier_entries(
     store: RunStore,
     redis_client: RedisClient,

@@ -26,7 +26,6 @@ def test_every_script_is_declared_by_name() -> None:
         "cancelling",
         "abandon",
         "look",
-        "compact_due",
         "compact",
     }
     others = {
