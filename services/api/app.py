@@ -29,10 +29,11 @@ from flowgate.services.api import errors
 from flowgate.services.api.auth import Auth
 from flowgate.services.api.deps import Deps, open_deps
 from flowgate.services.api.drain import DrainHook
-from flowgate.services.api.endpoints import ENDPOINTS, routes
+from flowgate.services.api.endpoints import ENDPOINTS, START, routes
 from flowgate.services.api.metrics import ApiMetrics, OutcomeMiddleware
 from flowgate.services.api.oidc import ClaimMapping, OidcVerifier
 from flowgate.services.api.openapi import docs_html, render_openapi
+from flowgate.services.api.refusals import EarlyRefusals
 from flowgate.services.api.requestid import RequestIdMiddleware
 from flowgate.shared.logs import configure_logging
 from flowgate.shared.redis_client import REDIS_ERRORS
@@ -95,6 +96,11 @@ def create_app(
             Middleware(RequestIdMiddleware),
             *tracing.asgi_middleware(),
             Middleware(OutcomeMiddleware, metrics=metrics, tracing=tracing),
+            *(
+                [Middleware(EarlyRefusals, auth=auth, endpoint=START, tracing=tracing)]
+                if settings.tenant_starts_per_s
+                else []
+            ),
         ],
         exception_handlers={
             **errors.HANDLERS,

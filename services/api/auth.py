@@ -24,7 +24,7 @@ Credentials are off unless configured: every caller is then
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 
 from pydantic import SecretStr
@@ -119,10 +119,18 @@ class Auth:
             raise ApiError(403, f"this credential lacks the {needed.value!r} scope")
         return principal
 
+    def key_holder(self, headers: Mapping[str, str]) -> Principal | None:
+        """The client these headers name without anything but memory: an API key's holder,
+        or ANONYMOUS where no credential is asked for; None where only :meth:`principal`
+        can tell (a JWT, a read token, a wrong credential or none)."""
+        if not self.clients_identified:
+            return ANONYMOUS
+        return self._key([value for value in (headers.get("x-api-key"), _bearer(headers)) if value])
+
     async def _client(
         self, request: Request, read_tokens: Callable[[], ReadTokens] | None
     ) -> Principal:
-        bearer = _bearer(request)
+        bearer = _bearer(request.headers)
         offered = [value for value in (request.headers.get("x-api-key"), bearer) if value]
         if (key := self._key(offered)) is not None:
             return key
@@ -159,7 +167,7 @@ class Auth:
         return found
 
     def _check_token(self, access: Access, request: Request) -> None:
-        token, expected = _bearer(request), self._tokens[access]
+        token, expected = _bearer(request.headers), self._tokens[access]
         assert expected is not None
         if token is None or not hmac.compare_digest(token.encode(), expected):
             raise ApiError(
@@ -177,7 +185,7 @@ def _secret(value: SecretStr | None) -> bytes | None:
     return value.get_secret_value().encode() if value is not None else None
 
 
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+def _bearer(headers: Mapping[str, str]) -> str | None:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token else None

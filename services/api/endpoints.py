@@ -423,6 +423,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 )
 
 
+#: The start, which services/api/refusals.py may answer before routing.
+START = next(e for e in ENDPOINTS if e.handler is start_process)
+
+
 def routes(auth: Auth, tracing: Tracing = OFF) -> list[Route]:
     """The URL map: each endpoint behind the access check its row declares."""
     return [Route(e.path, _guarded(e, auth, tracing), methods=[e.method]) for e in ENDPOINTS]

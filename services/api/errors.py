@@ -79,6 +79,10 @@ async def api_error(request: Request, exc: Exception) -> Response:
 async def limited(request: Request, exc: Exception) -> Response:
     """A tenant's limit is reached (services/api/limits.py): 429 with the headers saying which."""
     assert isinstance(exc, Limited)
+    return limited_answer(exc)
+
+
+def limited_answer(exc: Limited) -> Response:
     return JSONResponse(ErrorBody.of(429, str(exc)), status_code=429, headers=exc.headers)
 
 

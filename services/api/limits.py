@@ -177,22 +177,32 @@ class Limits:
         """Count a start; raises :class:`Limited` past starts per second (checked before
         the body is read: a refused burst costs the replica as little as it can)."""
         if limit := self._limits.starts_per_s:
+            if (refused := self.refused_start(tenant)) is not None:
+                raise refused
             now = time.time()
-            if self._over.get(tenant, 0.0) <= now:
-                interval_us = 1_000_000 // limit
-                wait_us = await self._rate(
-                    RateKeys(counter=f"{self._keys.tenant(tenant)}:starts"),
-                    RateArgs(
-                        interval_us=interval_us,
-                        tolerance_us=interval_us * (max(1, math.ceil(limit / 10)) - 1),
-                    ),
-                )
-                if not wait_us:
-                    return
-                if len(self._over) > MAX_TENANTS_KEPT:
-                    self._over.clear()
-                self._over[tenant] = now + int(wait_us) / 1_000_000
+            interval_us = 1_000_000 // limit
+            wait_us = await self._rate(
+                RateKeys(counter=f"{self._keys.tenant(tenant)}:starts"),
+                RateArgs(
+                    interval_us=interval_us,
+                    tolerance_us=interval_us * (max(1, math.ceil(limit / 10)) - 1),
+                ),
+            )
+            if not wait_us:
+                return
+            if len(self._over) > MAX_TENANTS_KEPT:
+                self._over.clear()
+            self._over[tenant] = now + int(wait_us) / 1_000_000
             raise Limited("starts", limit, window_s=1, retry_after_s=1)
+
+    def refused_start(self, tenant: str) -> Limited | None:
+        """The refusal a start of ``tenant`` gets from this replica's memory, if any: no
+        start is allowed before the time Redis last named, whoever asks
+        (services/api/refusals.py answers these before routing)."""
+        limit = self._limits.starts_per_s
+        if limit and self._over.get(tenant, 0.0) > time.time():
+            return Limited("starts", limit, window_s=1, retry_after_s=1)
+        return None
 
     async def fetch_priority(self, tenant: str) -> int | None:
         """The fetch priority of a run the named ``tenant`` starts now (see the module

@@ -196,3 +196,50 @@ async def test_a_tenants_burst_meets_its_own_limits_only(
             headers={**key(BETA), "Prefer": "respond-async"},
         )
         assert theirs.status_code == 202
+
+
+async def test_a_start_the_replica_knows_to_refuse_is_answered_alike_before_the_endpoint(
+    make_settings: MakeSettings, engine_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once Redis has refused a tenant's start, the replica refuses its next starts from
+    memory before routing (services/api/refusals.py): the same answer, a request id, and
+    counted as the start route's 429, without the endpoint (or its Redis call) running."""
+    await deploy_bpmn(engine_url)
+    settings = make_settings(camunda_base_url=engine_url, api_keys=KEYS, tenant_starts_per_s=1)
+    async with running_app(settings) as api:
+        alpha = {**key(ALPHA), "Prefer": "respond-async"}
+        assert (
+            await api.client.post("/api/process/start", json=start_body(cid()), headers=alpha)
+        ).status_code == 202
+        by_redis = await api.client.post(
+            "/api/process/start", json=start_body(cid()), headers=alpha
+        )
+        assert by_redis.status_code == 429
+        asked: list[str] = []
+
+        async def start_rate(tenant: str) -> None:
+            asked.append(tenant)
+
+        monkeypatch.setattr(api.deps.limits, "start_rate", start_rate)
+        from_memory = await api.client.post("/api/process/start", content=b"{", headers=alpha)
+        assert from_memory.status_code == 429
+        assert asked == []
+        assert from_memory.json() == by_redis.json()
+        for name in ("retry-after", "ratelimit-policy", "ratelimit", "content-type"):
+            assert from_memory.headers[name] == by_redis.headers[name], name
+        assert from_memory.headers["x-request-id"] != by_redis.headers["x-request-id"]
+        # Another tenant's start, and a credential without the scope, go the full way.
+        beta = {**key(BETA), "Prefer": "respond-async"}
+        assert (
+            await api.client.post("/api/process/start", json=start_body(cid()), headers=beta)
+        ).status_code == 202
+        assert asked == ["beta"]
+        wrong = await api.client.post(
+            "/api/process/start", content=b"{", headers=key("no-such-key")
+        )
+        assert wrong.status_code == 401
+        exposed = (await api.client.get("/metrics", headers=key(ROOT))).text
+        assert (
+            'flowgate_api_outcomes_total{method="POST",route="/api/process/start",status="429"} 2.0'
+            in exposed
+        )
