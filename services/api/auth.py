@@ -125,15 +125,14 @@ class Auth:
         can tell (a JWT, a read token, a wrong credential or none)."""
         if not self.clients_identified:
             return ANONYMOUS
-        return self._key([value for value in (headers.get("x-api-key"), _bearer(headers)) if value])
+        return self._key(_offered_keys(headers))
 
     async def _client(
         self, request: Request, read_tokens: Callable[[], ReadTokens] | None
     ) -> Principal:
-        bearer = _bearer(request.headers)
-        offered = [value for value in (request.headers.get("x-api-key"), bearer) if value]
-        if (key := self._key(offered)) is not None:
+        if (key := self._key(_offered_keys(request.headers))) is not None:
             return key
+        bearer = _bearer(request.headers)
         query = request.query_params.get("access_token")
         token = bearer or (query if read_tokens is not None else None)
         if token is not None and is_read_token(token):
@@ -183,6 +182,11 @@ def _unauthorized(message: str) -> ApiError:
 
 def _secret(value: SecretStr | None) -> bytes | None:
     return value.get_secret_value().encode() if value is not None else None
+
+
+def _offered_keys(headers: Mapping[str, str]) -> list[str]:
+    """What may be an API key: ``X-API-Key``, or the bearer token."""
+    return [value for value in (headers.get("x-api-key"), _bearer(headers)) if value]
 
 
 def _bearer(headers: Mapping[str, str]) -> str | None:
