@@ -16,8 +16,12 @@ from flowgate.shared.build import register_build_info
 
 _HANDLER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-# A task waiting for a worker: a few ms while workers keep up, seconds once they do not.
-_HANDOFF_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 120)
+# A task waiting for a worker: a few ms while workers keep up (a bucket per ms there, so a
+# median of 4 ms can be told from one of 6), seconds once they do not.
+_HANDOFF_BUCKETS = (
+    *(ms / 1000 for ms in range(1, 11)),
+    0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 120,
+)  # fmt: skip
 
 
 @dataclass(slots=True)
