@@ -201,6 +201,12 @@ class Keys:
         return f"{self.prefix}:watcher:mark"
 
     @property
+    def watcher_incidents(self) -> str:
+        """Incidents left to the worker that claimed their step, by when the watcher ends
+        their runs itself (services/background/watcher.py)."""
+        return f"{self.prefix}:watcher:incidents"
+
+    @property
     def watcher_events(self) -> str:
         return f"{self.prefix}:watcher:events"
 

@@ -82,11 +82,26 @@ class EngineEvents:
         #: Whether the engine pushes, as last checked, and when to check again.
         self._pushing = False
         self._check_at = 0.0
+        #: Events :meth:`wait` read past the position, for the next :meth:`read`.
+        self._ahead: Any = None
 
     def forget(self) -> None:
         """Read the position again from Redis (another replica may have moved it on)."""
         self._position = None
         self._check_at = 0.0
+        self._ahead = None
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Until the engine pushes an event past the position, at most ``timeout_s`` (one
+        blocking read, kept for :meth:`read`); False at once when it does not push, so the
+        caller sleeps instead."""
+        if not self._pushing or self._position is None:
+            return False
+        if not self._ahead:
+            self._ahead = await self._redis.xread(
+                {self._stream: self._position}, count=BATCH, block=max(1, round(timeout_s * 1000))
+            )
+        return True
 
     async def read(self) -> Batch | None:
         """The events since the last read, or None when the engine does not push them.
@@ -102,7 +117,8 @@ class EngineEvents:
         if not self._pushing:
             return None
         assert self._position is not None
-        answer = await self._redis.xread({self._stream: self._position}, count=BATCH)
+        answer = self._ahead or await self._redis.xread({self._stream: self._position}, count=BATCH)
+        self._ahead = None
         happened, position = Happened(), self._position
         for entry_id, fields in stream_entries(answer):
             position = text(entry_id)

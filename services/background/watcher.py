@@ -11,7 +11,14 @@ delegates, timers or other teams' workers. :class:`Watcher` reads the engine's h
 * ends a run whose instance was **deleted** outside flowgate, or ended by an unhandled error
   or a terminate event, as ``error`` naming that;
 * ends a run as ``error`` when an **incident** appears anywhere in it (a job or an external
-  task out of retries), with the incident's message.
+  task out of retries), with the incident's message. An incident at a step a flowgate
+  worker has claimed is that worker's to end the run with (its message is the step's own
+  error): the watcher leaves it, in ``{p}:watcher:incidents``, and ends the run itself only
+  if the worker has not within ``INCIDENT_GRACE_S`` (it died between its report and its
+  record). Whichever replica watches then does, so no run is left waiting on it.
+
+While the engine pushes its events (services/background/events.py) a pass follows the next
+one within milliseconds, not at the next interval.
 
 Its cost does not grow with the runs in flight: each pass is three history queries (steps,
 ends, incidents) from a watermark on, however many runs wait, and none while no run is
@@ -29,13 +36,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
+
+import orjson
 
 from flowgate.services.api.metrics import ApiMetrics
 from flowgate.services.background.events import EngineEvents, Happened
-from flowgate.shared.aio import Backoff, concurrently, sleep_or_stop
+from flowgate.shared.aio import Backoff, concurrently, race_stop, sleep_or_stop
 from flowgate.shared.camunda import (
     CamundaClient,
     CamundaError,
@@ -77,6 +88,11 @@ LEASE_S = 3.0
 FORGET_EVERY_S = 1.0
 #: How often a replica that does not watch checks whether the watcher is gone.
 FOLLOWER_INTERVAL_S = 1.0
+#: While the engine pushes, a pass follows its next event at once, but starts no sooner
+#: than this after the last one began: a busy engine's events are read in batches.
+PUSHED_GAP_S = 0.02
+#: How long an incident at a claimed step is left to the worker that claimed it.
+INCIDENT_GRACE_S = 10.0
 
 
 class _Record(Protocol):
@@ -134,6 +150,8 @@ class Watcher:
                         # Passes start every interval, however long one took.
                         took = asyncio.get_running_loop().time() - began
                         pause = max(self._interval_s - took, 0.0)
+                        if self._events is not None:
+                            pause = await self._until_pushed(stop, took=took, pause=pause)
                     backoff.reset()
                 except (CamundaError, *REDIS_ERRORS, OSError, TimeoutError) as exc:
                     log.warning("engine watch failed; trying again", extra={"error": str(exc)})
@@ -148,6 +166,18 @@ class Watcher:
             if self.leading:
                 await self._resign_quietly()
 
+    async def _until_pushed(self, stop: asyncio.Event, *, took: float, pause: float) -> float:
+        """While the engine pushes, wait for its next event rather than the whole ``pause``
+        (a step or an end it reports is read within milliseconds, not half an interval on
+        average); what is left of ``pause`` to sleep."""
+        assert self._events is not None
+        gap = min(max(PUSHED_GAP_S - took, 0.0), pause)
+        if await sleep_or_stop(stop, gap):
+            return 0.0
+        if await race_stop(stop, self._events.wait(pause - gap)) is False:
+            return pause - gap  # it does not push: sleep as for any engine
+        return 0.0
+
     async def watch_once(self) -> None:
         """What happened since the last look: from the events the engine pushes, or else
         from its history."""
@@ -155,6 +185,7 @@ class Watcher:
         if now >= self._forget_at:
             self._forget_at = now + FORGET_EVERY_S
             await self._store.instances.forget_ended()
+            await self._incidents_left_over()
         batch = await self._events.read() if self._events else None
         if batch is not None:
             if batch.gap:  # the push broke off somewhere: read the history back once
@@ -322,8 +353,29 @@ class Watcher:
         if cid is None:
             return
         where = f" at {incident.activity_id}" if incident.activity_id else ""
-        error = f"incident{where}: {incident.message or incident.incident_type}"
-        if await self._store.finish(cid, Status.ERROR, error=error, incident_id=incident.id):
+        left = _LeftIncident(
+            cid, incident.id, f"incident{where}: {incident.message or incident.incident_type}"
+        )
+        if incident.activity_id and await self._store.steps.claimed_at(cid, incident.activity_id):
+            due_ms = int((time.time() + INCIDENT_GRACE_S) * 1000)
+            await self._redis.zadd(self._keys.watcher_incidents, {left.to_json(): due_ms}, nx=True)
+            return
+        await self._end_by(left)
+
+    async def _incidents_left_over(self) -> None:
+        """End the runs of incidents left to a worker that has not ended them in time."""
+        key, now_ms = self._keys.watcher_incidents, int(time.time() * 1000)
+        due = await self._redis.zrangebyscore(key, "-inf", now_ms, start=0, num=PAGE)
+        for raw in cast(list[bytes], due):
+            await self._end_by(_LeftIncident.from_json(raw))
+            await self._redis.zrem(key, raw)
+
+    async def _end_by(self, incident: _LeftIncident) -> None:
+        """End a run by an incident (unless it has ended, or a retry resolved the incident)."""
+        ended = await self._store.finish(
+            incident.cid, Status.ERROR, error=incident.error, incident_id=incident.id
+        )
+        if ended:
             self._metrics.engine_ends.labels("incident").inc()
 
     # --- plumbing --------------------------------------------------------------------------
@@ -368,6 +420,23 @@ class Watcher:
         except (*REDIS_ERRORS, OSError, TimeoutError) as exc:
             log.warning("could not hand the watch over; it lapses", extra={"error": str(exc)})
         self._lead_changed(False)
+
+
+@dataclass(frozen=True, slots=True)
+class _LeftIncident:
+    """What ends a run by an incident: its run, the incident, the run's error."""
+
+    cid: str
+    id: str
+    error: str
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"cid": self.cid, "id": self.id, "error": self.error})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> _LeftIncident:
+        body = orjson.loads(raw)
+        return cls(cid=body["cid"], id=body["id"], error=body["error"])
 
 
 def _time(record: object) -> datetime:

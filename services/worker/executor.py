@@ -476,7 +476,11 @@ class Executor:
         failures_before = 0 if task.retries is None else max(configured - task.retries + 1, 0)
         timeout_ms = policy.delay_ms(failures_before)
         message = f"{type(error).__name__}: {error}"
-        answer = await self._call(
+        # The last failure raises an incident, which ends the run: a report that ends the
+        # step, claimed like one so that this worker's end (with the step's own error)
+        # comes before the watcher's of the same incident (services/background/watcher.py).
+        report = self._call_ending_step if not retries else self._call
+        answer = await report(
             "failure",
             lambda: self.camunda.handle_failure(
                 task.id,

@@ -90,6 +90,12 @@ class StepStore:
             StepClaimArgs(activity_instance_id=activity_instance_id, worker_id=worker_id),
         )
 
+    async def claimed_at(self, correlation_id: str, activity_id: str) -> bool:
+        """Whether a worker has claimed a step of activity ``activity_id`` and not recorded it
+        yet (an engine's activity instance id starts with its activity id and a colon)."""
+        claimed = await self._redis.hkeys(self._keys.steps_claimed(correlation_id))
+        return any(text(aid).startswith(f"{activity_id}:") for aid in claimed)
+
     async def known(self, steps: Sequence[tuple[str, str]]) -> list[bool]:
         """Whether each (correlationId, activity instance id) is recorded already, in one
         round trip: a cheap look before :meth:`record` for steps others may have recorded."""

@@ -21,6 +21,7 @@ from urllib.parse import quote
 import pytest
 
 from deploy.local.servers import free_port
+from flowgate.services.background import watcher
 from flowgate.services.background.watcher import Watcher
 from flowgate.shared import postgres
 from flowgate.shared.camunda import CamundaClient, TopicRequest
@@ -210,6 +211,47 @@ async def test_another_teams_worker_does_the_step_and_its_incident_ends_the_run(
     await until(audited, timeout_s=15, what="the other team's step in the audit trail")
 
 
+async def test_an_incident_at_a_claimed_step_is_left_to_its_worker_then_ended_without_it(
+    api: Api, folder: Callable[..., Any], engine_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker claims the step it reports out of retries, to end the run with the step's
+    own error; one that died before it could leaves the run to the watcher, after a grace."""
+    monkeypatch.setattr(watcher, "INCIDENT_GRACE_S", 1.0)
+    key = key_of("claimed")
+    topic = TopicRequest(f"{key}.work", lock_duration_ms=60_000)
+    await folder(
+        key,
+        single(key, f'serviceTask id="step" camunda:type="external" camunda:topic="{key}.work"'),
+    )
+    correlation_id = cid()
+    await start(api, key, correlation_id)
+    async with CamundaClient(engine_url) as camunda:
+        [task] = await camunda.fetch_and_lock("doomed", [topic], max_tasks=1,
+                                              async_response_timeout_ms=5_000)  # fmt: skip
+        assert task.activity_instance_id is not None
+        await api.deps.store.steps.claim(correlation_id, task.activity_instance_id, "doomed")
+        await camunda.handle_failure(
+            task.id, worker_id="doomed", error_message="down", retries=0, retry_timeout_ms=0
+        )  # ... and the worker dies before it ends the run
+    redis, left = api.deps.redis, api.deps.keys.watcher_incidents
+
+    async def left_to_the_worker() -> bool:
+        return any(correlation_id.encode() in m for m in await redis.zrange(left, 0, -1))
+
+    await until(left_to_the_worker, timeout_s=15, what="the incident left to its worker")
+    state = await api.deps.store.get(correlation_id)
+    assert state is not None
+    assert state.status == "pending"
+    failed = await status(api, correlation_id)
+    assert failed.status_code == 500
+    assert failed.json()["error"] == "incident at step: down"
+    await until(lambda: _empty(redis, left), timeout_s=5, what="the left incident taken out")
+
+
+async def _empty(redis: RedisClient, key: str) -> bool:
+    return not await redis.zcard(key)
+
+
 async def test_an_unexpected_error_in_a_watch_pass_does_not_stop_the_replica(
     make_settings: MakeSettings,
     folder: Callable[..., Any],
@@ -302,6 +344,28 @@ async def test_pushed_events_no_replica_read_are_read_when_one_starts(
     async with running_app(settings) as second:
         ended = await status(second, correlation_id, wait_s=15)
         assert (ended.status_code, ended.json()["data"]) == (200, {"while": "away"})
+
+
+@pytest.mark.single_redis  # the engine pushes to the session's one Redis
+async def test_a_pushed_event_is_read_when_it_arrives_not_at_the_next_interval(
+    make_settings: MakeSettings, folder: Callable[..., Any], engine_url: str
+) -> None:
+    """While the engine pushes, the watcher waits on its stream: with passes an hour apart,
+    a run the engine ends still ends in flowgate."""
+    settings = make_settings(camunda_base_url=engine_url, watch_interval_ms=3_600_000)
+    key = key_of("pushed")
+    await folder(key, single(key, 'userTask id="step"'))
+    correlation_id = cid()
+    async with running_app(settings) as replica:
+        assert (await start(replica, key, correlation_id)).status_code == 202
+        await until(lambda: watching(replica), what="the replica to watch")
+        state = await replica.deps.store.get(correlation_id)
+        assert state is not None
+        async with EngineAdmin(engine_url) as admin:
+            [task] = await admin.user_tasks(str(state.instance_id))
+            await admin.complete_user_task(task["id"], {"read": "at once"})
+        ended = await status(replica, correlation_id, wait_s=15)
+        assert (ended.status_code, ended.json()["data"]) == (200, {"read": "at once"})
 
 
 @pytest.mark.single_redis  # the engine pushes to the session's one Redis

@@ -501,16 +501,17 @@ async def test_a_pending_runs_events_say_what_it_waits_for_and_which_tasks_open(
     steps = [body for kind, body in events if kind == "step"]
     assert steps[0]["step"] == "start"
     assert [(w["type"], w["activity"]) for w in steps[0]["waitingOn"]] == [("userTask", "review")]
-    assert told(events) == [
+    # The cancel closes the open task too: the stream tells it if the engine's report of
+    # that reached flowgate before the run's end did.
+    while_it_ran = [
         ("task_created", review["id"]),
         ("task_completed", review["id"]),
         ("task_created", sign_off["id"]),
     ]
-    assert [body["activity"] for kind, body in events if kind.startswith("task_")] == [
-        "review",
-        "review",
-        "sign_off",
-    ]
+    closed = ("task_completed", sign_off["id"])
+    assert told(events) in (while_it_ran, [*while_it_ran, closed])
+    activities = [body["activity"] for kind, body in events if kind.startswith("task_")]
+    assert activities[:3] == ["review", "review", "sign_off"]
 
 
 def told(events: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, str]]:
