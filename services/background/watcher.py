@@ -91,6 +91,8 @@ FOLLOWER_INTERVAL_S = 1.0
 #: While the engine pushes, a pass follows its next event at once, but starts no sooner
 #: than this after the last one began: a busy engine's events are read in batches.
 PUSHED_GAP_S = 0.02
+#: How long after it came a pushed end or incident is read (see ``_until_pushed``).
+ENDS_SETTLE_S = 0.1
 #: How long an incident at a claimed step is left to the worker that claimed it.
 INCIDENT_GRACE_S = 10.0
 
@@ -168,15 +170,21 @@ class Watcher:
 
     async def _until_pushed(self, stop: asyncio.Event, *, took: float, pause: float) -> float:
         """While the engine pushes, wait for its next event rather than the whole ``pause``
-        (a step or an end it reports is read within milliseconds, not half an interval on
-        average); what is left of ``pause`` to sleep."""
+        (a step it reports is read within milliseconds, not half an interval on average);
+        what is left of ``pause`` to sleep.
+
+        An instance's end or an incident is read ``ENDS_SETTLE_S`` after it came instead:
+        most runs are ended by the worker that ran their last step (with its output, the
+        fast path), and the watcher reading the end first would end them itself, with a
+        query to the engine for the result and the worker's answer thrown away."""
         assert self._events is not None
         gap = min(max(PUSHED_GAP_S - took, 0.0), pause)
         if await sleep_or_stop(stop, gap):
             return 0.0
-        if await race_stop(stop, self._events.wait(pause - gap)) is False:
-            return pause - gap  # it does not push: sleep as for any engine
-        return 0.0
+        arrived = await race_stop(stop, self._events.wait(pause - gap))
+        if arrived is None:
+            return pause - gap  # it does not push (or we stopped): sleep as for any engine
+        return ENDS_SETTLE_S if arrived.instances or arrived.incidents else 0.0
 
     async def watch_once(self) -> None:
         """What happened since the last look: from the events the engine pushes, or else
