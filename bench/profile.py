@@ -41,6 +41,8 @@ class Profile:
     # the cost window), after a warm-up
     cost_runs: dict[int, int]
     cost_warmup: int
+    # ... and the engine warmed before the first round by each side in turn, this often
+    cost_engine_warm_turns: int
     # ... again with this many finished runs in the engine's history and each gateway's
     # store; the watcher's history read timed this often at each size
     cost_history_runs: int
@@ -76,6 +78,7 @@ FULL = Profile(
     client_concurrency=16,
     cost_runs={1: 100, 16: 800, 64: 800},
     cost_warmup=160,
+    cost_engine_warm_turns=3,
     cost_history_runs=100_000,
     cost_reads=50,
     cluster_parked=1_000,
@@ -105,6 +108,7 @@ SMOKE = Profile(
     client_concurrency=4,
     cost_runs={1: 3, 16: 16, 64: 64},
     cost_warmup=16,
+    cost_engine_warm_turns=1,
     cost_history_runs=300,
     cost_reads=3,
     cluster_parked=50,
