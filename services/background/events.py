@@ -82,28 +82,11 @@ class EngineEvents:
         #: Whether the engine pushes, as last checked, and when to check again.
         self._pushing = False
         self._check_at = 0.0
-        #: Events :meth:`wait` read past the position, and the position after them, for
-        #: the next :meth:`read`.
-        self._ahead: tuple[Happened, str | None] | None = None
 
     def forget(self) -> None:
         """Read the position again from Redis (another replica may have moved it on)."""
         self._position = None
         self._check_at = 0.0
-        self._ahead = None
-
-    async def wait(self, timeout_s: float) -> Happened | None:
-        """What the engine pushes past the position next, waiting at most ``timeout_s``
-        (one blocking read, kept for :meth:`read`; empty when nothing came); None at once
-        when it does not push, so the caller sleeps instead."""
-        if not self._pushing or self._position is None:
-            return None
-        if self._ahead is None:
-            answer = await self._redis.xread(
-                {self._stream: self._position}, count=BATCH, block=max(1, round(timeout_s * 1000))
-            )
-            self._ahead = _parsed(answer)
-        return self._ahead[0]
 
     async def read(self) -> Batch | None:
         """The events since the last read, or None when the engine does not push them.
@@ -119,11 +102,11 @@ class EngineEvents:
         if not self._pushing:
             return None
         assert self._position is not None
-        if self._ahead is None:
-            answer = await self._redis.xread({self._stream: self._position}, count=BATCH)
-            self._ahead = _parsed(answer)
-        (happened, last), self._ahead = self._ahead, None
-        position = last or self._position
+        answer = await self._redis.xread({self._stream: self._position}, count=BATCH)
+        happened, position = Happened(), self._position
+        for entry_id, fields in stream_entries(answer):
+            position = text(entry_id)
+            happened.add(orjson.loads(fields[b"e"]))
         if position != self._position:
             await self._redis.set(self._keys.watcher_events, position)
             self._position = position
@@ -165,15 +148,6 @@ class EngineEvents:
         """Where a first reader starts: after the newest event (the history covers the rest)."""
         last = cast(list[tuple[bytes, Any]], await self._redis.xrevrange(self._stream, count=1))
         return text(last[0][0]) if last else "0-0"
-
-
-def _parsed(answer: Any) -> tuple[Happened, str | None]:
-    """An XREAD's events, and the id of the last (None: there were none)."""
-    happened, last = Happened(), None
-    for entry_id, fields in stream_entries(answer):
-        last = text(entry_id)
-        happened.add(orjson.loads(fields[b"e"]))
-    return happened, last
 
 
 def _before(position: str, first: str) -> bool:

@@ -17,9 +17,6 @@ delegates, timers or other teams' workers. :class:`Watcher` reads the engine's h
   if the worker has not within ``INCIDENT_GRACE_S`` (it died between its report and its
   record). Whichever replica watches then does, so no run is left waiting on it.
 
-While the engine pushes its events (services/background/events.py) a pass follows the next
-one within milliseconds, not at the next interval.
-
 Its cost does not grow with the runs in flight: each pass is three history queries (steps,
 ends, incidents) from a watermark on, however many runs wait, and none while no run is
 watched. One replica watches at a time, holding a lease in Redis (``{p}:watcher``); when it
@@ -46,7 +43,7 @@ import orjson
 
 from flowgate.services.api.metrics import ApiMetrics
 from flowgate.services.background.events import EngineEvents, Happened
-from flowgate.shared.aio import Backoff, concurrently, race_stop, sleep_or_stop
+from flowgate.shared.aio import Backoff, concurrently, sleep_or_stop
 from flowgate.shared.camunda import (
     CamundaClient,
     CamundaError,
@@ -88,11 +85,6 @@ LEASE_S = 3.0
 FORGET_EVERY_S = 1.0
 #: How often a replica that does not watch checks whether the watcher is gone.
 FOLLOWER_INTERVAL_S = 1.0
-#: While the engine pushes, a pass follows its next event at once, but starts no sooner
-#: than this after the last one began: a busy engine's events are read in batches.
-PUSHED_GAP_S = 0.02
-#: How long after it came a pushed end or incident is read (see ``_until_pushed``).
-ENDS_SETTLE_S = 0.1
 #: How long an incident at a claimed step is left to the worker that claimed it.
 INCIDENT_GRACE_S = 10.0
 
@@ -152,8 +144,6 @@ class Watcher:
                         # Passes start every interval, however long one took.
                         took = asyncio.get_running_loop().time() - began
                         pause = max(self._interval_s - took, 0.0)
-                        if self._events is not None:
-                            pause = await self._until_pushed(stop, took=took, pause=pause)
                     backoff.reset()
                 except (CamundaError, *REDIS_ERRORS, OSError, TimeoutError) as exc:
                     log.warning("engine watch failed; trying again", extra={"error": str(exc)})
@@ -167,24 +157,6 @@ class Watcher:
         finally:
             if self.leading:
                 await self._resign_quietly()
-
-    async def _until_pushed(self, stop: asyncio.Event, *, took: float, pause: float) -> float:
-        """While the engine pushes, wait for its next event rather than the whole ``pause``
-        (a step it reports is read within milliseconds, not half an interval on average);
-        what is left of ``pause`` to sleep.
-
-        An instance's end or an incident is read ``ENDS_SETTLE_S`` after it came instead:
-        most runs are ended by the worker that ran their last step (with its output, the
-        fast path), and the watcher reading the end first would end them itself, with a
-        query to the engine for the result and the worker's answer thrown away."""
-        assert self._events is not None
-        gap = min(max(PUSHED_GAP_S - took, 0.0), pause)
-        if await sleep_or_stop(stop, gap):
-            return 0.0
-        arrived = await race_stop(stop, self._events.wait(pause - gap))
-        if arrived is None:
-            return pause - gap  # it does not push (or we stopped): sleep as for any engine
-        return ENDS_SETTLE_S if arrived.instances or arrived.incidents else 0.0
 
     async def watch_once(self) -> None:
         """What happened since the last look: from the events the engine pushes, or else

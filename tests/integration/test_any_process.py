@@ -347,28 +347,6 @@ async def test_pushed_events_no_replica_read_are_read_when_one_starts(
 
 
 @pytest.mark.single_redis  # the engine pushes to the session's one Redis
-async def test_a_pushed_event_is_read_when_it_arrives_not_at_the_next_interval(
-    make_settings: MakeSettings, folder: Callable[..., Any], engine_url: str
-) -> None:
-    """While the engine pushes, the watcher waits on its stream: with passes an hour apart,
-    a run the engine ends still ends in flowgate."""
-    settings = make_settings(camunda_base_url=engine_url, watch_interval_ms=3_600_000)
-    key = key_of("pushed")
-    await folder(key, single(key, 'userTask id="step"'))
-    correlation_id = cid()
-    async with running_app(settings) as replica:
-        assert (await start(replica, key, correlation_id)).status_code == 202
-        await until(lambda: watching(replica), what="the replica to watch")
-        state = await replica.deps.store.get(correlation_id)
-        assert state is not None
-        async with EngineAdmin(engine_url) as admin:
-            [task] = await admin.user_tasks(str(state.instance_id))
-            await admin.complete_user_task(task["id"], {"read": "at once"})
-        ended = await status(replica, correlation_id, wait_s=15)
-        assert (ended.status_code, ended.json()["data"]) == (200, {"read": "at once"})
-
-
-@pytest.mark.single_redis  # the engine pushes to the session's one Redis
 async def test_events_the_engine_could_not_push_are_read_from_its_history(
     make_settings: MakeSettings,
     folder: Callable[..., Any],
