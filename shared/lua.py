@@ -31,6 +31,7 @@ alone goes alone, as before, one loop turn later.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import weakref
 from collections.abc import Iterable, Sequence
@@ -123,33 +124,41 @@ class _Call:
 
 @dataclass(eq=False, slots=True)
 class _Turn:
-    """The script calls of one Redis client queued in the current turn of the loop. The
-    first call of a turn yields once, so that every call made in that turn joins it, then
-    sends them all; each caller gets its own answer or its own error."""
+    """The script calls of one Redis client made in the current turn of the loop. The first
+    call of a turn starts a task that yields once, so that every call made in that turn
+    joins it, then sends them all; each caller gets its own answer or its own error."""
 
     redis: RedisClient
-    queued: list[_Call] = field(default_factory=list)
-    #: The turns being sent (a strong reference: a shielded task must not be collected).
+    #: The calls of the turn still gathering (None: no turn is).
+    gathering: list[_Call] | None = None
+    #: The turns being sent (a strong reference: a task nobody awaits must not be collected).
     sending: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def call(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
         call = _Call(script, keys, args, asyncio.get_running_loop().create_future())
-        self.queued.append(call)
-        if len(self.queued) == 1:
+        if self.gathering is not None:
+            self.gathering.append(call)
+        else:
             # A task of its own: a cancelled first caller must not leave the others unsent.
-            turn = asyncio.ensure_future(self._send())
+            calls = self.gathering = [call]
+            turn = asyncio.ensure_future(self._send(calls))
             self.sending.add(turn)
-            turn.add_done_callback(self.sending.discard)
-            try:
-                await asyncio.shield(turn)
-            except asyncio.CancelledError:
-                call.answer.cancel()
-                raise
+            turn.add_done_callback(functools.partial(self._ended, calls))
+        # A caller cancelled here cancels its answer, which the turn then leaves alone.
         return await call.answer
 
-    async def _send(self) -> None:
+    def _ended(self, calls: list[_Call], turn: asyncio.Task[None]) -> None:
+        """A turn that ended unsent (its task cancelled, as at the loop's end) neither
+        strands its callers nor keeps later calls gathering behind it."""
+        self.sending.discard(turn)
+        if self.gathering is calls:
+            self.gathering = None
+        for call in calls:
+            _settle(call, error=ConnectionError("the call's turn ended before it was sent"))
+
+    async def _send(self, calls: list[_Call]) -> None:
         await asyncio.sleep(0)  # the other calls of this turn join
-        calls, self.queued = self.queued, []
+        self.gathering = None
         if len(calls) == 1:
             await self._alone(calls[0])
             return

@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from flowgate.shared.lua import Script
+from flowgate.shared.lua import Script, _turn_of
 from flowgate.shared.redis_client import RedisClient
 
 
@@ -98,3 +98,22 @@ async def test_scripts_redis_lost_are_loaded_again_within_a_turn(
         *(bound(_Keys(f"{redis_prefix}:after{n}"), _Args(f"y{n}")) for n in range(4))
     )
     assert answers == [b"y0", b"y1", b"y2", b"y3"]
+
+
+async def test_a_turn_cancelled_before_it_was_sent_fails_its_calls_and_not_the_next(
+    put: Script[_Keys, _Args], redis_client: RedisClient, redis_prefix: str
+) -> None:
+    """As at the loop's end: its callers hear of it (a connection error, which writers
+    retry), and the next call does not queue behind it."""
+    bound = put.bound(redis_client)
+    calls = [
+        asyncio.ensure_future(bound(_Keys(f"{redis_prefix}:c{n}"), _Args(f"c{n}")))
+        for n in range(3)
+    ]
+    await asyncio.sleep(0)  # queued, their turn's task not yet run
+    [turn] = _turn_of(redis_client).sending
+    turn.cancel()
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    assert [type(answer) for answer in answers] == [ConnectionError] * 3
+    assert await redis_client.exists(f"{redis_prefix}:c0") == 0
+    assert await bound(_Keys(f"{redis_prefix}:next"), _Args("n")) == b"n"
