@@ -149,17 +149,18 @@ async def open_deps(
         stack.push_async_callback(pool.close)
         store = RunStore.from_settings(redis, keys, settings)
         pace = Pace(default_s=settings.retry_after_s)
+        settled = Settled(result_ttl_s=settings.result_ttl_s)
         waitroom = WaitRoom(
             redis,
             keys,
             store,
             metrics=metrics,
             max_parked=_parking_places(settings),
-            settled=Settled(result_ttl_s=settings.result_ttl_s),
+            settled=settled,
             pace=pace,
             tracing=tracing,
         )
-        runs = Runs(store, pool)
+        runs = Runs(store, pool, settled=settled)
         stop, migrated = asyncio.Event(), asyncio.Event()
         async with asyncio.TaskGroup() as tasks:
             spawner = Spawner(tasks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from psycopg_pool import AsyncConnectionPool
 
+from flowgate.services.api.settled import Settled
 from flowgate.shared import postgres
 from flowgate.shared.eventlog import EventRecord
 from flowgate.shared.state import RunState
@@ -19,12 +20,17 @@ from flowgate.shared.tenancy import Principal
 
 
 class Runs:
-    def __init__(self, store: RunStore, pool: AsyncConnectionPool) -> None:
+    def __init__(
+        self, store: RunStore, pool: AsyncConnectionPool, *, settled: Settled | None = None
+    ) -> None:
         self._store = store
         self._pool = pool
+        self._settled = settled
 
     async def get(self, correlation_id: str) -> RunState | None:
         """The run's latest state, or None when no store knows it."""
+        if self._settled is not None and (ended := self._settled.get(correlation_id)):
+            return ended
         return await self._store.get(correlation_id) or await self.stored(correlation_id)
 
     async def visible(self, correlation_id: str, principal: Principal) -> bool:
@@ -34,6 +40,8 @@ class Runs:
             return False
         if principal.every_tenant:
             return True
+        if self._settled is not None and (ended := self._settled.get(correlation_id)):
+            return principal.sees(ended.tenant)  # an end's tenant: no round trip
         status, tenant = await self._store.status_and_tenant(correlation_id)
         if status is None:  # Redis no longer holds it
             state = await self.stored(correlation_id)

@@ -10,8 +10,15 @@ correlationId start a new run. So an ended state may be served until its end plu
 An abandoned start is not an end (the id is free again) and is never kept.
 
 The one exception: a client's retry of a run an incident ended (services/api/retry.py)
-makes it ``pending`` again, with a higher version, and tells every replica (``reopened`` on
-the run's channel): :meth:`forget`, after which only a newer end is kept.
+makes it ``pending`` again and tells every replica (``reopened`` on the run's channel):
+:meth:`forget`. Its old ``error`` end may still be on its way to this replica (a read Redis
+answered before the reopen, arriving after the message), so once reopened a run's
+``error`` ends are no longer kept here at all; its ``ok`` and ``cancelled`` ones are, as
+they can only follow the reopen.
+
+Messages are heard only while the wait room's subscriptions hold, and a Redis that
+restarted may have lost the records (their ids then name new runs): so nothing is served or
+kept while they do not, and every end kept goes when they are made again (:meth:`hearing`).
 
 Bounded (least recently used first out): a replica holds at most ``size`` states.
 """
@@ -34,11 +41,20 @@ class Settled:
         self._result_ttl_s = result_ttl_s
         self._size = size
         self._states: OrderedDict[str, tuple[RunState, float]] = OrderedDict()
-        #: Reopened runs: the version their pending state has (an end must be newer).
-        self._reopened: OrderedDict[str, int] = OrderedDict()
+        #: Reopened runs (their ``error`` ends are not kept), least recently reopened first.
+        self._reopened: OrderedDict[str, None] = OrderedDict()
+        self._hearing = False
+
+    def hearing(self, now: bool) -> None:
+        """The wait room hears every run channel from now on (True), or may not (False).
+        Either way the ends kept so far go: a reopen may have gone unheard meanwhile."""
+        self._hearing = now
+        self._states.clear()
 
     def get(self, correlation_id: str) -> RunState | None:
         """The run's final state, if it ended and this replica has seen it do so."""
+        if not self._hearing:
+            return None
         found = self._states.get(correlation_id)
         if found is None:
             return None
@@ -50,11 +66,10 @@ class Settled:
         return state
 
     def forget(self, correlation_id: str) -> None:
-        """The run was reopened: its end kept here is no longer its state, nor is any
-        older end a replica may still read back (only a newer version is kept again)."""
-        found = self._states.pop(correlation_id, None)
-        version = found[0].version if found else 0
-        self._reopened[correlation_id] = max(version + 1, self._reopened.get(correlation_id, 0))
+        """The run was reopened: its end kept here is no longer its state, nor is an
+        ``error`` end read before the reopen and arriving after it."""
+        self._states.pop(correlation_id, None)
+        self._reopened[correlation_id] = None
         self._reopened.move_to_end(correlation_id)
         if len(self._reopened) > self._size:
             self._reopened.popitem(last=False)
@@ -62,10 +77,10 @@ class Settled:
     def keep(self, state: RunState) -> bool:
         """Keep ``state`` if it is an end, for as long as its record can live; whether it
         is one this replica had not kept yet."""
-        if state.status not in ENDED or state.correlation_id in self._states:
+        if not self._hearing or state.status not in ENDED or state.correlation_id in self._states:
             return False
-        if state.version <= self._reopened.get(state.correlation_id, 0):
-            return False  # an end from before a reopen, read back late
+        if state.status is Status.ERROR and state.correlation_id in self._reopened:
+            return False  # perhaps the end from before the reopen, read back late
         until = state.updated_at.timestamp() + self._result_ttl_s - CLOCK_MARGIN_S
         if until <= time.time():
             return False

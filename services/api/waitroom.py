@@ -8,7 +8,8 @@ connection per shard (the master that owns those partitions' slots). Every parke
 registers in a dict keyed by correlationId, so one message wakes every request of that id
 on this replica, whichever replica published it; a message names its run first, so the
 room decodes only those of runs waited for here (and compares every body with the
-``reopened`` one, whose run its settled cache then forgets: services/api/settled.py). A run's
+``reopened`` one, whose run its settled cache then forgets: services/api/settled.py, which
+is cleared whenever the subscriptions are lost or made again). A run's
 end wakes every request for it; a recorded step (shared/contract.py ``StepRecorded``) wakes
 only those that wait for a step (a milestone, :meth:`WaitRoom.wait` ``until``) or follow
 the run's progress (:meth:`WaitRoom.follow`, the live event stream).
@@ -260,6 +261,8 @@ class WaitRoom:
                     log.warning("wait room lost a subscription", extra={"error": errors})
             finally:
                 self._subscribed.clear()
+                if self._settled is not None:
+                    self._settled.hearing(False)
             await sleep_or_stop(stop, backoff.next_delay_s())
 
     async def subscribed(self, timeout_s: float) -> None:
@@ -491,6 +494,8 @@ class WaitRoom:
 
     def _on_subscribed(self) -> None:
         self._subscriptions += 1
+        if self._settled is not None:
+            self._settled.hearing(True)
         self._subscribed.set()
         self._metrics.pubsub_subscriptions.inc()
         if self._subscriptions > 1:

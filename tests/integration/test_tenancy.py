@@ -11,7 +11,9 @@ import httpx
 import pytest
 
 from flowgate.services.api.readtokens import ReadTokens
+from flowgate.shared.contract import SystemVariables
 from flowgate.shared.settings import Settings
+from flowgate.shared.state import Status
 from tests.helpers.api import Api, cid, running_app, start_body
 from tests.helpers.engine import deploy_bpmn
 from tests.helpers.issuer import AUDIENCE, LocalIssuer, local_issuer
@@ -91,6 +93,24 @@ async def test_another_tenants_run_looks_like_no_run(api: Api) -> None:
         f"/api/event-log/{run}", params={"by": "correlationId"}, headers=key(BETA)
     )
     assert trail.json()["eventLog"] == []
+
+
+async def test_an_ended_run_a_replica_keeps_in_memory_is_still_no_run_to_another_tenant(
+    api: Api,
+) -> None:
+    """Ended runs are answered from the replica's memory (services/api/settled.py), their
+    tenant checked there too: no round trip, and still no existence oracle."""
+    run = cid()
+    await api.deps.store.claim(SystemVariables(run, "b", f"t-{run}", "a"), "p", "h", tenant="alpha")
+    await api.deps.store.finish(run, Status.OK, data={"n": 1})
+    assert (await api.client.get(f"/api/process/status/{run}", headers=key(ALPHA))).is_success
+    # Behind the replica's back: were the record read, alpha would no longer see the run.
+    await api.deps.redis.hset(api.deps.keys.state(run), "tenant", "beta")
+    mine = await api.client.get(f"/api/process/status/{run}", headers=key(ALPHA))
+    assert mine.status_code == 200
+    assert mine.json()["data"] == {"n": 1}  # from memory
+    theirs = await api.client.get(f"/api/process/status/{run}", headers=key(BETA))
+    assert theirs.status_code == 404, theirs.text
 
 
 async def test_a_run_records_who_started_it(api: Api) -> None:

@@ -14,6 +14,7 @@ import pytest
 from redis.asyncio import RedisCluster
 
 from flowgate.services.api.metrics import ApiMetrics
+from flowgate.services.api.settled import Settled
 from flowgate.services.api.waitroom import WaitEnd, WaitResult, WaitRoom
 from flowgate.shared.aio import stop_and_wait
 from flowgate.shared.contract import StartFailed, SystemVariables
@@ -296,6 +297,30 @@ async def test_after_a_reconnect_every_waiter_reads_the_state_again(
         assert result.outcome.status is Status.OK
         await until(lambda: room.ready)
         assert len(await pubsub_ids(redis_client) - before) == shards(redis_client)
+
+
+async def test_a_lost_subscription_makes_the_room_forget_the_ends_it_kept(
+    redis_client: RedisClient, redis_prefix: str, store: RunStore
+) -> None:
+    """While the subscriptions are down a reopen goes unheard (or Redis loses the record
+    and the id names a new run): an end kept before is read from the store again after."""
+    settled = Settled(result_ttl_s=600)
+    before = await pubsub_ids(redis_client)
+    async with open_room(redis_client, redis_prefix, store, settled=settled) as room:
+        connections = await pubsub_ids(redis_client) - before
+        correlation_id = cid()
+        await claim(store, correlation_id)
+        await store.finish(correlation_id, Status.ERROR, error={"n": 1})
+        assert (await room.wait(correlation_id, timeout_s=0)).end is WaitEnd.SETTLED
+        assert settled.get(correlation_id) is not None
+        # What a retry does while nobody hears it: the run goes on under the same id.
+        await redis_client.hset(Keys(redis_prefix).state(correlation_id), "status", "pending")
+        await kill_pubsub_connections(redis_client, connections)
+        await until(lambda: settled.get(correlation_id) is None)
+        await until(lambda: room.ready)
+        result = await room.wait(correlation_id, timeout_s=0)
+        assert isinstance(result.outcome, RunState)
+        assert result.outcome.status is Status.PENDING
 
 
 async def test_release_all_answers_parked_waits_at_once_and_later_ones_immediately(

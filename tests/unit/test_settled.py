@@ -12,6 +12,13 @@ from flowgate.shared.state import RunState, Status
 from tests.unit.test_state import STATE
 
 
+def hearing(*, result_ttl_s: float = 3600, size: int = 10_000) -> Settled:
+    """A cache as a wait room with its subscriptions up holds it."""
+    settled = Settled(result_ttl_s=result_ttl_s, size=size)
+    settled.hearing(True)
+    return settled
+
+
 def ended(cid: str, status: Status = Status.OK, *, ago_s: float = 0) -> RunState:
     at = datetime.now(UTC) - timedelta(seconds=ago_s)
     return dataclasses.replace(STATE, correlation_id=cid, status=status, updated_at=at)
@@ -19,7 +26,7 @@ def ended(cid: str, status: Status = Status.OK, *, ago_s: float = 0) -> RunState
 
 @pytest.mark.parametrize("status", [Status.OK, Status.ERROR, Status.CANCELLED])
 def test_an_end_is_kept(status: Status) -> None:
-    settled = Settled(result_ttl_s=3600)
+    settled = hearing()
     settled.keep(ended("c-1", status))
     found = settled.get("c-1")
     assert found is not None
@@ -28,7 +35,7 @@ def test_an_end_is_kept(status: Status) -> None:
 
 @pytest.mark.parametrize("status", [Status.PENDING, Status.ABANDONED])
 def test_what_may_still_change_is_not_kept(status: Status) -> None:
-    settled = Settled(result_ttl_s=3600)
+    settled = hearing()
     settled.keep(ended("c-1", status))
     assert settled.get("c-1") is None
     assert len(settled) == 0
@@ -36,7 +43,7 @@ def test_what_may_still_change_is_not_kept(status: Status) -> None:
 
 def test_an_end_is_kept_no_longer_than_its_record_lives() -> None:
     """Once the record may have expired, the id may name a new run: read the store."""
-    settled = Settled(result_ttl_s=3600)
+    settled = hearing()
     settled.keep(ended("old", ago_s=3600 - CLOCK_MARGIN_S + 1))  # a reread from Postgres
     settled.keep(ended("young", ago_s=3600 - CLOCK_MARGIN_S - 30))
     assert settled.get("old") is None
@@ -44,7 +51,7 @@ def test_an_end_is_kept_no_longer_than_its_record_lives() -> None:
 
 
 def test_an_entry_expires_while_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    settled = Settled(result_ttl_s=600)
+    settled = hearing(result_ttl_s=600)
     settled.keep(ended("c-1"))
     later = datetime.now(UTC).timestamp() + 600
     monkeypatch.setattr("flowgate.services.api.settled.time.time", lambda: later)
@@ -53,9 +60,37 @@ def test_an_entry_expires_while_kept(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_least_recently_read_goes_first() -> None:
-    settled = Settled(result_ttl_s=3600, size=2)
+    settled = hearing(size=2)
     settled.keep(ended("a"))
     settled.keep(ended("b"))
     assert settled.get("a") is not None  # a is now the more recent
     settled.keep(ended("c"))
     assert [cid for cid in "abc" if settled.get(cid)] == ["a", "c"]
+
+
+def test_nothing_is_kept_or_served_while_run_channels_may_go_unheard() -> None:
+    """A reopen's message may be lost, or Redis may have lost the records, while the wait
+    room's subscriptions are down: what was kept goes, and nothing is kept until they hold."""
+    settled = hearing()
+    settled.keep(ended("before"))
+    settled.hearing(False)
+    assert settled.get("before") is None
+    assert not settled.keep(ended("meanwhile"))
+    settled.hearing(True)
+    assert settled.get("before") is None
+    assert settled.get("meanwhile") is None
+    assert settled.keep(ended("after"))
+    assert settled.get("after") is not None
+
+
+def test_a_reopened_runs_error_end_read_late_is_not_kept_but_its_next_end_is() -> None:
+    """The reopen's message may come before a read Redis answered before the reopen."""
+    settled = hearing()
+    settled.keep(ended("kept", Status.ERROR))
+    for cid in ("kept", "unseen"):
+        settled.forget(cid)
+        assert settled.get(cid) is None
+        assert not settled.keep(ended(cid, Status.ERROR))  # the old end, or another: unknown
+        assert settled.get(cid) is None
+        assert settled.keep(ended(cid, Status.OK))  # only ever after the reopen
+        assert settled.get(cid) is not None
