@@ -321,10 +321,21 @@ class Flusher:
                 return
 
     async def _write(self, ops: Sequence[_Op]) -> None:
-        """All ops in one transaction, in stream order, pipelined (one round trip)."""
-        async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
-            for op in ops:
-                await conn.execute(_SQL[op.entry.kind], op.params)
+        """All ops in one transaction, pipelined (one round trip), one ``executemany`` per
+        kind: half the flusher's CPU per row of an ``execute`` each. The order across kinds
+        does not matter (no row refers to another), nor within one: a batch holds one state
+        per run, and events and steps are inserts that a replay leaves alone."""
+        rows: dict[str, list[tuple[Any, ...]]] = {}
+        for op in ops:
+            rows.setdefault(op.entry.kind, []).append(op.params)
+        async with (
+            self._pool.connection() as conn,
+            conn.pipeline(),
+            conn.transaction(),
+            conn.cursor() as cursor,
+        ):
+            for kind, params in rows.items():
+                await cursor.executemany(_SQL[kind], params)
 
     async def _write_isolated(self, ops: Sequence[_Op]) -> None:
         """Each op under its own savepoint: commit the good ones, keep the bad ones pending
