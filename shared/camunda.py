@@ -313,6 +313,16 @@ class MessageWait:
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceWaits:
+    """Everything an instance waits for at one moment (:meth:`CamundaClient.waits`)."""
+
+    tasks: tuple[UserTask, ...]
+    messages: tuple[MessageWait, ...]
+    #: One entry per thing, as ``waitingOn`` shows it (services/api/waiting.py).
+    entries: list[JsonObject]
+
+
+@dataclass(frozen=True, slots=True)
 class OpenIncident:
     """An incident open now (``GET /incident``): ``configuration`` is the failed external
     task's or job's id."""
@@ -623,14 +633,6 @@ class CamundaClient:
             UserTask.from_json(t) for t in _objects(await self._send("GET", "/task", params=params))
         ]
 
-    async def user_task(self, task_id: str) -> UserTask | None:
-        """An open user task, or None (completed, deleted, never existed)."""
-        try:
-            answer = await self._send("GET", f"/task/{_segment(task_id)}")
-        except NotFound:
-            return None
-        return UserTask.from_json(_body(answer))
-
     async def complete_user_task(self, task_id: str, *, variables: Mapping[str, Any]) -> None:
         """Complete a user task: the engine then runs the instance on to its next wait."""
         body = {"variables": to_camunda(variables)}
@@ -657,19 +659,30 @@ class CamundaClient:
             for s in _objects(answer)
         ]
 
-    async def waits(self, instance_id: str) -> list[JsonObject]:
-        """What the instance waits for now, one entry per thing (see services/api/waiting.py
-        for the shapes): its external tasks, user tasks, message waits, timers and
-        incidents, from the runtime (five reads, at once)."""
+    async def waits(
+        self,
+        instance_id: str,
+        *,
+        tasks: Sequence[UserTask] | None = None,
+        messages: Sequence[MessageWait] | None = None,
+    ) -> InstanceWaits:
+        """What the instance waits for now: its external tasks, user tasks, message waits,
+        timers and incidents, from the runtime (five reads, at once). ``tasks`` and
+        ``messages``: its user tasks and message waits as the caller has just read them,
+        not read again."""
         of = {"processInstanceId": instance_id}
         async with concurrently() as reads:
             externals = reads.create_task(self._send("GET", "/external-task", params=of))
-            tasks = reads.create_task(self._send("GET", "/task", params=of))
-            messages = reads.create_task(
-                self._send("GET", "/event-subscription", params={**of, "eventType": "message"})
+            tasks_read = (
+                None if tasks is not None else reads.create_task(self.user_tasks(instance_id))
+            )
+            messages_read = (
+                None if messages is not None else reads.create_task(self.message_waits(instance_id))
             )
             timers = reads.create_task(self._send("GET", "/job", params={**of, "timers": True}))
             incidents = reads.create_task(self._send("GET", "/incident", params=of))
+        tasks = tuple(tasks_read.result() if tasks_read is not None else tasks or ())
+        messages = tuple(messages_read.result() if messages_read is not None else messages or ())
         waits: list[JsonObject] = [
             {
                 "type": "externalTask",
@@ -687,15 +700,15 @@ class CamundaClient:
         waits += [
             {
                 "type": "userTask",
-                "activity": u.get("taskDefinitionKey"),
-                "taskId": u.get("id"),
-                **({"assignee": u["assignee"]} if u.get("assignee") else {}),
+                "activity": task.task_definition_key,
+                "taskId": task.id,
+                **({"assignee": task.assignee} if task.assignee else {}),
             }
-            for u in _objects(tasks.result())
+            for task in tasks
         ]
         waits += [
-            {"type": "message", "activity": m.get("activityId"), "messageName": m.get("eventName")}
-            for m in _objects(messages.result())
+            {"type": "message", "activity": m.activity_id, "messageName": m.message_name}
+            for m in messages
         ]
         for job in _objects(timers.result()):
             definition = _body(
@@ -716,7 +729,7 @@ class CamundaClient:
             }
             for i in _objects(incidents.result())
         ]
-        return waits
+        return InstanceWaits(tasks, messages, waits)
 
     # --- incidents ------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from flowgate.services.api.pause import Paused, Waits, next_pause
 from flowgate.services.api.runs import Runs
 from flowgate.services.api.waitroom import WaitRoom
 from flowgate.shared.aio import Spawner
-from flowgate.shared.camunda import BadRequest, CamundaClient, CamundaError
+from flowgate.shared.camunda import BadRequest, CamundaClient, CamundaError, MessageWait
 from flowgate.shared.keys import Keys
 from flowgate.shared.lease import Lease, lead
 from flowgate.shared.lua import Script
@@ -176,7 +176,7 @@ class Messages:
             before = await Waits.of(self._camunda, state.instance_id)
         # else: a resend of a message correlated already: answered as it was (the run as
         # it is now, or its next pause), and never sent again (_claim says so).
-        delivery = await self._deliver(message, record, deadline)
+        delivery = await self._deliver(message, record, deadline, armed=before.messages)
         if delivery is not Delivery.CORRELATED:
             return MessageOutcome(delivery, await self._runs.get(cid))
         paused = await next_pause(
@@ -190,15 +190,28 @@ class Messages:
         )
         return MessageOutcome(Delivery.CORRELATED, paused=paused)
 
-    async def _deliver(self, message: Message, record: str, deadline: float) -> Delivery:
+    async def _deliver(
+        self,
+        message: Message,
+        record: str,
+        deadline: float,
+        *,
+        armed: tuple[MessageWait, ...] = (),
+    ) -> Delivery:
         """The message's fate by ``deadline``: hold it if no one does, else follow whoever
-        does; ``HELD`` while it is still held then."""
+        does; ``HELD`` while it is still held then. ``armed``: the waits the instance showed
+        a moment ago (a fresh hold correlates on them without reading them again)."""
         loop = asyncio.get_running_loop()
         while True:
             status = await self._claim(message, record)
             if status in ("hold", "take_over"):
                 holding = self._spawner.spawn(
-                    self._hold(message, record, taken_over=status == "take_over"),
+                    self._hold(
+                        message,
+                        record,
+                        taken_over=status == "take_over",
+                        seen=armed if status == "hold" else (),
+                    ),
                     name=f"message:{message.correlation_id}",
                 )
                 try:
@@ -235,8 +248,16 @@ class Messages:
         )
         return text(answer)
 
-    async def _hold(self, message: Message, record: str, *, taken_over: bool) -> Delivery:
-        """Correlate the message once the run waits for it, within its hold."""
+    async def _hold(
+        self,
+        message: Message,
+        record: str,
+        *,
+        taken_over: bool,
+        seen: tuple[MessageWait, ...] = (),
+    ) -> Delivery:
+        """Correlate the message once the run waits for it, within its hold; ``seen``: the
+        waits shown a moment ago, which spare the first look a read when they hold it."""
         cid = message.correlation_id
         hold_until = await self._redis.hget(record, "holdUntil")
         ends_at = int(hold_until) / 1000 if hold_until else time.time() + self._hold_s
@@ -250,7 +271,10 @@ class Messages:
                 state = await self._store.get(cid)
                 if state is None or state.finished:
                     break
-                armed = await self._armed(state, message.name)
+                armed = any(w.message_name == message.name for w in seen) or await self._armed(
+                    state, message.name
+                )
+                seen = ()
                 if maybe_sent and not armed:
                     return await self._mark(message, record, Delivery.CORRELATED)
                 maybe_sent = False

@@ -9,20 +9,27 @@ wake, and every ``RECHECK_S`` without one (the engine may create a user task wit
 recording a step of it first), it reads the run and asks the engine for the instance's
 open user tasks and message waits: two reads of its runtime tables, only while a request
 waits like this. The engine runs an instance on from an action to its next wait state in
-the action's own transaction, so a pause that follows at once is seen at the first look.
+the action's own transaction, so a pause that follows at once is seen at the first look;
+that look therefore reads the rest of what the answer shows (``waitingOn``: the external
+tasks, timers and incidents) in the same round, and a later look reads it only once it
+finds the pause.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from flowgate.services.api.waitroom import WaitRoom
 from flowgate.shared.aio import concurrently
-from flowgate.shared.camunda import CamundaClient, MessageWait, UserTask
+from flowgate.shared.camunda import CamundaClient, CamundaError, MessageWait, UserTask
 from flowgate.shared.state import RunState
 from flowgate.shared.steps import StepEvent
 from flowgate.shared.store.runs import RunStore
+
+log = logging.getLogger(__name__)
 
 #: Looked at again this often when nothing wakes the request.
 RECHECK_S = 1.0
@@ -44,6 +51,10 @@ class Waits:
             messages = reads.create_task(camunda.message_waits(instance_id))
         return cls(tuple(tasks.result()), tuple(messages.result()))
 
+    def holds(self, task_id: str) -> bool:
+        """Whether ``task_id`` is one of these open user tasks."""
+        return any(task.id == task_id for task in self.tasks)
+
     def new_since(self, before: Waits) -> bool:
         """Whether a user task or a message wait appeared that ``before`` did not have."""
         known_tasks = {task.id for task in before.tasks}
@@ -60,6 +71,8 @@ class Paused:
     milestone: StepEvent | None = None
     #: What the run waits for, when it paused (or as last read).
     waits: Waits = field(default_factory=Waits)
+    #: ... and all it waits for, as a status read's ``waitingOn`` shows it (None: unknown).
+    waiting_on: list[dict[str, Any]] | None = None
     #: The wait ran out first.
     timed_out: bool = False
 
@@ -79,6 +92,7 @@ async def next_pause(
     when every parking place is taken."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
+    first = True
     async with waitroom.follow(correlation_id) as follower:
         while True:
             state = await store.get(correlation_id)
@@ -86,10 +100,35 @@ async def next_pause(
                 return Paused(state)
             if until is not None and (step := await store.steps.find(correlation_id, until)):
                 return Paused(state, milestone=step)
-            waits = await Waits.of(camunda, state.instance_id)
-            if until is None and waits.new_since(before):
-                return Paused(state, waits=waits)
+            waits, waiting_on = await _look(camunda, state.instance_id, whole=first)
+            first = False
             left = deadline - loop.time()
-            if left <= 0:
-                return Paused(state, waits=waits, timed_out=True)
+            if (until is None and waits.new_since(before)) or left <= 0:
+                if waiting_on is None and state.instance_id is not None:
+                    waiting_on = await _rest(camunda, state.instance_id, waits)
+                return Paused(state, waits=waits, waiting_on=waiting_on, timed_out=left <= 0)
             await follower.changed(min(left, RECHECK_S))
+
+
+async def _look(
+    camunda: CamundaClient, instance_id: str | None, *, whole: bool
+) -> tuple[Waits, list[dict[str, Any]] | None]:
+    """The instance's user tasks and message waits, and with ``whole`` (in the same round)
+    everything it waits for, as ``waitingOn`` shows it."""
+    if not whole or instance_id is None:
+        return await Waits.of(camunda, instance_id), None
+    everything = await camunda.waits(instance_id)
+    return Waits(everything.tasks, everything.messages), everything.entries
+
+
+async def _rest(
+    camunda: CamundaClient, instance_id: str, waits: Waits
+) -> list[dict[str, Any]] | None:
+    """``waitingOn``, with the user tasks and message waits of ``waits``; None when the
+    engine did not answer (the field is then left out, as a status read leaves it)."""
+    try:
+        found = await camunda.waits(instance_id, tasks=waits.tasks, messages=waits.messages)
+    except CamundaError as exc:
+        log.info("waitingOn unknown: %s", exc, extra={"instanceId": instance_id})
+        return None
+    return found.entries

@@ -337,10 +337,12 @@ async def _pause_answer(d: Deps, cid: str, paused: Paused, applied: dict[str, st
         return _milestone_answer(cid, paused.milestone, applied)
     if state.finished:
         return _run_answer(state, applied, code=_STATUS_CODES.get(state.status, 200))
+    if paused.waiting_on is not None:
+        await d.waiting.share(state, paused.waiting_on)
     body = RunPaused(
         **ProcessStatus.body(state),
         tasks=[OpenUserTask.of(t) for t in paused.waits.tasks],
-        waitingOn=await d.waiting.of(state),
+        waitingOn=paused.waiting_on,
     )
     url = status_url(cid)
     headers = {"Content-Location": url, RUN_STATUS: state.status.value, **applied}

@@ -93,14 +93,13 @@ class UserTasks:
         claim = self._keys.user_task(correlation_id, task_id)
         if await self._redis.exists(claim):
             return Completion(refused=Refusal.TAKEN, state=state)
-        task = await self._camunda.user_task(task_id)
-        if task is None or state.instance_id is None:
-            return Completion(refused=Refusal.NOT_THIS_RUNS, state=state)
-        if task.process_instance_id != state.instance_id:
+        # The instance's open tasks: what tells a task of this run, and the pause to compare
+        # the next one with (pause.py), in one read.
+        before = await Waits.of(self._camunda, state.instance_id)
+        if state.instance_id is None or not before.holds(task_id):
             return Completion(refused=Refusal.NOT_THIS_RUNS, state=state)
         if not await self._redis.set(claim, "1", nx=True, ex=self._result_ttl_s):
             return Completion(refused=Refusal.TAKEN, state=state)
-        before = await Waits.of(self._camunda, state.instance_id)
         try:
             await self._camunda.complete_user_task(task_id, variables=variables)
         except NotFound:

@@ -52,9 +52,15 @@ class WaitingOn:
             found: list[dict[str, Any]] = orjson.loads(kept)
             return found
         try:
-            waits = await self._camunda.waits(state.instance_id)
+            waits = (await self._camunda.waits(state.instance_id)).entries
         except CamundaError as exc:
             log.info("waitingOn unknown: %s", exc, extra={"correlationId": state.correlation_id})
             return None
-        await self._redis.set(key, orjson.dumps(waits), px=FRESH_MS)
+        await self.share(state, waits)
         return waits
+
+    async def share(self, state: RunState, waits: list[dict[str, Any]]) -> None:
+        """Let every replica answer with ``waits``, read from the engine just now, for a
+        moment (an action's answer read them as the run paused)."""
+        key = self._keys.waiting(state.correlation_id)
+        await self._redis.set(key, orjson.dumps(waits), px=FRESH_MS)

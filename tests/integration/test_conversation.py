@@ -423,7 +423,6 @@ async def test_a_pending_status_says_what_the_run_waits_for(api: Api) -> None:
     for variables in ({}, {"approved": True}):
         [task] = await tasks(api, correlation_id)
         assert (await complete(api, correlation_id, task["id"], **variables)).status_code == 200
-    await asyncio.sleep(1.1)  # past the moment a replica shares its last read
     waits = {w["type"]: w for w in await waiting_on(api, correlation_id)}
     assert set(waits) == {"message", "timer"}  # the event-based gateway: whichever first
     assert waits["message"] == {
@@ -450,6 +449,21 @@ async def test_a_pending_status_says_what_the_run_waits_for(api: Api) -> None:
     assert "waitingOn" not in (await api.client.get(f"/api/process/status/{cid()}")).json()
 
 
+async def test_an_actions_answer_and_the_next_status_read_show_the_waits_of_now(
+    api: Api,
+) -> None:
+    """A status read shares what it read for a moment (waiting.py); the answer to an
+    action reads afresh, in the look that finds the pause, and shares that instead."""
+    correlation_id = await order(api)
+    [review] = await waiting_on(api, correlation_id)  # read, and shared for a second
+    answer = await complete(api, correlation_id, review["taskId"], reviewed=True)
+    assert answer.status_code == 200, answer.text
+    [sign_off] = answer.json()["waitingOn"]
+    assert (sign_off["type"], sign_off["activity"]) == ("userTask", "sign_off")
+    assert sign_off["taskId"] == answer.json()["tasks"][0]["id"]
+    assert await waiting_on(api, correlation_id) == answer.json()["waitingOn"]
+
+
 async def test_the_engine_lists_an_incident_among_the_waits(engine_url: str) -> None:
     key = f"incident-{uuid.uuid4().hex[:8]}"
     async with CamundaClient(engine_url) as camunda:
@@ -462,7 +476,7 @@ async def test_the_engine_lists_an_incident_among_the_waits(engine_url: str) -> 
         await camunda.handle_failure(
             task.id, worker_id="w-incident", error_message="down", retries=0, retry_timeout_ms=0
         )
-        waits = await camunda.waits(instance.id)
+        waits = (await camunda.waits(instance.id)).entries
         await camunda.delete_process_instance(instance.id)
     assert {w["type"] for w in waits} == {"externalTask", "incident"}
     [incident] = [w for w in waits if w["type"] == "incident"]
