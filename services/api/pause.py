@@ -12,7 +12,8 @@ waits like this. The engine runs an instance on from an action to its next wait 
 the action's own transaction, so a pause that follows at once is seen at the first look;
 that look therefore reads the rest of what the answer shows (``waitingOn``: the external
 tasks, timers and incidents) in the same round, and a later look reads it only once it
-finds the pause.
+finds the pause. A wait for a named step (``waitUntil``) reads the engine only if it runs
+out: its steps and its end come from the run's record.
 """
 
 from __future__ import annotations
@@ -100,13 +101,16 @@ async def next_pause(
                 return Paused(state)
             if until is not None and (step := await store.steps.find(correlation_id, until)):
                 return Paused(state, milestone=step)
-            waits, waiting_on = await _look(camunda, state.instance_id, whole=first)
-            first = False
             left = deadline - loop.time()
-            if (until is None and waits.new_since(before)) or left <= 0:
-                if waiting_on is None and state.instance_id is not None:
-                    waiting_on = await _rest(camunda, state.instance_id, waits)
-                return Paused(state, waits=waits, waiting_on=waiting_on, timed_out=left <= 0)
+            if until is None or left <= 0:  # a wait for a step shows waits only at its end
+                waits, waiting_on = await _look(
+                    camunda, state.instance_id, whole=first or left <= 0
+                )
+                first = False
+                if left <= 0 or waits.new_since(before):
+                    if waiting_on is None and state.instance_id is not None:
+                        waiting_on = await _rest(camunda, state.instance_id, waits)
+                    return Paused(state, waits=waits, waiting_on=waiting_on, timed_out=left <= 0)
             await follower.changed(min(left, RECHECK_S))
 
 
