@@ -42,7 +42,9 @@ def write(
             **{k: v for k, v in earlier.get("errors", {}).items() if k not in results},
             **errors,
         }
-        meta["kept_from_earlier_run"] = {k: earlier["meta"].get("date") for k in kept}
+        # A section the earlier file kept from a run before it keeps that run's date.
+        dates = earlier["meta"].get("kept_from_earlier_run") or {}
+        meta["kept_from_earlier_run"] = {k: dates.get(k, earlier["meta"].get("date")) for k in kept}
         if "engine" not in meta and "engine" in earlier["meta"]:
             meta["engine"] = earlier["meta"]["engine"]
     data.write_text(json.dumps(document, indent=1, default=str) + "\n")
