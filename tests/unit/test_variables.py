@@ -9,7 +9,13 @@ from typing import Any
 import orjson
 import pytest
 
-from flowgate.shared.variables import MAX_STRING_CHARS, VariableError, from_camunda, to_camunda
+from flowgate.shared.variables import (
+    MAX_STRING_CHARS,
+    VariableError,
+    from_camunda,
+    parse_date,
+    to_camunda,
+)
 
 PLUS_TWO = timezone(timedelta(hours=2))
 
@@ -126,6 +132,25 @@ def test_date_comes_back_aware_with_the_engines_offset() -> None:
     value = from_camunda({"t": {"type": "Date", "value": "2015-10-06T16:34:42.000+0200"}})["t"]
     assert value == datetime(2015, 10, 6, 14, 34, 42, tzinfo=UTC)
     assert value.utcoffset() == timedelta(hours=2)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2015-10-06T16:34:42.123+0200", datetime(2015, 10, 6, 14, 34, 42, 123_000, UTC)),
+        ("2015-10-06T16:34:42.000+0000", datetime(2015, 10, 6, 16, 34, 42, tzinfo=UTC)),
+    ],
+)
+def test_the_engines_dates_are_read_aware(text: str, expected: datetime) -> None:
+    parsed = parse_date(text)
+    assert parsed == expected
+    assert parsed.tzinfo is not None
+
+
+@pytest.mark.parametrize("text", ["2015-10-06T16:34:42.000", "yesterday", ""])
+def test_a_date_without_its_offset_or_no_date_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match=r"offset|Invalid isoformat"):
+        parse_date(text)
 
 
 def test_unknown_types_and_java_objects_keep_the_raw_value() -> None:
