@@ -14,7 +14,10 @@ Per probe, A B: one run through flowgate and one through the engine's REST API a
   event, answered once the engine has taken the message (the step is recorded); the
   engine's own time is ``POST /message`` (it answers once its transaction commits).
 
-Latencies are from the request to the answer, in ms, p50 and p99 of every probe.
+Latencies are from the request to the answer, in ms, p50 and p99 of every probe. Beside
+them, the engine's REST calls per action (mean), from its access log: the lines logged from
+the request until shortly after its answer, but the workers' own (``/external-task/...``),
+so on the flowgate side a background read may rarely count too.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 from urllib.parse import quote
 
 from bench import ours
+from bench.cost import endpoint, engine_calls
 from bench.engine import Engine
 from bench.harness import SERVER_CPU, Run, Stack, summary
 from bench.profile import Profile
@@ -43,10 +47,35 @@ class Failed(Exception):
     """A probe did not go as it should (counted, not fatal: it is a finding)."""
 
 
-async def _timed(call: Any) -> tuple[float, Any]:
+#: Tomcat logs a call once it has answered it: the count waits this long after the answer.
+_LOGGED_S = 0.05
+
+
+class Calls:
+    """The engine's REST calls logged since :meth:`mark`, but the workers'."""
+
+    def __init__(self, stack: Stack) -> None:
+        self._stack = stack
+        self._seen = 0
+        self.counted: list[int] = []
+
+    def mark(self) -> None:
+        self._seen = len(engine_calls(self._stack))
+
+    async def count(self) -> None:
+        await asyncio.sleep(_LOGGED_S)
+        lines = engine_calls(self._stack)[self._seen :]
+        own = [e for e in map(endpoint, lines) if not e.split()[1].startswith("/external-task/")]
+        self.counted.append(len(own))
+
+
+async def _timed(call: Any, calls: Calls) -> tuple[float, Any]:
+    calls.mark()
     began = time.perf_counter()
     answer = await call
-    return (time.perf_counter() - began) * 1000, answer
+    took = (time.perf_counter() - began) * 1000
+    await calls.count()
+    return took, answer
 
 
 async def _engine_tasks(engine: Engine, instance: str) -> list[dict[str, Any]]:
@@ -63,7 +92,7 @@ async def _until_task(read: Any, key: str) -> dict[str, Any]:
     raise Failed(f"no {key} task")
 
 
-async def _through_flowgate(api: Pool, cid: str) -> tuple[float, float]:
+async def _through_flowgate(api: Pool, cid: str, calls: dict[str, Calls]) -> tuple[float, float]:
     body = {"processKey": PROCESS, "correlationId": cid, "variables": {"orderId": cid}}
     started = await api.request("POST", "/api/process/start", body, {"Prefer": "respond-async"})
     if started.status != 202:
@@ -81,7 +110,8 @@ async def _through_flowgate(api: Pool, cid: str) -> tuple[float, float]:
             f"/api/process/tasks/{path}/{review['id']}/complete",
             {"variables": {"reviewed": True}},
             WAIT,
-        )
+        ),
+        calls["task"],
     )
     nxt = [
         t for t in (answer.json() or {}).get("tasks", []) if t["taskDefinitionKey"] == "sign_off"
@@ -98,14 +128,14 @@ async def _through_flowgate(api: Pool, cid: str) -> tuple[float, float]:
         raise Failed(f"sign-off {signed.status}")
     message = {"messageName": MESSAGE, "waitUntil": "confirmation", "variables": {"paid": True}}
     message_ms, answer = await _timed(
-        api.request("POST", f"/api/process/message/{path}", message, WAIT)
+        api.request("POST", f"/api/process/message/{path}", message, WAIT), calls["message"]
     )
     if answer.status != 200:
         raise Failed(f"message answer {answer.status} {answer.body[:200]!r}")
     return task_ms, message_ms
 
 
-async def _through_engine(engine: Engine, key: str) -> tuple[float, float]:
+async def _through_engine(engine: Engine, key: str, calls: dict[str, Calls]) -> tuple[float, float]:
     started = await engine.call(
         "POST",
         f"/process-definition/key/{PROCESS}/start",
@@ -118,11 +148,13 @@ async def _through_engine(engine: Engine, key: str) -> tuple[float, float]:
         await engine.call("POST", f"/task/{review['id']}/complete", {"variables": {}})
         return await _until_task(lambda: _engine_tasks(engine, instance), "sign_off")
 
-    task_ms, sign_off = await _timed(complete_and_see_next())
+    task_ms, sign_off = await _timed(complete_and_see_next(), calls["task"])
     approved = {"approved": {"value": True, "type": "Boolean"}}
     await engine.call("POST", f"/task/{sign_off['id']}/complete", {"variables": approved})
     correlate = {"messageName": MESSAGE, "processInstanceId": instance}
-    message_ms, _ = await _timed(engine.pool.request("POST", f"{engine.base}/message", correlate))
+    message_ms, _ = await _timed(
+        engine.pool.request("POST", f"{engine.base}/message", correlate), calls["message"]
+    )
     return task_ms, message_ms
 
 
@@ -146,6 +178,7 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
         "flowgate": {"task": [], "message": []},
         "engine": {"task": [], "message": []},
     }
+    counted = {side: {what: Calls(stack) for what in ("task", "message")} for side in sides}
     failures: list[str] = []
     try:
         waiting = [f"{prefix}-w{n}" for n in range(profile.conversation_background)]
@@ -162,9 +195,9 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
                 key = f"{prefix}-{side[0]}{n}"
                 try:
                     task_ms, message_ms = await (
-                        _through_flowgate(api, key)
+                        _through_flowgate(api, key, counted[side])
                         if side == "flowgate"
-                        else _through_engine(engine, key)
+                        else _through_engine(engine, key, counted[side])
                     )
                 except (Failed, RuntimeError, KeyError, TypeError) as exc:
                     failures.append(f"{side}: {exc}")
@@ -178,15 +211,24 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
         side: {what: summary(values) for what, values in measured.items()}
         for side, measured in sides.items()
     }
+    calls = {
+        side: {
+            what: round(sum(c.counted) / len(c.counted), 2) if c.counted else None
+            for what, c in by_action.items()
+        }
+        for side, by_action in counted.items()
+    }
     for what in ("task", "message"):
         print(
-            f"  {what}: flowgate p50 {result['flowgate'][what].get('median')} ms, "
-            f"engine alone p50 {result['engine'][what].get('median')} ms"
+            f"  {what}: flowgate p50 {result['flowgate'][what].get('median')} ms"
+            f" ({calls['flowgate'][what]} engine calls), engine alone p50"
+            f" {result['engine'][what].get('median')} ms ({calls['engine'][what]})"
         )
     return {
         "method": __doc__,
         "runs_waiting": profile.conversation_background,
         "latency_ms": result,
+        "engine_calls": calls,
         "failed": len(failures),
         "failures_sample": failures[:3],
     }

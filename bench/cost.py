@@ -254,14 +254,14 @@ class Window:
         self._calls = 0
 
     async def open(self) -> None:
-        self._calls = len(_engine_calls(self._stack))
+        self._calls = len(engine_calls(self._stack))
         await asyncio.to_thread(_engine_database, self._stack, reset=True)
         self._cpu = {name: tree_cpu_seconds(pid) for name, pid in self._processes.items()}
 
     async def close(self, completed: int) -> dict[str, Any]:
         used = {n: tree_cpu_seconds(pid) - self._cpu[n] for n, pid in self._processes.items()}
         sql = await asyncio.to_thread(_engine_database, self._stack, reset=False)
-        calls = Counter(_endpoint(line) for line in _engine_calls(self._stack)[self._calls :])
+        calls = Counter(endpoint(line) for line in engine_calls(self._stack)[self._calls :])
         per = max(completed, 1)
         return {
             "completed": completed,
@@ -271,12 +271,12 @@ class Window:
         }
 
 
-def _engine_calls(stack: Stack) -> list[str]:
+def engine_calls(stack: Stack) -> list[str]:
     assert stack.engine_calls is not None, "the engine was started without its access log"
     return stack.engine_calls.read_text().splitlines() if stack.engine_calls.exists() else []
 
 
-def _endpoint(line: str) -> str:
+def endpoint(line: str) -> str:
     """``POST /engine-rest/external-task/<id>/complete 204`` becomes
     ``POST /external-task/{id}/complete``."""
     method, path, *_ = line.split()
