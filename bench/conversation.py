@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import quote
 
 from bench import ours
-from bench.cost import endpoint, engine_calls
+from bench.cost import endpoint
 from bench.engine import Engine
 from bench.harness import SERVER_CPU, Run, Stack, summary
 from bench.profile import Profile
@@ -52,19 +52,23 @@ _LOGGED_S = 0.05
 
 
 class Calls:
-    """The engine's REST calls logged since :meth:`mark`, but the workers'."""
+    """The engine's REST calls logged since :meth:`mark`, but the workers'. Read from the
+    access log's end (it holds every earlier section's calls too)."""
 
     def __init__(self, stack: Stack) -> None:
-        self._stack = stack
-        self._seen = 0
+        assert stack.engine_calls is not None, "the engine was started without its access log"
+        self._log = stack.engine_calls
+        self._offset = 0
         self.counted: list[int] = []
 
     def mark(self) -> None:
-        self._seen = len(engine_calls(self._stack))
+        self._offset = self._log.stat().st_size if self._log.exists() else 0
 
     async def count(self) -> None:
         await asyncio.sleep(_LOGGED_S)
-        lines = engine_calls(self._stack)[self._seen :]
+        with self._log.open("rb") as log:
+            log.seek(self._offset)
+            lines = log.read().decode().splitlines()
         own = [e for e in map(endpoint, lines) if not e.split()[1].startswith("/external-task/")]
         self.counted.append(len(own))
 
