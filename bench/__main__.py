@@ -4,8 +4,8 @@
     python -m bench --smoke          seconds-long version of every benchmark (CI)
     python -m bench --out DIR        write results.json, benchmarks.md and PNGs under DIR
     python -m bench --only a,b       just these (gateway, parked, throughput, writebehind,
-                                     progress, clients, cluster, http, tenants, workers,
-                                     ends, cost, conversation)
+                                     progress, clients, redis, cluster, http, tenants,
+                                     workers, ends, cost, conversation)
     python -m bench --render         regenerate benchmarks.md and the plots from results.json
 
 Every server and process is started here on free loopback ports and stopped on exit
@@ -38,6 +38,7 @@ from bench import (
     machine,
     parked,
     progress,
+    redisclients,
     report,
     tenants,
     throughput,
@@ -62,6 +63,7 @@ SCENARIOS: dict[str, tuple[bool, Scenario]] = {
     "cluster": (False, cluster.run),
     "http": (False, asgi.run),
     "tenants": (False, tenants.run),
+    "redis": (False, redisclients.run),
     "gateway": (True, gateway.run),
     "workers": (True, workers.run),
     "ends": (True, ends.run),

@@ -1039,6 +1039,25 @@ def _conversation(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _redis_clients(r: dict[str, Any]) -> list[str]:
+    shapes = list(next(iter(r["by_client"].values()), {}))
+    rows = [
+        [name, *(_n(by_shape[shape]["cpu_us"].get("median"), 1) for shape in shapes)]
+        for name, by_shape in r["by_client"].items()
+    ]
+    return [
+        "## 15. The Redis client",
+        "",
+        _table(["client", *(f"{shape}: CPU µs per call" for shape in shapes)], rows),
+        "",
+        f"Median of the rounds; {_n(r['calls_per_round'])} calls per shape and round, "
+        f"{r['concurrency']} in flight, on uvloop. read: HGETALL of a run's state; step: the "
+        "store's STEP script recording a new step (EVALSHA); read 6: six states in one "
+        "pipeline. CPU is the whole client process, every thread.",
+        "",
+    ]
+
+
 SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("gateway", _gateway),
     ("parked", _parked),
@@ -1053,6 +1072,7 @@ SECTIONS: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
     ("http", _http),
     ("tenants", _tenants),
     ("conversation", _conversation),
+    ("redis", _redis_clients),
 ]
 
 

@@ -34,7 +34,7 @@ def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
     assert not results["errors"], results["errors"]
     assert set(results["results"]) == {
         "throughput", "parked", "writebehind", "progress", "clients", "cluster", "http",
-        "gateway", "workers", "ends", "cost", "tenants", "conversation",
+        "gateway", "workers", "ends", "cost", "tenants", "conversation", "redis",
     }  # fmt: skip
     skipped = {name: r["skipped"] for name, r in results["results"].items() if "skipped" in r}
     assert not skipped, f"benchmarks that could not run here: {skipped}"
@@ -49,6 +49,8 @@ def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
             assert failed, (side, measured)
             assert not any(failed), (side, measured)
     assert cost["ratios"]["runs/s at 16"]["ratio"], cost["ratios"]
+    for client, shapes in results["results"]["redis"]["by_client"].items():
+        assert set(shapes) == {"read", "step", "read 6"}, (client, shapes)
     assert cost["memory"]["failed"] == 0, cost["memory"]
     assert cost["memory"]["keys_per_run"] < 1.5, cost["memory"]  # steps compacted away
     assert cost["history"]["finished_runs"] >= 300, cost["history"]
