@@ -35,8 +35,7 @@ from flowgate.shared.store.scripts import STEP
 
 #: One call of a shape, by its number (each step records a new activity instance).
 Call = Callable[[int], Awaitable[Any]]
-#: A client under test: ``(redis URL's host, port, prefix) -> its calls by shape``, opened
-#: and closed around them.
+#: One client's calls, by shape ("read", "step", "read 6").
 Shapes = dict[str, Call]
 READ_MANY = 6
 
