@@ -15,6 +15,11 @@ whose delays would otherwise be counted as the API's. The CPU share of
 the API and Redis during each burst is kept beside it. Whose the rise is was checked ad hoc
 (bench/ANALYSIS.md): the same flood sent to a bare socket server instead of the API barely
 moves B's p99, so the rise is the API's refusals, bunched as A's client gets the load core.
+
+Each round measures both ways in: straight to the replica, and through nginx as ``make up``
+deploys it with ``TENANT_STARTS_PER_S`` (deploy/local/stack.py: it refuses a credential's
+starts past the limit before they reach a replica; the replica's limit stays the exact
+one). nginx runs on the load core. The target is the second: the system as deployed.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from bench import ours
 from bench.harness import LOAD_CPU, SERVER_CPU, CpuMeter, Run, Stack, pinned
 from bench.profile import Profile
 from bench.rawhttp import Connection
+from deploy.local import servers, stack as local_stack
 from deploy.local.servers import ROOT
 
 T = TypeVar("T")
@@ -53,36 +59,50 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
         database_url=ours.new_schema(stack, "tenants"), cpu=SERVER_CPU,
         extra_env={"API_KEYS": KEYS, "TENANT_STARTS_PER_S": str(LIMIT)},
     )  # fmt: skip
+    port = _nginx(run_, api)
     seconds = max(2, profile.wrk_seconds)
-    await _tenant(api, "beta-key", B_RATE, seconds=1)  # warm-up
-    rounds: list[dict[str, Any]] = []
+    ways = {"replica": api.port, "nginx": port}
+    await _tenant(port, "beta-key", B_RATE, seconds=1)  # warm-up, both ways
+    measured: dict[str, list[dict[str, Any]]] = {way: [] for way in ways}
     for number in range(profile.rounds):
-        solo = await _tenant(api, "beta-key", B_RATE, seconds=seconds)
-        with CpuMeter({"api": api.pid, "redis": stack.redis.pid}) as meter:
-            b, a = await asyncio.gather(
-                _after(BURST_LEAD_S, _tenant(api, "beta-key", B_RATE, seconds=seconds)),
-                _burst(api, "alpha-key", A_RATE, seconds=seconds + 2 * BURST_LEAD_S),
+        for way, to in ways.items():
+            solo = await _tenant(to, "beta-key", B_RATE, seconds=seconds)
+            with CpuMeter({"api": api.pid, "redis": stack.redis.pid}) as meter:
+                b, a = await asyncio.gather(
+                    _after(BURST_LEAD_S, _tenant(to, "beta-key", B_RATE, seconds=seconds)),
+                    _burst(to, "alpha-key", A_RATE, seconds=seconds + 2 * BURST_LEAD_S),
+                )
+            cpu = meter.share()
+            measured[way].append({"solo": solo, "burst": {"beta": b, "alpha": a}, "cpu": cpu})
+            print(
+                f"  round {number}, {way}: B p99 solo {solo['p99_ms']} ms, under A's burst "
+                f"{b['p99_ms']} ms; A {a['codes']}; CPU {cpu}"
             )
-        rounds.append({"solo": solo, "burst": {"beta": b, "alpha": a}, "cpu": meter.share()})
-        print(
-            f"  round {number}: B p99 solo {solo['p99_ms']} ms, under A's burst "
-            f"{b['p99_ms']} ms; A {a['codes']}; CPU {meter.share()}"
-        )
-    solo_p99 = _pooled([r["solo"] for r in rounds])
-    burst_p99 = _pooled([r["burst"]["beta"] for r in rounds])
-    for r in rounds:  # each round keeps its own figures, not its samples
-        r["solo"].pop("latencies_ms")
-        r["burst"]["beta"].pop("latencies_ms")
+    at_replica = _figures(measured["replica"])
     return {
         "method": __doc__,
         "limit_per_s": LIMIT,
         "b_rate_per_s": B_RATE,
         "a_rate_per_s": A_RATE,
         "seconds": seconds,
+        "target_ratio": 1.2,
+        **_figures(measured["nginx"]),
+        "at_replica": at_replica,
+    }
+
+
+def _figures(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """B's p99 alone and under the burst over ``rounds``, what was refused, and the rounds
+    (their own figures, not their samples)."""
+    solo_p99 = _pooled([r["solo"] for r in rounds])
+    burst_p99 = _pooled([r["burst"]["beta"] for r in rounds])
+    for r in rounds:
+        r["solo"].pop("latencies_ms")
+        r["burst"]["beta"].pop("latencies_ms")
+    return {
         "b_p99_solo_ms": solo_p99,
         "b_p99_burst_ms": burst_p99,
         "ratio": round(burst_p99 / solo_p99, 3) if solo_p99 and burst_p99 else None,
-        "target_ratio": 1.2,
         "b_refused": sum(
             r["solo"]["codes"].get("429", 0) + r["burst"]["beta"]["codes"].get("429", 0)
             for r in rounds
@@ -90,6 +110,20 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
         "a_429_without_headers": sum(r["burst"]["alpha"]["bare_429"] for r in rounds),
         "rounds": rounds,
     }
+
+
+def _nginx(run_: Run, api: ours.Api) -> int:
+    """nginx as ``make up`` configures it for ``LIMIT``, in front of ``api``, on the load
+    core; its port."""
+    port = servers.free_port()
+    cfg = local_stack.Config(
+        run_dir=run_.workdir / "nginx", api_port=port, engine_port=0, redis_port=0,
+        postgres_port=0, replica_ports=[api.port], worker_health_ports=[],
+    )  # fmt: skip
+    nginx = local_stack.nginx_server(cfg, starts_per_s=LIMIT)
+    nginx.argv = pinned(nginx.argv, LOAD_CPU)
+    run_.start(nginx)
+    return port
 
 
 def _pooled(measured: list[dict[str, Any]]) -> float | None:
@@ -103,10 +137,10 @@ async def _after(delay_s: float, work: Awaitable[T]) -> T:
     return await work
 
 
-async def _burst(api: ours.Api, key: str, rate: int, *, seconds: float) -> dict[str, Any]:
+async def _burst(port: int, key: str, rate: int, *, seconds: float) -> dict[str, Any]:
     """:func:`_tenant` in a process of its own (on the load CPU, at the lowest priority),
     so the burst's own client work does not delay the measured tenant's client."""
-    argv = [sys.executable, "-m", "bench.tenants", str(api.port), key, str(rate), str(seconds)]
+    argv = [sys.executable, "-m", "bench.tenants", str(port), key, str(rate), str(seconds)]
     sent = await asyncio.create_subprocess_exec(
         *pinned(["nice", "-n", "19", *argv], LOAD_CPU),
         cwd=ROOT,
@@ -117,13 +151,12 @@ async def _burst(api: ours.Api, key: str, rate: int, *, seconds: float) -> dict[
     return result
 
 
-async def _tenant(api: ours.Api | int, key: str, rate: int, *, seconds: float) -> dict[str, Any]:
-    """Starts at ``rate`` per second for ``seconds``, each on a connection of its own pool;
-    their latencies and answers."""
+async def _tenant(port: int, key: str, rate: int, *, seconds: float) -> dict[str, Any]:
+    """Starts at ``rate`` per second for ``seconds`` to ``port``, each on a connection of its
+    own pool; their latencies and answers."""
     latencies: list[float] = []
     codes: Counter[str] = Counter()
     bare = 0
-    port = api if isinstance(api, int) else api.port
     pool = [Connection("127.0.0.1", port) for _ in range(max(4, rate // 10))]
     free: asyncio.Queue[Connection] = asyncio.Queue()
     for conn in pool:
@@ -166,4 +199,5 @@ async def _tenant(api: ours.Api | int, key: str, rate: int, *, seconds: float) -
 if __name__ == "__main__":
     port, key, rate, seconds = sys.argv[1:5]
     answered = asyncio.run(_tenant(int(port), key, int(rate), seconds=float(seconds)))
+    answered.pop("latencies_ms")  # A's are not measured
     print(json.dumps(answered))

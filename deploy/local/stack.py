@@ -250,7 +250,7 @@ def components(cfg: Config) -> list[Component]:
         )
     )
     # nginx is ready when it listens; whether replicas answer behind it is theirs to say.
-    items.append(Component("nginx", cfg.api_port, "STACK_API_PORT", lambda: _nginx(cfg)))
+    items.append(Component("nginx", cfg.api_port, "STACK_API_PORT", lambda: nginx_server(cfg)))
     return items
 
 
@@ -347,9 +347,12 @@ def nginx_proxy_timeout_s(max_wait_ms: int) -> int:
     return max(75, math.ceil(max_wait_ms / 1000) + 15)
 
 
-def nginx_conf(cfg: Config) -> str:
-    """The load balancer's config: every replica upstream, timeouts above MAX_WAIT_MS."""
+def nginx_conf(cfg: Config, *, starts_per_s: int | None = None) -> str:
+    """The load balancer's config: every replica upstream, timeouts above MAX_WAIT_MS, and
+    each credential's starts refused past ``starts_per_s`` (TENANT_STARTS_PER_S unless
+    given; 0: none)."""
     settings = _settings()
+    limit = _StartLimit(settings.tenant_starts_per_s if starts_per_s is None else starts_per_s)
     timeout = nginx_proxy_timeout_s(int(settings.max_wait_ms))
     # Above the API's own limit, so oversized bodies get the API's 413 and its message.
     body_limit = max(2 * int(settings.max_body_bytes), 1_048_576)
@@ -382,6 +385,7 @@ http {{
     fastcgi_temp_path {nginx_dir}/tmp/fastcgi;
     uwsgi_temp_path {nginx_dir}/tmp/uwsgi;
     scgi_temp_path {nginx_dir}/tmp/scgi;
+{limit.zone}
 
     upstream flowgate_api {{
         zone flowgate_api 64k;
@@ -421,8 +425,8 @@ http {{
         # its clients never see the death.
         location = /api/process/start {{
             proxy_pass http://flowgate_api;
-            proxy_next_upstream error timeout non_idempotent;
-        }}
+            proxy_next_upstream error timeout non_idempotent;{limit.check}
+        }}{limit.refusal}
         location /api/process/cancel/ {{
             proxy_pass http://flowgate_api;
             proxy_next_upstream error timeout non_idempotent;
@@ -440,15 +444,84 @@ http {{
 """
 
 
-def write_nginx_conf(cfg: Config) -> Path:
-    """Write the load balancer's config (and its directories), checked by `nginx -t`."""
+@dataclass(frozen=True)
+class _StartLimit:
+    """A first line against one credential's flood of starts, in front of the replicas.
+
+    The replicas' limit (services/api/limits.py) is the exact one: per tenant, counted in
+    Redis, the same on every replica. But each refusal still reaches a replica's event loop,
+    where a flood of them delays every other tenant's requests (`make bench` section 13).
+    nginx refuses a credential's (an API key's, a bearer token's) starts past the same rate
+    before they get there, with a burst twice the replicas' so that it refuses only what they
+    would refuse too, and answers as they do: the same 429, its three headers and body, and
+    the request id nginx would have sent the replica.
+    """
+
+    starts_per_s: int
+
+    @property
+    def zone(self) -> str:
+        if not self.starts_per_s:
+            return ""
+        return (
+            "\n    # Starts per credential (TENANT_STARTS_PER_S), before they reach a replica;"
+            "\n    # refusals logged at info only: a flood does not fill the error log."
+            '\n    limit_req_zone "$http_x_api_key$http_authorization" zone=starts:10m'
+            f" rate={self.starts_per_s}r/s;"
+            "\n    limit_req_status 429;"
+            "\n    limit_req_log_level info;"
+        )
+
+    @property
+    def check(self) -> str:
+        if not self.starts_per_s:
+            return ""
+        from flowgate.services.api.limits import start_burst
+
+        burst = 2 * start_burst(self.starts_per_s)
+        return (
+            f"\n            limit_req zone=starts burst={burst} nodelay;"
+            "\n            error_page 429 @starts_refused;"
+        )
+
+    @property
+    def refusal(self) -> str:
+        if not self.starts_per_s:
+            return ""
+        from flowgate.services.api.errors import limited_answer
+        from flowgate.services.api.limits import Limited
+
+        refused = Limited("starts", self.starts_per_s, window_s=1, retry_after_s=1)
+        headers = "".join(
+            f"\n            add_header {name} {_quoted(value)} always;"
+            for name, value in refused.headers.items()
+        )
+        body = _quoted(bytes(limited_answer(refused).body).decode())
+        return (
+            "\n        # A start nginx refused (limit_req above): the replicas' own answer."
+            "\n        location @starts_refused {"
+            "\n            default_type application/json;"
+            f"{headers}"
+            "\n            add_header X-Request-Id $request_id always;"
+            f"\n            return 429 {body};"
+            "\n        }"
+        )
+
+
+def _quoted(value: str) -> str:
+    """``value`` as one nginx string."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def write_nginx_conf(cfg: Config, *, starts_per_s: int | None = None) -> Path:
+    """Write :func:`nginx_conf` (and its directories), checked by `nginx -t`."""
     binary = servers.require("nginx", "apt-get install nginx-light (or nginx)")
     nginx_dir = cfg.run_dir / "nginx"
     cfg.logs.mkdir(parents=True, exist_ok=True)
     for temp in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (nginx_dir / "tmp" / temp).mkdir(parents=True, exist_ok=True)
     conf = nginx_dir / "nginx.conf"
-    conf.write_text(nginx_conf(cfg))
+    conf.write_text(nginx_conf(cfg, starts_per_s=starts_per_s))
     check = subprocess.run(
         [binary, "-t", "-q", "-p", str(nginx_dir), "-c", str(conf),
          "-e", str(cfg.logs / "nginx-error.log")],
@@ -459,9 +532,10 @@ def write_nginx_conf(cfg: Config) -> Path:
     return conf
 
 
-def _nginx(cfg: Config) -> Server:
+def nginx_server(cfg: Config, *, starts_per_s: int | None = None) -> Server:
+    """nginx on :func:`nginx_conf` (not started)."""
     binary = servers.require("nginx", "apt-get install nginx-light (or nginx)")
-    conf = write_nginx_conf(cfg)
+    conf = write_nginx_conf(cfg, starts_per_s=starts_per_s)
     argv = [
         binary,
         "-p",

@@ -53,6 +53,11 @@ PARKED_SLACK_S = 5.0
 SHARE_WINDOW_S = 10
 
 
+def start_burst(starts_per_s: int) -> int:
+    """How many starts a tenant may make at once: a tenth of its limit per second."""
+    return max(1, math.ceil(starts_per_s / 10))
+
+
 class Limited(Exception):
     """A tenant's limit is reached: answer 429 with :attr:`headers`."""
 
@@ -185,7 +190,7 @@ class Limits:
                 RateKeys(counter=f"{self._keys.tenant(tenant)}:starts"),
                 RateArgs(
                     interval_us=interval_us,
-                    tolerance_us=interval_us * (max(1, math.ceil(limit / 10)) - 1),
+                    tolerance_us=interval_us * (start_burst(limit) - 1),
                 ),
             )
             if not wait_us:

@@ -4,12 +4,19 @@ tenant, and a tenant's burst meets its own limit, not another tenant's."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from deploy.local import stack
+from deploy.local.servers import free_port
+from flowgate.services.api.errors import limited_answer
+from flowgate.services.api.limits import Limited
 from flowgate.services.api.readtokens import ReadTokens
 from flowgate.shared.contract import SystemVariables
 from flowgate.shared.settings import Settings
@@ -17,6 +24,7 @@ from flowgate.shared.state import Status
 from tests.helpers.api import Api, cid, running_app, start_body
 from tests.helpers.engine import deploy_bpmn
 from tests.helpers.issuer import AUDIENCE, LocalIssuer, local_issuer
+from tests.helpers.replica import Replica, replica
 
 MakeSettings = Callable[..., Settings]
 pytestmark = pytest.mark.engine_agnostic  # who sees which run is flowgate's alone
@@ -263,3 +271,72 @@ async def test_a_start_the_replica_knows_to_refuse_is_answered_alike_before_the_
             'flowgate_api_outcomes_total{method="POST",route="/api/process/start",status="429"} 2.0'
             in exposed
         )
+
+
+async def test_the_load_balancer_refuses_a_credentials_flood_before_it_reaches_a_replica(
+    make_settings: MakeSettings, engine_url: str, tmp_path: Path
+) -> None:
+    """`make up`'s nginx with TENANT_STARTS_PER_S (deploy/local/stack.py) in front of a
+    replica: a credential's flood of starts is refused there, with the replica's own
+    answer, and most of it never reaches the replica; another credential's start, and one
+    without a credential, go on to the replica as before."""
+    await deploy_bpmn(engine_url)
+    settings = make_settings(camunda_base_url=engine_url)
+    limited = {"API_KEYS": KEYS, "TENANT_STARTS_PER_S": "5"}
+    async with replica(settings, tmp_path, "behind-nginx", **limited) as api:
+        port = free_port()
+        cfg = stack.Config(
+            run_dir=tmp_path / "lb",
+            api_port=port,
+            engine_port=0,
+            redis_port=0,
+            postgres_port=0,
+            replica_ports=[int(api.url.rsplit(":", 1)[1])],
+            worker_health_ports=[],
+        )
+        nginx = stack.nginx_server(cfg, starts_per_s=5).start(timeout_s=15)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as lb:
+
+                async def start_as(credential: dict[str, str]) -> httpx.Response:
+                    headers = {**credential, "Prefer": "respond-async"}
+                    return await lb.post(
+                        "/api/process/start", json=start_body(cid()), headers=headers
+                    )
+
+                flood = await asyncio.gather(*(start_as(key(ALPHA)) for _ in range(30)))
+                codes = [answer.status_code for answer in flood]
+                assert 1 <= codes.count(202) <= 3, codes
+                assert codes.count(429) >= 27, codes
+                # nginx's refusals and the replica's alike: the body, the three headers.
+                same = limited_answer(Limited("starts", 5, window_s=1, retry_after_s=1))
+                for refused in (answer for answer in flood if answer.status_code == 429):
+                    assert refused.content == same.body
+                    assert refused.headers["content-type"] == "application/json"
+                    for name, value in same.headers.items():
+                        if name in ("retry-after", "ratelimit-policy", "ratelimit"):
+                            assert refused.headers[name] == value, name
+                    assert refused.headers["x-request-id"]
+                reached = await _starts_answered(api)
+                assert reached <= 6, f"{reached} of the flood's 30 starts reached the replica"
+                # Another credential has its own allowance; no credential is the replica's
+                # to refuse (401), however many.
+                assert (await start_as(key(BETA))).status_code == 202
+                anonymous = await asyncio.gather(*(start_as({}) for _ in range(10)))
+                assert [answer.status_code for answer in anonymous] == [401] * 10
+                assert await _starts_answered(api) == reached + 11
+        finally:
+            nginx.stop()
+
+
+async def _starts_answered(api: Replica) -> int:
+    """The starts the replica answered, whatever its answer (its /metrics, as an admin)."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(f"{api.url}/metrics", headers=key(ROOT))).text
+    found = re.findall(
+        r'^flowgate_api_outcomes_total\{method="POST",route="/api/process/start",'
+        r'status="\d+"\} (\S+)$',
+        text,
+        re.MULTILINE,
+    )
+    return int(sum(float(count) for count in found))

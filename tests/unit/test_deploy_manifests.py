@@ -279,6 +279,27 @@ def test_local_nginx_waits_longer_than_max_wait(
     stack.write_nginx_conf(cfg)  # runs `nginx -t` on it
 
 
+@pytest.mark.parametrize("starts_per_s", ["0", "50"])
+def test_local_nginx_limits_starts_per_credential_only_with_a_tenant_limit(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, starts_per_s: str
+) -> None:
+    """With TENANT_STARTS_PER_S, nginx refuses a credential's starts past it (its answer is
+    tested end to end in tests/integration/test_tenancy.py); without, nothing is limited."""
+    monkeypatch.setenv("TENANT_STARTS_PER_S", starts_per_s)
+    cfg = stack.Config.from_env(tmp_path)
+    conf = stack.nginx_conf(cfg)
+    start = re.search(r"location = /api/process/start \{([^}]*)\}", conf)
+    assert start
+    if starts_per_s == "0":
+        assert "limit_req" not in conf
+    else:
+        assert "rate=50r/s;" in conf
+        # Twice the replicas' burst of a tenth of the limit: nginx refuses only what they would.
+        assert _nginx_directives(start[1], "limit_req") == ["zone=starts burst=10 nodelay"]
+        assert conf.count("limit_req zone=") == 1, "only starts are limited"
+    stack.write_nginx_conf(cfg)  # runs `nginx -t` on it
+
+
 def test_stack_ports_come_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
