@@ -20,6 +20,9 @@ runs as it is on a Redis Cluster; on a single Redis the tags are just part of th
 ``{p:n}:steps:{correlationId}:seen``  set: activity instance ids recorded there already
 ``{p:n}:steps:{correlationId}:claimed`` hash: activity instance id -> the worker that is
                                       telling the engine it ended (that worker records it)
+``{p:n}:followed:{correlationId}``    string: someone follows the run's steps (an event
+                                      stream, a milestone wait): only then is each step
+                                      announced on the run channel; lapses unless renewed
 ``{p:n}:callbacks``                   sorted set: runs whose end is to be delivered to their
                                       callbackUrl, scored by when (services/background/callbacks.py)
 ``{p:n}:compact``                     sorted set: finished runs whose steps leave Redis once
@@ -161,6 +164,9 @@ class Keys:
 
     def steps_claimed(self, correlation_id: str) -> str:
         return f"{self.steps(correlation_id)}:claimed"
+
+    def followed(self, correlation_id: str) -> str:
+        return f"{self.of(correlation_id).tag}:followed:{correlation_id}"
 
     def cancel(self, correlation_id: str) -> str:
         return f"{self.of(correlation_id).tag}:cancel:{correlation_id}"

@@ -12,7 +12,10 @@ room decodes only those of runs waited for here (and compares every body with th
 is cleared whenever the subscriptions are lost or made again). A run's
 end wakes every request for it; a recorded step (shared/contract.py ``StepRecorded``) wakes
 only those that wait for a step (a milestone, :meth:`WaitRoom.wait` ``until``) or follow
-the run's progress (:meth:`WaitRoom.follow`, the live event stream).
+the run's progress (:meth:`WaitRoom.follow`, the live event stream). Steps are announced
+only while such a request has marked its run followed (shared/store/steps.py ``follow``,
+after registering, before reading: the same order as below), so that every replica is not
+sent every step of every run.
 
 Pub/sub is at-most-once, so the stored state is the truth and a message is only a shortcut:
 
@@ -77,6 +80,10 @@ from flowgate.shared.tracing import OFF, Tracing
 
 log = logging.getLogger(__name__)
 
+#: How long a follower's mark has its run's steps announced; renewed each third of it.
+FOLLOW_S = 90.0
+#: How much longer than its wait a milestone wait's mark lasts.
+_FOLLOW_SLACK_S = 5.0
 #: How long one pub/sub read blocks; bounds how late a closed room notices.
 _READ_TIMEOUT_S = 1.0
 #: Backoff between failed reads while Redis is unreachable.
@@ -164,15 +171,21 @@ class _Waiter:
 class Follower:
     """A registration that follows one run (see :meth:`WaitRoom.follow`)."""
 
-    def __init__(self, room: WaitRoom, waiter: _Waiter) -> None:
+    def __init__(self, room: WaitRoom, waiter: _Waiter, correlation_id: str) -> None:
         self._room = room
         self._waiter = waiter
+        self._correlation_id = correlation_id
+        self._marked_at = asyncio.get_running_loop().time()
 
     async def changed(self, timeout_s: float) -> bool:
         """Sleep until the run may have changed (a step, its end, a resubscription, the
         drain: True) or ``timeout_s`` passes (False). Read the run again either way."""
-        woke = await self._room._park(self._waiter, asyncio.get_running_loop().time() + timeout_s)
+        loop = asyncio.get_running_loop()
+        woke = await self._room._park(self._waiter, loop.time() + timeout_s)
         self._waiter.clear()
+        if loop.time() - self._marked_at >= FOLLOW_S / 3:
+            await self._room._store.steps.follow(self._correlation_id, for_s=FOLLOW_S)
+            self._marked_at = loop.time()
         return woke
 
 
@@ -341,7 +354,8 @@ class WaitRoom:
         else:
             deadline = asyncio.get_running_loop().time() + timeout_s
             waiter = _Waiter(steps=until is not None)
-            async with self._registration(correlation_id, waiter):
+            follow_s = timeout_s + _FOLLOW_SLACK_S if until is not None else None
+            async with self._registration(correlation_id, waiter, follow_s=follow_s):
                 yield Expected(self, correlation_id, until, waiter=waiter, deadline=deadline)
 
     async def _await(
@@ -389,14 +403,19 @@ class WaitRoom:
             self._ends[WaitEnd.FULL].inc()
             raise RoomFull
         waiter = _Waiter(steps=True)
-        async with self._registration(correlation_id, waiter):
-            yield Follower(self, waiter)
+        async with self._registration(correlation_id, waiter, follow_s=FOLLOW_S):
+            yield Follower(self, waiter, correlation_id)
 
     @contextlib.asynccontextmanager
-    async def _registration(self, correlation_id: str, waiter: _Waiter) -> AsyncIterator[None]:
+    async def _registration(
+        self, correlation_id: str, waiter: _Waiter, *, follow_s: float | None = None
+    ) -> AsyncIterator[None]:
+        """Register ``waiter``; with ``follow_s``, then have the run's steps announced."""
         self._waiters.setdefault(correlation_id, set()).add(waiter)
         self._registered += 1
         try:
+            if follow_s is not None:
+                await self._store.steps.follow(correlation_id, for_s=follow_s)
             yield
         finally:
             waiters = self._waiters[correlation_id]

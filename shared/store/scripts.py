@@ -153,13 +153,16 @@ return state
 #: ``record_step(...)``: a step is recorded once (the worker and the history may both
 #: report it), with its audit row, lives as long as the run's state, is written behind to
 #: Postgres (where it is read once the run's record in Redis is compacted: see COMPACT), and
-#: is announced on the run's channel (shared/contract.py StepRecorded). 1 if it was new.
+#: is announced on the run's channel (shared/contract.py StepRecorded) if ``announce``: while
+#: someone follows the run (``{p:n}:followed:{cid}``: every replica receives every
+#: announcement, so none is sent that no one waits for), and not by a run's end, whose own
+#: message wakes every follower. 1 if it was new.
 #: A step a worker has claimed (STEP_CLAIM) is that worker's to record (``worker`` 1): its
 #: record has the step's data and name, and its audit row what the handler did, where the
 #: engine's report of the same step, which may come first, has neither.
 RECORD_STEP_LUA = """
 local function record_step(state, steps, seen, claimed, stream, aid, step, audit, max, channel,
-    cid, worker)
+    cid, worker, announce)
   if worker == '1' then
     redis.call('HDEL', claimed, aid)
   elseif redis.call('HEXISTS', claimed, aid) == 1 then
@@ -177,7 +180,9 @@ local function record_step(state, steps, seen, claimed, stream, aid, step, audit
     cjson.encode(cid) .. ',"traceabilityId":' .. cjson.encode(trace) .. ',"id":"' .. id ..
     '","step":' .. step .. '}')
   if audit ~= '' then redis.call('XADD', stream, '*', 'kind', 'event', 'body', audit) end
-  redis.call(PUBLISH, channel, cid .. '\\n{"kind":"step","id":"' .. id .. '"}')
+  if announce then
+    redis.call(PUBLISH, channel, cid .. '\\n{"kind":"step","id":"' .. id .. '"}')
+  end
   return 1
 end
 """
@@ -188,6 +193,7 @@ class StepKeys(NamedTuple):
     steps: str
     seen: str
     claimed: str
+    followed: str
     stream: str
     compact: str
 
@@ -220,7 +226,8 @@ if status ~= 'pending' and redis.call('EXISTS', K.seen) == 0
   return 0
 end
 return record_step(K.state, K.steps, K.seen, K.claimed, K.stream, A.activity_instance_id,
-  A.step, A.event, A.max_steps, A.channel, A.cid, A.worker)
+  A.step, A.event, A.max_steps, A.channel, A.cid, A.worker,
+  redis.call('EXISTS', K.followed) == 1)
 """,
     prelude=RECORD_STEP_LUA,
     publishes=True,
@@ -339,7 +346,7 @@ local state = state_json(K.state)
 redis.call('XADD', K.stream, '*', 'kind', 'state', 'body', state)
 if A.step ~= '' then
   record_step(K.state, K.steps, K.seen, K.claimed, K.stream, A.activity_instance_id, A.step,
-    A.event, A.max_steps, A.channel, A.cid, '1')
+    A.event, A.max_steps, A.channel, A.cid, '1', false)
 elseif A.event ~= '' then
   redis.call('XADD', K.stream, '*', 'kind', 'event', 'body', A.event)
 end

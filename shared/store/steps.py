@@ -9,6 +9,7 @@ for its retention), and readers find them in Postgres (services/api/runs.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import cast
 
@@ -58,6 +59,7 @@ class StepStore:
             steps=self._keys.steps(cid),
             seen=self._keys.steps_seen(cid),
             claimed=self._keys.steps_claimed(cid),
+            followed=self._keys.followed(cid),
             stream=part.writebehind,
             compact=part.compact,
         )
@@ -71,6 +73,15 @@ class StepStore:
             worker=int(worker),
         )
         return bool(await self._record(keys, args))
+
+    async def follow(self, correlation_id: str, *, for_s: float) -> None:
+        """Have the run's new steps announced on its channel for ``for_s`` at least (another
+        follower's shorter wish does not shorten it); they are not otherwise."""
+        key, ms = self._keys.followed(correlation_id), math.ceil(for_s * 1000)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(key, 1, px=ms, nx=True)
+            pipe.pexpire(key, ms, gt=True)
+            await pipe.execute()
 
     async def claim(self, correlation_id: str, activity_instance_id: str, worker_id: str) -> None:
         """Before a worker tells the engine a step ended: the step is that worker's to

@@ -11,7 +11,7 @@ from typing import Any, cast
 import orjson
 import pytest
 
-from flowgate.shared.contract import StartFailed, SystemVariables, decode_message
+from flowgate.shared.contract import StartFailed, StepRecorded, SystemVariables, decode_message
 from flowgate.shared.keys import Keys
 from flowgate.shared.redis_client import RedisClient
 from flowgate.shared.state import RunState, Status
@@ -373,6 +373,33 @@ async def test_a_step_a_worker_claimed_is_recorded_by_that_worker(store: RunStor
     assert not await store.steps.record("sc-1", a_step("work"))  # and later: seen
     [(_, kept)] = await store.steps.after("sc-1")
     assert kept.data == {"n": 1}
+
+
+async def test_a_step_is_announced_only_while_its_run_is_followed(
+    store: RunStore, subscriber: Subscriber, redis_client: RedisClient, keys: Keys
+) -> None:
+    """Every replica receives every announcement, so a step is announced only while a
+    follower (a stream, a milestone wait) has marked its run; the end is always announced,
+    and a run's last step rides on it."""
+    await claim(store, "sa-1")
+    assert await store.steps.record("sa-1", a_step("unseen"))
+    await store.steps.follow("sa-1", for_s=30)
+    await store.steps.follow("sa-1", for_s=0.05)  # a shorter wish does not shorten it
+    await asyncio.sleep(0.1)
+    assert await store.steps.record("sa-1", a_step("seen"))
+    cid, body = await subscriber()  # the first message: the unfollowed step had none
+    [_, (seen_id, _)] = await store.steps.after("sa-1")
+    assert (cid, decode_message(body)) == ("sa-1", StepRecorded(seen_id))
+    assert 25_000 < await redis_client.pttl(keys.followed("sa-1")) <= 30_000
+
+    await redis_client.delete(keys.followed("sa-1"))  # its followers are gone
+    assert await store.steps.record("sa-1", a_step("late"))
+    await store.steps.follow("sa-1", for_s=30)
+    assert await store.finish("sa-1", Status.OK, data={}, step=a_step("last"))
+    cid, body = await subscriber()
+    assert cid == "sa-1"
+    assert isinstance(decode_message(body), RunState)
+    assert [step.step for _, step in await store.steps.after("sa-1")][-2:] == ["late", "last"]
 
 
 async def test_a_released_claim_leaves_the_step_to_whoever_reports_it(store: RunStore) -> None:
