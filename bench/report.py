@@ -42,9 +42,11 @@ def write(
             **{k: v for k, v in earlier.get("errors", {}).items() if k not in results},
             **errors,
         }
-        # A section the earlier file kept from a run before it keeps that run's date.
+        # A section the earlier file kept from a run before it keeps that run's date and CPU.
         dates = earlier["meta"].get("kept_from_earlier_run") or {}
         meta["kept_from_earlier_run"] = {k: dates.get(k, earlier["meta"].get("date")) for k in kept}
+        cpus = earlier["meta"].get("kept_cpu") or {}
+        meta["kept_cpu"] = {k: cpus.get(k, _get(earlier["meta"], "machine", "cpu")) for k in kept}
         if "engine" not in meta and "engine" in earlier["meta"]:
             meta["engine"] = earlier["meta"]["engine"]
     data.write_text(json.dumps(document, indent=1, default=str) + "\n")
@@ -373,10 +375,14 @@ def render(document: dict[str, Any], plots: list[str]) -> str:
         "",
     ]
     if kept := meta.get("kept_from_earlier_run"):
-        parts += [
-            f"Kept from earlier runs: {', '.join(f'{k} ({v})' for k, v in kept.items())}.",
-            "",
-        ]
+        cpus = meta.get("kept_cpu") or {}
+
+        def when(section: str) -> str:
+            cpu = cpus.get(section)
+            elsewhere = f", on {cpu}" if cpu and cpu != machine.get("cpu") else ""
+            return f"{section} ({kept[section]}{elsewhere})"
+
+        parts += [f"Kept from earlier runs: {', '.join(when(k) for k in kept)}.", ""]
     if meta.get("profile") != "full":
         parts += [
             "> **Smoke run**: tiny counts that only check the benchmarks still work; "

@@ -9,8 +9,9 @@ from typing import Any
 from bench import report
 
 
-def meta(date: str) -> dict[str, Any]:
-    return {"profile": "full", "date": date, "commit": "c", "machine": {}, "versions": {}}
+def meta(date: str, cpu: str = "cpu-1") -> dict[str, Any]:
+    machine = {"cpu": cpu}
+    return {"profile": "full", "date": date, "commit": "c", "machine": machine, "versions": {}}
 
 
 def test_a_section_kept_twice_keeps_the_date_of_the_run_that_measured_it(tmp_path: Path) -> None:
@@ -20,3 +21,14 @@ def test_a_section_kept_twice_keeps_the_date_of_the_run_that_measured_it(tmp_pat
     written = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert set(written["results"]) == {"a", "b", "c"}
     assert written["meta"]["kept_from_earlier_run"] == {"a": "day-1", "b": "day-2"}
+
+
+def test_a_section_kept_from_another_machine_says_which(tmp_path: Path) -> None:
+    """The machine line is the last run's; a section measured on another CPU says so."""
+    report.write(tmp_path, meta("day-1", cpu="AMD EPYC"), {"a": {}, "b": {}}, {})
+    report.write(tmp_path, meta("day-2", cpu="Intel Xeon"), {"b": {}}, {}, merge=True)
+    report.write(tmp_path, meta("day-3", cpu="Intel Xeon"), {"c": {}}, {}, merge=True)
+    written = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert written["meta"]["kept_cpu"] == {"a": "AMD EPYC", "b": "Intel Xeon"}
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "Kept from earlier runs: a (day-1, on AMD EPYC), b (day-2)." in text
