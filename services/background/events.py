@@ -68,6 +68,9 @@ class Batch:
     happened: Happened
     #: The stream's continuity broke: read the history back over the gap.
     gap: bool
+    #: Where the next read starts once this batch is handled (None: where it started);
+    #: handed back through :meth:`EngineEvents.saved` once Redis keeps it.
+    position: str | None = None
 
 
 class EngineEvents:
@@ -89,7 +92,8 @@ class EngineEvents:
         self._check_at = 0.0
 
     async def read(self) -> Batch | None:
-        """The events since the last read, or None when the engine does not push them.
+        """The events since the last read (:meth:`saved` moves on past them), or None when
+        the engine does not push them.
 
         Whether it pushes, and whether the stream went on unbroken, is checked once a
         second; in between a read is one command.
@@ -107,10 +111,18 @@ class EngineEvents:
         for entry_id, fields in stream_entries(answer):
             position = text(entry_id)
             happened.add(orjson.loads(fields[b"e"]))
-        if position != self._position:
-            await self._redis.set(self._keys.watcher_events, position)
-            self._position = position
-        return Batch(happened, gap)
+        return Batch(happened, gap, position if position != self._position else None)
+
+    @property
+    def position_key(self) -> str:
+        """Where the reader's position is kept (the watcher writes it with its watermark)."""
+        return self._keys.watcher_events
+
+    def saved(self, position: str) -> None:
+        """A batch is handled and Redis keeps ``position``: read on from there. Until then
+        the same events are read again (at least once: a reader that dies while it handles
+        them leaves them to its successor)."""
+        self._position = position
 
     async def _check(self) -> bool:
         """Whether the engine pushes (into ``_pushing``); True when the stream broke off

@@ -171,10 +171,11 @@ class Watcher:
             if batch.gap:  # the push broke off somewhere: read the history back once
                 with self._metrics.watch_pass_seconds.time():
                     await self._pass(deep=True)
-            if batch.happened:
+            if batch.position is not None:
                 with self._metrics.watch_pass_seconds.time():
-                    await self._apply(batch.happened)
-                    await self._advance(batch.happened)
+                    if batch.happened:
+                        await self._apply(batch.happened)
+                    await self._advance(batch.happened, events_at=batch.position)
             return
         if await self._store.instances.count():
             with self._metrics.watch_pass_seconds.time():
@@ -235,9 +236,13 @@ class Watcher:
             [(runs[a.root_process_instance_id], a.id) for a in ours]
         )
         new = [activity for activity, recorded in zip(ours, known, strict=True) if not recorded]
-        # The states of the runs this pass writes to only: a new step's audit row, an end.
-        wanted = {runs[a.root_process_instance_id] for a in new} | {runs[i.id] for i in ended}
-        states |= await self._store.get_many(sorted(wanted - states.keys()))
+        # The states of the runs this pass writes to only: a new step's audit row, an end
+        # still pending (most ended runs a worker ended already: their status says so).
+        pending = await self._store.pending_among(
+            sorted({runs[i.id] for i in ended} - states.keys())
+        )
+        audited = {runs[a.root_process_instance_id] for a in new if _audited(a.activity_type)}
+        states |= await self._store.get_many(sorted((audited | pending) - states.keys()))
         # The result of a run the engine completed, unless a worker ended it already.
         completed = [
             i.id for i in ended if i.state == "COMPLETED" and _pending(states.get(runs[i.id]))
@@ -251,8 +256,9 @@ class Watcher:
         for incident in incidents:
             await self._incident(incident, runs)
 
-    async def _advance(self, happened: Happened) -> datetime:
-        """Move the watermark on to the newest record of ``happened``; the watermark."""
+    async def _advance(self, happened: Happened, *, events_at: str | None = None) -> datetime:
+        """Move the watermark on to the newest record of ``happened``, and with ``events_at``
+        the pushed events' position past them (both in one round trip); the watermark."""
         mark, marked = await self._mark()
         times = [
             *(a.end_time for a in happened.activities),
@@ -260,9 +266,18 @@ class Watcher:
             *(i.create_time for i in happened.incidents),
         ]
         newest = max([mark, *times])
-        if newest > mark or not marked:
-            await self._redis.set(self._keys.watcher_mark, iso(newest))
-            self._marked = newest
+        moved = newest > mark or not marked
+        if moved or events_at is not None:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                if moved:
+                    pipe.set(self._keys.watcher_mark, iso(newest))
+                if events_at is not None and self._events is not None:
+                    pipe.set(self._events.position_key, events_at)
+                await pipe.execute()
+            if moved:
+                self._marked = newest
+            if events_at is not None and self._events is not None:
+                self._events.saved(events_at)
         return newest
 
     # --- what happened ---------------------------------------------------------------------
@@ -271,8 +286,10 @@ class Watcher:
         self, activity: EndedActivity, runs: dict[str, str], states: dict[str, RunState]
     ) -> None:
         cid = runs[activity.root_process_instance_id]
+        # The step's audit row is made from its run's state (read above for these only);
+        # any other step's record needs none (the script skips a run that is gone).
         state = states.get(cid)
-        if state is None:
+        if state is None and _audited(activity.activity_type):
             return
         status = StepStatus.CANCELLED if activity.canceled else StepStatus.OK
         step = StepEvent(
@@ -285,7 +302,7 @@ class Watcher:
         )
         event = (
             None
-            if not _audited(activity.activity_type)
+            if state is None or not _audited(activity.activity_type)
             else EventRecord.of_run(
                 state,
                 status=status.value,

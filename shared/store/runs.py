@@ -422,6 +422,18 @@ class RunStore:
         fields = await self._redis.hgetall(self._keys.state(correlation_id))
         return RunState.from_hash(fields) if fields else None
 
+    async def pending_among(self, correlation_ids: Sequence[str]) -> set[str]:
+        """Which of these runs are ``pending`` (one round trip, their status only)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for cid in correlation_ids:
+                pipe.hget(self._keys.state(cid), "status")
+            found = await pipe.execute()
+        return {
+            cid
+            for cid, status in zip(correlation_ids, found, strict=True)
+            if status is not None and text(status) == Status.PENDING.value
+        }
+
     async def get_many(self, correlation_ids: Sequence[str]) -> dict[str, RunState]:
         """The states Redis holds of these runs (one round trip)."""
         async with self._redis.pipeline(transaction=False) as pipe:

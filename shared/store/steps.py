@@ -112,10 +112,19 @@ class StepStore:
         round trip: a cheap look before :meth:`record` for steps others may have recorded."""
         if not steps:
             return []
+        by_run: dict[str, list[str]] = {}
+        for cid, activity_instance_id in steps:
+            by_run.setdefault(cid, []).append(activity_instance_id)
         async with self._redis.pipeline(transaction=False) as pipe:
-            for cid, activity_instance_id in steps:
-                pipe.sismember(self._keys.steps_seen(cid), activity_instance_id)
-            return [bool(found) for found in await pipe.execute()]
+            for cid, ids in by_run.items():  # one command per run, not per step
+                pipe.smismember(self._keys.steps_seen(cid), ids)
+            found = await pipe.execute()
+        recorded = {
+            (cid, aid): bool(flag)
+            for (cid, ids), flags in zip(by_run.items(), found, strict=True)
+            for aid, flag in zip(ids, flags, strict=True)
+        }
+        return [recorded[step] for step in steps]
 
     async def after(
         self, correlation_id: str, *, after: str | None = None, count: int = MAX_STEPS

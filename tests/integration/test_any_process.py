@@ -22,6 +22,7 @@ import pytest
 
 from deploy.local.servers import free_port
 from flowgate.services.background import watcher
+from flowgate.services.background.events import Happened
 from flowgate.services.background.watcher import Watcher
 from flowgate.shared import postgres
 from flowgate.shared.camunda import CamundaClient, TopicRequest
@@ -283,6 +284,40 @@ async def test_an_unexpected_error_in_a_watch_pass_does_not_stop_the_replica(
             await admin.complete_user_task(task["id"], {"from": "engine"})
         ended = await status(api, correlation_id, wait_s=20)
         assert (ended.status_code, ended.json()["data"]) == (200, {"from": "engine"})
+
+
+@pytest.mark.single_redis  # the engine pushes to the session's one Redis
+async def test_pushed_events_a_failed_pass_read_are_read_again_by_the_next(
+    make_settings: MakeSettings,
+    folder: Callable[..., Any],
+    engine_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The events' position moves on only once a pass has handled them: a pass that fails
+    (or a watcher that dies) mid-way leaves them to the next, so a run's end is not lost."""
+    settings = make_settings(camunda_base_url=engine_url)
+    key = key_of("reread")
+    await folder(key, single(key, 'userTask id="step"'))
+    original, raised = Watcher._apply, asyncio.Event()
+
+    async def fails_at_the_end(self: Watcher, happened: Happened) -> None:
+        if happened.instances and not raised.is_set():
+            raised.set()
+            raise RuntimeError("the pass fails after reading the run's end")
+        await original(self, happened)
+
+    monkeypatch.setattr(Watcher, "_apply", fails_at_the_end)
+    async with running_app(settings) as api:
+        correlation_id = cid()
+        assert (await start(api, key, correlation_id)).status_code == 202
+        state = await api.deps.store.get(correlation_id)
+        assert state is not None
+        async with EngineAdmin(engine_url) as admin:
+            [task] = await admin.user_tasks(str(state.instance_id))
+            await admin.complete_user_task(task["id"], {"read": "twice"})
+        ended = await status(api, correlation_id, wait_s=20)
+        assert raised.is_set()
+        assert (ended.status_code, ended.json()["data"]) == (200, {"read": "twice"})
 
 
 def watching(api: Api) -> bool:

@@ -402,6 +402,20 @@ async def test_a_step_is_announced_only_while_its_run_is_followed(
     assert [step.step for _, step in await store.steps.after("sa-1")][-2:] == ["late", "last"]
 
 
+async def test_what_the_watcher_looks_up_before_it_records(store: RunStore) -> None:
+    """Which reported steps are recorded already, and which ended runs are still pending,
+    each in one round trip, whatever the order and the runs they belong to."""
+    await claim(store, "kn-1")
+    await claim(store, "kn-2")
+    assert await store.steps.record("kn-1", a_step("a"))
+    assert await store.steps.record("kn-2", a_step("b"))
+    asked = [("kn-1", "a:1"), ("kn-2", "a:1"), ("kn-1", "b:1"), ("kn-2", "b:1"), ("kn-3", "a:1")]
+    assert await store.steps.known(asked) == [True, False, False, True, False]
+    assert await store.steps.known([]) == []
+    assert await store.finish("kn-2", Status.OK, data={})
+    assert await store.pending_among(["kn-1", "kn-2", "kn-3"]) == {"kn-1"}
+
+
 async def test_a_released_claim_leaves_the_step_to_whoever_reports_it(store: RunStore) -> None:
     await claim(store, "sc-2")
     await store.steps.claim("sc-2", "work:1", "w1")
