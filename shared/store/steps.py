@@ -9,6 +9,7 @@ for its retention), and readers find them in Postgres (services/api/runs.py).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 from typing import cast
@@ -145,19 +146,22 @@ class StepStore:
 
     async def compact(self, *, limit: int = 500) -> int:
         """Take out of Redis the steps of up to ``limit`` finished runs per partition whose
-        steps are all in Postgres (shared/store/scripts.py COMPACT), one call per partition;
-        how many.
+        steps are all in Postgres (shared/store/scripts.py COMPACT), one call per partition,
+        all in one round trip (made in one turn: shared/lua.py); how many.
 
         Idempotent, so every flusher may run it: two that pick the same run compact it once.
         """
-        compacted = 0
-        for partition in self._keys.partitions:
-            compacted += await self._compact(
-                CompactKeys(compact=partition.compact, stream=partition.writebehind),
-                CompactArgs(
-                    limit=limit,
-                    state_prefix=partition.state_prefix,
-                    steps_prefix=partition.steps_prefix,
-                ),
+        compacted = await asyncio.gather(
+            *(
+                self._compact(
+                    CompactKeys(compact=partition.compact, stream=partition.writebehind),
+                    CompactArgs(
+                        limit=limit,
+                        state_prefix=partition.state_prefix,
+                        steps_prefix=partition.steps_prefix,
+                    ),
+                )
+                for partition in self._keys.partitions
             )
-        return compacted
+        )
+        return sum(compacted)
