@@ -95,11 +95,8 @@ async def test_a_user_task_run_ends_ok_with_its_variables_when_the_task_is_done(
     correlation_id = cid()
     accepted = await start(api, key, correlation_id, variables={"userId": "u-7"})
     assert accepted.status_code == 202
-    state = await api.deps.store.get(correlation_id)
-    assert state is not None
-    async with EngineAdmin(engine_url) as admin:
-        [task] = await admin.user_tasks(str(state.instance_id))
-        await admin.complete_user_task(task["id"], {"approved": True})
+    instance = await instance_of(api, correlation_id)
+    await complete_user_task(engine_url, instance, {"approved": True})
     done = await status(api, correlation_id)
     assert done.status_code == 200
     assert done.json()["data"] == {"userId": "u-7", "approved": True}  # no system variables
@@ -277,11 +274,8 @@ async def test_an_unexpected_error_in_a_watch_pass_does_not_stop_the_replica(
         correlation_id = cid()
         assert (await start(api, key, correlation_id)).status_code == 202
         await asyncio.wait_for(raised.wait(), 30)
-        state = await api.deps.store.get(correlation_id)
-        assert state is not None
-        async with EngineAdmin(engine_url) as admin:
-            [task] = await admin.user_tasks(str(state.instance_id))
-            await admin.complete_user_task(task["id"], {"from": "engine"})
+        instance = await instance_of(api, correlation_id)
+        await complete_user_task(engine_url, instance, {"from": "engine"})
         ended = await status(api, correlation_id, wait_s=20)
         assert (ended.status_code, ended.json()["data"]) == (200, {"from": "engine"})
 
@@ -310,14 +304,26 @@ async def test_pushed_events_a_failed_pass_read_are_read_again_by_the_next(
     async with running_app(settings) as api:
         correlation_id = cid()
         assert (await start(api, key, correlation_id)).status_code == 202
-        state = await api.deps.store.get(correlation_id)
-        assert state is not None
-        async with EngineAdmin(engine_url) as admin:
-            [task] = await admin.user_tasks(str(state.instance_id))
-            await admin.complete_user_task(task["id"], {"read": "twice"})
+        instance = await instance_of(api, correlation_id)
+        await complete_user_task(engine_url, instance, {"read": "twice"})
         ended = await status(api, correlation_id, wait_s=20)
         assert raised.is_set()
         assert (ended.status_code, ended.json()["data"]) == (200, {"read": "twice"})
+
+
+async def instance_of(api: Api, correlation_id: str) -> str:
+    """The engine instance of a started run."""
+    state = await api.deps.store.get(correlation_id)
+    assert state is not None
+    assert state.instance_id is not None
+    return state.instance_id
+
+
+async def complete_user_task(engine_url: str, instance_id: str, variables: dict[str, Any]) -> None:
+    """Complete the one user task the instance waits on, in the engine (as a person would)."""
+    async with EngineAdmin(engine_url) as admin:
+        [task] = await admin.user_tasks(instance_id)
+        await admin.complete_user_task(task["id"], variables)
 
 
 def watching(api: Api) -> bool:
@@ -348,11 +354,8 @@ async def test_when_the_watching_replica_stops_another_takes_the_watch_over(
         await start(second, key, correlation_id)
         first_stop.set()
         await first
-        state = await second.deps.store.get(correlation_id)
-        assert state is not None
-        async with EngineAdmin(engine_url) as admin:
-            [task] = await admin.user_tasks(str(state.instance_id))
-            await admin.complete_user_task(task["id"], {"late": True})
+        instance = await instance_of(second, correlation_id)
+        await complete_user_task(engine_url, instance, {"late": True})
         ended = await status(second, correlation_id, wait_s=15)
         assert (ended.status_code, ended.json()["data"]) == (200, {"late": True})
         assert watching(second)
@@ -371,11 +374,8 @@ async def test_pushed_events_no_replica_read_are_read_when_one_starts(
     async with running_app(settings) as first:
         assert (await start(first, key, correlation_id)).status_code == 202
         await until(lambda: watching(first), what="the replica to watch")
-        state = await first.deps.store.get(correlation_id)
-        assert state is not None
-    async with EngineAdmin(engine_url) as admin:
-        [task] = await admin.user_tasks(str(state.instance_id))
-        await admin.complete_user_task(task["id"], {"while": "away"})
+        instance = await instance_of(first, correlation_id)
+    await complete_user_task(engine_url, instance, {"while": "away"})
     async with running_app(settings) as second:
         ended = await status(second, correlation_id, wait_s=15)
         assert (ended.status_code, ended.json()["data"]) == (200, {"while": "away"})
@@ -398,15 +398,12 @@ async def test_events_the_engine_could_not_push_are_read_from_its_history(
     async with running_app(settings) as first:
         assert (await start(first, key, correlation_id)).status_code == 202
         await until(lambda: watching(first), what="the replica to watch")
-        state = await first.deps.store.get(correlation_id)
-        assert state is not None
-    async with EngineAdmin(engine_url) as admin:
-        [task] = await admin.user_tasks(str(state.instance_id))
-        await admin.complete_user_task(task["id"], {"from": "history"})
+        instance = await instance_of(first, correlation_id)
+    await complete_user_task(engine_url, instance, {"from": "history"})
 
     async def pushed() -> bool:
         newest = await entries(redis_client, stream)
-        return any(str(state.instance_id).encode() in fields[b"e"] for _, fields in newest[-20:])
+        return any(instance.encode() in fields[b"e"] for _, fields in newest[-20:])
 
     await until(pushed, what="the engine to push the run's end")
     await redis_client.xtrim(stream, maxlen=0)  # lost, as the plugin then says:
