@@ -74,8 +74,10 @@ async def room(pooled: RedisClient, redis_prefix: str, store: RunStore) -> Async
 
 
 async def claim(store: RunStore, correlation_id: str) -> RunState:
+    """A run whose start is in flight: for longer than any test here lasts, so that the
+    replica's recovery (which abandons a claim whose start was never sent) leaves it."""
     state, created = await store.claim(
-        SystemVariables(correlation_id, "b", "t", "a"), "benchmark", "h"
+        SystemVariables(correlation_id, "b", "t", "a"), "benchmark", "h", look_after_s=600
     )
     assert created
     return state
