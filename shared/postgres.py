@@ -109,13 +109,19 @@ _EVENT_ORDER = "ORDER BY step ASC NULLS LAST, created_at, id"
 
 
 async def open_pool(
-    database_url: str, *, min_size: int = 1, max_size: int = 10, timeout_s: float = 10.0
+    database_url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    timeout_s: float = 10.0,
+    checked: bool = True,
 ) -> AsyncConnectionPool:
     """Create and open a pool without waiting for Postgres (it may be down at start-up:
     write-behind keeps entries in Redis until it answers; ``/readyz`` reports it).
 
-    Connections are checked before use, so a restarted Postgres costs a reconnect, not an
-    error; they run in autocommit and writers use explicit transactions.
+    ``checked``: each connection is checked before use (a round trip), so a restarted
+    Postgres costs a reconnect, not an error; a caller that retries anyway may skip it.
+    Connections run in autocommit and writers use explicit transactions.
     """
     pool = AsyncConnectionPool(
         database_url,
@@ -124,7 +130,7 @@ async def open_pool(
         timeout=timeout_s,
         open=False,
         kwargs={"autocommit": True},
-        check=AsyncConnectionPool.check_connection,
+        check=AsyncConnectionPool.check_connection if checked else None,
         name="flowgate",
     )
     await pool.open(wait=False)

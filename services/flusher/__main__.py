@@ -63,7 +63,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event) -> None:
         )
         stack.push_async_callback(redis.aclose)
         await read_topology(redis)
-        pool = await postgres.open_pool(settings.database_url)
+        # Unchecked: a batch that meets a dead connection is retried on a new one anyway, and
+        # a check would add a round trip to every batch.
+        pool = await postgres.open_pool(settings.database_url, checked=False)
         stack.push_async_callback(pool.close)
         flusher = Flusher(
             redis,

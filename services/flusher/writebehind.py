@@ -19,7 +19,8 @@ Between batches (at most every ``compact_every_s``) the flusher also compacts: t
 finished runs that are all in Postgres leave Redis (shared/store/steps.py
 ``StepStore.compact``).
 
-Entries are acknowledged and deleted from the stream only after the commit. While Postgres
+Entries are acknowledged and deleted from the stream only after the commit, every partition's
+in one round trip (:data:`ACK`). While Postgres
 is down the same batch is retried with a bounded exponential back-off and everything else
 waits in the stream. A batch that Postgres rejects for its data is retried row by row; a
 row rejected on its own is retried on later deliveries and, after ``max_deliveries``,
@@ -43,7 +44,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import psycopg
@@ -53,6 +54,7 @@ from psycopg_pool import AsyncConnectionPool
 from flowgate.shared.aio import Backoff, sleep_or_stop, stop_and_wait
 from flowgate.shared.eventlog import EVENT_COLUMNS, EVENT_JSON_COLUMNS, EventRecord
 from flowgate.shared.keys import WRITEBEHIND_GROUP, Keys, Partition
+from flowgate.shared.lua import Script
 from flowgate.shared.redis_client import RedisClient, stream_entries, text
 from flowgate.shared.state import COLUMNS, JSON_COLUMNS, RunState, dump_json
 from flowgate.shared.store.runs import writebehind_backlog
@@ -91,6 +93,31 @@ _INSERT_STEP = (
 )
 
 _SQL = {"state": _upsert_state(), "event": _INSERT_EVENT, "step": _INSERT_STEP}
+
+
+class AckKeys(NamedTuple):
+    stream: str
+
+
+class AckArgs(NamedTuple):
+    group: str
+    #: The ids of the entries written.
+    rest: Sequence[str]
+
+
+#: Entries written leave the stream acknowledged and deleted at once, never one without the
+#: other: an entry acknowledged but kept would stay its stream's oldest for good, and
+#: compaction tells how far the copy is from the oldest entry (shared/store/scripts.py
+#: COMPACT). A script each partition, all sent in one round trip (shared/lua.py).
+ACK = Script(
+    "writebehind-ack",
+    AckKeys,
+    AckArgs,
+    """
+redis.call('XACK', K.stream, A.group, unpack(A.rest))
+return redis.call('XDEL', K.stream, unpack(A.rest))
+""",
+)
 
 # Postgres refused the data itself (bad value, constraint): retrying the batch cannot help,
 # retrying row by row isolates the culprit. Everything else is treated as an outage.
@@ -163,6 +190,7 @@ class Flusher:
         self._max_backoff_s = max_backoff_s
         self._compact_every_s = compact_every_s
         self._steps = StepStore(redis, keys)
+        self._acknowledge = ACK.bound(redis)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Flush until ``stop`` is set. Never raises for Redis or Postgres trouble: logs,
@@ -370,11 +398,14 @@ class Flusher:
         by_stream: dict[str, list[str]] = {}
         for entry in entries:
             by_stream.setdefault(entry.partition.writebehind, []).append(entry.id)
-        for stream, ids in by_stream.items():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.xack(stream, WRITEBEHIND_GROUP, *ids)
-                pipe.xdel(stream, *ids)
-                await pipe.execute()
+        await asyncio.gather(
+            *(
+                self._acknowledge(
+                    AckKeys(stream=stream), AckArgs(group=WRITEBEHIND_GROUP, rest=ids)
+                )
+                for stream, ids in by_stream.items()
+            )
+        )
 
     async def _dead_letter(self, entry: _Entry, reason: str) -> None:
         log.error(

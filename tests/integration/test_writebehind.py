@@ -535,7 +535,9 @@ async def test_postgres_outage_loses_nothing_and_duplicates_nothing(
         proxy = TcpProxy(str(target.get("host", "127.0.0.1")), int(str(target.get("port", 5432))))
         await proxy.up()
         url = make_conninfo(schema_url, host="127.0.0.1", port=proxy.port)
-    pool = await postgres.open_pool(url, max_size=4, timeout_s=2)
+    # Unchecked, as the flusher process's: its own retry must get past the connections the
+    # outage broke.
+    pool = await postgres.open_pool(url, max_size=4, timeout_s=2, checked=False)
     await postgres.migrate(pool)
     flusher = Flusher(redis_client, keys, pool, consumer="c1", batch=100, idle_ms=50,
                       claim_idle_ms=30_000, max_backoff_s=1)  # fmt: skip

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import pytest
 
 from flowgate.services.api import limits, messages  # noqa: F401
+from flowgate.services.flusher import writebehind  # noqa: F401
 from flowgate.services.worker import identity  # noqa: F401
 from flowgate.shared import lease  # noqa: F401 - each of these declares its scripts
 from flowgate.shared.lua import NoArgs, Script, problems
@@ -39,6 +40,7 @@ def test_every_script_is_declared_by_name() -> None:
         "count",
         "rate",
         "place",
+        "writebehind-ack",
     }
     assert set(Script.declared) == store | others
     assert all(isinstance(getattr(scripts, name.upper()), Script) for name in store)
