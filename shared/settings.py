@@ -152,7 +152,8 @@ class Settings(BaseSettings):
     callback_max_attempts: PositiveInt = 15
 
     # --- write-behind to Postgres --------------------------------------------------------
-    writebehind_batch: PositiveInt = 500
+    # At most 5,000: a batch's ids are one script's arguments (Lua spreads at most ~8,000).
+    writebehind_batch: Annotated[int, Field(ge=1, le=5_000)] = 500
     # How long a flusher pauses once it has caught up (less than a batch in every stream).
     writebehind_idle_ms: PositiveInt = 200
     # Entries a consumer left unacknowledged this long are claimed by another.

@@ -19,14 +19,13 @@ Between batches (at most every ``compact_every_s``) the flusher also compacts: t
 finished runs that are all in Postgres leave Redis (shared/store/steps.py
 ``StepStore.compact``).
 
-Entries are acknowledged and deleted from the stream only after the commit, every partition's
-in one round trip (:data:`ACK`). While Postgres
-is down the same batch is retried with a bounded exponential back-off and everything else
-waits in the stream. A batch that Postgres rejects for its data is retried row by row; a
-row rejected on its own is retried on later deliveries and, after ``max_deliveries``,
-moved to its partition's ``{p:n}:wb:dead`` (fields ``id kind body reason consumer``) so it
-cannot block the rest. An entry that cannot be decoded goes there at once: no retry can
-fix its bytes.
+Entries are acknowledged and deleted from the stream only after the commit, all partitions'
+in one round trip (:data:`ACK`). While Postgres is down the same batch is retried with a
+bounded exponential back-off and everything else waits in the stream. A batch that Postgres
+rejects for its data is retried row by row; a row rejected on its own is retried on later
+deliveries and, after ``max_deliveries``, moved to its partition's ``{p:n}:wb:dead``
+(fields ``id kind body reason consumer``) so it cannot block the rest. An entry that cannot
+be decoded goes there at once: no retry can fix its bytes.
 Entries a dead replica left unacknowledged, in any partition, are taken over with
 XAUTOCLAIM. When it has caught up (a read returned less than a full batch from every
 stream) the flusher pauses ``idle_ms`` before it reads again: a blocking read cannot wait on

@@ -48,6 +48,7 @@ def test_seed_names_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatc
         ("CAMUNDA_ASYNC_RESPONSE_TIMEOUT_MS", "1800001"),
         ("REDIS_PREFIX", "has space"),
         ("LOG_LEVEL", "loud"),
+        ("WRITEBEHIND_BATCH", "10000"),  # past what one acknowledging script can take
     ],
 )
 def test_a_bad_value_stops_start_up_naming_the_variable(
