@@ -3,8 +3,10 @@
 One engine (Camunda on its own PostgreSQL, both observed), and in turn, A B A B, the two
 gateways of ``onboard-user`` (four external tasks a run): A is flowgate as deployed (one API
 replica, one flusher process, one worker, Redis), B the reference gateway of the seed's
-design (bench/node/gateway.mjs, one Node process). Only one side runs at a time: both serve
-the same topics. Each side's processes are started fresh for its round and warmed up.
+design (bench/node/gateway.mjs, one Node process); with an empty history also C, flowgate
+with ``make up``'s two worker processes, so that what a second worker costs the engine shows
+(A B C A B C). Only one side runs at a time: all serve the same topics. Each side's
+processes are started fresh for its round and warmed up.
 
 For each concurrency (1, 16, 64) a batch of runs through ``POST /api/process/start``
 (waiting for the result), every answer checked to be 200 ``ok``: runs/s and latency. At 16
@@ -25,6 +27,7 @@ caught up before a window closes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 import urllib.request
@@ -103,8 +106,11 @@ class Stores:
     grown: set[str] = field(default_factory=set)
 
 
-def start_flowgate(run_: Run, stack: Stack, stores: Stores, env: Mapping[str, str] = {}) -> Side:
-    """flowgate as ``make up`` runs it: the write-behind in a flusher process of its own."""
+def start_flowgate(
+    run_: Run, stack: Stack, stores: Stores, env: Mapping[str, str] = {}, *, workers: int = 1
+) -> Side:
+    """flowgate as ``make up`` runs it: the write-behind in a flusher process of its own;
+    ``workers`` worker processes (``make up`` runs two)."""
     prefix = stores.flowgate_prefix
     database_url = stores.flowgate_database or ours.new_schema(stack, "cost")
     engine = stack.engine_url
@@ -115,15 +121,23 @@ def start_flowgate(run_: Run, stack: Stack, stores: Stores, env: Mapping[str, st
     flusher = ours.start_flusher(
         run_, stack, prefix=prefix, database_url=database_url, extra_env=dict(env)
     )
-    health = servers.free_port()
-    worker = ours.start_worker(
-        run_, stack, engine_url=engine, prefix=prefix, database_url=database_url, cpu=None,
-        extra_env={"WORKER_HEALTH_PORT": str(health), **env},
-    )  # fmt: skip
+    processes = {"api": api.pid, "flusher": flusher.pid}
+    health: list[int] = []
+    for n in range(1, workers + 1):
+        health.append(servers.free_port())
+        worker = ours.start_worker(
+            run_, stack, engine_url=engine, prefix=prefix, database_url=database_url, cpu=None,
+            extra_env={"WORKER_HEALTH_PORT": str(health[-1]), **env},
+        )  # fmt: skip
+        processes["worker" if n == 1 else f"worker {n}"] = worker.pid
     before: dict[float, float] = {}
 
     async def handoffs() -> list[float]:
-        buckets = await asyncio.to_thread(_histogram, health, "flowgate_worker_handoff_seconds")
+        buckets: Counter[float] = Counter()
+        for port in health:
+            buckets.update(
+                await asyncio.to_thread(_histogram, port, "flowgate_worker_handoff_seconds")
+            )
         since = {le: count - before.get(le, 0) for le, count in buckets.items()}
         before.update(buckets)
         return _samples_ms(since)
@@ -136,8 +150,8 @@ def start_flowgate(run_: Run, stack: Stack, stores: Stores, env: Mapping[str, st
             stack.redis_url, cluster=stack.redis_cluster, prefix=prefix, runs=runs
         )
 
-    processes = {"api": api.pid, "flusher": flusher.pid, "worker": worker.pid}
-    return Side("flowgate", api.port, processes, handoffs, settled, grow)
+    name = "flowgate" if workers == 1 else f"flowgate, {workers} workers"
+    return Side(name, api.port, processes, handoffs, settled, grow)
 
 
 def start_reference(run_: Run, stack: Stack, stores: Stores, env: Mapping[str, str] = {}) -> Side:
@@ -163,6 +177,14 @@ def start_reference(run_: Run, stack: Stack, stores: Stores, env: Mapping[str, s
 SIDES: dict[str, Callable[[Run, Stack, Stores], Side]] = {
     "flowgate": start_flowgate,
     "reference": start_reference,
+}
+#: ``make up``'s two workers, beside the two (empty history only): what a second worker
+#: process costs the engine (deploy/camunda's long-poll handler takes their fetches one at
+#: a time).
+TWO_WORKERS = "flowgate, 2 workers"
+WITH_TWO_WORKERS: dict[str, Callable[[Run, Stack, Stores], Side]] = {
+    **SIDES,
+    TWO_WORKERS: functools.partial(start_flowgate, workers=2),
 }
 
 
@@ -200,13 +222,14 @@ async def measure_side(
     stack: Stack,
     profile: Profile,
     name: str,
+    start: Callable[[Run, Stack, Stores], Side],
     observed: Mapping[str, int],
     stores: Stores,
 ) -> dict[str, Any]:
     """Start one side, warm it up (growing its store first where asked), run each
     concurrency's batch, stop it."""
     with run_.scope():
-        side = SIDES[name](run_, stack, stores)
+        side = start(run_, stack, stores)
         pool = Pool("127.0.0.1", side.port, max(profile.cost_runs))
         try:
             tag = f"{name[:3]}{uuid.uuid4().hex[:6]}"
@@ -367,7 +390,7 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
     }
     await _warm_engine(run_, stack, profile)
     watcher_empty = await history.watcher_reads(stack.engine_url, reads=profile.cost_reads)
-    rounds = await _rounds(run_, stack, profile, observed, lambda: Stores())
+    rounds = await _rounds(run_, stack, profile, observed, lambda: Stores(), WITH_TWO_WORKERS)
     memory = await measure_memory(run_, stack, profile)
 
     print(f"  growing the engine's history to {profile.cost_history_runs} finished runs")
@@ -380,7 +403,7 @@ async def run(run_: Run, stack: Stack, profile: Profile) -> dict[str, Any]:
         reference_database=ours.new_schema(stack, "grown_reference"),
         grown_to=profile.cost_history_runs,
     )
-    grown_rounds = await _rounds(run_, stack, profile, observed, lambda: grown)
+    grown_rounds = await _rounds(run_, stack, profile, observed, lambda: grown, SIDES)
     watcher_grown = await history.watcher_reads(stack.engine_url, reads=profile.cost_reads)
     empty_ratios, grown_ratios = ratios(rounds), ratios(grown_rounds)
     return {
@@ -405,11 +428,12 @@ async def _rounds(
     profile: Profile,
     observed: Mapping[str, int],
     stores: Callable[[], Stores],
+    sides: Mapping[str, Callable[[Run, Stack, Stores], Side]],
 ) -> dict[str, list[dict[str, Any]]]:
-    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in SIDES}
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
     for _ in range(profile.rounds):
-        for name in SIDES:  # A B A B
-            measured = await measure_side(run_, stack, profile, name, observed, stores())
+        for name, start in sides.items():  # A B A B
+            measured = await measure_side(run_, stack, profile, name, start, observed, stores())
             rounds[name].append(measured)
     return rounds
 
@@ -493,6 +517,7 @@ async def _redis_memory(redis: RedisClient, prefix: str) -> dict[str, int]:
 ENGINE_SIDE = ("engine", "postgres (engine)")
 OWN = {
     "flowgate": ("api", "flusher", "worker", "redis", "postgres (gateway)"),
+    TWO_WORKERS: ("api", "flusher", "worker", "worker 2", "redis", "postgres (gateway)"),
     "reference": ("gateway", "postgres (gateway)"),
 }
 

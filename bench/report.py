@@ -784,7 +784,8 @@ def _cost(r: dict[str, Any]) -> list[str]:
     lines = ["## 10. Cost per run, beside the reference gateway (real engine)", ""]
     lines += _cost_rounds(r["rounds"])
     lines += [
-        "flowgate ran as deployed (an API replica, a flusher process, a worker, Redis); the "
+        "flowgate ran as deployed (an API replica, a flusher process, a worker, Redis; "
+        '"2 workers": two worker processes, as make up runs them); the '
         "reference is bench/node/gateway.mjs. Only one side ran at a time, each started "
         "fresh for its round and warmed up, after the engine itself was warmed up. Each run "
         "is onboard-user, four external tasks.",

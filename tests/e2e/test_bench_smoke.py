@@ -52,7 +52,8 @@ def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
     ends = results["results"]["ends"]["by_side"]
     assert [ends[side]["failed"] for side in ("quiet", "busy")] == [0, 0], ends
     cost = results["results"]["cost"]
-    for side, rounds in cost["rounds"].items():  # flowgate and the reference gateway
+    assert set(cost["rounds"]) == {"flowgate", "reference", "flowgate, 2 workers"}
+    for side, rounds in cost["rounds"].items():
         for measured in rounds:
             failed = [m["failed"] for m in measured["by_concurrency"].values()]
             assert failed, (side, measured)
