@@ -506,7 +506,10 @@ async def measure_memory(run_: Run, stack: Stack, profile: Profile) -> dict[str,
 async def _redis_memory(redis: RedisClient, prefix: str) -> dict[str, int]:
     """Redis's memory, the engine's event stream's, and the keys under ``prefix``."""
     info = await redis.info("memory")
-    events = await redis.memory_usage(ENGINE_EVENTS) or 0
+    # Every entry counted (SAMPLES 0): the stream is at its length cap by now, trimmed as it
+    # grows, and the default five-entry estimate moved kilobytes per run between it and the
+    # runs' own figure.
+    events = await redis.memory_usage(ENGINE_EVENTS, samples=0) or 0
     keys = [key async for key in redis.scan_iter(match=f"{{{prefix}:*", count=1000)]
     return {"used_memory": int(info["used_memory"]), "keys": len(keys),
             "engine_events": int(events)}  # fmt: skip
