@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     # A finished run's steps stay in Redis this long after its end, then only in Postgres
     # (its final state stays for RESULT_TTL_S). Past the engine's last late reports (10 s).
     steps_in_redis_s: Annotated[float, Field(ge=0)] = 30.0
+    # What one replica may hold of ended runs' states in memory, to answer their status
+    # reads without a round trip (services/api/settled.py); least recently read first out.
+    settled_cache_mb: PositiveInt = 64
     # Pending states expire after this (a run that never finished does not live forever).
     pending_ttl_s: PositiveInt = 7 * 86_400
     max_body_bytes: PositiveInt = 1_048_576

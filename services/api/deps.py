@@ -149,7 +149,9 @@ async def open_deps(
         stack.push_async_callback(pool.close)
         store = RunStore.from_settings(redis, keys, settings)
         pace = Pace(default_s=settings.retry_after_s)
-        settled = Settled(result_ttl_s=settings.result_ttl_s)
+        settled = Settled(
+            result_ttl_s=settings.result_ttl_s, max_bytes=settings.settled_cache_mb * 2**20
+        )
         waitroom = WaitRoom(
             redis,
             keys,

@@ -311,7 +311,7 @@ async def test_a_lost_subscription_makes_the_room_forget_the_ends_it_kept(
 ) -> None:
     """While the subscriptions are down a reopen goes unheard (or Redis loses the record
     and the id names a new run): an end kept before is read from the store again after."""
-    settled = Settled(result_ttl_s=600)
+    settled = Settled(result_ttl_s=600, max_bytes=2**20)
     before = await pubsub_ids(redis_client)
     async with open_room(redis_client, redis_prefix, store, settled=settled) as room:
         connections = await pubsub_ids(redis_client) - before

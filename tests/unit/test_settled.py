@@ -1,4 +1,5 @@
-"""The replica's cache of ended runs: only ends, only while their record can live, bounded."""
+"""The replica's cache of ended runs: only ends, only while their record can live, bounded
+by memory."""
 
 from __future__ import annotations
 
@@ -7,21 +8,25 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from flowgate.services.api.settled import CLOCK_MARGIN_S, Settled
+from flowgate.services.api.settled import CLOCK_MARGIN_S, Settled, weight
 from flowgate.shared.state import RunState, Status
 from tests.unit.test_state import STATE
 
 
-def hearing(*, result_ttl_s: float = 3600, size: int = 10_000) -> Settled:
+def hearing(*, result_ttl_s: float = 3600, max_bytes: int = 2**20) -> Settled:
     """A cache as a wait room with its subscriptions up holds it."""
-    settled = Settled(result_ttl_s=result_ttl_s, size=size)
+    settled = Settled(result_ttl_s=result_ttl_s, max_bytes=max_bytes)
     settled.hearing(True)
     return settled
 
 
-def ended(cid: str, status: Status = Status.OK, *, ago_s: float = 0) -> RunState:
+def ended(
+    cid: str, status: Status = Status.OK, *, ago_s: float = 0, data: object = None
+) -> RunState:
     at = datetime.now(UTC) - timedelta(seconds=ago_s)
-    return dataclasses.replace(STATE, correlation_id=cid, status=status, updated_at=at)
+    return dataclasses.replace(
+        STATE, correlation_id=cid, status=status, updated_at=at, data=data or STATE.data
+    )
 
 
 @pytest.mark.parametrize("status", [Status.OK, Status.ERROR, Status.CANCELLED])
@@ -60,12 +65,49 @@ def test_an_entry_expires_while_kept(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_least_recently_read_goes_first() -> None:
-    settled = hearing(size=2)
+    settled = hearing(max_bytes=2 * weight(ended("a")))
     settled.keep(ended("a"))
     settled.keep(ended("b"))
     assert settled.get("a") is not None  # a is now the more recent
     settled.keep(ended("c"))
     assert [cid for cid in "abc" if settled.get(cid)] == ["a", "c"]
+
+
+def test_a_large_result_takes_the_room_of_many_small_ones() -> None:
+    """Bounded by what the states take, not by their number."""
+    small = weight(ended("s"))
+    settled = hearing(max_bytes=4 * small)
+    for cid in "abcd":
+        settled.keep(ended(cid))
+    large = ended("large", data={"rows": ["x" * 100] * 4})
+    assert 2 * small < weight(large) < 3 * small
+    assert settled.keep(large)
+    assert [cid for cid in "abcd" if settled.get(cid)] == ["d"]
+    assert settled.get("large") is not None
+    assert settled.bytes == small + weight(large) <= 4 * small
+
+
+def test_a_state_larger_than_the_whole_room_is_not_kept_and_evicts_nothing() -> None:
+    settled = hearing(max_bytes=3 * weight(ended("a")))
+    settled.keep(ended("a"))
+    assert not settled.keep(ended("huge", data={"blob": "x" * 4 * weight(ended("a"))}))
+    assert settled.get("huge") is None
+    assert settled.get("a") is not None
+
+
+def test_what_goes_gives_its_room_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Expired, forgotten (reopened) or dropped with the subscriptions: counted out."""
+    settled = hearing(result_ttl_s=600)
+    for cid in ("expires", "reopened", "kept"):
+        settled.keep(ended(cid))
+    settled.forget("reopened")
+    assert settled.bytes == 2 * weight(ended("kept"))
+    later = datetime.now(UTC).timestamp() + 600
+    monkeypatch.setattr("flowgate.services.api.settled.time.time", lambda: later)
+    assert settled.get("expires") is None
+    assert settled.bytes == weight(ended("kept"))
+    settled.hearing(False)
+    assert settled.bytes == 0
 
 
 def test_nothing_is_kept_or_served_while_run_channels_may_go_unheard() -> None:
