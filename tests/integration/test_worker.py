@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -113,11 +114,26 @@ async def test_ordinary_user_ends_ok_with_one_event_row_per_step(
 
 
 async def test_invalid_user_ends_error_with_the_message(
-    onboarding: Process, client: RunClient, settings: Settings, redis_client: aioredis.Redis
+    onboarding: Process,
+    client: RunClient,
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="flowgate.services.worker.worker")
     async with running_worker(settings, Registry.of([onboarding])):
         cid = await client.start(onboarding.key, userId="invalid-user-9")
         state = await client.outcome(cid, timeout_s=15)
+    # A completed task is counted, not logged at INFO; any other outcome is.
+    outcomes = [
+        (r.levelno, r.getMessage())
+        for r in caplog.records
+        if getattr(r, "correlationId", None) == cid and r.getMessage().startswith("task ")
+    ]
+    assert sorted(outcomes) == [
+        (logging.DEBUG, "task completed"),
+        (logging.INFO, "task bpmn_error"),
+    ]
 
     assert state.status is Status.ERROR
     assert state.error == "User invalid-user-9 failed validation"
