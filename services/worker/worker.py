@@ -36,7 +36,7 @@ import httpx
 
 from flowgate.services.worker.context import TaskContext, task_logger
 from flowgate.services.worker.executor import Executor, Outcome
-from flowgate.services.worker.locks import Locks, keep_lock
+from flowgate.services.worker.locks import Locks, lock_kept
 from flowgate.services.worker.metrics import WorkerMetrics
 from flowgate.services.worker.recorder import Recorder
 from flowgate.services.worker.registry import Handler, Registry
@@ -272,25 +272,16 @@ class Worker:
             config=self._configs[handler.process.key],
         )
         outcome = Outcome.UNREPORTED
-        handled = asyncio.Event()
         try:
-            async with asyncio.TaskGroup() as group:
-                keeper = group.create_task(
-                    keep_lock(
-                        self._camunda,
-                        task,
-                        done=handled,
-                        worker_id=self.worker_id,
-                        lock_ms=handler.lock_duration_ms or self._options.lock_duration_ms,
-                        on_extended=self._metrics.lock_extensions.labels(task.topic_name).inc,
-                        on_lost=lambda why: self._lose_lock(ctx, why),
-                    ),
-                    name=f"lock:{task.id}",
-                )
-                try:
-                    outcome = await self._executor.run(handler, ctx, self._slot())
-                finally:
-                    await stop_and_wait(handled, [keeper])
+            async with lock_kept(
+                self._camunda,
+                task,
+                worker_id=self.worker_id,
+                lock_ms=handler.lock_duration_ms or self._options.lock_duration_ms,
+                on_extended=self._metrics.lock_extensions.labels(task.topic_name).inc,
+                on_lost=lambda why: self._lose_lock(ctx, why),
+            ):
+                outcome = await self._executor.run(handler, ctx, self._slot())
         except asyncio.CancelledError:
             outcome = Outcome.ABANDONED  # shutdown: the final sweep unlocks it
             ctx.log.info("handler cancelled at shutdown; the task will be unlocked")
