@@ -499,20 +499,37 @@ async def measure_memory(run_: Run, stack: Stack, profile: Profile) -> dict[str,
         "failed": failed,
         "bytes_per_run": round((grew["used_memory"] - grew["engine_events"]) / per),
         "keys_per_run": round(grew["keys"] / per, 2),
+        "key_bytes_per_run": round(grew["key_bytes"] / per),
+        "keyspace_tables_bytes_per_run": round(grew["keyspace_tables"] / per),
         "engine_events_bytes_per_run": round(grew["engine_events"] / per),
     }
 
 
 async def _redis_memory(redis: RedisClient, prefix: str) -> dict[str, int]:
-    """Redis's memory, the engine's event stream's, and the keys under ``prefix``."""
+    """Redis's memory; the engine's event stream's; the keys under ``prefix``, how many and
+    what they take themselves; and Redis's keyspace tables (which double as keys are added:
+    a step that lands on whichever batch crosses a power of two)."""
     info = await redis.info("memory")
     # Every entry counted (SAMPLES 0): the stream is at its length cap by now, trimmed as it
     # grows, and the default five-entry estimate moved kilobytes per run between it and the
     # runs' own figure.
     events = await redis.memory_usage(ENGINE_EVENTS, samples=0) or 0
     keys = [key async for key in redis.scan_iter(match=f"{{{prefix}:*", count=1000)]
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.memory_usage(key, samples=0)
+        key_bytes = sum(used or 0 for used in await pipe.execute())
+    tables = 0
+    for name, db in (await redis.memory_stats()).items():
+        if str(name).startswith("db.") and isinstance(db, dict):
+            tables += sum(int(db.get(table, 0)) for table in _KEYSPACE_TABLES)
     return {"used_memory": int(info["used_memory"]), "keys": len(keys),
+            "key_bytes": int(key_bytes), "keyspace_tables": tables,
             "engine_events": int(events)}  # fmt: skip
+
+
+#: MEMORY STATS's per-database figures for the keyspace's own hash tables.
+_KEYSPACE_TABLES = ("overhead.hashtable.main", "overhead.hashtable.expires")
 
 
 #: What the reference's figures are set beside: the processes on the engine's side, and

@@ -796,19 +796,32 @@ def _cost(r: dict[str, Any]) -> list[str]:
             "### Redis memory per retained finished run",
             "",
             _table(
-                ["runs", "bytes per run", "keys per run", "engine event stream, bytes per run"],
+                [
+                    "runs",
+                    "bytes per run",
+                    "keys per run",
+                    "of which flowgate's keys",
+                    "of which Redis's keyspace tables",
+                    "engine event stream, bytes per run",
+                ],
                 [
                     [
                         _n(memory["runs"]),
                         _n(memory["bytes_per_run"]),
                         _n(memory["keys_per_run"], 2),
+                        _n(memory.get("key_bytes_per_run")),
+                        _n(memory.get("keyspace_tables_bytes_per_run")),
                         _n(memory["engine_events_bytes_per_run"]),
                     ]
                 ],
             ),
             "",
             "Once a run has ended, Postgres has its write-behind and its steps have left "
-            "Redis: its final state stays for RESULT_TTL_S. The engine's event stream is "
+            "Redis: its final state stays for RESULT_TTL_S. Bytes per run is what Redis's "
+            "memory grew by; flowgate's keys, what MEMORY USAGE counts for every key under its "
+            "prefix (state hashes, the partitions' indexes and streams); the "
+            "keyspace tables (MEMORY STATS) double in one step when the keys cross a power "
+            "of two, on whichever batch that happens. The engine's event stream is "
             "bounded by the plugin's max length (100,000 events by default), not by the "
             "retention.",
             "",

@@ -63,6 +63,7 @@ def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
         assert set(shapes) == {"read", "step", "read 6"}, (client, shapes)
     assert cost["memory"]["failed"] == 0, cost["memory"]
     assert cost["memory"]["keys_per_run"] < 1.5, cost["memory"]  # steps compacted away
+    assert 0 < cost["memory"]["key_bytes_per_run"] < 1_500, cost["memory"]  # a state hash
     assert cost["history"]["finished_runs"] >= 300, cost["history"]
     assert cost["history"]["worst_change"] is not None, cost["history"]
     for side, rounds in results["results"]["cluster"]["rounds"].items():
