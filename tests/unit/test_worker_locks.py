@@ -4,13 +4,21 @@ than half its lock (over a scripted engine)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from flowgate.services.worker.locks import lock_kept
 from tests.helpers.engine import FakeEngine, engine_error, locked_task
 
 
-async def keep_for(engine: FakeEngine, *, lock_ms: int, busy_s: float) -> tuple[int, list[str]]:
-    """Run a "handler" of ``busy_s`` under :func:`lock_kept`; extensions counted, losses."""
+async def keep_for(
+    engine: FakeEngine,
+    *,
+    lock_ms: int,
+    busy_s: float,
+    meanwhile: Callable[[], None] = lambda: None,
+) -> tuple[int, list[str]]:
+    """Run a "handler" of ``busy_s`` (then ``meanwhile``) under :func:`lock_kept`;
+    extensions counted, losses."""
     extended, lost = 0, list[str]()
 
     def on_extended() -> None:
@@ -29,25 +37,18 @@ async def keep_for(engine: FakeEngine, *, lock_ms: int, busy_s: float) -> tuple[
         ),
     ):
         await asyncio.sleep(busy_s)
+        meanwhile()
     return extended, lost
 
 
 async def test_a_handler_done_within_half_its_lock_costs_no_call_and_no_task() -> None:
     engine = FakeEngine()
-    before = len(asyncio.all_tasks())
-    async with (
-        engine.client() as camunda,
-        lock_kept(
-            camunda,
-            locked_task(),
-            worker_id="w1",
-            lock_ms=400,
-            on_extended=lambda: None,
-            on_lost=lambda why: None,
-        ),
-    ):
-        await asyncio.sleep(0.1)
-        assert len(asyncio.all_tasks()) == before
+    tasks = len(asyncio.all_tasks())
+
+    def no_task_started() -> None:
+        assert len(asyncio.all_tasks()) == tasks
+
+    assert await keep_for(engine, lock_ms=400, busy_s=0.1, meanwhile=no_task_started) == (0, [])
     await asyncio.sleep(0.2)  # past the half: the timer was cancelled with the body
     assert engine.actions() == []
 
