@@ -91,13 +91,14 @@ class UserTasks:
         if state.finished:
             return Completion(refused=Refusal.RUN_ENDED, state=state)
         claim = self._keys.user_task(correlation_id, task_id)
-        if await self._redis.exists(claim):
-            return Completion(refused=Refusal.TAKEN, state=state)
         # The instance's open tasks: what tells a task of this run, and the pause to compare
         # the next one with (pause.py), in one read.
         before = await Waits.of(self._camunda, state.instance_id)
         if state.instance_id is None or not before.holds(task_id):
-            return Completion(refused=Refusal.NOT_THIS_RUNS, state=state)
+            # Read after the engine: a completion claims before the engine hears of it, so a
+            # task it has taken from the engine is claimed by then, however the two raced.
+            why = Refusal.TAKEN if await self._redis.exists(claim) else Refusal.NOT_THIS_RUNS
+            return Completion(refused=why, state=state)
         if not await self._redis.set(claim, "1", nx=True, ex=self._result_ttl_s):
             return Completion(refused=Refusal.TAKEN, state=state)
         try:

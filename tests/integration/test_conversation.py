@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from flowgate.services.worker.handlers import approve_order
 from flowgate.services.worker.registry import Process, Registry, Step
-from flowgate.shared.camunda import CamundaClient, TopicRequest
+from flowgate.shared.camunda import CamundaClient, TopicRequest, UserTask
 from flowgate.shared.settings import Settings
 from tests.helpers.api import Api, cid, running_app, start_body
 from tests.helpers.engine import EngineAdmin, bpmn, deploy_bpmn, one_task_bpmn
@@ -80,9 +80,32 @@ async def test_completing_a_user_task_answers_with_the_next_one(api: Api) -> Non
     assert body["tasks"] == await tasks(api, correlation_id)
 
 
-async def test_of_two_concurrent_completions_one_is_200_and_the_other_409(api: Api) -> None:
+async def test_of_two_concurrent_completions_one_is_200_and_the_other_409(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
     correlation_id = await order(api)
     [review] = await tasks(api, correlation_id)
+    # The race at its narrowest: whichever completion reads the run's tasks second does so
+    # only once the first has completed the task in the engine, so it finds the task gone.
+    camunda = api.deps.camunda
+    read, send = camunda.user_tasks, camunda.complete_user_task
+    sent, reads = asyncio.Event(), 0
+
+    async def user_tasks(instance_id: str) -> list[UserTask]:
+        nonlocal reads
+        reads += 1
+        if reads > 1:
+            await asyncio.wait_for(sent.wait(), timeout=10)
+        return await read(instance_id)
+
+    async def complete_user_task(task_id: str, *, variables: Mapping[str, Any]) -> None:
+        try:
+            await send(task_id, variables=variables)
+        finally:
+            sent.set()
+
+    monkeypatch.setattr(camunda, "user_tasks", user_tasks)
+    monkeypatch.setattr(camunda, "complete_user_task", complete_user_task)
     first, second = await asyncio.gather(
         complete(api, correlation_id, review["id"]),
         complete(api, correlation_id, review["id"]),
