@@ -44,8 +44,8 @@ from flowgate.shared.steps import StepEvent
 __all__ = ["Completed", "Failed", "ThrewBpmnError", "Told", "run_step"]
 
 _WORKER = "flowgate-testing"
-#: The system variables of the run a task belongs to: fixed, so a test can compare the
-#: ``identifiers`` a step sends (``{"applicationId": "test-application", ...}``).
+#: The system variables of the run a task belongs to: fixed, so that what a step sends
+#: does not change from one test run to the next.
 RUN = SystemVariables("test-run", "test-batch", "test-traceability", "test-application")
 
 

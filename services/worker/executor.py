@@ -5,9 +5,9 @@ one engine call and the one record it makes, and reads best beside its code.)
 =============================  ============================================================
 handler ...                    the engine is told
 =============================  ============================================================
-returns                        ``complete`` with the output and ``identifiers`` (what is
-                               not the value the task read already); on a step that
-                               finishes the run, the run then ends with that output
+returns                        ``complete`` with the output (what is not the value the
+                               task read already); on a step that finishes the run, the
+                               run then ends with that output
 raises BusinessRuleError       ``bpmnError`` (its code; errorCode/errorMessage/errorType)
 input fails validation         ``bpmnError`` ``VALIDATION_ERROR``
 raises anything else           ``failure``, retries counted down, retryTimeout doubling
@@ -319,16 +319,13 @@ class Executor:
             ctx.log.warning("handler failed: %s", exc, exc_info=True)
             return await self._failure(ctx, row, exc, request=_dump(data))
 
-        identifiers = _identifiers(ctx.task.variables, output.variables)
         try:
             answer = await self._call_ending_step(
                 "complete",
                 lambda: self.camunda.complete(
                     ctx.task.id,
                     worker_id=self.worker_id,
-                    variables=changed(
-                        ctx.task.variables, {**output.variables, "identifiers": identifiers}
-                    ),
+                    variables=changed(ctx.task.variables, output.variables),
                 ),
                 ctx,
             )
@@ -341,7 +338,7 @@ class Executor:
             "success",
             request_data=_dump(data),
             response_data=output.variables,
-            identifiers=identifiers,
+            identifiers=_identifiers(ctx.task.variables, output.variables),
             result=handler.step.success,
             http_status_code=output.http_status_code or 200,
         )
@@ -644,13 +641,16 @@ def _output(raw: object) -> _Output:
 
 
 def _identifiers(variables: Mapping[str, Any], output: Mapping[str, Any]) -> dict[str, Any]:
-    """``{applicationId, ...}`` from the start, widened by ids a step produced (seed)."""
+    """An audit row's ``{applicationId, ...}``: the start's, with the business ids the run
+    holds or the step produced (seed: "use business identifiers when available"). Made
+    here for each row, not kept in the engine's ``identifiers`` variable: rewriting that
+    Json variable cost the engine a runtime update, a history row and two byte arrays."""
     identifiers: dict[str, Any] = {}
     if application_id := variables.get("application_id"):
         identifiers["applicationId"] = application_id
-    if isinstance(existing := variables.get("identifiers"), Mapping):
-        identifiers.update(existing)
-    identifiers.update({name: output[name] for name in IDENTIFIER_FIELDS if output.get(name)})
+    for name in IDENTIFIER_FIELDS:
+        if value := output.get(name) or variables.get(name):
+            identifiers[name] = value
     return identifiers
 
 

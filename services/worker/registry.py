@@ -50,8 +50,16 @@ from flowgate.shared.settings import settings_error
 if TYPE_CHECKING:
     from flowgate.services.worker.context import TaskContext
 
-#: Output fields copied into the ``identifiers`` variable (the seed's list).
+#: The business ids a task's audit row names in its ``identifiers`` (the seed's list), as
+#: the run's variables hold them or the step returns them.
 IDENTIFIER_FIELDS = ("customerId", "userId", "orderId", "accountId")
+#: What every task is fetched with besides its model's fields: the run's ids (its audit
+#: row's columns) and the business ids above. Not the ``identifiers`` variable: it stays the
+#: start's ``{applicationId}``, and a Json variable costs the engine a byte array read and a
+#: parse on every fetch.
+FETCHED_WITH_EVERY_TASK = frozenset(
+    {*(name for name in SystemVariables.NAMES if name != "identifiers"), *IDENTIFIER_FIELDS}
+)
 
 InT = TypeVar("InT", bound=BaseModel)
 OutT = TypeVar("OutT")
@@ -173,7 +181,7 @@ class Handler:
 
     @property
     def variables(self) -> list[str] | None:
-        """Variable names to fetch: the model's fields plus the system variables.
+        """Variable names to fetch: the model's fields and :data:`FETCHED_WITH_EVERY_TASK`.
 
         ``None`` (all variables) when the model keeps unknown fields, since it then wants
         every variable; otherwise fetching only what is read keeps polls small.
@@ -181,7 +189,7 @@ class Handler:
         if self.input_model.model_config.get("extra") == "allow":
             return None
         names = {f.alias or name for name, f in self.input_model.model_fields.items()}
-        return sorted(names | set(SystemVariables.NAMES))
+        return sorted(names | FETCHED_WITH_EVERY_TASK)
 
 
 class Process:

@@ -102,15 +102,17 @@ async def test_ordinary_user_ends_ok_with_one_event_row_per_step(
         (3, "call-onboarding-api", "success"),
         (4, "prepare-response", "success"),
     ]
-    first, last = rows[0], rows[-1]
+    first = rows[0]
     assert first.result == "User information validated"
     assert first.request_data["userId"] == "user-123"
     assert rows[1].http_method == "POST"
     assert rows[1].endpoint == "/background-check/verify"
     assert all(r.process_name == onboarding.key and r.http_status_code == 200 for r in rows)
     assert all(r.traceability_id and r.batch_id and r.application_id for r in rows)
-    # userId, returned by the first step, joins the identifiers for every later step.
-    assert last.identifiers == {"applicationId": last.application_id, "userId": "user-123"}
+    # userId, the run's business id, is named by every step's row.
+    assert all(
+        r.identifiers == {"applicationId": r.application_id, "userId": "user-123"} for r in rows
+    )
 
 
 async def test_invalid_user_ends_error_with_the_message(

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 from flowgate.services.worker.context import TaskContext
 from flowgate.services.worker.handlers import PROCESSES
-from flowgate.services.worker.registry import Process, Registry, Step
+from flowgate.services.worker.registry import IDENTIFIER_FIELDS, Process, Registry, Step
 from flowgate.shared.contract import SystemVariables
 
 
@@ -44,7 +44,15 @@ def test_a_handler_binds_to_its_step_with_number_topic_and_input_model() -> None
     assert (handler.number, handler.input_model, handler.takes_context) == (2, In, True)
     assert by_topic["p.first"].takes_context is False
     assert handler.lock_duration_ms == 7_000
-    assert handler.variables == sorted({"userId", *SystemVariables.NAMES})
+    # The model's field, the run's ids and the business ids an audit row names; never the
+    # `identifiers` Json variable, which the engine would read from a byte array each time.
+    assert handler.variables == sorted(
+        {
+            "userId",
+            *(name for name in SystemVariables.NAMES if name != "identifiers"),
+            *IDENTIFIER_FIELDS,
+        }
+    )
 
 
 def test_a_model_that_keeps_unknown_fields_fetches_every_variable() -> None:

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 from pydantic import BaseModel
 
@@ -74,7 +73,9 @@ def handler_for(fn: Any, *, finishes_run: bool = False, **options: Any) -> Handl
     return process.handlers[0]
 
 
-async def test_a_return_completes_with_output_and_identifiers(harness: Harness) -> None:
+async def test_a_return_completes_with_its_output_and_its_row_names_the_business_ids(
+    harness: Harness,
+) -> None:
     async def work(data: In) -> StepResult[Out]:
         return StepResult(Out(userId=data.userId, customerId="c-9"), http_status_code=201)
 
@@ -87,9 +88,9 @@ async def test_a_return_completes_with_output_and_identifiers(harness: Harness) 
     assert body["variables"]["customerId"] == {"type": "String", "value": "c-9"}
     assert "userId" not in body["variables"]  # what the task read already: nothing to write
     assert "note" not in body["variables"]  # None leaves earlier values alone
-    identifiers = orjson.loads(body["variables"]["identifiers"]["value"])
-    assert identifiers == {"applicationId": "app-1", "userId": "u1", "customerId": "c-9"}
+    assert "identifiers" not in body["variables"]  # the start's; the row holds the rest
     [row] = harness.rows
+    assert row.identifiers == {"applicationId": "app-1", "userId": "u1", "customerId": "c-9"}
     assert (row.status, row.step, row.result, row.http_status_code) == ("success", 1, "Worked", 201)
     assert (row.correlation_id, row.traceability_id, row.batch_id) == (
         "cid-1",
@@ -113,8 +114,7 @@ async def test_only_what_changed_is_written_to_the_engine(harness: Harness) -> N
     )
     assert await harness.run(handler_for(work), task) is Outcome.COMPLETED
     [(_, body)] = harness.engine.calls()
-    # userId unchanged; score changed; vip is now an Integer, not the Boolean it was;
-    # identifiers unchanged (the one id among the outputs, userId, it holds already).
+    # userId unchanged; score changed; vip is now an Integer, not the Boolean it was.
     assert set(body["variables"]) == {"score", "vip", "new"}
     assert body["variables"]["vip"] == {"type": "Integer", "value": 1}
     # The step still says everything the handler returned.
