@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -82,7 +82,7 @@ class RunState:
 
     def to_dict(self) -> dict[str, Any]:
         """The wire object (see the module docstring)."""
-        return {f.wire: f.kind.to_wire(getattr(self, f.attr)) for f in FIELDS}
+        return {f.wire: f.convert.to_wire(getattr(self, f.attr)) for f in FIELDS}
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.to_dict())
@@ -92,16 +92,21 @@ class RunState:
         without a value are left out: a run's record stays for its whole retention, and an
         empty field costs as much memory as a short one (readers take a missing field as
         none)."""
-        fields = ((f.wire, f.kind.to_text(getattr(self, f.attr))) for f in FIELDS)
-        return {wire: value for wire, value in fields if value not in ("", "null")}
+        return {
+            f.wire: value
+            for f in FIELDS
+            if (value := f.convert.to_text(getattr(self, f.attr))) not in ("", "null")
+        }
 
     def to_row(self) -> tuple[Any, ...]:
         """Parameters in :data:`COLUMNS` order (jsonb values still plain Python)."""
         return tuple(getattr(self, f.attr) for f in FIELDS)
 
+    # The readers pass FIELDS' values in order: they are the dataclass's fields, in order.
+
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> RunState:
-        return cls(**{f.attr: f.kind.from_wire(obj.get(f.wire)) for f in FIELDS})
+        return cls(*[f.convert.from_wire(obj.get(f.wire)) for f in FIELDS])
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> RunState:
@@ -111,18 +116,35 @@ class RunState:
     def from_hash(cls, fields: Mapping[Any, Any]) -> RunState:
         """From the hash as redis-py reads it."""
         hashed = {text(k): text(v) for k, v in fields.items()}
-        return cls(**{f.attr: f.kind.from_text(hashed.get(f.wire, "")) for f in FIELDS})
+        return cls(*[f.convert.from_text(hashed.get(f.wire, "")) for f in FIELDS])
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> RunState:
-        return cls(**{f.attr: f.kind.from_column(row[f.attr]) for f in FIELDS})
+        return cls(*[f.convert.from_column(row[f.attr]) for f in FIELDS])
+
+
+# --- values ----------------------------------------------------------------------------------
+
+
+def iso(moment: datetime) -> str:
+    """The one timestamp format: ISO 8601, UTC, milliseconds, ``Z`` (as JavaScript writes it)."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def dump_json(value: Any) -> str:
+    """JSON text for ``data``/``error`` and audit values; unknown types become their ``str``."""
+    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 # --- the codec -------------------------------------------------------------------------------
 
 
 class Kind(StrEnum):
-    """How one field is written in each shape."""
+    """How one field is written in each shape (its :class:`Conversions`)."""
 
     TEXT = "text"
     STATUS = "status"
@@ -130,41 +152,76 @@ class Kind(StrEnum):
     JSON = "json"
     TIME = "time"
 
-    def to_wire(self, value: Any) -> Any:
-        if value is None:
-            return None
-        if self is Kind.TIME:
-            return iso(value)
-        if self is Kind.STATUS:
-            return value.value
-        return value
 
-    def from_wire(self, value: Any) -> Any:
-        if self is Kind.JSON or value is None:
-            return value
-        if self is Kind.TIME:
-            return parse_iso(value)
-        if self is Kind.STATUS:
-            return Status(value)
-        if self is Kind.INT:
-            return int(value)
-        return str(value)
+@dataclass(frozen=True, slots=True)
+class Conversions:
+    """One kind's value from and to each shape. No value is ``None`` in Python, on the wire
+    and in a column, and ``""`` in the hash (``null`` for JSON)."""
 
-    def to_text(self, value: Any) -> str:
-        if self is Kind.JSON:
-            return dump_json(value)
-        wire = self.to_wire(value)
-        return "" if wire is None else str(wire)
+    to_wire: Callable[[Any], Any]
+    from_wire: Callable[[Any], Any]
+    to_text: Callable[[Any], str]
+    from_text: Callable[[str], Any]
+    from_column: Callable[[Any], Any]
 
-    def from_text(self, text: str) -> Any:
-        if self is Kind.JSON:
-            return orjson.loads(text or "null")
-        return self.from_wire(text or None)
 
-    def from_column(self, value: Any) -> Any:
-        if self is Kind.TIME and value is not None:
-            return value.astimezone(UTC)
-        return self.from_wire(value)
+def _same(value: Any) -> Any:
+    return value
+
+
+def _optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``convert``, with no value left as none."""
+    return lambda value: None if value is None else convert(value)
+
+
+def _as_text(to_wire: Callable[[Any], Any]) -> Callable[[Any], str]:
+    return lambda value: "" if value is None else str(to_wire(value))
+
+
+def _from_text(from_wire: Callable[[Any], Any]) -> Callable[[str], Any]:
+    return lambda text: from_wire(text) if text else None
+
+
+def _json_from_text(text: str) -> Any:
+    return orjson.loads(text or "null")
+
+
+def _status_value(status: Status) -> str:
+    return status.value
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.astimezone(UTC)
+
+
+def _conversions(to_wire: Callable[[Any], Any], from_wire: Callable[[Any], Any]) -> Conversions:
+    return Conversions(
+        to_wire=_optional(to_wire),
+        from_wire=_optional(from_wire),
+        to_text=_as_text(to_wire),
+        from_text=_from_text(from_wire),
+        from_column=_optional(from_wire),
+    )
+
+
+#: Looked up once per field (:class:`Field`), not branched on per value: the codec runs
+#: several times a request, and this halved its cost (bench/ANALYSIS.md, 2026-12-06).
+CONVERSIONS: dict[Kind, Conversions] = {
+    Kind.TEXT: _conversions(_same, str),
+    Kind.STATUS: _conversions(_status_value, Status),
+    Kind.INT: _conversions(_same, int),
+    Kind.JSON: Conversions(
+        to_wire=_same,
+        from_wire=_same,
+        to_text=dump_json,
+        from_text=_json_from_text,
+        from_column=_same,
+    ),
+    Kind.TIME: dataclasses.replace(
+        _conversions(iso, parse_iso),
+        from_column=_optional(_utc),
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +229,7 @@ class Field:
     attr: str  # the dataclass attribute and the Postgres column
     wire: str  # the camelCase name of the wire object and the Redis hash
     kind: Kind
+    convert: Conversions
 
 
 def _kind(hint: Any) -> Kind:
@@ -196,9 +254,11 @@ def _camel(name: str) -> str:
 def fields_of(record: type) -> tuple[Field, ...]:
     """The codec fields of a record dataclass, from its annotations."""
     hints = typing.get_type_hints(record)
-    return tuple(
-        Field(f.name, _camel(f.name), _kind(hints[f.name])) for f in dataclasses.fields(record)
-    )
+    fields = []
+    for f in dataclasses.fields(record):
+        kind = _kind(hints[f.name])
+        fields.append(Field(f.name, _camel(f.name), kind, CONVERSIONS[kind]))
+    return tuple(fields)
 
 
 FIELDS = fields_of(RunState)
@@ -231,20 +291,3 @@ local function state_json(key)
   return '{{' .. {" .. ',' .. ".join(_lua_field(f) for f in FIELDS)} .. '}}'
 end
 """
-
-
-# --- values ----------------------------------------------------------------------------------
-
-
-def iso(moment: datetime) -> str:
-    """The one timestamp format: ISO 8601, UTC, milliseconds, ``Z`` (as JavaScript writes it)."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_iso(text: str) -> datetime:
-    return datetime.fromisoformat(text).astimezone(UTC)
-
-
-def dump_json(value: Any) -> str:
-    """JSON text for ``data``/``error`` and audit values; unknown types become their ``str``."""
-    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()

@@ -32,9 +32,8 @@ async def read_json(request: Request, limit: int, *, timeout_s: float) -> Any:
     if media_type != "application/json" and not media_type.endswith("+json"):
         raise ApiError(415, "Content-Type must be application/json")
     declared = request.headers.get("content-length", "")
-    too_large = ApiError(413, f"the body is larger than {limit} bytes")
     if declared.isdigit() and int(declared) > limit:
-        raise too_large
+        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     try:
@@ -42,7 +41,7 @@ async def read_json(request: Request, limit: int, *, timeout_s: float) -> Any:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise too_large
+                    raise _too_large(limit)
                 chunks.append(chunk)
     except TimeoutError as exc:
         raise ApiError(408, f"the body did not arrive within {timeout_s:g} s") from exc
@@ -57,6 +56,10 @@ async def read_json(request: Request, limit: int, *, timeout_s: float) -> Any:
         # by name (shared/variables.py) instead of silently changed.
         value = json.loads(body, parse_int=_exact_int)
     return value
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the body is larger than {limit} bytes")
 
 
 #: 19 or more digits in a row: possibly an integer beyond 64 bits (the shortest such is

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
 
 from flowgate.shared.lua import Script
 from flowgate.shared.state import FIELDS, STATE_JSON_LUA, RunState, Status, iso
@@ -28,12 +31,41 @@ STATE = RunState(
 )
 
 
-def test_every_shape_round_trips() -> None:
-    assert RunState.from_dict(STATE.to_dict()) == STATE
-    assert RunState.from_json(STATE.to_json()) == STATE
-    assert RunState.from_hash(STATE.to_hash()) == STATE
-    row = dict(zip((f.attr for f in FIELDS), STATE.to_row(), strict=True))
-    assert RunState.from_row(row) == STATE
+#: Every field with a value (STATE leaves the optional ones out).
+FULL = dataclasses.replace(
+    STATE,
+    status=Status.PENDING,
+    instance_id="i-1",
+    error={"code": "E", "details": [1, None]},
+    start_sent_at=datetime(2025, 1, 31, 12, 0, 0, 789_000, tzinfo=UTC),
+    fetch_variables=["result"],
+    callback_url="https://example.com/hook",
+    tenant="acme",
+    principal="key:1",
+    traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+)
+
+
+@pytest.mark.parametrize("state", [STATE, FULL], ids=["without optional fields", "every field"])
+def test_every_shape_round_trips(state: RunState) -> None:
+    assert RunState.from_dict(state.to_dict()) == state
+    assert RunState.from_json(state.to_json()) == state
+    assert RunState.from_hash(state.to_hash()) == state
+    row = dict(zip((f.attr for f in FIELDS), state.to_row(), strict=True))
+    assert RunState.from_row(row) == state
+
+
+def test_fields_without_a_value_stay_out_of_the_hash() -> None:
+    assert {"instanceId", "startSentAt", "tenant", "fetchVariables"}.isdisjoint(STATE.to_hash())
+    assert {f.wire for f in FIELDS} == set(FULL.to_hash())
+
+
+def test_a_column_s_time_reads_as_utc() -> None:
+    row = dict(zip((f.attr for f in FIELDS), FULL.to_row(), strict=True))
+    row["started_at"] = row["started_at"].astimezone(timezone(timedelta(hours=2)))
+    started = RunState.from_row(row).started_at
+    assert started.tzinfo is UTC
+    assert started == FULL.started_at
 
 
 def test_times_are_javascript_iso_strings() -> None:
