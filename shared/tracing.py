@@ -102,7 +102,6 @@ class Tracing:
         if self.provider is not None:
             await asyncio.to_thread(self.provider.shutdown)
 
-    @contextlib.contextmanager
     def span(
         self,
         name: str,
@@ -112,14 +111,29 @@ class Tracing:
         attributes: Mapping[str, str | int] | None = None,
         links: Sequence[str] = (),
         start_ns: int | None = None,
-    ) -> Iterator[Span | None]:
+    ) -> contextlib.AbstractContextManager[Span | None]:
         """A span, current for the block (None when off). ``parent``: a traceparent to
         continue (a run's) instead of the current span; ``kind``: ``internal``,
         ``client``, ``consumer``; ``links``: traceparents of spans that caused this one
         (a wake's worker span); ``start_ns``: when it began, if before the block."""
         if self.tracer is None:
-            yield None
-            return
+            return _NO_SPAN  # (several per request and per task: no generator to make)
+        return self._span(
+            name, parent=parent, kind=kind, attributes=attributes, links=links, start_ns=start_ns
+        )
+
+    @contextlib.contextmanager
+    def _span(
+        self,
+        name: str,
+        *,
+        parent: str | None,
+        kind: str,
+        attributes: Mapping[str, str | int] | None,
+        links: Sequence[str],
+        start_ns: int | None,
+    ) -> Iterator[Span]:
+        assert self.tracer is not None
         from opentelemetry import propagate, trace
         from opentelemetry.trace import Link, SpanKind
 
@@ -194,6 +208,8 @@ class Tracing:
 
 
 OFF = Tracing()
+#: What :meth:`Tracing.span` is when off (a null context can be entered any number of times).
+_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
 def inject(carrier: MutableMapping[str, str]) -> None:
